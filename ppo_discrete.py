@@ -166,11 +166,6 @@ def sample_actions(logits: torch.Tensor) -> torch.Tensor:
     return (logits + gumbel).argmax(-1)
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of x over the entries where mask is 1."""
-    return (x * mask).sum() / mask.sum().clamp(min=1)
-
-
 def explained_variance(values: np.ndarray, returns: np.ndarray) -> float:
     """1 - Var[returns - values] / Var[returns]; nan when the returns do not vary."""
     var_returns = np.var(returns)
@@ -234,8 +229,8 @@ def pick_device(name: str) -> torch.device:
 
 # Environments. Every vector env autoresets in NEXT_STEP mode: the step that ends an episode
 # returns the true final observation, and the next call to step() resets that sub-env, ignores its
-# action and returns (first obs, reward 0, no termination). Those reset steps are masked out of
-# the loss, and a truncation bootstraps from V(final obs) with no extra forward pass.
+# action and returns (first obs, reward 0, no termination). Those reset steps are left out of the
+# update, and a truncation bootstraps from V(final obs) with no extra forward pass.
 
 
 def is_atari(env_id: str) -> bool:
@@ -642,34 +637,32 @@ def main(args: Args) -> None:
             rewards, values.cpu().numpy(), next_value.cpu().numpy(), terminated, truncated, args.gamma, args.gae_lambda
         )
 
-        # 3. The clipped update: update_epochs epochs of shuffled minibatches.
-        b_obs = torch.as_tensor(obs, device=device).reshape((-1,) + obs_space.shape)
-        b_actions, b_logprobs, b_values = actions.reshape(-1), logprobs.reshape(-1), values.reshape(-1)
-        b_advantages, b_returns, b_valid = (torch.as_tensor(x, device=device).reshape(-1) for x in (advantages, returns, valid))
+        # 3. The clipped update: update_epochs epochs of shuffled minibatches. The reset steps of
+        # NEXT_STEP autoreset are no decisions of the policy's, so they are left out of the batch.
+        keep = np.flatnonzero(valid.reshape(-1))
+        b_obs = torch.as_tensor(obs.reshape((-1,) + obs_space.shape)[keep], device=device)
+        keep_t = torch.as_tensor(keep, device=device)
+        b_actions, b_logprobs, b_values = (x.reshape(-1)[keep_t] for x in (actions, logprobs, values))
+        b_advantages, b_returns = (torch.as_tensor(x.reshape(-1)[keep], device=device) for x in (advantages, returns))
         stats = {k: [] for k in ("policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac")}
         for epoch in range(args.update_epochs):
-            perm = torch.as_tensor(shuffle_rng.permutation(batch_size), device=device)
-            for mb in perm.split(minibatch_size):
+            perm = torch.as_tensor(shuffle_rng.permutation(len(keep)), device=device)
+            for mb in perm.tensor_split(args.num_minibatches):
                 logits, new_value = agent(b_obs[mb])
                 new_logprob, entropy = logprob_and_entropy(logits, b_actions[mb])
                 logratio = new_logprob - b_logprobs[mb]
                 ratio = logratio.exp()
-                mask = b_valid[mb]
                 with torch.no_grad():
                     old_kl, kl = kl_estimators(logratio)
-                    stats["old_approx_kl"].append(masked_mean(old_kl, mask))
-                    stats["approx_kl"].append(masked_mean(kl, mask))
-                    stats["clipfrac"].append(masked_mean(((ratio - 1.0).abs() > args.clip_coef).float(), mask))
+                    stats["old_approx_kl"].append(old_kl.mean())
+                    stats["approx_kl"].append(kl.mean())
+                    stats["clipfrac"].append(((ratio - 1.0).abs() > args.clip_coef).float().mean())
                 mb_adv = b_advantages[mb]
                 if args.norm_adv:
-                    mean = masked_mean(mb_adv, mask)
-                    std = masked_mean((mb_adv - mean) ** 2, mask).sqrt()
-                    mb_adv = (mb_adv - mean) / (std + 1e-8)
-                pg_loss = masked_mean(policy_loss(ratio, mb_adv, args.clip_coef), mask)
-                v_loss = masked_mean(
-                    value_loss(new_value, b_values[mb], b_returns[mb], args.clip_coef if args.clip_vloss else None), mask
-                )
-                entropy = masked_mean(entropy, mask)
+                    mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)
+                pg_loss = policy_loss(ratio, mb_adv, args.clip_coef).mean()
+                v_loss = value_loss(new_value, b_values[mb], b_returns[mb], args.clip_coef if args.clip_vloss else None).mean()
+                entropy = entropy.mean()
                 loss = pg_loss - args.ent_coef * entropy + args.vf_coef * v_loss
 
                 optimizer.zero_grad()
@@ -696,11 +689,8 @@ def main(args: Args) -> None:
 
         # 4. Logging, checkpoints, stop requests.
         if logger:
-            valid_np = b_valid.bool().cpu().numpy()
             metrics = {f"losses/{k}": torch.stack(v).mean().item() for k, v in stats.items()}
-            metrics["losses/explained_variance"] = explained_variance(
-                b_values.cpu().numpy()[valid_np], b_returns.cpu().numpy()[valid_np]
-            )
+            metrics["losses/explained_variance"] = explained_variance(b_values.cpu().numpy(), b_returns.cpu().numpy())
             metrics["charts/learning_rate"] = optimizer.param_groups[0]["lr"]
             metrics["charts/SPS"] = int((global_step - start_step) / (time.time() - start_time))
             logger.log(global_step, metrics)

@@ -187,8 +187,7 @@ def test_logprob_entropy_and_sampling_match_categorical():
     np.testing.assert_allclose(freq.numpy(), row.softmax(0).numpy(), atol=0.005)
 
 
-def test_masked_mean_and_explained_variance():
-    assert ppo.masked_mean(torch.tensor([1.0, 100.0, 3.0]), torch.tensor([1.0, 0.0, 1.0])).item() == 2.0
+def test_explained_variance():
     assert ppo.explained_variance(np.array([1.0, 2.0, 3.0]), np.array([1.0, 2.0, 3.0])) == 1.0
     assert ppo.explained_variance(np.array([0.0, 0.0, 0.0]), np.array([1.0, 2.0, 3.0])) == pytest.approx(0.0)
     assert np.isnan(ppo.explained_variance(np.array([1.0, 2.0]), np.array([5.0, 5.0])))
@@ -246,12 +245,12 @@ def test_cartpole_cli_writes_metrics_args_checkpoint_and_evaluates(tmp_path):
 def test_atari_cli_logs_whole_game_scores(tmp_path):
     proc = run_script(
         "ppo_discrete.py", "--env-id", "ALE/Breakout-v5", "--num-envs", "4", "--num-steps", "128",
-        "--total-timesteps", "1536", "--runs-dir", str(tmp_path), "--eval-episodes", "1", "--eval-stochastic",
+        "--total-timesteps", "1024", "--runs-dir", str(tmp_path), "--eval-episodes", "1", "--eval-stochastic",
         "--capture-video",
     )  # fmt: skip
     records = read_metrics(tmp_path)
     episodes = [r for r in records if "charts/episodic_return" in r]
-    assert episodes, "a random policy loses 5 Breakout lives within 384 steps"
+    assert episodes, "a near-random policy loses 5 Breakout lives well within 256 steps"
     # A whole game (5 lives) of a near-random policy lasts far longer than one life (~30 steps).
     assert min(r["charts/episodic_length"] for r in episodes) > 60
     assert all(float(r["charts/episodic_return"]).is_integer() for r in episodes)
@@ -295,7 +294,12 @@ def last_returns(records, n=20):
 
 
 def test_cartpole_learns(tmp_path):
-    run_script("ppo_discrete.py", "--total-timesteps", "150000", "--seed", "1", "--runs-dir", str(tmp_path), "--num-threads", "1")
+    # With CleanRL's learning rate 2.5e-4 the 20-episode mean was 250-330 after 150k steps (seeds 1-3);
+    # 1e-3 crossed 400 within 30k-55k steps (seeds 1-2).
+    run_script(
+        "ppo_discrete.py", "--total-timesteps", "150000", "--learning-rate", "1e-3", "--seed", "1",
+        "--runs-dir", str(tmp_path), "--num-threads", "1",
+    )  # fmt: skip
     returns = last_returns(read_metrics(tmp_path))
     # A random policy averages about 22 on CartPole-v1.
     assert len(returns) == 20 and np.mean(returns) >= 400, returns
