@@ -436,11 +436,13 @@ def evaluate(
 
 
 def main(args: Args) -> None:
+    device = pick_device(args.device)
     distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
     if distributed:
-        dist.init_process_group("nccl" if torch.cuda.is_available() and args.device in ("auto", "cuda") else "gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    device = pick_device(args.device)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
 
@@ -463,8 +465,11 @@ def main(args: Args) -> None:
     obs_space = resolve_env(args.env_id)
     batch_size, minibatch_size, num_iterations = check_args(args, world_size)
     atari = is_atari(args.env_id)
-    run_name = ckpt["run_name"] if ckpt else f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join(args.runs_dir, run_name)
+    if ckpt is not None:  # continue in the run's own folder, wherever it has been moved
+        run_name, run_dir = ckpt["run_name"], os.path.dirname(os.path.abspath(args.resume))
+    else:
+        run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        run_dir = os.path.join(args.runs_dir, run_name)
 
     # Seeding: each process gets its own env seeds and sampling noise; parameters are broadcast
     # from rank 0 below, so all processes start from the same network.
@@ -702,7 +707,7 @@ def main(args: Args) -> None:
                     flush=True,
                 )
         if distributed:
-            flag = torch.tensor(float(stop_requested))
+            flag = torch.tensor(float(stop_requested), device=device)
             dist.all_reduce(flag)
             stop_requested = bool(flag.item())
         if stop_requested or iteration == num_iterations or (args.save_every and iteration % args.save_every == 0):

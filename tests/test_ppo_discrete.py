@@ -226,7 +226,9 @@ METRICS = [
 
 
 def test_cartpole_cli_writes_metrics_args_checkpoint_and_evaluates(tmp_path):
-    proc = run_script("ppo_discrete.py", "--total-timesteps", "2048", "--runs-dir", str(tmp_path), "--eval-episodes", "2")
+    proc = run_script(
+        "ppo_discrete.py", "--total-timesteps", "2048", "--runs-dir", str(tmp_path), "--eval-episodes", "2", "--capture-video"
+    )
     records = read_metrics(tmp_path)
     keys = set().union(*records)
     assert set(METRICS) <= keys, set(METRICS) - keys
@@ -236,6 +238,7 @@ def test_cartpole_cli_writes_metrics_args_checkpoint_and_evaluates(tmp_path):
     np.testing.assert_allclose(lrs, [2.5e-4 * (1 - i / 4) for i in range(4)])  # linear annealing
     (run_dir,) = tmp_path.iterdir()
     assert (run_dir / "args.json").exists() and (run_dir / "checkpoint.pt").exists()
+    assert (run_dir / "videos" / "eval.mp4").stat().st_size > 1000
     assert "eval: return" in proc.stdout
     # A saved checkpoint can be evaluated without training.
     proc = run_script("ppo_discrete.py", "--eval-checkpoint", str(run_dir / "checkpoint.pt"), "--eval-episodes", "2")
