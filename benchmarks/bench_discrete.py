@@ -1,8 +1,9 @@
 """Benchmark ppo_discrete.py against Stable-Baselines3's PPO with the same hyperparameters.
 
     python -m venv .venv-bench && .venv-bench/bin/pip install -r benchmarks/requirements.txt
-    .venv-bench/bin/python benchmarks/bench_discrete.py classic   # CartPole-v1 and Acrobot-v1, 3 seeds
-    .venv-bench/bin/python benchmarks/bench_discrete.py atari     # Breakout SPS and the raw env limit
+    .venv-bench/bin/python benchmarks/bench_discrete.py --suite classic   # CartPole-v1 and Acrobot-v1, 3 seeds
+    .venv-bench/bin/python benchmarks/bench_discrete.py --suite speed     # SPS only: short runs, alternated
+    .venv-bench/bin/python benchmarks/bench_discrete.py --suite atari     # Breakout SPS and the raw env limit
 
 Runs alternate (ours, SB3, ours, SB3, ...) so that load on a shared machine hits both alike; every
 process is pinned to one torch thread. Writes benchmarks/results/discrete_{classic,atari}.json and
@@ -102,13 +103,18 @@ def env_limit(env_id: str, num_envs: int, steps: int = 200_000) -> float:
 @dataclass
 class Args:
     suite: str = "classic"
-    """`classic` (CartPole-v1 and Acrobot-v1 against SB3) or `atari` (Breakout SPS and the env's limit)"""
+    """`classic` (CartPole-v1 and Acrobot-v1 against SB3: learning curves and SPS), `speed` (SPS of
+    short CartPole runs, alternated, for a quiet machine) or `atari` (Breakout SPS and the env's limit)"""
     seeds: int = 3
     """seeds per env and implementation"""
     total_timesteps: int = 500_000
     """environment steps per classic-control run"""
     atari_steps: int = 100_000
     """agent steps of the Breakout run"""
+    speed_steps: int = 100_000
+    """environment steps of each `speed` run"""
+    repeats: int = 3
+    """alternated pairs of `speed` runs"""
 
 
 def classic(args: Args) -> None:
@@ -153,6 +159,20 @@ def plot(results: dict) -> None:
     fig.savefig(RESULTS / "discrete_classic.png", dpi=100)
 
 
+def speed(args: Args) -> None:
+    work = Path("/tmp") / f"bench_speed_{int(time.time())}"
+    sps = {"ours": [], "sb3": []}
+    for i in range(args.repeats):
+        sps["ours"].append(run_ours("CartPole-v1", 1, args.speed_steps, work / "ours" / str(i), [])["sps"])
+        sps["sb3"].append(run_sb3("CartPole-v1", 1, args.speed_steps, work / "sb3" / str(i))["sps"])
+        print(f"pair {i}: ours {sps['ours'][-1]:.0f} SPS, SB3 {sps['sb3'][-1]:.0f} SPS", flush=True)
+    results = {"threads": THREADS, "steps": args.speed_steps, "hyperparameters": HYPER, **sps,
+               "median_ratio": float(np.median(np.array(sps["ours"]) / np.array(sps["sb3"]))),
+               "env_limit_sps": env_limit("CartPole-v1", HYPER["num_envs"])}  # fmt: skip
+    print(results)
+    save(results, "discrete_speed")
+
+
 def atari(args: Args) -> None:
     from ale_py.vector_env import AtariVectorEnv
 
@@ -172,4 +192,4 @@ def atari(args: Args) -> None:
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    classic(args) if args.suite == "classic" else atari(args)
+    {"classic": classic, "speed": speed, "atari": atari}[args.suite](args)

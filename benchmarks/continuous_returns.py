@@ -1,0 +1,119 @@
+"""Learning benchmark of ppo_continuous.py: several envs x seeds, then a table of final returns and
+SPS and (with matplotlib installed) learning-curve plots. Runs go to --out/{label}/{env}/seed{seed}/;
+an existing finished run is reused, so a cut-off benchmark continues where it stopped.
+
+    python benchmarks/continuous_returns.py --jobs 6                             # cleanrl preset, 1M steps
+    python benchmarks/continuous_returns.py --label no-bootstrap --jobs 6 -- --no-bootstrap-truncation
+    python benchmarks/continuous_returns.py --summary-only --label cleanrl        # table and plots again
+
+Final return of a seed: the mean of its last 10 training episodes; the table shows the mean and
+standard deviation of that over seeds (CleanRL's figures are reported the same way).
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def records(run_dir: Path) -> list:
+    paths = list(run_dir.glob("*/metrics.jsonl"))
+    return [json.loads(line) for line in paths[0].read_text().splitlines()] if paths else []
+
+
+def finished(run_dir: Path) -> bool:
+    return any("eval/episodic_return" in r for r in records(run_dir))
+
+
+def launch(cmd: list, run_dir: Path) -> None:
+    if finished(run_dir):
+        return
+    checkpoints = list(run_dir.glob("*/checkpoint.pt"))
+    if checkpoints:  # cut off earlier: continue it (the script saves every 50 iterations here)
+        cmd = [sys.executable, "ppo_continuous.py", "--resume", str(checkpoints[0]), "--num-threads", "1"]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "stdout.log", "a") as log:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    print(f"{'done' if proc.returncode == 0 else f'FAILED ({proc.returncode})'}: {run_dir}", flush=True)
+
+
+def summarize(out: Path, envs: list, seeds: list) -> None:
+    import numpy as np
+
+    lines = ["| env | final return (mean ± std over seeds) | per seed | eval (mean action) | SPS |", "|---|---|---|---|---|"]
+    curves = {}
+    for env_id in envs:
+        finals, evals, sps = [], [], []
+        for seed in seeds:
+            recs = records(out / env_id / f"seed{seed}")
+            episodes = [(r["global_step"], r["charts/episodic_return"]) for r in recs if "charts/episodic_return" in r]
+            if not episodes:
+                continue
+            curves.setdefault(env_id, []).append(episodes)
+            finals.append(float(np.mean([ret for _, ret in episodes[-10:]])))
+            evals += [r["eval/episodic_return"] for r in recs if "eval/episodic_return" in r]
+            sps += [r["charts/SPS"] for r in recs if "charts/SPS" in r][-1:]
+        if finals:
+            per_seed = ", ".join(f"{f:.0f}" for f in finals)
+            evaluation = f"{np.mean(evals):.0f}" if evals else "-"
+            lines.append(f"| {env_id} | {np.mean(finals):.0f} ± {np.std(finals):.0f} | {per_seed} | {evaluation} | {np.mean(sps):.0f} |")
+    table = "\n".join(lines)
+    print(table)
+    (out / "summary.md").write_text(table + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib is not installed: no plots)")
+        return
+    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.5), squeeze=False)
+    for ax, (env_id, runs) in zip(axes[0], curves.items()):
+        for episodes in runs:
+            steps, rets = np.array(episodes).T
+            smooth = np.convolve(rets, np.ones(10) / 10, mode="valid") if len(rets) >= 10 else rets
+            ax.plot(steps[len(steps) - len(smooth) :], smooth, alpha=0.8)
+        ax.set(title=env_id, xlabel="global step", ylabel="episodic return (10-episode mean)")
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=100)
+    print(f"plots: {out / 'curves.png'}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--envs", nargs="+", default=["HalfCheetah-v5", "Hopper-v5", "Walker2d-v5"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--preset", default="cleanrl")
+    parser.add_argument("--total-timesteps", type=int, default=1_000_000)
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once (one CPU core each)")
+    parser.add_argument("--label", default=None, help="name of this configuration (default: the preset)")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "continuous"))
+    parser.add_argument("--summary-only", action="store_true")
+    parser.add_argument("extra", nargs="*", help="flags passed on to ppo_continuous.py (after --)")
+    args = parser.parse_args()
+    out = Path(args.out) / (args.label or args.preset)
+    if not args.summary_only:
+        jobs = []
+        for env_id in args.envs:
+            for seed in args.seeds:
+                run_dir = out / env_id / f"seed{seed}"
+                cmd = [
+                    sys.executable, "ppo_continuous.py", args.preset, "--env-id", env_id, "--seed", str(seed),
+                    "--total-timesteps", str(args.total_timesteps), "--num-threads", "1", "--runs-dir", str(run_dir),
+                    "--save-every", "50", *args.extra,
+                ]  # fmt: skip
+                jobs.append((cmd, run_dir))
+        with ThreadPoolExecutor(args.jobs) as pool:
+            list(pool.map(lambda job: launch(*job), jobs))
+    summarize(out, args.envs, args.seeds)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,515 @@
+"""Tests of ppo_continuous.py: the Gaussian policy and the normalisers against torch.distributions and
+naive numpy references, the episode-boundary logic and action clipping on tiny custom envs, and the
+CLI end to end in subprocesses (MuJoCo InvertedPendulum-v5 and HalfCheetah-v5)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, read_metrics, run_script
+
+import ppo_continuous as ppo
+
+# ---------------------------------------------------------------- the Gaussian policy
+
+
+def test_gaussian_logprob_and_entropy_match_torch_distributions():
+    gen = torch.Generator().manual_seed(0)
+    mean = torch.randn(7, 4, generator=gen, dtype=torch.float64)
+    log_std = torch.randn(1, 4, generator=gen, dtype=torch.float64)
+    actions = mean + 3 * torch.randn(7, 4, generator=gen, dtype=torch.float64)
+    ref = torch.distributions.Normal(mean, log_std.exp())
+    logp = ppo.gaussian_logprob(mean, log_std, actions)
+    np.testing.assert_allclose(logp.numpy(), ref.log_prob(actions).sum(-1).numpy(), rtol=1e-12)
+    np.testing.assert_allclose(ppo.gaussian_entropy(log_std).numpy(), ref.entropy()[:1].sum(-1).numpy(), rtol=1e-12)
+    # Gradients flow to the mean and to the log std as through torch.distributions.
+    mean.requires_grad_(True), log_std.requires_grad_(True)
+    g_mine = torch.autograd.grad(ppo.gaussian_logprob(mean, log_std, actions).sum(), (mean, log_std))
+    g_ref = torch.autograd.grad(torch.distributions.Normal(mean, log_std.exp()).log_prob(actions).sum(), (mean, log_std))
+    for a, b in zip(g_mine, g_ref):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-10)
+    torch.manual_seed(0)
+    samples = ppo.sample_actions(torch.tensor([[1.0, -2.0]]).expand(200_000, 2), torch.tensor([[0.0, np.log(0.5)]]))
+    np.testing.assert_allclose(samples.mean(0).numpy(), [1.0, -2.0], atol=0.01)
+    np.testing.assert_allclose(samples.std(0).numpy(), [1.0, 0.5], atol=0.01)
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu", "elu"])
+def test_numpy_rollout_policy_matches_agent(activation):
+    torch.manual_seed(0)
+    agent = ppo.Agent(5, 3, (16, 8), activation, log_std_init=-0.5)
+    with torch.no_grad():
+        for p in agent.parameters():  # away from the init, so every layer and the log std matter
+            p.add_(0.3 * torch.randn_like(p))
+    policy = ppo.NumpyPolicy(agent)
+    obs = np.random.default_rng(0).normal(size=(6, 5)).astype(np.float32)
+    actions, logprob, value = policy.act(obs, np.random.default_rng(1))
+    with torch.no_grad():
+        mean, ref_value = agent(torch.as_tensor(obs))
+        ref_logprob = ppo.gaussian_logprob(mean, agent.actor_logstd, torch.as_tensor(actions))
+    np.testing.assert_allclose(value, ref_value.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(logprob, ref_logprob.numpy(), rtol=1e-5, atol=1e-5)
+    noise = np.random.default_rng(1).standard_normal(actions.shape, dtype=np.float32)
+    np.testing.assert_allclose(actions, mean.numpy() + np.exp(policy.log_std) * noise, rtol=1e-5, atol=1e-5)
+
+
+def test_network_init_and_shapes():
+    agent = ppo.Agent(11, 3, (32, 16, 8), "relu", log_std_init=-1.0)
+    w = agent.actor_mean[-1].weight.detach()
+    # Orthogonal rows scaled by 0.01 on the policy head, zero biases everywhere, log std as given.
+    np.testing.assert_allclose((w @ w.T).numpy(), 1e-4 * np.eye(3), atol=1e-9)
+    assert all((m.bias == 0).all() for m in agent.modules() if isinstance(m, torch.nn.Linear))
+    assert [m.out_features for m in agent.critic if isinstance(m, torch.nn.Linear)] == [32, 16, 8, 1]
+    assert sum(isinstance(m, torch.nn.ReLU) for m in agent.actor_mean) == 3
+    np.testing.assert_array_equal(agent.actor_logstd.detach().numpy(), -np.ones((1, 3)))
+    mean, value = agent(torch.zeros(4, 11))
+    assert mean.shape == (4, 3) and value.shape == (4,)
+
+
+# ---------------------------------------------------------------- normalisers
+
+
+def prior_stats(samples, eps=1e-4):
+    """Mean and variance of the samples plus a pseudo-sample of weight eps, mean 0, variance 1
+    (the running statistics' starting point)."""
+    samples = np.asarray(samples, np.float64).reshape(len(samples), -1)
+    total = len(samples) + eps
+    mean = samples.sum(0) / total
+    return mean, (eps + (samples**2).sum(0)) / total - mean**2
+
+
+def test_running_mean_std_matches_numpy_over_a_stream():
+    rng = np.random.default_rng(0)
+    batches = [rng.normal(3.0, 2.0, size=(rng.integers(1, 9), 4)) * [1, 10, 0.1, 1] for _ in range(50)]
+    rms = ppo.RunningMeanStd((4,))
+    for b in batches:
+        rms.update(b)
+    stream = np.concatenate(batches)
+    mean, var = prior_stats(stream)
+    np.testing.assert_allclose(rms.mean, mean, rtol=1e-10)
+    np.testing.assert_allclose(rms.var, var, rtol=1e-10)
+    assert rms.count == pytest.approx(len(stream) + 1e-4)
+    # Against plain numpy once the prior has been washed out.
+    np.testing.assert_allclose(rms.var, stream.var(0), rtol=1e-4)
+    # The normaliser's own update (shifted moments, the path torchrun all-reduces) agrees too,
+    # and normalises and clips with those statistics.
+    norm = ppo.Normalizer(4, 1, ppo.Args(norm_reward=False, clip_obs=1.5))
+    for b in batches:
+        norm.update(b)
+    np.testing.assert_allclose(norm.obs_rms.mean, mean, rtol=1e-10)
+    np.testing.assert_allclose(norm.obs_rms.var, var, rtol=1e-10)
+    x = stream[:5]
+    np.testing.assert_allclose(norm.normalize_obs(x), np.clip((x - mean) / np.sqrt(var + 1e-8), -1.5, 1.5), rtol=1e-6)
+
+
+def reward_stream(seed, T=300, N=3):
+    """Random rewards with terminations and truncations, laid out as NEXT_STEP autoreset does:
+    the step after an ending step is a reset step with reward 0."""
+    rng = np.random.default_rng(seed)
+    rewards, term, trunc, valid = np.zeros((T, N)), np.zeros((T, N), bool), np.zeros((T, N), bool), np.ones((T, N), bool)
+    for n in range(N):
+        for t in range(T):
+            if t and (term[t - 1, n] or trunc[t - 1, n]):
+                valid[t, n] = False
+                continue
+            rewards[t, n] = rng.normal(1.0, 3.0)
+            u = rng.random()
+            term[t, n], trunc[t, n] = u < 0.04, 0.04 <= u < 0.08
+    return rewards, term, trunc, valid
+
+
+def naive_reward_scaling(rewards, term, trunc, valid, gamma, clip, reset_on_truncation=True):
+    """One env at a time within each step: G_n = gamma * G_n + r, restarted after every episode
+    end; statistics over every G of a real step so far; r / sqrt(var + 1e-8), clipped."""
+    T, N = rewards.shape
+    G, history, out = np.zeros(N), [], np.zeros((T, N))
+    for t in range(T):
+        for n in range(N):
+            if valid[t, n]:
+                G[n] = gamma * G[n] + rewards[t, n]
+                history.append(G[n])
+        var = prior_stats(history)[1][0]
+        out[t] = np.clip(rewards[t] / np.sqrt(var + 1e-8), -clip, clip)
+        G[term[t] | (trunc[t] & reset_on_truncation)] = 0.0
+    return out, len(history)
+
+
+def test_reward_scaling_over_episode_boundaries_with_truncations_matches_naive_reference():
+    rewards, term, trunc, valid = reward_stream(0)
+    assert trunc.sum() > 5 and term.sum() > 5 and (~valid).sum() > 10
+    args = ppo.Args(gamma=0.9, clip_reward=2.5)
+    norm = ppo.Normalizer(2, rewards.shape[1], args)
+    scaled = []
+    for t in range(len(rewards)):
+        norm.update(np.zeros((3, 2)), rewards[t], valid[t], term[t] | trunc[t])
+        scaled.append(norm.scale_reward(rewards[t]))
+    expected, n_real = naive_reward_scaling(rewards, term, trunc, valid, 0.9, 2.5)
+    np.testing.assert_allclose(np.array(scaled), expected, rtol=1e-9)
+    assert (np.abs(expected) == 2.5).any(), "some rewards should hit the clip"
+    # Reset steps add nothing to the statistics; every real step adds its return once.
+    assert norm.ret_rms.count == pytest.approx(n_real + 1e-4) and n_real == valid.sum()
+    # The stream tells the two rules apart: not restarting G at truncations gives other numbers.
+    wrong, _ = naive_reward_scaling(rewards, term, trunc, valid, 0.9, 2.5, reset_on_truncation=False)
+    assert not np.allclose(wrong, expected)
+
+
+def test_normalizer_switches_and_state_round_trip():
+    off = ppo.Normalizer(2, 1, ppo.Args(norm_obs=False, norm_reward=False))
+    off.update(np.array([[5.0, 7.0]]), np.array([3.0]), np.array([True]), np.array([False]))
+    np.testing.assert_array_equal(off.normalize_obs(np.array([[5.0, 7.0]])), [[5.0, 7.0]])
+    np.testing.assert_array_equal(off.scale_reward(np.array([3.0])), [3.0])
+    on = ppo.Normalizer(2, 1, ppo.Args())
+    on.update(np.array([[5.0, 7.0], [1.0, 2.0]]))
+    on.update(np.array([[2.0, 2.0]]), np.array([3.0]), np.array([True]), np.array([False]))
+    copy = ppo.Normalizer(2, 1, ppo.Args())
+    copy.load_state_dict(on.state_dict())
+    x = np.array([[4.0, 4.0]])
+    np.testing.assert_array_equal(copy.normalize_obs(x), on.normalize_obs(x))
+    np.testing.assert_array_equal(copy.scale_reward(np.array([2.0])), on.scale_reward(np.array([2.0])))
+    assert not np.array_equal(on.normalize_obs(x), x.astype(np.float32))
+
+
+# ---------------------------------------------------------------- episode boundaries, action clipping
+
+
+class CountEnv(gym.Env):
+    """Observation: steps taken in this episode. Reward 1 a step; only a time limit ends it."""
+
+    observation_space = gym.spaces.Box(0, 100, (1,), np.float32)
+    action_space = gym.spaces.Box(-1, 1, (1,), np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return np.array([0.0], np.float32), {}
+
+    def step(self, action):
+        self.t += 1
+        return np.array([self.t], np.float32), 1.0, False, False, {}
+
+
+class RecordActionEnv(gym.Env):
+    """Records every action it receives; tight bounds so that most Gaussian samples fall outside."""
+
+    observation_space = gym.spaces.Box(-1, 1, (3,), np.float32)
+    action_space = gym.spaces.Box(np.array([-0.2, 0.0], np.float32), np.array([0.3, 0.1], np.float32))
+    received = []
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return self.np_random.uniform(-1, 1, 3).astype(np.float32), {}
+
+    def step(self, action):
+        RecordActionEnv.received.append(np.array(action, copy=True))
+        return self.np_random.uniform(-1, 1, 3).astype(np.float32), float(action.sum()), False, False, {}
+
+
+class BadActionEnv(CountEnv):
+    def __init__(self, action_space):
+        self.action_space = action_space
+
+
+gym.register("ContCountEnvTruncated-v0", entry_point=CountEnv, max_episode_steps=3)
+gym.register("RecordActionEnv-v0", entry_point=RecordActionEnv, max_episode_steps=10_000)
+gym.register("UnboundedActionEnv-v0", entry_point=lambda: BadActionEnv(gym.spaces.Box(-np.inf, np.inf, (2,))))
+gym.register("MatrixActionEnv-v0", entry_point=lambda: BadActionEnv(gym.spaces.Box(-1, 1, (2, 2))))
+
+
+def test_truncation_bootstraps_from_final_observation_by_hand():
+    # Episodes of 3 steps cut by a time limit; V(s) = 10 + s; gamma = lambda = 0.5.
+    envs = ppo.make_envs("ContCountEnvTruncated-v0", 1)
+    obs, _ = envs.reset(seed=0)
+    next_reset, rows = np.zeros(1, bool), []
+    for _ in range(6):
+        next_obs, reward, term, trunc, _ = envs.step(np.zeros((1, 1), np.float32))
+        rows.append((obs[0, 0], reward[0], float(term[0]), float(trunc[0] and not term[0]), float(not next_reset[0])))
+        next_reset, obs = term | trunc, next_obs
+    obs_seq, rewards, term, trunc, valid = np.array(rows).T
+    # NEXT_STEP: step 2 returns the final obs (3) truncated; step 3 is the reset step (reward 0).
+    np.testing.assert_array_equal(obs_seq, [0, 1, 2, 3, 0, 1])
+    np.testing.assert_array_equal(trunc, [0, 0, 1, 0, 0, 0])
+    np.testing.assert_array_equal(valid, [1, 1, 1, 0, 1, 1])
+    values = 10.0 + obs_seq
+    adv, _ = ppo.compute_gae(rewards[:, None], values[:, None], np.array([10.0 + obs[0, 0]]), term[:, None], trunc[:, None], 0.5, 0.5)
+    # By hand: deltas -3.5, -4, 1 + 0.5 * V(3) - 12 = -4.5 (bootstrapped, trace cut), -, -3.5, -4.
+    expected = np.array([-4.78125, -5.125, -4.5, np.nan, -4.5, -4.0])
+    np.testing.assert_allclose(adv[valid == 1, 0], expected[valid == 1])
+    # Treated as a termination instead (--no-bootstrap-truncation): 1 - V(2) = -11 at step 2.
+    no_trunc = np.zeros_like(trunc[:, None])
+    adv, _ = ppo.compute_gae(rewards[:, None], values[:, None], np.array([10.0 + obs[0, 0]]), trunc[:, None], no_trunc, 0.5, 0.5)
+    assert adv[2, 0] == -11.0
+
+
+def test_env_gets_clipped_action_while_the_sampled_one_is_stored_and_trained_on(tmp_path, monkeypatch):
+    sampled, trained = [], []
+    act, logprob = ppo.NumpyPolicy.act, ppo.gaussian_logprob
+
+    def spy_act(self, obs, rng):
+        out = act(self, obs, rng)
+        sampled.append(out[0].copy())
+        return out
+
+    def spy_logprob(mean, log_std, actions):
+        if torch.is_grad_enabled():
+            trained.append(actions.detach().numpy().copy())
+        return logprob(mean, log_std, actions)
+
+    monkeypatch.setattr(ppo.NumpyPolicy, "act", spy_act)
+    monkeypatch.setattr(ppo, "gaussian_logprob", spy_logprob)
+    RecordActionEnv.received.clear()
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        args = ppo.Args(
+            env_id="RecordActionEnv-v0", num_steps=32, num_minibatches=2, update_epochs=1, total_timesteps=64,
+            eval_episodes=0, runs_dir=str(tmp_path), num_threads=1, log_std_init=0.5,
+        )  # fmt: skip
+        ppo.main(args)
+    finally:
+        signal.signal(signal.SIGINT, handlers[0]), signal.signal(signal.SIGTERM, handlers[1])
+    sampled = np.concatenate(sampled)
+    received = np.stack(RecordActionEnv.received)
+    low, high = RecordActionEnv.action_space.low, RecordActionEnv.action_space.high
+    assert len(received) == len(sampled) == 64
+    assert ((sampled < low) | (sampled > high)).mean() > 0.5, "most samples should lie outside the bounds"
+    np.testing.assert_array_equal(received, np.clip(sampled, low, high))
+    # The update trained on the unclipped samples: each iteration's minibatches hold its 32 actions.
+    trained = np.concatenate(trained)
+    for i in range(2):
+        got, want = trained[32 * i : 32 * (i + 1)], sampled[32 * i : 32 * (i + 1)]
+        np.testing.assert_array_equal(got[np.lexsort(got.T)], want[np.lexsort(want.T)])
+
+
+def test_env_state_continues_mujoco_episodes_exactly():
+    # MuJoCo envs pickle as their constructor arguments (EzPickle); env_state keeps the simulation.
+    rng = np.random.default_rng(0)
+    actions = rng.uniform(-1, 1, (1060, 1, 6)).astype(np.float32)
+    envs = ppo.make_envs("HalfCheetah-v5", 1)
+    envs.reset(seed=5)
+    for a in actions[:50]:
+        envs.step(a)
+    copy = ppo.make_envs("HalfCheetah-v5", 1)
+    copy.reset(seed=123)
+    ppo.restore_env_state(copy, ppo.env_state(envs))
+    ends = 0
+    for a in actions[50:]:  # across the 1000-step time limit and the reset step after it
+        out, out_copy = envs.step(a), copy.step(a)
+        for x, y in zip(out[:4], out_copy[:4]):
+            np.testing.assert_array_equal(x, y)
+        ends += int(out[3][0])
+    assert ends == 1
+
+
+@pytest.mark.parametrize(
+    "env_id, needle",
+    [("UnboundedActionEnv-v0", "unbounded"), ("MatrixActionEnv-v0", "1-D"), ("CartPole-v1", "ppo_discrete.py")],
+)
+def test_unusable_action_spaces_give_one_line_error(env_id, needle, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        ppo.resolve_env(env_id)
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and env_id in lines[0], lines
+
+
+# ---------------------------------------------------------------- presets and the command line
+
+
+def test_presets_and_overrides_parse():
+    assert ppo.parse_args([]) == ppo.Args()
+    assert ppo.parse_args(["--env-id", "Hopper-v5"]) == ppo.Args(env_id="Hopper-v5")
+    args = ppo.parse_args(["cleanrl", "--env-id", "Hopper-v5", "--learning-rate", "1e-4", "--hidden-sizes", "256", "256"])
+    assert args == ppo.Args(env_id="Hopper-v5", learning_rate=1e-4, hidden_sizes=(256, 256))
+    for name, (_, preset) in ppo.PRESETS.items():
+        assert ppo.parse_args([name]) == preset
+        assert ppo.parse_args([name, "--seed", "7"]).seed == 7
+
+
+def test_import_has_no_side_effects():
+    proc = subprocess.run(
+        [sys.executable, "-c", "import os, ppo_continuous; print(os.path.exists('runs'))"],
+        cwd=ROOT / "tests", env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stderr
+
+
+METRICS = [
+    "charts/episodic_return", "charts/episodic_length", "charts/learning_rate", "charts/SPS",
+    "losses/value_loss", "losses/policy_loss", "losses/entropy", "losses/old_approx_kl",
+    "losses/approx_kl", "losses/clipfrac", "losses/explained_variance",
+]  # fmt: skip
+
+
+def test_inverted_pendulum_cli_metrics_checkpoint_video_and_eval(tmp_path):
+    proc = run_script(
+        "ppo_continuous.py", "--env-id", "InvertedPendulum-v5", "--num-steps", "256", "--num-minibatches", "4",
+        "--total-timesteps", "1024", "--runs-dir", str(tmp_path), "--eval-episodes", "2", "--capture-video",
+        "--num-threads", "1",
+    )  # fmt: skip
+    records = read_metrics(tmp_path)
+    keys = set().union(*records)
+    assert set(METRICS) <= keys, set(METRICS) - keys
+    assert max(r["global_step"] for r in records) == 1024
+    lrs = [r["charts/learning_rate"] for r in records if "charts/learning_rate" in r]
+    np.testing.assert_allclose(lrs, [3e-4 * (1 - i / 4) for i in range(4)])  # linear annealing
+    # The entropy of a 1-D Gaussian with log std 0 is 1.419 before training moves it.
+    assert abs(records[-2]["losses/entropy"] - 1.4189) < 0.05
+    (run_dir,) = tmp_path.iterdir()
+    assert (run_dir / "args.json").exists() and (run_dir / "videos" / "eval.mp4").stat().st_size > 1000
+    assert "eval: return" in proc.stdout
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    # Every observation returned counted once (4 iterations x 256 steps + the first reset), and one
+    # return per real step: fewer, since reset steps count for nothing.
+    episodes = [r for r in records if "charts/episodic_length" in r]
+    assert ckpt["normalizer"]["obs_rms"]["count"] == pytest.approx(1024 + 1 + 1e-4)
+    real_steps = ckpt["normalizer"]["ret_rms"]["count"] - 1e-4
+    assert 1024 - len(episodes) - 1 <= real_steps <= 1024 - len(episodes) + 1 and len(episodes) > 10
+    # A saved checkpoint can be evaluated without training.
+    proc = run_script("ppo_continuous.py", "--eval-checkpoint", str(run_dir / "checkpoint.pt"), "--eval-episodes", "2")
+    assert "eval InvertedPendulum-v5: return" in proc.stdout and "over 2 episodes" in proc.stdout
+
+
+def test_half_cheetah_cli_with_preset_and_network_flags(tmp_path):
+    proc = run_script(
+        "ppo_continuous.py", "cleanrl", "--num-envs", "2", "--num-steps", "512", "--num-minibatches", "4",
+        "--update-epochs", "2", "--total-timesteps", "2048", "--hidden-sizes", "32", "32", "32", "--activation", "relu",
+        "--runs-dir", str(tmp_path), "--eval-episodes", "1", "--eval-stochastic", "--num-threads", "1",
+    )  # fmt: skip
+    records = read_metrics(tmp_path)
+    assert "HalfCheetah-v5" in next(tmp_path.iterdir()).name
+    assert [r["global_step"] for r in records if "losses/approx_kl" in r] == [1024, 2048]
+    # HalfCheetah never terminates: its episodes end at the 1000-step time limit only.
+    assert [r["charts/episodic_length"] for r in records if "charts/episodic_length" in r] == [1000, 1000]
+    assert "eval: return" in proc.stdout
+
+
+def test_track_offline_leaves_metrics_in_wandb_run(tmp_path):
+    run_script(
+        "ppo_continuous.py", "--env-id", "InvertedPendulum-v5", "--num-steps", "256", "--num-minibatches", "4",
+        "--total-timesteps", "512", "--runs-dir", str(tmp_path), "--track", "--eval-episodes", "1", "--num-threads", "1",
+    )  # fmt: skip
+    (wandb_file,) = tmp_path.glob("*/wandb/offline-run-*/run-*.wandb")
+    data = wandb_file.read_bytes()
+    for name in METRICS + ["global_step", "eval/episodic_return"]:
+        assert name.encode() in data, name
+
+
+@pytest.mark.parametrize(
+    "flags, needle",
+    [
+        (["--env-id", "CartPole-v1"], "ppo_discrete.py"),
+        (["--env-id", "NoSuchEnv-v9"], "--env-id"),
+        (["--num-minibatches", "3"], "--num-minibatches"),
+        (["--resume", "/nonexistent/checkpoint.pt"], "--resume"),
+    ],
+)
+def test_bad_input_gives_one_line_error(flags, needle, tmp_path):
+    proc = run_script("ppo_continuous.py", *flags, "--runs-dir", str(tmp_path), check=False, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+    assert not list(tmp_path.iterdir()), "a rejected command line leaves no run behind"
+
+
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        ({"num_envs": 0}, "--num-envs"),
+        ({"gamma": 1.5}, "--gamma"),
+        ({"total_timesteps": 100}, "--total-timesteps"),
+        ({"clip_obs": 0.0}, "--clip-obs"),
+        ({"clip_reward": -1.0}, "--clip-reward"),
+        ({"hidden_sizes": (64, 0)}, "--hidden-sizes"),
+        ({"target_kl": 0.0}, "--target-kl"),
+    ],
+)
+def test_bad_flag_values_give_one_line_error(overrides, needle, capsys):
+    # The same check_args that main runs first, in-process (a subprocess a case costs seconds).
+    with pytest.raises(SystemExit) as exit_info:
+        ppo.check_args(ppo.Args(**overrides), world_size=1)
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: " + needle), lines
+
+
+# ---------------------------------------------------------------- learning, determinism, resume
+
+
+def test_inverted_pendulum_learns(tmp_path):
+    # CleanRL's defaults with shorter rollouts (1024 steps) and bigger minibatches (8 of 128): about
+    # 15k steps to a mean of 500 (seeds 1, 2, 3: 13k, 14k, 17k) and 1000 at 30k, in about 30 s.
+    run_script(
+        "ppo_continuous.py", "--env-id", "InvertedPendulum-v5", "--total-timesteps", "30720", "--num-steps", "1024",
+        "--num-minibatches", "8", "--seed", "1", "--runs-dir", str(tmp_path), "--num-threads", "1", "--eval-episodes", "5",
+    )  # fmt: skip
+    records = read_metrics(tmp_path)
+    returns = [r["charts/episodic_return"] for r in records if "charts/episodic_return" in r][-10:]
+    # A random policy balances for about 5 steps; 1000 is the cap.
+    assert len(returns) == 10 and np.mean(returns) >= 500, returns
+    assert records[-1]["eval/episodic_return"] >= 500
+
+
+def comparable(records):
+    return [{k: v for k, v in r.items() if k != "charts/SPS"} for r in records]
+
+
+def test_same_seed_same_metrics_and_interrupted_resume_matches(tmp_path):
+    flags = [
+        "--env-id", "InvertedPendulum-v5", "--num-steps", "256", "--num-minibatches", "4", "--update-epochs", "2",
+        "--total-timesteps", "2560", "--num-threads", "1", "--eval-episodes", "2",
+    ]  # fmt: skip
+    run_script("ppo_continuous.py", *flags, "--runs-dir", str(tmp_path / "a"))
+    run_script("ppo_continuous.py", *flags, "--runs-dir", str(tmp_path / "b"))
+    a, b = comparable(read_metrics(tmp_path / "a")), comparable(read_metrics(tmp_path / "b"))
+    assert a == b
+
+    # Interrupt a third run with Ctrl-C part-way, resume it, and compare with the uninterrupted run.
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    cmd = [sys.executable, str(ROOT / "ppo_continuous.py"), *flags, "--runs-dir", str(tmp_path / "c")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((tmp_path / "c").glob("*/metrics.jsonl")):
+        time.sleep(0.05)
+    while time.time() < deadline and len(read_metrics(tmp_path / "c")) < 30:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted: checkpoint" in out
+    (ckpt_path,) = (tmp_path / "c").glob("*/checkpoint.pt")
+    interrupted = torch.load(ckpt_path, weights_only=False)
+    assert 1 <= interrupted["iteration"] < 10, "the interrupt must land mid-run for this test to mean anything"
+    assert interrupted["normalizer"]["obs_rms"]["count"] > 256
+    run_script("ppo_continuous.py", "--resume", str(ckpt_path), "--num-threads", "1")
+    assert comparable(read_metrics(tmp_path / "c")) == a
+    # The normalisation statistics at the end are the same too, to the last bit.
+    (final_a,) = (tmp_path / "a").glob("*/checkpoint.pt")
+    norm_a, norm_c = torch.load(final_a, weights_only=False)["normalizer"], torch.load(ckpt_path, weights_only=False)["normalizer"]
+    for name in ("obs_rms", "ret_rms"):
+        for key in ("mean", "var", "count"):
+            np.testing.assert_array_equal(norm_c[name][key], norm_a[name][key])
+
+
+def test_two_process_gloo_run(tmp_path):
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        str(ROOT / "ppo_continuous.py"), "--env-id", "InvertedPendulum-v5", "--num-steps", "128", "--num-minibatches", "2",
+        "--update-epochs", "2", "--total-timesteps", "1024", "--runs-dir", str(tmp_path), "--eval-episodes", "1",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "parameters identical on 2 processes (normalisation statistics too)" in proc.stdout
+    records = read_metrics(tmp_path)
+    # global_step counts the steps of both processes: 4 iterations of 1 env x 128 steps x 2.
+    assert [r["global_step"] for r in records if "losses/approx_kl" in r] == [256, 512, 768, 1024]
+    (ckpt_path,) = tmp_path.glob("*/checkpoint.pt")
+    ckpt = torch.load(ckpt_path, weights_only=False)
+    # The observation statistics saw the observations of both processes.
+    assert ckpt["normalizer"]["obs_rms"]["count"] == pytest.approx(2 * (512 + 1) + 1e-4)
+    assert len(ckpt["ranks"]) == 2
