@@ -180,11 +180,27 @@ def test_logprob_entropy_and_sampling_match_categorical():
     ref = torch.distributions.Categorical(logits=logits)
     np.testing.assert_allclose(logp.numpy(), ref.log_prob(actions).numpy(), rtol=1e-12)
     np.testing.assert_allclose(ent.numpy(), ref.entropy().numpy(), rtol=1e-12)
-    torch.manual_seed(0)
-    row = torch.tensor([1.0, 0.0, -1.0, 2.0])
-    samples = ppo.sample_actions(row.expand(200_000, 4))
-    freq = torch.bincount(samples, minlength=4).double() / samples.numel()
-    np.testing.assert_allclose(freq.numpy(), row.softmax(0).numpy(), atol=0.005)
+    # The rollout's numpy sampler: the right frequencies, and the log-probability of what it drew.
+    rng = np.random.default_rng(0)
+    row = np.array([1.0, 0.0, -1.0, 2.0, 30.0, 29.0], np.float32) - 28.0
+    drawn, drawn_logp = ppo.sample_categorical(np.tile(row, (200_000, 1)), rng)
+    probs = torch.tensor(row).softmax(0).numpy()
+    np.testing.assert_allclose(np.bincount(drawn, minlength=6) / drawn.size, probs, atol=0.005)
+    np.testing.assert_allclose(drawn_logp, np.log(probs[drawn]), rtol=1e-5)
+
+
+def test_numpy_rollout_copy_matches_agent():
+    for space, obs in (
+        (gym.spaces.Box(-1, 1, (3, 2), np.float32), np.random.default_rng(0).normal(size=(5, 3, 2)).astype(np.float32)),
+        (gym.spaces.Discrete(7), np.array([0, 3, 6])),
+    ):
+        agent = ppo.Agent(space, 4, pixels=False)
+        for p in agent.parameters():  # move away from the zero-bias init so every term counts
+            torch.nn.init.normal_(p, std=0.5)
+        logits, values = ppo.rollout_policy(agent, torch.device("cpu"))(obs)
+        ref_logits, ref_values = agent(torch.as_tensor(obs))
+        np.testing.assert_allclose(logits, ref_logits.detach().numpy(), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(values, ref_values.detach().numpy(), rtol=1e-5, atol=1e-5)
 
 
 def test_explained_variance():
