@@ -1,0 +1,473 @@
+"""Tests of ppo_rlhf.py: the numerical core against naive loops, and the script end to end."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+import ppo_rlhf as P  # noqa: E402
+
+SCRIPT = os.path.join(REPO, "ppo_rlhf.py")
+# Tiny models run fastest on one thread, and the machine is shared.
+ENV = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
+torch.set_num_threads(1)
+
+
+def random_batch(B=6, T=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, T + 1, (B,), generator=g)
+    mask = torch.arange(T)[None] < lengths[:, None]
+    return g, lengths, mask
+
+
+# ---------------------------------------------------------------------------------------------
+# Numerical core
+# ---------------------------------------------------------------------------------------------
+
+
+def test_truncate_after_eos_and_first_true_indices():
+    EOS, PAD = 2, 0
+    responses = torch.tensor([[5, 2, 7, 2], [5, 6, 7, 8], [2, 9, 9, 9], [4, 5, 6, 2]])
+    out = P.truncate_after_eos(responses, EOS, PAD)
+    assert out.tolist() == [[5, 2, 0, 0], [5, 6, 7, 8], [2, 0, 0, 0], [4, 5, 6, 2]]
+    assert P.first_true_indices(out == PAD).tolist() == [2, 4, 1, 4]
+
+
+def test_missing_eos_penalty():
+    responses = torch.tensor([[5, 2, 0], [5, 6, 7], [2, 0, 0]])
+    scores = torch.tensor([1.0, 1.0, -0.5])
+    assert P.apply_missing_eos_penalty(scores, responses, 2, 0.75).tolist() == [1.0, 0.25, -0.5]
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k3"])
+def test_shape_rewards_against_naive_loop(estimator):
+    g, lengths, mask = random_batch(seed=1)
+    B, T = mask.shape
+    logprobs = -torch.rand(B, T, generator=g) * 3
+    ref_logprobs = -torch.rand(B, T, generator=g) * 3
+    scores = torch.randn(B, generator=g)
+    rewards, kl, non_score = P.shape_rewards(logprobs, ref_logprobs, scores, mask, 0.1, estimator)
+    for i in range(B):
+        for t in range(T):
+            lr = logprobs[i, t].item() - ref_logprobs[i, t].item()
+            k = lr if estimator == "k1" else (np.exp(-lr) - 1) + lr
+            expected_kl = k if t < lengths[i] else 0.0
+            expected = -0.1 * expected_kl + (scores[i].item() if t == lengths[i] - 1 else 0.0)
+            assert kl[i, t].item() == pytest.approx(expected_kl, abs=1e-6)
+            assert non_score[i, t].item() == pytest.approx(-0.1 * expected_kl, abs=1e-6)
+            assert rewards[i, t].item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_kl_estimators():
+    assert P.kl_penalty(torch.tensor([-1.0]), torch.tensor([-2.0]), "k1").item() == pytest.approx(1.0)
+    # k3 with log(ref/pi) = -1: (e^-1 - 1) + 1
+    assert P.kl_penalty(torch.tensor([-1.0]), torch.tensor([-2.0]), "k3").item() == pytest.approx(np.exp(-1.0))
+    # Both estimate KL(pi || ref) from samples of pi; k3 is never negative.
+    pi, ref = torch.tensor([0.7, 0.2, 0.1]), torch.tensor([0.3, 0.3, 0.4])
+    true_kl = (pi * (pi / ref).log()).sum().item()
+    samples = torch.multinomial(pi, 200_000, replacement=True, generator=torch.Generator().manual_seed(0))
+    for estimator in ("k1", "k3"):
+        est = P.kl_penalty(pi.log()[samples], ref.log()[samples], estimator)
+        assert est.mean().item() == pytest.approx(true_kl, abs=0.01)
+    assert (P.kl_penalty(pi.log()[samples], ref.log()[samples], "k3") >= 0).all()
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.5)])
+def test_gae_against_naive_loop(gamma, lam):
+    g, lengths, mask = random_batch(B=8, T=9, seed=2)
+    B, T = mask.shape
+    rewards = torch.randn(B, T, generator=g)
+    values = torch.randn(B, T, generator=g)  # garbage on padding: must be ignored
+    advantages, returns = P.gae_advantages(rewards, values, mask, gamma, lam)
+    for i in range(B):
+        n = lengths[i].item()
+        r, v = rewards[i, :n].tolist(), values[i, :n].tolist()
+        adv, last = [0.0] * n, 0.0
+        for t in reversed(range(n)):
+            next_v = v[t + 1] if t + 1 < n else 0.0
+            last = r[t] + gamma * next_v - v[t] + gamma * lam * last
+            adv[t] = last
+        assert advantages[i, :n].tolist() == pytest.approx(adv, abs=1e-5)
+        assert returns[i, :n].tolist() == pytest.approx([a + b for a, b in zip(adv, v)], abs=1e-5)
+        assert (advantages[i, n:] == 0).all() and (returns[i, n:] == 0).all()
+
+
+def test_whiten_over_valid_tokens_only():
+    g, _, mask = random_batch(B=5, T=6, seed=3)
+    x = torch.randn(5, 6, generator=g) * 3 + 2
+    x_pad = torch.where(mask, x, 1e6)  # huge padding must not leak into the statistics
+    valid = x[mask].numpy().astype(np.float64)
+    out = P.whiten(x_pad, mask)
+    expected = (valid - valid.mean()) / np.sqrt(valid.var(ddof=1) + 1e-8)
+    assert out[mask].numpy() == pytest.approx(expected, abs=1e-5)
+    assert (out[~mask] == 0).all()
+    scaled = P.whiten(x_pad, mask, shift_mean=False)
+    assert scaled[mask].numpy() == pytest.approx(expected + valid.mean(), abs=1e-5)
+
+
+def test_policy_loss_at_clip_boundaries():
+    eps = 0.2
+    old = torch.zeros(1, 4)
+    # ratios just inside and just outside 1 +- eps, for positive and negative advantages
+    ratios = torch.tensor([[1.19, 1.21, 0.81, 0.79]])
+    adv = torch.tensor([[1.0, 1.0, -1.0, -1.0]])
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    new = ratios.log().requires_grad_(True)
+    loss, clipfrac, approx_kl, ratio = P.policy_loss(new, old, adv, mask, eps)
+    loss.backward()
+    grads = new.grad[0].tolist()
+    # inside the clip range the gradient of -A*ratio/n wrt log-ratio is -A*ratio/n; outside it is 0
+    assert grads[0] == pytest.approx(-1.19 / 4) and grads[2] == pytest.approx(0.81 / 4)
+    assert grads[1] == 0.0 and grads[3] == 0.0
+    assert clipfrac.item() == pytest.approx(0.5)
+    assert loss.item() == pytest.approx((-1.19 - 1.2 + 0.81 + 0.8) / 4)
+    assert approx_kl.item() == pytest.approx(np.mean([(r - 1) - np.log(r) for r in [1.19, 1.21, 0.81, 0.79]]), abs=1e-6)
+    assert ratio.item() == pytest.approx(np.mean([1.19, 1.21, 0.81, 0.79]), abs=1e-6)
+    # The pessimistic side is never clipped: ratio beyond 1+eps with a negative advantage
+    new2 = torch.tensor([[np.log(1.5)]], requires_grad=True)
+    loss2, clipfrac2, _, _ = P.policy_loss(new2, torch.zeros(1, 1), torch.tensor([[-1.0]]), torch.ones(1, 1, dtype=torch.bool), eps)
+    loss2.backward()
+    assert clipfrac2.item() == 0.0 and new2.grad.item() == pytest.approx(1.5)
+
+
+def test_value_loss_clipping_and_mask():
+    old = torch.tensor([[0.0, 0.0, 0.0, 0.0]])
+    returns = torch.tensor([[1.0, 1.0, 1.0, 5.0]])
+    new = torch.tensor([[0.1, 0.3, -0.3, 9.0]], requires_grad=True)
+    mask = torch.tensor([[True, True, True, False]])
+    loss, clipfrac = P.value_loss(new, old, returns, mask, 0.2)
+    loss.backward()
+    # token 0: inside the range; token 1: moved towards the return beyond the range, clipped
+    # (no gradient); token 2: moved away, unclipped error is larger; token 3: padding.
+    expected = 0.5 * np.mean([(0.1 - 1) ** 2, (0.2 - 1) ** 2, (-0.3 - 1) ** 2])
+    assert loss.item() == pytest.approx(expected)
+    assert clipfrac.item() == pytest.approx(1 / 3)
+    assert new.grad[0].tolist() == pytest.approx([(0.1 - 1) / 3, 0.0, (-0.3 - 1) / 3, 0.0])
+    unclipped, _ = P.value_loss(new, old, returns, mask, None)
+    assert unclipped.item() == pytest.approx(0.5 * np.mean([0.81, 0.49, 1.69]))
+
+
+def test_adaptive_kl_controller_hand_computed():
+    # KL 9 vs target 6: error 0.5, clipped to 0.2; 64 episodes over a horizon of 10000
+    assert P.adaptive_kl_coef(0.1, 9.0, 6.0, 10000, 64) == pytest.approx(0.1 * (1 + 0.2 * 64 / 10000))
+    # KL 5.4: error -0.1, not clipped
+    assert P.adaptive_kl_coef(0.1, 5.4, 6.0, 10000, 64) == pytest.approx(0.1 * (1 - 0.1 * 64 / 10000))
+    assert P.adaptive_kl_coef(0.1, 0.0, 6.0, 100, 100) == pytest.approx(0.08)
+
+
+def tiny_gpt2(vocab=22, seed=0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=vocab, n_positions=32, n_embd=16, n_layer=2, n_head=2, bos_token_id=1, eos_token_id=1)
+    return P.disable_dropout(GPT2LMHeadModel(config)).eval()
+
+
+def tiny_llama_rm(vocab=22, seed=1, num_labels=1):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=64, num_labels=num_labels, bos_token_id=1, eos_token_id=1,
+    )  # fmt: skip
+    return LlamaForSequenceClassification(config).eval()
+
+
+def test_logprobs_match_transformers_cross_entropy():
+    model = tiny_gpt2()
+    ids = torch.randint(2, 22, (3, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=ids).loss
+        logits = model(input_ids=ids).logits
+    logprobs = P.logprobs_from_logits(logits[:, :-1], ids[:, 1:])
+    assert (-logprobs.mean()).item() == pytest.approx(loss.item(), abs=1e-5)
+    # With a temperature: the log-probs are those of softmax(logits / T).
+    ctx = 4
+    lp, scaled = P.lm_response_logprobs(model, ids, pad_id=99, context_length=ctx, temperature=0.7)
+    expected = -F.cross_entropy((logits[:, ctx - 1 : -1] / 0.7).reshape(-1, 22), ids[:, ctx:].reshape(-1), reduction="none")
+    assert lp.reshape(-1).tolist() == pytest.approx(expected.tolist(), abs=1e-5)
+
+
+def test_padding_does_not_change_logprobs_or_scores():
+    """Left-padded queries and right-padded responses give the same numbers as unpadded rows,
+    with a pad id outside the vocabulary (an added [PAD] token)."""
+    PAD = 22
+    policy, rm = tiny_gpt2(), tiny_llama_rm()
+    g = torch.Generator().manual_seed(1)
+    rows = [(torch.randint(2, 22, (q,), generator=g), torch.randint(2, 22, (r,), generator=g)) for q, r in [(3, 5), (6, 2), (4, 4)]]
+    ctx, T = 6, 5
+    batch = torch.stack([torch.cat([torch.full((ctx - len(q),), PAD), q, r, torch.full((T - len(r),), PAD)]) for q, r in rows])
+    with torch.no_grad():
+        lp, _ = P.lm_response_logprobs(policy, batch, PAD, ctx, 1.0)
+        scores = P.sequence_scores(rm, batch, PAD, ctx)
+        values = P.token_scores(rm, batch, PAD)
+        for i, (q, r) in enumerate(rows):
+            alone = torch.cat([q, r])[None]
+            lp_alone, _ = P.lm_response_logprobs(policy, alone, PAD, len(q), 1.0)
+            assert lp[i, : len(r)].tolist() == pytest.approx(lp_alone[0].tolist(), abs=1e-5)
+            hidden = rm.model(input_ids=alone).last_hidden_state
+            per_token = rm.score(hidden)[0, :, 0]
+            assert scores[i].item() == pytest.approx(per_token[-1].item(), abs=1e-5)
+            # the model's own pooled logits agree too
+            assert scores[i].item() == pytest.approx(rm(input_ids=alone).logits[0, 0].item(), abs=1e-5)
+            assert values[i, ctx - len(q) : ctx + len(r)].tolist() == pytest.approx(per_token.tolist(), abs=1e-5)
+
+
+def test_builtin_gold_score_hand_computed():
+    lang = dict(quality=np.array([1.0, -1.0, 0.5, 0.0]))
+    # quality mean (1 - 1 + 0.5)/3, relevance 2/3 (words 0, 2 in the prompt), no repeats, ended
+    assert P.builtin_gold_score(lang, [0, 2], [0, 1, 2, None]) == pytest.approx(0.5 / 3 + 2 / 3)
+    # word 0 repeats once right after itself (1 of 3 transitions); missing EOS
+    assert P.builtin_gold_score(lang, [3], [0, 0, 1, 0]) == pytest.approx(0.5 - 3 * 1 / 3 - 1.0)
+    # a word coming back later is no repetition
+    assert P.builtin_gold_score(lang, [3], [0, 1, 0, None]) == pytest.approx(1 / 3)
+    assert P.builtin_gold_score(lang, [3], [None]) == -1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# The script end to end
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def real_models(tmp_path_factory):
+    """A tiny random GPT-2 policy and a tiny random Llama reward model sharing a word-level
+    tokenizer that has no pad token, plus prompts of varying lengths."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("real")
+    vocab = {"<unk>": 0, "<eos>": 1, **{chr(ord("a") + i): i + 2 for i in range(20)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>")
+    tiny_gpt2().save_pretrained(root / "policy")
+    tokenizer.save_pretrained(root / "policy")
+    tiny_llama_rm().save_pretrained(root / "rm")
+    tiny_llama_rm(num_labels=2).save_pretrained(root / "rm2")
+    rng = np.random.default_rng(0)
+    with open(root / "prompts.jsonl", "w") as f:
+        for _ in range(40):
+            f.write(json.dumps({"prompt": " ".join(chr(ord("a") + w) for w in rng.integers(0, 20, rng.integers(2, 7)))}) + "\n")
+    return root
+
+
+def real_flags(root, runs_dir, *extra):
+    return [
+        "--model-name-or-path", str(root / "policy"), "--reward-model-path", str(root / "rm"),
+        "--prompts", str(root / "prompts.jsonl"), "--runs-dir", str(runs_dir),
+        "--response-length", "6", "--per-device-train-batch-size", "4", "--num-minibatches", "2",
+        "--update-epochs", "2", "--local-rollout-forward-batch-size", "4", "--total-episodes", "48",
+        "--eval-every", "2", "--eval-episodes", "8", *extra,
+    ]  # fmt: skip
+
+
+def run_script(flags, timeout=240, **kwargs):
+    return subprocess.run([sys.executable, SCRIPT, *flags], env=ENV, capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def read_metrics(runs_dir):
+    (run,) = [d for d in os.listdir(runs_dir) if d != "builtin_task"]
+    with open(os.path.join(runs_dir, run, "metrics.jsonl")) as f:
+        return os.path.join(runs_dir, run), [json.loads(line) for line in f]
+
+
+def without_timing(metrics):
+    return [{k: v for k, v in m.items() if k != "eps"} for m in metrics]
+
+
+TRAIN_KEYS = {
+    "episode", "objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward",
+    "objective/scores", "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg",
+    "val/clipfrac_avg", "policy/entropy_avg", "val/ratio", "val/ratio_var", "val/num_eos_tokens", "lr", "eps",
+    "objective/kl_coef", "objective/response_length", "objective/eos_fraction",
+}  # fmt: skip
+
+
+def test_real_models_end_to_end_with_wandb_offline(real_models, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    proc = run_script(real_flags(real_models, tmp_path, "--track", "--adaptive-kl", "--target-kl", "1000", "--kl-horizon", "100"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir, metrics = read_metrics(tmp_path)
+    train = [m for m in metrics if "objective/kl" in m]
+    assert len(train) == 6  # 48 episodes / 8 per update
+    assert all(set(m) == TRAIN_KEYS for m in train)
+    assert [m["episode"] for m in train] == [8 * i for i in range(1, 7)]
+    evals = [m for m in metrics if "eval/scores" in m]
+    assert [m["episode"] for m in evals] == [0, 16, 32, 48]
+    assert all(np.isfinite(v) for m in metrics for v in m.values())
+    assert train[-1]["lr"] < train[0]["lr"]  # annealed
+    # far below its target KL, the adaptive controller lowers kl_coef by 1 - 0.2 * 8 / 100 per update
+    assert [m["objective/kl_coef"] for m in train] == pytest.approx([0.05 * 0.984**i for i in range(6)])
+    assert any(d.startswith("offline-run") for d in os.listdir(os.path.join(run_dir, "wandb")))
+    # the trained policy loads back into transformers, with a pad token distinct from EOS
+    policy = AutoModelForCausalLM.from_pretrained(os.path.join(run_dir, "policy"))
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(run_dir, "policy"))
+    assert tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert not torch.equal(policy.transformer.wte.weight, tiny_gpt2().transformer.wte.weight)
+    assert json.load(open(os.path.join(run_dir, "args.json")))["track"] is True
+
+
+def test_same_seed_same_metrics_and_resume_after_ctrl_c(real_models, tmp_path):
+    flags = ["--total-episodes", "96", "--save-every", "1"]
+    ref = run_script(real_flags(real_models, tmp_path / "a", *flags))
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    # gradient checkpointing recomputes the same numbers
+    again = run_script(real_flags(real_models, tmp_path / "b", *flags, "--gradient-checkpointing"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    _, ref_metrics = read_metrics(tmp_path / "a")
+    _, again_metrics = read_metrics(tmp_path / "b")
+    assert without_timing(ref_metrics) == without_timing(again_metrics)
+
+    # Interrupt a third run with Ctrl-C once it has logged an update, then resume it.
+    runs_dir = tmp_path / "c"
+    proc = subprocess.Popen([sys.executable, SCRIPT, *real_flags(real_models, runs_dir, *flags)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        runs = [d for d in os.listdir(runs_dir)] if runs_dir.exists() else []
+        path = os.path.join(runs_dir, runs[0], "metrics.jsonl") if runs else None
+        if path and os.path.exists(path) and sum("objective/kl" in line for line in open(path)) >= 1:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert "interrupted: checkpoint saved" in out
+    run_dir, partial = read_metrics(runs_dir)
+    ckpt = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
+    assert 1 <= ckpt["update"] < 12, "the run finished before Ctrl-C arrived"
+    assert not os.path.exists(os.path.join(run_dir, "policy"))
+    resumed = run_script(["--resume", os.path.join(run_dir, "checkpoint.pt")])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _, resumed_metrics = read_metrics(runs_dir)
+    assert without_timing(resumed_metrics) == without_timing(ref_metrics)
+
+
+def test_two_process_gloo_run(real_models, tmp_path):
+    """torchrun with 2 CPU processes: ranks end with identical parameters, episodes count both
+    (with the k3 estimator and reward whitening, which the other runs leave out)."""
+    wrapper = tmp_path / "wrapper.py"
+    wrapper.write_text(
+        "import os, sys, torch, tyro\n"
+        f"sys.path.insert(0, {REPO!r})\n"
+        "import ppo_rlhf\n"
+        "optimizers = []\n"
+        "class RecordingAdam(torch.optim.Adam):\n"
+        "    def __init__(self, *a, **k):\n"
+        "        super().__init__(*a, **k)\n"
+        "        optimizers.append(self)\n"
+        "torch.optim.Adam = RecordingAdam\n"
+        "ppo_rlhf.main(tyro.cli(ppo_rlhf.Args))\n"
+        "params = [p.detach().clone() for p in optimizers[0].param_groups[0]['params']]\n"
+        f"torch.save(params, os.path.join({str(tmp_path)!r}, 'rank' + os.environ['RANK'] + '.pt'))\n"
+    )
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.run(
+        [*torchrun, str(wrapper), *real_flags(real_models, tmp_path / "runs", "--total-episodes", "32", "--kl-estimator", "k3", "--whiten-rewards")],
+        env=ENV, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert all(torch.equal(a, b) for a, b in zip(rank0, rank1))
+    assert not torch.equal(rank0[0], tiny_gpt2().transformer.wte.weight)  # it trained
+    _, metrics = read_metrics(tmp_path / "runs")
+    # 16 episodes per update (8 per process), 2 updates
+    train = [m for m in metrics if "objective/kl" in m]
+    assert [m["episode"] for m in train] == [16, 32]
+    assert all(m["objective/kl"] >= 0 for m in train)  # k3 is never negative, k1 can be
+
+
+def assert_one_line_error(returncode, stderr, flag):
+    assert returncode == 2, stderr[-2000:]
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and flag in lines[0], stderr[-2000:]
+
+
+def test_bad_input_through_the_cli_is_one_line_without_traceback(real_models, tmp_path):
+    flags = real_flags(real_models, tmp_path)
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a b"}\n{"text": "c d"}\n')
+    flags[5] = str(tmp_path / "bad.jsonl")
+    proc = run_script(flags)
+    assert_one_line_error(proc.returncode, proc.stderr, "--prompts")
+    assert "line 2" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "case,flag",
+    [
+        ("missing_model", "--model-name-or-path"),
+        ("missing_reward_model", "--reward-model-path"),
+        ("two_labels", "--reward-model-path"),
+        ("missing_prompts", "--prompts"),
+        ("response_too_long", "--response-length"),
+        ("too_few_episodes", "--total-episodes"),
+        ("reward_model_without_policy", "--reward-model-path"),
+    ],
+)
+def test_bad_inputs_one_line_exit_2(real_models, tmp_path, capsys, case, flag):
+    """Parsed by tyro and run by main() in this process (the CLI test above covers the process exit)."""
+    import tyro
+
+    flags = real_flags(real_models, tmp_path)
+    if case == "missing_model":
+        flags[1] = str(tmp_path / "does-not-exist")
+    elif case == "missing_reward_model":
+        flags[3] = str(tmp_path / "does-not-exist")
+    elif case == "two_labels":
+        flags[3] = str(real_models / "rm2")
+    elif case == "missing_prompts":
+        flags[5] = str(tmp_path / "missing.jsonl")
+    elif case == "response_too_long":
+        flags += ["--response-length", "30"]  # + prompts of up to 6 tokens > 32 positions
+    elif case == "too_few_episodes":
+        flags += ["--total-episodes", "7"]
+    else:
+        flags = flags[2:]
+    with pytest.raises(SystemExit) as exit_info:
+        P.main(tyro.cli(P.Args, args=flags))
+    assert_one_line_error(exit_info.value.code, capsys.readouterr().err, flag)
+
+
+# ---------------------------------------------------------------------------------------------
+# The built-in task
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def builtin_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("builtin_cache")
+
+
+def builtin_run(cache, runs_dir, *extra):
+    flags = ["--cache-dir", str(cache), "--runs-dir", str(runs_dir), "--total-episodes", "640", "--eval-every", "10", "--eval-episodes", "256", *extra]
+    proc = run_script(flags, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return read_metrics(runs_dir)[1], proc.stdout
+
+
+def test_builtin_task_learns_gold_reward_and_kl_coef_limits_kl(builtin_cache, tmp_path):
+    metrics, stdout = builtin_run(builtin_cache, tmp_path / "loose", "--kl-coef", "0.05")
+    (task_dir,) = os.listdir(builtin_cache)
+    task = json.load(open(os.path.join(builtin_cache, task_dir, "task.json")))
+    assert task["rm_accuracy"] >= 0.75
+    gold = [m["objective/gold_score"] for m in metrics if "objective/gold_score" in m]
+    assert len(gold) == 2  # SFT policy at episode 0, trained policy at the end
+    assert gold[1] > gold[0] + 0.5 * task["sft_gold_std"], gold
+    loose_kl = [m["objective/kl"] for m in metrics if "objective/kl" in m][-1]
+
+    # The cached models are reused (no SFT training this time) and a tighter KL budget holds.
+    tight, stdout = builtin_run(builtin_cache, tmp_path / "tight", "--kl-coef", "0.5")
+    assert "SFT model trained" not in stdout
+    tight_kl = [m["objective/kl"] for m in tight if "objective/kl" in m][-1]
+    assert tight_kl < loose_kl / 2, (tight_kl, loose_kl)
