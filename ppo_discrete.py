@@ -18,7 +18,7 @@ import signal
 import sys
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Callable, NoReturn, Optional
 
 import gymnasium as gym

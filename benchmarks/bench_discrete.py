@@ -11,7 +11,6 @@ a plot of the 20-episode mean return against environment steps.
 """
 
 import json
-import os
 import subprocess
 import sys
 import time

@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -27,3 +29,36 @@ def read_metrics(runs_dir: Path) -> list[dict]:
     """The metrics.jsonl records of the single run under runs_dir."""
     (path,) = runs_dir.glob("*/metrics.jsonl")
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def comparable(records: list[dict]) -> list[dict]:
+    """Metric records without the wall-clock-dependent SPS."""
+    return [{k: v for k, v in r.items() if k != "charts/SPS"} for r in records]
+
+
+def interrupt_with_ctrl_c(script: str, flags: list[str], runs_dir: Path, after_records: int = 30) -> Path:
+    """Start a run, press Ctrl-C once `after_records` metric lines are logged, check that it wrote a
+    checkpoint and exited with status 130; return the checkpoint's path."""
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    cmd = [sys.executable, str(ROOT / script), *flags, "--runs-dir", str(runs_dir)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(runs_dir.glob("*/metrics.jsonl")):
+        time.sleep(0.05)
+    while time.time() < deadline and len(read_metrics(runs_dir)) < after_records:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted: checkpoint" in out
+    (checkpoint,) = runs_dir.glob("*/checkpoint.pt")
+    return checkpoint
+
+
+def run_torchrun(script: str, *flags: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node nproc script flags...` on the CPU (gloo)."""
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), str(ROOT / script), *flags]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc

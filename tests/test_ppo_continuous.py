@@ -6,13 +6,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, read_metrics, run_script
+from conftest import ROOT, comparable, interrupt_with_ctrl_c, read_metrics, run_script, run_torchrun
 
 import ppo_continuous as ppo
 
@@ -454,10 +453,6 @@ def test_inverted_pendulum_learns(tmp_path):
     assert records[-1]["eval/episodic_return"] >= 500
 
 
-def comparable(records):
-    return [{k: v for k, v in r.items() if k != "charts/SPS"} for r in records]
-
-
 def test_same_seed_same_metrics_and_interrupted_resume_matches(tmp_path):
     flags = [
         "--env-id", "InvertedPendulum-v5", "--num-steps", "256", "--num-minibatches", "4", "--update-epochs", "2",
@@ -469,19 +464,7 @@ def test_same_seed_same_metrics_and_interrupted_resume_matches(tmp_path):
     assert a == b
 
     # Interrupt a third run with Ctrl-C part-way, resume it, and compare with the uninterrupted run.
-    env = {**os.environ, "WANDB_MODE": "offline"}
-    cmd = [sys.executable, str(ROOT / "ppo_continuous.py"), *flags, "--runs-dir", str(tmp_path / "c")]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not list((tmp_path / "c").glob("*/metrics.jsonl")):
-        time.sleep(0.05)
-    while time.time() < deadline and len(read_metrics(tmp_path / "c")) < 30:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
-    assert "interrupted: checkpoint" in out
-    (ckpt_path,) = (tmp_path / "c").glob("*/checkpoint.pt")
+    ckpt_path = interrupt_with_ctrl_c("ppo_continuous.py", flags, tmp_path / "c")
     interrupted = torch.load(ckpt_path, weights_only=False)
     assert 1 <= interrupted["iteration"] < 10, "the interrupt must land mid-run for this test to mean anything"
     assert interrupted["normalizer"]["obs_rms"]["count"] > 256
@@ -496,14 +479,10 @@ def test_same_seed_same_metrics_and_interrupted_resume_matches(tmp_path):
 
 
 def test_two_process_gloo_run(tmp_path):
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        str(ROOT / "ppo_continuous.py"), "--env-id", "InvertedPendulum-v5", "--num-steps", "128", "--num-minibatches", "2",
+    proc = run_torchrun(
+        "ppo_continuous.py", "--env-id", "InvertedPendulum-v5", "--num-steps", "128", "--num-minibatches", "2",
         "--update-epochs", "2", "--total-timesteps", "1024", "--runs-dir", str(tmp_path), "--eval-episodes", "1",
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    )  # fmt: skip
     assert "parameters identical on 2 processes (normalisation statistics too)" in proc.stdout
     records = read_metrics(tmp_path)
     # global_step counts the steps of both processes: 4 iterations of 1 env x 128 steps x 2.

@@ -2,16 +2,14 @@
 the episode-boundary logic on a tiny time-limited env, and the CLI end to end in subprocesses."""
 
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, read_metrics, run_script
+from conftest import ROOT, comparable, interrupt_with_ctrl_c, read_metrics, run_script, run_torchrun
 
 import ppo_discrete as ppo
 
@@ -324,10 +322,6 @@ def test_cartpole_learns(tmp_path):
     assert len(returns) == 20 and np.mean(returns) >= 400, returns
 
 
-def comparable(records):
-    return [{k: v for k, v in r.items() if k != "charts/SPS"} for r in records]
-
-
 def test_same_seed_same_metrics_and_interrupted_resume_matches(tmp_path):
     flags = ["--total-timesteps", "40960", "--num-threads", "1", "--eval-episodes", "2"]
     run_script("ppo_discrete.py", *flags, "--runs-dir", str(tmp_path / "a"))
@@ -336,19 +330,7 @@ def test_same_seed_same_metrics_and_interrupted_resume_matches(tmp_path):
     assert a == b
 
     # Interrupt a third run with Ctrl-C part-way, resume it, and compare with the uninterrupted run.
-    env = {**os.environ, "WANDB_MODE": "offline"}
-    cmd = [sys.executable, str(ROOT / "ppo_discrete.py"), *flags, "--runs-dir", str(tmp_path / "c")]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not list((tmp_path / "c").glob("*/metrics.jsonl")):
-        time.sleep(0.05)
-    while time.time() < deadline and len(read_metrics(tmp_path / "c")) < 30:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
-    assert "interrupted: checkpoint" in out
-    (ckpt,) = (tmp_path / "c").glob("*/checkpoint.pt")
+    ckpt = interrupt_with_ctrl_c("ppo_discrete.py", flags, tmp_path / "c")
     interrupted_at = torch.load(ckpt, weights_only=False)["iteration"]
     assert 1 <= interrupted_at < 80, "the interrupt must land mid-run for this test to mean anything"
     run_script("ppo_discrete.py", "--resume", str(ckpt), "--num-threads", "1")
@@ -356,13 +338,7 @@ def test_same_seed_same_metrics_and_interrupted_resume_matches(tmp_path):
 
 
 def test_two_process_gloo_run(tmp_path):
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        str(ROOT / "ppo_discrete.py"), "--total-timesteps", "4096", "--runs-dir", str(tmp_path), "--eval-episodes", "1",
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_torchrun("ppo_discrete.py", "--total-timesteps", "4096", "--runs-dir", str(tmp_path), "--eval-episodes", "1")
     assert "parameters identical on 2 processes" in proc.stdout
     records = read_metrics(tmp_path)
     # global_step counts the steps of both processes: 4 iterations of 4 envs x 128 steps x 2.
