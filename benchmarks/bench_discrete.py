@@ -4,6 +4,7 @@
     .venv-bench/bin/python benchmarks/bench_discrete.py --suite classic   # CartPole-v1 and Acrobot-v1, 3 seeds
     .venv-bench/bin/python benchmarks/bench_discrete.py --suite speed     # SPS only: short runs, alternated
     .venv-bench/bin/python benchmarks/bench_discrete.py --suite atari     # Breakout SPS and the raw env limit
+    .venv-bench/bin/python benchmarks/bench_discrete.py --suite atari-envs  # C++ vector env vs Python wrappers
 
 Runs alternate (ours, SB3, ours, SB3, ...) so that load on a shared machine hits both alike; every
 process is pinned to one torch thread. Writes benchmarks/results/discrete_{classic,atari}.json and
@@ -103,7 +104,8 @@ def env_limit(env_id: str, num_envs: int, steps: int = 200_000) -> float:
 class Args:
     suite: str = "classic"
     """`classic` (CartPole-v1 and Acrobot-v1 against SB3: learning curves and SPS), `speed` (SPS of
-    short CartPole runs, alternated, for a quiet machine) or `atari` (Breakout SPS and the env's limit)"""
+    short CartPole runs, alternated, for a quiet machine), `atari` (Breakout SPS and the env's limit) or
+    `atari-envs` (AtariVectorEnv against gymnasium's Python Atari wrappers, random actions)"""
     seeds: int = 3
     """seeds per env and implementation"""
     total_timesteps: int = 500_000
@@ -172,6 +174,36 @@ def speed(args: Args) -> None:
     save(results, "discrete_speed")
 
 
+def atari_envs(args: Args, steps: int = 20_000) -> None:
+    """Random-action throughput of ale-py's C++ AtariVectorEnv against gymnasium's Python wrappers
+    (AtariPreprocessing + FrameStackObservation in a SyncVectorEnv), same preprocessing, 8 envs."""
+    import ale_py
+    import gymnasium as gym
+    from ale_py.vector_env import AtariVectorEnv
+
+    gym.register_envs(ale_py)
+
+    def wrapped():
+        env = gym.make("BreakoutNoFrameskip-v4")
+        return gym.wrappers.FrameStackObservation(gym.wrappers.AtariPreprocessing(env, noop_max=30, frame_skip=4), 4)
+
+    pipelines = {
+        "AtariVectorEnv (C++)": lambda: AtariVectorEnv(game="breakout", num_envs=8),
+        "gymnasium wrappers, SyncVectorEnv": lambda: gym.vector.SyncVectorEnv([wrapped] * 8),
+    }
+    results = {"steps": steps, "num_envs": 8}
+    for name, make in pipelines.items():
+        envs = make()
+        envs.reset(seed=0)
+        start = time.time()
+        for _ in range(steps // 8):
+            envs.step(envs.action_space.sample())
+        results[name] = steps / (time.time() - start)
+        envs.close()
+        print(f"{name}: {results[name]:.0f} agent steps/s", flush=True)
+    save(results, "discrete_atari_envs")
+
+
 def atari(args: Args) -> None:
     from ale_py.vector_env import AtariVectorEnv
 
@@ -191,4 +223,4 @@ def atari(args: Args) -> None:
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    {"classic": classic, "speed": speed, "atari": atari}[args.suite](args)
+    {"classic": classic, "speed": speed, "atari": atari, "atari-envs": atari_envs}[args.suite](args)

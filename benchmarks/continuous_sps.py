@@ -1,10 +1,11 @@
 """Steps per second of ppo_continuous.py against Stable-Baselines3's PPO with the same hyperparameters
 (1 env, 2048 steps, 10 epochs, 32 minibatches of 64, 64-64 tanh actor and critic, VecNormalize for
 observations and rewards), alternated in one run on one machine, beside the raw env step rate with
-random actions (the limit). Each measurement is a fresh process with one torch thread.
+random actions (the limit). Each measurement is a fresh process with one torch thread. Writes
+benchmarks/results/continuous_sps.json.
 
     python benchmarks/continuous_sps.py --rounds 3 --steps 20480
-    PYTHONPATH=/path/to/sb3 python benchmarks/continuous_sps.py    # stable-baselines3 importable
+    .venv-bench/bin/python benchmarks/continuous_sps.py            # the venv of benchmarks/requirements.txt
 """
 
 import argparse
@@ -80,6 +81,9 @@ def main() -> None:
     for k, v in results.items():
         print(f"  {k:20s} SPS {min(v):7.0f} .. {max(v):7.0f} (median {sorted(v)[len(v) // 2]:.0f})")
     print(f"  ours / SB3 per round: {' '.join(f'{x:.2f}' for x in ratio)}")
+    out = ROOT / "benchmarks" / "results" / "continuous_sps.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"env_id": args.env_id, "steps": args.steps, "threads": 1, **results, "ratio": ratio}, indent=1))
 
 
 if __name__ == "__main__":
