@@ -62,3 +62,17 @@ def run_torchrun(script: str, *flags: str, nproc: int = 2) -> subprocess.Complet
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
+
+
+def assert_one_line_error(script: str, flags: list[str], needle: str, runs_dir: Path) -> None:
+    """The command line is rejected with exit status 2 and one stderr line that contains needle."""
+    proc = run_script(script, *flags, "--runs-dir", str(runs_dir), check=False, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+
+
+def wandb_offline_log(runs_dir: Path) -> bytes:
+    """The raw bytes of the single offline wandb run under runs_dir (metric names appear verbatim)."""
+    (wandb_file,) = runs_dir.glob("*/wandb/offline-run-*/run-*.wandb")
+    return wandb_file.read_bytes()

@@ -11,7 +11,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, comparable, interrupt_with_ctrl_c, read_metrics, run_script, run_torchrun
+from conftest import ROOT, assert_one_line_error, comparable, interrupt_with_ctrl_c, read_metrics, run_script, run_torchrun, wandb_offline_log
 
 import ppo_continuous as ppo
 
@@ -392,8 +392,7 @@ def test_track_offline_leaves_metrics_in_wandb_run(tmp_path):
         "ppo_continuous.py", "--env-id", "InvertedPendulum-v5", "--num-steps", "256", "--num-minibatches", "4",
         "--total-timesteps", "512", "--runs-dir", str(tmp_path), "--track", "--eval-episodes", "1", "--num-threads", "1",
     )  # fmt: skip
-    (wandb_file,) = tmp_path.glob("*/wandb/offline-run-*/run-*.wandb")
-    data = wandb_file.read_bytes()
+    data = wandb_offline_log(tmp_path)
     for name in METRICS + ["global_step", "eval/episodic_return"]:
         assert name.encode() in data, name
 
@@ -408,10 +407,7 @@ def test_track_offline_leaves_metrics_in_wandb_run(tmp_path):
     ],
 )
 def test_bad_input_gives_one_line_error(flags, needle, tmp_path):
-    proc = run_script("ppo_continuous.py", *flags, "--runs-dir", str(tmp_path), check=False, timeout=120)
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+    assert_one_line_error("ppo_continuous.py", flags, needle, tmp_path)
     assert not list(tmp_path.iterdir()), "a rejected command line leaves no run behind"
 
 

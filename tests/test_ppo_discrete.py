@@ -9,7 +9,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, comparable, interrupt_with_ctrl_c, read_metrics, run_script, run_torchrun
+from conftest import ROOT, assert_one_line_error, comparable, interrupt_with_ctrl_c, read_metrics, run_script, run_torchrun, wandb_offline_log
 
 import ppo_discrete as ppo
 
@@ -278,8 +278,7 @@ def test_atari_cli_logs_whole_game_scores(tmp_path):
 
 def test_track_offline_leaves_metrics_in_wandb_run(tmp_path):
     run_script("ppo_discrete.py", "--total-timesteps", "1024", "--runs-dir", str(tmp_path), "--track", "--eval-episodes", "1")
-    (wandb_file,) = tmp_path.glob("*/wandb/offline-run-*/run-*.wandb")
-    data = wandb_file.read_bytes()
+    data = wandb_offline_log(tmp_path)
     for name in METRICS[2:] + ["global_step"]:
         assert name.encode() in data, name
 
@@ -297,10 +296,7 @@ def test_track_offline_leaves_metrics_in_wandb_run(tmp_path):
     ],
 )
 def test_bad_input_gives_one_line_error(flags, needle, tmp_path):
-    proc = run_script("ppo_discrete.py", *flags, "--runs-dir", str(tmp_path), check=False, timeout=120)
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+    assert_one_line_error("ppo_discrete.py", flags, needle, tmp_path)
 
 
 # ---------------------------------------------------------------- learning, determinism, resume
