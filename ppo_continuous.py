@@ -7,7 +7,7 @@
 
 The first word may name a preset of hyperparameters (PRESETS below; `cleanrl` when left out);
 every flag after it overrides that preset's value. --capture-video renders offscreen: on a Linux
-machine without a display the script sets MUJOCO_GL=egl (Mesa's libEGL, no GPU needed).
+machine without a display the script then sets MUJOCO_GL=egl (Mesa's libEGL, no GPU needed).
 Read top to bottom: arguments and presets, the numerical core (Gaussian policy, GAE, losses, KL
 estimators, running normalisers of observations and rewards), environments, the network (and its
 numpy copy that runs the rollout), then `main`: 1. rollout, 2. GAE, 3. clipped update, 4. logging
@@ -16,6 +16,7 @@ References: Schulman et al. 2017 (PPO), Schulman et al. 2016 (GAE), Huang et al.
 ("The 37 Implementation Details of PPO").
 """
 
+import ctypes.util
 import io
 import json
 import math
@@ -28,11 +29,6 @@ import time
 from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Literal, NoReturn, Optional, Sequence
-
-# Headless Linux has no window system for MuJoCo's default GL backend; EGL renders offscreen
-# (software rendering through Mesa when there is no GPU). Must be set before mujoco is imported.
-if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
-    os.environ.setdefault("MUJOCO_GL", "egl")
 
 import gymnasium as gym
 import numpy as np
@@ -362,11 +358,18 @@ def check_args(args: Args, world_size: int) -> tuple[int, int, int]:
 
 
 def pick_device(name: str) -> torch.device:
-    """`auto` picks cuda, then mps, then cpu; anything else is a torch device string."""
+    """`auto` picks cuda, then mps, then cpu; anything else is a torch device string. Under
+    torchrun, `auto` and `cuda` mean the GPU of this process's local rank."""
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if name == "cuda" and "LOCAL_RANK" in os.environ:
+        if local_rank >= torch.cuda.device_count():
+            fail(
+                f"--device {name}: torchrun started local rank {local_rank} but only {torch.cuda.device_count()} GPU(s)"
+                " are visible; start one process per GPU or pass --device cpu"
+            )
+        name = f"cuda:{local_rank}"
     try:
         device = torch.device(name)
         torch.empty(0, device=device)
@@ -630,11 +633,13 @@ def build_agent(args: Args, device: torch.device) -> tuple[Agent, int, gym.space
 
 
 def main(args: Args) -> None:
+    device = pick_device(args.device)
     distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
     if distributed:
-        dist.init_process_group("nccl" if torch.cuda.is_available() and args.device in ("auto", "cuda") else "gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    device = pick_device(args.device)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
 
@@ -656,6 +661,13 @@ def main(args: Args) -> None:
         # Hyperparameters come from the checkpoint; only where and how this process runs may change.
         keep = {"device", "num_threads", "resume", "save_every", "track"}
         args = Args(**{**ckpt["args"], **{k: v for k, v in asdict(args).items() if k in keep}})
+    # Headless Linux has no window system for MuJoCo's default GL backend; EGL renders offscreen
+    # (through Mesa when there is no GPU). It must be chosen before mujoco is first imported.
+    headless = sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+    if args.capture_video and headless and "MUJOCO_GL" not in os.environ:
+        if ctypes.util.find_library("EGL") is None:
+            fail("--capture-video without a display needs libEGL: apt install libegl1 libgl1-mesa-dri, or drop the flag")
+        os.environ["MUJOCO_GL"] = "egl"
     batch_size, minibatch_size, num_iterations = check_args(args, world_size)
     run_name = ckpt["run_name"] if ckpt else f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join(args.runs_dir, run_name)

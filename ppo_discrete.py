@@ -215,11 +215,18 @@ def check_args(args: Args, world_size: int) -> tuple[int, int, int]:
 
 
 def pick_device(name: str) -> torch.device:
-    """`auto` picks cuda, then mps, then cpu; anything else is a torch device string."""
+    """`auto` picks cuda, then mps, then cpu; anything else is a torch device string. Under
+    torchrun, `auto` and `cuda` mean the GPU of this process's local rank."""
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if name == "cuda" and "LOCAL_RANK" in os.environ:
+        if local_rank >= torch.cuda.device_count():
+            fail(
+                f"--device {name}: torchrun started local rank {local_rank} but only {torch.cuda.device_count()} GPU(s)"
+                " are visible; start one process per GPU or pass --device cpu"
+            )
+        name = f"cuda:{local_rank}"
     try:
         device = torch.device(name)
         torch.empty(0, device=device)

@@ -713,10 +713,17 @@ def main(args: Args) -> None:
         device_str = args.device
     try:
         device = torch.device(device_str)
-    except RuntimeError:
-        fail(f"--device: {args.device} is not a torch device; pass auto, cpu, cuda, cuda:N or mps")
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        fail(f"--device {args.device} is not usable here ({str(e).splitlines()[0]}); pass auto, cpu, cuda, cuda:N or mps")
     if device.type == "cuda" and world_size > 1:
+        if local_rank >= torch.cuda.device_count():
+            fail(
+                f"--device {args.device}: torchrun started local rank {local_rank} but only"
+                f" {torch.cuda.device_count()} GPU(s) are visible; start one process per GPU or pass --device cpu"
+            )
         device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
     if args.bf16 and device.type != "cuda":
         fail("--bf16 needs a CUDA device; drop it on CPU/MPS")
     torch.backends.cudnn.deterministic = args.torch_deterministic

@@ -374,7 +374,7 @@ def test_two_process_gloo_run(real_models, tmp_path):
     )
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     proc = subprocess.run(
-        [*torchrun, str(wrapper), *real_flags(real_models, tmp_path / "runs", "--total-episodes", "32", "--kl-estimator", "k3", "--whiten-rewards")],
+        [*torchrun, str(wrapper), *real_flags(real_models, tmp_path / "runs", "--total-episodes", "32", "--kl-estimator", "k3", "--whiten-rewards", "--device", "cpu")],
         env=ENV, capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
