@@ -805,8 +805,10 @@ def main(args: Args) -> None:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
 
     # 4. Optimiser over policy and value model together (one loss, one clip of the global norm).
+    # The fused kernel updates all tensors in one call; on small models the per-tensor loop of
+    # the default implementation costs about a third of a training step on the CPU.
     params = [p for p in list(policy.parameters()) + list(value_model.parameters()) if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=args.learning_rate, eps=1e-5)
+    optimizer = torch.optim.Adam(params, lr=args.learning_rate, eps=1e-5, fused=device.type in ("cpu", "cuda"))
 
     # 5. Run directory, or the state of the run being resumed.
     start_update, episode, kl_coef = 1, 0, args.kl_coef
