@@ -329,12 +329,46 @@ def test_presets_and_overrides_parse():
         assert ppo.parse_args([name, "--seed", "7"]).seed == 7
 
 
+def test_flat_parameters_give_the_same_outputs_gradients_and_adam_steps():
+    torch.manual_seed(0)
+    plain, flat = ppo.Agent(5, 2, (16, 16), "tanh", 0.0), ppo.Agent(5, 2, (16, 16), "tanh", 0.0)
+    flat.load_state_dict(plain.state_dict())
+    flat_params = ppo.flatten_parameters(flat)
+    assert flat_params.numel() == sum(p.numel() for p in plain.parameters())
+    opt_plain = torch.optim.Adam(plain.parameters(), lr=1e-2)
+    opt_flat = torch.optim.Adam([flat_params], lr=1e-2)
+    obs = torch.randn(8, 5)
+    for _ in range(3):
+        losses = []
+        for agent in (plain, flat):
+            mean, value = agent(obs)
+            losses.append((mean**2).sum() + value.sum() + agent.actor_logstd.sum())
+        torch.testing.assert_close(losses[0], losses[1])
+        opt_plain.zero_grad()
+        flat_params.grad.zero_()
+        losses[0].backward(), losses[1].backward()
+        # every parameter's gradient landed in its slice of the flat gradient
+        torch.testing.assert_close(flat_params.grad, torch.cat([p.grad.reshape(-1) for p in plain.parameters()]))
+        opt_plain.step(), opt_flat.step()
+    for p, q in zip(plain.parameters(), flat.parameters()):
+        torch.testing.assert_close(p, q)
+
+
+def test_torchrun_with_more_processes_than_gpus_is_a_one_line_error(monkeypatch, capsys):
+    monkeypatch.setenv("LOCAL_RANK", str(torch.cuda.device_count()))
+    with pytest.raises(SystemExit) as exit_info:
+        ppo.pick_device("cuda")
+    assert exit_info.value.code == 2
+    assert "start one process per GPU or pass --device cpu" in capsys.readouterr().err
+
+
 def test_import_has_no_side_effects():
+    # no run folder, and no GL backend chosen for MuJoCo (that happens only with --capture-video)
     proc = subprocess.run(
-        [sys.executable, "-c", "import os, ppo_continuous; print(os.path.exists('runs'))"],
+        [sys.executable, "-c", "import os, ppo_continuous; print(os.path.exists('runs'), os.environ.get('MUJOCO_GL'))"],
         cwd=ROOT / "tests", env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}, capture_output=True, text=True,
     )  # fmt: skip
-    assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stderr
+    assert proc.returncode == 0 and proc.stdout.strip() == f"False {os.environ.get('MUJOCO_GL')}", proc.stderr
 
 
 METRICS = [

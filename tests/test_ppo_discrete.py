@@ -222,6 +222,14 @@ def test_network_init_and_shapes():
     assert onehot(torch.tensor([3.0, 15.0]))[0].shape == (2, 4)
 
 
+def test_torchrun_with_more_processes_than_gpus_is_a_one_line_error(monkeypatch, capsys):
+    monkeypatch.setenv("LOCAL_RANK", str(torch.cuda.device_count()))
+    with pytest.raises(SystemExit) as exit_info:
+        ppo.pick_device("cuda")
+    assert exit_info.value.code == 2
+    assert "start one process per GPU or pass --device cpu" in capsys.readouterr().err
+
+
 def test_import_has_no_side_effects():
     proc = subprocess.run(
         [sys.executable, "-c", "import os, ppo_discrete; print(os.path.exists('runs'))"],
