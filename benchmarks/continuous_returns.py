@@ -5,9 +5,11 @@ an existing finished run is reused, so a cut-off benchmark continues where it st
     python benchmarks/continuous_returns.py --jobs 6                             # cleanrl preset, 1M steps
     python benchmarks/continuous_returns.py --label no-bootstrap --jobs 6 -- --no-bootstrap-truncation
     python benchmarks/continuous_returns.py --summary-only --label cleanrl        # table and plots again
+    python benchmarks/continuous_returns.py --compare cleanrl no-bootstrap --envs HalfCheetah-v5 Hopper-v5
 
 Final return of a seed: the mean of its last 10 training episodes; the table shows the mean and
-standard deviation of that over seeds (CleanRL's figures are reported the same way).
+standard deviation of that over seeds (CleanRL's figures are reported the same way). SPS is not
+reported here: runs share the machine (--jobs); benchmarks/continuous_sps.py measures speed.
 """
 
 import argparse
@@ -46,10 +48,10 @@ def launch(cmd: list, run_dir: Path) -> None:
 def summarize(out: Path, envs: list, seeds: list) -> None:
     import numpy as np
 
-    lines = ["| env | final return (mean ± std over seeds) | per seed | eval (mean action) | SPS |", "|---|---|---|---|---|"]
+    lines = ["| env | final return (mean ± std over seeds) | per seed | eval (mean action) |", "|---|---|---|---|"]
     curves = {}
     for env_id in envs:
-        finals, evals, sps = [], [], []
+        finals, evals = [], []
         for seed in seeds:
             recs = records(out / env_id / f"seed{seed}")
             episodes = [(r["global_step"], r["charts/episodic_return"]) for r in recs if "charts/episodic_return" in r]
@@ -58,11 +60,10 @@ def summarize(out: Path, envs: list, seeds: list) -> None:
             curves.setdefault(env_id, []).append(episodes)
             finals.append(float(np.mean([ret for _, ret in episodes[-10:]])))
             evals += [r["eval/episodic_return"] for r in recs if "eval/episodic_return" in r]
-            sps += [r["charts/SPS"] for r in recs if "charts/SPS" in r][-1:]
         if finals:
             per_seed = ", ".join(f"{f:.0f}" for f in finals)
             evaluation = f"{np.mean(evals):.0f}" if evals else "-"
-            lines.append(f"| {env_id} | {np.mean(finals):.0f} ± {np.std(finals):.0f} | {per_seed} | {evaluation} | {np.mean(sps):.0f} |")
+            lines.append(f"| {env_id} | {np.mean(finals):.0f} ± {np.std(finals):.0f} | {per_seed} | {evaluation} |")
     table = "\n".join(lines)
     print(table)
     (out / "summary.md").write_text(table + "\n")
@@ -86,6 +87,55 @@ def summarize(out: Path, envs: list, seeds: list) -> None:
     print(f"plots: {out / 'curves.png'}")
 
 
+def final_returns(run_root: Path, env_id: str, seeds: list) -> list:
+    """Per seed: the mean return of its last 10 training episodes."""
+    import numpy as np
+
+    out = []
+    for seed in seeds:
+        rets = [r["charts/episodic_return"] for r in records(run_root / env_id / f"seed{seed}") if "charts/episodic_return" in r]
+        if rets:
+            out.append(float(np.mean(rets[-10:])))
+    return out
+
+
+def compare(root: Path, labels: list, envs: list, seeds: list) -> None:
+    """Final returns of two configurations side by side (comparison.md) and their curves (comparison.png)."""
+    import numpy as np
+
+    a, b = labels
+    lines = [f"| env | {a} | {b} | difference ({a} - {b}) |", "|---|---|---|---|"]
+    for env_id in envs:
+        fa, fb = final_returns(root / a, env_id, seeds), final_returns(root / b, env_id, seeds)
+        if fa and fb:
+            cells = [f"{np.mean(f):.0f} ± {np.std(f):.0f} ({', '.join(f'{x:.0f}' for x in f)})" for f in (fa, fb)]
+            lines.append(f"| {env_id} | {cells[0]} | {cells[1]} | {np.mean(fa) - np.mean(fb):+.0f} |")
+    table = "\n".join(lines)
+    print(table)
+    (root / "comparison.md").write_text(table + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, len(envs), figsize=(5 * len(envs), 3.5), squeeze=False)
+    for ax, env_id in zip(axes[0], envs):
+        for label, color in zip(labels, ("tab:blue", "tab:orange")):
+            for i, seed in enumerate(seeds):
+                episodes = [(r["global_step"], r["charts/episodic_return"]) for r in records(root / label / env_id / f"seed{seed}") if "charts/episodic_return" in r]
+                if len(episodes) >= 10:
+                    steps, rets = np.array(episodes).T
+                    smooth = np.convolve(rets, np.ones(10) / 10, mode="valid")
+                    ax.plot(steps[9:], smooth, color=color, alpha=0.7, label=label if i == 0 else None)
+        ax.set(title=env_id, xlabel="global step", ylabel="episodic return (10-episode mean)")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(root / "comparison.png", dpi=100)
+    print(f"plots: {root / 'comparison.png'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--envs", nargs="+", default=["HalfCheetah-v5", "Hopper-v5", "Walker2d-v5"])
@@ -96,8 +146,11 @@ def main() -> None:
     parser.add_argument("--label", default=None, help="name of this configuration (default: the preset)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "continuous"))
     parser.add_argument("--summary-only", action="store_true")
+    parser.add_argument("--compare", nargs=2, metavar="LABEL", help="compare two finished labels instead of running")
     parser.add_argument("extra", nargs="*", help="flags passed on to ppo_continuous.py (after --)")
     args = parser.parse_args()
+    if args.compare:
+        return compare(Path(args.out), args.compare, args.envs, args.seeds)
     out = Path(args.out) / (args.label or args.preset)
     if not args.summary_only:
         jobs = []
