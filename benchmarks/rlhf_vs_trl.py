@@ -237,7 +237,7 @@ def gold_evaluation(ppo_rlhf, policy_dir: str, task_dir: str, a, n_prompts: int,
 # Differences between the two setups that the settings mapping does not show (read from
 # ppo_rlhf.py and trl/experimental/ppo/ppo_trainer.py of trl 1.12.0).
 NOTES = [
-    "Optimizer: ppo_rlhf.py uses torch.optim.Adam (eps 1e-5) over policy and value model; TRL uses the transformers "
+    "Optimizer: ppo_rlhf.py uses torch.optim.Adam (fused, eps 1e-5) over policy and value model; TRL uses the transformers "
     "default optim of its TrainingArguments (resolved: adamw_torch_fused, weight decay 0, eps 1e-5).",
     "Gradient clipping: ppo_rlhf.py clips the global norm at 1.0; TRL's PPO loop never calls a clip (max_grad_norm is ignored).",
     "Score position: ppo_rlhf.py adds the reward-model score at the last real token (the EOS); TRL adds it one position "
