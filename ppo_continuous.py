@@ -362,8 +362,8 @@ def pick_device(name: str) -> torch.device:
     torchrun, `auto` and `cuda` mean the GPU of this process's local rank."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if name == "cuda" and "LOCAL_RANK" in os.environ:
+        local_rank = int(os.environ["LOCAL_RANK"])
         if local_rank >= torch.cuda.device_count():
             fail(
                 f"--device {name}: torchrun started local rank {local_rank} but only {torch.cuda.device_count()} GPU(s)"
