@@ -28,6 +28,30 @@ def records(run_dir: Path) -> list:
     return [json.loads(line) for line in paths[0].read_text().splitlines()] if paths else []
 
 
+def episodes(run_dir: Path) -> list:
+    """(global_step, episodic return) of every training episode of a run."""
+    return [(r["global_step"], r["charts/episodic_return"]) for r in records(run_dir) if "charts/episodic_return" in r]
+
+
+def write_table(lines: list, path: Path) -> None:
+    table = "\n".join(lines)
+    print(table)
+    path.write_text(table + "\n")
+
+
+def pyplot():
+    """matplotlib.pyplot drawing to files, or None when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib is not installed: no plots)")
+        return None
+    return plt
+
+
 def finished(run_dir: Path) -> bool:
     return any("eval/episodic_return" in r for r in records(run_dir))
 
@@ -53,32 +77,24 @@ def summarize(out: Path, envs: list, seeds: list) -> None:
     for env_id in envs:
         finals, evals = [], []
         for seed in seeds:
-            recs = records(out / env_id / f"seed{seed}")
-            episodes = [(r["global_step"], r["charts/episodic_return"]) for r in recs if "charts/episodic_return" in r]
-            if not episodes:
+            run = episodes(out / env_id / f"seed{seed}")
+            if not run:
                 continue
-            curves.setdefault(env_id, []).append(episodes)
-            finals.append(float(np.mean([ret for _, ret in episodes[-10:]])))
-            evals += [r["eval/episodic_return"] for r in recs if "eval/episodic_return" in r]
+            curves.setdefault(env_id, []).append(run)
+            finals.append(float(np.mean([ret for _, ret in run[-10:]])))
+            evals += [r["eval/episodic_return"] for r in records(out / env_id / f"seed{seed}") if "eval/episodic_return" in r]
         if finals:
             per_seed = ", ".join(f"{f:.0f}" for f in finals)
             evaluation = f"{np.mean(evals):.0f}" if evals else "-"
             lines.append(f"| {env_id} | {np.mean(finals):.0f} ± {np.std(finals):.0f} | {per_seed} | {evaluation} |")
-    table = "\n".join(lines)
-    print(table)
-    (out / "summary.md").write_text(table + "\n")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("(matplotlib is not installed: no plots)")
+    write_table(lines, out / "summary.md")
+    plt = pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.5), squeeze=False)
     for ax, (env_id, runs) in zip(axes[0], curves.items()):
-        for episodes in runs:
-            steps, rets = np.array(episodes).T
+        for run in runs:
+            steps, rets = np.array(run).T
             smooth = np.convolve(rets, np.ones(10) / 10, mode="valid") if len(rets) >= 10 else rets
             ax.plot(steps[len(steps) - len(smooth) :], smooth, alpha=0.8)
         ax.set(title=env_id, xlabel="global step", ylabel="episodic return (10-episode mean)")
@@ -93,7 +109,7 @@ def final_returns(run_root: Path, env_id: str, seeds: list) -> list:
 
     out = []
     for seed in seeds:
-        rets = [r["charts/episodic_return"] for r in records(run_root / env_id / f"seed{seed}") if "charts/episodic_return" in r]
+        rets = [ret for _, ret in episodes(run_root / env_id / f"seed{seed}")]
         if rets:
             out.append(float(np.mean(rets[-10:])))
     return out
@@ -110,23 +126,17 @@ def compare(root: Path, labels: list, envs: list, seeds: list) -> None:
         if fa and fb:
             cells = [f"{np.mean(f):.0f} ± {np.std(f):.0f} ({', '.join(f'{x:.0f}' for x in f)})" for f in (fa, fb)]
             lines.append(f"| {env_id} | {cells[0]} | {cells[1]} | {np.mean(fa) - np.mean(fb):+.0f} |")
-    table = "\n".join(lines)
-    print(table)
-    (root / "comparison.md").write_text(table + "\n")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    write_table(lines, root / "comparison.md")
+    plt = pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(1, len(envs), figsize=(5 * len(envs), 3.5), squeeze=False)
     for ax, env_id in zip(axes[0], envs):
         for label, color in zip(labels, ("tab:blue", "tab:orange")):
             for i, seed in enumerate(seeds):
-                episodes = [(r["global_step"], r["charts/episodic_return"]) for r in records(root / label / env_id / f"seed{seed}") if "charts/episodic_return" in r]
-                if len(episodes) >= 10:
-                    steps, rets = np.array(episodes).T
+                run = episodes(root / label / env_id / f"seed{seed}")
+                if len(run) >= 10:
+                    steps, rets = np.array(run).T
                     smooth = np.convolve(rets, np.ones(10) / 10, mode="valid")
                     ax.plot(steps[9:], smooth, color=color, alpha=0.7, label=label if i == 0 else None)
         ax.set(title=env_id, xlabel="global step", ylabel="episodic return (10-episode mean)")
