@@ -113,6 +113,9 @@ class Args:
     """hidden layer widths of the actor and of the critic MLP (each has its own)"""
     activation: Literal["tanh", "relu", "elu"] = "tanh"
     """activation function of the hidden layers"""
+    ortho_init: bool = True
+    """orthogonal weights (gain sqrt(2); 0.01 on the mean head, 1 on the value head) and zero biases;
+    --no-ortho-init keeps torch's default nn.Linear initialisation"""
     log_std_init: float = 0.0
     """initial log standard deviation of the Gaussian policy (state-independent parameter)"""
     norm_obs: bool = True
@@ -129,8 +132,19 @@ class Args:
 
 
 # Named hyperparameter presets: the first word on the command line, every value overridable.
+# zoo-halfcheetah: rl-baselines3-zoo's tuned PPO for HalfCheetah (n_steps 512, batch 64, 20 epochs,
+# constant lr, no value clipping); SB3's value loss has no 0.5 factor, so its vf_coef 0.58096 is 1.16192 here.
 PRESETS: dict[str, tuple[str, Args]] = {
     "cleanrl": ("CleanRL's ppo_continuous_action.py defaults (the default preset)", Args()),
+    "zoo-halfcheetah": (
+        "rl-baselines3-zoo's tuned HalfCheetah hyperparameters (256-256 ReLU, log std -2, 512-step rollouts)",
+        Args(
+            env_id="HalfCheetah-v5", learning_rate=2.0633e-5, anneal_lr=False, num_steps=512, num_minibatches=8,
+            update_epochs=20, gamma=0.98, gae_lambda=0.92, clip_coef=0.1, clip_vloss=False, ent_coef=0.000401762,
+            vf_coef=1.16192, max_grad_norm=0.8, hidden_sizes=(256, 256), activation="relu", log_std_init=-2.0,
+            ortho_init=False,
+        ),
+    ),
 }
 
 
@@ -468,24 +482,37 @@ def layer_init(layer: nn.Module, std: float = np.sqrt(2), bias_const: float = 0.
     return layer
 
 
-def mlp(in_dim: int, out_dim: int, hidden_sizes: Sequence[int], activation: str, out_std: float) -> nn.Sequential:
+def mlp(
+    in_dim: int, out_dim: int, hidden_sizes: Sequence[int], activation: str, out_std: float, ortho_init: bool
+) -> nn.Sequential:
+    def linear(fan_in: int, fan_out: int, std: float = np.sqrt(2)) -> nn.Module:
+        return layer_init(nn.Linear(fan_in, fan_out), std) if ortho_init else nn.Linear(fan_in, fan_out)
+
     layers, width = [], in_dim
     for hidden in hidden_sizes:
-        layers += [layer_init(nn.Linear(width, hidden)), ACTIVATIONS[activation]()]
+        layers += [linear(width, hidden), ACTIVATIONS[activation]()]
         width = hidden
-    return nn.Sequential(*layers, layer_init(nn.Linear(width, out_dim), std=out_std))
+    return nn.Sequential(*layers, linear(width, out_dim, std=out_std))
 
 
 class Agent(nn.Module):
     """Separate actor and critic MLPs; the actor gives the mean of a diagonal Gaussian whose
     log standard deviation is a parameter of its own, the same in every state."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden_sizes: Sequence[int], activation: str, log_std_init: float):
+    def __init__(
+        self,
+        obs_dim: int,
+        act_dim: int,
+        hidden_sizes: Sequence[int],
+        activation: str,
+        log_std_init: float,
+        ortho_init: bool = True,
+    ):
         super().__init__()
         self.activation = activation
-        self.actor_mean = mlp(obs_dim, act_dim, hidden_sizes, activation, out_std=0.01)
+        self.actor_mean = mlp(obs_dim, act_dim, hidden_sizes, activation, 0.01, ortho_init)
         self.actor_logstd = nn.Parameter(torch.full((1, act_dim), float(log_std_init)))
-        self.critic = mlp(obs_dim, 1, hidden_sizes, activation, out_std=1.0)
+        self.critic = mlp(obs_dim, 1, hidden_sizes, activation, 1.0, ortho_init)
 
     def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Action means [B, A] and state values [B]; the log std is self.actor_logstd [1, A]."""
@@ -645,8 +672,9 @@ def build_agent(args: Args, device: torch.device) -> tuple[Agent, int, gym.space
     """The agent for args.env_id; also the flat observation size and the action space."""
     obs_space, action_space = resolve_env(args.env_id)
     obs_dim = int(np.prod(obs_space.shape))
-    agent = Agent(obs_dim, action_space.shape[0], args.hidden_sizes, args.activation, args.log_std_init).to(device)
-    return agent, obs_dim, action_space
+    act_dim = action_space.shape[0]
+    agent = Agent(obs_dim, act_dim, args.hidden_sizes, args.activation, args.log_std_init, args.ortho_init)
+    return agent.to(device), obs_dim, action_space
 
 
 def main(args: Args) -> None:

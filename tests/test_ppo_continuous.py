@@ -71,6 +71,19 @@ def test_network_init_and_shapes():
     assert mean.shape == (4, 3) and value.shape == (4,)
 
 
+def test_no_ortho_init_keeps_torch_default_linear_init():
+    torch.manual_seed(0)
+    agent = ppo.Agent(11, 3, (32, 16), "relu", log_std_init=-2.0, ortho_init=False)
+    torch.manual_seed(0)  # the same draws, in the same order, as nn.Linear's own init
+    reference = [torch.nn.Linear(i, o) for i, o in [(11, 32), (32, 16), (16, 3), (11, 32), (32, 16), (16, 1)]]
+    linears = [m for m in agent.modules() if isinstance(m, torch.nn.Linear)]
+    for mine, ref in zip(linears, reference, strict=True):
+        torch.testing.assert_close(mine.weight, ref.weight, rtol=0, atol=0)
+        torch.testing.assert_close(mine.bias, ref.bias, rtol=0, atol=0)
+    head = linears[2].weight.detach()  # not the 0.01-scaled orthogonal head of the default
+    assert (head.abs() > 0.02).any()
+
+
 # ---------------------------------------------------------------- normalisers
 
 
