@@ -751,8 +751,11 @@ def main(args: Args) -> None:
     episode_return = np.zeros(args.num_envs)
     episode_length = np.zeros(args.num_envs, dtype=np.int64)
     if ckpt is not None:
-        agent.load_state_dict(ckpt["agent"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            agent.load_state_dict(ckpt["agent"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError):  # e.g. per-tensor Adam state, from before the flat parameters
+            fail(f"--resume {args.resume}: its network or optimizer state does not fit this version of the script; start a new run")
         normalizer.load_state_dict(ckpt["normalizer"])
         start_iteration, global_step = ckpt["iteration"] + 1, ckpt["global_step"]
         wandb_id, metrics_offset = ckpt["wandb_id"], ckpt["metrics_offset"]

@@ -520,6 +520,12 @@ def test_same_seed_same_metrics_and_interrupted_resume_matches(tmp_path):
         for key in ("mean", "var", "count"):
             np.testing.assert_array_equal(norm_c[name][key], norm_a[name][key])
 
+    # A checkpoint from before the flat parameters (Adam state per tensor) is refused in one line.
+    old = torch.load(final_a, weights_only=False)
+    old["optimizer"] = torch.optim.Adam(ppo.Agent(4, 1, (64, 64), "tanh", 0.0).parameters()).state_dict()
+    torch.save(old, tmp_path / "old.pt")
+    assert_one_line_error("ppo_continuous.py", ["--resume", str(tmp_path / "old.pt")], "--resume", tmp_path / "d")
+
 
 def test_two_process_gloo_run(tmp_path):
     proc = run_torchrun(
