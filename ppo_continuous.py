@@ -2,6 +2,7 @@
 
     python ppo_continuous.py                                    # HalfCheetah-v5, CleanRL's defaults
     python ppo_continuous.py cleanrl --env-id Hopper-v5 --learning-rate 1e-4
+    python ppo_continuous.py zoo-halfcheetah                    # rl-baselines3-zoo's tuned HalfCheetah settings
     python ppo_continuous.py --help                             # the presets; `cleanrl --help` for the flags
     torchrun --nproc_per_node 2 ppo_continuous.py               # data parallel, one set of envs per process
 

@@ -116,7 +116,7 @@ def final_returns(run_root: Path, env_id: str, seeds: list) -> list:
 
 
 def compare(root: Path, labels: list, envs: list, seeds: list) -> None:
-    """Final returns of two configurations side by side (comparison.md) and their curves (comparison.png)."""
+    """Final returns of two configurations side by side ({a}_vs_{b}.md) and their curves ({a}_vs_{b}.png)."""
     import numpy as np
 
     a, b = labels
@@ -126,7 +126,8 @@ def compare(root: Path, labels: list, envs: list, seeds: list) -> None:
         if fa and fb:
             cells = [f"{np.mean(f):.0f} ± {np.std(f):.0f} ({', '.join(f'{x:.0f}' for x in f)})" for f in (fa, fb)]
             lines.append(f"| {env_id} | {cells[0]} | {cells[1]} | {np.mean(fa) - np.mean(fb):+.0f} |")
-    write_table(lines, root / "comparison.md")
+    name = f"{a}_vs_{b}"
+    write_table(lines, root / f"{name}.md")
     plt = pyplot()
     if plt is None:
         return
@@ -142,8 +143,8 @@ def compare(root: Path, labels: list, envs: list, seeds: list) -> None:
         ax.set(title=env_id, xlabel="global step", ylabel="episodic return (10-episode mean)")
         ax.legend()
     fig.tight_layout()
-    fig.savefig(root / "comparison.png", dpi=100)
-    print(f"plots: {root / 'comparison.png'}")
+    fig.savefig(root / f"{name}.png", dpi=100)
+    print(f"plots: {root / f'{name}.png'}")
 
 
 def main() -> None:
