@@ -13,6 +13,7 @@ SFT/reward model, then writes to --out:
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -45,6 +46,7 @@ def main(args: Args) -> None:
     for kl_coef in args.kl_coefs:
         for seed in args.seeds:
             runs_dir = os.path.join(args.out, "runs", f"kl{kl_coef}_seed{seed}")
+            shutil.rmtree(runs_dir, ignore_errors=True)  # a run of an earlier sweep
             cmd = [
                 sys.executable, SCRIPT, "--seed", str(seed), "--kl-coef", str(kl_coef),
                 "--total-episodes", str(args.total_episodes), "--runs-dir", runs_dir,
@@ -69,8 +71,9 @@ def main(args: Args) -> None:
                 )
             )  # fmt: skip
             print(f"kl_coef {kl_coef} seed {seed}: gold {records[-1]['gold']:.3f} (SFT {records[-1]['sft_gold']:.3f}) proxy {records[-1]['proxy']:.3f} KL {records[-1]['kl']:.2f} in {wall:.0f}s")
-    (task_dir,) = os.listdir(os.path.join(args.out, "cache"))
-    with open(os.path.join(args.out, "cache", task_dir, "task.json")) as f:
+    cache = os.path.join(args.out, "cache")  # the task these runs used: the cache entry they last touched
+    task_dir = max(os.listdir(cache), key=lambda d: os.path.getmtime(os.path.join(cache, d)))
+    with open(os.path.join(cache, task_dir, "task.json")) as f:
         task = json.load(f)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(dict(task=task, runs=records), f, indent=1)
