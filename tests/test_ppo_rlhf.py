@@ -198,6 +198,36 @@ def test_logprobs_match_transformers_cross_entropy():
     assert lp.reshape(-1).tolist() == pytest.approx(expected.tolist(), abs=1e-5)
 
 
+def test_flat_parameters_train_like_separate_tensors_and_save_pretrained(tmp_path):
+    """Policy (GPT-2, tied embeddings) and value model (Llama) in one flat tensor: the same losses,
+    gradients and Adam steps as the untouched models, and save_pretrained writes the trained weights."""
+    from transformers import AutoModelForCausalLM
+
+    models = [(tiny_gpt2(), tiny_llama_rm()), (tiny_gpt2(), tiny_llama_rm())]
+    flat = P.flatten_parameters([p for m in models[1] for p in m.parameters()])
+    assert flat.numel() == sum(p.numel() for m in models[0] for p in m.parameters())  # the tied matrix once
+    plain = torch.optim.Adam([p for m in models[0] for p in m.parameters()], lr=1e-2, eps=1e-5)
+    flat_opt = torch.optim.Adam([flat], lr=1e-2, eps=1e-5, fused=True)
+    ids = torch.randint(2, 22, (4, 9), generator=torch.Generator().manual_seed(0))
+    for _ in range(3):
+        losses = []
+        for policy, value in models:
+            lp, _ = P.lm_response_logprobs(policy, ids, 99, 4, 1.0)
+            losses.append(-lp.mean() + P.token_scores(value, ids, 99).pow(2).mean())
+            losses[-1].backward()
+        assert losses[0].item() == pytest.approx(losses[1].item(), abs=1e-5)
+        grads = torch.cat([p.grad.reshape(-1) for m in models[0] for p in m.parameters()])
+        torch.testing.assert_close(flat.grad, grads, rtol=1e-4, atol=1e-6)
+        plain.step(), flat_opt.step()
+        plain.zero_grad(), flat.grad.zero_()
+    for a, b in zip([p for m in models[0] for p in m.parameters()], [p for m in models[1] for p in m.parameters()]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    models[1][0].save_pretrained(tmp_path / "policy")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "policy")
+    for name, tensor in reloaded.state_dict().items():
+        torch.testing.assert_close(tensor, models[1][0].state_dict()[name], rtol=0, atol=0)
+
+
 def test_padding_does_not_change_logprobs_or_scores():
     """Left-padded queries and right-padded responses give the same numbers as unpadded rows,
     with a pad id outside the vocabulary (an added [PAD] token)."""
