@@ -383,6 +383,12 @@ def test_same_seed_same_metrics_and_resume_after_ctrl_c(real_models, tmp_path):
     _, resumed_metrics = read_metrics(runs_dir)
     assert without_timing(resumed_metrics) == without_timing(ref_metrics)
 
+    # A checkpoint from before the flat parameters (Adam state per tensor) is refused in one line.
+    old = dict(ckpt, optimizer=torch.optim.Adam([torch.nn.Parameter(torch.zeros(1)) for _ in range(2)]).state_dict())
+    torch.save(old, tmp_path / "old.pt")
+    refused = run_script(["--resume", str(tmp_path / "old.pt")])
+    assert_one_line_error(refused.returncode, refused.stderr, "--resume")
+
 
 def test_two_process_gloo_run(real_models, tmp_path):
     """torchrun with 2 CPU processes: ranks end with identical parameters, episodes count both
@@ -410,7 +416,8 @@ def test_two_process_gloo_run(real_models, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert all(torch.equal(a, b) for a, b in zip(rank0, rank1))
-    assert not torch.equal(rank0[0], tiny_gpt2().transformer.wte.weight)  # it trained
+    wte = tiny_gpt2().transformer.wte.weight  # the policy's first tensor, at the head of the flat parameters
+    assert not torch.equal(rank0[0][: wte.numel()].view_as(wte), wte)  # it trained
     _, metrics = read_metrics(tmp_path / "runs")
     # 16 episodes per update (8 per process), 2 updates
     train = [m for m in metrics if "objective/kl" in m]
