@@ -237,8 +237,10 @@ def gold_evaluation(ppo_rlhf, policy_dir: str, task_dir: str, a, n_prompts: int,
 # Differences between the two setups that the settings mapping does not show (read from
 # ppo_rlhf.py and trl/experimental/ppo/ppo_trainer.py of trl 1.12.0).
 NOTES = [
-    "Optimizer: ppo_rlhf.py uses torch.optim.Adam (fused, eps 1e-5) over policy and value model; TRL uses the transformers "
-    "default optim of its TrainingArguments (resolved: adamw_torch_fused, weight decay 0, eps 1e-5).",
+    "Optimizer: ppo_rlhf.py uses torch.optim.Adam (fused, eps 1e-5) over one flat tensor holding the policy and value "
+    "parameters; TRL uses the transformers default optim of its TrainingArguments (resolved: adamw_torch_fused, weight "
+    "decay 0, eps 1e-5) over the parameter tensors.",
+    "Models: the same cached built-in task (GPT-2s with the exact GELU) loaded by both from the same directories.",
     "Gradient clipping: ppo_rlhf.py clips the global norm at 1.0; TRL's PPO loop never calls a clip (max_grad_norm is ignored).",
     "Score position: ppo_rlhf.py adds the reward-model score at the last real token (the EOS); TRL adds it one position "
     "later (sequence_length + 1, the first padding slot, when the response is shorter than response_length) and fits values there too.",
