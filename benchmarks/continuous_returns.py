@@ -33,6 +33,16 @@ def episodes(run_dir: Path) -> list:
     return [(r["global_step"], r["charts/episodic_return"]) for r in records(run_dir) if "charts/episodic_return" in r]
 
 
+def smoothed(run: list) -> tuple:
+    """Steps and the 10-episode moving average of the returns (raw returns for shorter runs)."""
+    import numpy as np
+
+    steps, rets = np.array(run).T
+    if len(rets) < 10:
+        return steps, rets
+    return steps[9:], np.convolve(rets, np.ones(10) / 10, mode="valid")
+
+
 def write_table(lines: list, path: Path) -> None:
     table = "\n".join(lines)
     print(table)
@@ -94,9 +104,7 @@ def summarize(out: Path, envs: list, seeds: list) -> None:
     fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.5), squeeze=False)
     for ax, (env_id, runs) in zip(axes[0], curves.items()):
         for run in runs:
-            steps, rets = np.array(run).T
-            smooth = np.convolve(rets, np.ones(10) / 10, mode="valid") if len(rets) >= 10 else rets
-            ax.plot(steps[len(steps) - len(smooth) :], smooth, alpha=0.8)
+            ax.plot(*smoothed(run), alpha=0.8)
         ax.set(title=env_id, xlabel="global step", ylabel="episodic return (10-episode mean)")
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=100)
@@ -136,10 +144,8 @@ def compare(root: Path, labels: list, envs: list, seeds: list) -> None:
         for label, color in zip(labels, ("tab:blue", "tab:orange")):
             for i, seed in enumerate(seeds):
                 run = episodes(root / label / env_id / f"seed{seed}")
-                if len(run) >= 10:
-                    steps, rets = np.array(run).T
-                    smooth = np.convolve(rets, np.ones(10) / 10, mode="valid")
-                    ax.plot(steps[9:], smooth, color=color, alpha=0.7, label=label if i == 0 else None)
+                if run:
+                    ax.plot(*smoothed(run), color=color, alpha=0.7, label=label if i == 0 else None)
         ax.set(title=env_id, xlabel="global step", ylabel="episodic return (10-episode mean)")
         ax.legend()
     fig.tight_layout()
