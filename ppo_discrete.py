@@ -790,6 +790,7 @@ def main(args: Args) -> None:
     if logger and logger.wandb_run is not None:
         logger.wandb_run.finish()
     if distributed:
+        dist.barrier()  # wait for rank 0 to finish evaluating: a rank leaving gloo early once died of SIGABRT
         dist.destroy_process_group()
 
 

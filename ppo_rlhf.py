@@ -1087,6 +1087,7 @@ def main(args: Args) -> None:
     if wandb is not None:
         wandb.finish()
     if world_size > 1:
+        dist.barrier()  # wait for rank 0 to finish evaluating: a rank leaving gloo early once died of SIGABRT
         dist.destroy_process_group()
 
 
