@@ -12,6 +12,7 @@ a plot of the 20-episode mean return against environment steps.
 """
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -137,9 +138,17 @@ def classic(args: Args) -> None:
     plot(results)
 
 
+def compact_json(obj) -> str:
+    """JSON indented for reading, with every list of numbers (the learning curves) on one line."""
+    text = json.dumps(obj, indent=1)
+    for _ in range(2):  # lists of numbers, then lists of such lists
+        text = re.sub(r"\[(?:\s*(?:[-+0-9.eE]+|\[[^\[\]]*\]|null)\s*,?)*\s*\]", lambda m: re.sub(r"\s+", "", m.group(0)), text)
+    return text + "\n"
+
+
 def save(results: dict, name: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=1))
+    (RESULTS / f"{name}.json").write_text(compact_json(results))
 
 
 def plot(results: dict) -> None:

@@ -13,6 +13,7 @@ reported here: runs share the machine (--jobs); benchmarks/continuous_sps.py mea
 """
 
 import argparse
+import gzip
 import json
 import os
 import subprocess
@@ -24,8 +25,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def records(run_dir: Path) -> list:
-    paths = list(run_dir.glob("*/metrics.jsonl"))
-    return [json.loads(line) for line in paths[0].read_text().splitlines()] if paths else []
+    """The metrics of the run under run_dir: metrics.jsonl while it runs, metrics.jsonl.gz once finished."""
+    paths = list(run_dir.glob("*/metrics.jsonl")) + list(run_dir.glob("*/metrics.jsonl.gz"))
+    if not paths:
+        return []
+    text = gzip.decompress(paths[0].read_bytes()).decode() if paths[0].suffix == ".gz" else paths[0].read_text()
+    return [json.loads(line) for line in text.splitlines()]
 
 
 def episodes(run_dir: Path) -> list:
@@ -77,6 +82,10 @@ def launch(cmd: list, run_dir: Path) -> None:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
         proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     print(f"{'done' if proc.returncode == 0 else f'FAILED ({proc.returncode})'}: {run_dir}", flush=True)
+    if finished(run_dir):  # kept compressed: tens of thousands of lines per run
+        for path in run_dir.glob("*/metrics.jsonl"):
+            path.with_suffix(".jsonl.gz").write_bytes(gzip.compress(path.read_bytes(), mtime=0))
+            path.unlink()
 
 
 def summarize(out: Path, envs: list, seeds: list) -> None:

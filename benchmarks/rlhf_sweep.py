@@ -13,6 +13,7 @@ SFT/reward model, then writes to --out:
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -38,6 +39,14 @@ class Args:
     threads: int = 1
     """OMP/torch threads per run (tiny models run fastest on one)"""
 
+
+
+def compact_json(obj) -> str:
+    """JSON indented for reading, with every list of numbers (the learning curves) on one line."""
+    text = json.dumps(obj, indent=1)
+    for _ in range(2):  # lists of numbers, then lists of such lists
+        text = re.sub(r"\[(?:\s*(?:[-+0-9.eE]+|\[[^\[\]]*\]|null)\s*,?)*\s*\]", lambda m: re.sub(r"\s+", "", m.group(0)), text)
+    return text + "\n"
 
 def main(args: Args) -> None:
     os.makedirs(args.out, exist_ok=True)
@@ -76,7 +85,7 @@ def main(args: Args) -> None:
     with open(os.path.join(cache, task_dir, "task.json")) as f:
         task = json.load(f)
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(dict(task=task, runs=records), f, indent=1)
+        f.write(compact_json(dict(task=task, runs=records)))
 
     lines = [
         f"Built-in task: reward model held-out accuracy {task['rm_accuracy']:.3f}; SFT stage {task['times']['sft_s']:.0f}s, "
