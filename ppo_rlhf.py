@@ -1,36 +1,28 @@
 """PPO for RLHF of causal language models, in one file (CleanRL style).
 
-Fine-tunes a causal language model (the policy) to maximise a reward model's score minus a
-per-token KL penalty to a frozen reference copy of itself (Ziegler et al., 2019; Stiennon et al.,
-2020; "The N+ Implementation Details of RLHF with PPO", Huang et al., 2024). Metric names are TRL's.
+Fine-tunes a causal LM (the policy) to maximise a reward model's score minus a per-token KL penalty to a frozen
+copy of itself (Ziegler et al., 2019; Stiennon et al., 2020; Huang et al., 2024, "The N+ Implementation Details of
+RLHF with PPO"). Metric names are TRL's. Without --model-name-or-path it runs a built-in offline task (a hidden
+Markov-chain language, an SFT model, a hidden gold reward and a reward model trained on noisy preferences).
 
-Two ways to run it, one PPO code path:
-
-    # built-in offline task (no network, no GPU): a hidden Markov-chain language, an SFT model,
-    # a hidden gold reward and a reward model trained on noisy preferences, cached on first use
-    python ppo_rlhf.py
-    python ppo_rlhf.py --kl-coef 0.0          # watch the gold score collapse (over-optimisation)
-
-    # real Hugging Face checkpoints; prompts as a local JSONL file with a "prompt" field
-    python ppo_rlhf.py --model-name-or-path path/or/hub-name --reward-model-path path/to/rm \\
-        --prompts prompts.jsonl
-
-    # data parallel over processes (gloo on CPU, nccl on GPUs)
-    torchrun --standalone --nproc_per_node 2 ppo_rlhf.py
-
-A run writes runs/{run_name}/: args.json, metrics.jsonl, checkpoint.pt (for --resume) and the
-trained policy with its tokenizer in policy/ (loads back with from_pretrained).
+    python ppo_rlhf.py                                   # the built-in task, cached on first use
+    python ppo_rlhf.py --model-name-or-path MODEL --reward-model-path RM --prompts prompts.jsonl
+    torchrun --standalone --nproc_per_node 2 ppo_rlhf.py # data parallel (gloo on CPU, nccl on GPUs)
 """
+
+from __future__ import annotations
 
 import hashlib
 import json
 import os
+import pickle
 import random
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
-from typing import Literal, NoReturn, Optional
+from dataclasses import asdict, dataclass, fields
+from functools import partial
+from typing import Callable, Literal, NoReturn, Optional
 
 import numpy as np
 import torch
@@ -54,6 +46,66 @@ from transformers import (
 
 @dataclass
 class Args:
+    model_name_or_path: Optional[str] = None
+    """policy and reference: an AutoModelForCausalLM directory or hub name; None runs the built-in task"""
+    reward_model_path: Optional[str] = None
+    """reward model: an AutoModelForSequenceClassification with one label, sharing the policy's tokenizer"""
+    prompts: Optional[str] = None
+    """training prompts: a JSONL file with a "prompt" field per line, or a `datasets` name"""
+    total_episodes: int = 9600
+    """total number of completions to train on, summed over processes"""
+    learning_rate: float = 3e-4
+    """learning rate of the Adam optimizer (policy and value model)"""
+    per_device_train_batch_size: int = 16
+    """episodes per micro-batch (one forward/backward) on each process"""
+    gradient_accumulation_steps: int = 1
+    """micro-batches whose gradients are summed before each optimizer step"""
+    anneal_lr: bool = True
+    """anneal the learning rate linearly to 0 over the run"""
+    gamma: float = 1.0
+    """discount factor over tokens"""
+    gae_lambda: float = 0.95
+    """lambda of generalized advantage estimation over tokens"""
+    num_minibatches: int = 4
+    """optimizer steps per PPO epoch"""
+    update_epochs: int = 4
+    """PPO epochs over each batch of episodes"""
+    norm_adv: bool = True
+    """whiten advantages over the valid tokens of the batch"""
+    clip_coef: float = 0.2
+    """policy ratio clipping coefficient"""
+    clip_vloss: bool = True
+    """clip the value loss around the rollout's values"""
+    vf_coef: float = 0.1
+    """coefficient of the value loss"""
+    max_grad_norm: float = 1.0
+    """maximum global norm of the gradients"""
+    target_kl: float = 6.0
+    """target KL (nats per response) of the adaptive KL controller (--adaptive-kl)"""
+    vf_clip_coef: float = 0.2
+    """value clipping range used by --clip-vloss"""
+    whiten_rewards: bool = False
+    """whiten the per-token rewards (scale only) over the valid tokens of the batch"""
+    kl_coef: float = 0.05
+    """coefficient of the per-token KL penalty to the reference (initial value with --adaptive-kl)"""
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    """per-token KL estimator: k1 = log(pi/ref), k3 = (ref/pi - 1) - log(ref/pi)"""
+    adaptive_kl: bool = False
+    """adapt kl_coef towards --target-kl (Ziegler et al., 2019)"""
+    kl_horizon: int = 10000
+    """horizon (episodes) of the adaptive controller"""
+    missing_eos_penalty: float = 1.0
+    """subtracted from the score of a response that has no EOS token"""
+    response_length: int = 16
+    """maximum number of generated tokens per response"""
+    max_prompt_length: int = 64
+    """prompts longer than this many tokens keep their last tokens"""
+    temperature: float = 1.0
+    """sampling temperature; log-probs are computed from logits divided by it"""
+    local_rollout_forward_batch_size: int = 64
+    """chunk size of the no-grad passes (generation, reference, reward, value) on each process"""
+
+    # Run settings: where and how the run executes, what it writes, how it is evaluated.
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
     seed: int = 1
@@ -64,6 +116,10 @@ class Args:
     """torch device: auto (cuda, then mps, then cpu) or an explicit device string such as cuda:1"""
     num_threads: int = 1
     """torch CPU threads per process (0: torch's default); 1 is fastest for the built-in task's tiny models"""
+    bf16: bool = False
+    """run forward passes in bfloat16 autocast (CUDA only)"""
+    gradient_checkpointing: bool = False
+    """trade compute for memory in the policy and value models"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases"""
     wandb_project_name: str = "ppo-rlhf"
@@ -73,30 +129,18 @@ class Args:
     runs_dir: str = "runs"
     """directory under which each run writes runs_dir/{run_name}/"""
     save_every: int = 0
-    """updates between checkpoints (0 = only at the end and on Ctrl-C)"""
+    """iterations between checkpoints (0 = only at the end and when stopped by SIGINT/SIGTERM)"""
     resume: Optional[str] = None
-    """path of a checkpoint.pt to continue; the run keeps its saved settings except --device,
-    --num-threads, --save-every and --track"""
-
-    model_name_or_path: Optional[str] = None
-    """policy and reference: an AutoModelForCausalLM directory or hub name; None runs the built-in task"""
-    reward_model_path: Optional[str] = None
-    """reward model: an AutoModelForSequenceClassification with one label, sharing the policy's tokenizer"""
-    prompts: Optional[str] = None
-    """training prompts: a JSONL file with a "prompt" field per line, or a `datasets` name"""
+    """path of a checkpoint.pt to continue in its folder; the run keeps its saved settings except --device,
+    --num-threads, --save-every and --track. It unpickles the checkpoint's RNG states: use it on your own runs"""
+    eval_every: int = 10
+    """iterations between evaluations on the held-out prompts (with a progress line and sample table)"""
+    eval_episodes: int = 256
+    """held-out prompts evaluated each time (gold score on the built-in task)"""
     eval_prompts: Optional[str] = None
-    """held-out evaluation prompts, same formats; None takes the first --eval-episodes training prompts"""
-    max_prompt_length: int = 64
-    """prompts longer than this many tokens keep their last tokens"""
-    response_length: int = 16
-    """maximum number of generated tokens per response"""
-    temperature: float = 1.0
-    """sampling temperature; log-probs are computed from logits divided by it"""
-    bf16: bool = False
-    """run forward passes in bfloat16 autocast (CUDA only)"""
-    gradient_checkpointing: bool = False
-    """trade compute for memory in the policy and value models"""
+    """held-out evaluation prompts, same formats as --prompts; None takes the first --eval-episodes training prompts"""
 
+    # Built-in task: its definition (the cache key) and where it is cached.
     cache_dir: Optional[str] = None
     """built-in task: where its models and prompts are cached; None means {runs_dir}/builtin_task"""
     task_seed: int = 0
@@ -110,68 +154,26 @@ class Args:
     task_preference_pairs: int = 3000
     """built-in task: labelled response pairs the reward model is trained on (10% held out)"""
 
-    total_episodes: int = 9600
-    """total number of completions to train on, summed over processes"""
-    per_device_train_batch_size: int = 16
-    """episodes per micro-batch (one forward/backward) on each process"""
-    gradient_accumulation_steps: int = 1
-    """micro-batches whose gradients are summed before each optimizer step"""
-    num_minibatches: int = 4
-    """optimizer steps per PPO epoch"""
-    update_epochs: int = 4
-    """PPO epochs over each batch of episodes"""
-    local_rollout_forward_batch_size: int = 64
-    """chunk size of the no-grad passes (generation, reference, reward, value) on each process"""
-    learning_rate: float = 3e-4
-    """learning rate of the Adam optimizer (policy and value model)"""
-    anneal_lr: bool = True
-    """anneal the learning rate linearly to 0 over the run"""
-    gamma: float = 1.0
-    """discount factor over tokens"""
-    gae_lambda: float = 0.95
-    """lambda of generalized advantage estimation over tokens"""
-    norm_adv: bool = True
-    """whiten advantages over the valid tokens of the batch"""
-    whiten_rewards: bool = False
-    """whiten the per-token rewards (scale only) over the valid tokens of the batch"""
-    clip_coef: float = 0.2
-    """policy ratio clipping coefficient"""
-    clip_vloss: bool = True
-    """clip the value loss around the rollout's values"""
-    vf_clip_coef: float = 0.2
-    """value clipping range used by --clip-vloss"""
-    vf_coef: float = 0.1
-    """coefficient of the value loss"""
-    max_grad_norm: float = 1.0
-    """maximum global norm of the gradients"""
-    kl_coef: float = 0.05
-    """coefficient of the per-token KL penalty to the reference (initial value with --adaptive-kl)"""
-    kl_estimator: Literal["k1", "k3"] = "k1"
-    """per-token KL estimator: k1 = log(pi/ref), k3 = (ref/pi - 1) - log(ref/pi)"""
-    adaptive_kl: bool = False
-    """adapt kl_coef towards --target-kl (Ziegler et al., 2019)"""
-    target_kl: float = 6.0
-    """target KL (nats per response) of the adaptive controller"""
-    kl_horizon: int = 10000
-    """horizon (episodes) of the adaptive controller"""
-    missing_eos_penalty: float = 1.0
-    """subtracted from the score of a response that has no EOS token"""
-    eval_every: int = 10
-    """updates between evaluations on the held-out prompts (with a progress line and sample table)"""
-    eval_episodes: int = 256
-    """held-out prompts evaluated each time (gold score on the built-in task)"""
+
+# The task: prompts in, responses out, and the model passes that score them. Shapes: B episodes, T response
+# tokens. Queries are left-padded, responses right-padded; `mask` is True on valid response tokens (up to and
+# including the first EOS). Padding is replaced by token 0 before any embedding lookup, so a pad id outside the
+# model's vocabulary (an added [PAD]) is never looked up.
 
 
-def fail(message: str) -> NoReturn:
-    """Print a one-line usage error and exit with status 2 (as argparse/tyro do)."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+def iteration_prompts(queries: list, iteration: int, batch_size: int, local_batch_size: int, rank: int, seed: int) -> list:
+    """This process's share of the iteration's prompts, drawn without replacement from a fresh permutation of
+    the prompts on each pass over them."""
+    n = len(queries)
+    first = (iteration - 1) * batch_size + rank * local_batch_size
+    positions = range(first, first + local_batch_size)
+    perms = {e: np.random.default_rng([seed, e]).permutation(n) for e in {p // n for p in positions}}
+    return [queries[perms[p // n][p % n]] for p in positions]
 
 
-# ----------------------------------------------------------------------------------------------
-# Numerical core. Shapes: B episodes, T response tokens; `mask` is True on valid response tokens
-# (up to and including the first EOS), False on padding.
-# ----------------------------------------------------------------------------------------------
+def left_pad(sequences: list[list[int]], pad_id: int, device: torch.device) -> Tensor:
+    width = max(len(s) for s in sequences)
+    return torch.tensor([[pad_id] * (width - len(s)) + s for s in sequences], device=device)
 
 
 def first_true_indices(bools: Tensor) -> Tensor:
@@ -188,112 +190,14 @@ def truncate_after_eos(responses: Tensor, eos_id: int, pad_id: int) -> Tensor:
     return responses.masked_fill(after, pad_id)
 
 
-def logprobs_from_logits(logits: Tensor, tokens: Tensor) -> Tensor:
-    """Log-probability of each token under `logits` (already divided by the temperature)."""
-    return torch.gather(logits.float().log_softmax(-1), -1, tokens.unsqueeze(-1)).squeeze(-1)
-
-
-def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    return torch.where(mask, x, 0.0).sum() / mask.sum()
-
-
-def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
-    """Normalise x to zero mean (unless shift_mean=False) and unit variance over masked entries."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask) * mask.sum() / (mask.sum() - 1).clamp(min=1)
-    out = (x - mean) * torch.rsqrt(var + 1e-8)
-    if not shift_mean:
-        out = out + mean
-    return torch.where(mask, out, 0.0)
-
-
-def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str) -> Tensor:
-    """Per-token estimate of KL(pi || ref) from tokens sampled from pi."""
-    log_ratio = logprobs - ref_logprobs
-    if estimator == "k1":
-        return log_ratio
-    # k3 (Schulman, "Approximating KL divergence"): unbiased and never negative.
-    return torch.expm1(-log_ratio) + log_ratio
-
-
 def apply_missing_eos_penalty(scores: Tensor, responses: Tensor, eos_id: int, penalty: float) -> Tensor:
     """Subtract `penalty` from the score of each response that contains no EOS token."""
     return torch.where((responses == eos_id).any(1), scores, scores - penalty)
 
 
-def shape_rewards(
-    logprobs: Tensor, ref_logprobs: Tensor, scores: Tensor, mask: Tensor, kl_coef: float, kl_estimator: str
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-token rewards: -kl_coef * KL on each valid token, plus the score on the last valid one.
-
-    Returns (rewards, kl, non_score_reward), all zero on padding.
-    """
-    kl = torch.where(mask, kl_penalty(logprobs, ref_logprobs, kl_estimator), 0.0)
-    non_score_reward = -kl_coef * kl
-    last = mask.sum(1) - 1
-    rewards = non_score_reward.clone()
-    rewards[torch.arange(len(rewards), device=rewards.device), last] += scores
-    return rewards, kl, non_score_reward
-
-
-def gae_advantages(
-    rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, gae_lambda: float
-) -> tuple[Tensor, Tensor]:
-    """GAE over tokens. The value after the last valid token is 0 (the episode ends there).
-
-    Returns (advantages, returns), zero on padding.
-    """
-    rewards = torch.where(mask, rewards, 0.0)
-    values = torch.where(mask, values, 0.0)
-    T = rewards.size(1)
-    advantages = torch.zeros_like(rewards)
-    lastgaelam = torch.zeros_like(rewards[:, 0])
-    for t in reversed(range(T)):
-        next_values = values[:, t + 1] if t < T - 1 else torch.zeros_like(lastgaelam)
-        delta = rewards[:, t] + gamma * next_values - values[:, t]
-        # Padding carries zero reward and value, so the trace of a shorter response starts at 0.
-        lastgaelam = torch.where(mask[:, t], delta + gamma * gae_lambda * lastgaelam, 0.0)
-        advantages[:, t] = lastgaelam
-    return advantages, torch.where(mask, advantages + values, 0.0)
-
-
-def policy_loss(
-    new_logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_coef: float
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Clipped surrogate loss. Returns (loss, clipfrac, approx_kl (k3), ratio), means over valid tokens."""
-    log_ratio = new_logprobs - old_logprobs
-    ratio = torch.exp(log_ratio)
-    pg_losses = -advantages * ratio
-    pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - clip_coef, 1.0 + clip_coef)
-    loss = masked_mean(torch.max(pg_losses, pg_losses2), mask)
-    clipfrac = masked_mean((pg_losses2 > pg_losses).float(), mask)
-    approx_kl = masked_mean((ratio - 1) - log_ratio, mask)
-    return loss, clipfrac, approx_kl, masked_mean(ratio, mask)
-
-
-def value_loss(
-    new_values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip_range: Optional[float]
-) -> tuple[Tensor, Tensor]:
-    """0.5 * squared error, clipped around the rollout's values when clip_range is set. Returns (loss, clipfrac)."""
-    losses = (new_values - returns) ** 2
-    if clip_range is None:
-        return 0.5 * masked_mean(losses, mask), torch.zeros((), device=losses.device)
-    clipped = old_values + torch.clamp(new_values - old_values, -clip_range, clip_range)
-    losses2 = (clipped - returns) ** 2
-    return 0.5 * masked_mean(torch.max(losses, losses2), mask), masked_mean((losses2 > losses).float(), mask)
-
-
-def adaptive_kl_coef(kl_coef: float, current_kl: float, target_kl: float, horizon: int, n_episodes: int) -> float:
-    """Ziegler et al. (2019): move kl_coef proportionally to the (clipped) relative KL error."""
-    error = float(np.clip(current_kl / target_kl - 1.0, -0.2, 0.2))
-    return kl_coef * (1.0 + error * n_episodes / horizon)
-
-
-# ----------------------------------------------------------------------------------------------
-# Model passes shared by the built-in task and PPO. Queries are left-padded, responses
-# right-padded; padding is masked out and replaced by token 0 before any embedding lookup, so a
-# pad id outside the model's vocabulary (an added [PAD]) is never looked up.
-# ----------------------------------------------------------------------------------------------
+def logprobs_from_logits(logits: Tensor, tokens: Tensor) -> Tensor:
+    """Log-probability of each token under `logits` (already divided by the temperature)."""
+    return torch.gather(logits.float().log_softmax(-1), -1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 def model_inputs(query_responses: Tensor, pad_id: int) -> dict[str, Tensor]:
@@ -329,9 +233,14 @@ def sequence_scores(model: nn.Module, query_responses: Tensor, pad_id: int, cont
     return scores[torch.arange(len(scores), device=scores.device), last]
 
 
-def left_pad(sequences: list[list[int]], pad_id: int, device: torch.device) -> Tensor:
-    width = max(len(s) for s in sequences)
-    return torch.tensor([[pad_id] * (width - len(s)) + s for s in sequences], device=device)
+def sampling_config(response_length: int, temperature: float, eos_id: int, pad_id: int, vocab_size: int) -> GenerationConfig:
+    """Pure sampling at `temperature` (no top-k/top-p), stopping at EOS, with logits returned."""
+    return GenerationConfig(
+        max_new_tokens=response_length, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+        eos_token_id=eos_id, pad_token_id=eos_id,  # finished rows are filled with EOS, then made padding
+        suppress_tokens=[pad_id] if pad_id < vocab_size else None,  # a sampled pad would end the response
+        output_logits=True, return_dict_in_generate=True,
+    )  # fmt: skip
 
 
 @torch.no_grad()
@@ -351,27 +260,64 @@ def generate(
     return F.pad(responses, (0, missing), value=pad_id), F.pad(logprobs, (0, missing), value=0.0)
 
 
-def sampling_config(response_length: int, temperature: float, eos_id: int, pad_id: int, vocab_size: int) -> GenerationConfig:
-    """Pure sampling at `temperature` (no top-k/top-p), stopping at EOS, with logits returned."""
-    return GenerationConfig(
-        max_new_tokens=response_length, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-        eos_token_id=eos_id, pad_token_id=eos_id,  # finished rows are filled with EOS, then made padding
-        suppress_tokens=[pad_id] if pad_id < vocab_size else None,  # a sampled pad would end the response
-        output_logits=True, return_dict_in_generate=True,
+@dataclass
+class Rollout:
+    """One batch of episodes. Per-token tensors are [B, T] over the response tokens and 0 on padding."""
+
+    query_responses: Tensor
+    context_length: int  # queries are left-padded to this length
+    responses: Tensor
+    mask: Tensor
+    logprobs: Tensor
+    ref_logprobs: Tensor
+    values: Tensor
+    scores: Tensor  # [B], after the missing-EOS penalty
+
+
+@torch.no_grad()
+def rollout(policy, ref_policy, reward_model, value_model, queries: Tensor, gen_config, task: Task, args: Args) -> Rollout:
+    """Sample a response to each query and score it, in chunks of --local-rollout-forward-batch-size."""
+    context_length = queries.size(1)
+    policy.eval()
+    value_model.eval()
+    chunks = []
+    with torch.autocast(queries.device.type, dtype=torch.bfloat16, enabled=args.bf16):
+        for query in queries.split(args.local_rollout_forward_batch_size):
+            response, logprob = generate(policy, query, task.pad_id, gen_config, args.response_length)
+            response = truncate_after_eos(response, task.eos_id, task.pad_id)
+            query_response = torch.cat([query, response], 1)
+            ref_logprob = lm_response_logprobs(ref_policy, query_response, task.pad_id, context_length, args.temperature)[0]
+            score = sequence_scores(reward_model, query_response, task.pad_id, context_length)
+            score = apply_missing_eos_penalty(score, response, task.eos_id, args.missing_eos_penalty)
+            value = token_scores(value_model, query_response, task.pad_id)[:, context_length - 1 : -1]
+            chunks.append((response, logprob, ref_logprob, score, value))
+    responses, logprobs, ref_logprobs, scores, values = (torch.cat(x) for x in zip(*chunks))
+    mask = responses != task.pad_id
+    return Rollout(
+        query_responses=torch.cat([queries, responses], 1), context_length=context_length, responses=responses,
+        mask=mask, logprobs=torch.where(mask, logprobs, 0.0), ref_logprobs=torch.where(mask, ref_logprobs, 0.0),
+        values=torch.where(mask, values, 0.0), scores=scores,
     )  # fmt: skip
 
 
-def flatten_parameters(params: list[nn.Parameter]) -> nn.Parameter:
-    """One flat parameter holding `params`: afterwards each of them, and its .grad, is a view into
-    the flat tensor and into its .grad (backward accumulates into those views in place)."""
-    flat = nn.Parameter(torch.cat([p.detach().reshape(-1) for p in params]))
-    flat.grad = torch.zeros_like(flat)
-    offset = 0
-    for p in params:
-        p.data = flat.data[offset : offset + p.numel()].view_as(p)
-        p.grad = flat.grad[offset : offset + p.numel()].view_as(p)
-        offset += p.numel()
-    return flat
+# The models: the policy and its frozen reference, the frozen reward model, and the value model.
+
+
+def load_models(task: Task, device: torch.device, gradient_checkpointing: bool) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
+    """Returns (policy, ref_policy, reward_model, value_model), dropout off in all four. The value model is a
+    separate copy of the reward model (as in the TL;DR reproduction of Huang et al., 2024): it starts out
+    predicting scores, close to the returns it must learn, and keeps value-loss gradients out of the policy."""
+    policy = load_model(AutoModelForCausalLM, task.policy_path, task.policy_config, "--model-name-or-path").to(device)
+    ref_policy = load_model(AutoModelForCausalLM, task.policy_path, task.policy_config, "--model-name-or-path").to(device).eval()
+    reward_model = load_model(AutoModelForSequenceClassification, task.reward_path, task.reward_config, "--reward-model-path").to(device).eval()
+    value_model = load_model(AutoModelForSequenceClassification, task.reward_path, task.reward_config, "--reward-model-path").to(device)
+    check_models(task, reward_model)
+    for p in list(ref_policy.parameters()) + list(reward_model.parameters()):
+        p.requires_grad_(False)
+    if gradient_checkpointing:
+        policy.gradient_checkpointing_enable()
+        value_model.gradient_checkpointing_enable()
+    return policy, ref_policy, reward_model, value_model
 
 
 def disable_dropout(model: nn.Module) -> nn.Module:
@@ -382,17 +328,776 @@ def disable_dropout(model: nn.Module) -> nn.Module:
     return model
 
 
-# ----------------------------------------------------------------------------------------------
-# Built-in offline task: a hidden Markov-chain language, an SFT model trained on its corpus, a
-# hidden gold reward, Bradley-Terry preference labels on SFT samples, and a reward model trained
-# on them. Models are saved as ordinary Hugging Face checkpoints and then go through the same PPO
-# code as real checkpoints.
-# ----------------------------------------------------------------------------------------------
+# The PPO maths: small functions the tests check against naive reference code. Masking and averaging over
+# the valid tokens happen at the call site (masked_mean).
+
+
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    return torch.where(mask, x, 0.0).sum() / mask.sum()
+
+
+def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+    """Normalise x to zero mean (unless shift_mean=False) and unit variance over masked entries."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask) * mask.sum() / (mask.sum() - 1).clamp(min=1)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        out = out + mean
+    return torch.where(mask, out, 0.0)
+
+
+def kl_estimators(logratio: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-token estimators of KL(pi || q) from logratio = log(q / pi) on samples of pi (Schulman, "Approximating
+    KL divergence"): k1 = -logratio (unbiased, noisy), k3 = (q/pi - 1) - log(q/pi) (unbiased, never negative)."""
+    return -logratio, torch.expm1(logratio) - logratio
+
+
+def shape_rewards(
+    logprobs: Tensor, ref_logprobs: Tensor, scores: Tensor, mask: Tensor, kl_coef: float, kl_estimator: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-token rewards: -kl_coef * KL(pi || ref) on each valid token, plus the score on the last valid one.
+    Returns (rewards, kl, non_score_reward), all zero on padding."""
+    k1, k3 = kl_estimators(ref_logprobs - logprobs)
+    kl = torch.where(mask, k1 if kl_estimator == "k1" else k3, 0.0)
+    non_score_reward = -kl_coef * kl
+    rewards = non_score_reward.clone()
+    rewards[torch.arange(len(rewards), device=rewards.device), mask.sum(1) - 1] += scores
+    return rewards, kl, non_score_reward
+
+
+def compute_gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, gae_lambda: float) -> tuple[Tensor, Tensor]:
+    """GAE over tokens. The value after the last valid token is 0 (the episode ends there).
+    Returns (advantages, returns), zero on padding."""
+    rewards = torch.where(mask, rewards, 0.0)
+    values = torch.where(mask, values, 0.0)
+    T = rewards.size(1)
+    advantages = torch.zeros_like(rewards)
+    lastgaelam = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(T)):
+        next_values = values[:, t + 1] if t < T - 1 else torch.zeros_like(lastgaelam)
+        delta = rewards[:, t] + gamma * next_values - values[:, t]
+        # Padding carries zero reward and value, so the trace of a shorter response starts at 0.
+        lastgaelam = torch.where(mask[:, t], delta + gamma * gae_lambda * lastgaelam, 0.0)
+        advantages[:, t] = lastgaelam
+    return advantages, torch.where(mask, advantages + values, 0.0)
+
+
+def policy_loss(ratio: Tensor, advantages: Tensor, clip_coef: float) -> Tensor:
+    """Per-token clipped surrogate loss, the negated min of the unclipped and clipped objectives."""
+    return torch.max(-advantages * ratio, -advantages * torch.clamp(ratio, 1.0 - clip_coef, 1.0 + clip_coef))
+
+
+def value_loss(new_values: Tensor, old_values: Tensor, returns: Tensor, clip_coef: Optional[float]) -> Tensor:
+    """Per-token 0.5 * squared error; with clip_coef, the max of the plain and the clipped errors."""
+    unclipped = (new_values - returns) ** 2
+    if clip_coef is None:
+        return 0.5 * unclipped
+    clipped = old_values + torch.clamp(new_values - old_values, -clip_coef, clip_coef)
+    return 0.5 * torch.max(unclipped, (clipped - returns) ** 2)
+
+
+def adaptive_kl_coef(kl_coef: float, current_kl: float, target_kl: float, horizon: int, n_episodes: int) -> float:
+    """Ziegler et al. (2019): move kl_coef proportionally to the (clipped) relative KL error."""
+    error = float(np.clip(current_kl / target_kl - 1.0, -0.2, 0.2))
+    return kl_coef * (1.0 + error * n_episodes / horizon)
+
+
+def ppo_update(
+    args: Args, policy: nn.Module, value_model: nn.Module, optimizer: torch.optim.Optimizer, flat: FlatParameters,
+    data: Rollout, advantages: Tensor, returns: Tensor, pad_id: int,
+) -> dict[str, Tensor]:
+    """One PPO update: --update-epochs epochs over shuffled minibatches of the batch, each minibatch one Adam step
+    on the gradients of --gradient-accumulation-steps micro-batches. Returns the update's statistics."""
+    if args.norm_adv:
+        advantages = whiten(advantages, data.mask)
+    micro, ctx = args.per_device_train_batch_size, data.context_length
+    minibatch = micro * args.gradient_accumulation_steps
+    policy.train()  # dropout is off; train mode only turns on gradient checkpointing
+    value_model.train()
+    stats = torch.zeros(7, args.update_epochs, args.num_minibatches, args.gradient_accumulation_steps, device=advantages.device)
+    for epoch in range(args.update_epochs):
+        perm = torch.randperm(len(advantages), device=advantages.device)
+        for mb in range(args.num_minibatches):
+            optimizer.zero_grad()
+            for acc in range(args.gradient_accumulation_steps):
+                idx = perm[mb * minibatch + acc * micro : mb * minibatch + (acc + 1) * micro]
+                mask, mb_advantages, query_responses = data.mask[idx], advantages[idx], data.query_responses[idx]
+                with torch.autocast(advantages.device.type, dtype=torch.bfloat16, enabled=args.bf16):
+                    new_logprobs, logits = lm_response_logprobs(policy, query_responses, pad_id, ctx, args.temperature)
+                    new_values = token_scores(value_model, query_responses, pad_id)[:, ctx - 1 : -1]
+                logratio = new_logprobs - data.logprobs[idx]
+                ratio = torch.exp(logratio)
+                pg_losses = policy_loss(ratio, mb_advantages, args.clip_coef)
+                v_losses = value_loss(new_values, data.values[idx], returns[idx], args.vf_clip_coef if args.clip_vloss else None)
+                pg_loss, v_loss = masked_mean(pg_losses, mask), masked_mean(v_losses, mask)
+                loss = (pg_loss + args.vf_coef * v_loss) / args.gradient_accumulation_steps
+                loss.backward()
+                with torch.no_grad():
+                    pg_clipfrac = masked_mean((pg_losses > -mb_advantages * ratio).float(), mask)
+                    v_clipfrac = masked_mean((v_losses > 0.5 * (new_values - returns[idx]) ** 2).float(), mask)
+                    approx_kl = masked_mean((ratio - 1) - logratio, mask)  # k3, as CleanRL logs it
+                    entropy = masked_mean(torch.logsumexp(logits, -1) - (logits.softmax(-1) * logits).sum(-1), mask)
+                    stats[:, epoch, mb, acc] = torch.stack([approx_kl, pg_clipfrac, pg_loss, v_loss, v_clipfrac, entropy, masked_mean(ratio, mask)])
+            flat.check_grads()
+            all_reduce_mean(flat.param.grad)
+            nn.utils.clip_grad_norm_([flat.param], args.max_grad_norm)
+            optimizer.step()
+    ratios = stats[6].flatten()
+    return {
+        "policy/approxkl_avg": stats[0].mean(), "policy/clipfrac_avg": stats[1].mean(), "loss/policy_avg": stats[2].mean(),
+        "loss/value_avg": stats[3].mean(), "val/clipfrac_avg": stats[4].mean(), "policy/entropy_avg": stats[5].mean(),
+        "val/ratio": ratios.mean(), "val/ratio_var": ratios.var() if ratios.numel() > 1 else ratios.new_zeros(()),
+    }  # fmt: skip
+
+
+@dataclass
+class LoopState:
+    """What one iteration hands to the next and a checkpoint saves, besides weights, optimizer and RNG states."""
+
+    iteration: int = 0  # the last iteration finished
+    episode: int = 0  # completions generated so far, summed over processes
+    kl_coef: float = 0.0
+
+
+def train(args: Args) -> None:
+    ckpt, args = load_resume(args)
+    device = pick_device(args.device)
+    distributed, rank, world_size = init_distributed(device)
+    local_batch_size, batch_size, num_iterations = check_args(args, world_size, ckpt, device)
+    configure_torch(args)
+    task = load_task(args, rank, distributed)  # the built-in task is built once, by rank 0, into its cache
+    policy, ref_policy, reward_model, value_model = load_models(task, device, args.gradient_checkpointing)
+    gen_config = sampling_config(args.response_length, args.temperature, task.eos_id, task.pad_id, policy.get_input_embeddings().num_embeddings)
+    # One optimizer over policy and value model: one loss, one clip of the global gradient norm.
+    flat = FlatParameters([p for m in (policy, value_model) for p in m.parameters() if p.requires_grad])
+    optimizer = torch.optim.Adam([flat.param], lr=args.learning_rate, eps=1e-5, fused=device.type in ("cpu", "cuda"))
+    state = LoopState(kl_coef=args.kl_coef)
+    run = Run(args, ckpt, task, rank)
+    describe(run, args, task, device, world_size, num_iterations, batch_size)
+    # Seeded after the built-in task (which seeds itself), so a cached and a freshly built task give the same run.
+    seed_everything(args.seed + rank)
+    if ckpt is not None:
+        state = restore(ckpt, rank, device, policy, value_model, optimizer)
+    stop_requested = install_stop_handlers()
+    if ckpt is None and rank == 0:  # the SFT policy's scores: the baseline the run must beat
+        run.log_evaluation(0, num_iterations, 0, {}, *evaluate(policy, reward_model, task, gen_config, args, 0))
+
+    start_time, start_episode = time.time(), state.episode
+    for iteration in range(state.iteration + 1, num_iterations + 1):
+        # 1. Learning rate annealed linearly to 0 at the last iteration.
+        lr = args.learning_rate * (1.0 - (iteration - 1.0) / num_iterations if args.anneal_lr else 1.0)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        # 2. Rollout: this process's share of the iteration's prompts, answered by the policy and scored.
+        queries = left_pad(iteration_prompts(task.train_queries, iteration, batch_size, local_batch_size, rank, args.seed), task.pad_id, device)
+        data = rollout(policy, ref_policy, reward_model, value_model, queries, gen_config, task, args)
+        state.episode += batch_size
+
+        # 3. Rewards: a per-token KL penalty plus the score at the last real token; GAE over tokens.
+        rewards, kl, non_score_reward = shape_rewards(data.logprobs, data.ref_logprobs, data.scores, data.mask, state.kl_coef, args.kl_estimator)
+        if args.whiten_rewards:
+            rewards = whiten(rewards, data.mask, shift_mean=False)
+        advantages, returns = compute_gae(rewards, data.values, data.mask, args.gamma, args.gae_lambda)
+
+        # 4. PPO update of the policy and the value model.
+        update_stats = ppo_update(args, policy, value_model, optimizer, flat, data, advantages, returns, task.pad_id)
+
+        # 5. Log; adapt the KL coefficient; evaluate; checkpoint; stop after SIGINT/SIGTERM.
+        eps = (state.episode - start_episode) / (time.time() - start_time)
+        metrics = batch_metrics(data, kl, non_score_reward, update_stats, task.eos_id) | {"objective/kl_coef": state.kl_coef, "lr": lr, "eps": eps}
+        run.log(state.episode, metrics)
+        if args.adaptive_kl:
+            state.kl_coef = adaptive_kl_coef(state.kl_coef, metrics["objective/kl"], args.target_kl, args.kl_horizon, batch_size)
+        state.iteration = iteration
+        if rank == 0 and (iteration % args.eval_every == 0 or iteration == num_iterations):
+            run.log_evaluation(iteration, num_iterations, state.episode, metrics, *evaluate(policy, reward_model, task, gen_config, args, state.episode))
+        stop = stop_requested()
+        if stop or iteration == num_iterations or (args.save_every and iteration % args.save_every == 0):
+            save_checkpoint(run, state, args, policy, value_model, optimizer, device)
+        if stop and iteration < num_iterations:
+            exit_interrupted(run, state, distributed)
+
+    if rank == 0:
+        save_policy(run, policy, task.tokenizer)
+    run.finish()
+    leave_process_group(distributed)
+
+
+# Infrastructure: nothing below changes what PPO computes; a research copy can drop what it does not need.
+# Run folder, logging and wandb; checkpoints and resume; signals; torchrun helpers; evaluation and the sample
+# table; argument checks; model and prompt loading; flat parameters; the built-in task.
+
+
+class Run:
+    """The run's folder, written by rank 0: args.json, metrics.jsonl (a JSON object per line, x-axis `episode`),
+    checkpoint.pt and, with --track, the same metrics in wandb. A resumed run continues in the folder that holds
+    its checkpoint and cuts metrics.jsonl back to what it held at the checkpoint."""
+
+    def __init__(self, args: Args, ckpt: Optional[dict], task: Task, rank: int):
+        self.rank0, self.metrics, self.wandb = rank == 0, None, None
+        if ckpt is not None:
+            self.name, self.dir, self.wandb_id = ckpt["run_name"], os.path.dirname(os.path.abspath(args.resume)), ckpt["wandb_id"]
+        else:  # every process must agree on the name: rank 0's clock decides
+            self.name = broadcast_object(f"{task.name}__{args.exp_name}__{args.seed}__{int(time.time())}")
+            self.dir, self.wandb_id = os.path.join(args.runs_dir, self.name), None
+        if not self.rank0:
+            return
+        os.makedirs(self.dir, exist_ok=True)
+        with open(os.path.join(self.dir, "args.json"), "w") as f:
+            json.dump(asdict(args), f, indent=1)
+        metrics_path = os.path.join(self.dir, "metrics.jsonl")
+        if ckpt is not None and os.path.exists(metrics_path):
+            with open(metrics_path, "r+") as f:  # lines logged after the checkpoint will be logged again
+                f.truncate(ckpt["metrics_offset"])
+        self.metrics = open(metrics_path, "a")
+        if args.track:
+            import wandb
+
+            self.wandb = wandb.init(
+                project=args.wandb_project_name, entity=args.wandb_entity, name=self.name, id=self.wandb_id,
+                config=asdict(args) | ({"builtin_task": task.builtin} if task.builtin is not None else {}),
+                resume="allow", dir=self.dir,
+            )  # fmt: skip
+            self.wandb.define_metric("*", step_metric="episode")
+            self.wandb_id = self.wandb.id
+
+    def log(self, episode: int, metrics: dict) -> None:
+        if not self.rank0:
+            return
+        record = {"episode": episode, **metrics}
+        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.flush()
+        if self.wandb is not None:
+            self.wandb.log(record)
+
+    def log_evaluation(self, iteration: int, num_iterations: int, episode: int, last: dict, metrics: dict, rows: list) -> None:
+        """Log an evaluation, send its sample table to wandb, and print the progress line."""
+        self.log(episode, metrics)
+        if self.wandb is not None:
+            import wandb
+
+            columns = ["episode", "query", "response", "score"] + (["gold_score"] if len(rows[0]) > 4 else [])
+            self.wandb.log({"episode": episode, "samples": wandb.Table(columns=columns, data=rows)})
+        line = [f"iteration {iteration}/{num_iterations}", f"episode {episode:,}"] + ([f"eps {last['eps']:,.1f}"] if "eps" in last else [])
+        line += [f"{k.split('/')[-1]} {last[k]:.3f}" for k in ("objective/scores", "objective/kl", "objective/kl_coef") if k in last]
+        line += [f"{'eval_scores' if k == 'eval/scores' else k.split('/')[-1]} {v:.3f}" for k, v in metrics.items()]
+        print(" | ".join(line + [f"{rows[0][1][-60:]!r} -> {rows[0][2][:60]!r}"]), flush=True)
+
+    def finish(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+        if self.metrics is not None:
+            self.metrics.close()
+
+
+def describe(run: Run, args: Args, task: Task, device: torch.device, world_size: int, num_iterations: int, batch_size: int) -> None:
+    """The batch arithmetic, printed by rank 0 at the start."""
+    if not run.rank0:
+        return
+    print(
+        f"run {run.name}: {batch_size} episodes per iteration = {args.per_device_train_batch_size} (micro-batch) x "
+        f"{args.gradient_accumulation_steps} (gradient accumulation) x {args.num_minibatches} (minibatches) x {world_size} "
+        f"(processes); {num_iterations} iterations = {num_iterations * batch_size} episodes; {args.update_epochs} PPO epochs; "
+        f"no-grad passes in chunks of {args.local_rollout_forward_batch_size}; device {device}"
+    )
+    if num_iterations * batch_size != args.total_episodes:
+        print(f"note: --total-episodes {args.total_episodes} is not a whole number of iterations; training {num_iterations * batch_size} episodes")
+    if task.builtin is not None:
+        b = task.builtin
+        print(f"built-in task: reward model held-out accuracy {b['rm_accuracy']:.3f}, SFT gold score {b['sft_gold_mean']:.3f} +- {b['sft_gold_std']:.3f}")
+
+
+@torch.no_grad()
+def batch_metrics(data: Rollout, kl: Tensor, non_score_reward: Tensor, update_stats: dict, eos_id: int) -> dict[str, float]:
+    """The iteration's statistics under TRL's names, averaged over processes (val/num_eos_tokens: summed)."""
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    local = {
+        "objective/kl": kl.sum(1).mean(),
+        "objective/entropy": (-data.logprobs).sum(1).mean(),
+        "objective/non_score_reward": non_score_reward.sum(1).mean(),
+        "objective/scores": data.scores.mean(),
+        **update_stats,
+        "val/num_eos_tokens": (data.responses == eos_id).sum().float() * world_size,
+        "objective/response_length": data.mask.sum(1).float().mean(),
+        "objective/eos_fraction": (data.responses == eos_id).any(1).float().mean(),
+    }
+    metrics = dict(zip(local, all_reduce_mean(torch.stack(list(local.values()))).tolist()))
+    metrics["objective/rlhf_reward"] = metrics["objective/scores"] + metrics["objective/non_score_reward"]
+    return metrics
+
+
+def save_policy(run: Run, policy: nn.Module, tokenizer) -> None:
+    """The trained policy as an ordinary Hugging Face model (loads back with from_pretrained)."""
+    policy.save_pretrained(os.path.join(run.dir, "policy"))
+    tokenizer.save_pretrained(os.path.join(run.dir, "policy"))
+    print(f"done: {run.dir} (metrics.jsonl, args.json, checkpoint.pt, policy/)")
+
+
+# Checkpoints and resume. Everything but "resume_state" loads with weights_only=True; "resume_state" is the
+# pickled list of each process's RNG states, unpickled by --resume only.
+
+CHECKPOINT_KEYS = {"args", "run_name", "wandb_id", "metrics_offset", "policy", "value_model", "optimizer", "resume_state"} | {f.name for f in fields(LoopState)}
+
+
+def rng_state(device: torch.device) -> dict:
+    state = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate())
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def save_checkpoint(run: Run, state: LoopState, args: Args, policy, value_model, optimizer, device: torch.device) -> None:
+    """Every process hands in its RNG states; rank 0 writes checkpoint.pt atomically (tmp file, then rename)."""
+    ranks = gather_objects(rng_state(device))
+    if not run.rank0:
+        return
+    ckpt = dict(
+        args=asdict(args), run_name=run.name, **asdict(state), wandb_id=run.wandb_id, metrics_offset=run.metrics.tell(),
+        policy=policy.state_dict(), value_model=value_model.state_dict(), optimizer=optimizer.state_dict(),
+        resume_state=pickle.dumps(ranks),
+    )  # fmt: skip
+    path = os.path.join(run.dir, "checkpoint.pt")
+    torch.save(ckpt, f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
+
+
+def load_resume(args: Args) -> tuple[Optional[dict], Args]:
+    """--resume: the checkpoint, and the run's own settings with this command's --device, --num-threads,
+    --save-every and --track."""
+    if args.resume is None:
+        return None, args
+    if not os.path.isfile(args.resume):
+        fail(f"--resume: {args.resume} does not exist; pass a checkpoint.pt written by an earlier run")
+    try:
+        ckpt = torch.load(args.resume, map_location="cpu", weights_only=True)
+        ranks = pickle.loads(ckpt["resume_state"])
+        keep = {"device", "num_threads", "resume", "save_every", "track"}
+        resumed = Args(**{**ckpt["args"], **{k: v for k, v in asdict(args).items() if k in keep}})
+        if not CHECKPOINT_KEYS <= set(ckpt):
+            raise KeyError(sorted(CHECKPOINT_KEYS - set(ckpt)))
+    except Exception as e:  # not a checkpoint, or one written by another version of this script
+        fail(f"--resume: {args.resume} is not a checkpoint of this version of ppo_rlhf.py ({type(e).__name__}); start a new run")
+    return ckpt | {"resume_state": ranks}, resumed
+
+
+def restore(ckpt: dict, rank: int, device: torch.device, policy, value_model, optimizer) -> LoopState:
+    """Weights, optimizer and this process's RNG states from a checkpoint; returns the loop's state."""
+    try:
+        policy.load_state_dict(ckpt["policy"])
+        value_model.load_state_dict(ckpt["value_model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError):
+        fail(f"--resume: the model or optimizer state in the checkpoint does not fit these models; start a new run")
+    set_rng_state(ckpt["resume_state"][rank], device)
+    return LoopState(**{f.name: ckpt[f.name] for f in fields(LoopState)})
+
+
+# Signals: SIGINT (Ctrl-C) and SIGTERM (what a scheduler sends) finish the iteration, write a checkpoint and exit 130.
+
+
+def install_stop_handlers() -> Callable[[], bool]:
+    """Returns stop_requested(): true on every process once any was asked to stop (a collective: call it on all).
+    A second Ctrl-C interrupts at once."""
+    requested = False
+
+    def request_stop(signum, frame):
+        nonlocal requested
+        requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+
+    def stop_requested() -> bool:
+        if not dist.is_initialized():
+            return requested
+        flag = torch.tensor(float(requested))  # on the CPU: the gloo half of the process group
+        dist.all_reduce(flag)
+        return bool(flag.item())
+
+    return stop_requested
+
+
+def exit_interrupted(run: Run, state: LoopState, distributed: bool) -> NoReturn:
+    path = os.path.join(run.dir, "checkpoint.pt")
+    if run.rank0:
+        print(f"interrupted: checkpoint at episode {state.episode:,} in {path}; continue with --resume {path}", flush=True)
+    run.finish()
+    leave_process_group(distributed)
+    sys.exit(130)
+
+
+# torchrun: one process per device; rank 0 logs, saves and evaluates. On cuda the process group serves both
+# devices (nccl for cuda tensors, gloo for CPU tensors and objects); every collective below gets tensors on the
+# training device or the CPU.
+
+
+def pick_device(name: str) -> torch.device:
+    """`auto` picks cuda, then mps, then cpu; anything else is a torch device string. Under
+    torchrun, `auto` and `cuda` mean the GPU of this process's local rank."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" and "LOCAL_RANK" in os.environ:
+        local_rank = int(os.environ["LOCAL_RANK"])
+        if local_rank >= torch.cuda.device_count():
+            fail(
+                f"--device {name}: torchrun started local rank {local_rank} but only {torch.cuda.device_count()} GPU(s)"
+                " are visible; start one process per GPU or pass --device cpu"
+            )
+        name = f"cuda:{local_rank}"
+    try:
+        device = torch.device(name)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        fail(f"--device {name} is not usable here ({str(e).splitlines()[0]}); try --device auto")
+    return device
+
+
+def init_distributed(device: torch.device) -> tuple[bool, int, int]:
+    """Returns (distributed, rank, world_size); joins torchrun's process group when there is one."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False, 0, 1
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
+    return True, dist.get_rank(), dist.get_world_size()
+
+
+def all_reduce_mean(x: Tensor) -> Tensor:
+    """Average x over processes, in place (nothing to do in a single process)."""
+    if dist.is_initialized():
+        dist.all_reduce(x)
+        x /= dist.get_world_size()
+    return x
+
+
+def broadcast_object(obj):
+    """Rank 0's `obj` on every process."""
+    if not dist.is_initialized():
+        return obj
+    objects = [obj]
+    dist.broadcast_object_list(objects, src=0)
+    return objects[0]
+
+
+def gather_objects(obj) -> list:
+    """Every process's `obj`, in rank order."""
+    if not dist.is_initialized():
+        return [obj]
+    objects = [None] * dist.get_world_size()
+    dist.all_gather_object(objects, obj)
+    return objects
+
+
+def leave_process_group(distributed: bool) -> None:
+    if distributed:
+        dist.barrier()  # a process that leaves while rank 0 still evaluates can abort the others
+        dist.destroy_process_group()
+
+
+# Evaluation on held-out prompts and the sample table.
+
+
+@torch.no_grad()
+def evaluate(policy, reward_model, task: Task, gen_config, args: Args, episode: int) -> tuple[dict, list]:
+    """Sample the held-out prompts with a fixed seed (the same noise at every evaluation) and score them; on the
+    built-in task also with the hidden gold reward. Returns the metrics and the first rows of the sample table."""
+    device = next(policy.parameters()).device
+    pad_id, eos_id, chunk = task.pad_id, task.eos_id, args.local_rollout_forward_batch_size
+    policy.eval()
+    queries_all, responses_all, scores_all = [], [], []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+        torch.manual_seed(args.seed + 10_000)
+        for i in range(0, len(task.eval_queries), chunk):
+            queries = left_pad(task.eval_queries[i : i + chunk], pad_id, device)
+            responses = truncate_after_eos(generate(policy, queries, pad_id, gen_config, args.response_length)[0], eos_id, pad_id)
+            scores = sequence_scores(reward_model, torch.cat([queries, responses], 1), pad_id, queries.size(1))
+            scores_all.append(apply_missing_eos_penalty(scores, responses, eos_id, args.missing_eos_penalty))
+            queries_all += [[t for t in q if t != pad_id] for q in queries.tolist()]
+            responses_all += responses.tolist()
+    metrics = {"eval/scores": torch.cat(scores_all).mean().item()}
+    gold = None
+    if task.language is not None:
+        n_special = len(BUILTIN_SPECIALS)
+        gold = [builtin_gold_score(task.language, [t - n_special for t in q], builtin_words(r, eos_id, pad_id)) for q, r in zip(queries_all, responses_all)]
+        metrics["objective/gold_score"] = float(np.mean(gold))
+    decode = task.tokenizer.decode
+    rows = [
+        [episode, decode(q), decode([t for t in r if t != pad_id]), s.item()] + ([gold[i]] if gold else [])
+        for i, (q, r, s) in enumerate(zip(queries_all[:8], responses_all[:8], torch.cat(scores_all)[:8]))
+    ]
+    return metrics, rows
+
+
+# Argument checks: one line naming the flag, exit status 2, as tyro does for a malformed flag.
+
+
+def fail(message: str) -> NoReturn:
+    """Print a one-line usage error and exit with status 2 (as argparse/tyro do)."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check_args(args: Args, world_size: int, ckpt: Optional[dict], device: torch.device) -> tuple[int, int, int]:
+    """Returns (local_batch_size, batch_size, num_iterations): episodes per iteration on this process and on all."""
+    if ckpt is not None and len(ckpt["resume_state"]) != world_size:
+        fail(f"--resume: {args.resume} was written by {len(ckpt['resume_state'])} processes; resume with as many")
+    local_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.num_minibatches
+    batch_size = local_batch_size * world_size
+    for flag, value in (
+        ("--per-device-train-batch-size", args.per_device_train_batch_size), ("--gradient-accumulation-steps", args.gradient_accumulation_steps),
+        ("--num-minibatches", args.num_minibatches), ("--update-epochs", args.update_epochs),
+        ("--local-rollout-forward-batch-size", args.local_rollout_forward_batch_size),
+        ("--response-length", args.response_length), ("--max-prompt-length", args.max_prompt_length),
+        ("--eval-every", args.eval_every), ("--eval-episodes", args.eval_episodes), ("--kl-horizon", args.kl_horizon),
+    ):  # fmt: skip
+        if value < 1:
+            fail(f"{flag} must be at least 1, got {value}")
+    if args.total_episodes < batch_size:
+        fail(f"--total-episodes {args.total_episodes} is less than one iteration of {batch_size} episodes; raise it")
+    if args.save_every < 0 or args.num_threads < 0:
+        fail(f"--save-every and --num-threads must be >= 0, got {args.save_every} and {args.num_threads}")
+    if args.temperature <= 0:
+        fail(f"--temperature must be positive, got {args.temperature}")
+    if not 0 <= args.gamma <= 1 or not 0 <= args.gae_lambda <= 1:
+        fail("--gamma and --gae-lambda must lie in [0, 1]")
+    if args.clip_coef <= 0 or args.vf_clip_coef <= 0:
+        fail("--clip-coef and --vf-clip-coef must be positive")
+    if args.kl_coef < 0 or args.target_kl <= 0:
+        fail("--kl-coef must be >= 0 and --target-kl positive")
+    if args.model_name_or_path is None and (args.reward_model_path or args.prompts):
+        fail("--reward-model-path/--prompts need --model-name-or-path; leave all three out for the built-in task")
+    if args.model_name_or_path is not None and (args.reward_model_path is None or args.prompts is None):
+        fail("--model-name-or-path needs --reward-model-path and --prompts as well")
+    if args.bf16 and device.type != "cuda":
+        fail("--bf16 needs a CUDA device; drop it on CPU/MPS")
+    return local_batch_size, batch_size, args.total_episodes // batch_size
+
+
+def configure_torch(args: Args) -> None:
+    # transformers' load reports and progress bars would drown the progress lines
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+
+
+# Loading the models and the prompts: a mistake in a path, a model or a prompts file is a one-line error.
+
+
+@dataclass
+class Task:
+    """What a run trains on: the models' paths and configs, the tokenizer and the prompts as token ids."""
+
+    policy_path: str
+    reward_path: str
+    policy_config: transformers.PretrainedConfig
+    reward_config: transformers.PretrainedConfig
+    tokenizer: transformers.PreTrainedTokenizerBase
+    pad_id: int
+    eos_id: int
+    train_queries: list[list[int]]
+    eval_queries: list[list[int]]
+    name: str  # the run name's prefix
+    builtin: Optional[dict] = None  # the built-in task's description (task.json) and hidden language
+    language: Optional[dict] = None
+
+
+def load_task(args: Args, rank: int, distributed: bool) -> Task:
+    """The built-in task (rank 0 builds it or finds it in its cache), or the models and prompts given by the flags."""
+    builtin = language = None
+    eval_flag = "--eval-prompts" if args.eval_prompts else "--prompts"
+    if args.model_name_or_path is None:
+        cache_dir = builtin_cache_dir(args)
+        if rank == 0:
+            builtin = builtin_task(args, cache_dir)
+        if distributed:
+            dist.barrier()
+        if rank != 0:
+            builtin = builtin_task(args, cache_dir)  # built by rank 0: a cache hit
+        policy_path, reward_path = os.path.join(cache_dir, "sft"), os.path.join(cache_dir, "reward")
+        prompts_path, eval_prompts_path = os.path.join(cache_dir, "prompts.jsonl"), os.path.join(cache_dir, "eval_prompts.jsonl")
+        language, name, eval_flag = dict(np.load(os.path.join(cache_dir, "language.npz"))), "builtin", "--prompts"
+    else:
+        policy_path, reward_path = args.model_name_or_path, args.reward_model_path
+        prompts_path, eval_prompts_path = args.prompts, args.eval_prompts or args.prompts
+        name = os.path.basename(os.path.normpath(args.model_name_or_path))
+    policy_config = load_config(policy_path, "--model-name-or-path")
+    reward_config = load_config(reward_path, "--reward-model-path")
+    if reward_config.num_labels != 1:
+        fail(f"--reward-model-path: {reward_path} has {reward_config.num_labels} labels; a reward model needs exactly one (num_labels=1)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(policy_path, padding_side="left", truncation_side="left")
+    except (OSError, ValueError) as e:
+        fail(f"--model-name-or-path: cannot load a tokenizer from {policy_path} ({str(e).splitlines()[0]})")
+    if tokenizer.eos_token_id is None:
+        fail(f"--model-name-or-path: the tokenizer of {policy_path} has no EOS token; set one and save it again")
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        # Padding must differ from EOS, or a real EOS would be masked out. The new id may lie outside the
+        # embedding table; model_inputs never looks it up.
+        tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+
+    def tokenize(texts: list[str]) -> list[list[int]]:
+        return tokenizer(texts, truncation=True, max_length=args.max_prompt_length)["input_ids"]
+
+    train_queries = tokenize(read_prompts(prompts_path, "--prompts"))
+    eval_queries = tokenize(read_prompts(eval_prompts_path, eval_flag))[: args.eval_episodes]
+    if min(len(q) for q in train_queries + eval_queries) == 0:
+        fail("--prompts: a prompt tokenises to no tokens; remove empty prompts")
+    longest = max(len(q) for q in train_queries + eval_queries)
+    for config, flag in ((policy_config, "--model-name-or-path"), (reward_config, "--reward-model-path")):
+        size = context_size(config)
+        if size is not None and longest + args.response_length > size:
+            fail(f"--response-length: {longest} prompt tokens + {args.response_length} response tokens exceed the {size}-token context of {flag}; lower --response-length or --max-prompt-length")
+    return Task(
+        policy_path, reward_path, policy_config, reward_config, tokenizer, tokenizer.pad_token_id, tokenizer.eos_token_id,
+        train_queries, eval_queries, name, builtin, language,
+    )  # fmt: skip
+
+
+def check_models(task: Task, reward_model: nn.Module) -> None:
+    if not hasattr(reward_model, "score") or not hasattr(reward_model, reward_model.base_model_prefix):
+        fail(f"--reward-model-path: {type(reward_model).__name__} has no `score` head on a backbone; pass a decoder model for sequence classification")
+    embeddings = reward_model.get_input_embeddings().num_embeddings
+    if max(max(q) for q in task.train_queries) >= embeddings:
+        fail(f"--reward-model-path: its vocabulary ({embeddings}) is smaller than the policy tokenizer's; the reward model must share the policy's tokenizer")
+
+
+def read_prompts(source: str, flag: str) -> list[str]:
+    if os.path.isfile(source):
+        prompts = []
+        with open(source) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    fail(f"{flag}: line {n} of {source} is not JSON; pass a JSONL file with a \"prompt\" field per line")
+                if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                    fail(f"{flag}: line {n} of {source} has no string \"prompt\" field; add one to every line")
+                prompts.append(record["prompt"])
+    elif source.endswith((".jsonl", ".json")) or os.path.isabs(source) or source.startswith("."):
+        fail(f"{flag}: {source} does not exist; pass a JSONL file with a \"prompt\" field per line")
+    else:
+        try:
+            import datasets
+        except ImportError:
+            fail(f"{flag}: {source} is not a file, and loading it as a dataset needs `pip install datasets`")
+        try:
+            data = datasets.load_dataset(source, split="train")
+        except Exception as e:  # the hub, the network or the dataset's own loading script
+            fail(f"{flag}: cannot load dataset {source} ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+        if "prompt" not in data.column_names:
+            fail(f"{flag}: dataset {source} has no \"prompt\" column; pass one that has")
+        prompts = list(data["prompt"])
+    if not prompts:
+        fail(f"{flag}: {source} holds no prompts")
+    return prompts
+
+
+def load_config(path: str, flag: str):
+    """The model's config with dropout off (set before the model is built, as some models copy it)."""
+    if not os.path.exists(path) and (os.path.isabs(path) or path.startswith(".") or path.count("/") > 1):
+        fail(f"{flag}: {path} does not exist; pass a directory saved with save_pretrained or a hub name")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        fail(f"{flag}: cannot load {path} ({str(e).splitlines()[0]})")
+    for key, value in vars(config).items():
+        if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
+            setattr(config, key, 0.0)
+    return config
+
+
+def load_model(cls, path: str, config, flag: str) -> nn.Module:
+    try:
+        model = cls.from_pretrained(path, config=config)
+    except (OSError, ValueError) as e:
+        fail(f"{flag}: cannot load {path} as {cls.__name__} ({str(e).splitlines()[0]})")
+    return disable_dropout(model)
+
+
+def context_size(config) -> Optional[int]:
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+
+
+# Flat parameters: on small models a call per tensor costs more than the arithmetic, so the policy's and the
+# value model's parameters live in one flat tensor and Adam, the clip and the all-reduce are one call each.
+
+
+class FlatParameters:
+    """`param` holds every given parameter; each parameter's .data is a view into `param` and its .grad a view
+    into `param.grad`, so backward accumulates into the flat gradient in place. The usual idioms keep their
+    meaning: after optimizer.zero_grad() (param.grad set to None) or model.zero_grad() (a parameter's .grad set
+    to None) a hook on each parameter restores the views, zeroed, before the next gradient lands in them.
+    check_grads(), before the clip, copies back a .grad replaced by another tensor and notes one left None."""
+
+    def __init__(self, params: list[nn.Parameter]):
+        self.params = params
+        self.param = nn.Parameter(torch.cat([p.detach().reshape(-1) for p in params]))
+        self.grad = torch.zeros_like(self.param)
+        self.param.grad = self.grad
+        self.views, self.noted, offset = [], False, 0
+        for p in params:
+            p.data = self.param.data[offset : offset + p.numel()].view_as(p)
+            p.grad = self.grad[offset : offset + p.numel()].view_as(p)
+            self.views.append(p.grad)
+            p.register_hook(partial(self._relink, p, p.grad))
+            offset += p.numel()
+
+    def _relink(self, p: nn.Parameter, view: Tensor, grad: Tensor) -> None:
+        if self.param.grad is None:  # optimizer.zero_grad(): every gradient starts again from zero
+            self.param.grad = self.grad.zero_()
+        if p.grad is None:  # model.zero_grad(): this parameter's gradient starts again from zero
+            p.grad = view.zero_()
+
+    def check_grads(self) -> None:
+        if self.param.grad is None:  # zeroed and no backward since
+            self.param.grad = self.grad.zero_()
+        for p, view in zip(self.params, self.views):
+            if p.grad is view:
+                continue
+            if p.grad is None:
+                view.zero_()
+                if not self.noted:
+                    print("note: a parameter got no gradient since its .grad was set to None; the flat Adam step counts it as 0 (per-tensor Adam would skip it)")
+                    self.noted = True
+            else:
+                view.copy_(p.grad)
+            p.grad = view
+
+
+# The built-in offline task: a hidden Markov-chain language, an SFT model trained on its corpus, a hidden gold
+# reward, Bradley-Terry preference labels on SFT samples, and a reward model trained on them. The models are
+# saved as ordinary Hugging Face checkpoints and then go through the same PPO code as real checkpoints.
 
 BUILTIN_SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 BUILTIN_RESPONSE_LENGTH = 16  # longest response in the corpus
 BUILTIN_EVAL_PROMPTS = 512
 BUILTIN_VERSION = 4  # bump when the task definition changes, so stale caches are not reused
+
+
+def builtin_cache_dir(args: Args) -> str:
+    """One cache entry per task definition: the task_* flags and BUILTIN_VERSION."""
+    key = json.dumps({k: v for k, v in asdict(args).items() if k.startswith("task_")} | {"v": BUILTIN_VERSION})
+    return os.path.join(args.cache_dir or os.path.join(args.runs_dir, "builtin_task"), hashlib.sha1(key.encode()).hexdigest()[:10])
 
 
 def builtin_language(vocab_size: int, seed: int) -> dict[str, np.ndarray]:
@@ -485,9 +1190,8 @@ def builtin_task(args: Args, cache_dir: str) -> dict:
     width = max(map(len, seqs))
     corpus = torch.tensor([s + [pad_id] * (width - len(s)) for s in seqs])
 
-    # 2. SFT: a tiny GPT-2 built from a config, trained as a language model on the corpus. Its
-    # activation is the exact (erf) GELU rather than GPT-2's tanh approximation: torch's CPU tanh
-    # is slow enough that gelu_new cost 3.3 ms a call against 0.4 ms on a rollout batch (64 x 24 x 256).
+    # 2. SFT: a tiny GPT-2 built from a config, trained as a language model on the corpus. Its activation is
+    # the exact (erf) GELU, which the CPU computes faster than GPT-2's tanh approximation.
     config = GPT2Config(
         vocab_size=len(tokenizer), n_positions=64, n_embd=64, n_layer=2, n_head=4, activation_function="gelu",
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
@@ -584,512 +1288,5 @@ def builtin_task(args: Args, cache_dir: str) -> dict:
     return task
 
 
-# ----------------------------------------------------------------------------------------------
-# Setup helpers
-# ----------------------------------------------------------------------------------------------
-
-
-def read_prompts(source: str, flag: str) -> list[str]:
-    if os.path.isfile(source):
-        prompts = []
-        with open(source) as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    fail(f"{flag}: line {n} of {source} is not JSON; pass a JSONL file with a \"prompt\" field per line")
-                if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                    fail(f"{flag}: line {n} of {source} has no string \"prompt\" field; add one to every line")
-                prompts.append(record["prompt"])
-    elif source.endswith((".jsonl", ".json")) or os.path.isabs(source) or source.startswith("."):
-        fail(f"{flag}: {source} does not exist; pass a JSONL file with a \"prompt\" field per line")
-    else:
-        try:
-            import datasets
-        except ImportError:
-            fail(f"{flag}: {source} is not a file, and loading it as a dataset needs `pip install datasets`")
-        try:
-            data = datasets.load_dataset(source, split="train")
-        except Exception as e:  # the hub, the network or the dataset's own loading script
-            fail(f"{flag}: cannot load dataset {source} ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
-        if "prompt" not in data.column_names:
-            fail(f"{flag}: dataset {source} has no \"prompt\" column; pass one that has")
-        prompts = list(data["prompt"])
-    if not prompts:
-        fail(f"{flag}: {source} holds no prompts")
-    return prompts
-
-
-def load_config(path: str, flag: str):
-    """The model's config with dropout off (set before the model is built, as some models copy it)."""
-    if not os.path.exists(path) and (os.path.isabs(path) or path.startswith(".") or path.count("/") > 1):
-        fail(f"{flag}: {path} does not exist; pass a directory saved with save_pretrained or a hub name")
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        fail(f"{flag}: cannot load {path} ({str(e).splitlines()[0]})")
-    for key, value in vars(config).items():
-        if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
-            setattr(config, key, 0.0)
-    return config
-
-
-def load_model(cls, path: str, config, flag: str) -> nn.Module:
-    try:
-        model = cls.from_pretrained(path, config=config)
-    except (OSError, ValueError) as e:
-        fail(f"{flag}: cannot load {path} as {cls.__name__} ({str(e).splitlines()[0]})")
-    return disable_dropout(model)
-
-
-def context_size(config) -> Optional[int]:
-    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
-
-
-def save_checkpoint(path: str, state: dict) -> None:
-    """Atomic: a crash while writing leaves the previous checkpoint intact."""
-    tmp = f"{path}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def rng_state(device: torch.device) -> dict:
-    state = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate())
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-# ----------------------------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------------------------
-
-
-def main(args: Args) -> None:
-    # 0. Validate flags before anything slow. Transformers' load reports and progress bars would
-    # drown the progress lines.
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    resume_state = None
-    if args.resume is not None:
-        if not os.path.isfile(args.resume):
-            fail(f"--resume: {args.resume} does not exist; pass a checkpoint.pt written by an earlier run")
-        resume_state = torch.load(args.resume, map_location="cpu", weights_only=False)
-        keep = {"device", "num_threads", "resume", "save_every", "track"}
-        args = Args(**{**resume_state["args"], **{k: v for k, v in asdict(args).items() if k in keep}})
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if resume_state is not None and len(resume_state["rng"]) != world_size:
-        fail(f"--resume: {args.resume} was written by {len(resume_state['rng'])} processes; resume with as many")
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    micro = args.per_device_train_batch_size
-    minibatch = micro * args.gradient_accumulation_steps
-    local_batch = minibatch * args.num_minibatches
-    batch = local_batch * world_size
-    num_updates = args.total_episodes // batch
-    for flag, value in (
-        ("--per-device-train-batch-size", micro), ("--gradient-accumulation-steps", args.gradient_accumulation_steps),
-        ("--num-minibatches", args.num_minibatches), ("--update-epochs", args.update_epochs),
-        ("--local-rollout-forward-batch-size", args.local_rollout_forward_batch_size),
-        ("--response-length", args.response_length), ("--max-prompt-length", args.max_prompt_length),
-        ("--eval-every", args.eval_every), ("--eval-episodes", args.eval_episodes), ("--kl-horizon", args.kl_horizon),
-    ):  # fmt: skip
-        if value < 1:
-            fail(f"{flag} must be at least 1, got {value}")
-    if num_updates < 1:
-        fail(f"--total-episodes {args.total_episodes} is less than one update of {batch} episodes; raise it")
-    if args.save_every < 0 or args.num_threads < 0:
-        fail(f"--save-every and --num-threads must be >= 0, got {args.save_every} and {args.num_threads}")
-    if args.temperature <= 0:
-        fail(f"--temperature must be positive, got {args.temperature}")
-    if not 0 <= args.gamma <= 1 or not 0 <= args.gae_lambda <= 1:
-        fail("--gamma and --gae-lambda must lie in [0, 1]")
-    if args.clip_coef <= 0 or args.vf_clip_coef <= 0:
-        fail("--clip-coef and --vf-clip-coef must be positive")
-    if args.kl_coef < 0 or args.target_kl <= 0:
-        fail("--kl-coef must be >= 0 and --target-kl positive")
-    if args.model_name_or_path is None and (args.reward_model_path or args.prompts):
-        fail("--reward-model-path/--prompts need --model-name-or-path; leave all three out for the built-in task")
-    if args.model_name_or_path is not None and (args.reward_model_path is None or args.prompts is None):
-        fail("--model-name-or-path needs --reward-model-path and --prompts as well")
-    if args.device == "auto":
-        device_str = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    else:
-        device_str = args.device
-    try:
-        device = torch.device(device_str)
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as e:
-        fail(f"--device {args.device} is not usable here ({str(e).splitlines()[0]}); pass auto, cpu, cuda, cuda:N or mps")
-    if device.type == "cuda" and world_size > 1:
-        if local_rank >= torch.cuda.device_count():
-            fail(
-                f"--device {args.device}: torchrun started local rank {local_rank} but only"
-                f" {torch.cuda.device_count()} GPU(s) are visible; start one process per GPU or pass --device cpu"
-            )
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    if args.bf16 and device.type != "cuda":
-        fail("--bf16 needs a CUDA device; drop it on CPU/MPS")
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    if args.num_threads:
-        torch.set_num_threads(args.num_threads)
-
-    # 1. Processes: one per device; rank 0 logs, saves and evaluates.
-    if world_size > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    is_main = rank == 0
-
-    # 2. Models. The built-in task is built by rank 0 (or found in its cache), then served to
-    # the same code as real checkpoints.
-    task = None
-    if args.model_name_or_path is None:
-        key = json.dumps({k: v for k, v in asdict(args).items() if k.startswith("task_")} | {"v": BUILTIN_VERSION})
-        cache_dir = os.path.join(args.cache_dir or os.path.join(args.runs_dir, "builtin_task"), hashlib.sha1(key.encode()).hexdigest()[:10])
-        if is_main:
-            task = builtin_task(args, cache_dir)
-        if world_size > 1:
-            dist.barrier()
-        if not is_main:
-            task = builtin_task(args, cache_dir)  # built by rank 0: a cache hit
-        policy_path, reward_path = os.path.join(cache_dir, "sft"), os.path.join(cache_dir, "reward")
-        prompts_path, eval_prompts_path = os.path.join(cache_dir, "prompts.jsonl"), os.path.join(cache_dir, "eval_prompts.jsonl")
-        lang = dict(np.load(os.path.join(cache_dir, "language.npz")))
-        prefix = "builtin"
-    else:
-        policy_path, reward_path = args.model_name_or_path, args.reward_model_path
-        prompts_path, eval_prompts_path = args.prompts, args.eval_prompts or args.prompts
-        prefix = os.path.basename(os.path.normpath(args.model_name_or_path))
-    policy_config = load_config(policy_path, "--model-name-or-path")
-    rm_config = load_config(reward_path, "--reward-model-path")
-    if rm_config.num_labels != 1:
-        fail(f"--reward-model-path: {reward_path} has {rm_config.num_labels} labels; a reward model needs exactly one (num_labels=1)")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(policy_path, padding_side="left", truncation_side="left")
-    except (OSError, ValueError) as e:
-        fail(f"--model-name-or-path: cannot load a tokenizer from {policy_path} ({str(e).splitlines()[0]})")
-    if tokenizer.eos_token_id is None:
-        fail(f"--model-name-or-path: the tokenizer of {policy_path} has no EOS token; set one and save it again")
-    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        # Padding must differ from EOS, or a real EOS would be masked out. The new id may lie
-        # outside the embedding table; model_inputs never looks it up.
-        tokenizer.add_special_tokens({"pad_token": "[PAD]"})
-    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-    policy = load_model(AutoModelForCausalLM, policy_path, policy_config, "--model-name-or-path").to(device)
-    ref_policy = load_model(AutoModelForCausalLM, policy_path, policy_config, "--model-name-or-path").to(device).eval()
-    reward_model = load_model(AutoModelForSequenceClassification, reward_path, rm_config, "--reward-model-path").to(device).eval()
-    # Value model: a separate copy of the reward model (as in the TL;DR reproduction of Huang et
-    # al., 2024). It starts out predicting scores, which is close to the returns it must learn,
-    # and keeps value-loss gradients out of the policy's representation.
-    value_model = load_model(AutoModelForSequenceClassification, reward_path, rm_config, "--reward-model-path").to(device)
-    if not hasattr(reward_model, "score") or not hasattr(reward_model, reward_model.base_model_prefix):
-        fail(f"--reward-model-path: {type(reward_model).__name__} has no `score` head on a backbone; pass a decoder model for sequence classification")
-    for p in list(ref_policy.parameters()) + list(reward_model.parameters()):
-        p.requires_grad_(False)
-    if args.gradient_checkpointing:
-        policy.gradient_checkpointing_enable()
-        value_model.gradient_checkpointing_enable()
-
-    # 3. Prompts, tokenised once; the context must hold the longest prompt plus a full response.
-    def tokenize(texts: list[str]) -> list[list[int]]:
-        return tokenizer(texts, truncation=True, max_length=args.max_prompt_length)["input_ids"]
-
-    train_queries = tokenize(read_prompts(prompts_path, "--prompts"))
-    eval_queries = tokenize(read_prompts(eval_prompts_path, "--eval-prompts" if args.eval_prompts else "--prompts"))[: args.eval_episodes]
-    if min(len(q) for q in train_queries + eval_queries) == 0:
-        fail("--prompts: a prompt tokenises to no tokens; remove empty prompts")
-    longest = max(len(q) for q in train_queries + eval_queries)
-    for model, flag in ((policy, "--model-name-or-path"), (reward_model, "--reward-model-path")):
-        size = context_size(model.config)
-        if size is not None and longest + args.response_length > size:
-            fail(f"--response-length: {longest} prompt tokens + {args.response_length} response tokens exceed the {size}-token context of {flag}; lower --response-length or --max-prompt-length")
-    embeddings = reward_model.get_input_embeddings().num_embeddings
-    if max(max(q) for q in train_queries) >= embeddings:
-        fail(f"--reward-model-path: its vocabulary ({embeddings}) is smaller than the policy tokenizer's; the reward model must share the policy's tokenizer")
-    gen_config = sampling_config(args.response_length, args.temperature, eos_id, pad_id, policy.get_input_embeddings().num_embeddings)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
-
-    # 4. Optimiser over policy and value model together (one loss, one clip of the global norm).
-    # Their parameters and gradients live in one flat tensor each, so the fused Adam step, the
-    # clip and the torchrun all-reduce are one call each: on small models a call per tensor costs
-    # more than the arithmetic.
-    flat_params = flatten_parameters([p for m in (policy, value_model) for p in m.parameters() if p.requires_grad])
-    optimizer = torch.optim.Adam([flat_params], lr=args.learning_rate, eps=1e-5, fused=device.type in ("cpu", "cuda"))
-
-    # 5. Run directory, or the state of the run being resumed.
-    start_update, episode, kl_coef = 1, 0, args.kl_coef
-    if resume_state is not None:
-        run_name = resume_state["run_name"]
-        try:
-            policy.load_state_dict(resume_state["policy"])
-            value_model.load_state_dict(resume_state["value_model"])
-            optimizer.load_state_dict(resume_state["optimizer"])
-        except (RuntimeError, ValueError):  # e.g. per-tensor Adam state, from before the flat parameters
-            fail(f"--resume {args.resume}: its model or optimizer state does not fit this version of the script; start a new run")
-        start_update, episode, kl_coef = resume_state["update"] + 1, resume_state["episode"], resume_state["kl_coef"]
-    else:
-        run_name = f"{prefix}__{args.exp_name}__{args.seed}__{int(time.time())}"
-        if world_size > 1:  # every rank must agree on the run directory
-            names = [run_name]
-            dist.broadcast_object_list(names, src=0)
-            run_name = names[0]
-    run_dir = os.path.join(args.runs_dir, run_name)
-    metrics_path = os.path.join(run_dir, "metrics.jsonl")
-    if is_main:
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump(asdict(args), f, indent=1)
-        if resume_state is not None and os.path.exists(metrics_path):
-            # Lines logged after the checkpoint will be logged again by the resumed run.
-            with open(metrics_path) as f:
-                kept = [line for line in f if json.loads(line)["episode"] <= episode]
-            with open(metrics_path, "w") as f:
-                f.writelines(kept)
-    wandb = None
-    if args.track and is_main:
-        import wandb
-
-        wandb.init(
-            project=args.wandb_project_name, entity=args.wandb_entity, name=run_name,
-            config=asdict(args) | ({"builtin_task": task} if task is not None else {}),
-            id="".join(c if c.isalnum() or c in "-_" else "-" for c in run_name), resume="allow", dir=run_dir,
-        )  # fmt: skip
-        wandb.define_metric("*", step_metric="episode")
-
-    def log(metrics: dict) -> None:
-        if not is_main:
-            return
-        metrics = {"episode": episode, **metrics}
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        if wandb is not None:
-            wandb.log(metrics)
-
-    # 6. Seeds are set after the built-in task (which seeds itself from --task-seed), so a cached
-    # and a freshly built task give the same run.
-    random.seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
-    torch.manual_seed(args.seed + rank)
-    if resume_state is not None:
-        set_rng_state(resume_state["rng"][rank], device)
-
-    if is_main:
-        print(
-            f"run {run_name}: {batch} episodes per update = {micro} (micro-batch) x {args.gradient_accumulation_steps} "
-            f"(gradient accumulation) x {args.num_minibatches} (minibatches) x {world_size} (processes); "
-            f"{num_updates} updates = {num_updates * batch} episodes; {args.update_epochs} PPO epochs; "
-            f"no-grad passes in chunks of {args.local_rollout_forward_batch_size}; device {device}"
-        )
-        if task is not None:
-            print(f"built-in task: reward model held-out accuracy {task['rm_accuracy']:.3f}, SFT gold score {task['sft_gold_mean']:.3f} +- {task['sft_gold_std']:.3f}")
-
-    def evaluate() -> tuple[dict, list]:
-        """Sample the held-out prompts with a fixed seed (the same noise at every evaluation) and
-        score them; on the built-in task also with the hidden gold reward."""
-        policy.eval()
-        queries_all, responses_all, scores_all = [], [], []
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad(), autocast:
-            torch.manual_seed(args.seed + 10_000)
-            for i in range(0, len(eval_queries), args.local_rollout_forward_batch_size):
-                queries = left_pad(eval_queries[i : i + args.local_rollout_forward_batch_size], pad_id, device)
-                responses = truncate_after_eos(generate(policy, queries, pad_id, gen_config, args.response_length)[0], eos_id, pad_id)
-                scores = sequence_scores(reward_model, torch.cat([queries, responses], 1), pad_id, queries.size(1))
-                scores_all.append(apply_missing_eos_penalty(scores, responses, eos_id, args.missing_eos_penalty))
-                queries_all += [[t for t in q if t != pad_id] for q in queries.tolist()]
-                responses_all += responses.tolist()
-        metrics = {"eval/scores": torch.cat(scores_all).mean().item()}
-        gold = None
-        if task is not None:
-            n_special = len(BUILTIN_SPECIALS)
-            gold = [builtin_gold_score(lang, [t - n_special for t in q], builtin_words(r, eos_id, pad_id)) for q, r in zip(queries_all, responses_all)]
-            metrics["objective/gold_score"] = float(np.mean(gold))
-        rows = [
-            [episode, tokenizer.decode(q), tokenizer.decode([t for t in r if t != pad_id]), s.item()] + ([gold[i]] if gold else [])
-            for i, (q, r, s) in enumerate(zip(queries_all[:8], responses_all[:8], torch.cat(scores_all)[:8]))
-        ]
-        return metrics, rows
-
-    def evaluate_and_log(last: dict) -> None:
-        metrics, rows = evaluate()
-        log(metrics)
-        if wandb is not None:
-            columns = ["episode", "query", "response", "score"] + (["gold_score"] if task is not None else [])
-            wandb.log({"episode": episode, "samples": wandb.Table(columns=columns, data=rows)})
-        print(
-            f"update {update}/{num_updates} episode {episode}: "
-            + " ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in metrics.items())
-            + "".join(f" {k} {last[k]:.3f}" for k in ("objective/scores", "objective/kl", "objective/kl_coef", "eps") if k in last)
-            + f" | {rows[0][1][-60:]!r} -> {rows[0][2][:60]!r}"
-        )
-
-    interrupted = False
-
-    def on_sigint(signum, frame):
-        nonlocal interrupted
-        interrupted = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C aborts at once
-        print("Ctrl-C: finishing this update, then saving a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
-
-    signal.signal(signal.SIGINT, on_sigint)
-
-    def checkpoint(update: int) -> None:
-        rngs = [rng_state(device)]
-        if world_size > 1:
-            rngs = [None] * world_size
-            dist.all_gather_object(rngs, rng_state(device))
-        if is_main:
-            save_checkpoint(
-                os.path.join(run_dir, "checkpoint.pt"),
-                dict(
-                    run_name=run_name, args=asdict(args), update=update, episode=episode, kl_coef=kl_coef,
-                    policy=policy.state_dict(), value_model=value_model.state_dict(), optimizer=optimizer.state_dict(), rng=rngs,
-                ),
-            )  # fmt: skip
-
-    update = 0
-    if resume_state is None and is_main:
-        evaluate_and_log({})  # the SFT policy's scores: the baseline the run must beat
-    start_time, start_episode = time.time(), episode
-    for update in range(start_update, num_updates + 1):
-        # 7. Learning rate annealed linearly to 0 at the last update.
-        lr = args.learning_rate * (1.0 - (update - 1.0) / num_updates if args.anneal_lr else 1.0)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-
-        # 8. Rollout (no grad, in chunks): this rank's slice of the global batch of prompts,
-        # drawn without replacement from a fresh permutation each pass over the prompts.
-        first = (update - 1) * batch + rank * local_batch
-        positions = range(first, first + local_batch)
-        perms = {e: np.random.default_rng([args.seed, e]).permutation(len(train_queries)) for e in {p // len(train_queries) for p in positions}}
-        batch_queries = left_pad([train_queries[perms[p // len(train_queries)][p % len(train_queries)]] for p in positions], pad_id, device)
-        context_length = batch_queries.size(1)
-        policy.eval()
-        value_model.eval()
-        chunk = args.local_rollout_forward_batch_size
-        responses, logprobs, ref_logprobs, scores, values = [], [], [], [], []
-        with torch.no_grad(), autocast:
-            for i in range(0, local_batch, chunk):
-                queries = batch_queries[i : i + chunk]
-                response, logprob = generate(policy, queries, pad_id, gen_config, args.response_length)
-                response = truncate_after_eos(response, eos_id, pad_id)
-                query_response = torch.cat([queries, response], 1)
-                ref_logprobs.append(lm_response_logprobs(ref_policy, query_response, pad_id, context_length, args.temperature)[0])
-                score = sequence_scores(reward_model, query_response, pad_id, context_length)
-                scores.append(apply_missing_eos_penalty(score, response, eos_id, args.missing_eos_penalty))
-                values.append(token_scores(value_model, query_response, pad_id)[:, context_length - 1 : -1])
-                responses.append(response)
-                logprobs.append(logprob)
-        responses, logprobs, ref_logprobs = torch.cat(responses), torch.cat(logprobs), torch.cat(ref_logprobs)
-        scores, values = torch.cat(scores), torch.cat(values)
-        query_responses = torch.cat([batch_queries, responses], 1)
-        mask = responses != pad_id
-        logprobs, ref_logprobs = torch.where(mask, logprobs, 0.0), torch.where(mask, ref_logprobs, 0.0)
-        values = torch.where(mask, values, 0.0)
-        episode += batch
-
-        # 9. Rewards: per-token KL penalty plus the score at the last real token; GAE over tokens.
-        rewards, kl, non_score_reward = shape_rewards(logprobs, ref_logprobs, scores, mask, kl_coef, args.kl_estimator)
-        if args.whiten_rewards:
-            rewards = whiten(rewards, mask, shift_mean=False)
-        advantages, returns = gae_advantages(rewards, values, mask, args.gamma, args.gae_lambda)
-        if args.norm_adv:
-            advantages = whiten(advantages, mask)
-
-        # 10. PPO epochs over shuffled minibatches; gradients accumulated over micro-batches and
-        # averaged over processes before clipping and stepping.
-        policy.train()  # dropout is off; train mode only activates gradient checkpointing
-        value_model.train()
-        stats = torch.zeros(7, args.update_epochs, args.num_minibatches, args.gradient_accumulation_steps, device=device)
-        for epoch in range(args.update_epochs):
-            perm = torch.randperm(local_batch, device=device)
-            for mb in range(args.num_minibatches):
-                for acc in range(args.gradient_accumulation_steps):
-                    idx = perm[mb * minibatch + acc * micro : mb * minibatch + (acc + 1) * micro]
-                    mb_mask = mask[idx]
-                    with autocast:
-                        new_logprobs, logits = lm_response_logprobs(policy, query_responses[idx], pad_id, context_length, args.temperature)
-                        new_values = token_scores(value_model, query_responses[idx], pad_id)[:, context_length - 1 : -1]
-                    pg_loss, pg_clipfrac, approx_kl, ratio = policy_loss(new_logprobs, logprobs[idx], advantages[idx], mb_mask, args.clip_coef)
-                    vf_loss, vf_clipfrac = value_loss(new_values, values[idx], returns[idx], mb_mask, args.vf_clip_coef if args.clip_vloss else None)
-                    loss = (pg_loss + args.vf_coef * vf_loss) / args.gradient_accumulation_steps
-                    loss.backward()
-                    with torch.no_grad():
-                        entropy = masked_mean(torch.logsumexp(logits, -1) - (logits.softmax(-1) * logits).sum(-1), mb_mask)
-                        stats[:, epoch, mb, acc] = torch.stack([approx_kl, pg_clipfrac, pg_loss, vf_loss, vf_clipfrac, entropy, ratio])
-                if world_size > 1:
-                    dist.all_reduce(flat_params.grad)
-                    flat_params.grad /= world_size
-                nn.utils.clip_grad_norm_([flat_params], args.max_grad_norm)
-                optimizer.step()
-                flat_params.grad.zero_()
-
-        # 11. Statistics (averaged over processes), adaptive KL coefficient, logging.
-        with torch.no_grad():
-            ratios = stats[6].flatten()
-            local = {
-                "objective/kl": kl.sum(1).mean(),
-                "objective/entropy": (-logprobs).sum(1).mean(),
-                "objective/non_score_reward": non_score_reward.sum(1).mean(),
-                "objective/scores": scores.mean(),
-                "policy/approxkl_avg": stats[0].mean(),
-                "policy/clipfrac_avg": stats[1].mean(),
-                "loss/policy_avg": stats[2].mean(),
-                "loss/value_avg": stats[3].mean(),
-                "val/clipfrac_avg": stats[4].mean(),
-                "policy/entropy_avg": stats[5].mean(),
-                "val/ratio": ratios.mean(),
-                "val/ratio_var": ratios.var() if ratios.numel() > 1 else ratios.new_zeros(()),
-                "val/num_eos_tokens": (responses == eos_id).sum().float() * world_size,  # a sum over processes
-                "objective/response_length": mask.sum(1).float().mean(),
-                "objective/eos_fraction": (responses == eos_id).any(1).float().mean(),
-            }
-            summary = torch.stack(list(local.values()))
-            if world_size > 1:
-                dist.all_reduce(summary)
-                summary /= world_size
-        last = dict(zip(local, summary.tolist()))
-        last["objective/rlhf_reward"] = last["objective/scores"] + last["objective/non_score_reward"]
-        last |= {"objective/kl_coef": kl_coef, "lr": lr, "eps": (episode - start_episode) / (time.time() - start_time)}
-        log(last)
-        if args.adaptive_kl:
-            kl_coef = adaptive_kl_coef(kl_coef, last["objective/kl"], args.target_kl, args.kl_horizon, batch)
-        if is_main and (update % args.eval_every == 0 or update == num_updates):
-            evaluate_and_log(last)
-
-        # 12. Checkpoint every --save-every updates, and stop cleanly after a Ctrl-C on any rank.
-        stop = torch.tensor(float(interrupted), device=device)
-        if world_size > 1:
-            dist.all_reduce(stop)
-        if stop.item() > 0 and update < num_updates:
-            checkpoint(update)
-            if is_main:
-                print(f"interrupted: checkpoint saved; continue with --resume {os.path.join(run_dir, 'checkpoint.pt')}")
-            break
-        if args.save_every and update % args.save_every == 0 and update < num_updates:
-            checkpoint(update)
-    else:
-        # 13. The end: a final checkpoint and the policy as an ordinary Hugging Face model.
-        checkpoint(num_updates)
-        if is_main:
-            policy.save_pretrained(os.path.join(run_dir, "policy"))
-            tokenizer.save_pretrained(os.path.join(run_dir, "policy"))
-            print(f"done: policy saved to {os.path.join(run_dir, 'policy')}")
-    if wandb is not None:
-        wandb.finish()
-    if world_size > 1:
-        dist.barrier()  # wait for rank 0 to finish evaluating: a rank leaving gloo early once died of SIGABRT
-        dist.destroy_process_group()
-
-
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    train(tyro.cli(Args))
