@@ -1,20 +1,12 @@
-"""PPO for continuous actions (MuJoCo and any env with a bounded Box action space) in one file.
+"""PPO for continuous actions (MuJoCo, or any env with a bounded 1-D Box action space) in one file.
 
-    python ppo_continuous.py                                    # HalfCheetah-v5, CleanRL's defaults
-    python ppo_continuous.py cleanrl --env-id Hopper-v5 --learning-rate 1e-4
-    python ppo_continuous.py zoo-halfcheetah                    # rl-baselines3-zoo's tuned HalfCheetah settings
-    python ppo_continuous.py --help                             # the presets; `cleanrl --help` for the flags
+    python ppo_continuous.py                                    # HalfCheetah-v5 with CleanRL's defaults
+    python ppo_continuous.py zoo-halfcheetah --seed 2           # a preset as the first word, then any flag
+    python ppo_continuous.py --help                             # every flag (and the presets)
     torchrun --nproc_per_node 2 ppo_continuous.py               # data parallel, one set of envs per process
 
-The first word may name a preset of hyperparameters (PRESETS below; `cleanrl` when left out);
-every flag after it overrides that preset's value. --capture-video renders offscreen: on a Linux
-machine without a display the script then sets MUJOCO_GL=egl (Mesa's libEGL, no GPU needed).
-Read top to bottom: arguments and presets, the numerical core (Gaussian policy, GAE, losses, KL
-estimators, running normalisers of observations and rewards), environments, the network (and its
-numpy copy that runs the rollout), then `main`: 1. rollout, 2. GAE, 3. clipped update, 4. logging
-and checkpoints.
-References: Schulman et al. 2017 (PPO), Schulman et al. 2016 (GAE), Huang et al. 2022
-("The 37 Implementation Details of PPO").
+References: Schulman et al. 2017 (PPO), Schulman et al. 2016 (GAE), Huang et al. 2022 ("The 37 Implementation
+Details of PPO").
 """
 
 import ctypes.util
@@ -29,7 +21,7 @@ import sys
 import time
 from collections import deque
 from dataclasses import asdict, dataclass
-from typing import Literal, NoReturn, Optional, Sequence
+from typing import Callable, Literal, NoReturn, Optional, Sequence, Union
 
 import gymnasium as gym
 import numpy as np
@@ -42,38 +34,6 @@ from gymnasium.vector import AutoresetMode
 
 @dataclass
 class Args:
-    exp_name: str = "ppo_continuous"
-    """the name of this experiment (part of the run name)"""
-    seed: int = 1
-    """seed of the experiment (each torchrun process adds its rank)"""
-    torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
-    device: str = "auto"
-    """torch device: `auto` (cuda, then mps, then cpu) or a device string such as `cpu` or `cuda:1`"""
-    num_threads: int = 0
-    """torch CPU threads per process (0: torch's default); 1 is often fastest for the small MLP"""
-    track: bool = False
-    """if toggled, log to Weights and Biases (metrics land in runs/{run_name}/metrics.jsonl either way)"""
-    wandb_project_name: str = "ppo"
-    """the wandb project name"""
-    wandb_entity: Optional[str] = None
-    """the wandb entity (team or user)"""
-    capture_video: bool = False
-    """if toggled, record the first evaluation episode to runs/{run_name}/videos/ (headless: MUJOCO_GL=egl)"""
-    runs_dir: str = "runs"
-    """folder that holds runs/{run_name}/ (metrics, args, checkpoints, videos)"""
-    save_every: int = 0
-    """write a checkpoint every this many iterations (0: only at the end and on Ctrl-C)"""
-    resume: Optional[str] = None
-    """path of a checkpoint.pt to continue; hyperparameters come from the checkpoint"""
-    eval_episodes: int = 10
-    """episodes played by the final policy after training (0: no evaluation)"""
-    eval_stochastic: bool = False
-    """if toggled, evaluation samples actions; by default it acts with the policy's mean"""
-    eval_checkpoint: Optional[str] = None
-    """evaluate the policy of this checkpoint for --eval-episodes and exit, without training"""
-
-    # Algorithm specific arguments
     env_id: str = "HalfCheetah-v5"
     """gymnasium id with a bounded 1-D Box action space"""
     total_timesteps: int = 1000000
@@ -108,8 +68,6 @@ class Args:
     """global gradient-norm clipping threshold"""
     target_kl: Optional[float] = None
     """stop the update epochs early once the approximate KL passes this (None: never)"""
-
-    # Continuous control specific arguments
     hidden_sizes: tuple[int, ...] = (64, 64)
     """hidden layer widths of the actor and of the critic MLP (each has its own)"""
     activation: Literal["tanh", "relu", "elu"] = "tanh"
@@ -131,10 +89,45 @@ class Args:
     """bootstrap time-limit truncations from V(final obs); --no-bootstrap-truncation treats them as
     terminations, as CleanRL does"""
 
+    # Run settings: naming and seeding, device, tracking, run folder and checkpoints, evaluation.
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (part of the run name)"""
+    seed: int = 1
+    """seed of the experiment (each torchrun process adds its rank)"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    device: str = "auto"
+    """torch device: `auto` (cuda, then mps, then cpu) or a device string such as `cpu` or `cuda:1`"""
+    num_threads: int = 0
+    """torch CPU threads per process (0: torch's default); 1 is often fastest for the small MLP"""
+    track: bool = False
+    """if toggled, log to Weights and Biases (metrics land in runs/{run_name}/metrics.jsonl either way)"""
+    wandb_project_name: str = "ppo"
+    """the wandb project name"""
+    wandb_entity: Optional[str] = None
+    """the wandb entity (team or user)"""
+    capture_video: bool = False
+    """if toggled, record the first evaluation episode to runs/{run_name}/videos/ (without a display:
+    offscreen through EGL, MUJOCO_GL=egl)"""
+    runs_dir: str = "runs"
+    """folder that holds runs/{run_name}/ (metrics, args, checkpoints, videos)"""
+    save_every: int = 0
+    """write a checkpoint every this many iterations (0: only at the end and on Ctrl-C or SIGTERM)"""
+    resume: Optional[str] = None
+    """path of a checkpoint.pt to continue, in its folder; hyperparameters come from the checkpoint. It
+    unpickles the saved envs and RNG states, which runs code the file holds: meant for your own runs"""
+    eval_episodes: int = 10
+    """episodes played by the final policy after training (0: no evaluation)"""
+    eval_stochastic: bool = False
+    """if toggled, evaluation samples actions; by default it acts with the policy's mean"""
+    eval_checkpoint: Optional[str] = None
+    """evaluate the policy of this checkpoint for --eval-episodes and exit, without training (loads only
+    tensors and plain values, weights_only=True: safe for a checkpoint someone shared)"""
 
-# Named hyperparameter presets: the first word on the command line, every value overridable.
-# zoo-halfcheetah: rl-baselines3-zoo's tuned PPO for HalfCheetah (n_steps 512, batch 64, 20 epochs,
-# constant lr, no value clipping); SB3's value loss has no 0.5 factor, so its vf_coef 0.58096 is 1.16192 here.
+
+# Presets of hyperparameters, named by the optional first word of the command line; every flag overrides.
+# zoo-halfcheetah: rl-baselines3-zoo's tuned PPO for HalfCheetah (n_steps 512, batch 64, 20 epochs, constant lr,
+# no value clipping); SB3's value loss has no 0.5 factor, so its vf_coef 0.58096 is 1.16192 here.
 PRESETS: dict[str, tuple[str, Args]] = {
     "cleanrl": ("CleanRL's ppo_continuous_action.py defaults (the default preset)", Args()),
     "zoo-halfcheetah": (
@@ -149,18 +142,69 @@ PRESETS: dict[str, tuple[str, Args]] = {
 }
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> Args:
-    """tyro CLI with one subcommand per preset; no preset word means `cleanrl`."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
-        argv = ["cleanrl", *argv]
-    presets = tyro.extras.subcommand_type_from_defaults(
-        {name: args for name, (_, args) in PRESETS.items()}, {name: doc for name, (doc, _) in PRESETS.items()}
-    )
-    return tyro.cli(presets, args=argv, default=PRESETS["cleanrl"][1], description=__doc__.split("\n\n")[0])
+# Environment. Vector envs autoreset in NEXT_STEP mode: the step that ends an episode returns the true final
+# observation; the next step() resets that sub-env, ignores its action and returns (first obs, reward 0, no
+# termination). Those reset steps are masked out of the loss and the normalisers.
 
 
-# The numerical core: small functions the tests check against naive reference code.
+def make_envs(env_id: str, num_envs: int, render: bool = False) -> gym.vector.VectorEnv:
+    """Synchronous vector env (MuJoCo steps take microseconds, less than a subprocess round trip)."""
+    kwargs = {"render_mode": "rgb_array"} if render else {}
+    autoreset = {"autoreset_mode": AutoresetMode.NEXT_STEP}
+    return gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="sync", vector_kwargs=autoreset, **kwargs)
+
+
+def flat_obs(obs: np.ndarray) -> np.ndarray:
+    """[N, *obs_shape] -> [N, obs_dim] float64 (what the normaliser reads)."""
+    return obs.reshape(obs.shape[0], -1).astype(np.float64)
+
+
+# Network: separate actor and critic MLPs, a diagonal Gaussian policy with a state-independent log std.
+
+ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU}
+
+
+def layer_init(layer: nn.Module, std: float = np.sqrt(2), bias_const: float = 0.0) -> nn.Module:
+    """Orthogonal weights with gain `std`, constant bias (implementation detail 2)."""
+    torch.nn.init.orthogonal_(layer.weight, std)
+    torch.nn.init.constant_(layer.bias, bias_const)
+    return layer
+
+
+def mlp(in_dim: int, out_dim: int, hidden_sizes: Sequence[int], activation: str, out_std: float, ortho_init: bool) -> nn.Sequential:
+    def linear(fan_in: int, fan_out: int, std: float = np.sqrt(2)) -> nn.Module:
+        return layer_init(nn.Linear(fan_in, fan_out), std) if ortho_init else nn.Linear(fan_in, fan_out)
+
+    layers, width = [], in_dim
+    for hidden in hidden_sizes:
+        layers += [linear(width, hidden), ACTIVATIONS[activation]()]
+        width = hidden
+    return nn.Sequential(*layers, linear(width, out_dim, std=out_std))
+
+
+class Agent(nn.Module):
+    def __init__(
+        self, obs_dim: int, act_dim: int, hidden_sizes: Sequence[int], activation: str, log_std_init: float, ortho_init: bool = True
+    ):
+        super().__init__()
+        self.actor_mean = mlp(obs_dim, act_dim, hidden_sizes, activation, 0.01, ortho_init)
+        self.actor_logstd = nn.Parameter(torch.full((1, act_dim), float(log_std_init)))
+        self.critic = mlp(obs_dim, 1, hidden_sizes, activation, 1.0, ortho_init)
+
+    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Action means [B, A] and state values [B]; the log std is self.actor_logstd [1, A]."""
+        return self.actor_mean(obs), self.critic(obs).squeeze(-1)
+
+
+def build_agent(args: Args, device: torch.device) -> tuple[Agent, int, gym.spaces.Box]:
+    """The agent for args.env_id; also the flat observation size and the action space."""
+    obs_space, action_space = resolve_env(args.env_id)
+    obs_dim = int(np.prod(obs_space.shape))
+    agent = Agent(obs_dim, action_space.shape[0], args.hidden_sizes, args.activation, args.log_std_init, args.ortho_init)
+    return agent.to(device), obs_dim, action_space
+
+
+# PPO maths: small pure functions, checked by the tests against naive reference code.
 
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -176,25 +220,18 @@ def gaussian_entropy(log_std: torch.Tensor) -> torch.Tensor:
 
 
 def sample_actions(mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
-    """One action per row of mean, drawn from the diagonal Gaussian."""
     return mean + log_std.exp() * torch.randn_like(mean)
 
 
 def compute_gae(
-    rewards: np.ndarray,
-    values: np.ndarray,
-    next_value: np.ndarray,
-    terminated: np.ndarray,
-    truncated: np.ndarray,
-    gamma: float,
-    gae_lambda: float,
-) -> tuple[np.ndarray, np.ndarray]:
+    rewards: np.ndarray, values: np.ndarray, next_value: np.ndarray, terminated: np.ndarray, truncated: np.ndarray,
+    gamma: float, gae_lambda: float,
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """Advantages and returns of a [T, N] rollout, step t being the transition obs[t] -> obs[t+1].
 
-    values[t] = V(obs[t]); next_value = V(obs after the last step). A termination cuts both the
-    bootstrap and the trace. A truncation cuts only the trace: its target r + gamma * V(s_final)
-    bootstraps from the final observation, which under NEXT_STEP autoreset is obs[t+1] itself.
-    (numpy: this loop of small ops runs several times faster than in torch.)
+    values[t] = V(obs[t]); next_value = V(obs after the last step). A termination cuts both the bootstrap
+    and the trace; a truncation cuts only the trace, its target r + gamma * V(obs[t+1]) bootstrapping
+    from the final observation. (In numpy: this loop of small ops runs several times faster than in torch.)
     """
     advantages = np.zeros_like(rewards)
     last = np.zeros_like(next_value)
@@ -236,8 +273,8 @@ def explained_variance(values: np.ndarray, returns: np.ndarray) -> float:
 
 
 class RunningMeanStd:
-    """Mean and variance of a stream of samples (rows), merged batch by batch with the parallel
-    algorithm of Chan et al. (1979). Starts as gymnasium's and SB3's: mean 0, variance 1, count 1e-4."""
+    """Mean and variance of a stream of rows, merged batch by batch (Chan et al., 1979). Starts as
+    gymnasium's and SB3's: mean 0, variance 1, count 1e-4."""
 
     def __init__(self, shape: tuple = (), epsilon: float = 1e-4):
         self.mean = np.zeros(shape, np.float64)
@@ -258,18 +295,11 @@ class RunningMeanStd:
 
 
 class Normalizer:
-    """Observation normalisation and reward scaling, with running statistics (the wrappers
-    NormalizeObservation and NormalizeReward of gymnasium, VecNormalize of SB3, done in the script so
-    the statistics are checkpointed, frozen for evaluation and kept identical across processes).
-
-    Observations: every observation the envs return counts once (the first one of each episode
-    included), then obs -> clip((obs - mean) / sqrt(var + 1e-8), +-clip_obs).
-    Rewards: a per-env discounted return G = gamma * G + r feeds the statistics, then
-    r -> clip(r / sqrt(Var[G] + 1e-8), +-clip_reward). G restarts after a termination and after a
-    truncation; the reset steps of NEXT_STEP autoreset (no transition of the policy's) touch
-    neither G nor the statistics. Under torchrun each update sums the batch moments of all
-    processes (one all-reduce), so every process holds the same statistics.
-    """
+    """Running observation normalisation and reward scaling (gymnasium's NormalizeObservation and NormalizeReward),
+    here so the statistics are checkpointed and frozen for evaluation. Every observation returned counts once:
+    obs -> clip((obs - mean) / sqrt(var + 1e-8), +-clip_obs). A per-env discounted return G = gamma * G + r, restarted
+    at every episode end, feeds the reward statistics: r -> clip(r / sqrt(Var[G] + 1e-8), +-clip_reward). Reset
+    steps touch neither. Under torchrun the batch moments are summed over processes: all hold the same statistics."""
 
     def __init__(self, obs_dim: int, num_envs: int, args: Args, distributed: bool = False):
         self.norm_obs, self.clip_obs = args.norm_obs, args.clip_obs
@@ -277,31 +307,27 @@ class Normalizer:
         self.distributed = distributed
         self.obs_rms = RunningMeanStd((obs_dim,))
         self.ret_rms = RunningMeanStd((1,))
-        self.returns = np.zeros(num_envs)  # this process's discounted return accumulators
+        self.returns = np.zeros(num_envs)  # this process's discounted returns G
 
     def update(
         self, obs: np.ndarray, reward: Optional[np.ndarray] = None, valid: Optional[np.ndarray] = None, ended=None
     ) -> None:
-        """Add one step of the envs: obs [N, obs_dim] returned by reset or step; with reward, the
-        step's rewards, valid (False on reset steps) and ended (terminated or truncated)."""
+        """Add one step of the envs: obs [N, obs_dim] returned by reset or step; with reward, the step's
+        rewards, valid (False on reset steps) and ended (terminated or truncated)."""
         batches = []
         if self.norm_obs:
             batches.append((self.obs_rms, obs))
         if self.norm_reward and reward is not None:
             self.returns = self.returns * self.gamma + reward  # on a reset step: 0 * gamma + 0
             batches.append((self.ret_rms, self.returns[valid, None]))
-        # Count, sum and sum of squares of the deviations from the running mean (the same on every
-        # process): they add up across processes, and the variance suffers little cancellation.
+        # Count, sum and sum of squares of the deviations from the running mean (the same on every process):
+        # they add up across processes, and the variance suffers little cancellation.
         moments = []
         for rms, x in batches:
             deviation = x - rms.mean
             moments.append((len(x), deviation.sum(0), (deviation * deviation).sum(0)))
         if self.distributed and moments:
-            flat = torch.as_tensor(np.concatenate([np.concatenate([[n], s1, s2]) for n, s1, s2 in moments]))
-            dist.all_reduce(flat)
-            sizes = [rms.mean.size for rms, _ in batches]
-            parts = np.split(flat.numpy(), np.cumsum([1 + 2 * d for d in sizes])[:-1])
-            moments = [(p[0], p[1 : 1 + d], p[1 + d :]) for p, d in zip(parts, sizes)]
+            moments = sum_moments_over_processes(moments)
         for (rms, _), (n, s1, s2) in zip(batches, moments):
             if n:
                 shift = s1 / n
@@ -322,20 +348,599 @@ class Normalizer:
         return np.minimum(np.maximum(scaled, -self.clip_reward), self.clip_reward)
 
     def state_dict(self) -> dict:
-        return {name: vars(getattr(self, name)).copy() for name in ("obs_rms", "ret_rms")}
+        """Tensors and floats only, so a checkpoint loads with weights_only=True."""
+        return {
+            name: {"mean": torch.from_numpy(rms.mean.copy()), "var": torch.from_numpy(rms.var.copy()), "count": float(rms.count)}
+            for name, rms in (("obs_rms", self.obs_rms), ("ret_rms", self.ret_rms))
+        }  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
         for name, values in state.items():
-            vars(getattr(self, name)).update(values)
+            rms = getattr(self, name)
+            rms.mean, rms.var, rms.count = values["mean"].numpy().copy(), values["var"].numpy().copy(), values["count"]
 
 
-# Command line checks: one line naming the flag, exit status 2, as tyro does for a malformed flag.
+def ppo_update(
+    agent: Agent, optimizer: torch.optim.Optimizer, params: list[torch.Tensor], batch: dict[str, torch.Tensor], args: Args,
+    rng: np.random.Generator, world_size: int = 1,
+) -> dict[str, float]:  # fmt: skip
+    """args.update_epochs epochs over the batch (keys obs, actions, logprobs, values, advantages, returns, valid)
+    in shuffled minibatches; steps with valid 0 weigh nothing. Returns the mean losses and diagnostics."""
+    batch_size = len(batch["obs"])
+    stats = {k: [] for k in ("policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac")}
+    for epoch in range(args.update_epochs):
+        # The epoch's minibatches in one gather, [num_minibatches, minibatch_size]; a mean over a minibatch's
+        # valid steps is a sum weighted by valid / count.
+        perm = torch.as_tensor(rng.permutation(batch_size), device=batch["obs"].device).view(args.num_minibatches, -1)
+        mb = {k: v[perm] for k, v in batch.items()}
+        weights = mb["valid"] / mb["valid"].sum(1, keepdim=True).clamp(min=1)
+        advantages = mb["advantages"]
+        if args.norm_adv:
+            adv_mean = (advantages * weights).sum(1, keepdim=True)
+            adv_std = ((advantages - adv_mean) ** 2 * weights).sum(1, keepdim=True).sqrt()
+            advantages = (advantages - adv_mean) / (adv_std + 1e-8)
+        logratios = []
+        for i in range(args.num_minibatches):
+            mean, new_value = agent(mb["obs"][i])
+            logratio = gaussian_logprob(mean, agent.actor_logstd, mb["actions"][i]) - mb["logprobs"][i]
+            pg_loss = (policy_loss(logratio.exp(), advantages[i], args.clip_coef) * weights[i]).sum()
+            v_clip = args.clip_coef if args.clip_vloss else None
+            v_loss = (value_loss(new_value, mb["values"][i], mb["returns"][i], v_clip) * weights[i]).sum()
+            entropy = gaussian_entropy(agent.actor_logstd).mean()  # the same in every state
+            loss = pg_loss - args.ent_coef * entropy + args.vf_coef * v_loss
+
+            optimizer.zero_grad()
+            loss.backward()
+            average_gradients(params, world_size)  # torchrun: the mean gradient over processes
+            nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            optimizer.step()
+            logratios.append(logratio.detach())
+            stats["policy_loss"].append(pg_loss.detach())
+            stats["value_loss"].append(v_loss.detach())
+            stats["entropy"].append(entropy.detach())
+        with torch.no_grad():  # per minibatch, from the log-ratios before its optimizer step
+            logratio = torch.stack(logratios)
+            old_kl, kl = kl_estimators(logratio)
+            stats["old_approx_kl"].append((old_kl * weights).sum(1))
+            stats["approx_kl"].append((kl * weights).sum(1))
+            stats["clipfrac"].append((((logratio.exp() - 1.0).abs() > args.clip_coef).float() * weights).sum(1))
+        if args.target_kl is not None and mean_over_processes(stats["approx_kl"][-1].mean(), world_size) > args.target_kl:
+            break
+    return {k: torch.cat([x.reshape(-1) for x in v]).mean().item() for k, v in stats.items()}
+
+
+@dataclass
+class Carry:
+    """What one rollout hands to the next; a checkpoint keeps it whole (beside the RNG and env states)."""
+
+    next_obs: np.ndarray  # normalised observations the next step acts on, [N, obs_dim]
+    next_reset: np.ndarray  # True: this sub-env's next step is a reset step, no transition of the policy's
+    episode_return: np.ndarray  # raw return and length of each env's episode in progress
+    episode_length: np.ndarray
+
+    @classmethod
+    def start(cls, next_obs: np.ndarray) -> "Carry":
+        n = len(next_obs)
+        return cls(next_obs, np.zeros(n, dtype=bool), np.zeros(n), np.zeros(n, dtype=np.int64))
+
+
+def train(args: Args) -> None:
+    device = pick_device(args.device)
+    distributed, rank, world_size = init_distributed(device)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    if args.eval_checkpoint is not None:
+        return evaluate_checkpoint(args, device)
+    ckpt = load_checkpoint(args.resume, "--resume") if args.resume is not None else None
+    if ckpt is not None:
+        args = resumed_args(args, ckpt)
+    use_offscreen_rendering(args.capture_video)
+    batch_size, minibatch_size, num_iterations = check_args(args, world_size)
+
+    # Each process its own env seeds and action noise; all start from rank 0's parameters (broadcast below).
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    torch.manual_seed(args.seed + rank)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    rng = np.random.default_rng(args.seed + rank)  # action noise and minibatch shuffles
+
+    agent, obs_dim, action_space = build_agent(args, device)
+    act_dim, low, high = action_space.shape[0], action_space.low, action_space.high
+    params = [flatten_parameters(agent)]  # one tensor: Adam, the gradient clip and the all-reduce act once each
+    optimizer = torch.optim.Adam(params, lr=args.learning_rate, eps=1e-5, fused=device.type in ("cpu", "cuda"))
+    broadcast_from_rank0(params, distributed)
+    envs = make_envs(args.env_id, args.num_envs)
+    normalizer = Normalizer(obs_dim, args.num_envs, args, distributed)
+    raw_obs, _ = envs.reset(seed=args.seed + rank * args.num_envs)
+    normalizer.update(flat_obs(raw_obs))
+    carry = Carry.start(normalizer.normalize_obs(flat_obs(raw_obs)))
+    start_iteration, global_step = 1, 0
+    if ckpt is not None:
+        start_iteration, global_step, carry = restore(ckpt, agent, optimizer, normalizer, envs, rng, raw_obs, rank, world_size)
+    run = Run(args, ckpt, rank)
+    print_plan(run, device, world_size, batch_size, minibatch_size, num_iterations)
+    stop_requested = install_stop_handlers(distributed)
+
+    # Rollout storage; step t is the transition obs[t] -> obs[t+1]. The rollout runs in numpy and its batch
+    # moves to the device once per iteration.
+    obs = np.zeros((args.num_steps, args.num_envs, obs_dim), dtype=np.float32)
+    actions = np.zeros((args.num_steps, args.num_envs, act_dim), dtype=np.float32)
+    logprobs, values, rewards, terminated, truncated, valid = (np.zeros((args.num_steps, args.num_envs), np.float32) for _ in range(6))
+
+    start_time, start_step = time.time(), global_step
+    for iteration in range(start_iteration, num_iterations + 1):
+        # 1. Anneal the learning rate linearly to 0 over the run.
+        if args.anneal_lr:
+            frac = 1.0 - (iteration - 1.0) / num_iterations
+            optimizer.param_groups[0]["lr"] = frac * args.learning_rate
+
+        # 2. Rollout: num_steps steps of num_envs envs with the current policy. The sampled action is stored
+        # and trained on; the env gets it clipped to the action bounds.
+        policy = rollout_policy(agent, carry.next_obs, device)  # the agent's numpy copy, checked against it
+        for step in range(args.num_steps):
+            global_step += args.num_envs * world_size
+            obs[step] = carry.next_obs
+            valid[step] = ~carry.next_reset  # a reset step is no transition of the policy's
+            actions[step], logprobs[step], values[step] = policy.act(carry.next_obs, rng)
+            raw_obs, reward, term, trunc, _ = envs.step(np.clip(actions[step], low, high))
+            ended = term | trunc
+            carry.episode_return += reward
+            carry.episode_length += ~carry.next_reset
+            raw_flat = flat_obs(raw_obs)
+            normalizer.update(raw_flat, reward, ~carry.next_reset, ended)
+            carry.next_obs = normalizer.normalize_obs(raw_flat)
+            if not args.bootstrap_truncation:
+                term = ended
+            rewards[step], terminated[step], truncated[step] = normalizer.scale_reward(reward), term, trunc & ~term
+            carry.next_reset = ended
+            for i in np.flatnonzero(ended):
+                run.log_episode(global_step, float(carry.episode_return[i]), int(carry.episode_length[i]))
+            carry.episode_return[ended], carry.episode_length[ended] = 0.0, 0
+
+        # 3. Generalized advantage estimation, bootstrapped from the observation after the rollout.
+        next_value = policy.value(carry.next_obs)
+        advantages, returns = compute_gae(rewards, values, next_value, terminated, truncated, args.gamma, args.gae_lambda)
+
+        # 4. The clipped update: update_epochs epochs of shuffled minibatches.
+        rollout = dict(obs=obs, actions=actions, logprobs=logprobs, values=values, advantages=advantages, returns=returns, valid=valid)
+        batch = {k: torch.as_tensor(v, device=device).flatten(0, 1) for k, v in rollout.items()}
+        stats = ppo_update(agent, optimizer, params, batch, args, rng, world_size)
+
+        # 5. Log, checkpoint, stop when asked.
+        metrics = {f"losses/{k}": v for k, v in stats.items()}
+        metrics["losses/explained_variance"] = explained_variance(values[valid == 1], returns[valid == 1])
+        metrics["charts/learning_rate"] = optimizer.param_groups[0]["lr"]
+        metrics["charts/SPS"] = int((global_step - start_step) / (time.time() - start_time))
+        run.log(global_step, metrics)
+        run.print_progress(iteration, num_iterations, global_step, metrics["charts/SPS"])
+        stop = stop_requested()
+        if stop or iteration == num_iterations or (args.save_every and iteration % args.save_every == 0):
+            save_checkpoint(run, iteration, global_step, agent, optimizer, normalizer, carry, rng, envs, distributed)
+        if stop:
+            envs.close()
+            exit_interrupted(run, global_step, distributed)
+    envs.close()
+    if distributed:
+        check_same_on_all_ranks(params, normalizer, rank, world_size)
+    if rank == 0 and args.eval_episodes > 0:
+        evaluate_final_policy(agent, normalizer, args, run, global_step, device)
+    run.finish()
+    leave_process_group(distributed)
+
+
+# Infrastructure: nothing below changes what PPO computes; a research copy can drop what it does not need.
+# Run folder, logging and wandb; checkpoints and resume; signals; torchrun; evaluation and video; argument
+# checks; env pickling; the fast paths (numpy rollout copy, flat parameters).
+
+
+class Run:
+    """The run folder, metrics.jsonl and wandb (with --track), written by rank 0; on other ranks the methods
+    do nothing. A new run writes to {runs_dir}/{run_name}/; a resumed run continues in the folder that holds
+    its checkpoint, its metrics cut back to what they held at the checkpoint."""
+
+    def __init__(self, args: Args, ckpt: Optional[dict], rank: int):
+        self.args, self.rank = args, rank
+        if ckpt is None:
+            self.run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+            self.run_dir = os.path.join(args.runs_dir, self.run_name)
+        else:
+            self.run_name, self.run_dir = ckpt["run_name"], os.path.dirname(os.path.abspath(args.resume))
+        self.wandb_id = ckpt["wandb_id"] if ckpt else None
+        self.file = self.wandb_run = None
+        self.recent_returns = deque(maxlen=20)
+        if rank != 0:
+            return
+        os.makedirs(self.run_dir, exist_ok=True)
+        with open(os.path.join(self.run_dir, "args.json"), "w") as f:
+            json.dump(asdict(args), f, indent=2)
+        metrics_path = os.path.join(self.run_dir, "metrics.jsonl")
+        if ckpt is not None and os.path.exists(metrics_path):
+            with open(metrics_path, "r+") as f:
+                f.truncate(ckpt["metrics_offset"])
+        if args.track:
+            import wandb
+
+            self.wandb_run = wandb.init(
+                project=args.wandb_project_name,
+                entity=args.wandb_entity,
+                config=asdict(args),
+                name=self.run_name,
+                id=self.wandb_id,
+                resume="allow",
+                dir=self.run_dir,
+                save_code=True,
+            )
+            self.wandb_run.define_metric("global_step")
+            self.wandb_run.define_metric("*", step_metric="global_step")
+            self.wandb_id = self.wandb_run.id
+        self.file = open(metrics_path, "a")
+
+    def log(self, global_step: int, metrics: dict) -> None:
+        if self.file is None:
+            return
+        record = {"global_step": global_step, **metrics}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.wandb_run is not None:
+            self.wandb_run.log(record)
+
+    def log_episode(self, global_step: int, episodic_return: float, episodic_length: int) -> None:
+        self.recent_returns.append(episodic_return)
+        self.log(global_step, {"charts/episodic_return": episodic_return, "charts/episodic_length": episodic_length})
+
+    def print_progress(self, iteration: int, num_iterations: int, global_step: int, sps: int) -> None:
+        if self.file is None or (iteration % max(1, num_iterations // 100) and iteration != num_iterations):
+            return
+        recent = f"{np.mean(self.recent_returns):.1f}" if self.recent_returns else "n/a"
+        print(
+            f"iteration {iteration}/{num_iterations} | global_step {global_step:,} | SPS {sps:,} "
+            f"| episodic_return (last {len(self.recent_returns)}) {recent}",
+            flush=True,
+        )
+
+    def finish(self) -> None:
+        if self.file is None:
+            return
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+        files = ["metrics.jsonl", "args.json", "checkpoint.pt"] + ["videos/"] * os.path.isdir(os.path.join(self.run_dir, "videos"))
+        print(f"done: {self.run_dir} ({', '.join(files)})")
+
+
+def print_plan(run: Run, device: torch.device, world_size: int, batch_size: int, minibatch_size: int, num_iterations: int) -> None:
+    """Rank 0 says what the run will do, and how many steps when --total-timesteps is no whole number of batches."""
+    args, steps = run.args, num_iterations * batch_size * world_size
+    if run.rank != 0:
+        return
+    print(
+        f"{run.run_name}: {num_iterations} iterations of {batch_size} steps x {world_size} process(es), "
+        f"{args.num_minibatches} minibatches of {minibatch_size}, {args.update_epochs} epochs, device {device}"
+    )
+    if steps != args.total_timesteps:
+        print(
+            f"note: --total-timesteps {args.total_timesteps:,} is not a whole number of batches of "
+            f"{batch_size * world_size:,} steps; training {steps:,} steps ({num_iterations} iterations)"
+        )
+
+
+CHECKPOINT_KEYS = {"args", "run_name", "iteration", "global_step", "wandb_id", "metrics_offset", "agent", "optimizer", "normalizer", "resume_state"}  # fmt: skip
+
+
+def save_checkpoint(
+    run: Run,
+    iteration: int,
+    global_step: int,
+    agent: Agent,
+    optimizer: torch.optim.Optimizer,
+    normalizer: Normalizer,
+    carry: Carry,
+    rng: np.random.Generator,
+    envs: gym.vector.SyncVectorEnv,
+    distributed: bool,
+) -> None:
+    """Rank 0 writes run_dir/checkpoint.pt atomically (tmp + rename). Everything but "resume_state" is tensors
+    and plain values; "resume_state" holds each process's carried state, RNGs and pickled envs."""
+    mine = {
+        "carry": asdict(carry),
+        "rng": rng.bit_generator.state,
+        "global_rngs": global_rng_state(),
+        "envs": env_state(envs),
+        "returns": normalizer.returns,
+    }
+    ranks = [mine]
+    if distributed:
+        ranks = [None] * dist.get_world_size()
+        dist.all_gather_object(ranks, mine)
+    if run.rank != 0:
+        return
+    state = {
+        "args": asdict(run.args),
+        "run_name": run.run_name,
+        "iteration": iteration,
+        "global_step": global_step,
+        "wandb_id": run.wandb_id,
+        "metrics_offset": run.file.tell(),
+        "agent": agent.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "normalizer": normalizer.state_dict(),  # the same on every process
+        "resume_state": pickle.dumps(ranks),
+    }
+    path = os.path.join(run.run_dir, "checkpoint.pt")
+    torch.save(state, f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
+
+
+def load_checkpoint(path: str, flag: str) -> dict:
+    """The checkpoint without "resume_state" unpickled: tensors and plain values only (weights_only=True)."""
+    if not os.path.isfile(path):
+        fail(f"{flag} {path}: no such file; pass the checkpoint.pt of an earlier run")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        fail(f"{flag} {path} is not a checkpoint of this version of ppo_continuous.py ({type(e).__name__})")
+    if not isinstance(ckpt, dict) or not CHECKPOINT_KEYS <= ckpt.keys():
+        fail(f"{flag} {path} is not a checkpoint of this version of ppo_continuous.py")
+    try:
+        Args(**ckpt["args"])
+    except TypeError:
+        fail(f"{flag} {path}: its arguments do not fit this version of ppo_continuous.py")
+    return ckpt
+
+
+def resumed_args(args: Args, ckpt: dict) -> Args:
+    """Hyperparameters come from the checkpoint; only where and how this process runs may change."""
+    keep = {"device", "num_threads", "resume", "save_every", "track"}
+    return Args(**{**ckpt["args"], **{k: v for k, v in asdict(args).items() if k in keep}})
+
+
+def restore(
+    ckpt: dict,
+    agent: Agent,
+    optimizer: torch.optim.Optimizer,
+    normalizer: Normalizer,
+    envs: gym.vector.SyncVectorEnv,
+    rng: np.random.Generator,
+    raw_obs: np.ndarray,
+    rank: int,
+    world_size: int,
+) -> tuple[int, int, Carry]:
+    """Load a --resume checkpoint; returns (start_iteration, global_step, carry). With another number of
+    processes the RNGs and envs start fresh (the episodes just reset, raw_obs)."""
+    try:
+        agent.load_state_dict(ckpt["agent"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError):
+        fail("--resume: the checkpoint's network or optimizer state does not fit this script's network; start a new run")
+    normalizer.load_state_dict(ckpt["normalizer"])
+    ranks = pickle.loads(ckpt["resume_state"])
+    if len(ranks) == world_size:
+        mine = ranks[rank]
+        set_global_rng_state(mine["global_rngs"])
+        rng.bit_generator.state = mine["rng"]
+        restore_env_state(envs, mine["envs"])
+        normalizer.returns = mine["returns"]
+        carry = Carry(**mine["carry"])
+    else:
+        carry = Carry.start(normalizer.normalize_obs(flat_obs(raw_obs)))  # with the checkpoint's statistics
+        if rank == 0:
+            print(f"note: checkpoint has {len(ranks)} processes, this run {world_size}; RNGs and envs start fresh")
+    return ckpt["iteration"] + 1, ckpt["global_step"], carry
+
+
+def global_rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_global_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def install_stop_handlers(distributed: bool) -> Callable[[], bool]:
+    """SIGINT (Ctrl-C) and SIGTERM (a scheduler) ask to stop: the iteration finishes, a checkpoint is written
+    and the process exits 130; a second Ctrl-C interrupts at once. Returns whether any process was asked."""
+    requested = False
+
+    def request_stop(signum, frame):
+        nonlocal requested
+        requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+
+    def stop_requested() -> bool:
+        if not distributed:
+            return requested
+        flag = torch.tensor(float(requested))  # on the CPU: the gloo half of the process group
+        dist.all_reduce(flag)
+        return bool(flag.item())
+
+    return stop_requested
+
+
+def exit_interrupted(run: Run, global_step: int, distributed: bool) -> NoReturn:
+    if run.rank == 0:
+        path = os.path.join(run.run_dir, "checkpoint.pt")
+        print(f"interrupted: checkpoint at global_step {global_step:,} in {path}; continue with --resume {path}", flush=True)
+    leave_process_group(distributed)
+    sys.exit(130)
+
+
+def pick_device(name: str) -> torch.device:
+    """`auto` picks cuda, then mps, then cpu; anything else is a torch device string. Under
+    torchrun, `auto` and `cuda` mean the GPU of this process's local rank."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" and "LOCAL_RANK" in os.environ:
+        local_rank = int(os.environ["LOCAL_RANK"])
+        if local_rank >= torch.cuda.device_count():
+            fail(
+                f"--device {name}: torchrun started local rank {local_rank} but only {torch.cuda.device_count()} GPU(s)"
+                " are visible; start one process per GPU or pass --device cpu"
+            )
+        name = f"cuda:{local_rank}"
+    try:
+        device = torch.device(name)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        fail(f"--device {name} is not usable here ({str(e).splitlines()[0]}); try --device auto")
+    return device
+
+
+def distributed_backend(device: torch.device) -> str:
+    """On a GPU, nccl for CUDA tensors and gloo for CPU ones (the normaliser's moments, the stop flag, objects)."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+
+
+def init_distributed(device: torch.device) -> tuple[bool, int, int]:
+    """(distributed, rank, world_size): a process group when torchrun started more than one process."""
+    if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
+        return False, 0, 1
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(distributed_backend(device))
+    return True, dist.get_rank(), dist.get_world_size()
+
+
+def leave_process_group(distributed: bool) -> None:
+    if distributed:
+        dist.barrier()  # no rank leaves the group while rank 0 still evaluates or writes
+        dist.destroy_process_group()
+
+
+def broadcast_from_rank0(params: list[torch.Tensor], distributed: bool) -> None:
+    for p in params if distributed else []:
+        dist.broadcast(p.data, src=0)
+
+
+def mean_over_processes(tensor: torch.Tensor, world_size: int) -> torch.Tensor:
+    """In place: the mean of tensor over the torchrun processes."""
+    if world_size > 1:
+        dist.all_reduce(tensor)
+        tensor /= world_size
+    return tensor
+
+
+def average_gradients(params: list[torch.Tensor], world_size: int) -> None:
+    for p in params:
+        mean_over_processes(p.grad, world_size)
+
+
+def sum_moments_over_processes(moments: list[tuple]) -> list[tuple]:
+    """[(count, sum, sum of squares), ...] of this process -> their sums over all processes, in one all-reduce."""
+    flat = torch.as_tensor(np.concatenate([np.concatenate([[n], s1, s2]) for n, s1, s2 in moments]))
+    dist.all_reduce(flat)  # a CPU tensor: the gloo half of the process group on a GPU
+    sizes = [len(s1) for _, s1, _ in moments]
+    parts = np.split(flat.numpy(), np.cumsum([1 + 2 * d for d in sizes])[:-1])
+    return [(p[0], p[1 : 1 + d], p[1 + d :]) for p, d in zip(parts, sizes)]
+
+
+def parameters_and_statistics(params: list[torch.Tensor], normalizer: Normalizer) -> torch.Tensor:
+    """Every parameter and normalisation statistic in one float64 tensor, on the CPU where the statistics live."""
+    statistics = [np.atleast_1d(x) for rms in (normalizer.obs_rms, normalizer.ret_rms) for x in (rms.mean, rms.var, rms.count)]
+    return torch.cat([p.detach().cpu().double().reshape(-1) for p in params] + [torch.as_tensor(x) for x in statistics])
+
+
+def check_same_on_all_ranks(params: list[torch.Tensor], normalizer: Normalizer, rank: int, world_size: int) -> None:
+    """Every process applied the same averaged gradients and normaliser updates: all must hold the same numbers."""
+    flat = parameters_and_statistics(params, normalizer)
+    gathered = [torch.empty_like(flat) for _ in range(world_size)]
+    dist.all_gather(gathered, flat)
+    if not all(torch.equal(g, flat) for g in gathered):
+        raise RuntimeError("parameters or normalisation statistics diverged across processes")
+    if rank == 0:
+        print(f"parameters identical on {world_size} processes (normalisation statistics too)")
+
+
+def use_offscreen_rendering(capture_video: bool) -> None:
+    """Headless Linux has no window system for MuJoCo's default GL backend; EGL renders offscreen (through Mesa
+    when there is no GPU). It must be chosen before mujoco is first imported."""
+    headless = sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+    if capture_video and headless and "MUJOCO_GL" not in os.environ:
+        if ctypes.util.find_library("EGL") is None:
+            fail("--capture-video without a display needs libEGL: apt install libegl1 libgl1-mesa-dri, or drop the flag")
+        os.environ["MUJOCO_GL"] = "egl"
+
+
+@torch.no_grad()
+def evaluate(
+    agent: Agent,
+    normalizer: Normalizer,
+    env_id: str,
+    episodes: int,
+    seed: int,
+    device: torch.device,
+    stochastic: bool,
+    video_path: Optional[str],
+) -> list[float]:
+    """Play whole episodes with the observation statistics frozen and return their raw returns; the policy
+    acts with its mean unless stochastic. With video_path, the first episode is recorded."""
+    envs = make_envs(env_id, 1, render=video_path is not None)
+    low, high = envs.single_action_space.low, envs.single_action_space.high
+    obs, _ = envs.reset(seed=seed)
+    returns, episode_return, frames = [], 0.0, []
+    while len(returns) < episodes:
+        if video_path is not None and not returns:
+            frames.append(envs.render()[0])
+        x = torch.as_tensor(normalizer.normalize_obs(flat_obs(obs)), device=device)
+        mean, _ = agent(x)
+        action = sample_actions(mean, agent.actor_logstd) if stochastic else mean
+        obs, reward, terminated, truncated, _ = envs.step(np.clip(action.cpu().numpy(), low, high))
+        episode_return += float(reward[0])
+        if terminated[0] or truncated[0]:
+            returns.append(episode_return)
+            episode_return = 0.0
+            obs, _ = envs.reset()
+    envs.close()
+    if video_path is not None:
+        from moviepy import ImageSequenceClip
+
+        ImageSequenceClip(frames, fps=envs.metadata.get("render_fps", 30) or 30).write_videofile(video_path, logger=None)
+    return returns
+
+
+def evaluate_final_policy(agent: Agent, normalizer: Normalizer, args: Args, run: Run, global_step: int, device: torch.device) -> None:
+    video_path = os.path.join(run.run_dir, "videos", "eval.mp4") if args.capture_video else None
+    if video_path is not None:
+        os.makedirs(os.path.dirname(video_path), exist_ok=True)
+    returns = evaluate(agent, normalizer, args.env_id, args.eval_episodes, args.seed + 10_000, device, args.eval_stochastic, video_path)
+    run.log(global_step, {"eval/episodic_return": float(np.mean(returns)), "eval/episodic_return_std": float(np.std(returns))})
+    print(f"eval: return {np.mean(returns):.2f} +- {np.std(returns):.2f} over {len(returns)} episodes")
+    if run.wandb_run is not None and video_path is not None:
+        import wandb
+
+        run.wandb_run.log({"global_step": global_step, "videos/eval": wandb.Video(video_path, format="mp4")})
+
+
+def evaluate_checkpoint(args: Args, device: torch.device) -> None:
+    """--eval-checkpoint: the policy and its frozen statistics, loaded without unpickling "resume_state"."""
+    ckpt = load_checkpoint(args.eval_checkpoint, "--eval-checkpoint")
+    trained = Args(**ckpt["args"])
+    agent, obs_dim, _ = build_agent(trained, device)
+    agent.load_state_dict(ckpt["agent"])
+    normalizer = Normalizer(obs_dim, 1, trained)
+    normalizer.load_state_dict(ckpt["normalizer"])
+    returns = evaluate(agent, normalizer, trained.env_id, max(args.eval_episodes, 1), args.seed, device, args.eval_stochastic, None)
+    print(f"eval {trained.env_id}: return {np.mean(returns):.2f} +- {np.std(returns):.2f} over {len(returns)} episodes")
 
 
 def fail(message: str) -> NoReturn:
     """Print a one-line usage error and exit with status 2 (as argparse/tyro do)."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> Args:
+    """An optional first word names a preset (`cleanrl` when left out); the flags after it override its values."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    preset = argv.pop(0) if argv and not argv[0].startswith("-") else "cleanrl"
+    if preset not in PRESETS:
+        fail(f"{preset!r} is no preset; the first word may name one of {', '.join(PRESETS)}, or be left out")
+    presets = "\n".join(f"  {name}: {doc}" for name, (doc, _) in PRESETS.items())
+    description = f"{__doc__.split(chr(10) * 2)[0]}\n\nPresets, the optional first word (flags after it override its values):\n{presets}"
+    return tyro.cli(Args, args=argv, default=PRESETS[preset][1], description=description)
 
 
 def check_args(args: Args, world_size: int) -> tuple[int, int, int]:
@@ -372,33 +977,6 @@ def check_args(args: Args, world_size: int) -> tuple[int, int, int]:
     return batch_size, batch_size // args.num_minibatches, num_iterations
 
 
-def pick_device(name: str) -> torch.device:
-    """`auto` picks cuda, then mps, then cpu; anything else is a torch device string. Under
-    torchrun, `auto` and `cuda` mean the GPU of this process's local rank."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda" and "LOCAL_RANK" in os.environ:
-        local_rank = int(os.environ["LOCAL_RANK"])
-        if local_rank >= torch.cuda.device_count():
-            fail(
-                f"--device {name}: torchrun started local rank {local_rank} but only {torch.cuda.device_count()} GPU(s)"
-                " are visible; start one process per GPU or pass --device cpu"
-            )
-        name = f"cuda:{local_rank}"
-    try:
-        device = torch.device(name)
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as e:
-        fail(f"--device {name} is not usable here ({str(e).splitlines()[0]}); try --device auto")
-    return device
-
-
-# Environments. Every vector env autoresets in NEXT_STEP mode: the step that ends an episode
-# returns the true final observation, and the next call to step() resets that sub-env, ignores its
-# action and returns (first obs, reward 0, no termination). Those reset steps are masked out of
-# the loss and the normalisers, and a truncation bootstraps from V(final obs) with no extra forward.
-
-
 def resolve_env(env_id: str) -> tuple[gym.spaces.Box, gym.spaces.Box]:
     """Check that env_id exists and has a bounded 1-D Box action space and a Box observation space;
     return (observation space, action space)."""
@@ -426,21 +1004,9 @@ def resolve_env(env_id: str) -> tuple[gym.spaces.Box, gym.spaces.Box]:
     return obs_space, action_space
 
 
-def make_envs(env_id: str, num_envs: int, render: bool = False) -> gym.vector.VectorEnv:
-    """Synchronous vector env in NEXT_STEP autoreset mode (one process steps its envs in turn:
-    MuJoCo steps take microseconds, less than what a subprocess round trip costs)."""
-    return gym.make_vec(
-        env_id,
-        num_envs=num_envs,
-        vectorization_mode="sync",
-        vector_kwargs={"autoreset_mode": AutoresetMode.NEXT_STEP},
-        **({"render_mode": "rgb_array"} if render else {}),
-    )
-
-
 class EnvPickler(pickle.Pickler):
-    """Pickles MuJoCo envs whole: the full simulation state (MjData) and the RNG. By themselves they
-    pickle as their constructor arguments (EzPickle) and would come back with a fresh episode."""
+    """Pickles MuJoCo envs whole: the full simulation state (MjData) and the RNG. By themselves they pickle as
+    their constructor arguments (EzPickle) and would come back with a fresh episode."""
 
     def reducer_override(self, obj):
         mujoco_env = sys.modules.get("gymnasium.envs.mujoco.mujoco_env")  # not imported: no MuJoCo env
@@ -460,8 +1026,8 @@ def rebuild_mujoco_env(cls: type, args: tuple, kwargs: dict, data, rng_state: di
 
 
 def env_state(envs: gym.vector.SyncVectorEnv) -> bytes:
-    """Pickled sub-envs (MuJoCo state of the episodes in progress, their RNGs, time limits), so a
-    resumed run continues the very same episodes."""
+    """Pickled sub-envs (MuJoCo state of the episodes in progress, their RNGs, time limits), so a resumed run
+    continues the very same episodes."""
     buffer = io.BytesIO()
     EnvPickler(buffer).dump((envs.envs, envs._autoreset_envs))
     return buffer.getvalue()
@@ -471,82 +1037,48 @@ def restore_env_state(envs: gym.vector.SyncVectorEnv, state: bytes) -> None:
     envs.envs, envs._autoreset_envs = pickle.loads(state)
 
 
-# The network.
-
-ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU}
+_notes_printed: set[str] = set()
 
 
-def layer_init(layer: nn.Module, std: float = np.sqrt(2), bias_const: float = 0.0) -> nn.Module:
-    """Orthogonal weights with gain `std`, constant bias (implementation detail 2)."""
-    torch.nn.init.orthogonal_(layer.weight, std)
-    torch.nn.init.constant_(layer.bias, bias_const)
-    return layer
+def note_once(message: str) -> None:
+    if message not in _notes_printed:
+        _notes_printed.add(message)
+        print(f"note: {message}", flush=True)
 
 
-def mlp(
-    in_dim: int, out_dim: int, hidden_sizes: Sequence[int], activation: str, out_std: float, ortho_init: bool
-) -> nn.Sequential:
-    def linear(fan_in: int, fan_out: int, std: float = np.sqrt(2)) -> nn.Module:
-        return layer_init(nn.Linear(fan_in, fan_out), std) if ortho_init else nn.Linear(fan_in, fan_out)
-
-    layers, width = [], in_dim
-    for hidden in hidden_sizes:
-        layers += [linear(width, hidden), ACTIVATIONS[activation]()]
-        width = hidden
-    return nn.Sequential(*layers, linear(width, out_dim, std=out_std))
+NUMPY_ACTIVATIONS = {nn.Tanh: np.tanh, nn.ReLU: lambda x: np.maximum(x, 0), nn.ELU: lambda x: np.where(x > 0, x, np.expm1(np.minimum(x, 0)))}  # fmt: skip
 
 
-class Agent(nn.Module):
-    """Separate actor and critic MLPs; the actor gives the mean of a diagonal Gaussian whose
-    log standard deviation is a parameter of its own, the same in every state."""
-
-    def __init__(
-        self,
-        obs_dim: int,
-        act_dim: int,
-        hidden_sizes: Sequence[int],
-        activation: str,
-        log_std_init: float,
-        ortho_init: bool = True,
-    ):
-        super().__init__()
-        self.activation = activation
-        self.actor_mean = mlp(obs_dim, act_dim, hidden_sizes, activation, 0.01, ortho_init)
-        self.actor_logstd = nn.Parameter(torch.full((1, act_dim), float(log_std_init)))
-        self.critic = mlp(obs_dim, 1, hidden_sizes, activation, 1.0, ortho_init)
-
-    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Action means [B, A] and state values [B]; the log std is self.actor_logstd [1, A]."""
-        return self.actor_mean(obs), self.critic(obs).squeeze(-1)
-
-
-NUMPY_ACTIVATIONS = {
-    "tanh": lambda x: np.tanh(x, out=x),
-    "relu": lambda x: np.maximum(x, 0, out=x),
-    "elu": lambda x: np.where(x > 0, x, np.expm1(np.minimum(x, 0))),
-}
+def numpy_layers(seq: nn.Module) -> list[Callable[[np.ndarray], np.ndarray]]:
+    """A numpy function per layer of an nn.Sequential of Linear layers and known activations; else ValueError."""
+    if type(seq) is not nn.Sequential:
+        raise ValueError(f"{type(seq).__name__} is not an nn.Sequential")
+    layers = []
+    for m in seq:
+        if type(m) is nn.Linear and m.bias is not None:
+            w, b = m.weight.detach().cpu().numpy().T.copy(), m.bias.detach().cpu().numpy().copy()
+            layers.append(lambda x, w=w, b=b: x @ w + b)
+        elif type(m) in NUMPY_ACTIVATIONS and getattr(m, "alpha", 1.0) == 1.0:
+            layers.append(NUMPY_ACTIVATIONS[type(m)])
+        else:
+            raise ValueError(f"no numpy copy of {m}")
+    return layers
 
 
 class NumpyPolicy:
-    """A frozen numpy copy of the agent for the rollout, rebuilt after every update. Stepping one
-    MuJoCo env at a time makes the forward pass a chain of tiny ops, each of which costs several
-    microseconds of dispatch in torch and about one in numpy: several times faster per env step.
-    Actions are sampled from rng; their log-probabilities come from the noise, exactly."""
+    """A frozen numpy copy of the agent for the rollout, rebuilt after every update. Stepping one MuJoCo env at
+    a time makes the forward pass a chain of tiny ops, each of which costs several microseconds of dispatch in
+    torch and about one in numpy. Actions are sampled from rng; their log-probabilities come from the noise."""
 
     def __init__(self, agent: Agent):
-        def layers(seq: nn.Sequential) -> list:
-            linear = [m for m in seq if isinstance(m, nn.Linear)]
-            return [(m.weight.detach().cpu().numpy().T.copy(), m.bias.detach().cpu().numpy().copy()) for m in linear]
-
-        self.actor, self.critic = layers(agent.actor_mean), layers(agent.critic)
+        self.actor, self.critic = numpy_layers(agent.actor_mean), numpy_layers(agent.critic)
         self.log_std = agent.actor_logstd.detach().cpu().numpy()[0].copy()
-        self.activation = NUMPY_ACTIVATIONS[agent.activation]
 
-    def mlp(self, layers: list, x: np.ndarray) -> np.ndarray:
-        for w, b in layers[:-1]:
-            x = self.activation(x @ w + b)
-        w, b = layers[-1]
-        return x @ w + b
+    @staticmethod
+    def mlp(layers: list, x: np.ndarray) -> np.ndarray:
+        for layer in layers:
+            x = layer(x)
+        return x
 
     def value(self, obs: np.ndarray) -> np.ndarray:
         return self.mlp(self.critic, obs)[:, 0]
@@ -559,455 +1091,71 @@ class NumpyPolicy:
         return mean + np.exp(self.log_std) * noise, logprob, self.value(obs)
 
 
-# Logging and checkpoints.
+class TorchPolicy:
+    """The rollout through the agent's own forward, sampling as NumpyPolicy does (the same rng draws)."""
+
+    def __init__(self, agent: Agent, device: torch.device):
+        self.agent, self.device = agent, device
+
+    @torch.no_grad()
+    def value(self, obs: np.ndarray) -> np.ndarray:
+        return self.agent(torch.as_tensor(obs, device=self.device))[1].cpu().numpy()
+
+    @torch.no_grad()
+    def act(self, obs: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        mean, value = self.agent(torch.as_tensor(obs, device=self.device))
+        noise = torch.as_tensor(rng.standard_normal(tuple(mean.shape), dtype=np.float32), device=self.device)
+        actions = mean + self.agent.actor_logstd.exp() * noise
+        logprob = gaussian_logprob(mean, self.agent.actor_logstd, actions)
+        return actions.cpu().numpy(), logprob.cpu().numpy(), value.cpu().numpy()
 
 
-class Logger:
-    """Appends metrics to runs/{run_name}/metrics.jsonl and, with --track, sends them to wandb."""
-
-    def __init__(self, path: str, wandb_run=None):
-        self.file = open(path, "a")
-        self.wandb_run = wandb_run
-
-    def log(self, global_step: int, metrics: dict) -> None:
-        record = {"global_step": global_step, **metrics}
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        if self.wandb_run is not None:
-            self.wandb_run.log(record)
-
-
-def save_checkpoint(path: str, state: dict) -> None:
-    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
-    tmp = f"{path}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-
-
-def load_checkpoint(path: str, flag: str) -> dict:
-    if not os.path.isfile(path):
-        fail(f"{flag} {path}: no such file; pass the checkpoint.pt of an earlier run")
+def rollout_policy(agent: Agent, obs: np.ndarray, device: torch.device) -> Union[NumpyPolicy, TorchPolicy]:
+    """The agent's numpy copy if it reproduces the agent's forward on obs (float32, tight tolerances); otherwise
+    the agent itself, with a one-line note. Draws no random numbers and changes no state."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        fail(f"{flag} {path} is not a readable checkpoint ({type(e).__name__})")
-    if not isinstance(ckpt, dict) or "normalizer" not in ckpt:
-        fail(f"{flag} {path} is not a checkpoint of ppo_continuous.py")
-    return ckpt
-
-
-def write_video(frames: list, path: str, fps: int) -> None:
-    from moviepy import ImageSequenceClip
-
-    ImageSequenceClip(frames, fps=fps).write_videofile(path, logger=None)
-
-
-def flat_obs(obs: np.ndarray) -> np.ndarray:
-    """[N, *obs_shape] -> [N, obs_dim] float64 (what the normaliser reads)."""
-    return obs.reshape(obs.shape[0], -1).astype(np.float64)
-
-
-@torch.no_grad()
-def evaluate(
-    agent: Agent,
-    normalizer: Normalizer,
-    env_id: str,
-    episodes: int,
-    seed: int,
-    device: torch.device,
-    stochastic: bool,
-    video_path: Optional[str],
-) -> list[float]:
-    """Play whole episodes with the observation statistics frozen and return their raw returns;
-    the policy acts with its mean unless stochastic. With video_path, the first one is recorded."""
-    envs = make_envs(env_id, 1, render=video_path is not None)
-    low, high = envs.single_action_space.low, envs.single_action_space.high
-    obs, _ = envs.reset(seed=seed)
-    returns, episode_return, frames = [], 0.0, []
-    while len(returns) < episodes:
-        if video_path is not None and not returns:
-            frames.append(envs.render()[0])
-        x = torch.as_tensor(normalizer.normalize_obs(flat_obs(obs)), device=device)
-        mean, _ = agent(x)
-        action = sample_actions(mean, agent.actor_logstd) if stochastic else mean
-        obs, reward, terminated, truncated, _ = envs.step(np.clip(action.cpu().numpy(), low, high))
-        episode_return += float(reward[0])
-        if terminated[0] or truncated[0]:
-            returns.append(episode_return)
-            episode_return = 0.0
-            obs, _ = envs.reset()
-    envs.close()
-    if video_path is not None:
-        write_video(frames, video_path, fps=envs.metadata.get("render_fps", 30) or 30)
-    return returns
+        policy = NumpyPolicy(agent)
+    except (ValueError, AttributeError):
+        note_once("the network has modules the numpy rollout copy does not know; the rollout runs the torch forward")
+        return TorchPolicy(agent, device)
+    with torch.no_grad():
+        mean, value = agent(torch.as_tensor(obs, device=device))
+    same_mean = np.allclose(policy.mlp(policy.actor, obs), mean.cpu().numpy(), rtol=1e-4, atol=1e-4)
+    if not (same_mean and np.allclose(policy.value(obs), value.cpu().numpy(), rtol=1e-4, atol=1e-4)):
+        note_once("the numpy rollout copy does not reproduce the network's forward; the rollout runs the torch forward")
+        return TorchPolicy(agent, device)
+    return policy
 
 
 def flatten_parameters(module: nn.Module) -> nn.Parameter:
-    """Move every parameter of module into one flat tensor, and every gradient into one flat
-    gradient, each parameter and gradient becoming a view into them. Adam, the gradient clip and the
-    all-reduce then each act on one tensor: with 64-wide MLPs the per-tensor overhead of those three
-    cost more than their arithmetic. Returns the flat parameter (its .grad is the flat gradient);
-    backward accumulates into the views, so gradients are zeroed in place, never set to None."""
+    """Move the module's parameters into one flat tensor and their gradients into one flat gradient, each a view
+    into them, so Adam, the gradient clip and the all-reduce each act on one tensor (with 64-wide MLPs the
+    per-tensor overhead costs more than the arithmetic). Returns the flat parameter. zero_grad() sets gradients to
+    None, which would cut the views loose: a hook on each parameter zeroes the flat gradient in place and re-links
+    the views before backward accumulates, so optimizer.zero_grad() and module.zero_grad() work as usual."""
     params = list(module.parameters())
     flat = nn.Parameter(torch.cat([p.detach().reshape(-1) for p in params]))
-    flat.grad = torch.zeros_like(flat)
-    offset = 0
+    grad, views, offset = torch.zeros_like(flat), [], 0
     for p in params:
         p.data = flat.data[offset : offset + p.numel()].view_as(p)
-        p.grad = flat.grad[offset : offset + p.numel()].view_as(p)
+        views.append(grad[offset : offset + p.numel()].view_as(p))
         offset += p.numel()
+
+    def relink() -> None:
+        if flat.grad is not grad:  # optimizer.zero_grad() dropped the flat gradient
+            grad.zero_()
+            flat.grad = grad
+        for q, view in zip(params, views):
+            if q.grad is not view:  # module.zero_grad() dropped this parameter's gradient
+                view.zero_()
+                q.grad = view
+
+    for p, view in zip(params, views):
+        p.grad = view
+        p.register_hook(lambda g, p=p, view=view: relink() if flat.grad is not grad or p.grad is not view else None)
+    flat.grad = grad
     return flat
 
 
-def build_agent(args: Args, device: torch.device) -> tuple[Agent, int, gym.spaces.Box]:
-    """The agent for args.env_id; also the flat observation size and the action space."""
-    obs_space, action_space = resolve_env(args.env_id)
-    obs_dim = int(np.prod(obs_space.shape))
-    act_dim = action_space.shape[0]
-    agent = Agent(obs_dim, act_dim, args.hidden_sizes, args.activation, args.log_std_init, args.ortho_init)
-    return agent.to(device), obs_dim, action_space
-
-
-def main(args: Args) -> None:
-    device = pick_device(args.device)
-    distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
-    if distributed:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    if args.num_threads:
-        torch.set_num_threads(args.num_threads)
-
-    if args.eval_checkpoint is not None:
-        ckpt = load_checkpoint(args.eval_checkpoint, "--eval-checkpoint")
-        trained = Args(**ckpt["args"])
-        agent, obs_dim, _ = build_agent(trained, device)
-        agent.load_state_dict(ckpt["agent"])
-        normalizer = Normalizer(obs_dim, 1, trained)
-        normalizer.load_state_dict(ckpt["normalizer"])
-        episodes = max(args.eval_episodes, 1)
-        returns = evaluate(agent, normalizer, trained.env_id, episodes, args.seed, device, args.eval_stochastic, None)
-        print(f"eval {trained.env_id}: return {np.mean(returns):.2f} +- {np.std(returns):.2f} over {len(returns)} episodes")
-        return
-
-    ckpt = None
-    if args.resume is not None:
-        ckpt = load_checkpoint(args.resume, "--resume")
-        # Hyperparameters come from the checkpoint; only where and how this process runs may change.
-        keep = {"device", "num_threads", "resume", "save_every", "track"}
-        args = Args(**{**ckpt["args"], **{k: v for k, v in asdict(args).items() if k in keep}})
-    # Headless Linux has no window system for MuJoCo's default GL backend; EGL renders offscreen
-    # (through Mesa when there is no GPU). It must be chosen before mujoco is first imported.
-    headless = sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
-    if args.capture_video and headless and "MUJOCO_GL" not in os.environ:
-        if ctypes.util.find_library("EGL") is None:
-            fail("--capture-video without a display needs libEGL: apt install libegl1 libgl1-mesa-dri, or drop the flag")
-        os.environ["MUJOCO_GL"] = "egl"
-    batch_size, minibatch_size, num_iterations = check_args(args, world_size)
-    run_name = ckpt["run_name"] if ckpt else f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join(args.runs_dir, run_name)
-
-    # Seeding: each process gets its own env seeds and sampling noise; parameters are broadcast
-    # from rank 0 below, so all processes start from the same network.
-    random.seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
-    torch.manual_seed(args.seed + rank)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    rng = np.random.default_rng(args.seed + rank)  # action noise and minibatch shuffles
-
-    agent, obs_dim, action_space = build_agent(args, device)
-    act_dim, low, high = action_space.shape[0], action_space.low, action_space.high
-    flat_params = flatten_parameters(agent)
-    optimizer = torch.optim.Adam([flat_params], lr=args.learning_rate, eps=1e-5, fused=device.type in ("cpu", "cuda"))
-    if distributed:
-        dist.broadcast(flat_params.data, src=0)
-    envs = make_envs(args.env_id, args.num_envs)
-    normalizer = Normalizer(obs_dim, args.num_envs, args, distributed)
-
-    # Rollout storage; step t is the transition obs[t] -> obs[t+1]. The rollout runs in numpy
-    # (NumpyPolicy) and its batch moves to the device once per iteration, not once per step.
-    obs = np.zeros((args.num_steps, args.num_envs, obs_dim), dtype=np.float32)
-    actions = np.zeros((args.num_steps, args.num_envs, act_dim), dtype=np.float32)
-    logprobs, values, rewards, terminated, truncated, valid = (
-        np.zeros((args.num_steps, args.num_envs), np.float32) for _ in range(6)
-    )
-
-    # State carried from one rollout to the next (and through checkpoints). next_obs is normalised.
-    start_iteration, global_step, wandb_id, metrics_offset = 1, 0, None, 0
-    raw_obs, _ = envs.reset(seed=args.seed + rank * args.num_envs)
-    normalizer.update(flat_obs(raw_obs))
-    next_obs = normalizer.normalize_obs(flat_obs(raw_obs))
-    next_reset = np.zeros(args.num_envs, dtype=bool)  # True: this sub-env's next step is a reset step
-    episode_return = np.zeros(args.num_envs)
-    episode_length = np.zeros(args.num_envs, dtype=np.int64)
-    if ckpt is not None:
-        try:
-            agent.load_state_dict(ckpt["agent"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-        except (RuntimeError, ValueError):  # e.g. per-tensor Adam state, from before the flat parameters
-            fail(f"--resume {args.resume}: its network or optimizer state does not fit this version of the script; start a new run")
-        normalizer.load_state_dict(ckpt["normalizer"])
-        start_iteration, global_step = ckpt["iteration"] + 1, ckpt["global_step"]
-        wandb_id, metrics_offset = ckpt["wandb_id"], ckpt["metrics_offset"]
-        if len(ckpt["ranks"]) == world_size:
-            mine = ckpt["ranks"][rank]
-            set_rng_state(mine["rng"])
-            rng.bit_generator.state = mine["sample_rng"]
-            restore_env_state(envs, mine["envs"])
-            next_obs, next_reset, normalizer.returns = mine["next_obs"], mine["next_reset"], mine["returns"]
-            episode_return, episode_length = mine["episode_return"], mine["episode_length"]
-        else:
-            # The fresh episodes' first observations were normalised before the statistics came back.
-            next_obs = normalizer.normalize_obs(flat_obs(raw_obs))
-            if rank == 0:
-                print(f"note: checkpoint has {len(ckpt['ranks'])} processes, this run {world_size}; RNGs and envs start fresh")
-
-    logger = None
-    if rank == 0:
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump(asdict(args), f, indent=2)
-        metrics_path = os.path.join(run_dir, "metrics.jsonl")
-        if ckpt is not None and os.path.exists(metrics_path):
-            # Drop what was logged after the checkpoint, so the resumed log equals an uninterrupted one.
-            with open(metrics_path, "r+") as f:
-                f.truncate(metrics_offset)
-        wandb_run = None
-        if args.track:
-            import wandb
-
-            wandb_run = wandb.init(
-                project=args.wandb_project_name,
-                entity=args.wandb_entity,
-                config=asdict(args),
-                name=run_name,
-                id=wandb_id,
-                resume="allow",
-                dir=run_dir,
-                save_code=True,
-            )
-            wandb_run.define_metric("global_step")
-            wandb_run.define_metric("*", step_metric="global_step")
-            wandb_id = wandb_run.id
-        logger = Logger(metrics_path, wandb_run)
-        print(
-            f"{run_name}: {num_iterations} iterations of {batch_size} steps x {world_size} process(es), "
-            f"{args.num_minibatches} minibatches of {minibatch_size}, {args.update_epochs} epochs, device {device}"
-        )
-
-    # Ctrl-C (or a scheduler's SIGTERM) asks to stop: the current iteration finishes, a checkpoint
-    # is written, then the process exits. A second Ctrl-C interrupts at once.
-    stop_requested = False
-
-    def request_stop(signum, frame):
-        nonlocal stop_requested
-        stop_requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
-
-    def checkpoint(iteration: int) -> None:
-        mine = {
-            "rng": rng_state(),
-            "sample_rng": rng.bit_generator.state,
-            "envs": env_state(envs),
-            "next_obs": next_obs,
-            "next_reset": next_reset,
-            "returns": normalizer.returns,
-            "episode_return": episode_return,
-            "episode_length": episode_length,
-        }
-        ranks = [None] * world_size
-        if distributed:
-            dist.all_gather_object(ranks, mine)
-        else:
-            ranks = [mine]
-        if rank == 0:
-            state = {
-                "agent": agent.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "normalizer": normalizer.state_dict(),  # the same on every process
-                "iteration": iteration,
-                "global_step": global_step,
-                "args": asdict(args),
-                "run_name": run_name,
-                "wandb_id": wandb_id,
-                "metrics_offset": logger.file.tell(),
-                "ranks": ranks,
-            }
-            save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), state)
-
-    recent_returns = deque(maxlen=20)
-    start_time, start_step = time.time(), global_step
-    print_every = max(1, num_iterations // 100)
-    for iteration in range(start_iteration, num_iterations + 1):
-        if args.anneal_lr:
-            frac = 1.0 - (iteration - 1.0) / num_iterations
-            optimizer.param_groups[0]["lr"] = frac * args.learning_rate
-
-        # 1. Rollout: num_steps steps of num_envs envs with the current policy. The sampled action
-        # is stored and trained on; the env gets it clipped to the action bounds.
-        policy = NumpyPolicy(agent)
-        for step in range(args.num_steps):
-            global_step += args.num_envs * world_size
-            obs[step] = next_obs
-            valid[step] = ~next_reset  # a NEXT_STEP reset step is no transition of the policy's
-            actions[step], logprobs[step], values[step] = policy.act(next_obs, rng)
-            raw_obs, reward, term, trunc, _ = envs.step(np.clip(actions[step], low, high))
-            ended = term | trunc
-            episode_return += reward
-            episode_length += ~next_reset
-            raw_flat = flat_obs(raw_obs)
-            normalizer.update(raw_flat, reward, ~next_reset, ended)
-            next_obs = normalizer.normalize_obs(raw_flat)
-            if not args.bootstrap_truncation:
-                term = ended
-            rewards[step], terminated[step], truncated[step] = normalizer.scale_reward(reward), term, trunc & ~term
-            next_reset = ended
-            for i in np.flatnonzero(ended):
-                recent_returns.append(episode_return[i])
-                if logger:
-                    logger.log(
-                        global_step,
-                        {"charts/episodic_return": float(episode_return[i]), "charts/episodic_length": int(episode_length[i])},
-                    )
-            episode_return[ended], episode_length[ended] = 0.0, 0
-
-        # 2. Generalized advantage estimation, bootstrapped from the observation after the rollout.
-        advantages, returns = compute_gae(
-            rewards, values, policy.value(next_obs), terminated, truncated, args.gamma, args.gae_lambda
-        )
-
-        # 3. The clipped update: update_epochs epochs of shuffled minibatches.
-        b_obs = torch.as_tensor(obs, device=device).reshape(-1, obs_dim)
-        b_actions = torch.as_tensor(actions, device=device).reshape(-1, act_dim)
-        b_logprobs, b_values, b_advantages, b_returns, b_valid = (
-            torch.as_tensor(x, device=device).reshape(-1) for x in (logprobs, values, advantages, returns, valid)
-        )
-        stats = {k: [] for k in ("policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac")}
-        for epoch in range(args.update_epochs):
-            # The epoch's minibatches in one gather, [num_minibatches, minibatch_size]. A mean over
-            # a minibatch's real steps is a sum weighted by mask / count; the advantage normalisation
-            # and the diagnostics run for all minibatches at once (a few ops per epoch, not per minibatch).
-            perm = torch.as_tensor(rng.permutation(batch_size), device=device).view(args.num_minibatches, minibatch_size)
-            mb_obs, mb_actions, mb_logprobs, mb_values, mb_returns, mb_adv, mask = (
-                x[perm] for x in (b_obs, b_actions, b_logprobs, b_values, b_returns, b_advantages, b_valid)
-            )
-            weights = mask / mask.sum(1, keepdim=True).clamp(min=1)
-            if args.norm_adv:
-                adv_mean = (mb_adv * weights).sum(1, keepdim=True)
-                adv_std = ((mb_adv - adv_mean) ** 2 * weights).sum(1, keepdim=True).sqrt()
-                mb_adv = (mb_adv - adv_mean) / (adv_std + 1e-8)
-            logratios = []
-            for i in range(args.num_minibatches):
-                mean, new_value = agent(mb_obs[i])
-                logratio = gaussian_logprob(mean, agent.actor_logstd, mb_actions[i]) - mb_logprobs[i]
-                pg_loss = (policy_loss(logratio.exp(), mb_adv[i], args.clip_coef) * weights[i]).sum()
-                v_clip = args.clip_coef if args.clip_vloss else None
-                v_loss = (value_loss(new_value, mb_values[i], mb_returns[i], v_clip) * weights[i]).sum()
-                entropy = gaussian_entropy(agent.actor_logstd).mean()  # the same in every state
-                loss = pg_loss - args.ent_coef * entropy + args.vf_coef * v_loss
-
-                flat_params.grad.zero_()
-                loss.backward()
-                if distributed:  # the mean gradient over processes
-                    dist.all_reduce(flat_params.grad)
-                    flat_params.grad /= world_size
-                nn.utils.clip_grad_norm_([flat_params], args.max_grad_norm)
-                optimizer.step()
-                logratios.append(logratio.detach())
-                stats["policy_loss"].append(pg_loss.detach())
-                stats["value_loss"].append(v_loss.detach())
-                stats["entropy"].append(entropy.detach())
-            with torch.no_grad():  # per minibatch, from the log-ratios before its optimizer step
-                logratio = torch.stack(logratios)
-                old_kl, kl = kl_estimators(logratio)
-                stats["old_approx_kl"].append((old_kl * weights).sum(1))
-                stats["approx_kl"].append((kl * weights).sum(1))
-                stats["clipfrac"].append((((logratio.exp() - 1.0).abs() > args.clip_coef).float() * weights).sum(1))
-
-            if args.target_kl is not None:
-                epoch_kl = stats["approx_kl"][-1].mean()
-                if distributed:
-                    dist.all_reduce(epoch_kl)
-                    epoch_kl /= world_size
-                if epoch_kl > args.target_kl:
-                    break
-
-        # 4. Logging, checkpoints, stop requests.
-        if logger:
-            metrics = {f"losses/{k}": torch.cat([x.reshape(-1) for x in v]).mean().item() for k, v in stats.items()}
-            metrics["losses/explained_variance"] = explained_variance(values[valid == 1], returns[valid == 1])
-            metrics["charts/learning_rate"] = optimizer.param_groups[0]["lr"]
-            metrics["charts/SPS"] = int((global_step - start_step) / (time.time() - start_time))
-            logger.log(global_step, metrics)
-            if iteration % print_every == 0 or iteration == num_iterations:
-                recent = f"{np.mean(recent_returns):.1f}" if recent_returns else "n/a"
-                print(
-                    f"iter {iteration}/{num_iterations} | step {global_step:,} | SPS {metrics['charts/SPS']:,} "
-                    f"| return (last {len(recent_returns)}) {recent}",
-                    flush=True,
-                )
-        if distributed:
-            flag = torch.tensor(float(stop_requested))
-            dist.all_reduce(flag)
-            stop_requested = bool(flag.item())
-        if stop_requested or iteration == num_iterations or (args.save_every and iteration % args.save_every == 0):
-            checkpoint(iteration)
-        if stop_requested:
-            if rank == 0:
-                print(f"interrupted: checkpoint at step {global_step:,} in {run_dir}/checkpoint.pt; continue with --resume")
-            envs.close()
-            if distributed:
-                dist.destroy_process_group()
-            sys.exit(130)
-    envs.close()
-    if distributed:
-        # Every process applied the same averaged gradients and the same normaliser updates, so all
-        # must hold the same parameters and statistics.
-        statistics = [np.atleast_1d(x) for rms in (normalizer.obs_rms, normalizer.ret_rms) for x in (rms.mean, rms.var, rms.count)]
-        parameters = flat_params.detach().double()
-        flat = torch.cat([parameters] + [torch.as_tensor(x) for x in statistics])
-        gathered = [torch.empty_like(flat) for _ in range(world_size)]
-        dist.all_gather(gathered, flat)
-        if not all(torch.equal(g, flat) for g in gathered):
-            raise RuntimeError("parameters or normalisation statistics diverged across processes")
-        if rank == 0:
-            print(f"parameters identical on {world_size} processes (normalisation statistics too)")
-
-    # Evaluation of the final policy: whole episodes, raw rewards, observation statistics frozen.
-    if rank == 0 and args.eval_episodes > 0:
-        video_path = None
-        if args.capture_video:
-            os.makedirs(os.path.join(run_dir, "videos"), exist_ok=True)
-            video_path = os.path.join(run_dir, "videos", "eval.mp4")
-        returns = evaluate(
-            agent, normalizer, args.env_id, args.eval_episodes, args.seed + 10_000, device, args.eval_stochastic, video_path
-        )
-        logger.log(global_step, {"eval/episodic_return": float(np.mean(returns)), "eval/episodic_return_std": float(np.std(returns))})
-        print(f"eval: return {np.mean(returns):.2f} +- {np.std(returns):.2f} over {len(returns)} episodes")
-        if logger.wandb_run is not None and video_path is not None:
-            import wandb
-
-            logger.wandb_run.log({"global_step": global_step, "videos/eval": wandb.Video(video_path, format="mp4")})
-    if logger and logger.wandb_run is not None:
-        logger.wandb_run.finish()
-    if distributed:
-        dist.barrier()  # wait for rank 0 to finish evaluating: a rank leaving gloo early once died of SIGABRT
-        dist.destroy_process_group()
-
-
 if __name__ == "__main__":
-    main(parse_args())
+    train(parse_args())

@@ -1,8 +1,14 @@
-"""Tests of ppo_continuous.py: the Gaussian policy and the normalisers against torch.distributions and
-naive numpy references, the episode-boundary logic and action clipping on tiny custom envs, and the
-CLI end to end in subprocesses (MuJoCo InvertedPendulum-v5 and HalfCheetah-v5)."""
+"""Tests of ppo_continuous.py: the Gaussian policy, the normalisers and one PPO update against torch.distributions
+and naive references, the episode-boundary logic and action clipping on tiny custom envs, the fast paths' copy
+safety, the collectives' devices, and the CLI end to end in subprocesses (MuJoCo InvertedPendulum-v5 and
+HalfCheetah-v5)."""
 
+import copy
+import json
 import os
+import pickle
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -281,7 +287,7 @@ def test_env_gets_clipped_action_while_the_sampled_one_is_stored_and_trained_on(
             env_id="RecordActionEnv-v0", num_steps=32, num_minibatches=2, update_epochs=1, total_timesteps=64,
             eval_episodes=0, runs_dir=str(tmp_path), num_threads=1, log_std_init=0.5,
         )  # fmt: skip
-        ppo.main(args)
+        ppo.train(args)
     finally:
         signal.signal(signal.SIGINT, handlers[0]), signal.signal(signal.SIGTERM, handlers[1])
     sampled = np.concatenate(sampled)
@@ -342,29 +348,44 @@ def test_presets_and_overrides_parse():
         assert ppo.parse_args([name, "--seed", "7"]).seed == 7
 
 
-def test_flat_parameters_give_the_same_outputs_gradients_and_adam_steps():
+@pytest.mark.parametrize(
+    "reset", ["optimizer.zero_grad()", "optimizer.zero_grad(set_to_none=False)", "agent.zero_grad()", "both", "nothing"]
+)
+def test_flat_parameters_give_the_same_outputs_gradients_and_adam_steps(reset):
+    # The idioms a researcher writes do on the flat parameters what they do on plain ones, "nothing" (gradients
+    # piling up across steps) included.
     torch.manual_seed(0)
     plain, flat = ppo.Agent(5, 2, (16, 16), "tanh", 0.0), ppo.Agent(5, 2, (16, 16), "tanh", 0.0)
     flat.load_state_dict(plain.state_dict())
     flat_params = ppo.flatten_parameters(flat)
     assert flat_params.numel() == sum(p.numel() for p in plain.parameters())
     opt_plain = torch.optim.Adam(plain.parameters(), lr=1e-2)
-    opt_flat = torch.optim.Adam([flat_params], lr=1e-2)
-    obs = torch.randn(8, 5)
-    for _ in range(3):
+    opt_flat = torch.optim.Adam([flat_params], lr=1e-2, fused=True)
+    start = flat_params.detach().clone()
+    for _ in range(4):
+        obs = torch.randn(8, 5)
         losses = []
-        for agent in (plain, flat):
+        for agent, optimizer in ((plain, opt_plain), (flat, opt_flat)):
+            if reset in ("optimizer.zero_grad()", "both"):
+                optimizer.zero_grad()
+            if reset in ("agent.zero_grad()", "both"):
+                agent.zero_grad()
+            if reset == "optimizer.zero_grad(set_to_none=False)":
+                optimizer.zero_grad(set_to_none=False)
             mean, value = agent(obs)
             losses.append((mean**2).sum() + value.sum() + agent.actor_logstd.sum())
+            losses[-1].backward()
         torch.testing.assert_close(losses[0], losses[1])
-        opt_plain.zero_grad()
-        flat_params.grad.zero_()
-        losses[0].backward(), losses[1].backward()
-        # every parameter's gradient landed in its slice of the flat gradient
+        # every parameter's gradient landed in its slice of the flat gradient, and is a view into it
         torch.testing.assert_close(flat_params.grad, torch.cat([p.grad.reshape(-1) for p in plain.parameters()]))
+        sizes = [p.numel() for p in flat.parameters()]
+        for p, offset in zip(flat.parameters(), np.cumsum([0] + sizes[:-1])):
+            assert p.grad.data_ptr() == flat_params.grad[offset:].data_ptr()
+        torch.nn.utils.clip_grad_norm_(plain.parameters(), 1.0), torch.nn.utils.clip_grad_norm_([flat_params], 1.0)
         opt_plain.step(), opt_flat.step()
     for p, q in zip(plain.parameters(), flat.parameters()):
         torch.testing.assert_close(p, q)
+    assert (flat_params.detach() - start).abs().min() > 0, "every parameter moved"
 
 
 def test_torchrun_with_more_processes_than_gpus_is_a_one_line_error(monkeypatch, capsys):
@@ -405,10 +426,13 @@ def test_inverted_pendulum_cli_metrics_checkpoint_video_and_eval(tmp_path):
     np.testing.assert_allclose(lrs, [3e-4 * (1 - i / 4) for i in range(4)])  # linear annealing
     # The entropy of a 1-D Gaussian with log std 0 is 1.419 before training moves it.
     assert abs(records[-2]["losses/entropy"] - 1.4189) < 0.05
-    (run_dir,) = tmp_path.iterdir()
+    (run_dir,) = [path.parent for path in tmp_path.glob("*/metrics.jsonl")]
     assert (run_dir / "args.json").exists() and (run_dir / "videos" / "eval.mp4").stat().st_size > 1000
     assert "eval: return" in proc.stdout
-    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert re.search(r"^iteration 4/4 \| global_step 1,024 \| SPS [\d,]+ \| episodic_return \(last \d+\) [\d.]+$", proc.stdout, re.M)
+    assert proc.stdout.strip().splitlines()[-1] == f"done: {run_dir} (metrics.jsonl, args.json, checkpoint.pt, videos/)"
+    assert "note:" not in proc.stdout  # 1024 steps are 4 whole batches
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     # Every observation returned counted once (4 iterations x 256 steps + the first reset), and one
     # return per real step: fewer, since reset steps count for nothing.
     episodes = [r for r in records if "charts/episodic_length" in r]
@@ -419,6 +443,29 @@ def test_inverted_pendulum_cli_metrics_checkpoint_video_and_eval(tmp_path):
     proc = run_script("ppo_continuous.py", "--eval-checkpoint", str(run_dir / "checkpoint.pt"), "--eval-episodes", "2")
     assert "eval InvertedPendulum-v5: return" in proc.stdout and "over 2 episodes" in proc.stdout
 
+    # Evaluation loads with weights_only=True: it never unpickles "resume_state" (here code that would write a
+    # file), and refuses a checkpoint with a pickled object anywhere else.
+    marker = tmp_path / "unpickled"
+    ckpt["resume_state"] = pickle.dumps(RunsCode(f"open({str(marker)!r}, 'w').close()"))
+    torch.save(ckpt, tmp_path / "shared.pt")
+    proc = run_script("ppo_continuous.py", "--eval-checkpoint", str(tmp_path / "shared.pt"), "--eval-episodes", "1")
+    assert "eval InvertedPendulum-v5: return" in proc.stdout and not marker.exists()
+    pickle.loads(ckpt["resume_state"])
+    assert marker.exists(), "the payload does run when unpickled, so the check above means something"
+    ckpt["normalizer"]["obs_rms"]["mean"] = np.zeros(4)
+    torch.save(ckpt, tmp_path / "numpy.pt")
+    assert_one_line_error("ppo_continuous.py", ["--eval-checkpoint", str(tmp_path / "numpy.pt")], "--eval-checkpoint", tmp_path / "e")
+
+
+class RunsCode:
+    """Unpickles by running a line of Python: what a checkpoint someone shared could hold."""
+
+    def __init__(self, code):
+        self.code = code
+
+    def __reduce__(self):
+        return exec, (self.code,)
+
 
 def test_half_cheetah_cli_with_preset_and_network_flags(tmp_path):
     proc = run_script(
@@ -427,7 +474,8 @@ def test_half_cheetah_cli_with_preset_and_network_flags(tmp_path):
         "--runs-dir", str(tmp_path), "--eval-episodes", "1", "--eval-stochastic", "--num-threads", "1",
     )  # fmt: skip
     records = read_metrics(tmp_path)
-    assert "HalfCheetah-v5" in next(tmp_path.iterdir()).name
+    (metrics_path,) = tmp_path.glob("*/metrics.jsonl")  # tmp_path is also the cwd, where MuJoCo logs warnings
+    assert "HalfCheetah-v5" in metrics_path.parent.name
     assert [r["global_step"] for r in records if "losses/approx_kl" in r] == [1024, 2048]
     # HalfCheetah never terminates: its episodes end at the 1000-step time limit only.
     assert [r["charts/episodic_length"] for r in records if "charts/episodic_length" in r] == [1000, 1000]
@@ -451,6 +499,7 @@ def test_track_offline_leaves_metrics_in_wandb_run(tmp_path):
         (["--env-id", "NoSuchEnv-v9"], "--env-id"),
         (["--num-minibatches", "3"], "--num-minibatches"),
         (["--resume", "/nonexistent/checkpoint.pt"], "--resume"),
+        (["zoo-hopper", "--seed", "2"], "zoo-hopper"),
     ],
 )
 def test_bad_input_gives_one_line_error(flags, needle, tmp_path):
@@ -508,20 +557,20 @@ def test_same_seed_same_metrics_and_interrupted_resume_matches(tmp_path):
 
     # Interrupt a third run with Ctrl-C part-way, resume it, and compare with the uninterrupted run.
     ckpt_path = interrupt_with_ctrl_c("ppo_continuous.py", flags, tmp_path / "c")
-    interrupted = torch.load(ckpt_path, weights_only=False)
+    interrupted = torch.load(ckpt_path, weights_only=True)
     assert 1 <= interrupted["iteration"] < 10, "the interrupt must land mid-run for this test to mean anything"
     assert interrupted["normalizer"]["obs_rms"]["count"] > 256
     run_script("ppo_continuous.py", "--resume", str(ckpt_path), "--num-threads", "1", "--device", "cpu")
     assert comparable(read_metrics(tmp_path / "c")) == a
     # The normalisation statistics at the end are the same too, to the last bit.
     (final_a,) = (tmp_path / "a").glob("*/checkpoint.pt")
-    norm_a, norm_c = torch.load(final_a, weights_only=False)["normalizer"], torch.load(ckpt_path, weights_only=False)["normalizer"]
+    norm_a, norm_c = torch.load(final_a, weights_only=True)["normalizer"], torch.load(ckpt_path, weights_only=True)["normalizer"]
     for name in ("obs_rms", "ret_rms"):
         for key in ("mean", "var", "count"):
             np.testing.assert_array_equal(norm_c[name][key], norm_a[name][key])
 
-    # A checkpoint from before the flat parameters (Adam state per tensor) is refused in one line.
-    old = torch.load(final_a, weights_only=False)
+    # A checkpoint whose optimizer state does not fit (Adam state per tensor) is refused in one line.
+    old = torch.load(final_a, weights_only=True)
     old["optimizer"] = torch.optim.Adam(ppo.Agent(4, 1, (64, 64), "tanh", 0.0).parameters()).state_dict()
     torch.save(old, tmp_path / "old.pt")
     assert_one_line_error("ppo_continuous.py", ["--resume", str(tmp_path / "old.pt")], "--resume", tmp_path / "d")
@@ -537,7 +586,265 @@ def test_two_process_gloo_run(tmp_path):
     # global_step counts the steps of both processes: 4 iterations of 1 env x 128 steps x 2.
     assert [r["global_step"] for r in records if "losses/approx_kl" in r] == [256, 512, 768, 1024]
     (ckpt_path,) = tmp_path.glob("*/checkpoint.pt")
-    ckpt = torch.load(ckpt_path, weights_only=False)
+    ckpt = torch.load(ckpt_path, weights_only=True)
     # The observation statistics saw the observations of both processes.
     assert ckpt["normalizer"]["obs_rms"]["count"] == pytest.approx(2 * (512 + 1) + 1e-4)
-    assert len(ckpt["ranks"]) == 2
+    assert len(pickle.loads(ckpt["resume_state"])) == 2
+
+
+# ---------------------------------------------------------------- one PPO update against a naive reference
+
+
+def naive_ppo_update(agent, batch, args, rng):
+    """The update written out plainly: per-tensor Adam, loops over epochs and minibatches, each minibatch's
+    valid steps picked out, torch.distributions for the Gaussian, the gradient-norm clip by hand."""
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, foreach=False)
+    batch_size = len(batch["obs"])
+    minibatch_size = batch_size // args.num_minibatches
+    for epoch in range(args.update_epochs):
+        perm = rng.permutation(batch_size)
+        for start in range(0, batch_size, minibatch_size):
+            idx = [j for j in perm[start : start + minibatch_size] if batch["valid"][j] == 1]
+            obs, actions, old_logprob, old_value, adv, ret = (batch[k][idx] for k in ("obs", "actions", "logprobs", "values", "advantages", "returns"))
+            if args.norm_adv:
+                adv = (adv - adv.mean()) / (adv.std(unbiased=False) + 1e-8)
+            mean, value = agent(obs)
+            policy = torch.distributions.Normal(mean, agent.actor_logstd.exp())
+            ratio = (policy.log_prob(actions).sum(-1) - old_logprob).exp()
+            clipped_ratio = ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)
+            pg_loss = torch.max(-adv * ratio, -adv * clipped_ratio).mean()
+            clipped_value = old_value + (value - old_value).clamp(-args.clip_coef, args.clip_coef)
+            v_loss = 0.5 * torch.max((value - ret) ** 2, (clipped_value - ret) ** 2).mean()
+            entropy = policy.entropy().sum(-1).mean()
+            loss = pg_loss - args.ent_coef * entropy + args.vf_coef * v_loss
+            optimizer.zero_grad()
+            loss.backward()
+            grads = [p.grad for p in agent.parameters()]
+            norm = torch.sqrt(sum((g**2).sum() for g in grads))
+            for g in grads:
+                g.mul_(min(1.0, args.max_grad_norm / (norm.item() + 1e-6)))
+            optimizer.step()
+
+
+def test_ppo_update_matches_naive_reference_update():
+    # float64 throughout, so the two may differ only by the order of their sums.
+    torch.manual_seed(0)
+    agent = ppo.Agent(4, 2, (8, 8), "tanh", -0.3).double()
+    with torch.no_grad():
+        for p in agent.parameters():  # away from the init, so the heads matter
+            p.add_(0.3 * torch.randn_like(p))
+    reference = copy.deepcopy(agent)
+    gen = torch.Generator().manual_seed(1)
+    n = 24
+    obs, actions = torch.randn(n, 4, generator=gen, dtype=torch.float64), torch.randn(n, 2, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        mean, value = agent(obs)
+        logprobs = ppo.gaussian_logprob(mean, agent.actor_logstd, actions) + 0.3 * torch.randn(n, generator=gen, dtype=torch.float64)
+    valid = torch.ones(n, dtype=torch.float64)
+    valid[[3, 10, 17]] = 0  # reset steps
+    batch = {
+        "obs": obs, "actions": actions, "logprobs": logprobs, "values": value + 0.5 * torch.randn(n, generator=gen, dtype=torch.float64),
+        "advantages": 0.5 + 2 * torch.randn(n, generator=gen, dtype=torch.float64), "returns": value + torch.randn(n, generator=gen, dtype=torch.float64),
+        "valid": valid,
+    }  # fmt: skip
+    args = ppo.Args(learning_rate=3e-3, num_minibatches=3, update_epochs=3, ent_coef=0.01, max_grad_norm=0.5)
+    params = [ppo.flatten_parameters(agent)]
+    optimizer = torch.optim.Adam(params, lr=args.learning_rate, eps=1e-5, fused=True)  # as train() builds it
+    stats = ppo.ppo_update(agent, optimizer, params, batch, args, np.random.default_rng(7))
+    naive_ppo_update(reference, batch, args, np.random.default_rng(7))
+    for p, q in zip(agent.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-11)
+    assert stats["clipfrac"] > 0.05, "the ratio clip should be active"
+
+
+# ---------------------------------------------------------------- copy safety of the numpy rollout
+
+
+class SquashedMean(ppo.Agent):
+    """A researcher's edit of forward: means squashed into (-2, 2)."""
+
+    def forward(self, obs):
+        mean, value = super().forward(obs)
+        return 2 * torch.tanh(mean), value
+
+
+def modified_agent(change):
+    torch.manual_seed(0)
+    agent = (SquashedMean if change == "forward" else ppo.Agent)(5, 3, (16, 16), "elu", log_std_init=-0.5)
+    if change == "gelu":
+        agent.actor_mean[1], agent.critic[3] = torch.nn.GELU(), torch.nn.GELU()
+    elif change == "layernorm":
+        agent.actor_mean.insert(1, torch.nn.LayerNorm(16))
+    elif change == "elu_alpha":
+        agent.critic[1] = torch.nn.ELU(alpha=0.5)
+    with torch.no_grad():
+        for p in agent.parameters():  # away from the init, so every layer matters
+            p.add_(0.3 * torch.randn_like(p))
+    return agent
+
+
+def test_numpy_rollout_copy_is_used_for_the_unmodified_network_without_side_effects(capsys, monkeypatch):
+    monkeypatch.setattr(ppo, "_notes_printed", set())
+    agent = modified_agent("none")
+    obs = np.random.default_rng(0).normal(size=(4, 5)).astype(np.float32)
+    torch_state = torch.get_rng_state()
+    params = [p.detach().clone() for p in agent.parameters()]
+    policy = ppo.rollout_policy(agent, obs, torch.device("cpu"))
+    assert isinstance(policy, ppo.NumpyPolicy) and capsys.readouterr().out == ""
+    assert torch.equal(torch.get_rng_state(), torch_state)
+    assert all(torch.equal(p, q) for p, q in zip(params, agent.parameters()))
+
+
+@pytest.mark.parametrize("change", ["gelu", "layernorm", "elu_alpha", "forward"])
+def test_modified_network_gets_the_torch_forward_with_a_one_line_note(change, capsys, monkeypatch):
+    monkeypatch.setattr(ppo, "_notes_printed", set())
+    agent = modified_agent(change)
+    obs = np.random.default_rng(0).normal(size=(4, 5)).astype(np.float32)
+    policy = ppo.rollout_policy(agent, obs, torch.device("cpu"))
+    assert isinstance(policy, ppo.TorchPolicy)
+    ppo.rollout_policy(agent, obs, torch.device("cpu"))  # the next iteration says nothing more
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("note:") and "torch forward" in lines[0], lines
+    # The rollout acts with the network being trained: the same noise as the numpy copy draws.
+    actions, logprob, value = policy.act(obs, np.random.default_rng(1))
+    noise = np.random.default_rng(1).standard_normal(actions.shape, dtype=np.float32)
+    with torch.no_grad():
+        mean, ref_value = agent(torch.as_tensor(obs))
+        ref_logprob = torch.distributions.Normal(mean, agent.actor_logstd.exp()).log_prob(torch.as_tensor(actions)).sum(-1)
+    np.testing.assert_allclose(actions, mean.numpy() + np.exp(agent.actor_logstd.detach().numpy()) * noise, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(logprob, ref_logprob.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(value, ref_value.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(policy.value(obs), ref_value.numpy(), rtol=1e-6)
+
+
+def test_training_run_with_another_activation_says_so_once_and_trains(tmp_path, monkeypatch, capsys, restore_signals):
+    monkeypatch.setattr(ppo, "_notes_printed", set())
+    monkeypatch.setitem(ppo.ACTIVATIONS, "tanh", torch.nn.SiLU)  # a researcher's edit of the network
+    args = ppo.Args(
+        env_id="InvertedPendulum-v5", num_steps=64, num_minibatches=2, update_epochs=1, total_timesteps=192,
+        eval_episodes=0, runs_dir=str(tmp_path), num_threads=1, device="cpu",
+    )  # fmt: skip
+    ppo.train(args)
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "torch forward" in notes[0], notes
+    assert [r["global_step"] for r in read_metrics(tmp_path) if "losses/approx_kl" in r] == [64, 128, 192]
+
+
+# ---------------------------------------------------------------- torchrun: the collectives' devices
+
+
+@pytest.fixture
+def restore_signals():
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGINT, handlers[0]), signal.signal(signal.SIGTERM, handlers[1])
+
+
+def test_torchrun_on_gpus_uses_a_process_group_that_serves_cuda_and_cpu_tensors(monkeypatch):
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(ppo.dist, "init_process_group", lambda backend: calls.append(backend))
+    monkeypatch.setattr(ppo.dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(ppo.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(ppo.torch.cuda, "set_device", lambda device: calls.append(device))
+    assert ppo.init_distributed(torch.device("cuda:1")) == (True, 1, 2)
+    assert calls == [torch.device("cuda:1"), "cpu:gloo,cuda:nccl"]
+    assert ppo.init_distributed(torch.device("cpu")) == (True, 1, 2) and calls[-1] == "gloo"
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert ppo.init_distributed(torch.device("cuda:0")) == (False, 0, 1)
+
+
+def test_end_of_run_check_moves_gpu_parameters_to_the_cpu_before_the_cat():
+    # A fake CUDA tensor (no GPU needed) catches a cat of tensors on two devices.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    normalizer = ppo.Normalizer(3, 1, ppo.Args())
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        params = [torch.empty(10, device="cuda")]
+        with pytest.raises(RuntimeError, match="device"):
+            torch.cat([params[0].double(), torch.zeros(2, dtype=torch.float64)])
+        flat = ppo.parameters_and_statistics(params, normalizer)
+    assert flat.device == torch.device("cpu") and flat.dtype == torch.float64 and flat.shape == (10 + 3 * 2 + 1 + 3,)
+
+
+def test_collectives_get_tensors_on_the_training_device_or_the_cpu(tmp_path, monkeypatch, capsys, restore_signals):
+    # One process plays rank 0 of two identical ones: every collective is recorded, sums double.
+    seen = []
+
+    def record(name, tensor):
+        seen.append((name, tensor.device))
+
+    def all_reduce(tensor, *args, **kwargs):
+        record("all_reduce", tensor)
+        tensor.mul_(2)
+
+    def all_gather(tensors, tensor, *args, **kwargs):
+        record("all_gather", tensor)
+        for t in tensors:
+            t.copy_(tensor)
+
+    def all_gather_object(objects, obj, *args, **kwargs):
+        objects[:] = [obj] * len(objects)
+
+    monkeypatch.setattr(ppo, "init_distributed", lambda device: (True, 0, 2))
+    monkeypatch.setattr(ppo.dist, "get_world_size", lambda *args: 2)
+    monkeypatch.setattr(ppo.dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(ppo.dist, "all_gather", all_gather)
+    monkeypatch.setattr(ppo.dist, "all_gather_object", all_gather_object)
+    monkeypatch.setattr(ppo.dist, "broadcast", lambda tensor, src: record("broadcast", tensor))
+    monkeypatch.setattr(ppo.dist, "barrier", lambda *args: None)
+    monkeypatch.setattr(ppo.dist, "destroy_process_group", lambda *args: None)
+    args = ppo.Args(
+        env_id="InvertedPendulum-v5", num_steps=64, num_minibatches=2, update_epochs=2, total_timesteps=300,
+        eval_episodes=0, runs_dir=str(tmp_path), num_threads=1, device="cpu", target_kl=100.0,
+    )  # fmt: skip
+    ppo.train(args)
+    out = capsys.readouterr().out
+    assert {name for name, _ in seen} == {"all_reduce", "all_gather", "broadcast"}
+    assert {device for _, device in seen} == {torch.device("cpu")}  # the training device here, and the CPU
+    # Gradients (8 minibatch steps), KL per epoch (4), normaliser moments per step and at reset, stop flag (2).
+    assert sum(name == "all_reduce" for name, _ in seen) == 8 + 4 + 128 + 1 + 2
+    assert "parameters identical on 2 processes" in out
+    # 300 steps over 2 processes of 64: two whole batches of 128, said in one line.
+    assert "note: --total-timesteps 300 is not a whole number of batches of 128 steps; training 256 steps (2 iterations)" in out
+    assert [r["global_step"] for r in read_metrics(tmp_path) if "losses/approx_kl" in r] == [128, 256]
+
+
+# ---------------------------------------------------------------- signals, resume folder, command line
+
+
+def test_sigterm_checkpoints_and_a_moved_run_resumes_in_its_new_folder(tmp_path):
+    flags = [
+        "--env-id", "InvertedPendulum-v5", "--num-steps", "256", "--num-minibatches", "4", "--update-epochs", "2",
+        "--total-timesteps", "2560", "--num-threads", "1", "--eval-episodes", "0", "--device", "cpu",
+    ]  # fmt: skip
+    ckpt_path = interrupt_with_ctrl_c("ppo_continuous.py", flags, tmp_path / "runs", sig=signal.SIGTERM)
+    # Everything but resume_state is tensors and plain values.
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    assert set(ckpt) == {
+        "args", "run_name", "iteration", "global_step", "wandb_id", "metrics_offset", "agent", "optimizer", "normalizer", "resume_state",
+    }  # fmt: skip
+    assert isinstance(ckpt["resume_state"], bytes) and 1 <= ckpt["iteration"] < 10
+    moved = tmp_path / "elsewhere" / "my_run"
+    shutil.move(ckpt_path.parent, moved)
+    proc = run_script("ppo_continuous.py", "--resume", str(moved / "checkpoint.pt"), "--num-threads", "1")
+    assert proc.stdout.strip().splitlines()[-1] == f"done: {moved} (metrics.jsonl, args.json, checkpoint.pt)"
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
+    records = [json.loads(line) for line in (moved / "metrics.jsonl").read_text().splitlines()]
+    assert [r["global_step"] for r in records if "losses/approx_kl" in r] == [256 * i for i in range(1, 11)]
+
+
+def test_help_lists_the_flags_and_the_presets():
+    proc = run_script("ppo_continuous.py", "--help")
+    for flag in ("--env-id", "--total-timesteps", "--learning-rate", "--num-minibatches", "--clip-coef", "--hidden-sizes", "--resume", "--eval-checkpoint"):
+        assert flag in proc.stdout, flag
+    assert "cleanrl" in proc.stdout and "zoo-halfcheetah" in proc.stdout
+    proc = run_script("ppo_continuous.py", "zoo-halfcheetah", "--help")  # the preset's values as the defaults
+    assert "2.0633e-05" in proc.stdout and "--num-steps INT" in proc.stdout
+
+
+def test_exp_name_comes_from_the_file_name(tmp_path):
+    shutil.copy(ROOT / "ppo_continuous.py", tmp_path / "ppo_dualclip.py")
+    proc = subprocess.run([sys.executable, "-c", "import ppo_dualclip; print(ppo_dualclip.Args().exp_name)"], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.stdout.strip() == "ppo_dualclip", proc.stderr
+    assert ppo.Args().exp_name == "ppo_continuous"
