@@ -459,7 +459,7 @@ def train(args: Args) -> None:
         start_iteration, global_step, carry = restore(ckpt, agent, optimizer, normalizer, envs, rng, raw_obs, rank, world_size)
     run = Run(args, ckpt, rank)
     print_plan(run, device, world_size, batch_size, minibatch_size, num_iterations)
-    stop_requested = install_stop_handlers(distributed)
+    stop_requested = install_stop_handlers()
 
     # Rollout storage; step t is the transition obs[t] -> obs[t+1]. The rollout runs in numpy and its batch
     # moves to the device once per iteration.
@@ -737,9 +737,10 @@ def set_global_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def install_stop_handlers(distributed: bool) -> Callable[[], bool]:
-    """SIGINT (Ctrl-C) and SIGTERM (a scheduler) ask to stop: the iteration finishes, a checkpoint is written
-    and the process exits 130; a second Ctrl-C interrupts at once. Returns whether any process was asked."""
+def install_stop_handlers() -> Callable[[], bool]:
+    """SIGINT (Ctrl-C) and SIGTERM (a scheduler) ask to stop: the iteration finishes, a checkpoint is written and
+    the process exits 130; a second Ctrl-C interrupts at once. Returns stop_requested(): whether any process was
+    asked (a collective under torchrun: every process calls it)."""
     requested = False
 
     def request_stop(signum, frame):
@@ -751,7 +752,7 @@ def install_stop_handlers(distributed: bool) -> Callable[[], bool]:
     signal.signal(signal.SIGTERM, request_stop)
 
     def stop_requested() -> bool:
-        if not distributed:
+        if not dist.is_initialized():
             return requested
         flag = torch.tensor(float(requested))  # on the CPU: the gloo half of the process group
         dist.all_reduce(flag)

@@ -21,6 +21,15 @@ from conftest import ROOT, assert_one_line_error, comparable, interrupt_with_ctr
 
 import ppo_continuous as ppo
 
+
+@pytest.fixture
+def restore_signals():
+    """train() installs its SIGINT/SIGTERM handlers; an in-process run must not leave them to later tests."""
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGINT, handlers[0]), signal.signal(signal.SIGTERM, handlers[1])
+
+
 # ---------------------------------------------------------------- the Gaussian policy
 
 
@@ -733,13 +742,6 @@ def test_training_run_with_another_activation_says_so_once_and_trains(tmp_path, 
 # ---------------------------------------------------------------- torchrun: the collectives' devices
 
 
-@pytest.fixture
-def restore_signals():
-    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    yield
-    signal.signal(signal.SIGINT, handlers[0]), signal.signal(signal.SIGTERM, handlers[1])
-
-
 def test_torchrun_on_gpus_uses_a_process_group_that_serves_cuda_and_cpu_tensors(monkeypatch):
     calls = []
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -787,6 +789,7 @@ def test_collectives_get_tensors_on_the_training_device_or_the_cpu(tmp_path, mon
         objects[:] = [obj] * len(objects)
 
     monkeypatch.setattr(ppo, "init_distributed", lambda device: (True, 0, 2))
+    monkeypatch.setattr(ppo.dist, "is_initialized", lambda: True)
     monkeypatch.setattr(ppo.dist, "get_world_size", lambda *args: 2)
     monkeypatch.setattr(ppo.dist, "all_reduce", all_reduce)
     monkeypatch.setattr(ppo.dist, "all_gather", all_gather)
