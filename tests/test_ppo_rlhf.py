@@ -237,6 +237,187 @@ def test_flat_parameters_train_like_separate_tensors_and_save_pretrained(tmp_pat
         torch.testing.assert_close(tensor, models[1][0].state_dict()[name], rtol=0, atol=0)
 
 
+# ---------------------------------------------------------------------------------------------
+# One PPO update against a naive reference
+# ---------------------------------------------------------------------------------------------
+
+PAD = 22  # outside the tiny models' vocabulary, as an added [PAD] is
+UPDATE_ARGS = dict(
+    per_device_train_batch_size=2, gradient_accumulation_steps=2, num_minibatches=2, update_epochs=2,
+    learning_rate=1e-3, max_grad_norm=0.5, temperature=0.7, clip_coef=0.2, vf_clip_coef=0.2, vf_coef=0.1,
+)  # fmt: skip
+
+
+def fixed_batch(policy, B=8, ctx=4, T=5):
+    """A batch of 8 episodes: left-padded queries, responses of 1-5 tokens, old log-probs near the policy's
+    (so that some ratios leave the clip range), raw advantages, values and returns."""
+    g = torch.Generator().manual_seed(3)
+    queries = torch.randint(2, 22, (B, ctx), generator=g)
+    queries[0, :2], queries[3, :1] = PAD, PAD
+    lengths = torch.tensor([1, 5, 3, 5, 2, 4, 5, 3])
+    mask = torch.arange(T)[None] < lengths[:, None]
+    responses = torch.randint(2, 22, (B, T), generator=g).masked_fill(~mask, PAD)
+    query_responses = torch.cat([queries, responses], 1)
+    with torch.no_grad():
+        logprobs = P.lm_response_logprobs(policy, query_responses, PAD, ctx, UPDATE_ARGS["temperature"])[0]
+    zero = lambda x: torch.where(mask, x, 0.0)  # noqa: E731
+    data = P.Rollout(
+        query_responses=query_responses, context_length=ctx, responses=responses, mask=mask,
+        logprobs=zero(logprobs + 0.3 * torch.randn(B, T, generator=g)), ref_logprobs=zero(logprobs),
+        values=zero(torch.randn(B, T, generator=g)), scores=torch.randn(B, generator=g),
+    )  # fmt: skip
+    advantages = zero(2.0 * torch.randn(B, T, generator=g) + 1.0)  # far from whitened
+    returns = zero(torch.randn(B, T, generator=g))
+    return data, advantages, returns
+
+
+def naive_update(args, policy, value_model, data, advantages, returns, zero_grad="optimizer"):
+    """PPO update written out: advantages whitened over the valid tokens, explicit loops over epochs,
+    minibatches, micro-batches and valid tokens, global-norm clipping by hand, per-tensor torch Adam."""
+    params = list(policy.parameters()) + list(value_model.parameters())
+    optimizer = torch.optim.Adam(params, lr=args.learning_rate, eps=1e-5, foreach=False)
+    B, T = data.mask.shape
+    ctx, eps, A = data.context_length, args.clip_coef, args.gradient_accumulation_steps
+    valid = [(i, t) for i in range(B) for t in range(T) if data.mask[i, t]]
+    mean = sum(advantages[i, t].item() for i, t in valid) / len(valid)
+    std = math.sqrt(sum((advantages[i, t].item() - mean) ** 2 for i, t in valid) / (len(valid) - 1) + 1e-8)
+    adv = {(i, t): (advantages[i, t].item() - mean) / std for i, t in valid}
+    stats = {k: [] for k in ("approx_kl", "clipfrac", "pg_loss", "v_loss", "v_clipfrac", "entropy", "ratio")}
+    for epoch in range(args.update_epochs):
+        perm = torch.randperm(B).tolist()
+        for mb in range(args.num_minibatches):
+            if zero_grad == "optimizer":
+                optimizer.zero_grad()
+            for acc in range(A):
+                if zero_grad == "each_micro_batch":
+                    optimizer.zero_grad()
+                rows = perm[(mb * A + acc) * args.per_device_train_batch_size :][: args.per_device_train_batch_size]
+                new_lp, logits = P.lm_response_logprobs(policy, data.query_responses[rows], PAD, ctx, args.temperature)
+                new_v = P.token_scores(value_model, data.query_responses[rows], PAD)[:, ctx - 1 : -1]
+                pg, vf, n = [], [], 0
+                s = {k: 0.0 for k in stats}
+                for j, i in enumerate(rows):
+                    for t in range(T):
+                        if not data.mask[i, t]:
+                            continue
+                        n += 1
+                        a, r = adv[(i, t)], torch.exp(new_lp[j, t] - data.logprobs[i, t])
+                        pg.append(torch.maximum(-a * r, -a * torch.clamp(r, 1 - eps, 1 + eps)))
+                        v, old, R = new_v[j, t], data.values[i, t], returns[i, t]
+                        v_clipped = old + torch.clamp(v - old, -args.vf_clip_coef, args.vf_clip_coef)
+                        vf.append(0.5 * torch.maximum((v - R) ** 2, (v_clipped - R) ** 2))
+                        p = torch.softmax(logits[j, t].detach(), -1)
+                        s["approx_kl"] += (r.item() - 1) - math.log(r.item())
+                        s["clipfrac"] += float((a > 0 and r.item() > 1 + eps) or (a < 0 and r.item() < 1 - eps))
+                        s["v_clipfrac"] += float((v_clipped - R).abs().item() > (v - R).abs().item())
+                        s["entropy"] += -(p * p.log()).sum().item()
+                        s["ratio"] += r.item()
+                pg_loss, v_loss = sum(pg) / n, sum(vf) / n
+                ((pg_loss + args.vf_coef * v_loss) / A).backward()
+                for k in stats:
+                    stats[k].append(pg_loss.item() if k == "pg_loss" else v_loss.item() if k == "v_loss" else s[k] / n)
+            norm = math.sqrt(sum(p.grad.pow(2).sum().item() for p in params if p.grad is not None))
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(min(1.0, args.max_grad_norm / (norm + 1e-6)))
+            optimizer.step()
+    return {k: (float(np.mean(v)), float(np.var(v, ddof=1)) if k == "ratio" else None) for k, v in stats.items()}
+
+
+def scripted_update(update_fn, args, data, advantages, returns):
+    policy, value_model = tiny_gpt2(), tiny_llama_rm()
+    flat = P.FlatParameters([p for m in (policy, value_model) for p in m.parameters()])
+    optimizer = torch.optim.Adam([flat.param], lr=args.learning_rate, eps=1e-5, fused=True)
+    torch.manual_seed(123)
+    stats = update_fn(args, policy, value_model, optimizer, flat, data, advantages, returns, PAD)
+    return policy, value_model, stats
+
+
+def edited_ppo_update(old: str, new: str):
+    """ppo_update with one edit a researcher might make to its source."""
+    source = inspect.getsource(P.ppo_update)
+    assert old in source
+    namespace = dict(vars(P))
+    exec(compile(source.replace(old, new), P.__file__, "exec"), namespace)
+    return namespace["ppo_update"]
+
+
+def assert_same_parameters(model_a, model_b):
+    for (name, a), b in zip(model_a.named_parameters(), model_b.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_one_ppo_update_matches_a_naive_reference():
+    """Two epochs of two minibatches of two micro-batches on a fixed batch: the same parameters and statistics as
+    the update written out with per-tensor Adam. Deleting optimizer.zero_grad() or the advantage whitening from
+    ppo_update fails this test."""
+    args = P.Args(**UPDATE_ARGS)
+    data, advantages, returns = fixed_batch(tiny_gpt2())
+    policy, value_model, stats = scripted_update(P.ppo_update, args, data, advantages, returns)
+    ref_policy, ref_value = tiny_gpt2(), tiny_llama_rm()
+    torch.manual_seed(123)
+    expected = naive_update(args, ref_policy, ref_value, data, advantages, returns)
+    assert not torch.equal(policy.transformer.wte.weight, tiny_gpt2().transformer.wte.weight)  # it trained
+    assert_same_parameters(policy, ref_policy)
+    assert_same_parameters(value_model, ref_value)
+    names = {
+        "approx_kl": "policy/approxkl_avg", "clipfrac": "policy/clipfrac_avg", "pg_loss": "loss/policy_avg",
+        "v_loss": "loss/value_avg", "v_clipfrac": "val/clipfrac_avg", "entropy": "policy/entropy_avg", "ratio": "val/ratio",
+    }  # fmt: skip
+    for k, name in names.items():
+        assert stats[name].item() == pytest.approx(expected[k][0], rel=1e-5, abs=1e-6), name
+    assert stats["val/ratio_var"].item() == pytest.approx(expected["ratio"][1], rel=1e-4, abs=1e-8)
+    assert 0 < stats["policy/clipfrac_avg"].item() < 1 and 0 < stats["val/clipfrac_avg"].item() < 1  # both sides seen
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        ("optimizer.zero_grad()", "optimizer.zero_grad(set_to_none=False)"),
+        ("optimizer.zero_grad()", "policy.zero_grad(); value_model.zero_grad()"),
+        ("optimizer.zero_grad()", "policy.zero_grad(set_to_none=False); value_model.zero_grad()"),
+        ("loss.backward()", "optimizer.zero_grad(); loss.backward()"),  # CleanRL's place: per micro-batch
+    ],
+    ids=["set_to_none_false", "model_zero_grad", "mixed", "per_micro_batch"],
+)
+def test_flat_parameters_keep_the_zero_grad_idioms(edit):
+    """A researcher's way of resetting gradients trains the flat parameters exactly as it trains per-tensor ones."""
+    args = P.Args(**UPDATE_ARGS)
+    data, advantages, returns = fixed_batch(tiny_gpt2())
+    policy, value_model, _ = scripted_update(edited_ppo_update(*edit), args, data, advantages, returns)
+    ref_policy, ref_value = tiny_gpt2(), tiny_llama_rm()
+    torch.manual_seed(123)
+    naive_update(args, ref_policy, ref_value, data, advantages, returns, "each_micro_batch" if edit[0] == "loss.backward()" else "optimizer")
+    assert_same_parameters(policy, ref_policy)
+    assert_same_parameters(value_model, ref_value)
+
+
+def test_flat_parameters_note_a_gradient_left_none(capsys):
+    """value_model.zero_grad() after the backward leaves the value model without gradients: per-tensor Adam would
+    skip it, the flat step cannot, and says so once; the policy still trains exactly as per-tensor Adam trains it."""
+    args = P.Args(**(UPDATE_ARGS | dict(gradient_accumulation_steps=1, per_device_train_batch_size=4)))
+    data, advantages, returns = fixed_batch(tiny_gpt2())
+    update = edited_ppo_update("flat.check_grads()", "value_model.zero_grad(); flat.check_grads()")
+    policy, _, _ = scripted_update(update, args, data, advantages, returns)
+    out = capsys.readouterr().out
+    assert out.count("note:") == 1 and "got no gradient" in out
+    ref_policy, ref_value = tiny_gpt2(), tiny_llama_rm()
+    ref_value.requires_grad_(False)  # no gradient ever reaches it
+    torch.manual_seed(123)
+    naive_update(args, ref_policy, ref_value, data, advantages, returns)
+    assert_same_parameters(policy, ref_policy)
+
+
+def test_flat_parameters_copy_back_a_replaced_gradient():
+    """A .grad replaced by another tensor (not a view of the flat gradient) is copied back before the clip."""
+    policy = tiny_gpt2()
+    flat = P.FlatParameters(list(policy.parameters()))
+    first = next(policy.parameters())
+    first.grad = torch.full_like(first, 2.0)
+    flat.check_grads()
+    assert (flat.param.grad[: first.numel()] == 2.0).all() and first.grad.data_ptr() == flat.param.grad.data_ptr()
+
+
 def test_padding_does_not_change_logprobs_or_scores():
     """Left-padded queries and right-padded responses give the same numbers as unpadded rows,
     with a pad id outside the vocabulary (an added [PAD] token)."""
@@ -336,9 +517,13 @@ TRAIN_KEYS = {
 def test_real_models_end_to_end_with_wandb_offline(real_models, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    proc = run_script(real_flags(real_models, tmp_path, "--track", "--adaptive-kl", "--target-kl", "1000", "--kl-horizon", "100"))
+    flags = real_flags(real_models, tmp_path, "--track", "--adaptive-kl", "--target-kl", "1000", "--kl-horizon", "100", "--total-episodes", "50")
+    proc = run_script(flags)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir, metrics = read_metrics(tmp_path)
+    assert "note: --total-episodes 50 is not a whole number of iterations; training 48 episodes" in proc.stdout
+    assert f"done: {run_dir} (metrics.jsonl, args.json, checkpoint.pt, policy/)" in proc.stdout
+    assert "iteration 6/6 | episode 48 | eps " in proc.stdout  # the progress line
     train = [m for m in metrics if "objective/kl" in m]
     assert len(train) == 6  # 48 episodes / 8 per update
     assert all(set(m) == TRAIN_KEYS for m in train)
@@ -413,9 +598,17 @@ def test_two_process_gloo_run(real_models, tmp_path):
         "        super().__init__(*a, **k)\n"
         "        optimizers.append(self)\n"
         "torch.optim.Adam = RecordingAdam\n"
+        "collectives = []\n"
+        "def recording(fn):\n"
+        "    def wrapper(*a, **k):\n"
+        "        collectives.extend((fn.__name__, str(x.device)) for x in [*a, *k.values()] if torch.is_tensor(x))\n"
+        "        return fn(*a, **k)\n"
+        "    return wrapper\n"
+        "for name in ('all_reduce', 'all_gather', 'broadcast', 'reduce_scatter', 'all_gather_object', 'broadcast_object_list', 'barrier'):\n"
+        "    setattr(ppo_rlhf.dist, name, recording(getattr(ppo_rlhf.dist, name)))\n"
         "ppo_rlhf.train(tyro.cli(ppo_rlhf.Args))\n"
         "params = [p.detach().clone() for p in optimizers[0].param_groups[0]['params']]\n"
-        f"torch.save(params, os.path.join({str(tmp_path)!r}, 'rank' + os.environ['RANK'] + '.pt'))\n"
+        f"torch.save((params, collectives), os.path.join({str(tmp_path)!r}, 'rank' + os.environ['RANK'] + '.pt'))\n"
     )
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     proc = subprocess.run(
@@ -423,8 +616,10 @@ def test_two_process_gloo_run(real_models, tmp_path):
         env=ENV, capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    (rank0, collectives0), (rank1, collectives1) = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert all(torch.equal(a, b) for a, b in zip(rank0, rank1))
+    # every tensor handed to a collective lives on the training device (here the CPU) or the CPU
+    assert {name for name, _ in collectives0} == {"all_reduce"} and {d for _, d in collectives0 + collectives1} == {"cpu"}
     wte = tiny_gpt2().transformer.wte.weight  # the policy's first tensor, at the head of the flat parameters
     assert not torch.equal(rank0[0][: wte.numel()].view_as(wte), wte)  # it trained
     _, metrics = read_metrics(tmp_path / "runs")
@@ -432,6 +627,81 @@ def test_two_process_gloo_run(real_models, tmp_path):
     train = [m for m in metrics if "objective/kl" in m]
     assert [m["episode"] for m in train] == [16, 32]
     assert all(m["objective/kl"] >= 0 for m in train)  # k3 is never negative, k1 can be
+
+
+CHECKPOINT_KEYS = {
+    "args", "run_name", "iteration", "episode", "wandb_id", "metrics_offset", "policy", "value_model", "optimizer",
+    "kl_coef", "resume_state",
+}  # fmt: skip
+
+
+def test_sigterm_checkpoints_exits_130_and_resume_continues_in_the_moved_folder(real_models, tmp_path):
+    flags = real_flags(real_models, tmp_path / "unused", "--total-episodes", "96")
+    del flags[flags.index("--runs-dir") : flags.index("--runs-dir") + 2]  # interrupt_with_ctrl_c passes its own
+    checkpoint = interrupt_with_ctrl_c("ppo_rlhf.py", flags, tmp_path / "runs", after_records=2, sig=signal.SIGTERM)
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    assert set(ckpt) == CHECKPOINT_KEYS
+    assert 1 <= ckpt["iteration"] < 12 and ckpt["episode"] == 8 * ckpt["iteration"], "the run finished before SIGTERM arrived"
+    assert len(pickle.loads(ckpt["resume_state"])) == 1  # one process's RNG states
+    assert ckpt["metrics_offset"] == os.path.getsize(checkpoint.parent / "metrics.jsonl")
+    assert not (checkpoint.parent / "policy").exists()
+
+    # The run folder moves; --resume continues in it, wherever it is, and finishes the run there.
+    moved = tmp_path / "elsewhere" / "my-run"
+    shutil.move(checkpoint.parent, moved)
+    resumed = run_script(["--resume", str(moved / "checkpoint.pt")])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert os.listdir(tmp_path / "runs") == []
+    assert f"done: {moved} " in resumed.stdout
+    metrics = [json.loads(line) for line in open(moved / "metrics.jsonl")]
+    assert [m["episode"] for m in metrics if "objective/kl" in m] == [8 * i for i in range(1, 13)]
+    assert [m["episode"] for m in metrics if "eval/scores" in m] == [16 * i for i in range(7)]
+
+
+def test_resume_refuses_what_it_cannot_continue_in_one_line(real_models, tmp_path, capsys):
+    """Checked in this process: every refusal is a one-line error naming --resume, never a traceback; the
+    checkpoint itself loads with weights_only=True."""
+    import tyro
+
+    proc = run_script(real_flags(real_models, tmp_path / "runs", "--total-episodes", "8"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir, _ = read_metrics(tmp_path / "runs")
+    ckpt = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
+    bad = {
+        "missing": None,
+        "not_a_checkpoint": "not a checkpoint",
+        "old_format": {k: v for k, v in ckpt.items() if k not in ("iteration", "resume_state")} | {"update": 1, "rng": [{"numpy": np.random.get_state()}]},
+        "resume_state_not_a_pickle": ckpt | {"resume_state": b"garbage"},
+        "two_processes": ckpt | {"resume_state": pickle.dumps(pickle.loads(ckpt["resume_state"]) * 2)},
+        "optimizer_per_tensor": ckpt | {"optimizer": torch.optim.Adam([torch.nn.Parameter(torch.zeros(1)) for _ in range(2)]).state_dict()},
+    }  # fmt: skip
+    for case, content in bad.items():
+        path = tmp_path / f"{case}.pt"
+        if isinstance(content, str):
+            path.write_text(content)
+        elif content is not None:
+            torch.save(content, path)
+        with pytest.raises(SystemExit) as exit_info:
+            P.train(tyro.cli(P.Args, args=["--resume", str(path)]))
+        err = capsys.readouterr().err
+        assert_one_line_error(exit_info.value.code, err, "--resume")
+        assert case != "two_processes" or "written by 2 processes" in err
+
+
+def test_init_distributed_serves_cuda_tensors_and_cpu_objects(monkeypatch):
+    """On cuda the process group is nccl for cuda tensors and gloo for CPU tensors and objects; on the CPU, gloo."""
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(P.dist, "init_process_group", lambda backend: calls.append(backend))
+    monkeypatch.setattr(P.dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(P.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(str(device)))
+    assert P.init_distributed(torch.device("cuda", 1)) == (True, 1, 2)
+    assert calls == ["cuda:1", "cpu:gloo,cuda:nccl"]
+    calls.clear()
+    assert P.init_distributed(torch.device("cpu")) == (True, 1, 2) and calls == ["gloo"]
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert P.init_distributed(torch.device("cpu")) == (False, 0, 1)
 
 
 def assert_one_line_error(returncode, stderr, flag):
