@@ -97,9 +97,11 @@ class Args:
     torch_deterministic: bool = True
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     device: str = "auto"
-    """torch device: `auto` (cuda, then mps, then cpu) or a device string such as `cpu` or `cuda:1`"""
+    """torch device: `auto` (the CPU: an MLP on vector observations runs faster there than on a GPU) or a device
+    string such as `cuda` or `cuda:1`"""
     num_threads: int = 0
-    """torch CPU threads per process (0: torch's default); 1 is often fastest for the small MLP"""
+    """torch CPU threads per process; 0 picks from the work: 1 for an MLP (more threads only add overhead, and
+    slow down badly when another job holds a core)"""
     track: bool = False
     """if toggled, log to Weights and Biases (metrics land in runs/{run_name}/metrics.jsonl either way)"""
     wandb_project_name: str = "ppo"
@@ -425,10 +427,9 @@ class Carry:
 
 
 def train(args: Args) -> None:
-    device = pick_device(args.device)
+    device, device_reason = pick_device(args.device, gpu_pays=False)
     distributed, rank, world_size = init_distributed(device)
-    if args.num_threads:
-        torch.set_num_threads(args.num_threads)
+    set_num_threads(args.num_threads, gpu_pays=False)
     if args.eval_checkpoint is not None:
         return evaluate_checkpoint(args, device)
     ckpt = load_checkpoint(args.resume, "--resume") if args.resume is not None else None
@@ -458,7 +459,7 @@ def train(args: Args) -> None:
     if ckpt is not None:
         start_iteration, global_step, carry = restore(ckpt, agent, optimizer, normalizer, envs, rng, raw_obs, rank, world_size)
     run = Run(args, ckpt, rank)
-    print_plan(run, device, world_size, batch_size, minibatch_size, num_iterations)
+    print_plan(run, f"{device} ({device_reason}), {torch.get_num_threads()} torch thread(s)", world_size, batch_size, minibatch_size, num_iterations)
     stop_requested = install_stop_handlers()
 
     # Rollout storage; step t is the transition obs[t] -> obs[t+1]. The rollout runs in numpy and its batch
@@ -607,7 +608,7 @@ class Run:
         print(f"done: {self.run_dir} ({', '.join(files)})")
 
 
-def print_plan(run: Run, device: torch.device, world_size: int, batch_size: int, minibatch_size: int, num_iterations: int) -> None:
+def print_plan(run: Run, device: str, world_size: int, batch_size: int, minibatch_size: int, num_iterations: int) -> None:
     """Rank 0 says what the run will do, and how many steps when --total-timesteps is no whole number of batches."""
     args, steps = run.args, num_iterations * batch_size * world_size
     if run.rank != 0:
@@ -769,11 +770,13 @@ def exit_interrupted(run: Run, global_step: int, distributed: bool) -> NoReturn:
     sys.exit(130)
 
 
-def pick_device(name: str) -> torch.device:
-    """`auto` picks cuda, then mps, then cpu; anything else is a torch device string. Under
-    torchrun, `auto` and `cuda` mean the GPU of this process's local rank."""
+def pick_device(name: str, gpu_pays: bool) -> tuple[torch.device, str]:
+    """The torch device and why it was chosen. `auto` takes a GPU (cuda, then mps) only when gpu_pays: for a small
+    MLP the GPU's per-op launch and copy costs exceed the arithmetic it saves. Under torchrun, `cuda` means the
+    GPU of this process's local rank."""
+    reason = f"--device {name}"
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        name, reason = auto_device(gpu_pays, torch.cuda.is_available(), torch.backends.mps.is_available())
     if name == "cuda" and "LOCAL_RANK" in os.environ:
         local_rank = int(os.environ["LOCAL_RANK"])
         if local_rank >= torch.cuda.device_count():
@@ -787,7 +790,24 @@ def pick_device(name: str) -> torch.device:
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as e:
         fail(f"--device {name} is not usable here ({str(e).splitlines()[0]}); try --device auto")
-    return device
+    return device, reason
+
+
+def auto_device(gpu_pays: bool, cuda: bool, mps: bool) -> tuple[str, str]:
+    """What `--device auto` picks, given whether a GPU pays off for this network and which GPUs are present."""
+    gpu = "cuda" if cuda else "mps" if mps else None
+    if gpu is None:
+        return "cpu", "auto: no GPU"
+    if gpu_pays:
+        return gpu, "auto: the network gains from a GPU"
+    return "cpu", f"auto: an MLP on vector observations runs faster on the CPU than on {gpu}; --device {gpu} to override"
+
+
+def set_num_threads(num_threads: int, gpu_pays: bool) -> None:
+    """--num-threads, or from the work when 0: one thread for an MLP, torch's default (a thread per core) for
+    networks big enough to split across cores."""
+    if num_threads or not gpu_pays:
+        torch.set_num_threads(num_threads or 1)
 
 
 def distributed_backend(device: torch.device) -> str:

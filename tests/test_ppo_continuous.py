@@ -400,9 +400,28 @@ def test_flat_parameters_give_the_same_outputs_gradients_and_adam_steps(reset):
 def test_torchrun_with_more_processes_than_gpus_is_a_one_line_error(monkeypatch, capsys):
     monkeypatch.setenv("LOCAL_RANK", str(torch.cuda.device_count()))
     with pytest.raises(SystemExit) as exit_info:
-        ppo.pick_device("cuda")
+        ppo.pick_device("cuda", gpu_pays=False)
     assert exit_info.value.code == 2
     assert "start one process per GPU or pass --device cpu" in capsys.readouterr().err
+
+
+def test_auto_device_keeps_the_mlp_on_the_cpu_beside_a_gpu():
+    assert ppo.auto_device(False, cuda=True, mps=False)[0] == "cpu"
+    assert "--device cuda to override" in ppo.auto_device(False, cuda=True, mps=False)[1]
+    assert ppo.auto_device(False, cuda=False, mps=True)[0] == "cpu"
+    assert ppo.auto_device(False, cuda=False, mps=False) == ("cpu", "auto: no GPU")
+    assert ppo.auto_device(True, cuda=True, mps=True)[0] == "cuda"
+
+
+def test_num_threads_default_is_one_for_the_mlp_and_explicit_values_win():
+    before = torch.get_num_threads()
+    try:
+        ppo.set_num_threads(0, gpu_pays=False)
+        assert torch.get_num_threads() == 1
+        ppo.set_num_threads(2, gpu_pays=False)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_import_has_no_side_effects():
@@ -480,8 +499,10 @@ def test_half_cheetah_cli_with_preset_and_network_flags(tmp_path):
     proc = run_script(
         "ppo_continuous.py", "cleanrl", "--num-envs", "2", "--num-steps", "512", "--num-minibatches", "4",
         "--update-epochs", "2", "--total-timesteps", "2048", "--hidden-sizes", "32", "32", "32", "--activation", "relu",
-        "--runs-dir", str(tmp_path), "--eval-episodes", "1", "--eval-stochastic", "--num-threads", "1",
+        "--runs-dir", str(tmp_path), "--eval-episodes", "1", "--eval-stochastic",
     )  # fmt: skip
+    # The defaults pick the device and thread count from the work and say so: one thread for the MLP.
+    assert "device cpu (auto: " in proc.stdout and ", 1 torch thread(s)" in proc.stdout
     records = read_metrics(tmp_path)
     (metrics_path,) = tmp_path.glob("*/metrics.jsonl")  # tmp_path is also the cwd, where MuJoCo logs warnings
     assert "HalfCheetah-v5" in metrics_path.parent.name
