@@ -161,7 +161,9 @@ class Args:
 # model's vocabulary (an added [PAD]) is never looked up.
 
 
-def iteration_prompts(queries: list, iteration: int, batch_size: int, local_batch_size: int, rank: int, seed: int) -> list:
+def iteration_prompts(
+    queries: list[list[int]], iteration: int, batch_size: int, local_batch_size: int, rank: int, seed: int
+) -> list[list[int]]:
     """This process's share of the iteration's prompts, drawn without replacement from a fresh permutation of
     the prompts on each pass over them."""
     n = len(queries)
@@ -233,7 +235,9 @@ def sequence_scores(model: nn.Module, query_responses: Tensor, pad_id: int, cont
     return scores[torch.arange(len(scores), device=scores.device), last]
 
 
-def sampling_config(response_length: int, temperature: float, eos_id: int, pad_id: int, vocab_size: int) -> GenerationConfig:
+def sampling_config(
+    response_length: int, temperature: float, eos_id: int, pad_id: int, vocab_size: int
+) -> GenerationConfig:
     """Pure sampling at `temperature` (no top-k/top-p), stopping at EOS, with logits returned."""
     return GenerationConfig(
         max_new_tokens=response_length, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
@@ -275,24 +279,28 @@ class Rollout:
 
 
 @torch.no_grad()
-def rollout(policy, ref_policy, reward_model, value_model, queries: Tensor, gen_config, task: Task, args: Args) -> Rollout:
-    """Sample a response to each query and score it, in chunks of --local-rollout-forward-batch-size."""
-    context_length = queries.size(1)
+def rollout(
+    policy: nn.Module, ref_policy: nn.Module, reward_model: nn.Module, value_model: nn.Module, queries: Tensor,
+    gen_config: GenerationConfig, task: Task, args: Args,
+) -> Rollout:
+    """Sample a response to each query, then score it: log-probs under the policy (from the sampling pass) and
+    the reference, the reward model's score, the value model's values. In chunks of the no-grad batch size."""
+    context_length, pad_id = queries.size(1), task.pad_id
     policy.eval()
     value_model.eval()
     chunks = []
     with torch.autocast(queries.device.type, dtype=torch.bfloat16, enabled=args.bf16):
         for query in queries.split(args.local_rollout_forward_batch_size):
-            response, logprob = generate(policy, query, task.pad_id, gen_config, args.response_length)
-            response = truncate_after_eos(response, task.eos_id, task.pad_id)
+            response, logprob = generate(policy, query, pad_id, gen_config, args.response_length)
+            response = truncate_after_eos(response, task.eos_id, pad_id)
             query_response = torch.cat([query, response], 1)
-            ref_logprob = lm_response_logprobs(ref_policy, query_response, task.pad_id, context_length, args.temperature)[0]
-            score = sequence_scores(reward_model, query_response, task.pad_id, context_length)
+            ref_logprob = lm_response_logprobs(ref_policy, query_response, pad_id, context_length, args.temperature)[0]
+            score = sequence_scores(reward_model, query_response, pad_id, context_length)
             score = apply_missing_eos_penalty(score, response, task.eos_id, args.missing_eos_penalty)
-            value = token_scores(value_model, query_response, task.pad_id)[:, context_length - 1 : -1]
+            value = token_scores(value_model, query_response, pad_id)[:, context_length - 1 : -1]
             chunks.append((response, logprob, ref_logprob, score, value))
     responses, logprobs, ref_logprobs, scores, values = (torch.cat(x) for x in zip(*chunks))
-    mask = responses != task.pad_id
+    mask = responses != pad_id
     return Rollout(
         query_responses=torch.cat([queries, responses], 1), context_length=context_length, responses=responses,
         mask=mask, logprobs=torch.where(mask, logprobs, 0.0), ref_logprobs=torch.where(mask, ref_logprobs, 0.0),
@@ -303,14 +311,14 @@ def rollout(policy, ref_policy, reward_model, value_model, queries: Tensor, gen_
 # The models: the policy and its frozen reference, the frozen reward model, and the value model.
 
 
-def load_models(task: Task, device: torch.device, gradient_checkpointing: bool) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
+def load_models(task: Task, device: torch.device, gradient_checkpointing: bool) -> tuple[nn.Module, ...]:
     """Returns (policy, ref_policy, reward_model, value_model), dropout off in all four. The value model is a
     separate copy of the reward model (as in the TL;DR reproduction of Huang et al., 2024): it starts out
     predicting scores, close to the returns it must learn, and keeps value-loss gradients out of the policy."""
-    policy = load_model(AutoModelForCausalLM, task.policy_path, task.policy_config, "--model-name-or-path").to(device)
-    ref_policy = load_model(AutoModelForCausalLM, task.policy_path, task.policy_config, "--model-name-or-path").to(device).eval()
-    reward_model = load_model(AutoModelForSequenceClassification, task.reward_path, task.reward_config, "--reward-model-path").to(device).eval()
-    value_model = load_model(AutoModelForSequenceClassification, task.reward_path, task.reward_config, "--reward-model-path").to(device)
+    causal_lm = partial(load_model, AutoModelForCausalLM, task.policy_path, task.policy_config, "--model-name-or-path")
+    scorer = partial(load_model, AutoModelForSequenceClassification, task.reward_path, task.reward_config, "--reward-model-path")
+    policy, ref_policy = causal_lm().to(device), causal_lm().to(device).eval()
+    reward_model, value_model = scorer().to(device).eval(), scorer().to(device)
     check_models(task, reward_model)
     for p in list(ref_policy.parameters()) + list(reward_model.parameters()):
         p.requires_grad_(False)
@@ -365,7 +373,9 @@ def shape_rewards(
     return rewards, kl, non_score_reward
 
 
-def compute_gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, gae_lambda: float) -> tuple[Tensor, Tensor]:
+def compute_gae(
+    rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, gae_lambda: float
+) -> tuple[Tensor, Tensor]:
     """GAE over tokens. The value after the last valid token is 0 (the episode ends there).
     Returns (advantages, returns), zero on padding."""
     rewards = torch.where(mask, rewards, 0.0)
@@ -410,17 +420,16 @@ def ppo_update(
     on the gradients of --gradient-accumulation-steps micro-batches. Returns the update's statistics."""
     if args.norm_adv:
         advantages = whiten(advantages, data.mask)
-    micro, ctx = args.per_device_train_batch_size, data.context_length
-    minibatch = micro * args.gradient_accumulation_steps
+    micro, accumulation, ctx = args.per_device_train_batch_size, args.gradient_accumulation_steps, data.context_length
     policy.train()  # dropout is off; train mode only turns on gradient checkpointing
     value_model.train()
-    stats = torch.zeros(7, args.update_epochs, args.num_minibatches, args.gradient_accumulation_steps, device=advantages.device)
+    stats = torch.zeros(7, args.update_epochs, args.num_minibatches, accumulation, device=advantages.device)
     for epoch in range(args.update_epochs):
         perm = torch.randperm(len(advantages), device=advantages.device)
         for mb in range(args.num_minibatches):
             optimizer.zero_grad()
-            for acc in range(args.gradient_accumulation_steps):
-                idx = perm[mb * minibatch + acc * micro : mb * minibatch + (acc + 1) * micro]
+            for acc in range(accumulation):
+                idx = perm[(mb * accumulation + acc) * micro : (mb * accumulation + acc + 1) * micro]
                 mask, mb_advantages, query_responses = data.mask[idx], advantages[idx], data.query_responses[idx]
                 with torch.autocast(advantages.device.type, dtype=torch.bfloat16, enabled=args.bf16):
                     new_logprobs, logits = lm_response_logprobs(policy, query_responses, pad_id, ctx, args.temperature)
@@ -428,16 +437,19 @@ def ppo_update(
                 logratio = new_logprobs - data.logprobs[idx]
                 ratio = torch.exp(logratio)
                 pg_losses = policy_loss(ratio, mb_advantages, args.clip_coef)
-                v_losses = value_loss(new_values, data.values[idx], returns[idx], args.vf_clip_coef if args.clip_vloss else None)
+                vf_clip = args.vf_clip_coef if args.clip_vloss else None
+                v_losses = value_loss(new_values, data.values[idx], returns[idx], vf_clip)
                 pg_loss, v_loss = masked_mean(pg_losses, mask), masked_mean(v_losses, mask)
-                loss = (pg_loss + args.vf_coef * v_loss) / args.gradient_accumulation_steps
+                loss = (pg_loss + args.vf_coef * v_loss) / accumulation
                 loss.backward()
                 with torch.no_grad():
                     pg_clipfrac = masked_mean((pg_losses > -mb_advantages * ratio).float(), mask)
                     v_clipfrac = masked_mean((v_losses > 0.5 * (new_values - returns[idx]) ** 2).float(), mask)
                     approx_kl = masked_mean((ratio - 1) - logratio, mask)  # k3, as CleanRL logs it
                     entropy = masked_mean(torch.logsumexp(logits, -1) - (logits.softmax(-1) * logits).sum(-1), mask)
-                    stats[:, epoch, mb, acc] = torch.stack([approx_kl, pg_clipfrac, pg_loss, v_loss, v_clipfrac, entropy, masked_mean(ratio, mask)])
+                    ratio_mean = masked_mean(ratio, mask)
+                    step_stats = [approx_kl, pg_clipfrac, pg_loss, v_loss, v_clipfrac, entropy, ratio_mean]
+                    stats[:, epoch, mb, acc] = torch.stack(step_stats)
             flat.check_grads()
             all_reduce_mean(flat.param.grad)
             nn.utils.clip_grad_norm_([flat.param], args.max_grad_norm)
@@ -467,7 +479,8 @@ def train(args: Args) -> None:
     configure_torch(args)
     task = load_task(args, rank, distributed)  # the built-in task is built once, by rank 0, into its cache
     policy, ref_policy, reward_model, value_model = load_models(task, device, args.gradient_checkpointing)
-    gen_config = sampling_config(args.response_length, args.temperature, task.eos_id, task.pad_id, policy.get_input_embeddings().num_embeddings)
+    vocab_size = policy.get_input_embeddings().num_embeddings
+    gen_config = sampling_config(args.response_length, args.temperature, task.eos_id, task.pad_id, vocab_size)
     # One optimizer over policy and value model: one loss, one clip of the global gradient norm.
     flat = FlatParameters([p for m in (policy, value_model) for p in m.parameters() if p.requires_grad])
     optimizer = torch.optim.Adam([flat.param], lr=args.learning_rate, eps=1e-5, fused=device.type in ("cpu", "cuda"))
@@ -480,7 +493,7 @@ def train(args: Args) -> None:
         state = restore(ckpt, rank, device, policy, value_model, optimizer)
     stop_requested = install_stop_handlers()
     if ckpt is None and rank == 0:  # the SFT policy's scores: the baseline the run must beat
-        run.log_evaluation(0, num_iterations, 0, {}, *evaluate(policy, reward_model, task, gen_config, args, 0))
+        run.log_evaluation(0, num_iterations, 0, {}, *evaluate(policy, reward_model, task, gen_config, args, episode=0))
 
     start_time, start_episode = time.time(), state.episode
     for iteration in range(state.iteration + 1, num_iterations + 1):
@@ -490,12 +503,15 @@ def train(args: Args) -> None:
             group["lr"] = lr
 
         # 2. Rollout: this process's share of the iteration's prompts, answered by the policy and scored.
-        queries = left_pad(iteration_prompts(task.train_queries, iteration, batch_size, local_batch_size, rank, args.seed), task.pad_id, device)
+        prompts = iteration_prompts(task.train_queries, iteration, batch_size, local_batch_size, rank, args.seed)
+        queries = left_pad(prompts, task.pad_id, device)
         data = rollout(policy, ref_policy, reward_model, value_model, queries, gen_config, task, args)
         state.episode += batch_size
 
         # 3. Rewards: a per-token KL penalty plus the score at the last real token; GAE over tokens.
-        rewards, kl, non_score_reward = shape_rewards(data.logprobs, data.ref_logprobs, data.scores, data.mask, state.kl_coef, args.kl_estimator)
+        rewards, kl, non_score_reward = shape_rewards(
+            data.logprobs, data.ref_logprobs, data.scores, data.mask, state.kl_coef, args.kl_estimator
+        )
         if args.whiten_rewards:
             rewards = whiten(rewards, data.mask, shift_mean=False)
         advantages, returns = compute_gae(rewards, data.values, data.mask, args.gamma, args.gae_lambda)
@@ -505,17 +521,20 @@ def train(args: Args) -> None:
 
         # 5. Log; adapt the KL coefficient; evaluate; checkpoint; stop after SIGINT/SIGTERM.
         eps = (state.episode - start_episode) / (time.time() - start_time)
-        metrics = batch_metrics(data, kl, non_score_reward, update_stats, task.eos_id) | {"objective/kl_coef": state.kl_coef, "lr": lr, "eps": eps}
+        metrics = batch_metrics(data, kl, non_score_reward, update_stats, task.eos_id)
+        metrics |= {"objective/kl_coef": state.kl_coef, "lr": lr, "eps": eps}
         run.log(state.episode, metrics)
         if args.adaptive_kl:
-            state.kl_coef = adaptive_kl_coef(state.kl_coef, metrics["objective/kl"], args.target_kl, args.kl_horizon, batch_size)
+            kl_now = metrics["objective/kl"]
+            state.kl_coef = adaptive_kl_coef(state.kl_coef, kl_now, args.target_kl, args.kl_horizon, batch_size)
         state.iteration = iteration
         if rank == 0 and (iteration % args.eval_every == 0 or iteration == num_iterations):
-            run.log_evaluation(iteration, num_iterations, state.episode, metrics, *evaluate(policy, reward_model, task, gen_config, args, state.episode))
+            evaluation = evaluate(policy, reward_model, task, gen_config, args, state.episode)
+            run.log_evaluation(iteration, num_iterations, state.episode, metrics, *evaluation)
         stop = stop_requested()
         if stop or iteration == num_iterations or (args.save_every and iteration % args.save_every == 0):
             save_checkpoint(run, state, args, policy, value_model, optimizer, device)
-        if stop and iteration < num_iterations:
+        if stop and iteration < num_iterations:  # stopped in the last iteration, the run ends as usual
             exit_interrupted(run, state, distributed)
 
     if rank == 0:
@@ -537,7 +556,8 @@ class Run:
     def __init__(self, args: Args, ckpt: Optional[dict], task: Task, rank: int):
         self.rank0, self.metrics, self.wandb = rank == 0, None, None
         if ckpt is not None:
-            self.name, self.dir, self.wandb_id = ckpt["run_name"], os.path.dirname(os.path.abspath(args.resume)), ckpt["wandb_id"]
+            self.name, self.wandb_id = ckpt["run_name"], ckpt["wandb_id"]
+            self.dir = os.path.dirname(os.path.abspath(args.resume))
         else:  # every process must agree on the name: rank 0's clock decides
             self.name = broadcast_object(f"{task.name}__{args.exp_name}__{args.seed}__{int(time.time())}")
             self.dir, self.wandb_id = os.path.join(args.runs_dir, self.name), None
@@ -571,15 +591,19 @@ class Run:
         if self.wandb is not None:
             self.wandb.log(record)
 
-    def log_evaluation(self, iteration: int, num_iterations: int, episode: int, last: dict, metrics: dict, rows: list) -> None:
-        """Log an evaluation, send its sample table to wandb, and print the progress line."""
+    def log_evaluation(
+        self, iteration: int, num_iterations: int, episode: int, last: dict, metrics: dict, rows: list
+    ) -> None:
+        """Log an evaluation, send its sample table to wandb, and print the progress line (`last`: the
+        iteration's training metrics)."""
         self.log(episode, metrics)
         if self.wandb is not None:
             import wandb
 
             columns = ["episode", "query", "response", "score"] + (["gold_score"] if len(rows[0]) > 4 else [])
             self.wandb.log({"episode": episode, "samples": wandb.Table(columns=columns, data=rows)})
-        line = [f"iteration {iteration}/{num_iterations}", f"episode {episode:,}"] + ([f"eps {last['eps']:,.1f}"] if "eps" in last else [])
+        line = [f"iteration {iteration}/{num_iterations}", f"episode {episode:,}"]
+        line += [f"eps {last['eps']:,.1f}"] if "eps" in last else []
         line += [f"{k.split('/')[-1]} {last[k]:.3f}" for k in ("objective/scores", "objective/kl", "objective/kl_coef") if k in last]
         line += [f"{'eval_scores' if k == 'eval/scores' else k.split('/')[-1]} {v:.3f}" for k, v in metrics.items()]
         print(" | ".join(line + [f"{rows[0][1][-60:]!r} -> {rows[0][2][:60]!r}"]), flush=True)
@@ -591,7 +615,9 @@ class Run:
             self.metrics.close()
 
 
-def describe(run: Run, args: Args, task: Task, device: torch.device, world_size: int, num_iterations: int, batch_size: int) -> None:
+def describe(
+    run: Run, args: Args, task: Task, device: torch.device, world_size: int, num_iterations: int, batch_size: int
+) -> None:
     """The batch arithmetic, printed by rank 0 at the start."""
     if not run.rank0:
         return
@@ -602,14 +628,17 @@ def describe(run: Run, args: Args, task: Task, device: torch.device, world_size:
         f"no-grad passes in chunks of {args.local_rollout_forward_batch_size}; device {device}"
     )
     if num_iterations * batch_size != args.total_episodes:
-        print(f"note: --total-episodes {args.total_episodes} is not a whole number of iterations; training {num_iterations * batch_size} episodes")
+        trained = num_iterations * batch_size
+        print(f"note: --total-episodes {args.total_episodes} is not a whole number of iterations; training {trained} episodes")
     if task.builtin is not None:
         b = task.builtin
         print(f"built-in task: reward model held-out accuracy {b['rm_accuracy']:.3f}, SFT gold score {b['sft_gold_mean']:.3f} +- {b['sft_gold_std']:.3f}")
 
 
 @torch.no_grad()
-def batch_metrics(data: Rollout, kl: Tensor, non_score_reward: Tensor, update_stats: dict, eos_id: int) -> dict[str, float]:
+def batch_metrics(
+    data: Rollout, kl: Tensor, non_score_reward: Tensor, update_stats: dict, eos_id: int
+) -> dict[str, float]:
     """The iteration's statistics under TRL's names, averaged over processes (val/num_eos_tokens: summed)."""
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     local = {
@@ -637,7 +666,8 @@ def save_policy(run: Run, policy: nn.Module, tokenizer) -> None:
 # Checkpoints and resume. Everything but "resume_state" loads with weights_only=True; "resume_state" is the
 # pickled list of each process's RNG states, unpickled by --resume only.
 
-CHECKPOINT_KEYS = {"args", "run_name", "wandb_id", "metrics_offset", "policy", "value_model", "optimizer", "resume_state"} | {f.name for f in fields(LoopState)}
+CHECKPOINT_KEYS = {"args", "run_name", "wandb_id", "metrics_offset", "policy", "value_model", "optimizer", "resume_state"}
+CHECKPOINT_KEYS |= {f.name for f in fields(LoopState)}  # iteration, episode, kl_coef
 
 
 def rng_state(device: torch.device) -> dict:
@@ -661,7 +691,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def save_checkpoint(run: Run, state: LoopState, args: Args, policy, value_model, optimizer, device: torch.device) -> None:
+def save_checkpoint(
+    run: Run, state: LoopState, args: Args, policy: nn.Module, value_model: nn.Module, optimizer, device: torch.device
+) -> None:
     """Every process hands in its RNG states; rank 0 writes checkpoint.pt atomically (tmp file, then rename)."""
     ranks = gather_objects(rng_state(device))
     if not run.rank0:
@@ -691,18 +723,18 @@ def load_resume(args: Args) -> tuple[Optional[dict], Args]:
         if not CHECKPOINT_KEYS <= set(ckpt):
             raise KeyError(sorted(CHECKPOINT_KEYS - set(ckpt)))
     except Exception as e:  # not a checkpoint, or one written by another version of this script
-        fail(f"--resume: {args.resume} is not a checkpoint of this version of ppo_rlhf.py ({type(e).__name__}); start a new run")
+        fail(f"--resume: {args.resume} is not a checkpoint of this version of ppo_rlhf.py ({type(e).__name__}); start anew")
     return ckpt | {"resume_state": ranks}, resumed
 
 
-def restore(ckpt: dict, rank: int, device: torch.device, policy, value_model, optimizer) -> LoopState:
+def restore(ckpt: dict, rank: int, device: torch.device, policy: nn.Module, value_model: nn.Module, optimizer) -> LoopState:
     """Weights, optimizer and this process's RNG states from a checkpoint; returns the loop's state."""
     try:
         policy.load_state_dict(ckpt["policy"])
         value_model.load_state_dict(ckpt["value_model"])
         optimizer.load_state_dict(ckpt["optimizer"])
     except (RuntimeError, ValueError, KeyError):
-        fail(f"--resume: the model or optimizer state in the checkpoint does not fit these models; start a new run")
+        fail("--resume: the model or optimizer state in the checkpoint does not fit these models; start a new run")
     set_rng_state(ckpt["resume_state"][rank], device)
     return LoopState(**{f.name: ckpt[f.name] for f in fields(LoopState)})
 
@@ -814,18 +846,22 @@ def leave_process_group(distributed: bool) -> None:
 
 
 @torch.no_grad()
-def evaluate(policy, reward_model, task: Task, gen_config, args: Args, episode: int) -> tuple[dict, list]:
+def evaluate(
+    policy: nn.Module, reward_model: nn.Module, task: Task, gen_config: GenerationConfig, args: Args, episode: int
+) -> tuple[dict, list]:
     """Sample the held-out prompts with a fixed seed (the same noise at every evaluation) and score them; on the
     built-in task also with the hidden gold reward. Returns the metrics and the first rows of the sample table."""
     device = next(policy.parameters()).device
     pad_id, eos_id, chunk = task.pad_id, task.eos_id, args.local_rollout_forward_batch_size
     policy.eval()
     queries_all, responses_all, scores_all = [], [], []
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+    fork_rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+    with fork_rng, torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
         torch.manual_seed(args.seed + 10_000)
         for i in range(0, len(task.eval_queries), chunk):
             queries = left_pad(task.eval_queries[i : i + chunk], pad_id, device)
-            responses = truncate_after_eos(generate(policy, queries, pad_id, gen_config, args.response_length)[0], eos_id, pad_id)
+            responses = generate(policy, queries, pad_id, gen_config, args.response_length)[0]
+            responses = truncate_after_eos(responses, eos_id, pad_id)
             scores = sequence_scores(reward_model, torch.cat([queries, responses], 1), pad_id, queries.size(1))
             scores_all.append(apply_missing_eos_penalty(scores, responses, eos_id, args.missing_eos_penalty))
             queries_all += [[t for t in q if t != pad_id] for q in queries.tolist()]
@@ -834,7 +870,10 @@ def evaluate(policy, reward_model, task: Task, gen_config, args: Args, episode: 
     gold = None
     if task.language is not None:
         n_special = len(BUILTIN_SPECIALS)
-        gold = [builtin_gold_score(task.language, [t - n_special for t in q], builtin_words(r, eos_id, pad_id)) for q, r in zip(queries_all, responses_all)]
+        gold = [
+            builtin_gold_score(task.language, [t - n_special for t in q], builtin_words(r, eos_id, pad_id))
+            for q, r in zip(queries_all, responses_all)
+        ]
         metrics["objective/gold_score"] = float(np.mean(gold))
     decode = task.tokenizer.decode
     rows = [
@@ -915,8 +954,8 @@ class Task:
     train_queries: list[list[int]]
     eval_queries: list[list[int]]
     name: str  # the run name's prefix
-    builtin: Optional[dict] = None  # the built-in task's description (task.json) and hidden language
-    language: Optional[dict] = None
+    builtin: Optional[dict] = None  # the built-in task's description (its task.json)
+    language: Optional[dict] = None  # the built-in task's hidden language, for the gold score
 
 
 def load_task(args: Args, rank: int, distributed: bool) -> Task:
