@@ -132,7 +132,8 @@ class Args:
     """iterations between checkpoints (0 = only at the end and when stopped by SIGINT/SIGTERM)"""
     resume: Optional[str] = None
     """path of a checkpoint.pt to continue in its folder; the run keeps its saved settings except --device,
-    --num-threads, --save-every and --track. It unpickles the checkpoint's RNG states: use it on your own runs"""
+    --num-threads, --save-every and --track. It unpickles the checkpoint's resume_state, and unpickling can run
+    code: resume only your own runs"""
     eval_every: int = 10
     """iterations between evaluations on the held-out prompts (with a progress line and sample table)"""
     eval_episodes: int = 256
