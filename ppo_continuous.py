@@ -429,7 +429,7 @@ class Carry:
 def train(args: Args) -> None:
     device, device_reason = pick_device(args.device, gpu_pays=False)
     distributed, rank, world_size = init_distributed(device)
-    set_num_threads(args.num_threads, gpu_pays=False)
+    set_num_threads(args.num_threads, small_network=True)
     if args.eval_checkpoint is not None:
         return evaluate_checkpoint(args, device)
     ckpt = load_checkpoint(args.resume, "--resume") if args.resume is not None else None
@@ -803,10 +803,10 @@ def auto_device(gpu_pays: bool, cuda: bool, mps: bool) -> tuple[str, str]:
     return "cpu", f"auto: an MLP on vector observations runs faster on the CPU than on {gpu}; --device {gpu} to override"
 
 
-def set_num_threads(num_threads: int, gpu_pays: bool) -> None:
-    """--num-threads, or from the work when 0: one thread for an MLP, torch's default (a thread per core) for
-    networks big enough to split across cores."""
-    if num_threads or not gpu_pays:
+def set_num_threads(num_threads: int, small_network: bool) -> None:
+    """--num-threads, or from the work when 0: one thread for a small network (more only add overhead, and stall
+    when another job holds a core), torch's default (a thread per core) for networks big enough to split."""
+    if num_threads or small_network:
         torch.set_num_threads(num_threads or 1)
 
 

@@ -114,8 +114,9 @@ class Args:
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     device: str = "auto"
     """torch device: auto (cuda, then mps, then cpu) or an explicit device string such as cuda:1"""
-    num_threads: int = 1
-    """torch CPU threads per process (0: torch's default); 1 is fastest for the built-in task's tiny models"""
+    num_threads: int = 0
+    """torch CPU threads per process; 0 picks from the work: 1 for the built-in task's tiny models, torch's default
+    (a thread per core) for real models"""
     bf16: bool = False
     """run forward passes in bfloat16 autocast (CUDA only)"""
     gradient_checkpointing: bool = False
@@ -474,7 +475,7 @@ class LoopState:
 
 def train(args: Args) -> None:
     ckpt, args = load_resume(args)
-    device = pick_device(args.device)
+    device, device_reason = pick_device(args.device)
     distributed, rank, world_size = init_distributed(device)
     local_batch_size, batch_size, num_iterations = check_args(args, world_size, ckpt, device)
     configure_torch(args)
@@ -487,7 +488,7 @@ def train(args: Args) -> None:
     optimizer = torch.optim.Adam([flat.param], lr=args.learning_rate, eps=1e-5, fused=device.type in ("cpu", "cuda"))
     state = LoopState(kl_coef=args.kl_coef)
     run = Run(args, ckpt, task, rank)
-    describe(run, args, task, device, world_size, num_iterations, batch_size)
+    describe(run, args, task, f"{device} ({device_reason}), {torch.get_num_threads()} torch thread(s)", world_size, num_iterations, batch_size)
     # Seeded after the built-in task (which seeds itself), so a cached and a freshly built task give the same run.
     seed_everything(args.seed + rank)
     if ckpt is not None:
@@ -617,7 +618,7 @@ class Run:
 
 
 def describe(
-    run: Run, args: Args, task: Task, device: torch.device, world_size: int, num_iterations: int, batch_size: int
+    run: Run, args: Args, task: Task, device: str, world_size: int, num_iterations: int, batch_size: int
 ) -> None:
     """The batch arithmetic, printed by rank 0 at the start."""
     if not run.rank0:
@@ -780,11 +781,13 @@ def exit_interrupted(run: Run, state: LoopState, distributed: bool) -> NoReturn:
 # training device or the CPU.
 
 
-def pick_device(name: str) -> torch.device:
-    """`auto` picks cuda, then mps, then cpu; anything else is a torch device string. Under
-    torchrun, `auto` and `cuda` mean the GPU of this process's local rank."""
+def pick_device(name: str) -> tuple[torch.device, str]:
+    """The torch device and why it was chosen: `auto` takes a GPU (cuda, then mps) when there is one, as language
+    models gain from it. Under torchrun, `cuda` means the GPU of this process's local rank."""
+    reason = f"--device {name}"
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        reason = "auto: no GPU" if name == "cpu" else "auto: language models gain from a GPU"
     if name == "cuda" and "LOCAL_RANK" in os.environ:
         local_rank = int(os.environ["LOCAL_RANK"])
         if local_rank >= torch.cuda.device_count():
@@ -798,7 +801,14 @@ def pick_device(name: str) -> torch.device:
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as e:
         fail(f"--device {name} is not usable here ({str(e).splitlines()[0]}); try --device auto")
-    return device
+    return device, reason
+
+
+def set_num_threads(num_threads: int, small_network: bool) -> None:
+    """--num-threads, or from the work when 0: one thread for a small network (more only add overhead, and stall
+    when another job holds a core), torch's default (a thread per core) for networks big enough to split."""
+    if num_threads or small_network:
+        torch.set_num_threads(num_threads or 1)
 
 
 def init_distributed(device: torch.device) -> tuple[bool, int, int]:
@@ -934,8 +944,7 @@ def configure_torch(args: Args) -> None:
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    if args.num_threads:
-        torch.set_num_threads(args.num_threads)
+    set_num_threads(args.num_threads, small_network=args.model_name_or_path is None)
 
 
 # Loading the models and the prompts: a mistake in a path, a model or a prompts file is a one-line error.

@@ -416,9 +416,9 @@ def test_auto_device_keeps_the_mlp_on_the_cpu_beside_a_gpu():
 def test_num_threads_default_is_one_for_the_mlp_and_explicit_values_win():
     before = torch.get_num_threads()
     try:
-        ppo.set_num_threads(0, gpu_pays=False)
+        ppo.set_num_threads(0, small_network=True)
         assert torch.get_num_threads() == 1
-        ppo.set_num_threads(2, gpu_pays=False)
+        ppo.set_num_threads(2, small_network=True)
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)

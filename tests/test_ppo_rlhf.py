@@ -766,9 +766,12 @@ def builtin_cache(tmp_path_factory):
 
 
 def builtin_run(cache, runs_dir, *extra):
+    """A built-in task run with the default thread count (no OMP_NUM_THREADS): the script picks one thread."""
     flags = ["--cache-dir", str(cache), "--runs-dir", str(runs_dir), "--total-episodes", "640", "--eval-every", "10", "--eval-episodes", "256", *extra]
-    proc = run_script(flags, timeout=400)
+    env = {k: v for k, v in ENV.items() if k != "OMP_NUM_THREADS"}
+    proc = subprocess.run([sys.executable, SCRIPT, *flags], env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert ", 1 torch thread(s)" in proc.stdout
     return read_metrics(runs_dir)[1], proc.stdout
 
 
@@ -787,3 +790,17 @@ def test_builtin_task_learns_gold_reward_and_kl_coef_limits_kl(builtin_cache, tm
     assert "SFT model trained" not in stdout
     tight_kl = [m["objective/kl"] for m in tight if "objective/kl" in m][-1]
     assert tight_kl < loose_kl / 2, (tight_kl, loose_kl)
+
+
+def test_num_threads_default_follows_the_work_and_explicit_values_win():
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        P.set_num_threads(0, small_network=False)  # a real model: torch's default stays
+        assert torch.get_num_threads() == 2
+        P.set_num_threads(0, small_network=True)  # the built-in task's tiny models
+        assert torch.get_num_threads() == 1
+        P.set_num_threads(3, small_network=True)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
