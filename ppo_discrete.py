@@ -4,10 +4,8 @@
     python ppo_discrete.py --env-id ALE/Breakout-v5 --num-envs 8 --clip-coef 0.1 --total-timesteps 10000000
     torchrun --nproc_per_node 2 ppo_discrete.py              # data parallel, one set of envs per process
 
-Read top to bottom: arguments, the numerical core (GAE, losses, KL estimators), environments,
-the network, then `main`: 1. rollout, 2. GAE, 3. clipped update, 4. logging and checkpoints.
-References: Schulman et al. 2017 (PPO), Schulman et al. 2016 (GAE), Huang et al. 2022
-("The 37 Implementation Details of PPO").
+References: Schulman et al. 2017 (PPO), Schulman et al. 2016 (GAE), Huang et al. 2022 ("The 37 Implementation
+Details of PPO").
 """
 
 import json
@@ -18,9 +16,10 @@ import signal
 import sys
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Callable, NoReturn, Optional
 
+import ale_py
 import gymnasium as gym
 import numpy as np
 import torch
@@ -33,38 +32,6 @@ from gymnasium.vector import AutoresetMode
 
 @dataclass
 class Args:
-    exp_name: str = "ppo_discrete"
-    """the name of this experiment (part of the run name)"""
-    seed: int = 1
-    """seed of the experiment (each torchrun process adds its rank)"""
-    torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
-    device: str = "auto"
-    """torch device: `auto` (cuda, then mps, then cpu) or a device string such as `cpu` or `cuda:1`"""
-    num_threads: int = 0
-    """torch CPU threads per process (0: torch's default); 1 is often fastest for the small MLP"""
-    track: bool = False
-    """if toggled, log to Weights and Biases (metrics land in runs/{run_name}/metrics.jsonl either way)"""
-    wandb_project_name: str = "ppo"
-    """the wandb project name"""
-    wandb_entity: Optional[str] = None
-    """the wandb entity (team or user)"""
-    capture_video: bool = False
-    """if toggled, record the first evaluation episode to runs/{run_name}/videos/"""
-    runs_dir: str = "runs"
-    """folder that holds runs/{run_name}/ (metrics, args, checkpoints, videos)"""
-    save_every: int = 0
-    """write a checkpoint every this many iterations (0: only at the end and on Ctrl-C)"""
-    resume: Optional[str] = None
-    """path of a checkpoint.pt to continue; hyperparameters come from the checkpoint"""
-    eval_episodes: int = 10
-    """episodes played by the final policy after training (0: no evaluation)"""
-    eval_stochastic: bool = False
-    """if toggled, evaluation samples actions; by default it takes the most likely action"""
-    eval_checkpoint: Optional[str] = None
-    """evaluate the policy of this checkpoint for --eval-episodes and exit, without training"""
-
-    # Algorithm specific arguments
     env_id: str = "CartPole-v1"
     """gymnasium id with a Discrete action space; ALE ids (ALE/Breakout-v5) get the Atari pipeline"""
     total_timesteps: int = 500000
@@ -100,139 +67,37 @@ class Args:
     target_kl: Optional[float] = None
     """stop the update epochs early once the approximate KL passes this (None: never)"""
 
-
-# The numerical core: small functions the tests check against naive reference code.
-
-
-def compute_gae(
-    rewards: np.ndarray,
-    values: np.ndarray,
-    next_value: np.ndarray,
-    terminated: np.ndarray,
-    truncated: np.ndarray,
-    gamma: float,
-    gae_lambda: float,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Advantages and returns of a [T, N] rollout, step t being the transition obs[t] -> obs[t+1].
-
-    values[t] = V(obs[t]); next_value = V(obs after the last step). A termination cuts both the
-    bootstrap and the trace. A truncation cuts only the trace: its target r + gamma * V(s_final)
-    bootstraps from the final observation, which under NEXT_STEP autoreset is obs[t+1] itself.
-    (numpy: this loop of small ops runs several times faster than in torch.)
-    """
-    advantages = np.zeros_like(rewards)
-    last = np.zeros_like(next_value)
-    next_values = np.concatenate([values[1:], next_value[None]])
-    for t in reversed(range(rewards.shape[0])):
-        delta = rewards[t] + gamma * next_values[t] * (1.0 - terminated[t]) - values[t]
-        last = delta + gamma * gae_lambda * (1.0 - np.maximum(terminated[t], truncated[t])) * last
-        advantages[t] = last
-    return advantages, advantages + values
-
-
-def policy_loss(ratio: torch.Tensor, advantages: torch.Tensor, clip_coef: float) -> torch.Tensor:
-    """Per-sample clipped surrogate loss, the negated min of the unclipped and clipped objectives."""
-    return torch.max(-advantages * ratio, -advantages * torch.clamp(ratio, 1 - clip_coef, 1 + clip_coef))
-
-
-def value_loss(
-    new_values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, clip_coef: Optional[float]
-) -> torch.Tensor:
-    """Per-sample 0.5 * squared error; with clip_coef, the max of the plain and clipped errors."""
-    unclipped = (new_values - returns) ** 2
-    if clip_coef is None:
-        return 0.5 * unclipped
-    clipped = old_values + torch.clamp(new_values - old_values, -clip_coef, clip_coef)
-    return 0.5 * torch.max(unclipped, (clipped - returns) ** 2)
-
-
-def kl_estimators(logratio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample estimators of KL(old || new) from log(new/old) of samples drawn from old:
-    k1 = -log r (unbiased, noisy) and k3 = (r - 1) - log r (unbiased, never negative)."""
-    ratio = logratio.exp()
-    return -logratio, (ratio - 1) - logratio
-
-
-def logprob_and_entropy(logits: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """log pi(a|s) of the given actions and the entropy of pi(.|s), from unnormalised logits."""
-    logp = logits.log_softmax(-1)
-    return logp.gather(-1, actions.unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1)
-
-
-def sample_categorical(logits: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """One action per row drawn from softmax(logits) by the Gumbel-max trick, and its log-probability."""
-    actions = (logits - np.log(-np.log(rng.random(logits.shape, dtype=np.float32)))).argmax(-1)
-    shifted = logits - logits.max(-1, keepdims=True)
-    logp = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
-    return actions, np.take_along_axis(logp, actions[:, None], -1)[:, 0]
-
-
-def explained_variance(values: np.ndarray, returns: np.ndarray) -> float:
-    """1 - Var[returns - values] / Var[returns]; nan when the returns do not vary."""
-    var_returns = np.var(returns)
-    return float("nan") if var_returns == 0 else float(1 - np.var(returns - values) / var_returns)
-
-
-# Command line checks: one line naming the flag, exit status 2, as tyro does for a malformed flag.
-
-
-def fail(message: str) -> NoReturn:
-    """Print a one-line usage error and exit with status 2 (as argparse/tyro do)."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def check_args(args: Args, world_size: int) -> tuple[int, int, int]:
-    """Validate the flags; return (batch_size, minibatch_size, num_iterations) per process."""
-    for name in ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs"):
-        if getattr(args, name) <= 0:
-            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ("eval_episodes", "save_every", "num_threads", "ent_coef", "vf_coef"):
-        if getattr(args, name) < 0:
-            fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    for name in ("learning_rate", "clip_coef", "max_grad_norm"):
-        if not getattr(args, name) > 0:
-            fail(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
-    for name in ("gamma", "gae_lambda"):
-        if not 0 <= getattr(args, name) <= 1:
-            fail(f"--{name.replace('_', '-')} must lie in [0, 1], got {getattr(args, name)}")
-    if args.target_kl is not None and not args.target_kl > 0:
-        fail(f"--target-kl must be > 0 (or left unset), got {args.target_kl}")
-    batch_size = args.num_envs * args.num_steps
-    if batch_size % args.num_minibatches:
-        divisors = [d for d in range(1, min(batch_size, 64) + 1) if batch_size % d == 0]
-        fail(
-            f"--num-minibatches {args.num_minibatches} does not divide the batch "
-            f"--num-envs {args.num_envs} x --num-steps {args.num_steps} = {batch_size}; pick one of {divisors}"
-        )
-    num_iterations = args.total_timesteps // (batch_size * world_size)
-    if num_iterations == 0:
-        fail(
-            f"--total-timesteps {args.total_timesteps} is less than one rollout "
-            f"({batch_size * world_size} steps); raise it or lower --num-envs/--num-steps"
-        )
-    return batch_size, batch_size // args.num_minibatches, num_iterations
-
-
-def pick_device(name: str) -> torch.device:
-    """`auto` picks cuda, then mps, then cpu; anything else is a torch device string. Under
-    torchrun, `auto` and `cuda` mean the GPU of this process's local rank."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda" and "LOCAL_RANK" in os.environ:
-        local_rank = int(os.environ["LOCAL_RANK"])
-        if local_rank >= torch.cuda.device_count():
-            fail(
-                f"--device {name}: torchrun started local rank {local_rank} but only {torch.cuda.device_count()} GPU(s)"
-                " are visible; start one process per GPU or pass --device cpu"
-            )
-        name = f"cuda:{local_rank}"
-    try:
-        device = torch.device(name)
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as e:
-        fail(f"--device {name} is not usable here ({str(e).splitlines()[0]}); try --device auto")
-    return device
+    # Run settings: where and how the run goes, what it records; none of them changes what PPO computes.
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (part of the run name)"""
+    seed: int = 1
+    """seed of the experiment (each torchrun process adds its rank)"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    device: str = "auto"
+    """torch device: `auto` (cuda, then mps, then cpu) or a device string such as `cpu` or `cuda:1`"""
+    num_threads: int = 0
+    """torch CPU threads per process (0: torch's default); 1 is often fastest for the small MLP"""
+    track: bool = False
+    """if toggled, log to Weights and Biases (metrics land in runs/{run_name}/metrics.jsonl either way)"""
+    wandb_project_name: str = "ppo"
+    """the wandb project name"""
+    wandb_entity: Optional[str] = None
+    """the wandb entity (team or user)"""
+    capture_video: bool = False
+    """if toggled, record the first evaluation episode to runs/{run_name}/videos/"""
+    runs_dir: str = "runs"
+    """folder that holds runs/{run_name}/ (metrics, args, checkpoints, videos)"""
+    save_every: int = 0
+    """write a checkpoint every this many iterations (0: only at the end and on Ctrl-C/SIGTERM)"""
+    resume: Optional[str] = None
+    """checkpoint.pt of your own run to continue (hyperparameters come from it); unpickles env/RNG state, which can run code"""
+    eval_episodes: int = 10
+    """episodes played by the final policy after training (0: no evaluation)"""
+    eval_stochastic: bool = False
+    """if toggled, evaluation samples actions; by default it takes the most likely action"""
+    eval_checkpoint: Optional[str] = None
+    """evaluate this checkpoint's policy for --eval-episodes and exit; reads weights only (weights_only=True)"""
 
 
 # Environments. Every vector env autoresets in NEXT_STEP mode: the step that ends an episode
@@ -240,38 +105,18 @@ def pick_device(name: str) -> torch.device:
 # action and returns (first obs, reward 0, no termination). Those reset steps are left out of the
 # update, and a truncation bootstraps from V(final obs) with no extra forward pass.
 
+gym.register_envs(ale_py)
+
 
 def is_atari(env_id: str) -> bool:
     """True for ids served by ale-py (ALE/Breakout-v5, BreakoutNoFrameskip-v4, ...)."""
     return "ale_py" in str(gym.spec(env_id).entry_point)
 
 
-def resolve_env(env_id: str) -> gym.Space:
-    """Check that env_id exists and has a Discrete action space; return its observation space."""
-    import ale_py
-
-    gym.register_envs(ale_py)
-    try:
-        gym.spec(env_id)
-    except gym.error.Error:
-        fail(f"--env-id {env_id} is not a registered gymnasium id; Atari ids look like ALE/Breakout-v5")
-    if is_atari(env_id):
-        return gym.spaces.Box(0, 255, (4, 84, 84), np.uint8)  # what make_envs returns
-    env = gym.make(env_id)
-    action_space, obs_space = env.action_space, env.observation_space
-    env.close()
-    if not isinstance(action_space, gym.spaces.Discrete):
-        hint = "; use ppo_continuous.py" if isinstance(action_space, gym.spaces.Box) else ""
-        fail(f"--env-id {env_id} has a {type(action_space).__name__} action space; ppo_discrete.py needs Discrete{hint}")
-    if not isinstance(obs_space, (gym.spaces.Box, gym.spaces.Discrete)):
-        fail(f"--env-id {env_id} has a {type(obs_space).__name__} observation space; only Box and Discrete are supported")
-    return obs_space
-
-
 def make_envs(env_id: str, num_envs: int, render: bool = False) -> gym.vector.VectorEnv:
     """Vector env in NEXT_STEP autoreset mode. Atari goes through ale-py's C++ AtariVectorEnv
     (noop reset 30, frame skip 4 with max-pool, 84x84 grayscale, 4-frame stack, fire reset);
-    its rewards stay raw so the logged return is the game score, and the script clips them to
+    its rewards stay raw so the logged return is the game score, and the rollout clips them to
     their sign and turns life losses into terminations itself."""
     if is_atari(env_id):
         from ale_py.vector_env import AtariVectorEnv
@@ -292,18 +137,6 @@ def make_envs(env_id: str, num_envs: int, render: bool = False) -> gym.vector.Ve
         vector_kwargs={"autoreset_mode": AutoresetMode.NEXT_STEP},
         **({"render_mode": "rgb_array"} if render else {}),
     )
-
-
-def env_state(envs: gym.vector.VectorEnv) -> Optional[bytes]:
-    """Pickled sub-envs of a SyncVectorEnv (episodes in progress, their RNGs), so a resumed run
-    continues the very same episodes; None for envs that cannot be pickled (ale-py's C++ envs)."""
-    if not isinstance(envs, gym.vector.SyncVectorEnv):
-        return None
-    return pickle.dumps((envs.envs, envs._autoreset_envs))
-
-
-def restore_env_state(envs: gym.vector.VectorEnv, state: bytes) -> None:
-    envs.envs, envs._autoreset_envs = pickle.loads(state)
 
 
 # The network.
@@ -366,69 +199,427 @@ class Agent(nn.Module):
         return self.actor(hidden), self.critic(hidden).squeeze(-1)
 
 
-class NumpyMLP:
-    """A numpy copy of the MLP agent that the rollout acts with, rebuilt after every update. A step
-    feeds a handful of observations through small layers: each op costs about a microsecond in
-    numpy and several in torch's dispatcher, which makes this several times faster per env step."""
-
-    def __init__(self, agent: Agent):
-        def layers(seq: nn.Sequential) -> list:
-            linear = [m for m in seq if isinstance(m, nn.Linear)]
-            return [(m.weight.detach().cpu().numpy().T.copy(), m.bias.detach().cpu().numpy().copy()) for m in linear]
-
-        self.actor, self.critic, self.obs_onehot = layers(agent.actor), layers(agent.critic), agent.obs_onehot
-
-    @staticmethod
-    def mlp(layers: list, x: np.ndarray) -> np.ndarray:
-        for w, b in layers[:-1]:
-            x = np.tanh(x @ w + b)
-        return x @ layers[-1][0] + layers[-1][1]
-
-    def __call__(self, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Action logits [N, A] and state values [N], as Agent.forward computes them."""
-        if self.obs_onehot:
-            x = np.eye(self.obs_onehot, dtype=np.float32)[obs.astype(np.int64)]
-        else:
-            x = obs.reshape(len(obs), -1).astype(np.float32, copy=False)
-        return self.mlp(self.actor, x), self.mlp(self.critic, x)[:, 0]
-
-
-def rollout_policy(agent: Agent, device: torch.device) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    """obs -> (logits, values) in numpy: the numpy copy for MLPs; the CNN runs in torch on the device."""
-    if not agent.pixels:
-        return NumpyMLP(agent)
+def rollout_policy(agent: Agent, device: torch.device, obs: np.ndarray) -> Callable[[np.ndarray], tuple[np.ndarray, ...]]:
+    """obs -> (logits, values) in numpy, for acting. An MLP agent acts through its numpy copy (the
+    per-op overhead of torch dominates at this size) when that copy reproduces agent(obs)."""
 
     @torch.no_grad()
-    def cnn(obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        logits, values = agent(torch.as_tensor(obs, device=device))
+    def forward(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        logits, values = agent(torch.as_tensor(x, device=device))
         return logits.cpu().numpy(), values.cpu().numpy()
 
-    return cnn
+    return forward if agent.pixels else checked_numpy_copy(agent, forward, obs) or forward
 
 
-# Logging and checkpoints.
+# PPO maths: small functions the tests check against naive reference code.
+
+
+def compute_gae(
+    rewards: np.ndarray, values: np.ndarray, next_value: np.ndarray, terminated: np.ndarray, truncated: np.ndarray,
+    gamma: float, gae_lambda: float,
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Advantages and returns of a [T, N] rollout, step t being the transition obs[t] -> obs[t+1], in numpy
+    (this loop of small ops is faster there). values[t] = V(obs[t]); next_value = V(obs after the last step).
+    A termination cuts both the bootstrap and the trace. A truncation cuts only the trace: its target
+    r + gamma * V(s_final) bootstraps from the final observation, under NEXT_STEP autoreset obs[t+1] itself."""
+    advantages = np.zeros_like(rewards)
+    last = np.zeros_like(next_value)
+    next_values = np.concatenate([values[1:], next_value[None]])
+    for t in reversed(range(rewards.shape[0])):
+        delta = rewards[t] + gamma * next_values[t] * (1.0 - terminated[t]) - values[t]
+        last = delta + gamma * gae_lambda * (1.0 - np.maximum(terminated[t], truncated[t])) * last
+        advantages[t] = last
+    return advantages, advantages + values
+
+
+def policy_loss(ratio: torch.Tensor, advantages: torch.Tensor, clip_coef: float) -> torch.Tensor:
+    """Per-sample clipped surrogate loss, the negated min of the unclipped and clipped objectives."""
+    return torch.max(-advantages * ratio, -advantages * torch.clamp(ratio, 1 - clip_coef, 1 + clip_coef))
+
+
+def value_loss(new_values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, clip_coef: Optional[float]) -> torch.Tensor:
+    """Per-sample 0.5 * squared error; with clip_coef, the max of the plain and clipped errors."""
+    unclipped = (new_values - returns) ** 2
+    if clip_coef is None:
+        return 0.5 * unclipped
+    clipped = old_values + torch.clamp(new_values - old_values, -clip_coef, clip_coef)
+    return 0.5 * torch.max(unclipped, (clipped - returns) ** 2)
+
+
+def kl_estimators(logratio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample estimators of KL(old || new) from log(new/old) of samples drawn from old:
+    k1 = -log r (unbiased, noisy) and k3 = (r - 1) - log r (unbiased, never negative)."""
+    ratio = logratio.exp()
+    return -logratio, (ratio - 1) - logratio
+
+
+def logprob_and_entropy(logits: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi(a|s) of the given actions and the entropy of pi(.|s), from unnormalised logits."""
+    logp = logits.log_softmax(-1)
+    return logp.gather(-1, actions.unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1)
+
+
+def sample_categorical(logits: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """One action per row drawn from softmax(logits) by the Gumbel-max trick, and its log-probability."""
+    actions = (logits - np.log(-np.log(rng.random(logits.shape, dtype=np.float32)))).argmax(-1)
+    shifted = logits - logits.max(-1, keepdims=True)
+    logp = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    return actions, np.take_along_axis(logp, actions[:, None], -1)[:, 0]
+
+
+def explained_variance(values: np.ndarray, returns: np.ndarray) -> float:
+    """1 - Var[returns - values] / Var[returns]; nan when the returns do not vary."""
+    var_returns = np.var(returns)
+    return float("nan") if var_returns == 0 else float(1 - np.var(returns - values) / var_returns)
+
+
+def ppo_update(
+    agent: Agent, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor], args: Args, rng: np.random.Generator
+) -> dict[str, float]:
+    """One PPO update: args.update_epochs epochs of args.num_minibatches shuffled minibatches over the
+    batch (keys obs, actions, logprobs, values, advantages, returns). Returns the mean losses/* stats."""
+    stats = {k: [] for k in ("policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac")}
+    for epoch in range(args.update_epochs):
+        perm = torch.as_tensor(rng.permutation(len(batch["actions"])), device=batch["actions"].device)
+        for mb in perm.tensor_split(args.num_minibatches):
+            logits, new_value = agent(batch["obs"][mb])
+            new_logprob, entropy = logprob_and_entropy(logits, batch["actions"][mb])
+            logratio = new_logprob - batch["logprobs"][mb]
+            ratio = logratio.exp()
+            with torch.no_grad():
+                old_kl, kl = kl_estimators(logratio)
+                stats["old_approx_kl"].append(old_kl.mean())
+                stats["approx_kl"].append(kl.mean())
+                stats["clipfrac"].append(((ratio - 1.0).abs() > args.clip_coef).float().mean())
+            mb_adv = batch["advantages"][mb]
+            if args.norm_adv:
+                mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)
+            pg_loss = policy_loss(ratio, mb_adv, args.clip_coef).mean()
+            v_clip = args.clip_coef if args.clip_vloss else None
+            v_loss = value_loss(new_value, batch["values"][mb], batch["returns"][mb], v_clip).mean()
+            entropy = entropy.mean()
+            loss = pg_loss - args.ent_coef * entropy + args.vf_coef * v_loss
+
+            optimizer.zero_grad()
+            loss.backward()
+            if dist.is_initialized():  # torchrun: every process applies the mean gradient
+                average_gradients(agent)
+            nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+            optimizer.step()
+            stats["policy_loss"].append(pg_loss.detach())
+            stats["value_loss"].append(v_loss.detach())
+            stats["entropy"].append(entropy.detach())
+
+        if args.target_kl is not None:
+            epoch_kl = torch.stack(stats["approx_kl"][-args.num_minibatches :]).mean()
+            if dist.is_initialized():
+                epoch_kl = mean_across_ranks(epoch_kl)
+            if epoch_kl > args.target_kl:
+                break
+    return {f"losses/{k}": torch.stack(v).mean().item() for k, v in stats.items()}
+
+
+# Training.
+
+
+@dataclass
+class Carry:
+    """What one rollout hands to the next; a checkpoint saves it (with the RNGs and envs) to resume mid-episode."""
+
+    next_obs: np.ndarray
+    next_reset: np.ndarray  # True: this sub-env's next step is an autoreset step, no decision of the policy's
+    episode_return: np.ndarray
+    episode_length: np.ndarray
+    lives: np.ndarray  # Atari: lives left, so that a lost life can end the GAE trace
+
+    @classmethod
+    def start(cls, next_obs: np.ndarray) -> "Carry":
+        n = len(next_obs)
+        return cls(next_obs, np.zeros(n, dtype=bool), np.zeros(n), np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64))
+
+
+def train(args: Args) -> None:
+    device = pick_device(args.device)
+    distributed, rank, world_size = init_distributed(device)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    ckpt, args = load_resume(args)  # for --resume: the checkpoint, and the run's own hyperparameters
+    batch_size, minibatch_size, num_iterations = check_args(args, world_size)
+    atari = is_atari(args.env_id)
+
+    # Seeding: each process gets its own env seeds, action noise and minibatch order (all drawn from
+    # rng); parameters are broadcast from rank 0 below, so all processes start from the same network.
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    torch.manual_seed(args.seed + rank)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    rng = np.random.default_rng(args.seed + rank)
+
+    envs = make_envs(args.env_id, args.num_envs)
+    obs_space = envs.single_observation_space
+    agent = Agent(obs_space, int(envs.single_action_space.n), atari).to(device)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=device.type in ("cpu", "cuda"))
+    if distributed:
+        broadcast_parameters(agent)
+
+    # Rollout storage in numpy; step t is the transition obs[t] -> obs[t+1]. It moves to the device
+    # once per iteration, not once per step.
+    obs = np.zeros((args.num_steps, args.num_envs) + obs_space.shape, dtype=np.uint8 if atari else np.float32)
+    rewards, terminated, truncated, valid, logprobs, values = (
+        np.zeros((args.num_steps, args.num_envs), np.float32) for _ in range(6)
+    )
+    actions = np.zeros((args.num_steps, args.num_envs), dtype=np.int64)
+
+    carry = Carry.start(envs.reset(seed=args.seed + rank * args.num_envs)[0])
+    start_iteration, global_step, carry = restore_checkpoint(ckpt, agent, optimizer, envs, rng, carry, rank, world_size)
+    logger = Logger(args, ckpt, rank)
+    print0(
+        f"{logger.run_name}: {num_iterations} iterations of {batch_size} steps x {world_size} process(es), "
+        f"{args.num_minibatches} minibatches of {minibatch_size}, {args.update_epochs} epochs, device {device}"
+    )
+    stop_requested = install_stop_handlers(device)
+
+    for iteration in range(start_iteration, num_iterations + 1):
+        # 1. Anneal the learning rate linearly to 0.
+        if args.anneal_lr:
+            frac = 1.0 - (iteration - 1.0) / num_iterations
+            optimizer.param_groups[0]["lr"] = frac * args.learning_rate
+
+        # 2. Rollout: num_steps steps of num_envs envs with the current policy.
+        policy = rollout_policy(agent, device, carry.next_obs)
+        for step in range(args.num_steps):
+            global_step += args.num_envs * world_size
+            obs[step] = carry.next_obs
+            valid[step] = ~carry.next_reset  # an autoreset step is no transition of the policy's
+            logits, values[step] = policy(carry.next_obs)
+            actions[step], logprobs[step] = sample_categorical(logits, rng)
+            carry.next_obs, reward, term, trunc, info = envs.step(actions[step])
+            ended = term | trunc
+            carry.episode_return += reward
+            carry.episode_length += ~carry.next_reset
+            if atari:
+                # Episodic life: a lost life ends the trace for GAE; the game itself goes on.
+                life_lost = (info["lives"] < carry.lives) & ~carry.next_reset
+                carry.lives = info["lives"]
+                term = term | life_lost
+                reward = np.sign(reward)
+            rewards[step], terminated[step], truncated[step] = reward, term, trunc & ~term
+            carry.next_reset = ended
+            for i in np.flatnonzero(ended):
+                logger.episode(global_step, carry.episode_return[i], carry.episode_length[i])
+            carry.episode_return[ended], carry.episode_length[ended] = 0.0, 0
+
+        # 3. Generalized advantage estimation, bootstrapped from the observation after the rollout.
+        next_value = policy(carry.next_obs)[1]
+        advantages, returns = compute_gae(rewards, values, next_value, terminated, truncated, args.gamma, args.gae_lambda)
+
+        # 4. The clipped update on the batch, without the autoreset steps (no decisions of the policy's).
+        keep = np.flatnonzero(valid.reshape(-1))
+        rollout = dict(obs=obs, actions=actions, logprobs=logprobs, values=values, advantages=advantages, returns=returns)
+        batch = {k: torch.as_tensor(x.reshape((-1,) + x.shape[2:])[keep], device=device) for k, x in rollout.items()}
+        stats = ppo_update(agent, optimizer, batch, args, rng)
+
+        # 5. Log; checkpoint every --save-every iterations, at the end and when asked to stop.
+        stats["losses/explained_variance"] = explained_variance(values.reshape(-1)[keep], returns.reshape(-1)[keep])
+        stats["charts/learning_rate"] = optimizer.param_groups[0]["lr"]
+        logger.iteration(iteration, num_iterations, global_step, stats)
+        stop = stop_requested()
+        if stop or iteration == num_iterations or (args.save_every and iteration % args.save_every == 0):
+            save_checkpoint(logger, args, agent, optimizer, iteration, global_step, carry, rng, envs)
+        if stop:
+            exit_interrupted(logger, global_step, envs)
+
+    envs.close()
+    if distributed:
+        check_parameters_identical(agent)
+    if rank == 0 and args.eval_episodes > 0:
+        evaluate_and_log(agent, args, device, logger, global_step)
+    logger.finish()
+    leave_process_group()
+
+
+# Infrastructure: nothing below changes what PPO computes; a research copy can drop what it does not need.
+# Run folder and logging (wandb), checkpoints and resume, signals, device and torchrun helpers, evaluation
+# and video, argument checks, env pickling, the numpy fast path of the rollout.
+
+
+def print0(*values) -> None:
+    """print on rank 0 only: under torchrun every process runs the same code."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*values, flush=True)
+
+
+NOTED: set[str] = set()
+
+
+def note(message: str) -> None:
+    """A one-line `note:` on rank 0, each message once per process."""
+    if message not in NOTED:
+        NOTED.add(message)
+        print0(f"note: {message}")
 
 
 class Logger:
-    """Appends metrics to runs/{run_name}/metrics.jsonl and, with --track, sends them to wandb."""
+    """The run folder. Rank 0 writes args.json and metrics.jsonl (and to wandb with --track) and prints
+    the progress line; the other ranks log nothing."""
 
-    def __init__(self, path: str, wandb_run=None):
-        self.file = open(path, "a")
-        self.wandb_run = wandb_run
+    def __init__(self, args: Args, ckpt: Optional[dict], rank: int):
+        if ckpt is not None:  # a resumed run continues in the folder that holds its checkpoint, wherever it moved
+            self.run_name, self.run_dir = ckpt["run_name"], os.path.dirname(os.path.abspath(args.resume))
+        else:
+            self.run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+            self.run_dir = os.path.join(args.runs_dir, self.run_name)
+        self.checkpoint_path = os.path.join(self.run_dir, "checkpoint.pt")
+        self.rank, self.recent_returns = rank, deque(maxlen=20)
+        self.wandb_id, self.wandb_run, self.file = (ckpt["wandb_id"] if ckpt else None), None, None
+        self.start_time, self.start_step = time.time(), (ckpt["global_step"] if ckpt else 0)
+        if rank != 0:
+            return
+        os.makedirs(self.run_dir, exist_ok=True)
+        with open(os.path.join(self.run_dir, "args.json"), "w") as f:
+            json.dump(asdict(args), f, indent=2)
+        metrics_path = os.path.join(self.run_dir, "metrics.jsonl")
+        if ckpt is not None and os.path.exists(metrics_path):
+            with open(metrics_path, "r+") as f:  # so the resumed log equals an uninterrupted one
+                f.truncate(ckpt["metrics_offset"])
+        if args.track:
+            import wandb
+
+            self.wandb_run = wandb.init(
+                project=args.wandb_project_name,
+                entity=args.wandb_entity,
+                config=asdict(args),
+                name=self.run_name,
+                id=self.wandb_id,
+                resume="allow",
+                dir=self.run_dir,
+                save_code=True,
+            )
+            self.wandb_run.define_metric("global_step")
+            self.wandb_run.define_metric("*", step_metric="global_step")
+            self.wandb_id = self.wandb_run.id
+        self.file = open(metrics_path, "a")
 
     def log(self, global_step: int, metrics: dict) -> None:
+        if self.file is None:
+            return
         record = {"global_step": global_step, **metrics}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.wandb_run is not None:
             self.wandb_run.log(record)
 
+    def episode(self, global_step: int, episode_return: float, episode_length: int) -> None:
+        self.recent_returns.append(episode_return)
+        self.log(global_step, {"charts/episodic_return": float(episode_return), "charts/episodic_length": int(episode_length)})
 
-def save_checkpoint(path: str, state: dict) -> None:
-    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
-    tmp = f"{path}.tmp"
+    def iteration(self, iteration: int, num_iterations: int, global_step: int, metrics: dict) -> None:
+        """Log an iteration's metrics and the throughput; print the progress line about 100 times a run."""
+        if self.file is None:
+            return
+        sps = int((global_step - self.start_step) / (time.time() - self.start_time))
+        self.log(global_step, {**metrics, "charts/SPS": sps})
+        if iteration % max(1, num_iterations // 100) == 0 or iteration == num_iterations:
+            recent = f"{np.mean(self.recent_returns):.1f}" if self.recent_returns else "n/a"
+            print(
+                f"iteration {iteration}/{num_iterations} | global_step {global_step:,} | SPS {sps:,} "
+                f"| episodic_return (last {len(self.recent_returns)}) {recent}",
+                flush=True,
+            )
+
+    def finish(self) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+        if self.rank == 0:
+            names = ("metrics.jsonl", "args.json", "checkpoint.pt", "videos/", "wandb/")
+            print(f"done: {self.run_dir} ({', '.join(n for n in names if os.path.exists(os.path.join(self.run_dir, n)))})")
+
+
+# Checkpoints: one checkpoint.pt per run. Everything but "resume_state" loads with weights_only=True
+# (a policy can be evaluated without running pickled code); "resume_state" holds pickled per-rank
+# state (RNGs, envs, Carry) that only --resume of your own run reads.
+CHECKPOINT_KEYS = ("args", "run_name", "iteration", "global_step", "wandb_id", "metrics_offset", "agent", "optimizer", "n_actions", "resume_state")
+
+
+def save_checkpoint(
+    logger: Logger, args: Args, agent: Agent, optimizer: torch.optim.Optimizer, iteration: int, global_step: int,
+    carry: Carry, rng: np.random.Generator, envs: gym.vector.VectorEnv,
+) -> None:  # fmt: skip
+    """Every rank hands in its resume state; rank 0 writes the checkpoint atomically (tmp + rename)."""
+    mine = {"carry": vars(carry), "rng": rng.bit_generator.state, "global_rngs": rng_state(), "envs": env_state(envs)}
+    ranks = [mine]
+    if dist.is_initialized():
+        ranks = [None] * dist.get_world_size()
+        dist.all_gather_object(ranks, mine)
+    if logger.rank != 0:
+        return
+    state = {
+        "args": asdict(args),
+        "run_name": logger.run_name,
+        "iteration": iteration,
+        "global_step": global_step,
+        "wandb_id": logger.wandb_id,
+        "metrics_offset": logger.file.tell(),
+        "agent": agent.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "n_actions": int(envs.single_action_space.n),
+        "resume_state": pickle.dumps(ranks),
+    }
+    tmp = f"{logger.checkpoint_path}.tmp"
     torch.save(state, tmp)
-    os.replace(tmp, path)
+    os.replace(tmp, logger.checkpoint_path)
+
+
+def load_checkpoint(path: str, flag: str, keys: tuple[str, ...] = CHECKPOINT_KEYS) -> dict:
+    """The checkpoint loaded with weights_only=True (no pickled code runs), or a one-line error."""
+    if not os.path.isfile(path):
+        fail(f"{flag} {path}: no such file; pass the checkpoint.pt of an earlier run")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        fail(f"{flag} {path} is not a checkpoint of this script ({type(e).__name__}); pass the checkpoint.pt of a run")
+    if not isinstance(ckpt, dict) or set(keys) - set(ckpt) or set(ckpt["args"]) - {f.name for f in fields(Args)}:
+        fail(f"{flag} {path} is not a checkpoint of this script (other keys); pass the checkpoint.pt of a run")
+    return ckpt
+
+
+def load_resume(args: Args) -> tuple[Optional[dict], Args]:
+    """(None, args) for a new run; for --resume, the checkpoint and its hyperparameters, of which only
+    where and how this process runs may change."""
+    if args.resume is None:
+        return None, args
+    ckpt = load_checkpoint(args.resume, "--resume")
+    try:
+        ckpt["ranks"] = pickle.loads(ckpt["resume_state"])  # the per-rank RNGs, envs and Carry
+    except Exception as e:
+        fail(f"--resume {args.resume}: its resume_state does not unpickle ({type(e).__name__}); pass a whole checkpoint.pt")
+    keep = {"device", "num_threads", "resume", "save_every", "track"}
+    return ckpt, Args(**{**ckpt["args"], **{k: v for k, v in asdict(args).items() if k in keep}})
+
+
+def restore_checkpoint(
+    ckpt: Optional[dict], agent: Agent, optimizer: torch.optim.Optimizer, envs: gym.vector.VectorEnv, rng: np.random.Generator,
+    carry: Carry, rank: int, world_size: int,
+) -> tuple[int, int, Carry]:  # fmt: skip
+    """(start_iteration, global_step, carry) of a new run, or of the checkpoint after loading its weights,
+    optimizer, RNGs and envs."""
+    if ckpt is None:
+        return 1, 0, carry
+    agent.load_state_dict(ckpt["agent"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    ranks = ckpt["ranks"]
+    if len(ranks) != world_size:
+        note(f"checkpoint has {len(ranks)} processes, this run {world_size}; RNGs and envs start fresh")
+    else:
+        mine = ranks[rank]
+        set_rng_state(mine["global_rngs"])
+        rng.bit_generator.state = mine["rng"]
+        if mine["envs"] is None:
+            note("these envs cannot be saved; resumed training starts fresh episodes")
+        else:
+            restore_env_state(envs, mine["envs"])
+            carry = Carry(**mine["carry"])
+    return ckpt["iteration"] + 1, ckpt["global_step"], carry
 
 
 def rng_state() -> dict:
@@ -441,20 +632,117 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def load_checkpoint(path: str, flag: str) -> dict:
-    if not os.path.isfile(path):
-        fail(f"{flag} {path}: no such file; pass the checkpoint.pt of an earlier run")
+# Signals.
+
+
+def install_stop_handlers(device: torch.device) -> Callable[[], bool]:
+    """SIGINT (Ctrl-C) and SIGTERM (what a scheduler sends) ask to stop: the current iteration finishes
+    and checkpoints, then the process exits 130. A second Ctrl-C interrupts at once. Returns
+    stop_requested(), true on every rank once any rank was asked (a collective: call it on all ranks)."""
+    requested = False
+
+    def request_stop(signum, frame):
+        nonlocal requested
+        requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+
+    def stop_requested() -> bool:
+        if not dist.is_initialized():
+            return requested
+        flag = torch.tensor(float(requested), device=device)
+        dist.all_reduce(flag)
+        return bool(flag.item())
+
+    return stop_requested
+
+
+def exit_interrupted(logger: Logger, global_step: int, envs: gym.vector.VectorEnv) -> NoReturn:
+    path = logger.checkpoint_path
+    print0(f"interrupted: checkpoint at global_step {global_step:,} in {path}; continue with --resume {path}")
+    envs.close()
+    leave_process_group()
+    sys.exit(130)
+
+
+# Device and torchrun. Every collective gets tensors on the training device or objects (sent through
+# the CPU); the process group serves both.
+
+
+def pick_device(name: str) -> torch.device:
+    """`auto` picks cuda, then mps, then cpu; anything else is a torch device string. Under
+    torchrun, `auto` and `cuda` mean the GPU of this process's local rank."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" and "LOCAL_RANK" in os.environ:
+        local_rank = int(os.environ["LOCAL_RANK"])
+        if local_rank >= torch.cuda.device_count():
+            fail(
+                f"--device {name}: torchrun started local rank {local_rank} but only {torch.cuda.device_count()} GPU(s)"
+                " are visible; start one process per GPU or pass --device cpu"
+            )
+        name = f"cuda:{local_rank}"
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        fail(f"{flag} {path} is not a readable checkpoint ({type(e).__name__})")
+        device = torch.device(name)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        fail(f"--device {name} is not usable here ({str(e).splitlines()[0]}); try --device auto")
+    return device
 
 
-def write_video(frames: list, path: str, fps: int) -> None:
-    from moviepy import ImageSequenceClip
+def init_distributed(device: torch.device) -> tuple[bool, int, int]:
+    """Join torchrun's process group when there is one; return (distributed, rank, world_size).
+    On cuda, nccl serves cuda tensors and gloo CPU tensors and objects."""
+    if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
+        return False, 0, 1
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
+    return True, dist.get_rank(), dist.get_world_size()
 
-    frames = [np.repeat(f[..., None], 3, axis=-1) if f.ndim == 2 else f for f in frames]
-    ImageSequenceClip(frames, fps=fps).write_videofile(path, logger=None)
+
+def broadcast_parameters(agent: nn.Module) -> None:
+    for p in agent.parameters():
+        dist.broadcast(p.data, src=0)
+
+
+def average_gradients(agent: nn.Module) -> None:
+    """All-reduce the gradients as one flat tensor (one collective instead of one per parameter)."""
+    world_size = dist.get_world_size()
+    grads = [p.grad for p in agent.parameters()]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    for g, reduced in zip(grads, torch.split(flat / world_size, [g.numel() for g in grads])):
+        g.copy_(reduced.view_as(g))
+
+
+def mean_across_ranks(x: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(x)
+    return x / dist.get_world_size()
+
+
+def check_parameters_identical(agent: nn.Module) -> None:
+    """Every process applied the same averaged gradients, so all must hold the same parameters."""
+    flat = nn.utils.parameters_to_vector(agent.parameters()).detach()
+    gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, flat)
+    if not all(torch.equal(g, flat) for g in gathered):
+        raise RuntimeError("parameters diverged across processes")
+    print0(f"parameters identical on {dist.get_world_size()} processes")
+
+
+def leave_process_group() -> None:
+    if dist.is_initialized():
+        dist.barrier()  # no rank leaves while rank 0 still evaluates or writes: gloo aborts on a peer gone early
+        dist.destroy_process_group()
+        # gloo's worker threads release the last collectives' tensors after they complete, which takes the GIL;
+        # an interpreter that is already shutting down aborts the process instead.
+        time.sleep(0.1)
+
+
+# Evaluation and video.
 
 
 def evaluate(
@@ -463,8 +751,9 @@ def evaluate(
     """Play whole episodes (whole games for Atari) and return their undiscounted, unclipped returns.
     With video_path, the first episode is recorded: rendered frames, or what the agent sees on Atari."""
     envs = make_envs(env_id, 1, render=video_path is not None and not is_atari(env_id))
-    policy, rng = rollout_policy(agent, device), np.random.default_rng(seed)
+    rng = np.random.default_rng(seed)
     obs, _ = envs.reset(seed=seed)
+    policy = rollout_policy(agent, device, obs)
     returns, episode_return, frames = [], 0.0, []
     while len(returns) < episodes:
         if video_path is not None and not returns:
@@ -483,316 +772,177 @@ def evaluate(
     return returns
 
 
-def main(args: Args) -> None:
+def write_video(frames: list, path: str, fps: int) -> None:
+    from moviepy import ImageSequenceClip
+
+    frames = [np.repeat(f[..., None], 3, axis=-1) if f.ndim == 2 else f for f in frames]
+    ImageSequenceClip(frames, fps=fps).write_videofile(path, logger=None)
+
+
+def evaluate_and_log(agent: Agent, args: Args, device: torch.device, logger: Logger, global_step: int) -> None:
+    """The final policy over --eval-episodes whole episodes (the raw game score on Atari)."""
+    video_path = None
+    if args.capture_video:
+        os.makedirs(os.path.join(logger.run_dir, "videos"), exist_ok=True)
+        video_path = os.path.join(logger.run_dir, "videos", "eval.mp4")
+    returns = evaluate(agent, args.env_id, args.eval_episodes, args.seed + 10_000, device, args.eval_stochastic, video_path)
+    logger.log(global_step, {"eval/episodic_return": float(np.mean(returns)), "eval/episodic_return_std": float(np.std(returns))})
+    print(f"eval: return {np.mean(returns):.2f} +- {np.std(returns):.2f} over {len(returns)} episodes")
+    if logger.wandb_run is not None and video_path is not None:
+        import wandb
+
+        logger.wandb_run.log({"global_step": global_step, "videos/eval": wandb.Video(video_path, format="mp4")})
+
+
+def evaluate_checkpoint(args: Args) -> None:
+    """--eval-checkpoint: play the checkpoint's policy, reading only its weights_only=True part."""
     device = pick_device(args.device)
-    distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
-    if distributed:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
-
-    if args.eval_checkpoint is not None:
-        ckpt = load_checkpoint(args.eval_checkpoint, "--eval-checkpoint")
-        trained = Args(**ckpt["args"])
-        obs_space = resolve_env(trained.env_id)
-        agent = Agent(obs_space, ckpt["n_actions"], is_atari(trained.env_id)).to(device)
-        agent.load_state_dict(ckpt["agent"])
-        returns = evaluate(agent, trained.env_id, max(args.eval_episodes, 1), args.seed, device, args.eval_stochastic, None)
-        print(f"eval {trained.env_id}: return {np.mean(returns):.2f} +- {np.std(returns):.2f} over {len(returns)} episodes")
-        return
-
-    ckpt = None
-    if args.resume is not None:
-        ckpt = load_checkpoint(args.resume, "--resume")
-        # Hyperparameters come from the checkpoint; only where and how this process runs may change.
-        keep = {"device", "num_threads", "resume", "save_every", "track"}
-        args = Args(**{**ckpt["args"], **{k: v for k, v in asdict(args).items() if k in keep}})
-    obs_space = resolve_env(args.env_id)
-    batch_size, minibatch_size, num_iterations = check_args(args, world_size)
-    atari = is_atari(args.env_id)
-    if ckpt is not None:  # continue in the run's own folder, wherever it has been moved
-        run_name, run_dir = ckpt["run_name"], os.path.dirname(os.path.abspath(args.resume))
-    else:
-        run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-        run_dir = os.path.join(args.runs_dir, run_name)
-
-    # Seeding: each process gets its own env seeds, action noise and minibatch order (all drawn from
-    # rng); parameters are broadcast from rank 0 below, so all processes start from the same network.
-    random.seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
-    torch.manual_seed(args.seed + rank)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    rng = np.random.default_rng(args.seed + rank)
-
-    envs = make_envs(args.env_id, args.num_envs)
-    n_actions = int(envs.single_action_space.n)
-    agent = Agent(obs_space, n_actions, atari).to(device)
-    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=device.type in ("cpu", "cuda"))
-    if distributed:
-        for p in agent.parameters():
-            dist.broadcast(p.data, src=0)
-
-    # Rollout storage in numpy; step t is the transition obs[t] -> obs[t+1]. It moves to the device
-    # once per iteration, not once per step.
-    obs = np.zeros((args.num_steps, args.num_envs) + obs_space.shape, dtype=np.uint8 if atari else np.float32)
-    rewards, terminated, truncated, valid, logprobs, values = (
-        np.zeros((args.num_steps, args.num_envs), np.float32) for _ in range(6)
-    )
-    actions = np.zeros((args.num_steps, args.num_envs), dtype=np.int64)
-
-    # State carried from one rollout to the next (and through checkpoints).
-    start_iteration, global_step, wandb_id, metrics_offset = 1, 0, None, 0
-    next_obs, _ = envs.reset(seed=args.seed + rank * args.num_envs)
-    next_reset = np.zeros(args.num_envs, dtype=bool)  # True: this sub-env's next step is a reset step
-    episode_return = np.zeros(args.num_envs)
-    episode_length = np.zeros(args.num_envs, dtype=np.int64)
-    lives = np.zeros(args.num_envs, dtype=np.int64)
-    if ckpt is not None:
-        agent.load_state_dict(ckpt["agent"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start_iteration, global_step = ckpt["iteration"] + 1, ckpt["global_step"]
-        wandb_id, metrics_offset = ckpt["wandb_id"], ckpt["metrics_offset"]
-        if len(ckpt["ranks"]) == world_size:
-            mine = ckpt["ranks"][rank]
-            set_rng_state(mine["global_rngs"])
-            rng.bit_generator.state = mine["rng"]
-            if mine["envs"] is not None:
-                restore_env_state(envs, mine["envs"])
-                next_obs, next_reset, lives = mine["next_obs"], mine["next_reset"], mine["lives"]
-                episode_return, episode_length = mine["episode_return"], mine["episode_length"]
-            elif rank == 0:
-                print("note: these envs cannot be saved; resumed training starts fresh episodes")
-        elif rank == 0:
-            print(f"note: checkpoint has {len(ckpt['ranks'])} processes, this run {world_size}; RNGs and envs start fresh")
-
-    logger = None
-    if rank == 0:
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump(asdict(args), f, indent=2)
-        metrics_path = os.path.join(run_dir, "metrics.jsonl")
-        if ckpt is not None and os.path.exists(metrics_path):
-            # Drop what was logged after the checkpoint, so the resumed log equals an uninterrupted one.
-            with open(metrics_path, "r+") as f:
-                f.truncate(metrics_offset)
-        wandb_run = None
-        if args.track:
-            import wandb
-
-            wandb_run = wandb.init(
-                project=args.wandb_project_name,
-                entity=args.wandb_entity,
-                config=asdict(args),
-                name=run_name,
-                id=wandb_id,
-                resume="allow",
-                dir=run_dir,
-                save_code=True,
-            )
-            wandb_run.define_metric("global_step")
-            wandb_run.define_metric("*", step_metric="global_step")
-            wandb_id = wandb_run.id
-        logger = Logger(metrics_path, wandb_run)
-        print(
-            f"{run_name}: {num_iterations} iterations of {batch_size} steps x {world_size} process(es), "
-            f"{args.num_minibatches} minibatches of {minibatch_size}, {args.update_epochs} epochs, device {device}"
-        )
-
-    # Ctrl-C (or a scheduler's SIGTERM) asks to stop: the current iteration finishes, a checkpoint
-    # is written, then the process exits. A second Ctrl-C interrupts at once.
-    stop_requested = False
-
-    def request_stop(signum, frame):
-        nonlocal stop_requested
-        stop_requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
-
-    def checkpoint(iteration: int) -> None:
-        mine = {
-            "global_rngs": rng_state(),
-            "rng": rng.bit_generator.state,
-            "envs": env_state(envs),
-            "next_obs": next_obs,
-            "next_reset": next_reset,
-            "lives": lives,
-            "episode_return": episode_return,
-            "episode_length": episode_length,
-        }
-        ranks = [None] * world_size
-        if distributed:
-            dist.all_gather_object(ranks, mine)
-        else:
-            ranks = [mine]
-        if rank == 0:
-            state = {
-                "agent": agent.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "iteration": iteration,
-                "global_step": global_step,
-                "args": asdict(args),
-                "run_name": run_name,
-                "wandb_id": wandb_id,
-                "metrics_offset": logger.file.tell(),
-                "n_actions": n_actions,
-                "ranks": ranks,
-            }
-            save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), state)
-
-    recent_returns = deque(maxlen=20)
-    start_time, start_step = time.time(), global_step
-    print_every = max(1, num_iterations // 100)
-    for iteration in range(start_iteration, num_iterations + 1):
-        if args.anneal_lr:
-            frac = 1.0 - (iteration - 1.0) / num_iterations
-            optimizer.param_groups[0]["lr"] = frac * args.learning_rate
-
-        # 1. Rollout: num_steps steps of num_envs envs with the current policy.
-        policy = rollout_policy(agent, device)
-        for step in range(args.num_steps):
-            global_step += args.num_envs * world_size
-            obs[step] = next_obs
-            valid[step] = ~next_reset  # a NEXT_STEP reset step is no transition of the policy's
-            logits, values[step] = policy(next_obs)
-            actions[step], logprobs[step] = sample_categorical(logits, rng)
-            next_obs, reward, term, trunc, info = envs.step(actions[step])
-            ended = term | trunc
-            episode_return += reward
-            episode_length += ~next_reset
-            if atari:
-                # Episodic life: a lost life ends the trace for GAE; the game itself goes on.
-                life_lost = (info["lives"] < lives) & ~next_reset
-                lives = info["lives"]
-                term = term | life_lost
-                reward = np.sign(reward)
-            rewards[step], terminated[step], truncated[step] = reward, term, trunc & ~term
-            next_reset = ended
-            for i in np.flatnonzero(ended):
-                recent_returns.append(episode_return[i])
-                if logger:
-                    logger.log(
-                        global_step,
-                        {"charts/episodic_return": float(episode_return[i]), "charts/episodic_length": int(episode_length[i])},
-                    )
-            episode_return[ended], episode_length[ended] = 0.0, 0
-
-        # 2. Generalized advantage estimation, bootstrapped from the observation after the rollout.
-        advantages, returns = compute_gae(
-            rewards, values, policy(next_obs)[1], terminated, truncated, args.gamma, args.gae_lambda
-        )
-
-        # 3. The clipped update: update_epochs epochs of shuffled minibatches. The reset steps of
-        # NEXT_STEP autoreset are no decisions of the policy's, so they are left out of the batch.
-        keep = np.flatnonzero(valid.reshape(-1))
-        b_obs = torch.as_tensor(obs.reshape((-1,) + obs_space.shape)[keep], device=device)
-        b_actions, b_logprobs, b_values, b_advantages, b_returns = (
-            torch.as_tensor(x.reshape(-1)[keep], device=device) for x in (actions, logprobs, values, advantages, returns)
-        )
-        stats = {k: [] for k in ("policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac")}
-        for epoch in range(args.update_epochs):
-            perm = torch.as_tensor(rng.permutation(len(keep)), device=device)
-            for mb in perm.tensor_split(args.num_minibatches):
-                logits, new_value = agent(b_obs[mb])
-                new_logprob, entropy = logprob_and_entropy(logits, b_actions[mb])
-                logratio = new_logprob - b_logprobs[mb]
-                ratio = logratio.exp()
-                with torch.no_grad():
-                    old_kl, kl = kl_estimators(logratio)
-                    stats["old_approx_kl"].append(old_kl.mean())
-                    stats["approx_kl"].append(kl.mean())
-                    stats["clipfrac"].append(((ratio - 1.0).abs() > args.clip_coef).float().mean())
-                mb_adv = b_advantages[mb]
-                if args.norm_adv:
-                    mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)
-                pg_loss = policy_loss(ratio, mb_adv, args.clip_coef).mean()
-                v_loss = value_loss(new_value, b_values[mb], b_returns[mb], args.clip_coef if args.clip_vloss else None).mean()
-                entropy = entropy.mean()
-                loss = pg_loss - args.ent_coef * entropy + args.vf_coef * v_loss
-
-                optimizer.zero_grad()
-                loss.backward()
-                if distributed:
-                    grads = [p.grad for p in agent.parameters()]
-                    flat = torch.cat([g.flatten() for g in grads])
-                    dist.all_reduce(flat)
-                    for g, reduced in zip(grads, torch.split(flat / world_size, [g.numel() for g in grads])):
-                        g.copy_(reduced.view_as(g))
-                nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
-                optimizer.step()
-                stats["policy_loss"].append(pg_loss.detach())
-                stats["value_loss"].append(v_loss.detach())
-                stats["entropy"].append(entropy.detach())
-
-            if args.target_kl is not None:
-                epoch_kl = torch.stack(stats["approx_kl"][-args.num_minibatches :]).mean()
-                if distributed:
-                    dist.all_reduce(epoch_kl)
-                    epoch_kl /= world_size
-                if epoch_kl > args.target_kl:
-                    break
-
-        # 4. Logging, checkpoints, stop requests.
-        if logger:
-            metrics = {f"losses/{k}": torch.stack(v).mean().item() for k, v in stats.items()}
-            metrics["losses/explained_variance"] = explained_variance(b_values.cpu().numpy(), b_returns.cpu().numpy())
-            metrics["charts/learning_rate"] = optimizer.param_groups[0]["lr"]
-            metrics["charts/SPS"] = int((global_step - start_step) / (time.time() - start_time))
-            logger.log(global_step, metrics)
-            if iteration % print_every == 0 or iteration == num_iterations:
-                recent = f"{np.mean(recent_returns):.1f}" if recent_returns else "n/a"
-                print(
-                    f"iter {iteration}/{num_iterations} | step {global_step:,} | SPS {metrics['charts/SPS']:,} "
-                    f"| return (last {len(recent_returns)}) {recent}",
-                    flush=True,
-                )
-        if distributed:
-            flag = torch.tensor(float(stop_requested), device=device)
-            dist.all_reduce(flag)
-            stop_requested = bool(flag.item())
-        if stop_requested or iteration == num_iterations or (args.save_every and iteration % args.save_every == 0):
-            checkpoint(iteration)
-        if stop_requested:
-            if rank == 0:
-                print(f"interrupted: checkpoint at step {global_step:,} in {run_dir}/checkpoint.pt; continue with --resume")
-            envs.close()
-            if distributed:
-                dist.destroy_process_group()
-            sys.exit(130)
+    ckpt = load_checkpoint(args.eval_checkpoint, "--eval-checkpoint", keys=("args", "agent", "n_actions"))
+    env_id = ckpt["args"]["env_id"]
+    check_env(env_id)
+    envs = make_envs(env_id, 1)
+    agent = Agent(envs.single_observation_space, ckpt["n_actions"], is_atari(env_id)).to(device)
     envs.close()
-    if distributed:
-        # Every process applied the same averaged gradients, so all must hold the same parameters.
-        flat = nn.utils.parameters_to_vector(agent.parameters()).detach()
-        gathered = [torch.empty_like(flat) for _ in range(world_size)]
-        dist.all_gather(gathered, flat)
-        if not all(torch.equal(g, flat) for g in gathered):
-            raise RuntimeError("parameters diverged across processes")
-        if rank == 0:
-            print(f"parameters identical on {world_size} processes")
+    agent.load_state_dict(ckpt["agent"])
+    returns = evaluate(agent, env_id, max(args.eval_episodes, 1), args.seed, device, args.eval_stochastic, None)
+    print(f"eval {env_id}: return {np.mean(returns):.2f} +- {np.std(returns):.2f} over {len(returns)} episodes")
 
-    # Evaluation of the final policy: whole episodes, the raw game score on Atari.
-    if rank == 0 and args.eval_episodes > 0:
-        video_path = None
-        if args.capture_video:
-            os.makedirs(os.path.join(run_dir, "videos"), exist_ok=True)
-            video_path = os.path.join(run_dir, "videos", "eval.mp4")
-        returns = evaluate(agent, args.env_id, args.eval_episodes, args.seed + 10_000, device, args.eval_stochastic, video_path)
-        logger.log(global_step, {"eval/episodic_return": float(np.mean(returns)), "eval/episodic_return_std": float(np.std(returns))})
-        print(f"eval: return {np.mean(returns):.2f} +- {np.std(returns):.2f} over {len(returns)} episodes")
-        if logger.wandb_run is not None and video_path is not None:
-            import wandb
 
-            logger.wandb_run.log({"global_step": global_step, "videos/eval": wandb.Video(video_path, format="mp4")})
-    if logger and logger.wandb_run is not None:
-        logger.wandb_run.finish()
-    if distributed:
-        dist.barrier()  # wait for rank 0 to finish evaluating: a rank leaving gloo early once died of SIGABRT
-        dist.destroy_process_group()
+# Argument checks: one line naming the flag, exit status 2, as tyro does for a malformed flag.
+
+
+def fail(message: str) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check_env(env_id: str) -> None:
+    """env_id exists, acts in a Discrete space and observes a Box or Discrete one."""
+    try:
+        gym.spec(env_id)
+    except gym.error.Error:
+        fail(f"--env-id {env_id} is not a registered gymnasium id; Atari ids look like ALE/Breakout-v5")
+    if is_atari(env_id):
+        return
+    env = gym.make(env_id)
+    action_space, obs_space = env.action_space, env.observation_space
+    env.close()
+    if not isinstance(action_space, gym.spaces.Discrete):
+        hint = "; use ppo_continuous.py" if isinstance(action_space, gym.spaces.Box) else ""
+        fail(f"--env-id {env_id} has a {type(action_space).__name__} action space; ppo_discrete.py needs Discrete{hint}")
+    if not isinstance(obs_space, (gym.spaces.Box, gym.spaces.Discrete)):
+        fail(f"--env-id {env_id} has a {type(obs_space).__name__} observation space; only Box and Discrete are supported")
+
+
+def check_args(args: Args, world_size: int) -> tuple[int, int, int]:
+    """Validate the flags; return (batch_size, minibatch_size, num_iterations) per process."""
+    check_env(args.env_id)
+    for name in ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs"):
+        if getattr(args, name) <= 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ("eval_episodes", "save_every", "num_threads", "ent_coef", "vf_coef"):
+        if getattr(args, name) < 0:
+            fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    for name in ("learning_rate", "clip_coef", "max_grad_norm"):
+        if not getattr(args, name) > 0:
+            fail(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    for name in ("gamma", "gae_lambda"):
+        if not 0 <= getattr(args, name) <= 1:
+            fail(f"--{name.replace('_', '-')} must lie in [0, 1], got {getattr(args, name)}")
+    if args.target_kl is not None and not args.target_kl > 0:
+        fail(f"--target-kl must be > 0 (or left unset), got {args.target_kl}")
+    batch_size = args.num_envs * args.num_steps
+    if batch_size % args.num_minibatches:
+        divisors = [d for d in range(1, min(batch_size, 64) + 1) if batch_size % d == 0]
+        fail(
+            f"--num-minibatches {args.num_minibatches} does not divide the batch "
+            f"--num-envs {args.num_envs} x --num-steps {args.num_steps} = {batch_size}; pick one of {divisors}"
+        )
+    num_iterations = args.total_timesteps // (batch_size * world_size)
+    if num_iterations == 0:
+        fail(
+            f"--total-timesteps {args.total_timesteps} is less than one rollout "
+            f"({batch_size * world_size} steps); raise it or lower --num-envs/--num-steps"
+        )
+    if args.total_timesteps % (batch_size * world_size):
+        note(
+            f"--total-timesteps {args.total_timesteps:,} is not a whole number of batches of {batch_size * world_size:,} "
+            f"steps; training {num_iterations * batch_size * world_size:,} steps ({num_iterations} iterations)"
+        )
+    return batch_size, batch_size // args.num_minibatches, num_iterations
+
+
+# Env pickling: a resumed run continues the very episodes it was playing.
+
+
+def env_state(envs: gym.vector.VectorEnv) -> Optional[bytes]:
+    """Pickled sub-envs of a SyncVectorEnv (episodes in progress, their RNGs); None for envs that
+    cannot be pickled (ale-py's C++ envs)."""
+    if not isinstance(envs, gym.vector.SyncVectorEnv):
+        return None
+    return pickle.dumps((envs.envs, envs._autoreset_envs))
+
+
+def restore_env_state(envs: gym.vector.VectorEnv, state: bytes) -> None:
+    envs.envs, envs._autoreset_envs = pickle.loads(state)
+
+
+# The numpy fast path of the rollout: used only where it reproduces Agent.forward, checked each time
+# it is built; otherwise the rollout runs Agent.forward in torch, after a one-line note.
+
+
+class NumpyMLP:
+    """A numpy copy of the MLP agent (Linear layers with tanh between them), rebuilt after every update."""
+
+    KNOWN = (nn.Linear, nn.Tanh, nn.Sequential, nn.Identity)
+
+    def __init__(self, agent: Agent):
+        def layers(seq: nn.Sequential) -> list:
+            return [(m.weight.detach().cpu().numpy().T.copy(), m.bias.detach().cpu().numpy().copy()) for m in seq if isinstance(m, nn.Linear)]
+
+        self.actor, self.critic, self.obs_onehot = layers(agent.actor), layers(agent.critic), agent.obs_onehot
+
+    @classmethod
+    def cannot_copy(cls, agent: Agent) -> Optional[str]:
+        """Why this copy cannot mirror agent, or None."""
+        for m in agent.modules():
+            if m is not agent and type(m) not in cls.KNOWN:
+                return f"does not know {type(m).__name__}"
+        for head in (agent.actor, agent.critic):
+            kinds = [type(m) for m in head] if isinstance(head, nn.Sequential) else [type(head)]
+            if kinds != [nn.Linear, nn.Tanh] * (len(kinds) // 2) + [nn.Linear]:
+                return "knows only Linear layers with Tanh between them"
+        return None
+
+    @staticmethod
+    def mlp(layers: list, x: np.ndarray) -> np.ndarray:
+        for w, b in layers[:-1]:
+            x = np.tanh(x @ w + b)
+        return x @ layers[-1][0] + layers[-1][1]
+
+    def __call__(self, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Action logits [N, A] and state values [N], as Agent.forward computes them."""
+        if self.obs_onehot:
+            x = np.eye(self.obs_onehot, dtype=np.float32)[obs.astype(np.int64)]
+        else:
+            x = obs.reshape(len(obs), -1).astype(np.float32, copy=False)
+        return self.mlp(self.actor, x), self.mlp(self.critic, x)[:, 0]
+
+
+def checked_numpy_copy(agent: Agent, forward: Callable, obs: np.ndarray) -> Optional[NumpyMLP]:
+    """agent's numpy copy if it reproduces forward(obs) to float32 precision; else None, after a note."""
+    reason = NumpyMLP.cannot_copy(agent)
+    if reason is None:
+        copy = NumpyMLP(agent)
+        if all(np.allclose(mine, torch_, rtol=1e-5, atol=1e-6) for mine, torch_ in zip(copy(obs), forward(obs))):
+            return copy
+        reason = "does not reproduce Agent.forward"
+    note(f"the rollout runs Agent.forward in torch: the numpy fast path {reason}")
+    return None
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    args = tyro.cli(Args)
+    evaluate_checkpoint(args) if args.eval_checkpoint is not None else train(args)

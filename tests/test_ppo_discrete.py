@@ -1,7 +1,12 @@
 """Tests of ppo_discrete.py: the numerical core against naive references and hand-computed cases,
 the episode-boundary logic on a tiny time-limited env, and the CLI end to end in subprocesses."""
 
+import copy
 import os
+import pickle
+import re
+import shutil
+import signal
 import subprocess
 import sys
 
@@ -9,6 +14,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 from conftest import ROOT, assert_one_line_error, comparable, interrupt_with_ctrl_c, read_metrics, run_script, run_torchrun, wandb_offline_log
 
 import ppo_discrete as ppo
@@ -195,16 +201,182 @@ def test_numpy_rollout_copy_matches_agent():
         agent = ppo.Agent(space, 4, pixels=False)
         for p in agent.parameters():  # move away from the zero-bias init so every term counts
             torch.nn.init.normal_(p, std=0.5)
-        logits, values = ppo.rollout_policy(agent, torch.device("cpu"))(obs)
+        policy = ppo.rollout_policy(agent, torch.device("cpu"), obs)
+        assert isinstance(policy, ppo.NumpyMLP), "the unmodified MLP agent must take the numpy fast path"
+        logits, values = policy(obs)
         ref_logits, ref_values = agent(torch.as_tensor(obs))
         np.testing.assert_allclose(logits, ref_logits.detach().numpy(), rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(values, ref_values.detach().numpy(), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- copy safety of the numpy fast path
+
+
+class DoubledLogits(ppo.Agent):
+    """A researcher's edit of forward() that no module list shows."""
+
+    def forward(self, obs):
+        logits, values = super().forward(obs)
+        return 2 * logits, values
+
+
+def modified_agent(kind):
+    torch.manual_seed(0)
+    space = gym.spaces.Box(-1, 1, (4,), np.float32)
+    agent = (DoubledLogits if kind == "forward" else ppo.Agent)(space, 3, pixels=False)
+    if kind == "relu":
+        agent.actor[1] = agent.critic[1] = torch.nn.ReLU()
+    if kind == "layernorm":
+        agent.actor = torch.nn.Sequential(agent.actor[0], torch.nn.LayerNorm(64), *agent.actor[1:])
+    for p in agent.parameters():  # away from the init, so that every layer shows in the outputs
+        torch.nn.init.normal_(p, std=0.5)
+    return agent
+
+
+@pytest.mark.parametrize("kind", ["relu", "layernorm", "forward"])
+def test_numpy_copy_steps_aside_for_a_modified_network_with_one_note(kind, monkeypatch, capsys):
+    monkeypatch.setattr(ppo, "NOTED", set())
+    agent = modified_agent(kind)
+    obs = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
+    ref_logits, ref_values = (x.detach().numpy() for x in agent(torch.as_tensor(obs)))
+    # The case means something: an unchecked numpy copy would act with another policy.
+    assert not np.allclose(ppo.NumpyMLP(agent)(obs)[0], ref_logits, atol=1e-3)
+    for _ in range(3):  # rebuilt every iteration; the note comes once
+        policy = ppo.rollout_policy(agent, torch.device("cpu"), obs)
+        assert not isinstance(policy, ppo.NumpyMLP)
+        logits, values = policy(obs)
+        np.testing.assert_array_equal(logits, ref_logits)
+        np.testing.assert_array_equal(values, ref_values)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("note: the rollout runs Agent.forward in torch"), lines
+
+
+def test_modified_copy_of_the_script_acts_with_its_own_policy(tmp_path):
+    # A researcher copies the script, swaps tanh for ReLU in the MLP and runs it.
+    source = (ROOT / "ppo_discrete.py").read_text()
+    assert source.count("nn.Tanh(),") == 2, "the two hidden activations of mlp()"
+    (tmp_path / "ppo_relu.py").write_text(source.replace("nn.Tanh(),", "nn.ReLU(),"))
+    flags = ["--total-timesteps", "2048", "--update-epochs", "1", "--num-minibatches", "1", "--eval-episodes", "1"]
+    proc = subprocess.run(
+        [sys.executable, "ppo_relu.py", *flags, "--runs-dir", "runs", "--num-threads", "1", "--device", "cpu"],
+        cwd=tmp_path, env={**os.environ, "WANDB_MODE": "offline"}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    notes = [line for line in proc.stdout.splitlines() if line.startswith("note: the rollout runs Agent.forward in torch")]
+    assert len(notes) == 1, proc.stdout
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert "__ppo_relu__" in run_dir.name  # exp_name comes from the file name
+    # One epoch of one minibatch: the update's first forward sees the rollout's parameters, so the
+    # ratio is 1 wherever the rollout acted with the policy being trained.
+    updates = [r for r in read_metrics(tmp_path / "runs") if "losses/approx_kl" in r]
+    assert len(updates) == 4
+    for r in updates:
+        # Acting with the unchecked tanh copy gives |old_approx_kl| 1e-5..1e-4 here; the right policy ~1e-9.
+        assert abs(r["losses/old_approx_kl"]) < 1e-7 and abs(r["losses/approx_kl"]) < 1e-7 and r["losses/clipfrac"] == 0, r
 
 
 def test_explained_variance():
     assert ppo.explained_variance(np.array([1.0, 2.0, 3.0]), np.array([1.0, 2.0, 3.0])) == 1.0
     assert ppo.explained_variance(np.array([0.0, 0.0, 0.0]), np.array([1.0, 2.0, 3.0])) == pytest.approx(0.0)
     assert np.isnan(ppo.explained_variance(np.array([1.0, 2.0]), np.array([5.0, 5.0])))
+
+
+# ---------------------------------------------------------------- one PPO update against a naive reference
+
+
+def naive_ppo_update(agent, batch, args, rng):
+    """The update written out: explicit loops over epochs and minibatches (the same permutations),
+    torch.distributions.Categorical, the clipped objectives as in the paper, gradient clipping and
+    Adam by hand, one tensor at a time. Returns the stats' means and the epochs run."""
+    params = list(agent.parameters())
+    first, second = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
+    n, k, eps, t = len(batch["actions"]), args.num_minibatches, args.clip_coef, 0
+    sizes = [n // k + (1 if i < n % k else 0) for i in range(k)]
+    stats = {name: [] for name in ("policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac")}
+    for epoch in range(args.update_epochs):
+        perm, start, epoch_kl = rng.permutation(n), 0, []
+        for size in sizes:
+            idx = torch.as_tensor(perm[start : start + size])
+            start += size
+            logits, new_values = agent(batch["obs"][idx])
+            pi = torch.distributions.Categorical(logits=logits)
+            logratio = pi.log_prob(batch["actions"][idx]) - batch["logprobs"][idx]
+            ratio = torch.exp(logratio)
+            adv = batch["advantages"][idx]
+            if args.norm_adv:
+                adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+            pg_loss = -torch.min(ratio * adv, torch.clamp(ratio, 1 - eps, 1 + eps) * adv).mean()
+            old, ret = batch["values"][idx], batch["returns"][idx]
+            if args.clip_vloss:
+                clipped = old + torch.clamp(new_values - old, -eps, eps)
+                v_loss = 0.5 * torch.max((new_values - ret) ** 2, (clipped - ret) ** 2).mean()
+            else:
+                v_loss = 0.5 * ((new_values - ret) ** 2).mean()
+            entropy = pi.entropy().mean()
+            loss = pg_loss - args.ent_coef * entropy + args.vf_coef * v_loss
+            grads = torch.autograd.grad(loss, params)
+            norm = torch.sqrt(sum((g**2).sum() for g in grads)).item()
+            scale = min(1.0, args.max_grad_norm / (norm + 1e-6))
+            t += 1
+            with torch.no_grad():
+                for p, g, m, v in zip(params, grads, first, second):
+                    g = g * scale
+                    m.copy_(0.9 * m + 0.1 * g)
+                    v.copy_(0.999 * v + 0.001 * g * g)
+                    p -= args.learning_rate * (m / (1 - 0.9**t)) / (torch.sqrt(v / (1 - 0.999**t)) + 1e-5)
+            logratio, ratio, pg_loss, v_loss, entropy = (x.detach() for x in (logratio, ratio, pg_loss, v_loss, entropy))
+            epoch_kl.append(((ratio - 1) - logratio).mean().item())
+            for name, value in (("policy_loss", pg_loss), ("value_loss", v_loss), ("entropy", entropy),
+                                ("old_approx_kl", -logratio.mean()), ("approx_kl", epoch_kl[-1]),
+                                ("clipfrac", ((ratio - 1).abs() > eps).float().mean())):  # fmt: skip
+                stats[name].append(float(value))
+        if args.target_kl is not None and np.mean(epoch_kl) > args.target_kl:
+            return {f"losses/{k}": np.mean(v) for k, v in stats.items()}, epoch + 1
+    return {f"losses/{k}": np.mean(v) for k, v in stats.items()}, args.update_epochs
+
+
+def fixed_batch(agent, n=37):
+    """A batch whose size the minibatches do not divide, old log-probs away from the current policy
+    (so ratios leave the clip range) and advantages with a mean far from 0."""
+    gen = torch.Generator().manual_seed(1)
+    obs = torch.randn(n, 4, generator=gen)
+    with torch.no_grad():
+        logits, values = agent(obs)
+    actions = torch.randint(0, 3, (n,), generator=gen)
+    old_logits = logits + 0.5 * torch.randn(n, 3, generator=gen)
+    return {
+        "obs": obs,
+        "actions": actions,
+        "logprobs": old_logits.log_softmax(-1).gather(-1, actions[:, None])[:, 0],
+        "values": values + 0.3 * torch.randn(n, generator=gen),
+        "advantages": 1.0 + 2.0 * torch.randn(n, generator=gen),
+        "returns": values + torch.randn(n, generator=gen),
+    }
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [{}, {"norm_adv": False, "clip_vloss": False}, {"target_kl": 1e-4}],
+    ids=["defaults", "no-norm-adv-no-clip-vloss", "target-kl-stops-early"],
+)
+def test_one_ppo_update_matches_naive_reference(flags):
+    args = ppo.Args(learning_rate=0.01, num_minibatches=4, update_epochs=3, **flags)
+    torch.manual_seed(0)
+    agent = ppo.Agent(gym.spaces.Box(-1, 1, (4,), np.float32), 3, pixels=False)
+    reference, start = copy.deepcopy(agent), copy.deepcopy(agent)
+    batch = fixed_batch(agent)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
+    stats = ppo.ppo_update(agent, optimizer, batch, args, np.random.default_rng(7))
+    expected, epochs = naive_ppo_update(reference, batch, args, np.random.default_rng(7))
+    assert epochs == (1 if "target_kl" in flags else args.update_epochs)
+    moved = 0.0
+    for p, q, p0 in zip(agent.parameters(), reference.parameters(), start.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)  # float32 rounding of Adam; a wrong update is off by ~lr
+        moved = max(moved, (q - p0).abs().max().item())
+    assert moved > 0.01  # the update moved the parameters well beyond the tolerance
+    assert stats.keys() == expected.keys()
+    for name in stats:
+        assert stats[name] == pytest.approx(expected[name], rel=1e-5, abs=1e-7), name
 
 
 def test_network_init_and_shapes():
@@ -262,6 +434,13 @@ def test_cartpole_cli_writes_metrics_args_checkpoint_and_evaluates(tmp_path):
     assert (run_dir / "args.json").exists() and (run_dir / "checkpoint.pt").exists()
     assert (run_dir / "videos" / "eval.mp4").stat().st_size > 1000
     assert "eval: return" in proc.stdout
+    progress = r"^iteration 4/4 \| global_step 2,048 \| SPS [\d,]+ \| episodic_return \(last \d+\) [\d.]+$"
+    assert re.search(progress, proc.stdout, re.MULTILINE), proc.stdout
+    assert f"done: {run_dir} (metrics.jsonl, args.json, checkpoint.pt, videos/)" in proc.stdout
+    # What a policy needs loads without unpickling code; resuming's own state is one pickled blob.
+    ckpt = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert set(ckpt) == set(ppo.CHECKPOINT_KEYS) and isinstance(ckpt["resume_state"], bytes)
+    assert ckpt["iteration"] == 4 and ckpt["global_step"] == 2048 and ckpt["n_actions"] == 2
     # A saved checkpoint can be evaluated without training.
     proc = run_script("ppo_discrete.py", "--eval-checkpoint", str(run_dir / "checkpoint.pt"), "--eval-episodes", "2")
     assert "over 2 episodes" in proc.stdout
@@ -307,6 +486,50 @@ def test_bad_input_gives_one_line_error(flags, needle, tmp_path):
     assert_one_line_error("ppo_discrete.py", flags, needle, tmp_path)
 
 
+def test_a_file_that_is_no_checkpoint_of_this_script_is_a_one_line_error(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    torch.save({"agent": {}, "ranks": [{"rng": np.zeros(3)}]}, tmp_path / "pickled_numpy.pt")  # not weights_only
+    torch.save({"policy": {}, "episode": 3}, tmp_path / "other_keys.pt")
+    for name in ("notes.txt", "pickled_numpy.pt", "other_keys.pt"):
+        for flag in ("--resume", "--eval-checkpoint"):
+            assert_one_line_error("ppo_discrete.py", [flag, str(tmp_path / name)], flag, tmp_path)
+
+
+def test_total_timesteps_not_a_whole_number_of_batches_is_noted(monkeypatch, capsys):
+    monkeypatch.setattr(ppo, "NOTED", set())
+    assert ppo.check_args(ppo.Args(total_timesteps=2000), world_size=1) == (512, 128, 3)
+    expected = "note: --total-timesteps 2,000 is not a whole number of batches of 512 steps; training 1,536 steps (3 iterations)"
+    assert capsys.readouterr().out.splitlines() == [expected]
+    assert ppo.check_args(ppo.Args(total_timesteps=2048), world_size=1) == (512, 128, 4)
+    assert capsys.readouterr().out == ""
+
+
+class WritesMarker:
+    """Unpickling it creates a file: it stands for the code a shared pickle could run."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_eval_checkpoint_reads_weights_only(tmp_path):
+    run_script("ppo_discrete.py", "--total-timesteps", "1024", "--runs-dir", str(tmp_path / "runs"), "--eval-episodes", "0", "--num-threads", "1")
+    (path,) = (tmp_path / "runs").glob("*/checkpoint.pt")
+    ckpt, marker = torch.load(path, weights_only=True), tmp_path / "code-ran"
+    # A shared checkpoint whose resume_state runs code when unpickled still evaluates, and the code never runs.
+    ckpt["resume_state"] = pickle.dumps(WritesMarker(str(marker)))
+    torch.save(ckpt, tmp_path / "shared.pt")
+    proc = run_script("ppo_discrete.py", "--eval-checkpoint", str(tmp_path / "shared.pt"), "--eval-episodes", "1")
+    assert "over 1 episodes" in proc.stdout and not marker.exists()
+    # Pickled code anywhere else is refused in one line.
+    ckpt["n_actions"] = WritesMarker(str(marker))
+    torch.save(ckpt, tmp_path / "evil.pt")
+    assert_one_line_error("ppo_discrete.py", ["--eval-checkpoint", str(tmp_path / "evil.pt")], "--eval-checkpoint", tmp_path)
+    assert not marker.exists()
+
+
 # ---------------------------------------------------------------- learning, determinism, resume
 
 
@@ -336,10 +559,72 @@ def test_same_seed_same_metrics_and_interrupted_resume_matches(tmp_path):
 
     # Interrupt a third run with Ctrl-C part-way, resume it, and compare with the uninterrupted run.
     ckpt = interrupt_with_ctrl_c("ppo_discrete.py", flags, tmp_path / "c")
-    interrupted_at = torch.load(ckpt, weights_only=False)["iteration"]
+    interrupted_at = torch.load(ckpt, weights_only=True)["iteration"]
     assert 1 <= interrupted_at < 80, "the interrupt must land mid-run for this test to mean anything"
     run_script("ppo_discrete.py", "--resume", str(ckpt), "--num-threads", "1", "--device", "cpu")
     assert comparable(read_metrics(tmp_path / "c")) == a
+
+
+def test_sigterm_checkpoints_exits_130_and_resumes_in_the_moved_run_folder(tmp_path):
+    flags = ["--total-timesteps", "40960", "--num-threads", "1", "--eval-episodes", "2", "--device", "cpu"]
+    run_script("ppo_discrete.py", *flags, "--runs-dir", str(tmp_path / "a"))
+    ckpt = interrupt_with_ctrl_c("ppo_discrete.py", flags, tmp_path / "b", sig=signal.SIGTERM)
+    assert 1 <= torch.load(ckpt, weights_only=True)["iteration"] < 80
+    moved = tmp_path / "moved" / ckpt.parent.name
+    shutil.move(ckpt.parent, moved)
+    proc = run_script("ppo_discrete.py", "--resume", str(moved / "checkpoint.pt"), "--num-threads", "1", "--device", "cpu")
+    assert comparable(read_metrics(tmp_path / "moved")) == comparable(read_metrics(tmp_path / "a"))
+    assert f"done: {moved} (metrics.jsonl, args.json, checkpoint.pt)" in proc.stdout
+
+
+# ---------------------------------------------------------------- torchrun
+
+
+@pytest.mark.parametrize("device, backend", [("cuda:0", "cpu:gloo,cuda:nccl"), ("cpu", "gloo")])
+def test_process_group_serves_cpu_tensors_and_objects_beside_cuda(device, backend, monkeypatch):
+    chosen = []
+    monkeypatch.setattr(dist, "init_process_group", lambda b: chosen.append(b))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert ppo.init_distributed(torch.device(device)) == (True, 1, 2)
+    assert chosen == [backend]
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert ppo.init_distributed(torch.device(device)) == (False, 0, 1) and chosen == [backend]
+
+
+def test_collectives_get_tensors_on_the_training_device_or_the_cpu(monkeypatch, tmp_path):
+    # A real process group of one rank runs every collective of the script in this process.
+    calls, real_init = [], dist.init_process_group
+
+    def recording(name, collective):
+        def wrapper(*args, **kwargs):
+            flat = [y for x in [*args, *kwargs.values()] for y in (x if isinstance(x, list) else [x])]
+            calls.append((name, [t.device for t in flat if isinstance(t, torch.Tensor)]))
+            return collective(*args, **kwargs)
+
+        return wrapper
+
+    for name in ("broadcast", "all_reduce", "all_gather", "all_gather_object", "barrier"):
+        monkeypatch.setattr(dist, name, recording(name, getattr(dist, name)))
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: real_init(backend, store=dist.HashStore(), rank=0, world_size=1))
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    flags = dict(total_timesteps=1024, eval_episodes=1, num_threads=1, device="cpu", target_kl=10.0)
+    try:
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        ppo.train(ppo.Args(**flags, runs_dir=str(tmp_path / "group")))
+        monkeypatch.delenv("WORLD_SIZE")
+        ppo.train(ppo.Args(**flags, runs_dir=str(tmp_path / "plain")))
+    finally:
+        signal.signal(signal.SIGINT, handlers[0])
+        signal.signal(signal.SIGTERM, handlers[1])
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert {name for name, _ in calls} == {"broadcast", "all_reduce", "all_gather", "all_gather_object", "barrier"}
+    assert all(d in (torch.device(flags["device"]), torch.device("cpu")) for _, devices in calls for d in devices), calls
+    # Gradients, target-KL and stop flag all-reduced over one rank: the same numbers as without a group.
+    assert comparable(read_metrics(tmp_path / "group")) == comparable(read_metrics(tmp_path / "plain"))
 
 
 def test_two_process_gloo_run(tmp_path):
