@@ -67,7 +67,7 @@ class Args:
     target_kl: Optional[float] = None
     """stop the update epochs early once the approximate KL passes this (None: never)"""
 
-    # Run settings: where and how the run goes, what it records; none of them changes what PPO computes.
+    # Run settings: naming, seeding, device, tracking, checkpoints, evaluation.
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment (part of the run name)"""
     seed: int = 1
@@ -538,7 +538,9 @@ class Logger:
 # Checkpoints: one checkpoint.pt per run. Everything but "resume_state" loads with weights_only=True
 # (a policy can be evaluated without running pickled code); "resume_state" holds pickled per-rank
 # state (RNGs, envs, Carry) that only --resume of your own run reads.
-CHECKPOINT_KEYS = ("args", "run_name", "iteration", "global_step", "wandb_id", "metrics_offset", "agent", "optimizer", "n_actions", "resume_state")
+CHECKPOINT_KEYS = (
+    "args", "run_name", "iteration", "global_step", "wandb_id", "metrics_offset", "agent", "optimizer", "n_actions", "resume_state"
+)
 
 
 def save_checkpoint(
@@ -900,7 +902,8 @@ class NumpyMLP:
 
     def __init__(self, agent: Agent):
         def layers(seq: nn.Sequential) -> list:
-            return [(m.weight.detach().cpu().numpy().T.copy(), m.bias.detach().cpu().numpy().copy()) for m in seq if isinstance(m, nn.Linear)]
+            linear = [m for m in seq if isinstance(m, nn.Linear)]
+            return [(m.weight.detach().cpu().numpy().T.copy(), m.bias.detach().cpu().numpy().copy()) for m in linear]
 
         self.actor, self.critic, self.obs_onehot = layers(agent.actor), layers(agent.critic), agent.obs_onehot
 

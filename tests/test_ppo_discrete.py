@@ -1,5 +1,7 @@
-"""Tests of ppo_discrete.py: the numerical core against naive references and hand-computed cases,
-the episode-boundary logic on a tiny time-limited env, and the CLI end to end in subprocesses."""
+"""Tests of ppo_discrete.py: the numerical core and one whole PPO update against naive references and
+hand-computed cases, the episode-boundary logic on a tiny time-limited env, the numpy rollout copy's
+safety under a researcher's edits, checkpoints, signals and torchrun collectives, and the CLI end to end
+in subprocesses."""
 
 import copy
 import os
@@ -515,7 +517,9 @@ class WritesMarker:
 
 
 def test_eval_checkpoint_reads_weights_only(tmp_path):
-    run_script("ppo_discrete.py", "--total-timesteps", "1024", "--runs-dir", str(tmp_path / "runs"), "--eval-episodes", "0", "--num-threads", "1")
+    run_script(
+        "ppo_discrete.py", "--total-timesteps", "1024", "--runs-dir", str(tmp_path / "runs"), "--eval-episodes", "0", "--num-threads", "1"
+    )
     (path,) = (tmp_path / "runs").glob("*/checkpoint.pt")
     ckpt, marker = torch.load(path, weights_only=True), tmp_path / "code-ran"
     # A shared checkpoint whose resume_state runs code when unpickled still evaluates, and the code never runs.
