@@ -531,7 +531,7 @@ class Logger:
         if self.wandb_run is not None:
             self.wandb_run.finish()
         if self.rank == 0:
-            names = ("metrics.jsonl", "args.json", "checkpoint.pt", "videos/", "wandb/")
+            names = ("metrics.jsonl", "args.json", "checkpoint.pt", "videos/")
             print(f"done: {self.run_dir} ({', '.join(n for n in names if os.path.exists(os.path.join(self.run_dir, n)))})")
 
 
