@@ -829,6 +829,9 @@ def leave_process_group(distributed: bool) -> None:
     if distributed:
         dist.barrier()  # no rank leaves the group while rank 0 still evaluates or writes
         dist.destroy_process_group()
+        # gloo's worker threads release the last collectives' tensors after they complete, which takes the GIL;
+        # an interpreter that is already shutting down aborts the process instead.
+        time.sleep(0.1)
 
 
 def broadcast_from_rank0(params: list[torch.Tensor], distributed: bool) -> None:

@@ -75,9 +75,11 @@ class Args:
     torch_deterministic: bool = True
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     device: str = "auto"
-    """torch device: `auto` (cuda, then mps, then cpu) or a device string such as `cpu` or `cuda:1`"""
+    """torch device: `auto` (a GPU for the Atari CNN; the CPU for an MLP, which runs faster there than on a GPU)
+    or a device string such as `cpu` or `cuda:1`"""
     num_threads: int = 0
-    """torch CPU threads per process (0: torch's default); 1 is often fastest for the small MLP"""
+    """torch CPU threads per process; 0 picks from the work: 1 for an MLP (more threads only add overhead, and
+    slow down badly when another job holds a core), torch's default (a thread per core) for the Atari CNN"""
     track: bool = False
     """if toggled, log to Weights and Biases (metrics land in runs/{run_name}/metrics.jsonl either way)"""
     wandb_project_name: str = "ppo"
@@ -339,13 +341,13 @@ class Carry:
 
 
 def train(args: Args) -> None:
-    device = pick_device(args.device)
-    distributed, rank, world_size = init_distributed(device)
-    if args.num_threads:
-        torch.set_num_threads(args.num_threads)
     ckpt, args = load_resume(args)  # for --resume: the checkpoint, and the run's own hyperparameters
-    batch_size, minibatch_size, num_iterations = check_args(args, world_size)
+    check_env(args.env_id)
     atari = is_atari(args.env_id)
+    device, device_reason = pick_device(args.device, gpu_pays=atari)
+    distributed, rank, world_size = init_distributed(device)
+    set_num_threads(args.num_threads, small_network=not atari)
+    batch_size, minibatch_size, num_iterations = check_args(args, world_size)
 
     # Seeding: each process gets its own env seeds, action noise and minibatch order (all drawn from
     # rng); parameters are broadcast from rank 0 below, so all processes start from the same network.
@@ -375,7 +377,8 @@ def train(args: Args) -> None:
     logger = Logger(args, ckpt, rank)
     print0(
         f"{logger.run_name}: {num_iterations} iterations of {batch_size} steps x {world_size} process(es), "
-        f"{args.num_minibatches} minibatches of {minibatch_size}, {args.update_epochs} epochs, device {device}"
+        f"{args.num_minibatches} minibatches of {minibatch_size}, {args.update_epochs} epochs, "
+        f"device {device} ({device_reason}), {torch.get_num_threads()} torch thread(s)"
     )
     stop_requested = install_stop_handlers(device)
 
@@ -673,11 +676,13 @@ def exit_interrupted(logger: Logger, global_step: int, envs: gym.vector.VectorEn
 # the CPU); the process group serves both.
 
 
-def pick_device(name: str) -> torch.device:
-    """`auto` picks cuda, then mps, then cpu; anything else is a torch device string. Under
-    torchrun, `auto` and `cuda` mean the GPU of this process's local rank."""
+def pick_device(name: str, gpu_pays: bool) -> tuple[torch.device, str]:
+    """The torch device and why it was chosen. `auto` takes a GPU (cuda, then mps) only when gpu_pays: for a small
+    MLP the GPU's per-op launch and copy costs exceed the arithmetic it saves. Under torchrun, `cuda` means the
+    GPU of this process's local rank."""
+    reason = f"--device {name}"
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        name, reason = auto_device(gpu_pays, torch.cuda.is_available(), torch.backends.mps.is_available())
     if name == "cuda" and "LOCAL_RANK" in os.environ:
         local_rank = int(os.environ["LOCAL_RANK"])
         if local_rank >= torch.cuda.device_count():
@@ -691,7 +696,24 @@ def pick_device(name: str) -> torch.device:
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as e:
         fail(f"--device {name} is not usable here ({str(e).splitlines()[0]}); try --device auto")
-    return device
+    return device, reason
+
+
+def auto_device(gpu_pays: bool, cuda: bool, mps: bool) -> tuple[str, str]:
+    """What `--device auto` picks, given whether a GPU pays off for this network and which GPUs are present."""
+    gpu = "cuda" if cuda else "mps" if mps else None
+    if gpu is None:
+        return "cpu", "auto: no GPU"
+    if gpu_pays:
+        return gpu, "auto: the network gains from a GPU"
+    return "cpu", f"auto: an MLP on vector observations runs faster on the CPU than on {gpu}; --device {gpu} to override"
+
+
+def set_num_threads(num_threads: int, small_network: bool) -> None:
+    """--num-threads, or from the work when 0: one thread for a small network (more only add overhead, and stall
+    when another job holds a core), torch's default (a thread per core) for networks big enough to split."""
+    if num_threads or small_network:
+        torch.set_num_threads(num_threads or 1)
 
 
 def init_distributed(device: torch.device) -> tuple[bool, int, int]:
@@ -798,12 +820,11 @@ def evaluate_and_log(agent: Agent, args: Args, device: torch.device, logger: Log
 
 def evaluate_checkpoint(args: Args) -> None:
     """--eval-checkpoint: play the checkpoint's policy, reading only its weights_only=True part."""
-    device = pick_device(args.device)
-    if args.num_threads:
-        torch.set_num_threads(args.num_threads)
     ckpt = load_checkpoint(args.eval_checkpoint, "--eval-checkpoint", keys=("args", "agent", "n_actions"))
     env_id = ckpt["args"]["env_id"]
     check_env(env_id)
+    device, _ = pick_device(args.device, gpu_pays=is_atari(env_id))
+    set_num_threads(args.num_threads, small_network=not is_atari(env_id))
     envs = make_envs(env_id, 1)
     agent = Agent(envs.single_observation_space, ckpt["n_actions"], is_atari(env_id)).to(device)
     envs.close()
@@ -840,7 +861,6 @@ def check_env(env_id: str) -> None:
 
 def check_args(args: Args, world_size: int) -> tuple[int, int, int]:
     """Validate the flags; return (batch_size, minibatch_size, num_iterations) per process."""
-    check_env(args.env_id)
     for name in ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs"):
         if getattr(args, name) <= 0:
             fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")

@@ -851,6 +851,9 @@ def leave_process_group(distributed: bool) -> None:
     if distributed:
         dist.barrier()  # a process that leaves while rank 0 still evaluates can abort the others
         dist.destroy_process_group()
+        # gloo's worker threads release the last collectives' tensors after they complete, which takes the GIL;
+        # an interpreter that is already shutting down aborts the process instead.
+        time.sleep(0.1)
 
 
 # Evaluation on held-out prompts and the sample table.

@@ -396,10 +396,18 @@ def test_network_init_and_shapes():
     assert onehot(torch.tensor([3.0, 15.0]))[0].shape == (2, 4)
 
 
+def test_auto_device_sends_the_cnn_to_a_gpu_and_keeps_the_mlp_on_the_cpu():
+    assert ppo.auto_device(True, cuda=True, mps=False)[0] == "cuda"
+    assert ppo.auto_device(True, cuda=False, mps=True)[0] == "mps"
+    assert ppo.auto_device(False, cuda=True, mps=False)[0] == "cpu"
+    assert "--device cuda to override" in ppo.auto_device(False, cuda=True, mps=False)[1]
+    assert ppo.auto_device(True, cuda=False, mps=False) == ("cpu", "auto: no GPU")
+
+
 def test_torchrun_with_more_processes_than_gpus_is_a_one_line_error(monkeypatch, capsys):
     monkeypatch.setenv("LOCAL_RANK", str(torch.cuda.device_count()))
     with pytest.raises(SystemExit) as exit_info:
-        ppo.pick_device("cuda")
+        ppo.pick_device("cuda", gpu_pays=False)
     assert exit_info.value.code == 2
     assert "start one process per GPU or pass --device cpu" in capsys.readouterr().err
 
@@ -436,6 +444,7 @@ def test_cartpole_cli_writes_metrics_args_checkpoint_and_evaluates(tmp_path):
     assert (run_dir / "args.json").exists() and (run_dir / "checkpoint.pt").exists()
     assert (run_dir / "videos" / "eval.mp4").stat().st_size > 1000
     assert "eval: return" in proc.stdout
+    assert "device cpu (auto: " in proc.stdout and ", 1 torch thread(s)" in proc.stdout  # the MLP's defaults
     progress = r"^iteration 4/4 \| global_step 2,048 \| SPS [\d,]+ \| episodic_return \(last \d+\) [\d.]+$"
     assert re.search(progress, proc.stdout, re.MULTILINE), proc.stdout
     assert f"done: {run_dir} (metrics.jsonl, args.json, checkpoint.pt, videos/)" in proc.stdout
@@ -463,6 +472,9 @@ def test_atari_cli_logs_whole_game_scores(tmp_path):
     assert "losses/approx_kl" in set().union(*records)
     assert list(tmp_path.glob("*/videos/eval.mp4"))
     assert "eval: return" in proc.stdout
+    # The CNN keeps torch's default thread count (a thread per core), which a fresh process reports.
+    default = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"], capture_output=True, text=True)
+    assert f", {int(default.stdout)} torch thread(s)" in proc.stdout
 
 
 def test_track_offline_leaves_metrics_in_wandb_run(tmp_path):
