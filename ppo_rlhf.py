@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import pickle
 import random
@@ -907,38 +908,44 @@ def fail(message: str) -> NoReturn:
 
 
 def check_args(args: Args, world_size: int, ckpt: Optional[dict], device: torch.device) -> tuple[int, int, int]:
-    """Returns (local_batch_size, batch_size, num_iterations): episodes per iteration on this process and on all."""
+    """Every flag's range, checked before any model or task is built. Returns (local_batch_size, batch_size,
+    num_iterations): episodes per iteration on this process and on all."""
     if ckpt is not None and len(ckpt["resume_state"]) != world_size:
         fail(f"--resume: {args.resume} was written by {len(ckpt['resume_state'])} processes; resume with as many")
-    local_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.num_minibatches
-    batch_size = local_batch_size * world_size
-    for flag, value in (
-        ("--per-device-train-batch-size", args.per_device_train_batch_size), ("--gradient-accumulation-steps", args.gradient_accumulation_steps),
-        ("--num-minibatches", args.num_minibatches), ("--update-epochs", args.update_epochs),
-        ("--local-rollout-forward-batch-size", args.local_rollout_forward_batch_size),
-        ("--response-length", args.response_length), ("--max-prompt-length", args.max_prompt_length),
-        ("--eval-every", args.eval_every), ("--eval-episodes", args.eval_episodes), ("--kl-horizon", args.kl_horizon),
-    ):  # fmt: skip
-        if value < 1:
-            fail(f"{flag} must be at least 1, got {value}")
-    if args.total_episodes < batch_size:
-        fail(f"--total-episodes {args.total_episodes} is less than one iteration of {batch_size} episodes; raise it")
-    if args.save_every < 0 or args.num_threads < 0:
-        fail(f"--save-every and --num-threads must be >= 0, got {args.save_every} and {args.num_threads}")
-    if args.temperature <= 0:
-        fail(f"--temperature must be positive, got {args.temperature}")
-    if not 0 <= args.gamma <= 1 or not 0 <= args.gae_lambda <= 1:
-        fail("--gamma and --gae-lambda must lie in [0, 1]")
-    if args.clip_coef <= 0 or args.vf_clip_coef <= 0:
-        fail("--clip-coef and --vf-clip-coef must be positive")
-    if args.kl_coef < 0 or args.target_kl <= 0:
-        fail("--kl-coef must be >= 0 and --target-kl positive")
+    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
+    at_least = dict(
+        total_episodes=1, per_device_train_batch_size=1, gradient_accumulation_steps=1, num_minibatches=1,
+        update_epochs=1, kl_horizon=1, response_length=1, max_prompt_length=1, local_rollout_forward_batch_size=1,
+        eval_every=1, eval_episodes=1, seed=0, num_threads=0, save_every=0, task_seed=0,
+        task_vocab_size=7,  # each word has 6 successors other than itself
+        task_prompt_length=1, task_sft_sequences=128, task_preference_pairs=20,  # an SFT batch; a held-out tenth
+    )  # fmt: skip
+    for name, low in at_least.items():
+        if getattr(args, name) < low:
+            fail(f"{flag(name)} must be at least {low}, got {getattr(args, name)}")
+    if args.seed > 2**31 or args.task_seed > 2**31:
+        fail(f"--seed and --task-seed must be below 2**31, got {args.seed} and {args.task_seed}")
+    if args.task_prompt_length > 47:  # prompt + 16 response words + EOS in the SFT model's 64 positions
+        fail(f"--task-prompt-length must be at most 47, got {args.task_prompt_length}")
+    for name in ("learning_rate", "clip_coef", "vf_clip_coef", "max_grad_norm", "target_kl", "temperature"):
+        if not 0 < getattr(args, name) < math.inf:
+            fail(f"{flag(name)} must be a positive number, got {getattr(args, name)}")
+    for name in ("vf_coef", "kl_coef", "missing_eos_penalty"):
+        if not 0 <= getattr(args, name) < math.inf:
+            fail(f"{flag(name)} must be a number >= 0, got {getattr(args, name)}")
+    for name in ("gamma", "gae_lambda"):
+        if not 0 <= getattr(args, name) <= 1:
+            fail(f"{flag(name)} must lie in [0, 1], got {getattr(args, name)}")
     if args.model_name_or_path is None and (args.reward_model_path or args.prompts):
         fail("--reward-model-path/--prompts need --model-name-or-path; leave all three out for the built-in task")
     if args.model_name_or_path is not None and (args.reward_model_path is None or args.prompts is None):
         fail("--model-name-or-path needs --reward-model-path and --prompts as well")
     if args.bf16 and device.type != "cuda":
         fail("--bf16 needs a CUDA device; drop it on CPU/MPS")
+    local_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.num_minibatches
+    batch_size = local_batch_size * world_size
+    if args.total_episodes < batch_size:
+        fail(f"--total-episodes {args.total_episodes} is less than one iteration of {batch_size} episodes; raise it")
     return local_batch_size, batch_size, args.total_episodes // batch_size
 
 

@@ -755,6 +755,39 @@ def test_bad_inputs_one_line_exit_2(real_models, tmp_path, capsys, case, flag):
     assert_one_line_error(exit_info.value.code, capsys.readouterr().err, flag)
 
 
+NUMERIC_FLAG_CASES = [
+    ("--learning-rate", "-1"), ("--learning-rate", "nan"), ("--per-device-train-batch-size", "0"),
+    ("--gradient-accumulation-steps", "0"), ("--num-minibatches", "0"), ("--update-epochs", "0"),
+    ("--total-episodes", "0"), ("--gamma", "1.5"), ("--gae-lambda", "-0.1"), ("--clip-coef", "0"),
+    ("--vf-clip-coef", "-1"), ("--vf-coef", "-1"), ("--max-grad-norm", "0"), ("--target-kl", "0"),
+    ("--kl-coef", "-0.1"), ("--kl-horizon", "0"), ("--missing-eos-penalty", "inf"), ("--response-length", "0"),
+    ("--max-prompt-length", "0"), ("--temperature", "0"), ("--local-rollout-forward-batch-size", "0"),
+    ("--seed", "-1"), ("--num-threads", "-1"), ("--save-every", "-1"), ("--eval-every", "0"),
+    ("--eval-episodes", "0"), ("--task-seed", "-1"), ("--task-vocab-size", "3"), ("--task-prompt-length", "0"),
+    ("--task-prompt-length", "60"), ("--task-sft-sequences", "10"), ("--task-preference-pairs", "5"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("flag,value", NUMERIC_FLAG_CASES, ids=[f"{f}={v}" for f, v in NUMERIC_FLAG_CASES])
+def test_every_numeric_flag_is_checked_before_anything_is_built(tmp_path, capsys, flag, value):
+    """A value out of range is one line naming the flag, exit 2, before the built-in task is built or a run
+    folder is made."""
+    import tyro
+
+    args = tyro.cli(P.Args, args=["--runs-dir", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache"), flag, value])
+    with pytest.raises(SystemExit) as exit_info:
+        P.train(args)
+    assert_one_line_error(exit_info.value.code, capsys.readouterr().err, flag)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()
+
+
+def test_zero_batch_flags_through_the_cli_without_traceback(tmp_path):
+    for flag in ("--per-device-train-batch-size", "--num-minibatches", "--learning-rate"):
+        proc = run_script(["--runs-dir", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache"), flag, "0"])
+        assert_one_line_error(proc.returncode, proc.stderr, flag)
+    assert os.listdir(tmp_path) == []
+
+
 # ---------------------------------------------------------------------------------------------
 # The built-in task
 # ---------------------------------------------------------------------------------------------
