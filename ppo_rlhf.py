@@ -1,20 +1,24 @@
 """PPO for RLHF of causal language models, in one file (CleanRL style).
 
-Fine-tunes a causal LM (the policy) to maximise a reward model's score minus a per-token KL penalty to a frozen
-copy of itself (Ziegler et al., 2019; Stiennon et al., 2020; Huang et al., 2024, "The N+ Implementation Details of
+Fine-tunes a causal LM (the policy) to maximise a reward (a reward model's score and/or Python reward functions)
+minus a per-token KL penalty to a frozen copy of itself (Ziegler et al., 2019; Stiennon et al., 2020; Huang et al., 2024, "The N+ Implementation Details of
 RLHF with PPO"). Metric names are TRL's. Without --model-name-or-path it runs a built-in offline task (a hidden
 Markov-chain language, an SFT model, a hidden gold reward and a reward model trained on noisy preferences).
 
     python ppo_rlhf.py                                   # the built-in task, cached on first use
     python ppo_rlhf.py --model-name-or-path MODEL --reward-model-path RM --prompts prompts.jsonl
+    python ppo_rlhf.py --model-name-or-path MODEL --reward-fn rewards.py:accuracy --prompts prompts.jsonl
     torchrun --standalone --nproc_per_node 2 ppo_rlhf.py # data parallel (gloo on CPU, nccl on GPUs)
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import inspect
 import json
 import math
+import numbers
 import os
 import pickle
 import random
@@ -23,7 +27,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from functools import partial
-from typing import Callable, Literal, NoReturn, Optional
+from typing import Annotated, Callable, Literal, NoReturn, Optional
 
 import numpy as np
 import torch
@@ -50,7 +54,17 @@ class Args:
     model_name_or_path: Optional[str] = None
     """policy and reference: an AutoModelForCausalLM directory or hub name; None runs the built-in task"""
     reward_model_path: Optional[str] = None
-    """reward model: an AutoModelForSequenceClassification with one label, sharing the policy's tokenizer"""
+    """reward model: an AutoModelForSequenceClassification with one label, sharing the policy's tokenizer;
+    optional with --reward-fn"""
+    reward_fn: Annotated[tuple[str, ...], tyro.conf.UseAppendAction] = ()
+    """a reward function FILE.py:NAME, called as NAME(prompts, completions, completion_ids, **fields) -> list of
+    floats (TRL's GRPO signature; fields: the prompt line's other fields); None scores 0. Repeat for several:
+    the scores add up, with the reward model's"""
+    reward_fn_weights: Optional[tuple[float, ...]] = None
+    """one weight per --reward-fn (default 1 each); the reward model's score weighs 1"""
+    value_model_path: Optional[str] = None
+    """value model: an AutoModelForSequenceClassification with one label; None copies the reward model, or
+    without one (reward functions only) takes the policy's weights with a new scalar head"""
     prompts: Optional[str] = None
     """training prompts: a JSONL file with a "prompt" field per line, or a `datasets` name"""
     total_episodes: int = 9600
@@ -143,7 +157,10 @@ class Args:
     eval_prompts: Optional[str] = None
     """held-out evaluation prompts, same formats as --prompts; None takes the first --eval-episodes training prompts"""
 
-    # Built-in task: its definition (the cache key) and where it is cached.
+    # Built-in task: its reward, its definition (the task_* flags: the cache key) and where it is cached.
+    builtin_reward: Literal["model", "gold"] = "model"
+    """built-in task: train on the learned reward model, or on the hidden gold reward as a reward function (a
+    verifiable reward: nothing to over-optimise)"""
     cache_dir: Optional[str] = None
     """built-in task: where its models and prompts are cached; None means {runs_dir}/builtin_task"""
     task_seed: int = 0
@@ -164,16 +181,13 @@ class Args:
 # model's vocabulary (an added [PAD]) is never looked up.
 
 
-def iteration_prompts(
-    queries: list[list[int]], iteration: int, batch_size: int, local_batch_size: int, rank: int, seed: int
-) -> list[list[int]]:
-    """This process's share of the iteration's prompts, drawn without replacement from a fresh permutation of
-    the prompts on each pass over them."""
-    n = len(queries)
+def iteration_prompts(n: int, iteration: int, batch_size: int, local_batch_size: int, rank: int, seed: int) -> list[int]:
+    """This process's share of the iteration's prompts (indices into the n prompts), drawn without replacement
+    from a fresh permutation of the prompts on each pass over them."""
     first = (iteration - 1) * batch_size + rank * local_batch_size
     positions = range(first, first + local_batch_size)
     perms = {e: np.random.default_rng([seed, e]).permutation(n) for e in {p // n for p in positions}}
-    return [queries[perms[p // n][p % n]] for p in positions]
+    return [int(perms[p // n][p % n]) for p in positions]
 
 
 def left_pad(sequences: list[list[int]], pad_id: int, device: torch.device) -> Tensor:
@@ -268,6 +282,29 @@ def generate(
 
 
 @dataclass
+class Reward:
+    """What scores a response: a reward model, read at the last real token, and reward functions called on the
+    decoded text (below the fence: their loading, calling and checking). The scores add up."""
+
+    model: Optional[nn.Module]
+    functions: list[RewardFunction]
+
+
+@torch.no_grad()
+def score_responses(reward: Reward, queries: Tensor, responses: Tensor, records: list[dict], task: Task) -> Tensor:
+    """Scores [B] of the responses to the queries (whose prompt lines are `records`), before the missing-EOS
+    penalty."""
+    scores = torch.zeros(len(queries), device=queries.device)
+    if reward.model is not None:
+        scores += sequence_scores(reward.model, torch.cat([queries, responses], 1), task.pad_id, queries.size(1))
+    if reward.functions:
+        episodes = decode_episodes(records, responses, task)
+        for function in reward.functions:
+            scores += function.weight * torch.tensor(call_reward_function(function, episodes), device=scores.device)
+    return scores
+
+
+@dataclass
 class Rollout:
     """One batch of episodes. Per-token tensors are [B, T] over the response tokens and 0 on padding."""
 
@@ -283,22 +320,23 @@ class Rollout:
 
 @torch.no_grad()
 def rollout(
-    policy: nn.Module, ref_policy: nn.Module, reward_model: nn.Module, value_model: nn.Module, queries: Tensor,
-    gen_config: GenerationConfig, task: Task, args: Args,
+    policy: nn.Module, ref_policy: nn.Module, reward: Reward, value_model: nn.Module, queries: Tensor,
+    records: list[dict], gen_config: GenerationConfig, task: Task, args: Args,
 ) -> Rollout:
     """Sample a response to each query, then score it: log-probs under the policy (from the sampling pass) and
-    the reference, the reward model's score, the value model's values. In chunks of the no-grad batch size."""
-    context_length, pad_id = queries.size(1), task.pad_id
+    the reference, the reward, the value model's values. In chunks of the no-grad batch size."""
+    context_length, pad_id, n = queries.size(1), task.pad_id, args.local_rollout_forward_batch_size
     policy.eval()
     value_model.eval()
     chunks = []
     with torch.autocast(queries.device.type, dtype=torch.bfloat16, enabled=args.bf16):
-        for query in queries.split(args.local_rollout_forward_batch_size):
+        for i in range(0, len(queries), n):
+            query = queries[i : i + n]
             response, logprob = generate(policy, query, pad_id, gen_config, args.response_length)
             response = truncate_after_eos(response, task.eos_id, pad_id)
             query_response = torch.cat([query, response], 1)
             ref_logprob = lm_response_logprobs(ref_policy, query_response, pad_id, context_length, args.temperature)[0]
-            score = sequence_scores(reward_model, query_response, pad_id, context_length)
+            score = score_responses(reward, query, response, records[i : i + n], task)
             score = apply_missing_eos_penalty(score, response, task.eos_id, args.missing_eos_penalty)
             value = token_scores(value_model, query_response, pad_id)[:, context_length - 1 : -1]
             chunks.append((response, logprob, ref_logprob, score, value))
@@ -314,21 +352,29 @@ def rollout(
 # The models: the policy and its frozen reference, the frozen reward model, and the value model.
 
 
-def load_models(task: Task, device: torch.device, gradient_checkpointing: bool) -> tuple[nn.Module, ...]:
-    """Returns (policy, ref_policy, reward_model, value_model), dropout off in all four. The value model is a
+def load_models(task: Task, args: Args, device: torch.device) -> tuple[nn.Module, nn.Module, Reward, nn.Module]:
+    """Returns (policy, ref_policy, reward, value_model), dropout off in every model. The value model is a
     separate copy of the reward model (as in the TL;DR reproduction of Huang et al., 2024): it starts out
-    predicting scores, close to the returns it must learn, and keeps value-loss gradients out of the policy."""
+    predicting scores, close to the returns it must learn, and keeps value-loss gradients out of the policy.
+    Without a reward model it is the policy's weights with a new scalar head (or --value-model-path)."""
     causal_lm = partial(load_model, AutoModelForCausalLM, task.policy_path, task.policy_config, "--model-name-or-path")
-    scorer = partial(load_model, AutoModelForSequenceClassification, task.reward_path, task.reward_config, "--reward-model-path")
+    scorer = partial(load_model, AutoModelForSequenceClassification)
     policy, ref_policy = causal_lm().to(device), causal_lm().to(device).eval()
-    reward_model, value_model = scorer().to(device).eval(), scorer().to(device)
-    check_models(task, reward_model)
-    for p in list(ref_policy.parameters()) + list(reward_model.parameters()):
-        p.requires_grad_(False)
-    if gradient_checkpointing:
+    reward_model = None
+    if task.reward_path is not None:
+        reward_model = scorer(task.reward_path, task.reward_config, "--reward-model-path").to(device).eval()
+        check_scorer(task, reward_model, "--reward-model-path")
+        reward_model.requires_grad_(False)
+    value_model = scorer(*task.value_source).to(device)
+    check_scorer(task, value_model, task.value_source[2])
+    if task.value_source[2] == "--model-name-or-path":  # a new head: values start at 0 (OpenAI's 2019 code)
+        for p in value_model.score.parameters():
+            nn.init.zeros_(p)
+    ref_policy.requires_grad_(False)
+    if args.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
         value_model.gradient_checkpointing_enable()
-    return policy, ref_policy, reward_model, value_model
+    return policy, ref_policy, Reward(reward_model, task.reward_functions), value_model
 
 
 def disable_dropout(model: nn.Module) -> nn.Module:
@@ -481,7 +527,7 @@ def train(args: Args) -> None:
     local_batch_size, batch_size, num_iterations = check_args(args, world_size, ckpt, device)
     configure_torch(args)
     task = load_task(args, rank, distributed)  # the built-in task is built once, by rank 0, into its cache
-    policy, ref_policy, reward_model, value_model = load_models(task, device, args.gradient_checkpointing)
+    policy, ref_policy, reward, value_model = load_models(task, args, device)
     vocab_size = policy.get_input_embeddings().num_embeddings
     gen_config = sampling_config(args.response_length, args.temperature, task.eos_id, task.pad_id, vocab_size)
     # One optimizer over policy and value model: one loss, one clip of the global gradient norm.
@@ -496,7 +542,7 @@ def train(args: Args) -> None:
         state = restore(ckpt, rank, device, policy, value_model, optimizer)
     stop_requested = install_stop_handlers()
     if ckpt is None and rank == 0:  # the SFT policy's scores: the baseline the run must beat
-        run.log_evaluation(0, num_iterations, 0, {}, *evaluate(policy, reward_model, task, gen_config, args, episode=0))
+        run.log_evaluation(0, num_iterations, 0, {}, *evaluate(policy, reward, task, gen_config, args, episode=0))
 
     start_time, start_episode = time.time(), state.episode
     for iteration in range(state.iteration + 1, num_iterations + 1):
@@ -506,9 +552,10 @@ def train(args: Args) -> None:
             group["lr"] = lr
 
         # 2. Rollout: this process's share of the iteration's prompts, answered by the policy and scored.
-        prompts = iteration_prompts(task.train_queries, iteration, batch_size, local_batch_size, rank, args.seed)
-        queries = left_pad(prompts, task.pad_id, device)
-        data = rollout(policy, ref_policy, reward_model, value_model, queries, gen_config, task, args)
+        prompts = iteration_prompts(len(task.train_queries), iteration, batch_size, local_batch_size, rank, args.seed)
+        queries = left_pad([task.train_queries[i] for i in prompts], task.pad_id, device)
+        records = [task.train_records[i] for i in prompts]
+        data = rollout(policy, ref_policy, reward, value_model, queries, records, gen_config, task, args)
         state.episode += batch_size
 
         # 3. Rewards: a per-token KL penalty plus the score at the last real token; GAE over tokens.
@@ -532,7 +579,7 @@ def train(args: Args) -> None:
             state.kl_coef = adaptive_kl_coef(state.kl_coef, kl_now, args.target_kl, args.kl_horizon, batch_size)
         state.iteration = iteration
         if rank == 0 and (iteration % args.eval_every == 0 or iteration == num_iterations):
-            evaluation = evaluate(policy, reward_model, task, gen_config, args, state.episode)
+            evaluation = evaluate(policy, reward, task, gen_config, args, state.episode)
             run.log_evaluation(iteration, num_iterations, state.episode, metrics, *evaluation)
         stop = stop_requested()
         if stop or iteration == num_iterations or (args.save_every and iteration % args.save_every == 0):
@@ -554,18 +601,24 @@ def train(args: Args) -> None:
 class Run:
     """The run's folder, written by rank 0: args.json, metrics.jsonl (a JSON object per line, x-axis `episode`),
     checkpoint.pt and, with --track, the same metrics in wandb. A resumed run continues in the folder that holds
-    its checkpoint and cuts metrics.jsonl back to what it held at the checkpoint."""
+    its checkpoint and cuts metrics.jsonl back to what it held at the checkpoint. The folder is made at the
+    first record, so that a run that fails at its first evaluation (a reward function's error) leaves nothing."""
 
     def __init__(self, args: Args, ckpt: Optional[dict], task: Task, rank: int):
         self.rank0, self.metrics, self.wandb = rank == 0, None, None
+        self.args, self.ckpt, self.task = args, ckpt, task
         if ckpt is not None:
             self.name, self.wandb_id = ckpt["run_name"], ckpt["wandb_id"]
             self.dir = os.path.dirname(os.path.abspath(args.resume))
         else:  # every process must agree on the name: rank 0's clock decides
             self.name = broadcast_object(f"{task.name}__{args.exp_name}__{args.seed}__{int(time.time())}")
             self.dir, self.wandb_id = os.path.join(args.runs_dir, self.name), None
-        if not self.rank0:
+
+    def open(self) -> None:
+        """Make the folder, write args.json, open metrics.jsonl and wandb (rank 0, once)."""
+        if not self.rank0 or self.metrics is not None:
             return
+        args, ckpt, task = self.args, self.ckpt, self.task
         os.makedirs(self.dir, exist_ok=True)
         with open(os.path.join(self.dir, "args.json"), "w") as f:
             json.dump(asdict(args), f, indent=1)
@@ -588,6 +641,7 @@ class Run:
     def log(self, episode: int, metrics: dict) -> None:
         if not self.rank0:
             return
+        self.open()
         record = {"episode": episode, **metrics}
         self.metrics.write(json.dumps(record) + "\n")
         self.metrics.flush()
@@ -621,7 +675,7 @@ class Run:
 def describe(
     run: Run, args: Args, task: Task, device: str, world_size: int, num_iterations: int, batch_size: int
 ) -> None:
-    """The batch arithmetic, printed by rank 0 at the start."""
+    """The batch arithmetic, the reward and the value model, printed by rank 0 at the start."""
     if not run.rank0:
         return
     print(
@@ -630,6 +684,13 @@ def describe(
         f"(processes); {num_iterations} iterations = {num_iterations * batch_size} episodes; {args.update_epochs} PPO epochs; "
         f"no-grad passes in chunks of {args.local_rollout_forward_batch_size}; device {device}"
     )
+    rewards = ([f"reward model {task.reward_path}"] if task.reward_path else [])
+    rewards += [f"{f.name} x {f.weight:g}" for f in task.reward_functions]
+    values = {
+        "--value-model-path": task.value_source[0], "--reward-model-path": "a copy of the reward model",
+        "--model-name-or-path": "the policy's weights with a new scalar head",
+    }  # fmt: skip
+    print(f"reward: {' + '.join(rewards)}; value model: {values[task.value_source[2]]}")
     if num_iterations * batch_size != args.total_episodes:
         trained = num_iterations * batch_size
         print(f"note: --total-episodes {args.total_episodes} is not a whole number of iterations; training {trained} episodes")
@@ -701,6 +762,7 @@ def save_checkpoint(
     ranks = gather_objects(rng_state(device))
     if not run.rank0:
         return
+    run.open()
     ckpt = dict(
         args=asdict(args), run_name=run.name, **asdict(state), wandb_id=run.wandb_id, metrics_offset=run.metrics.tell(),
         policy=policy.state_dict(), value_model=value_model.state_dict(), optimizer=optimizer.state_dict(),
@@ -862,7 +924,7 @@ def leave_process_group(distributed: bool) -> None:
 
 @torch.no_grad()
 def evaluate(
-    policy: nn.Module, reward_model: nn.Module, task: Task, gen_config: GenerationConfig, args: Args, episode: int
+    policy: nn.Module, reward: Reward, task: Task, gen_config: GenerationConfig, args: Args, episode: int
 ) -> tuple[dict, list]:
     """Sample the held-out prompts with a fixed seed (the same noise at every evaluation) and score them; on the
     built-in task also with the hidden gold reward. Returns the metrics and the first rows of the sample table."""
@@ -877,7 +939,7 @@ def evaluate(
             queries = left_pad(task.eval_queries[i : i + chunk], pad_id, device)
             responses = generate(policy, queries, pad_id, gen_config, args.response_length)[0]
             responses = truncate_after_eos(responses, eos_id, pad_id)
-            scores = sequence_scores(reward_model, torch.cat([queries, responses], 1), pad_id, queries.size(1))
+            scores = score_responses(reward, queries, responses, task.eval_records[i : i + chunk], task)
             scores_all.append(apply_missing_eos_penalty(scores, responses, eos_id, args.missing_eos_penalty))
             queries_all += [[t for t in q if t != pad_id] for q in queries.tolist()]
             responses_all += responses.tolist()
@@ -890,10 +952,10 @@ def evaluate(
             for q, r in zip(queries_all, responses_all)
         ]
         metrics["objective/gold_score"] = float(np.mean(gold))
-    decode = task.tokenizer.decode
+    texts = decode(task.tokenizer, queries_all[:8] + [[t for t in r if t != pad_id] for r in responses_all[:8]])
     rows = [
-        [episode, decode(q), decode([t for t in r if t != pad_id]), s.item()] + ([gold[i]] if gold else [])
-        for i, (q, r, s) in enumerate(zip(queries_all[:8], responses_all[:8], torch.cat(scores_all)[:8]))
+        [episode, q, r, s.item()] + ([gold[i]] if gold else [])
+        for i, (q, r, s) in enumerate(zip(texts[:8], texts[8:], torch.cat(scores_all)[:8]))
     ]
     return metrics, rows
 
@@ -936,10 +998,18 @@ def check_args(args: Args, world_size: int, ckpt: Optional[dict], device: torch.
     for name in ("gamma", "gae_lambda"):
         if not 0 <= getattr(args, name) <= 1:
             fail(f"{flag(name)} must lie in [0, 1], got {getattr(args, name)}")
-    if args.model_name_or_path is None and (args.reward_model_path or args.prompts):
-        fail("--reward-model-path/--prompts need --model-name-or-path; leave all three out for the built-in task")
-    if args.model_name_or_path is not None and (args.reward_model_path is None or args.prompts is None):
-        fail("--model-name-or-path needs --reward-model-path and --prompts as well")
+    if args.model_name_or_path is None:
+        for name in ("reward_model_path", "value_model_path", "prompts", "eval_prompts"):
+            if getattr(args, name) is not None:
+                fail(f"{flag(name)} needs --model-name-or-path; leave both out for the built-in task")
+    elif args.prompts is None or (args.reward_model_path is None and not args.reward_fn):
+        fail("--model-name-or-path needs --prompts and a reward: --reward-model-path and/or --reward-fn")
+    elif args.builtin_reward != "model":
+        fail(f"--builtin-reward {args.builtin_reward} is for the built-in task; drop it or --model-name-or-path")
+    if args.reward_fn_weights is not None and len(args.reward_fn_weights) != len(args.reward_fn):
+        fail(f"--reward-fn-weights: {len(args.reward_fn_weights)} weights for {len(args.reward_fn)} --reward-fn; give one per function")
+    if args.reward_fn_weights is not None and not all(math.isfinite(w) for w in args.reward_fn_weights):
+        fail(f"--reward-fn-weights must be finite numbers, got {' '.join(map(str, args.reward_fn_weights))}")
     if args.bf16 and device.type != "cuda":
         fail("--bf16 needs a CUDA device; drop it on CPU/MPS")
     local_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.num_minibatches
@@ -962,24 +1032,31 @@ def configure_torch(args: Args) -> None:
 
 @dataclass
 class Task:
-    """What a run trains on: the models' paths and configs, the tokenizer and the prompts as token ids."""
+    """What a run trains on: the models' paths and configs, the tokenizer, the prompts as token ids and as the
+    prompt file's lines (`records`), and the reward functions."""
 
     policy_path: str
-    reward_path: str
+    reward_path: Optional[str]  # None: reward functions only
     policy_config: transformers.PretrainedConfig
-    reward_config: transformers.PretrainedConfig
+    reward_config: Optional[transformers.PretrainedConfig]
+    value_source: tuple  # (path, config, flag) the value model is loaded from
     tokenizer: transformers.PreTrainedTokenizerBase
     pad_id: int
     eos_id: int
     train_queries: list[list[int]]
     eval_queries: list[list[int]]
+    train_records: list[dict]
+    eval_records: list[dict]
+    reward_functions: list[RewardFunction]
     name: str  # the run name's prefix
     builtin: Optional[dict] = None  # the built-in task's description (its task.json)
     language: Optional[dict] = None  # the built-in task's hidden language, for the gold score
 
 
 def load_task(args: Args, rank: int, distributed: bool) -> Task:
-    """The built-in task (rank 0 builds it or finds it in its cache), or the models and prompts given by the flags."""
+    """The built-in task (rank 0 builds it or finds it in its cache), or the models and prompts given by the flags.
+    Reward functions are imported first, so that a mistake in one costs no model loading."""
+    reward_functions = load_reward_functions(args.reward_fn, args.reward_fn_weights)
     builtin = language = None
     eval_flag = "--eval-prompts" if args.eval_prompts else "--prompts"
     if args.model_name_or_path is None:
@@ -993,14 +1070,23 @@ def load_task(args: Args, rank: int, distributed: bool) -> Task:
         policy_path, reward_path = os.path.join(cache_dir, "sft"), os.path.join(cache_dir, "reward")
         prompts_path, eval_prompts_path = os.path.join(cache_dir, "prompts.jsonl"), os.path.join(cache_dir, "eval_prompts.jsonl")
         language, name, eval_flag = dict(np.load(os.path.join(cache_dir, "language.npz"))), "builtin", "--prompts"
+        if args.builtin_reward == "gold":
+            reward_path = None
+            reward_functions.append(RewardFunction("--builtin-reward gold", builtin_gold_reward(language), 1.0))
     else:
         policy_path, reward_path = args.model_name_or_path, args.reward_model_path
         prompts_path, eval_prompts_path = args.prompts, args.eval_prompts or args.prompts
         name = os.path.basename(os.path.normpath(args.model_name_or_path))
     policy_config = load_config(policy_path, "--model-name-or-path")
-    reward_config = load_config(reward_path, "--reward-model-path")
-    if reward_config.num_labels != 1:
-        fail(f"--reward-model-path: {reward_path} has {reward_config.num_labels} labels; a reward model needs exactly one (num_labels=1)")
+    reward_config = None if reward_path is None else load_config(reward_path, "--reward-model-path", num_labels=1)
+    if args.value_model_path is not None:
+        value_source = (args.value_model_path, load_config(args.value_model_path, "--value-model-path", num_labels=1), "--value-model-path")
+    elif reward_path is not None:
+        value_source = (reward_path, reward_config, "--reward-model-path")
+    else:
+        value_config = load_config(policy_path, "--model-name-or-path")
+        value_config.num_labels = 1
+        value_source = (policy_path, value_config, "--model-name-or-path")
     try:
         tokenizer = AutoTokenizer.from_pretrained(policy_path, padding_side="left", truncation_side="left")
     except (OSError, ValueError) as e:
@@ -1012,35 +1098,40 @@ def load_task(args: Args, rank: int, distributed: bool) -> Task:
         # embedding table; model_inputs never looks it up.
         tokenizer.add_special_tokens({"pad_token": "[PAD]"})
 
-    def tokenize(texts: list[str]) -> list[list[int]]:
-        return tokenizer(texts, truncation=True, max_length=args.max_prompt_length)["input_ids"]
+    def tokenize(records: list[dict]) -> list[list[int]]:
+        return tokenizer([r["prompt"] for r in records], truncation=True, max_length=args.max_prompt_length)["input_ids"]
 
-    train_queries = tokenize(read_prompts(prompts_path, "--prompts"))
-    eval_queries = tokenize(read_prompts(eval_prompts_path, eval_flag))[: args.eval_episodes]
+    train_records = read_prompts(prompts_path, "--prompts")
+    eval_records = read_prompts(eval_prompts_path, eval_flag)[: args.eval_episodes]
+    train_queries, eval_queries = tokenize(train_records), tokenize(eval_records)
     if min(len(q) for q in train_queries + eval_queries) == 0:
         fail("--prompts: a prompt tokenises to no tokens; remove empty prompts")
     longest = max(len(q) for q in train_queries + eval_queries)
-    for config, flag in ((policy_config, "--model-name-or-path"), (reward_config, "--reward-model-path")):
-        size = context_size(config)
+    for config, flag in ((policy_config, "--model-name-or-path"), (reward_config, "--reward-model-path"), value_source[1:]):
+        size = None if config is None else context_size(config)
         if size is not None and longest + args.response_length > size:
             fail(f"--response-length: {longest} prompt tokens + {args.response_length} response tokens exceed the {size}-token context of {flag}; lower --response-length or --max-prompt-length")
     return Task(
-        policy_path, reward_path, policy_config, reward_config, tokenizer, tokenizer.pad_token_id, tokenizer.eos_token_id,
-        train_queries, eval_queries, name, builtin, language,
+        policy_path, reward_path, policy_config, reward_config, value_source, tokenizer, tokenizer.pad_token_id,
+        tokenizer.eos_token_id, train_queries, eval_queries, train_records, eval_records, reward_functions, name,
+        builtin, language,
     )  # fmt: skip
 
 
-def check_models(task: Task, reward_model: nn.Module) -> None:
-    if not hasattr(reward_model, "score") or not hasattr(reward_model, reward_model.base_model_prefix):
-        fail(f"--reward-model-path: {type(reward_model).__name__} has no `score` head on a backbone; pass a decoder model for sequence classification")
-    embeddings = reward_model.get_input_embeddings().num_embeddings
-    if max(max(q) for q in task.train_queries) >= embeddings:
-        fail(f"--reward-model-path: its vocabulary ({embeddings}) is smaller than the policy tokenizer's; the reward model must share the policy's tokenizer")
+def check_scorer(task: Task, model: nn.Module, flag: str) -> None:
+    """A reward or value model reads the policy's tokens through a scalar `score` head on a backbone."""
+    if not hasattr(model, "score") or not hasattr(model, model.base_model_prefix):
+        fail(f"{flag}: {type(model).__name__} has no `score` head on a backbone; pass a decoder model for sequence classification")
+    embeddings = model.get_input_embeddings().num_embeddings
+    if max(max(q) for q in task.train_queries + task.eval_queries) >= embeddings:
+        fail(f"{flag}: its vocabulary ({embeddings}) is smaller than the policy tokenizer's; it must share the policy's tokenizer")
 
 
-def read_prompts(source: str, flag: str) -> list[str]:
+def read_prompts(source: str, flag: str) -> list[dict]:
+    """The prompt lines (records) of a JSONL file or a `datasets` dataset: a "prompt" string each, and any other
+    fields (passed on to reward functions)."""
     if os.path.isfile(source):
-        prompts = []
+        records = []
         with open(source) as f:
             for n, line in enumerate(f, 1):
                 if not line.strip():
@@ -1049,9 +1140,8 @@ def read_prompts(source: str, flag: str) -> list[str]:
                     record = json.loads(line)
                 except json.JSONDecodeError:
                     fail(f"{flag}: line {n} of {source} is not JSON; pass a JSONL file with a \"prompt\" field per line")
-                if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                    fail(f"{flag}: line {n} of {source} has no string \"prompt\" field; add one to every line")
-                prompts.append(record["prompt"])
+                check_prompt_record(record, f"{flag}: line {n} of {source}")
+                records.append(record)
     elif source.endswith((".jsonl", ".json")) or os.path.isabs(source) or source.startswith("."):
         fail(f"{flag}: {source} does not exist; pass a JSONL file with a \"prompt\" field per line")
     else:
@@ -1065,14 +1155,25 @@ def read_prompts(source: str, flag: str) -> list[str]:
             fail(f"{flag}: cannot load dataset {source} ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
         if "prompt" not in data.column_names:
             fail(f"{flag}: dataset {source} has no \"prompt\" column; pass one that has")
-        prompts = list(data["prompt"])
-    if not prompts:
+        records = list(data)
+        for n, record in enumerate(records):
+            check_prompt_record(record, f"{flag}: row {n} of dataset {source}")
+    if not records:
         fail(f"{flag}: {source} holds no prompts")
-    return prompts
+    return records
 
 
-def load_config(path: str, flag: str):
-    """The model's config with dropout off (set before the model is built, as some models copy it)."""
+def check_prompt_record(record, where: str) -> None:
+    if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+        fail(f"{where} has no string \"prompt\" field; add one to every line")
+    clash = sorted(set(record) & REWARD_FN_ARGUMENTS)
+    if clash:
+        fail(f"{where} has a field named {clash[0]!r}, which reward functions receive from the run; rename it")
+
+
+def load_config(path: str, flag: str, num_labels: Optional[int] = None):
+    """The model's config with dropout off (set before the model is built, as some models copy it); a scorer's
+    config must have `num_labels` labels."""
     if not os.path.exists(path) and (os.path.isabs(path) or path.startswith(".") or path.count("/") > 1):
         fail(f"{flag}: {path} does not exist; pass a directory saved with save_pretrained or a hub name")
     try:
@@ -1082,6 +1183,8 @@ def load_config(path: str, flag: str):
     for key, value in vars(config).items():
         if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
             setattr(config, key, 0.0)
+    if num_labels is not None and config.num_labels != num_labels:
+        fail(f"{flag}: {path} has {config.num_labels} labels; a reward or value model needs exactly {num_labels} (num_labels={num_labels})")
     return config
 
 
@@ -1095,6 +1198,107 @@ def load_model(cls, path: str, config, flag: str) -> nn.Module:
 
 def context_size(config) -> Optional[int]:
     return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+
+
+# Reward functions: plain Python functions with the signature of TRL's GRPO reward functions, imported from the
+# files --reward-fn names. A mistake in one (a missing file or function, a wrong signature, an exception, a wrong
+# return value) is one line naming it.
+
+REWARD_FN_ARGUMENTS = {"prompts", "completions", "completion_ids"}
+
+
+@dataclass
+class RewardFunction:
+    name: str  # how errors name it: "--reward-fn FILE.py:NAME"
+    fn: Callable[..., list]
+    weight: float
+
+
+@dataclass
+class Episodes:
+    """A batch of episodes as reward functions receive them."""
+
+    prompts: list  # each prompt line's "prompt"
+    completions: list  # the decoded responses, special tokens left out
+    completion_ids: list[list[int]]  # the response tokens up to and including EOS
+    fields: dict[str, list]  # the prompt lines' other fields, by name (None where a line lacks one)
+
+
+def load_reward_functions(specs: tuple[str, ...], weights: Optional[tuple[float, ...]]) -> list[RewardFunction]:
+    functions = []
+    for i, spec in enumerate(specs):
+        path, _, name = spec.rpartition(":")
+        where = f"--reward-fn {spec}"
+        if not path or not name.isidentifier():
+            fail(f"{where}: expected FILE.py:NAME, a Python file and the name of a function in it")
+        if not os.path.isfile(path):
+            fail(f"{where}: {path} does not exist")
+        module_spec = importlib.util.spec_from_file_location(f"reward_fn_{i}", path)
+        if module_spec is None:
+            fail(f"{where}: {path} is not a Python file (.py)")
+        module = importlib.util.module_from_spec(module_spec)
+        sys.path.insert(0, os.path.dirname(os.path.abspath(path)))  # the file may import modules beside it
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as e:
+            fail(f"{where}: importing {path} raised {exception_line(e)}")
+        finally:
+            sys.path.pop(0)
+        fn = getattr(module, name, None)
+        if not callable(fn):
+            fail(f"{where}: {path} defines no function {name}")
+        try:
+            kinds = {p.kind for p in inspect.signature(fn).parameters.values()}
+        except (TypeError, ValueError):  # a builtin without a signature
+            kinds = set()
+        if inspect.Parameter.VAR_KEYWORD not in kinds or inspect.Parameter.POSITIONAL_ONLY in kinds:
+            fail(f"{where}: {name} must accept (prompts, completions, **kwargs) as keywords, as TRL's reward functions do")
+        functions.append(RewardFunction(where, fn, 1.0 if weights is None else weights[i]))
+    return functions
+
+
+def decode_episodes(records: list[dict], responses: Tensor, task: Task) -> Episodes:
+    completion_ids = [[t for t in r if t != task.pad_id] for r in responses.tolist()]
+    completions = decode(task.tokenizer, completion_ids, skip_special_tokens=True)
+    names = sorted({k for r in records for k in r} - {"prompt"})
+    fields = {k: [r.get(k) for r in records] for k in names}
+    return Episodes([r["prompt"] for r in records], completions, completion_ids, fields)
+
+
+def call_reward_function(function: RewardFunction, episodes: Episodes) -> list[float]:
+    """The function's scores, checked: a number (or None, which scores 0) per completion."""
+    name, n = function.name, len(episodes.prompts)
+    try:
+        out = function.fn(
+            prompts=episodes.prompts, completions=episodes.completions, completion_ids=episodes.completion_ids,
+            **episodes.fields,
+        )  # fmt: skip
+    except Exception as e:
+        fail(f"{name}: the function raised {exception_line(e)}")
+    if isinstance(out, (str, bytes, dict)) or not hasattr(out, "__len__"):
+        fail(f"{name}: the function returned a {type(out).__name__}; return a list with a float per completion")
+    if len(out) != n:
+        fail(f"{name}: the function returned {len(out)} scores for {n} completions; return one per completion")
+    scores = []
+    for i, value in enumerate(out):
+        if isinstance(value, (np.generic, Tensor)) and np.size(value) == 1:
+            value = value.item()
+        if value is not None and (not isinstance(value, numbers.Real) or not math.isfinite(value)):
+            fail(f"{name}: the function's score {i} is {value!r}; return finite numbers (or None, which scores 0)")
+        scores.append(0.0 if value is None else float(value))
+    return scores
+
+
+def exception_line(e: Exception) -> str:
+    message = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {message[0]}" if message else type(e).__name__
+
+
+def decode(tokenizer, sequences: list[list[int]], skip_special_tokens: bool = False) -> list[str]:
+    """The text of token id lists. Ids the tokenizer does not know decode to nothing: a model's embedding is often
+    larger than its tokenizer, and a policy can sample the padded rows."""
+    known = len(tokenizer)
+    return tokenizer.batch_decode([[t for t in s if 0 <= t < known] for s in sequences], skip_special_tokens=skip_special_tokens)
 
 
 # Flat parameters: on small models a call per tensor costs more than the arithmetic, so the policy's and the
@@ -1223,6 +1427,17 @@ def builtin_words(ids: list[int], eos_id: int, pad_id: int) -> list[Optional[int
     """Token ids -> words (None for EOS, -1 for other special tokens), dropping padding."""
     n = len(BUILTIN_SPECIALS)
     return [None if i == eos_id else (i - n if i >= n else -1) for i in ids if i != pad_id]
+
+
+def builtin_gold_reward(language: dict) -> Callable[..., list[float]]:
+    """The hidden gold reward as a reward function: a verifiable reward, with nothing to over-optimise."""
+    eos_id, pad_id = BUILTIN_SPECIALS.index("<eos>"), BUILTIN_SPECIALS.index("<pad>")
+
+    def gold(prompts: list[str], completions: list[str], completion_ids: list[list[int]], **fields) -> list[float]:
+        words = [[int(w[1:]) for w in prompt.split()] for prompt in prompts]  # prompts read "w3 w17 ..."
+        return [builtin_gold_score(language, p, builtin_words(ids, eos_id, pad_id)) for p, ids in zip(words, completion_ids)]
+
+    return gold
 
 
 def builtin_task(args: Args, cache_dir: str) -> dict:

@@ -789,6 +789,202 @@ def test_zero_batch_flags_through_the_cli_without_traceback(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# Reward functions, chat prompts, a reward model with its own tokenizer, large vocabularies, LoRA
+# ---------------------------------------------------------------------------------------------
+
+WORDS = [chr(ord("a") + i) for i in range(20)]
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} {% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+
+
+def word_tokenizer(extra=()):
+    """Words a..t plus `extra`, with <unk> and <eos> and no pad token (the script adds one)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(["<unk>", "<eos>", *WORDS, *extra])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>")
+
+
+def tiny_qwen2(vocab, seed=0):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=64, bos_token_id=1, eos_token_id=1, tie_word_embeddings=True,
+    )  # fmt: skip
+    return Qwen2ForCausalLM(config).eval()
+
+
+REWARD_FUNCTIONS = """
+import json, math
+
+def length(prompts, completions, completion_ids, **kwargs):
+    with open(LOG, "a") as f:
+        f.write(json.dumps(dict(prompts=prompts, completions=completions, completion_ids=completion_ids, answer=kwargs["answer"])) + "\\n")
+    return [len(ids) / 10 for ids in completion_ids]
+
+def answered(prompts, completions, answer, **kwargs):
+    return [float(a == p.upper()) + 0.5 * float(a[0].lower() in c.split()) for p, c, a in zip(prompts, completions, answer)]
+
+def constant(prompts, completions, **kwargs):
+    return (10.0,) * len(prompts)
+
+def raises(prompts, completions, **kwargs):
+    raise RuntimeError("the judge is down")
+
+def wrong_length(prompts, completions, **kwargs):
+    return [1.0]
+
+def not_a_number(prompts, completions, **kwargs):
+    return ["good"] * len(prompts)
+
+def nan(prompts, completions, **kwargs):
+    return [math.nan] * len(prompts)
+
+def no_kwargs(prompts, completions):
+    return [0.0] * len(prompts)
+
+def positional(prompts, completions, /, **kwargs):
+    return [0.0] * len(prompts)
+
+NOT_A_FUNCTION = 3
+"""
+
+
+@pytest.fixture(scope="session")
+def qwen_models(tmp_path_factory):
+    """A tiny Qwen2 policy whose embedding (40 rows) is larger than its tokenizer (24 words and [PAD]), the
+    tokenizer with a chat template; plain prompts with an "answer" field (the prompt in capitals); reward functions."""
+    root = tmp_path_factory.mktemp("qwen")
+    tokenizer = word_tokenizer(extra=["user:", "assistant:", "system:"])
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tiny_qwen2(vocab=40).save_pretrained(root / "policy")
+    tokenizer.save_pretrained(root / "policy")
+    rng = np.random.default_rng(1)
+    with open(root / "prompts.jsonl", "w") as f:
+        for _ in range(40):
+            prompt = " ".join(rng.choice(WORDS, rng.integers(2, 6)))
+            f.write(json.dumps({"prompt": prompt, "answer": prompt.upper()}) + "\n")
+    (root / "rewards.py").write_text(f"LOG = {str(root / 'calls.jsonl')!r}\n" + REWARD_FUNCTIONS)
+    return root
+
+
+def qwen_flags(root, runs_dir, *extra):
+    return [
+        "--model-name-or-path", str(root / "policy"), "--prompts", str(root / "prompts.jsonl"),
+        "--runs-dir", str(runs_dir), "--response-length", "6", "--per-device-train-batch-size", "4",
+        "--num-minibatches", "2", "--update-epochs", "2", "--local-rollout-forward-batch-size", "4",
+        "--total-episodes", "16", "--eval-every", "2", "--eval-episodes", "8", *extra,
+    ]  # fmt: skip
+
+
+def test_reward_functions_only_trl_signature_weights_and_prompt_fields(qwen_models, tmp_path):
+    """Two reward functions, weighted 2 and -1, on a Qwen2 policy with no reward model: each gets the decoded
+    completions, their token ids and the prompt lines' other fields in the prompts' order; the logged scores are
+    their weighted sum; the value model is the policy's weights with a new scalar head."""
+    from transformers import AutoTokenizer
+
+    log = qwen_models / "calls.jsonl"
+    log.unlink(missing_ok=True)
+    rewards = qwen_models / "rewards.py"
+    flags = qwen_flags(qwen_models, tmp_path, "--reward-fn", f"{rewards}:length", "--reward-fn", f"{rewards}:answered", "--reward-fn-weights", "2", "-1", "--missing-eos-penalty", "0")
+    proc = run_script(flags)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "value model: the policy's weights with a new scalar head" in proc.stdout
+    run_dir, metrics = read_metrics(tmp_path)
+    calls = [json.loads(line) for line in open(log)]
+    tokenizer = AutoTokenizer.from_pretrained(qwen_models / "policy")
+    for call in calls:
+        assert len(call["prompts"]) == len(call["completions"]) == len(call["completion_ids"]) == len(call["answer"]) == 4
+        assert call["answer"] == [p.upper() for p in call["prompts"]]  # the fields travel with their prompts
+        for text, ids in zip(call["completions"], call["completion_ids"]):
+            assert ids and max(ids) < 40 and len(ids) <= 6
+            assert text == tokenizer.decode([t for t in ids if t < len(tokenizer)], skip_special_tokens=True)
+
+    def weighted(call):
+        return [2 * len(ids) / 10 - (float(a == p.upper()) + 0.5 * float(a[0].lower() in c.split())) for p, c, ids, a in zip(call["prompts"], call["completions"], call["completion_ids"], call["answer"])]
+
+    # calls 0-1: the evaluation at episode 0 (8 prompts); 2-3: the first rollout; then the second, and evaluation
+    evals = [m for m in metrics if "eval/scores" in m]
+    train = [m for m in metrics if "objective/scores" in m]
+    assert evals[0]["eval/scores"] == pytest.approx(np.mean(weighted(calls[0]) + weighted(calls[1])), abs=1e-5)
+    assert train[0]["objective/scores"] == pytest.approx(np.mean(weighted(calls[2]) + weighted(calls[3])), abs=1e-5)
+    ckpt = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
+    assert "score.weight" in ckpt["value_model"] and "model.layers.0.self_attn.q_proj.weight" in ckpt["value_model"]
+
+
+def test_reward_functions_add_to_the_reward_model(real_models, tmp_path):
+    """A constant function adds exactly its value to the reward model's score (the first rollout and the first
+    evaluation are the same in both runs: the reward does not change what the untrained policy samples)."""
+    plain = run_script(real_flags(real_models, tmp_path / "plain", "--total-episodes", "8"))
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    rewards = tmp_path / "rewards.py"
+    rewards.write_text("LOG = None\n" + REWARD_FUNCTIONS)
+    added = run_script(real_flags(real_models, tmp_path / "added", "--total-episodes", "8", "--reward-fn", f"{rewards}:constant"))
+    assert added.returncode == 0, added.stderr[-3000:]
+    assert "value model: a copy of the reward model" in added.stdout
+    (_, a), (_, b) = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "added")
+    for key, i in (("eval/scores", 0), ("objective/scores", 1)):
+        assert b[i][key] == pytest.approx(a[i][key] + 10.0, abs=1e-5)
+
+
+REWARD_FN_ERRORS = {
+    "missing_file": ("missing.py:length", "does not exist"),
+    "no_colon": ("rewards.py", "expected FILE.py:NAME"),
+    "missing_function": ("rewards.py:nothing", "defines no function nothing"),
+    "not_a_function": ("rewards.py:NOT_A_FUNCTION", "defines no function NOT_A_FUNCTION"),
+    "no_kwargs": ("rewards.py:no_kwargs", "must accept (prompts, completions, **kwargs)"),
+    "positional_only": ("rewards.py:positional", "must accept (prompts, completions, **kwargs)"),
+    "import_raises": ("broken.py:f", "importing"),
+    "raises": ("rewards.py:raises", "raised RuntimeError: the judge is down"),
+    "wrong_length": ("rewards.py:wrong_length", "returned 1 scores for 4 completions"),
+    "not_a_number": ("rewards.py:not_a_number", "score 0 is 'good'"),
+    "nan": ("rewards.py:nan", "score 0 is nan"),
+}
+
+
+@pytest.mark.parametrize("case", list(REWARD_FN_ERRORS))
+def test_reward_function_mistakes_are_one_line_errors_naming_the_function(qwen_models, tmp_path, capsys, case):
+    """Loading mistakes stop the run before any model is loaded; a function that raises or returns a wrong value
+    stops it at the first evaluation, before the run folder is made."""
+    import tyro
+
+    (tmp_path / "rewards.py").write_text("LOG = None\n" + REWARD_FUNCTIONS)
+    (tmp_path / "broken.py").write_text("import not_a_module_anywhere\n")
+    spec, message = REWARD_FN_ERRORS[case]
+    spec = str(tmp_path / spec) if case != "no_colon" else str(tmp_path / spec)
+    args = tyro.cli(P.Args, args=qwen_flags(qwen_models, tmp_path / "runs", "--reward-fn", spec, "--eval-episodes", "4"))
+    with pytest.raises(SystemExit) as exit_info:
+        P.train(args)
+    err = capsys.readouterr().err
+    assert_one_line_error(exit_info.value.code, err, f"--reward-fn {spec}")
+    assert message in err
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    "extra,flag",
+    [
+        (["--reward-fn-weights", "1", "2"], "--reward-fn-weights"),
+        (["--reward-fn-weights", "nan"], "--reward-fn-weights"),
+        (["--builtin-reward", "gold"], "--builtin-reward"),
+        ([], "--model-name-or-path"),  # no reward at all
+    ],
+)
+def test_reward_flag_combinations_are_checked(qwen_models, tmp_path, capsys, extra, flag):
+    import tyro
+
+    fn = ["--reward-fn", f"{qwen_models / 'rewards.py'}:constant"] if extra else []
+    with pytest.raises(SystemExit) as exit_info:
+        P.train(tyro.cli(P.Args, args=qwen_flags(qwen_models, tmp_path / "runs", *fn, *extra)))
+    assert_one_line_error(exit_info.value.code, capsys.readouterr().err, flag)
+    assert not (tmp_path / "runs").exists()
+
+
+# ---------------------------------------------------------------------------------------------
 # The built-in task
 # ---------------------------------------------------------------------------------------------
 
@@ -823,6 +1019,18 @@ def test_builtin_task_learns_gold_reward_and_kl_coef_limits_kl(builtin_cache, tm
     assert "SFT model trained" not in stdout
     tight_kl = [m["objective/kl"] for m in tight if "objective/kl" in m][-1]
     assert tight_kl < loose_kl / 2, (tight_kl, loose_kl)
+
+
+def test_builtin_gold_reward_is_a_reward_function_the_policy_learns(builtin_cache, tmp_path):
+    """--builtin-reward gold trains on the hidden gold reward through the reward-function path: with no
+    missing-EOS penalty the evaluation score is the gold score itself, and it rises well above the SFT policy's."""
+    metrics, stdout = builtin_run(builtin_cache, tmp_path, "--builtin-reward", "gold", "--missing-eos-penalty", "0")
+    assert "reward: --builtin-reward gold x 1; value model: the policy's weights with a new scalar head" in stdout
+    evals = [m for m in metrics if "objective/gold_score" in m]
+    assert [m["eval/scores"] for m in evals] == pytest.approx([m["objective/gold_score"] for m in evals], abs=1e-5)
+    (task_dir,) = os.listdir(builtin_cache)
+    task = json.load(open(os.path.join(builtin_cache, task_dir, "task.json")))
+    assert evals[-1]["objective/gold_score"] > evals[0]["objective/gold_score"] + 0.5 * task["sft_gold_std"]
 
 
 def test_num_threads_default_follows_the_work_and_explicit_values_win():
