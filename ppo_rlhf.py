@@ -66,7 +66,8 @@ class Args:
     """value model: an AutoModelForSequenceClassification with one label; None copies the reward model, or
     without one (reward functions only) takes the policy's weights with a new scalar head"""
     prompts: Optional[str] = None
-    """training prompts: a JSONL file with a "prompt" field per line, or a `datasets` name"""
+    """training prompts: a JSONL file with a "prompt" string per line, or "messages" (a list of role/content dicts
+    the tokenizer's chat template turns into the prompt), or a `datasets` name"""
     total_episodes: int = 9600
     """total number of completions to train on, summed over processes"""
     learning_rate: float = 3e-4
@@ -1098,12 +1099,17 @@ def load_task(args: Args, rank: int, distributed: bool) -> Task:
         # embedding table; model_inputs never looks it up.
         tokenizer.add_special_tokens({"pad_token": "[PAD]"})
 
-    def tokenize(records: list[dict]) -> list[list[int]]:
-        return tokenizer([r["prompt"] for r in records], truncation=True, max_length=args.max_prompt_length)["input_ids"]
+    def tokenize(records: list[dict], flag: str) -> list[list[int]]:
+        """A chat prompt's text comes from the chat template, special tokens included."""
+        texts = [chat_prompt_text(tokenizer, r, flag) if is_chat(r) else r["prompt"] for r in records]
+        return [
+            tokenizer(text, truncation=True, max_length=args.max_prompt_length, add_special_tokens=not is_chat(r))["input_ids"]
+            for text, r in zip(texts, records)
+        ]
 
     train_records = read_prompts(prompts_path, "--prompts")
     eval_records = read_prompts(eval_prompts_path, eval_flag)[: args.eval_episodes]
-    train_queries, eval_queries = tokenize(train_records), tokenize(eval_records)
+    train_queries, eval_queries = tokenize(train_records, "--prompts"), tokenize(eval_records, eval_flag)
     if min(len(q) for q in train_queries + eval_queries) == 0:
         fail("--prompts: a prompt tokenises to no tokens; remove empty prompts")
     longest = max(len(q) for q in train_queries + eval_queries)
@@ -1128,8 +1134,8 @@ def check_scorer(task: Task, model: nn.Module, flag: str) -> None:
 
 
 def read_prompts(source: str, flag: str) -> list[dict]:
-    """The prompt lines (records) of a JSONL file or a `datasets` dataset: a "prompt" string each, and any other
-    fields (passed on to reward functions)."""
+    """The prompt lines (records) of a JSONL file or a `datasets` dataset: a "prompt" string or "messages" each
+    (or TRL's conversational "prompt", a list of messages), and any other fields (passed on to reward functions)."""
     if os.path.isfile(source):
         records = []
         with open(source) as f:
@@ -1140,8 +1146,7 @@ def read_prompts(source: str, flag: str) -> list[dict]:
                     record = json.loads(line)
                 except json.JSONDecodeError:
                     fail(f"{flag}: line {n} of {source} is not JSON; pass a JSONL file with a \"prompt\" field per line")
-                check_prompt_record(record, f"{flag}: line {n} of {source}")
-                records.append(record)
+                records.append(check_prompt_record(record, f"{flag}: line {n} of {source}"))
     elif source.endswith((".jsonl", ".json")) or os.path.isabs(source) or source.startswith("."):
         fail(f"{flag}: {source} does not exist; pass a JSONL file with a \"prompt\" field per line")
     else:
@@ -1153,22 +1158,52 @@ def read_prompts(source: str, flag: str) -> list[dict]:
             data = datasets.load_dataset(source, split="train")
         except Exception as e:  # the hub, the network or the dataset's own loading script
             fail(f"{flag}: cannot load dataset {source} ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
-        if "prompt" not in data.column_names:
-            fail(f"{flag}: dataset {source} has no \"prompt\" column; pass one that has")
-        records = list(data)
-        for n, record in enumerate(records):
-            check_prompt_record(record, f"{flag}: row {n} of dataset {source}")
+        if "prompt" not in data.column_names and "messages" not in data.column_names:
+            fail(f"{flag}: dataset {source} has no \"prompt\" or \"messages\" column; pass one that has")
+        records = [check_prompt_record(record, f"{flag}: row {n} of dataset {source}") for n, record in enumerate(data)]
     if not records:
         fail(f"{flag}: {source} holds no prompts")
     return records
 
 
-def check_prompt_record(record, where: str) -> None:
-    if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-        fail(f"{where} has no string \"prompt\" field; add one to every line")
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
+def check_prompt_record(record, where: str) -> dict:
+    """A prompt line, with TRL's conversational "prompt" (a list of messages) moved to "messages"."""
+    if isinstance(record, dict) and isinstance(record.get("prompt"), list) and "messages" not in record:
+        record = {"messages": record["prompt"], **{k: v for k, v in record.items() if k != "prompt"}}
+    if not isinstance(record, dict) or ("prompt" in record) == ("messages" in record):
+        fail(f"{where} needs either a \"prompt\" string or \"messages\" (a list of role/content dicts)")
+    if "prompt" in record and not isinstance(record["prompt"], str):
+        fail(f"{where} has a \"prompt\" that is not a string")
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            fail(f"{where} has \"messages\" that are not a non-empty list of role/content dicts")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+                fail(f"{where}: message {i} is not a dict with a string \"content\"")
+            if m.get("role") not in CHAT_ROLES:
+                fail(f"{where}: message {i} has role {m.get('role')!r}; a role is one of {', '.join(CHAT_ROLES)}")
     clash = sorted(set(record) & REWARD_FN_ARGUMENTS)
     if clash:
         fail(f"{where} has a field named {clash[0]!r}, which reward functions receive from the run; rename it")
+    return record
+
+
+def is_chat(record: dict) -> bool:
+    return "messages" in record
+
+
+def chat_prompt_text(tokenizer, record: dict, flag: str) -> str:
+    """The prompt the tokenizer's chat template makes of the messages, ending where the assistant's turn begins."""
+    if tokenizer.chat_template is None:
+        fail(f"{flag}: a prompt holds \"messages\" but the tokenizer of {tokenizer.name_or_path} has no chat template; give \"prompt\" strings or a tokenizer with one")
+    try:
+        return tokenizer.apply_chat_template(record["messages"], add_generation_prompt=True, tokenize=False)
+    except Exception as e:  # the template's own checks (e.g. roles that must alternate)
+        fail(f"{flag}: the chat template of {tokenizer.name_or_path} refuses a prompt's messages ({exception_line(e)})")
 
 
 def load_config(path: str, flag: str, num_labels: Optional[int] = None):
@@ -1218,8 +1253,8 @@ class RewardFunction:
 class Episodes:
     """A batch of episodes as reward functions receive them."""
 
-    prompts: list  # each prompt line's "prompt"
-    completions: list  # the decoded responses, special tokens left out
+    prompts: list  # each prompt line's "prompt" string, or its "messages"
+    completions: list  # the decoded responses (special tokens left out); after "messages", [{"role": "assistant", "content": text}]
     completion_ids: list[list[int]]  # the response tokens up to and including EOS
     fields: dict[str, list]  # the prompt lines' other fields, by name (None where a line lacks one)
 
@@ -1259,10 +1294,12 @@ def load_reward_functions(specs: tuple[str, ...], weights: Optional[tuple[float,
 
 def decode_episodes(records: list[dict], responses: Tensor, task: Task) -> Episodes:
     completion_ids = [[t for t in r if t != task.pad_id] for r in responses.tolist()]
-    completions = decode(task.tokenizer, completion_ids, skip_special_tokens=True)
-    names = sorted({k for r in records for k in r} - {"prompt"})
+    texts = decode(task.tokenizer, completion_ids, skip_special_tokens=True)
+    completions = [[{"role": "assistant", "content": t}] if is_chat(r) else t for t, r in zip(texts, records)]
+    names = sorted({k for r in records for k in r} - {"prompt", "messages"})
     fields = {k: [r.get(k) for r in records] for k in names}
-    return Episodes([r["prompt"] for r in records], completions, completion_ids, fields)
+    prompts = [r["messages"] if is_chat(r) else r["prompt"] for r in records]
+    return Episodes(prompts, completions, completion_ids, fields)
 
 
 def call_reward_function(function: RewardFunction, episodes: Episodes) -> list[float]:

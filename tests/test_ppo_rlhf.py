@@ -796,15 +796,15 @@ WORDS = [chr(ord("a") + i) for i in range(20)]
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} {% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
 
 
-def word_tokenizer(extra=()):
-    """Words a..t plus `extra`, with <unk> and <eos> and no pad token (the script adds one)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+def byte_tokenizer(cls_name="Qwen2Tokenizer", specials=()):
+    """A byte-level BPE tokenizer without merges (one token per byte, as Qwen2's and GPT-2's tokenizers read
+    text), built offline; `specials` come first, so that two such tokenizers can have different vocabularies."""
+    import transformers
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    vocab = {tok: i for i, tok in enumerate(["<unk>", "<eos>", *WORDS, *extra])}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>")
+    vocab = {tok: i for i, tok in enumerate([*specials, *bytes_to_unicode().values()])}
+    cls = getattr(transformers, cls_name)
+    return cls(vocab=vocab, merges=[], unk_token=None, bos_token=None, eos_token=None, pad_token=None)
 
 
 def tiny_qwen2(vocab, seed=0):
@@ -813,7 +813,7 @@ def tiny_qwen2(vocab, seed=0):
     torch.manual_seed(seed)
     config = Qwen2Config(
         vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=64, bos_token_id=1, eos_token_id=1, tie_word_embeddings=True,
+        num_key_value_heads=1, max_position_embeddings=128, tie_word_embeddings=True,
     )  # fmt: skip
     return Qwen2ForCausalLM(config).eval()
 
@@ -856,18 +856,26 @@ NOT_A_FUNCTION = 3
 
 @pytest.fixture(scope="session")
 def qwen_models(tmp_path_factory):
-    """A tiny Qwen2 policy whose embedding (40 rows) is larger than its tokenizer (24 words and [PAD]), the
-    tokenizer with a chat template; plain prompts with an "answer" field (the prompt in capitals); reward functions."""
+    """A tiny Qwen2 policy with a byte-level Qwen2 tokenizer (256 bytes, <|im_end|> as EOS, no pad token) and a
+    chat template; its embedding (320 rows) is larger than the tokenizer, as Qwen2.5's is. Plain prompts with an
+    "answer" field (the prompt in capitals), chat prompts, and reward functions."""
     root = tmp_path_factory.mktemp("qwen")
-    tokenizer = word_tokenizer(extra=["user:", "assistant:", "system:"])
+    tokenizer = byte_tokenizer()
+    tokenizer.add_special_tokens({"eos_token": "<|im_end|>"})
     tokenizer.chat_template = CHAT_TEMPLATE
-    tiny_qwen2(vocab=40).save_pretrained(root / "policy")
+    tiny_qwen2(vocab=320).save_pretrained(root / "policy")
     tokenizer.save_pretrained(root / "policy")
     rng = np.random.default_rng(1)
     with open(root / "prompts.jsonl", "w") as f:
         for _ in range(40):
             prompt = " ".join(rng.choice(WORDS, rng.integers(2, 6)))
             f.write(json.dumps({"prompt": prompt, "answer": prompt.upper()}) + "\n")
+    with open(root / "chat_prompts.jsonl", "w") as f:
+        for i in range(40):
+            words = " ".join(rng.choice(WORDS, rng.integers(1, 4)))
+            messages = [{"role": "system", "content": "a b"}, {"role": "user", "content": words}]
+            # every fourth line in TRL's conversational form: the messages under "prompt"
+            f.write(json.dumps({"prompt" if i % 4 == 3 else "messages": messages, "answer": words.upper()}) + "\n")
     (root / "rewards.py").write_text(f"LOG = {str(root / 'calls.jsonl')!r}\n" + REWARD_FUNCTIONS)
     return root
 
@@ -901,7 +909,7 @@ def test_reward_functions_only_trl_signature_weights_and_prompt_fields(qwen_mode
         assert len(call["prompts"]) == len(call["completions"]) == len(call["completion_ids"]) == len(call["answer"]) == 4
         assert call["answer"] == [p.upper() for p in call["prompts"]]  # the fields travel with their prompts
         for text, ids in zip(call["completions"], call["completion_ids"]):
-            assert ids and max(ids) < 40 and len(ids) <= 6
+            assert ids and max(ids) < 320 and len(ids) <= 6
             assert text == tokenizer.decode([t for t in ids if t < len(tokenizer)], skip_special_tokens=True)
 
     def weighted(call):
@@ -929,6 +937,51 @@ def test_reward_functions_add_to_the_reward_model(real_models, tmp_path):
     (_, a), (_, b) = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "added")
     for key, i in (("eval/scores", 0), ("objective/scores", 1)):
         assert b[i][key] == pytest.approx(a[i][key] + 10.0, abs=1e-5)
+
+
+def test_chat_prompts_go_through_the_chat_template(qwen_models, tmp_path):
+    """"messages" prompts become the chat template's text ending with the assistant's turn; reward functions get
+    them in TRL's conversational form (messages in, [{"role": "assistant", "content": ...}] out)."""
+    log = qwen_models / "calls.jsonl"
+    log.unlink(missing_ok=True)
+    flags = qwen_flags(qwen_models, tmp_path, "--reward-fn", f"{qwen_models / 'rewards.py'}:length", "--total-episodes", "8")
+    flags[flags.index("--prompts") + 1] = str(qwen_models / "chat_prompts.jsonl")
+    proc = run_script(flags)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first_eval_line = next(line for line in proc.stdout.splitlines() if line.startswith("iteration 0/"))
+    query = first_eval_line.split(" | ")[-1].split(" -> ")[0]
+    assert query.startswith("'system: a b user: ") and query.endswith(" assistant: '"), query
+    for call in (json.loads(line) for line in open(log)):
+        for messages, completion, answer in zip(call["prompts"], call["completions"], call["answer"]):
+            assert [m["role"] for m in messages] == ["system", "user"] and messages[1]["content"].upper() == answer
+            assert len(completion) == 1 and completion[0]["role"] == "assistant" and isinstance(completion[0]["content"], str)
+
+
+CHAT_ERRORS = {
+    "bad_role": ({"messages": [{"role": "bot", "content": "a"}]}, "message 0 has role 'bot'"),
+    "no_content": ({"messages": [{"role": "user"}]}, "message 0 is not a dict with a string"),
+    "empty": ({"messages": []}, "not a non-empty list"),
+    "both": ({"prompt": "a", "messages": [{"role": "user", "content": "a"}]}, "needs either"),
+    "no_template": ({"messages": [{"role": "user", "content": "a"}]}, "has no chat template"),
+}
+
+
+@pytest.mark.parametrize("case", list(CHAT_ERRORS))
+def test_chat_prompt_mistakes_are_one_line_errors(qwen_models, real_models, tmp_path, capsys, case):
+    import tyro
+
+    record, message = CHAT_ERRORS[case]
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({"prompt": "a b"}) + "\n" + json.dumps(record) + "\n")
+    flags = qwen_flags(qwen_models, tmp_path / "runs", "--reward-fn", f"{qwen_models / 'rewards.py'}:constant")
+    flags[flags.index("--prompts") + 1] = str(tmp_path / "prompts.jsonl")
+    if case == "no_template":  # the GPT-2 policy's tokenizer has none
+        flags[flags.index("--model-name-or-path") + 1] = str(real_models / "policy")
+    with pytest.raises(SystemExit) as exit_info:
+        P.train(tyro.cli(P.Args, args=flags))
+    err = capsys.readouterr().err
+    assert_one_line_error(exit_info.value.code, err, "--prompts")
+    assert message in err and (case == "no_template" or "line 2" in err)
+    assert not (tmp_path / "runs").exists()
 
 
 REWARD_FN_ERRORS = {
