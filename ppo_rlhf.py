@@ -54,8 +54,8 @@ class Args:
     model_name_or_path: Optional[str] = None
     """policy and reference: an AutoModelForCausalLM directory or hub name; None runs the built-in task"""
     reward_model_path: Optional[str] = None
-    """reward model: an AutoModelForSequenceClassification with one label, sharing the policy's tokenizer;
-    optional with --reward-fn"""
+    """reward model: an AutoModelForSequenceClassification with one label; optional with --reward-fn. With a
+    tokenizer of its own it reads the decoded text (through its chat template when it has one)"""
     reward_fn: Annotated[tuple[str, ...], tyro.conf.UseAppendAction] = ()
     """a reward function FILE.py:NAME, called as NAME(prompts, completions, completion_ids, **fields) -> list of
     floats (TRL's GRPO signature; fields: the prompt line's other fields); None scores 0. Repeat for several:
@@ -288,18 +288,21 @@ class Reward:
     decoded text (below the fence: their loading, calling and checking). The scores add up."""
 
     model: Optional[nn.Module]
+    tokenizer: Optional[transformers.PreTrainedTokenizerBase]  # the reward model's own; None: it reads the policy's tokens
     functions: list[RewardFunction]
 
 
 @torch.no_grad()
 def score_responses(reward: Reward, queries: Tensor, responses: Tensor, records: list[dict], task: Task) -> Tensor:
     """Scores [B] of the responses to the queries (whose prompt lines are `records`), before the missing-EOS
-    penalty."""
+    penalty. A reward model that shares the policy's tokenizer reads its tokens; nothing is decoded then."""
     scores = torch.zeros(len(queries), device=queries.device)
-    if reward.model is not None:
+    if reward.model is not None and reward.tokenizer is None:
         scores += sequence_scores(reward.model, torch.cat([queries, responses], 1), task.pad_id, queries.size(1))
-    if reward.functions:
+    if reward.tokenizer is not None or reward.functions:
         episodes = decode_episodes(records, responses, task)
+        if reward.tokenizer is not None:
+            scores += retokenized_scores(reward.model, reward.tokenizer, episodes, task)
         for function in reward.functions:
             scores += function.weight * torch.tensor(call_reward_function(function, episodes), device=scores.device)
     return scores
@@ -364,10 +367,11 @@ def load_models(task: Task, args: Args, device: torch.device) -> tuple[nn.Module
     reward_model = None
     if task.reward_path is not None:
         reward_model = scorer(task.reward_path, task.reward_config, "--reward-model-path").to(device).eval()
-        check_scorer(task, reward_model, "--reward-model-path")
+        if task.reward_tokenizer is None:
+            check_scorer(task, reward_model, "--reward-model-path", policy)
         reward_model.requires_grad_(False)
     value_model = scorer(*task.value_source).to(device)
-    check_scorer(task, value_model, task.value_source[2])
+    check_scorer(task, value_model, task.value_source[2], policy)
     if task.value_source[2] == "--model-name-or-path":  # a new head: values start at 0 (OpenAI's 2019 code)
         for p in value_model.score.parameters():
             nn.init.zeros_(p)
@@ -375,7 +379,7 @@ def load_models(task: Task, args: Args, device: torch.device) -> tuple[nn.Module
     if args.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
         value_model.gradient_checkpointing_enable()
-    return policy, ref_policy, Reward(reward_model, task.reward_functions), value_model
+    return policy, ref_policy, Reward(reward_model, task.reward_tokenizer, task.reward_functions), value_model
 
 
 def disable_dropout(model: nn.Module) -> nn.Module:
@@ -685,7 +689,8 @@ def describe(
         f"(processes); {num_iterations} iterations = {num_iterations * batch_size} episodes; {args.update_epochs} PPO epochs; "
         f"no-grad passes in chunks of {args.local_rollout_forward_batch_size}; device {device}"
     )
-    rewards = ([f"reward model {task.reward_path}"] if task.reward_path else [])
+    reads = "the policy's tokens" if task.reward_tokenizer is None else "the decoded text in its own tokens"
+    rewards = [f"reward model {task.reward_path} (reads {reads})"] if task.reward_path else []
     rewards += [f"{f.name} x {f.weight:g}" for f in task.reward_functions]
     values = {
         "--value-model-path": task.value_source[0], "--reward-model-path": "a copy of the reward model",
@@ -1040,6 +1045,7 @@ class Task:
     reward_path: Optional[str]  # None: reward functions only
     policy_config: transformers.PretrainedConfig
     reward_config: Optional[transformers.PretrainedConfig]
+    reward_tokenizer: Optional[transformers.PreTrainedTokenizerBase]  # the reward model's own, when it reads text
     value_source: tuple  # (path, config, flag) the value model is loaded from
     tokenizer: transformers.PreTrainedTokenizerBase
     pad_id: int
@@ -1080,20 +1086,21 @@ def load_task(args: Args, rank: int, distributed: bool) -> Task:
         name = os.path.basename(os.path.normpath(args.model_name_or_path))
     policy_config = load_config(policy_path, "--model-name-or-path")
     reward_config = None if reward_path is None else load_config(reward_path, "--reward-model-path", num_labels=1)
-    if args.value_model_path is not None:
-        value_source = (args.value_model_path, load_config(args.value_model_path, "--value-model-path", num_labels=1), "--value-model-path")
-    elif reward_path is not None:
-        value_source = (reward_path, reward_config, "--reward-model-path")
-    else:
-        value_config = load_config(policy_path, "--model-name-or-path")
-        value_config.num_labels = 1
-        value_source = (policy_path, value_config, "--model-name-or-path")
     try:
         tokenizer = AutoTokenizer.from_pretrained(policy_path, padding_side="left", truncation_side="left")
     except (OSError, ValueError) as e:
         fail(f"--model-name-or-path: cannot load a tokenizer from {policy_path} ({str(e).splitlines()[0]})")
     if tokenizer.eos_token_id is None:
         fail(f"--model-name-or-path: the tokenizer of {policy_path} has no EOS token; set one and save it again")
+    reward_tokenizer = None if reward_path is None else reward_model_tokenizer(reward_path, reward_config, tokenizer, policy_config)
+    if args.value_model_path is not None:
+        value_source = (args.value_model_path, load_config(args.value_model_path, "--value-model-path", num_labels=1), "--value-model-path")
+    elif reward_path is not None and reward_tokenizer is None:
+        value_source = (reward_path, reward_config, "--reward-model-path")
+    else:  # the value model reads the policy's tokens: a reward model that reads text cannot be it
+        value_config = load_config(policy_path, "--model-name-or-path")
+        value_config.num_labels = 1
+        value_source = (policy_path, value_config, "--model-name-or-path")
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         # Padding must differ from EOS, or a real EOS would be masked out. The new id may lie outside the
         # embedding table; model_inputs never looks it up.
@@ -1113,24 +1120,26 @@ def load_task(args: Args, rank: int, distributed: bool) -> Task:
     if min(len(q) for q in train_queries + eval_queries) == 0:
         fail("--prompts: a prompt tokenises to no tokens; remove empty prompts")
     longest = max(len(q) for q in train_queries + eval_queries)
-    for config, flag in ((policy_config, "--model-name-or-path"), (reward_config, "--reward-model-path"), value_source[1:]):
+    scorers = [(reward_config, "--reward-model-path")] if reward_tokenizer is None else []
+    for config, flag in [(policy_config, "--model-name-or-path"), *scorers, value_source[1:]]:
         size = None if config is None else context_size(config)
         if size is not None and longest + args.response_length > size:
             fail(f"--response-length: {longest} prompt tokens + {args.response_length} response tokens exceed the {size}-token context of {flag}; lower --response-length or --max-prompt-length")
     return Task(
-        policy_path, reward_path, policy_config, reward_config, value_source, tokenizer, tokenizer.pad_token_id,
+        policy_path, reward_path, policy_config, reward_config, reward_tokenizer, value_source, tokenizer, tokenizer.pad_token_id,
         tokenizer.eos_token_id, train_queries, eval_queries, train_records, eval_records, reward_functions, name,
         builtin, language,
     )  # fmt: skip
 
 
-def check_scorer(task: Task, model: nn.Module, flag: str) -> None:
-    """A reward or value model reads the policy's tokens through a scalar `score` head on a backbone."""
+def check_scorer(task: Task, model: nn.Module, flag: str, policy: nn.Module) -> None:
+    """A reward or value model that reads the policy's tokens: a scalar `score` head on a backbone, and an embedding
+    with a row for every token the policy can sample."""
     if not hasattr(model, "score") or not hasattr(model, model.base_model_prefix):
         fail(f"{flag}: {type(model).__name__} has no `score` head on a backbone; pass a decoder model for sequence classification")
-    embeddings = model.get_input_embeddings().num_embeddings
-    if max(max(q) for q in task.train_queries + task.eval_queries) >= embeddings:
-        fail(f"{flag}: its vocabulary ({embeddings}) is smaller than the policy tokenizer's; it must share the policy's tokenizer")
+    rows, policy_rows = model.get_input_embeddings().num_embeddings, policy.get_input_embeddings().num_embeddings
+    if max(max(q) for q in task.train_queries + task.eval_queries) >= rows or rows < policy_rows:
+        fail(f"{flag}: its embedding has {rows} rows, the policy's {policy_rows}; it must read the policy's tokens (share its tokenizer and embedding size)")
 
 
 def read_prompts(source: str, flag: str) -> list[dict]:
@@ -1336,6 +1345,53 @@ def decode(tokenizer, sequences: list[list[int]], skip_special_tokens: bool = Fa
     larger than its tokenizer, and a policy can sample the padded rows."""
     known = len(tokenizer)
     return tokenizer.batch_decode([[t for t in s if 0 <= t < known] for s in sequences], skip_special_tokens=skip_special_tokens)
+
+
+# A reward model with a tokenizer of its own reads the decoded text, re-tokenised (through its chat template when
+# it has one); one that reads the policy's token ids the same way keeps the token path.
+
+
+def reward_model_tokenizer(path: str, config, policy_tokenizer, policy_config) -> Optional[transformers.PreTrainedTokenizerBase]:
+    """The reward model's tokenizer when it must read text: its vocabulary gives some of the policy's tokens other
+    ids, or its embedding is smaller than the policy's (whose extra rows a policy can sample). None when it reads
+    the policy's tokens: it shares the tokenizer, or has none saved with it."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, truncation_side="left")
+    except (OSError, ValueError, TypeError):  # no tokenizer files beside the model
+        tokenizer = None
+    if tokenizer is not None:
+        vocab = tokenizer.get_vocab()
+        if any(vocab.get(token) != i for token, i in policy_tokenizer.get_vocab().items()):
+            return tokenizer
+    if getattr(config, "vocab_size", None) and getattr(policy_config, "vocab_size", None) and config.vocab_size < policy_config.vocab_size:
+        return tokenizer or policy_tokenizer
+    return None
+
+
+def retokenized_scores(model: nn.Module, tokenizer, episodes: Episodes, task: Task) -> Tensor:
+    """The reward model's scores of the decoded episodes in its own tokens, read at the last one."""
+    texts = [
+        reward_model_text(tokenizer, prompt, completion, task.eos_id in ids, task.tokenizer)
+        for prompt, completion, ids in zip(episodes.prompts, episodes.completions, episodes.completion_ids)
+    ]
+    size = context_size(model.config)
+    ids = tokenizer(texts, add_special_tokens=tokenizer.chat_template is None, truncation=size is not None, max_length=size)["input_ids"]
+    return token_scores(model, left_pad(ids, -1, next(model.parameters()).device), -1)[:, -1]  # -1: never a token
+
+
+def reward_model_text(tokenizer, prompt, completion, ended: bool, policy_tokenizer) -> str:
+    """Prompt and completion as the reward model reads them: its chat template's conversation, or the prompt's text
+    followed by the completion's (and its EOS when the response ended with one)."""
+    text = completion[0]["content"] if isinstance(completion, list) else completion
+    if tokenizer.chat_template is not None:
+        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        try:
+            return tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": text}], tokenize=False)
+        except Exception as e:  # the template's own checks
+            fail(f"--reward-model-path: its chat template refuses a conversation ({exception_line(e)})")
+    if isinstance(prompt, list):
+        prompt = policy_tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    return prompt + text + (tokenizer.eos_token if ended and tokenizer.eos_token else "")
 
 
 # Flat parameters: on small models a call per tensor costs more than the arithmetic, so the policy's and the

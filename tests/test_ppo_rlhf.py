@@ -984,6 +984,100 @@ def test_chat_prompt_mistakes_are_one_line_errors(qwen_models, real_models, tmp_
     assert not (tmp_path / "runs").exists()
 
 
+RM_TEMPLATE = "{% for m in messages %}<|sep|>{{ m['role'] }}: {{ m['content'] }}{% endfor %}<|endoftext|>"
+
+
+@pytest.fixture(scope="session")
+def other_reward_models(tmp_path_factory, qwen_models):
+    """Reward models for the Qwen2 policy: a GPT-2 with a byte-level GPT-2 tokenizer whose ids differ (three
+    special tokens first), with and without a chat template; a Llama with the policy's own tokenizer but an
+    embedding smaller than the policy's."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
+
+    root = tmp_path_factory.mktemp("other_rms")
+    for name, template in (("gpt2_rm", None), ("gpt2_rm_chat", RM_TEMPLATE)):
+        tokenizer = byte_tokenizer("GPT2Tokenizer", specials=["<|pad|>", "<|endoftext|>", "<|sep|>"])
+        tokenizer.add_special_tokens({"eos_token": "<|endoftext|>", "additional_special_tokens": ["<|sep|>"]})
+        tokenizer.chat_template = template
+        torch.manual_seed(2)
+        config = GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=16, n_layer=2, n_head=2, num_labels=1)
+        GPT2ForSequenceClassification(config).save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    tiny_llama_rm(vocab=258).save_pretrained(root / "small_rm")
+    AutoTokenizer.from_pretrained(qwen_models / "policy").save_pretrained(root / "small_rm")
+    return root
+
+
+@pytest.mark.parametrize("rm", ["gpt2_rm", "gpt2_rm_chat", "small_rm"])
+def test_reward_model_with_its_own_tokenizer_reads_the_decoded_text(qwen_models, other_reward_models, tmp_path, rm):
+    """A reward model whose vocabulary differs from the Qwen2 policy's (or whose embedding is smaller than the
+    policy's, which samples ids beyond it) scores the decoded text re-tokenised for it, through its chat template
+    when it has one: the first evaluation's score equals the reward model's own forward on that text, one
+    conversation at a time. The value model is then the policy's weights with a new head."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    log = qwen_models / "calls.jsonl"
+    log.unlink(missing_ok=True)
+    flags = qwen_flags(qwen_models, tmp_path, "--reward-model-path", str(other_reward_models / rm), "--reward-fn", f"{qwen_models / 'rewards.py'}:length", "--missing-eos-penalty", "0", "--total-episodes", "8")
+    proc = run_script(flags)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "(reads the decoded text in its own tokens)" in proc.stdout
+    assert "value model: the policy's weights with a new scalar head" in proc.stdout
+    model = AutoModelForSequenceClassification.from_pretrained(other_reward_models / rm).eval()
+    tokenizer = AutoTokenizer.from_pretrained(other_reward_models / rm)
+    calls = [json.loads(line) for line in open(log)]
+    expected = []
+    for call in calls[:2]:  # the evaluation at episode 0
+        for prompt, completion, ids in zip(call["prompts"], call["completions"], call["completion_ids"]):
+            if rm == "gpt2_rm_chat":
+                text = f"<|sep|>user: {prompt}<|sep|>assistant: {completion}<|endoftext|>"
+            elif rm == "small_rm":  # the policy's tokenizer, chat template included
+                text = f"user: {prompt} assistant: {completion} "
+            else:
+                text = prompt + completion + (tokenizer.eos_token if 256 in ids else "")  # 256: the policy's EOS
+            with torch.no_grad():
+                score = model(input_ids=torch.tensor([tokenizer(text)["input_ids"]])).logits[0, 0].item()
+            expected.append(score + len(ids) / 10)
+    _, metrics = read_metrics(tmp_path)
+    assert metrics[0]["eval/scores"] == pytest.approx(np.mean(expected), abs=1e-5)
+    if rm == "small_rm":  # the policy did sample ids its tokenizer and the reward model do not know
+        assert any(max(ids) >= 258 for call in calls for ids in call["completion_ids"])
+
+
+def test_value_model_path(qwen_models, other_reward_models, tmp_path, capsys):
+    """--value-model-path loads the value model from a sequence-classification checkpoint that reads the policy's
+    tokens; one whose embedding is smaller than the policy's is a one-line error."""
+    import tyro
+    from transformers import Qwen2Config, Qwen2ForSequenceClassification
+
+    torch.manual_seed(3)
+    config = Qwen2Config(vocab_size=320, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, num_labels=1)
+    Qwen2ForSequenceClassification(config).save_pretrained(tmp_path / "value")
+    rewards = f"{qwen_models / 'rewards.py'}:constant"
+    proc = run_script(qwen_flags(qwen_models, tmp_path / "runs", "--reward-fn", rewards, "--value-model-path", str(tmp_path / "value"), "--total-episodes", "8"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"value model: {tmp_path / 'value'}" in proc.stdout
+    run_dir, _ = read_metrics(tmp_path / "runs")
+    ckpt = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
+    assert ckpt["value_model"]["score.weight"].shape == (1, 8)  # the value checkpoint's width, not the policy's 16
+    args = tyro.cli(P.Args, args=qwen_flags(qwen_models, tmp_path / "bad", "--reward-fn", rewards, "--value-model-path", str(other_reward_models / "small_rm")))
+    capsys.readouterr()  # save_pretrained's progress bar
+    with pytest.raises(SystemExit) as exit_info:
+        P.train(args)
+    assert_one_line_error(exit_info.value.code, capsys.readouterr().err, "--value-model-path")
+
+
+def test_a_reward_model_sharing_the_tokenizer_reads_tokens_without_decoding(monkeypatch):
+    """The token path: nothing is decoded, the score is sequence_scores on the policy's ids."""
+    monkeypatch.setattr(P, "decode", lambda *a, **k: pytest.fail("decoded"))
+    rm = tiny_llama_rm()
+    queries = torch.tensor([[22, 5, 6], [7, 8, 9]])
+    responses = torch.tensor([[3, 1, 22], [4, 5, 1]])
+    task = P.Task(*[None] * 7, pad_id=22, eos_id=1, train_queries=[], eval_queries=[], train_records=[], eval_records=[], reward_functions=[], name="t")
+    scores = P.score_responses(P.Reward(rm, None, []), queries, responses, [{}, {}], task)
+    torch.testing.assert_close(scores, P.sequence_scores(rm, torch.cat([queries, responses], 1), 22, 3))
+
+
 REWARD_FN_ERRORS = {
     "missing_file": ("missing.py:length", "does not exist"),
     "no_colon": ("rewards.py", "expected FILE.py:NAME"),
