@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import torch.utils.checkpoint
 import transformers
 import tyro
 from torch import Tensor, nn
@@ -229,13 +230,24 @@ def model_inputs(query_responses: Tensor, pad_id: int) -> dict[str, Tensor]:
     )
 
 
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Entropy of softmax(logits) along the last dimension (no gradient: it is only logged)."""
+    with torch.no_grad():
+        return torch.logsumexp(logits, -1) - (logits.softmax(-1) * logits).sum(-1)
+
+
 def lm_response_logprobs(
     model: nn.Module, query_responses: Tensor, pad_id: int, context_length: int, temperature: float
 ) -> tuple[Tensor, Tensor]:
-    """Log-probs of the response tokens and the per-token logits (divided by the temperature)."""
+    """Log-probs of the response tokens and the entropies of their distributions, under the logits divided by the
+    temperature. When those fp32 logits would be large (150k-token vocabularies) they are computed from the
+    final hidden states a chunk of positions at a time and never held whole (below the fence)."""
     inputs = model_inputs(query_responses, pad_id)
+    tokens = inputs["input_ids"][:, context_length:]
+    if large_logits(query_responses.numel(), vocab_rows(model)) and getattr(model, "logits_from_hidden", False):
+        return chunked_response_logprobs(model, inputs, tokens, context_length, temperature)
     logits = model(**inputs, use_cache=False).logits[:, context_length - 1 : -1].float() / temperature
-    return logprobs_from_logits(logits, inputs["input_ids"][:, context_length:]), logits
+    return logprobs_from_logits(logits, tokens), entropy_from_logits(logits)
 
 
 def token_scores(model: nn.Module, query_responses: Tensor, pad_id: int) -> Tensor:
@@ -254,31 +266,34 @@ def sequence_scores(model: nn.Module, query_responses: Tensor, pad_id: int, cont
 
 
 def sampling_config(
-    response_length: int, temperature: float, eos_id: int, pad_id: int, vocab_size: int
+    response_length: int, temperature: float, eos_id: int, pad_id: int, vocab_size: int, output_logits: bool = True
 ) -> GenerationConfig:
-    """Pure sampling at `temperature` (no top-k/top-p), stopping at EOS, with logits returned."""
+    """Pure sampling at `temperature` (no top-k/top-p), stopping at EOS, with logits returned unless
+    output_logits=False (a large vocabulary: the log-probs then come from a forward pass)."""
     return GenerationConfig(
         max_new_tokens=response_length, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
         eos_token_id=eos_id, pad_token_id=eos_id,  # finished rows are filled with EOS, then made padding
         suppress_tokens=[pad_id] if pad_id < vocab_size else None,  # a sampled pad would end the response
-        output_logits=True, return_dict_in_generate=True,
+        output_logits=output_logits, return_dict_in_generate=True,
     )  # fmt: skip
 
 
 @torch.no_grad()
 def generate(
     policy: nn.Module, queries: Tensor, pad_id: int, gen_config: GenerationConfig, response_length: int
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Optional[Tensor]]:
     """Sample responses with the KV cache. Returns (responses right-padded to response_length,
-    their log-probs taken from the generation pass itself, which saves a forward)."""
+    their log-probs taken from the generation pass itself, which saves a forward; None without its logits)."""
     inputs = model_inputs(queries, pad_id)
     out = policy.generate(
         input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], generation_config=gen_config
     )
     responses = out.sequences[:, queries.size(1) :]
+    missing = response_length - responses.size(1)
+    if out.logits is None:
+        return F.pad(responses, (0, missing), value=pad_id), None
     logits = torch.stack(out.logits, 1).float() / gen_config.temperature
     logprobs = logprobs_from_logits(logits, responses)
-    missing = response_length - responses.size(1)
     return F.pad(responses, (0, missing), value=pad_id), F.pad(logprobs, (0, missing), value=0.0)
 
 
@@ -339,6 +354,8 @@ def rollout(
             response, logprob = generate(policy, query, pad_id, gen_config, args.response_length)
             response = truncate_after_eos(response, task.eos_id, pad_id)
             query_response = torch.cat([query, response], 1)
+            if logprob is None:  # no logits kept while sampling (a large vocabulary)
+                logprob = lm_response_logprobs(policy, query_response, pad_id, context_length, args.temperature)[0]
             ref_logprob = lm_response_logprobs(ref_policy, query_response, pad_id, context_length, args.temperature)[0]
             score = score_responses(reward, query, response, records[i : i + n], task)
             score = apply_missing_eos_penalty(score, response, task.eos_id, args.missing_eos_penalty)
@@ -376,6 +393,7 @@ def load_models(task: Task, args: Args, device: torch.device) -> tuple[nn.Module
         for p in value_model.score.parameters():
             nn.init.zeros_(p)
     ref_policy.requires_grad_(False)
+    check_logits_from_hidden(policy, ref_policy)
     if args.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
         value_model.gradient_checkpointing_enable()
@@ -486,7 +504,7 @@ def ppo_update(
                 idx = perm[(mb * accumulation + acc) * micro : (mb * accumulation + acc + 1) * micro]
                 mask, mb_advantages, query_responses = data.mask[idx], advantages[idx], data.query_responses[idx]
                 with torch.autocast(advantages.device.type, dtype=torch.bfloat16, enabled=args.bf16):
-                    new_logprobs, logits = lm_response_logprobs(policy, query_responses, pad_id, ctx, args.temperature)
+                    new_logprobs, token_entropy = lm_response_logprobs(policy, query_responses, pad_id, ctx, args.temperature)
                     new_values = token_scores(value_model, query_responses, pad_id)[:, ctx - 1 : -1]
                 logratio = new_logprobs - data.logprobs[idx]
                 ratio = torch.exp(logratio)
@@ -500,7 +518,7 @@ def ppo_update(
                     pg_clipfrac = masked_mean((pg_losses > -mb_advantages * ratio).float(), mask)
                     v_clipfrac = masked_mean((v_losses > 0.5 * (new_values - returns[idx]) ** 2).float(), mask)
                     approx_kl = masked_mean((ratio - 1) - logratio, mask)  # k3, as CleanRL logs it
-                    entropy = masked_mean(torch.logsumexp(logits, -1) - (logits.softmax(-1) * logits).sum(-1), mask)
+                    entropy = masked_mean(token_entropy, mask)
                     ratio_mean = masked_mean(ratio, mask)
                     step_stats = [approx_kl, pg_clipfrac, pg_loss, v_loss, v_clipfrac, entropy, ratio_mean]
                     stats[:, epoch, mb, acc] = torch.stack(step_stats)
@@ -534,13 +552,14 @@ def train(args: Args) -> None:
     task = load_task(args, rank, distributed)  # the built-in task is built once, by rank 0, into its cache
     policy, ref_policy, reward, value_model = load_models(task, args, device)
     vocab_size = policy.get_input_embeddings().num_embeddings
-    gen_config = sampling_config(args.response_length, args.temperature, task.eos_id, task.pad_id, vocab_size)
+    keep_logits = not large_logits(args.local_rollout_forward_batch_size * args.response_length, vocab_rows(policy))
+    gen_config = sampling_config(args.response_length, args.temperature, task.eos_id, task.pad_id, vocab_size, keep_logits)
     # One optimizer over policy and value model: one loss, one clip of the global gradient norm.
     flat = FlatParameters([p for m in (policy, value_model) for p in m.parameters() if p.requires_grad])
     optimizer = torch.optim.Adam([flat.param], lr=args.learning_rate, eps=1e-5, fused=device.type in ("cpu", "cuda"))
     state = LoopState(kl_coef=args.kl_coef)
     run = Run(args, ckpt, task, rank)
-    describe(run, args, task, f"{device} ({device_reason}), {torch.get_num_threads()} torch thread(s)", world_size, num_iterations, batch_size)
+    describe(run, args, task, f"{device} ({device_reason}), {torch.get_num_threads()} torch thread(s)", world_size, num_iterations, batch_size, gen_config)
     # Seeded after the built-in task (which seeds itself), so a cached and a freshly built task give the same run.
     seed_everything(args.seed + rank)
     if ckpt is not None:
@@ -678,7 +697,8 @@ class Run:
 
 
 def describe(
-    run: Run, args: Args, task: Task, device: str, world_size: int, num_iterations: int, batch_size: int
+    run: Run, args: Args, task: Task, device: str, world_size: int, num_iterations: int, batch_size: int,
+    gen_config: GenerationConfig,
 ) -> None:
     """The batch arithmetic, the reward and the value model, printed by rank 0 at the start."""
     if not run.rank0:
@@ -697,6 +717,8 @@ def describe(
         "--model-name-or-path": "the policy's weights with a new scalar head",
     }  # fmt: skip
     print(f"reward: {' + '.join(rewards)}; value model: {values[task.value_source[2]]}")
+    if not gen_config.output_logits:
+        print("note: a large vocabulary: sampling keeps no logits (the rollout's log-probs come from a forward pass), and log-probs and entropies are computed from the hidden states a chunk of positions at a time")
     if num_iterations * batch_size != args.total_episodes:
         trained = num_iterations * batch_size
         print(f"note: --total-episodes {args.total_episodes} is not a whole number of iterations; training {trained} episodes")
@@ -1392,6 +1414,68 @@ def reward_model_text(tokenizer, prompt, completion, ended: bool, policy_tokeniz
     if isinstance(prompt, list):
         prompt = policy_tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
     return prompt + text + (tokenizer.eos_token if ended and tokenizer.eos_token else "")
+
+
+# Large vocabularies: fp32 logits of a whole batch (batch x positions x 151,936 for Qwen2.5) would be the memory
+# peak, so above LOGITS_CHUNK_BYTES they are computed from the final hidden states a chunk of positions at a time,
+# recomputed in the backward pass rather than kept, and sampling keeps no logits.
+
+LOGITS_CHUNK_BYTES = 2**26
+
+
+def vocab_rows(model: nn.Module) -> int:
+    return model.get_output_embeddings().weight.size(0)
+
+
+def large_logits(positions: int, vocab: int) -> bool:
+    return positions * vocab * 4 > LOGITS_CHUNK_BYTES
+
+
+def lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The backbone and the output layer of a causal LM (under LoRA, of the model peft wraps)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base, base.base_model_prefix), base.get_output_embeddings()
+
+
+@torch.no_grad()
+def check_logits_from_hidden(*models: nn.Module) -> None:
+    """Marks each model whose logits are its output layer applied to its backbone's last hidden state, checked on a
+    few tokens, so that chunked_response_logprobs reproduces them; a model that post-processes its logits (e.g.
+    Gemma's soft-capping) keeps the full logits, with a note when they are large."""
+    for model in models:
+        backbone, head = lm_parts(model)
+        ids = torch.arange(8, device=head.weight.device)[None] % vocab_rows(model)
+        plain = model(input_ids=ids, use_cache=False).logits.float()
+        from_hidden = head(backbone(input_ids=ids, use_cache=False).last_hidden_state).float()
+        model.logits_from_hidden = torch.allclose(plain, from_hidden, rtol=1e-4, atol=1e-5)
+        if not model.logits_from_hidden:
+            print(f"note: {type(model).__name__}'s logits are not its output layer on its last hidden state; log-probs use its full logits (more memory)")
+
+
+def chunked_response_logprobs(
+    model: nn.Module, inputs: dict, tokens: Tensor, context_length: int, temperature: float
+) -> tuple[Tensor, Tensor]:
+    """lm_response_logprobs from the backbone's hidden states, the output layer applied to LOGITS_CHUNK_BYTES of
+    logits at a time; under autograd each chunk's logits are recomputed in the backward pass instead of kept."""
+    backbone, head = lm_parts(model)
+    hidden = backbone(**inputs, use_cache=False).last_hidden_state[:, context_length - 1 : -1]
+    rows = max(1, LOGITS_CHUNK_BYTES // (4 * vocab_rows(model)))
+    flat_hidden, flat_tokens = hidden.reshape(-1, hidden.size(-1)), tokens.reshape(-1)
+    logprobs, entropies = [], []
+    for i in range(0, len(flat_tokens), rows):
+        h, t = flat_hidden[i : i + rows], flat_tokens[i : i + rows]
+        if torch.is_grad_enabled() and h.requires_grad:
+            lp, ent = torch.utils.checkpoint.checkpoint(head_logprobs, head, h, t, temperature, use_reentrant=False)
+        else:
+            lp, ent = head_logprobs(head, h, t, temperature)
+        logprobs.append(lp)
+        entropies.append(ent)
+    return torch.cat(logprobs).view_as(tokens), torch.cat(entropies).view_as(tokens)
+
+
+def head_logprobs(head: nn.Module, hidden: Tensor, tokens: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    logits = head(hidden).float() / temperature
+    return logprobs_from_logits(logits, tokens), entropy_from_logits(logits)
 
 
 # Flat parameters: on small models a call per tensor costs more than the arithmetic, so the policy's and the

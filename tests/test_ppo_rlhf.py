@@ -202,9 +202,111 @@ def test_logprobs_match_transformers_cross_entropy():
     assert (-logprobs.mean()).item() == pytest.approx(loss.item(), abs=1e-5)
     # With a temperature: the log-probs are those of softmax(logits / T).
     ctx = 4
-    lp, scaled = P.lm_response_logprobs(model, ids, pad_id=99, context_length=ctx, temperature=0.7)
+    lp, entropy = P.lm_response_logprobs(model, ids, pad_id=99, context_length=ctx, temperature=0.7)
     expected = -F.cross_entropy((logits[:, ctx - 1 : -1] / 0.7).reshape(-1, 22), ids[:, ctx:].reshape(-1), reduction="none")
     assert lp.reshape(-1).tolist() == pytest.approx(expected.tolist(), abs=1e-5)
+    p = torch.softmax(logits[:, ctx - 1 : -1] / 0.7, -1)
+    torch.testing.assert_close(entropy, -(p * p.log()).sum(-1))
+
+
+@pytest.mark.parametrize("model_fn", [lambda: tiny_gpt2(), lambda: tiny_qwen2(vocab=300)], ids=["gpt2", "qwen2"])
+def test_chunked_logprobs_equal_the_full_logits_ones_and_their_gradients(monkeypatch, model_fn):
+    """Above LOGITS_CHUNK_BYTES the log-probs, entropies and gradients come from chunks of positions (here 3 rows at
+    a time, across sequence boundaries, the last chunk shorter) and equal those of the full logits."""
+    ids = torch.randint(2, 22, (3, 9), generator=torch.Generator().manual_seed(0))
+    ids[0, :2] = 99  # left padding
+    results = []
+    for budget in (10**12, None):
+        model = model_fn()
+        P.check_logits_from_hidden(model)
+        assert model.logits_from_hidden
+        vocab = P.vocab_rows(model)
+        monkeypatch.setattr(P, "LOGITS_CHUNK_BYTES", budget or 3 * 4 * vocab)
+        called = []
+        monkeypatch.setattr(P, "chunked_response_logprobs", lambda *a, f=P.chunked_response_logprobs: called.append(1) or f(*a))
+        lp, entropy = P.lm_response_logprobs(model, ids, 99, 4, 0.7)
+        (lp.sum() * 2).backward()
+        assert bool(called) == (budget is None)
+        results.append((lp.detach(), entropy, [p.grad.clone() for p in model.parameters()]))
+        with torch.no_grad():
+            torch.testing.assert_close(P.lm_response_logprobs(model, ids, 99, 4, 0.7)[0], lp.detach())
+    (lp0, ent0, grads0), (lp1, ent1, grads1) = results
+    torch.testing.assert_close(lp1, lp0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent1, ent0, rtol=1e-5, atol=1e-5)
+    for g0, g1 in zip(grads0, grads1):
+        torch.testing.assert_close(g1, g0, rtol=1e-4, atol=1e-6)
+
+
+def test_rollout_and_update_with_a_large_vocabulary_match_the_full_logits(monkeypatch):
+    """With the logits over the budget, sampling keeps none and the rollout's log-probs come from a chunked forward
+    pass: the same samples, log-probs equal to the sampling pass's; one PPO update through the chunked path gives the
+    parameters the full logits give."""
+    from types import SimpleNamespace
+
+    PAD_ID, EOS = 299, 1
+    queries = torch.randint(2, 200, (8, 4), generator=torch.Generator().manual_seed(0))
+    queries[0, :2] = PAD_ID
+    task = SimpleNamespace(pad_id=PAD_ID, eos_id=EOS, tokenizer=None)
+    args = P.Args(response_length=5, local_rollout_forward_batch_size=4, **UPDATE_ARGS)
+    results = []
+    for budget in (10**12, 6 * 4 * 300):
+        monkeypatch.setattr(P, "LOGITS_CHUNK_BYTES", budget)
+        policy, ref_policy, value_model = tiny_qwen2(vocab=300), tiny_qwen2(vocab=300), tiny_llama_rm(vocab=300)
+        P.check_logits_from_hidden(policy, ref_policy)
+        keep_logits = not P.large_logits(args.local_rollout_forward_batch_size * args.response_length, 300)
+        assert keep_logits == (budget == 10**12)
+        gen_config = P.sampling_config(args.response_length, args.temperature, EOS, PAD_ID, 300, keep_logits)
+        torch.manual_seed(0)
+        data = P.rollout(policy, ref_policy, P.Reward(tiny_llama_rm(vocab=300), None, []), value_model, queries, [{}] * 8, gen_config, task, args)
+        results.append(data)
+        # one update on the first batch, each way
+        flat = P.FlatParameters([p for m in (policy, value_model) for p in m.parameters()])
+        optimizer = torch.optim.Adam([flat.param], lr=args.learning_rate, eps=1e-5)
+        first = results[0]
+        advantages = torch.where(first.mask, torch.randn(first.mask.shape, generator=torch.Generator().manual_seed(1)), 0.0)
+        torch.manual_seed(123)
+        P.ppo_update(args, policy, value_model, optimizer, flat, first, advantages, advantages * 0.5, PAD_ID)
+        results.append(policy)
+    (plain, plain_policy), (chunked, chunked_policy) = results[0:2], results[2:4]
+    assert torch.equal(plain.responses, chunked.responses) and plain.mask.any()
+    torch.testing.assert_close(chunked.logprobs, plain.logprobs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(chunked.ref_logprobs, plain.ref_logprobs)
+    torch.testing.assert_close(chunked.values, plain.values)
+    assert not torch.equal(plain_policy.model.embed_tokens.weight, tiny_qwen2(vocab=300).model.embed_tokens.weight)
+    for a, b in zip(plain_policy.parameters(), chunked_policy.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_a_whole_run_with_a_large_vocabulary(qwen_models, tmp_path, monkeypatch, capsys):
+    """Train in this process with the logits budget lowered so that every pass of the Qwen2 policy goes through
+    the chunked path; the policy samples ids beyond its tokenizer, which the sample table survives."""
+    import tyro
+
+    monkeypatch.setattr(P, "LOGITS_CHUNK_BYTES", 4 * 4 * 320)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        P.train(tyro.cli(P.Args, args=qwen_flags(qwen_models, tmp_path, "--reward-fn", f"{qwen_models / 'rewards.py'}:answered")))
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    out = capsys.readouterr().out
+    assert "note: a large vocabulary: sampling keeps no logits" in out and "done: " in out
+    _, metrics = read_metrics(tmp_path)
+    assert len([m for m in metrics if "objective/kl" in m]) == 2
+    assert all(np.isfinite(v) for m in metrics for v in m.values())
+
+
+def test_a_model_that_post_processes_its_logits_keeps_the_full_logits(capsys):
+    """Gemma2 soft-caps its logits: the chunked path cannot reproduce them, so the model is left on the plain path."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=8, final_logit_softcapping=0.5)
+    gemma, qwen = Gemma2ForCausalLM(config).eval(), tiny_qwen2(vocab=50)
+    P.check_logits_from_hidden(gemma, qwen)
+    assert not gemma.logits_from_hidden and qwen.logits_from_hidden
+    out = capsys.readouterr().out
+    assert out.count("note:") == 1 and "Gemma2ForCausalLM" in out
 
 
 def test_flat_parameters_train_like_separate_tensors_and_save_pretrained(tmp_path):
@@ -292,7 +394,9 @@ def naive_update(args, policy, value_model, data, advantages, returns, zero_grad
                 if zero_grad == "each_micro_batch":
                     optimizer.zero_grad()
                 rows = perm[(mb * A + acc) * args.per_device_train_batch_size :][: args.per_device_train_batch_size]
-                new_lp, logits = P.lm_response_logprobs(policy, data.query_responses[rows], PAD, ctx, args.temperature)
+                inputs = P.model_inputs(data.query_responses[rows], PAD)
+                logits = policy(**inputs).logits[:, ctx - 1 : -1] / args.temperature
+                new_lp = torch.gather(logits.log_softmax(-1), -1, inputs["input_ids"][:, ctx:, None]).squeeze(-1)
                 new_v = P.token_scores(value_model, data.query_responses[rows], PAD)[:, ctx - 1 : -1]
                 pg, vf, n = [], [], 0
                 s = {k: 0.0 for k in stats}
