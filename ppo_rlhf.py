@@ -13,6 +13,7 @@ Markov-chain language, an SFT model, a hidden gold reward and a reward model tra
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import inspect
@@ -25,6 +26,7 @@ import random
 import signal
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields
 from functools import partial
 from typing import Annotated, Callable, Literal, NoReturn, Optional
@@ -121,6 +123,14 @@ class Args:
     """sampling temperature; log-probs are computed from logits divided by it"""
     local_rollout_forward_batch_size: int = 64
     """chunk size of the no-grad passes (generation, reference, reward, value) on each process"""
+    lora_r: int = 0
+    """rank of LoRA adapters (peft) on the policy and the value model, whose head trains too; the reference is the
+    policy with its adapters disabled. 0 trains every weight"""
+    lora_alpha: float = 16.0
+    """LoRA scaling: the adapters' update is multiplied by lora_alpha / lora_r"""
+    lora_target_modules: Optional[tuple[str, ...]] = None
+    """names of the modules that get adapters, e.g. q_proj v_proj, or all-linear; None: peft's default for the
+    architecture"""
 
     # Run settings: where and how the run executes, what it writes, how it is evaluated.
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
@@ -356,7 +366,8 @@ def rollout(
             query_response = torch.cat([query, response], 1)
             if logprob is None:  # no logits kept while sampling (a large vocabulary)
                 logprob = lm_response_logprobs(policy, query_response, pad_id, context_length, args.temperature)[0]
-            ref_logprob = lm_response_logprobs(ref_policy, query_response, pad_id, context_length, args.temperature)[0]
+            with adapters_disabled(ref_policy):  # LoRA: the reference is the policy without its adapters
+                ref_logprob = lm_response_logprobs(ref_policy, query_response, pad_id, context_length, args.temperature)[0]
             score = score_responses(reward, query, response, records[i : i + n], task)
             score = apply_missing_eos_penalty(score, response, task.eos_id, args.missing_eos_penalty)
             value = token_scores(value_model, query_response, pad_id)[:, context_length - 1 : -1]
@@ -380,7 +391,8 @@ def load_models(task: Task, args: Args, device: torch.device) -> tuple[nn.Module
     Without a reward model it is the policy's weights with a new scalar head (or --value-model-path)."""
     causal_lm = partial(load_model, AutoModelForCausalLM, task.policy_path, task.policy_config, "--model-name-or-path")
     scorer = partial(load_model, AutoModelForSequenceClassification)
-    policy, ref_policy = causal_lm().to(device), causal_lm().to(device).eval()
+    policy = causal_lm().to(device)
+    ref_policy = None if args.lora_r else causal_lm().to(device).eval()
     reward_model = None
     if task.reward_path is not None:
         reward_model = scorer(task.reward_path, task.reward_config, "--reward-model-path").to(device).eval()
@@ -392,11 +404,15 @@ def load_models(task: Task, args: Args, device: torch.device) -> tuple[nn.Module
     if task.value_source[2] == "--model-name-or-path":  # a new head: values start at 0 (OpenAI's 2019 code)
         for p in value_model.score.parameters():
             nn.init.zeros_(p)
-    ref_policy.requires_grad_(False)
+    if args.gradient_checkpointing:  # not reentrant: under LoRA the checkpointed blocks' inputs need no gradient
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        value_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.lora_r:  # the reference is the policy itself, its adapters disabled (adapters_disabled)
+        policy, value_model = add_lora(policy, value_model, task, args)
+        ref_policy = policy
+    else:
+        ref_policy.requires_grad_(False)
     check_logits_from_hidden(policy, ref_policy)
-    if args.gradient_checkpointing:
-        policy.gradient_checkpointing_enable()
-        value_model.gradient_checkpointing_enable()
     return policy, ref_policy, Reward(reward_model, task.reward_tokenizer, task.reward_functions), value_model
 
 
@@ -559,7 +575,7 @@ def train(args: Args) -> None:
     optimizer = torch.optim.Adam([flat.param], lr=args.learning_rate, eps=1e-5, fused=device.type in ("cpu", "cuda"))
     state = LoopState(kl_coef=args.kl_coef)
     run = Run(args, ckpt, task, rank)
-    describe(run, args, task, f"{device} ({device_reason}), {torch.get_num_threads()} torch thread(s)", world_size, num_iterations, batch_size, gen_config)
+    describe(run, args, task, f"{device} ({device_reason}), {torch.get_num_threads()} torch thread(s)", world_size, num_iterations, batch_size, gen_config, flat)
     # Seeded after the built-in task (which seeds itself), so a cached and a freshly built task give the same run.
     seed_everything(args.seed + rank)
     if ckpt is not None:
@@ -698,7 +714,7 @@ class Run:
 
 def describe(
     run: Run, args: Args, task: Task, device: str, world_size: int, num_iterations: int, batch_size: int,
-    gen_config: GenerationConfig,
+    gen_config: GenerationConfig, flat: FlatParameters,
 ) -> None:
     """The batch arithmetic, the reward and the value model, printed by rank 0 at the start."""
     if not run.rank0:
@@ -717,6 +733,9 @@ def describe(
         "--model-name-or-path": "the policy's weights with a new scalar head",
     }  # fmt: skip
     print(f"reward: {' + '.join(rewards)}; value model: {values[task.value_source[2]]}")
+    if args.lora_r:
+        targets = " ".join(args.lora_target_modules) if args.lora_target_modules else "peft's default modules"
+        print(f"LoRA r={args.lora_r} alpha={args.lora_alpha:g} on {targets}: {flat.param.numel():,} parameters train (adapters of policy and value model, value head)")
     if not gen_config.output_logits:
         print("note: a large vocabulary: sampling keeps no logits (the rollout's log-probs come from a forward pass), and log-probs and entropies are computed from the hidden states a chunk of positions at a time")
     if num_iterations * batch_size != args.total_episodes:
@@ -749,10 +768,16 @@ def batch_metrics(
 
 
 def save_policy(run: Run, policy: nn.Module, tokenizer) -> None:
-    """The trained policy as an ordinary Hugging Face model (loads back with from_pretrained)."""
+    """The trained policy as an ordinary Hugging Face model (loads back with from_pretrained, without peft); under
+    LoRA also its adapter alone (adapter/, for peft's PeftModel.from_pretrained on the base model)."""
+    files = "policy/"
+    if is_lora(policy):
+        policy.save_pretrained(os.path.join(run.dir, "adapter"))
+        tokenizer.save_pretrained(os.path.join(run.dir, "adapter"))
+        policy, files = policy.merge_and_unload(), "policy/, adapter/"  # the run is over: merged in place
     policy.save_pretrained(os.path.join(run.dir, "policy"))
     tokenizer.save_pretrained(os.path.join(run.dir, "policy"))
-    print(f"done: {run.dir} (metrics.jsonl, args.json, checkpoint.pt, policy/)")
+    print(f"done: {run.dir} (metrics.jsonl, args.json, checkpoint.pt, {files})")
 
 
 # Checkpoints and resume. Everything but "resume_state" loads with weights_only=True; "resume_state" is the
@@ -793,7 +818,7 @@ def save_checkpoint(
     run.open()
     ckpt = dict(
         args=asdict(args), run_name=run.name, **asdict(state), wandb_id=run.wandb_id, metrics_offset=run.metrics.tell(),
-        policy=policy.state_dict(), value_model=value_model.state_dict(), optimizer=optimizer.state_dict(),
+        policy=trained_weights(policy), value_model=trained_weights(value_model), optimizer=optimizer.state_dict(),
         resume_state=pickle.dumps(ranks),
     )  # fmt: skip
     path = os.path.join(run.dir, "checkpoint.pt")
@@ -820,11 +845,28 @@ def load_resume(args: Args) -> tuple[Optional[dict], Args]:
     return ckpt | {"resume_state": ranks}, resumed
 
 
+def trained_weights(model: nn.Module) -> dict[str, Tensor]:
+    """What a checkpoint keeps of a model: every weight, or under LoRA what trains (the rest reloads from its path)."""
+    if not has_adapters(model):
+        return model.state_dict()
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trained_weights(model: nn.Module, weights: dict[str, Tensor]) -> None:
+    if not has_adapters(model):
+        model.load_state_dict(weights)
+        return
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected or trainable & set(missing):
+        raise KeyError("the checkpoint's LoRA weights do not fit")
+
+
 def restore(ckpt: dict, rank: int, device: torch.device, policy: nn.Module, value_model: nn.Module, optimizer) -> LoopState:
     """Weights, optimizer and this process's RNG states from a checkpoint; returns the loop's state."""
     try:
-        policy.load_state_dict(ckpt["policy"])
-        value_model.load_state_dict(ckpt["value_model"])
+        load_trained_weights(policy, ckpt["policy"])
+        load_trained_weights(value_model, ckpt["value_model"])
         optimizer.load_state_dict(ckpt["optimizer"])
     except (RuntimeError, ValueError, KeyError):
         fail("--resume: the model or optimizer state in the checkpoint does not fit these models; start a new run")
@@ -1006,7 +1048,7 @@ def check_args(args: Args, world_size: int, ckpt: Optional[dict], device: torch.
     at_least = dict(
         total_episodes=1, per_device_train_batch_size=1, gradient_accumulation_steps=1, num_minibatches=1,
         update_epochs=1, kl_horizon=1, response_length=1, max_prompt_length=1, local_rollout_forward_batch_size=1,
-        eval_every=1, eval_episodes=1, seed=0, num_threads=0, save_every=0, task_seed=0,
+        eval_every=1, eval_episodes=1, seed=0, num_threads=0, save_every=0, lora_r=0, task_seed=0,
         task_vocab_size=7,  # each word has 6 successors other than itself
         task_prompt_length=1, task_sft_sequences=128, task_preference_pairs=20,  # an SFT batch; a held-out tenth
     )  # fmt: skip
@@ -1017,9 +1059,16 @@ def check_args(args: Args, world_size: int, ckpt: Optional[dict], device: torch.
         fail(f"--seed and --task-seed must be below 2**31, got {args.seed} and {args.task_seed}")
     if args.task_prompt_length > 47:  # prompt + 16 response words + EOS in the SFT model's 64 positions
         fail(f"--task-prompt-length must be at most 47, got {args.task_prompt_length}")
-    for name in ("learning_rate", "clip_coef", "vf_clip_coef", "max_grad_norm", "target_kl", "temperature"):
+    for name in ("learning_rate", "clip_coef", "vf_clip_coef", "max_grad_norm", "target_kl", "temperature", "lora_alpha"):
         if not 0 < getattr(args, name) < math.inf:
             fail(f"{flag(name)} must be a positive number, got {getattr(args, name)}")
+    if args.lora_r:
+        try:
+            import peft  # noqa: F401
+        except ImportError:
+            fail("--lora-r needs peft (pip install peft); or --lora-r 0 to train every weight")
+    elif args.lora_target_modules is not None:
+        fail("--lora-target-modules needs --lora-r above 0")
     for name in ("vf_coef", "kl_coef", "missing_eos_penalty"):
         if not 0 <= getattr(args, name) < math.inf:
             fail(f"{flag(name)} must be a number >= 0, got {getattr(args, name)}")
@@ -1414,6 +1463,53 @@ def reward_model_text(tokenizer, prompt, completion, ended: bool, policy_tokeniz
     if isinstance(prompt, list):
         prompt = policy_tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
     return prompt + text + (tokenizer.eos_token if ended and tokenizer.eos_token else "")
+
+
+# LoRA through peft: adapters on the policy (wrapped in peft's PeftModel, which disables them for the reference
+# and merges them at the end) and on the value model (injected in place; its head trains too).
+
+
+def add_lora(policy: nn.Module, value_model: nn.Module, task: Task, args: Args) -> tuple[nn.Module, nn.Module]:
+    from peft import LoraConfig, get_peft_model
+
+    targets = list(args.lora_target_modules) if args.lora_target_modules else None
+    check_lora_targets(policy, value_model, targets)
+    config = dict(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0, target_modules=targets)
+    torch.manual_seed(args.seed)  # the same initial adapters on every process, and in every run of this seed
+    try:
+        with warnings.catch_warnings():  # peft calls a deprecated transformers property, and sets this itself
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False")
+            policy = get_peft_model(policy, LoraConfig(task_type="CAUSAL_LM", **config))
+            value_model = get_peft_model(value_model, LoraConfig(**config)).get_base_model()
+    except ValueError as e:  # no default target modules for this architecture, or none of the names in one model
+        fail(f"--lora-target-modules: {exception_line(e)}; name modules of both the policy and the value model (e.g. all-linear)")
+    value_model.score.requires_grad_(True)
+    return policy, value_model
+
+
+def check_lora_targets(policy: nn.Module, value_model: nn.Module, targets: Optional[list[str]]) -> None:
+    """Every module name given must exist in the policy or the value model (peft only refuses a list of which no
+    name exists in a model): a misspelt name would silently get no adapter."""
+    modules = [(n.rsplit(".", 1)[-1], m) for model in (policy, value_model) for n, m in model.named_modules()]
+    missing = [t for t in targets or [] if t != "all-linear" and t not in {name for name, _ in modules}]
+    if missing:
+        linear = sorted({name for name, m in modules if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"})
+        fail(f"--lora-target-modules: no module is named {missing[0]} in the policy or the value model; their linear layers: {', '.join(linear)}")
+
+
+def is_lora(model: nn.Module) -> bool:
+    """Whether the model is peft's wrapper (the policy under LoRA)."""
+    return hasattr(model, "disable_adapter") and hasattr(model, "merge_and_unload")
+
+
+def has_adapters(model: nn.Module) -> bool:
+    return any("lora_" in name for name, _ in model.named_parameters())
+
+
+def adapters_disabled(model: nn.Module):
+    """A context in which the model runs without its LoRA adapters (nothing to do for a model without them)."""
+    return model.disable_adapter() if is_lora(model) else contextlib.nullcontext()
 
 
 # Large vocabularies: fp32 logits of a whole batch (batch x positions x 151,936 for Qwen2.5) would be the memory

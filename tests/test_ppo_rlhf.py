@@ -1182,6 +1182,142 @@ def test_a_reward_model_sharing_the_tokenizer_reads_tokens_without_decoding(monk
     torch.testing.assert_close(scores, P.sequence_scores(rm, torch.cat([queries, responses], 1), 22, 3))
 
 
+def lora_models(args, seed=0):
+    """The tiny GPT-2 policy and Llama value model with LoRA adapters (B perturbed away from 0, so that both A and B
+    get gradients), through the script's own wiring."""
+    from types import SimpleNamespace
+
+    policy, value_model = tiny_gpt2(), tiny_llama_rm()
+    policy, value_model = P.add_lora(policy, value_model, SimpleNamespace(value_source=(None, None, "--value")), args)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in [*policy.named_parameters(), *value_model.named_parameters()]:
+            if "lora_B" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return policy, value_model
+
+
+def test_one_ppo_update_with_lora_matches_a_naive_reference():
+    """Under LoRA only the adapters and the value head are flattened and trained: the same parameters as the update
+    written out with per-tensor Adam, and the frozen base weights unchanged."""
+    args = P.Args(**UPDATE_ARGS, lora_r=2, lora_alpha=4.0, lora_target_modules=("c_attn", "q_proj", "v_proj"))
+    data, advantages, returns = fixed_batch(tiny_gpt2())
+    policy, value_model = lora_models(args)
+    trainable = [p for m in (policy, value_model) for p in m.parameters() if p.requires_grad]
+    assert sum(p.numel() for p in trainable) < 0.2 * sum(p.numel() for m in (policy, value_model) for p in m.parameters())
+    flat = P.FlatParameters(trainable)
+    optimizer = torch.optim.Adam([flat.param], lr=args.learning_rate, eps=1e-5, fused=True)
+    torch.manual_seed(123)
+    P.ppo_update(args, policy, value_model, optimizer, flat, data, advantages, returns, PAD)
+    ref_policy, ref_value = lora_models(args)
+    torch.manual_seed(123)
+    naive_update(args, ref_policy, ref_value, data, advantages, returns)
+    assert_same_parameters(policy, ref_policy)
+    assert_same_parameters(value_model, ref_value)
+    untouched_policy, _ = lora_models(args)
+    for (name, a), b in zip(policy.named_parameters(), untouched_policy.parameters()):
+        assert torch.equal(a, b) != ("lora_" in name), name  # the adapters trained, nothing else did
+
+
+def test_lora_reference_is_the_policy_with_its_adapters_disabled(qwen_models, tmp_path):
+    """One causal LM in memory: the reference is the policy object, and under adapters_disabled it gives the base
+    model's log-probs while the policy (adapters on) gives others."""
+    import tyro
+    from transformers import AutoModelForCausalLM
+
+    args = tyro.cli(P.Args, args=qwen_flags(qwen_models, tmp_path, "--reward-fn", f"{qwen_models / 'rewards.py'}:constant", "--lora-r", "4", "--lora-target-modules", "q_proj", "v_proj", "up_proj"))
+    task = P.load_task(args, 0, False)
+    policy, ref_policy, _, value_model = P.load_models(task, args, torch.device("cpu"))
+    assert ref_policy is policy
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    base = AutoModelForCausalLM.from_pretrained(qwen_models / "policy").eval()
+    with torch.no_grad():
+        expected = P.lm_response_logprobs(base, ids, -1, 3, 1.0)[0]
+        with P.adapters_disabled(ref_policy):
+            reference = P.lm_response_logprobs(ref_policy, ids, -1, 3, 1.0)[0]
+        adapted = P.lm_response_logprobs(policy, ids, -1, 3, 1.0)[0]
+    torch.testing.assert_close(reference, expected)
+    assert (adapted - expected).abs().max() > 1e-3
+    assert all(p.requires_grad == ("lora_" in n) for n, p in policy.named_parameters())  # re-enabled, trainable
+    assert {n for n, p in value_model.named_parameters() if p.requires_grad} >= {"score.weight"}
+
+
+def test_lora_run_saves_a_merged_policy_and_an_adapter_and_resumes(qwen_models, tmp_path):
+    """A LoRA run, stopped by SIGTERM and resumed, logs what an uninterrupted one logs; its checkpoint holds only
+    what trains; the policy is saved merged (transformers loads it with peft unavailable) and as a peft adapter."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    lora = ["--reward-fn", f"{qwen_models / 'rewards.py'}:length", "--lora-r", "4", "--lora-target-modules", "q_proj", "v_proj", "--learning-rate", "3e-2", "--total-episodes", "96", "--num-threads", "1"]
+    whole = run_script(qwen_flags(qwen_models, tmp_path / "whole", *lora))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    assert "LoRA r=4 alpha=16 on q_proj v_proj" in whole.stdout and "policy/, adapter/)" in whole.stdout
+    run_dir, metrics = read_metrics(tmp_path / "whole")
+    ckpt = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
+    assert ckpt["policy"] and all("lora_" in k for k in ckpt["policy"])
+    assert all("lora_" in k or k == "score.weight" for k in ckpt["value_model"]) and "score.weight" in ckpt["value_model"]
+
+    flags = qwen_flags(qwen_models, tmp_path / "unused", *lora)
+    del flags[flags.index("--runs-dir") : flags.index("--runs-dir") + 2]
+    checkpoint = interrupt_with_ctrl_c("ppo_rlhf.py", flags, tmp_path / "runs", after_records=3, sig=signal.SIGTERM)
+    assert 1 <= torch.load(checkpoint, weights_only=True)["iteration"] < 12, "the run finished before SIGTERM arrived"
+    resumed = run_script(["--resume", str(checkpoint)])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _, resumed_metrics = read_metrics(tmp_path / "runs")
+    assert without_timing(resumed_metrics) == without_timing(metrics)
+
+    # merged: loads without peft; the targeted weights moved, the others did not
+    code = (
+        "import sys, torch; sys.modules['peft'] = None\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_pretrained({os.path.join(run_dir, 'policy')!r})\n"
+        f"torch.save(m.state_dict(), {str(tmp_path / 'merged.pt')!r})\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    merged = torch.load(tmp_path / "merged.pt")
+    base = AutoModelForCausalLM.from_pretrained(qwen_models / "policy").state_dict()
+    assert not any("lora" in k for k in merged)
+    for k, v in base.items():
+        assert torch.equal(merged[k], v) != k.endswith(("q_proj.weight", "v_proj.weight")), k
+    # the adapter on the base model gives the merged model's logits
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(qwen_models / "policy"), os.path.join(run_dir, "adapter")).eval()
+    merged_model = AutoModelForCausalLM.from_pretrained(os.path.join(run_dir, "policy")).eval()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(input_ids=ids).logits, merged_model(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "extra,flag,message",
+    [
+        (["--lora-r", "4", "--lora-target-modules", "q_proj", "qkv"], "--lora-target-modules", "no module is named qkv"),
+        (["--lora-target-modules", "q_proj"], "--lora-target-modules", "needs --lora-r"),
+        (["--lora-r", "4", "--peft-absent"], "--lora-r", "pip install peft"),
+        (["--lora-r", "-1"], "--lora-r", "at least 0"),
+        (["--lora-r", "4", "--lora-alpha", "0"], "--lora-alpha", "positive"),
+    ],
+    ids=["missing_target", "targets_without_r", "peft_absent", "negative_r", "zero_alpha"],
+)
+def test_lora_mistakes_are_one_line_errors(qwen_models, tmp_path, capsys, monkeypatch, extra, flag, message):
+    import tyro
+
+    if "--peft-absent" in extra:
+        extra = [e for e in extra if e != "--peft-absent"]
+        monkeypatch.setitem(sys.modules, "peft", None)  # import peft fails as it does where peft is not installed
+    args = tyro.cli(P.Args, args=qwen_flags(qwen_models, tmp_path / "runs", "--reward-fn", f"{qwen_models / 'rewards.py'}:constant", *extra))
+    with pytest.raises(SystemExit) as exit_info:
+        P.train(args)
+    err = capsys.readouterr().err
+    assert_one_line_error(exit_info.value.code, err, flag)
+    assert message in err
+    assert not (tmp_path / "runs").exists()
+
+
 REWARD_FN_ERRORS = {
     "missing_file": ("missing.py:length", "does not exist"),
     "no_colon": ("rewards.py", "expected FILE.py:NAME"),
