@@ -1022,10 +1022,11 @@ def evaluate(
             for q, r in zip(queries_all, responses_all)
         ]
         metrics["objective/gold_score"] = float(np.mean(gold))
-    texts = decode(task.tokenizer, queries_all[:8] + [[t for t in r if t != pad_id] for r in responses_all[:8]])
+    n = min(8, len(queries_all))
+    texts = decode(task.tokenizer, queries_all[:n] + [[t for t in r if t != pad_id] for r in responses_all[:n]])
     rows = [
         [episode, q, r, s.item()] + ([gold[i]] if gold else [])
-        for i, (q, r, s) in enumerate(zip(texts[:8], texts[8:], torch.cat(scores_all)[:8]))
+        for i, (q, r, s) in enumerate(zip(texts[:n], texts[n:], torch.cat(scores_all)[:n]))
     ]
     return metrics, rows
 
@@ -1474,6 +1475,8 @@ def add_lora(policy: nn.Module, value_model: nn.Module, task: Task, args: Args) 
 
     targets = list(args.lora_target_modules) if args.lora_target_modules else None
     check_lora_targets(policy, value_model, targets)
+    if targets == ["all-linear"]:  # peft's shorthand, which it reads only as a string
+        targets = "all-linear"
     config = dict(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0, target_modules=targets)
     torch.manual_seed(args.seed)  # the same initial adapters on every process, and in every run of this seed
     try:
@@ -1481,14 +1484,15 @@ def add_lora(policy: nn.Module, value_model: nn.Module, task: Task, args: Args) 
             warnings.simplefilter("ignore", FutureWarning)
             warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False")
             policy = get_peft_model(policy, LoraConfig(task_type="CAUSAL_LM", **config))
-            value_model = get_peft_model(value_model, LoraConfig(**config)).get_base_model()
+            # the value head trains whole, never through an adapter
+            value_model = get_peft_model(value_model, LoraConfig(exclude_modules=["score"], **config)).get_base_model()
     except ValueError as e:  # no default target modules for this architecture, or none of the names in one model
-        fail(f"--lora-target-modules: {exception_line(e)}; name modules of both the policy and the value model (e.g. all-linear)")
+        fail(f"--lora-target-modules: {exception_line(e).rstrip('.')}; name modules of both the policy and the value model (e.g. all-linear)")
     value_model.score.requires_grad_(True)
     return policy, value_model
 
 
-def check_lora_targets(policy: nn.Module, value_model: nn.Module, targets: Optional[list[str]]) -> None:
+def check_lora_targets(policy: nn.Module, value_model: nn.Module, targets: Optional[list]) -> None:
     """Every module name given must exist in the policy or the value model (peft only refuses a list of which no
     name exists in a model): a misspelt name would silently get no adapter."""
     modules = [(n.rsplit(".", 1)[-1], m) for model in (policy, value_model) for n, m in model.named_modules()]

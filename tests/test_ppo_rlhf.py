@@ -1158,9 +1158,10 @@ def test_value_model_path(qwen_models, other_reward_models, tmp_path, capsys):
     config = Qwen2Config(vocab_size=320, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, num_labels=1)
     Qwen2ForSequenceClassification(config).save_pretrained(tmp_path / "value")
     rewards = f"{qwen_models / 'rewards.py'}:constant"
-    proc = run_script(qwen_flags(qwen_models, tmp_path / "runs", "--reward-fn", rewards, "--value-model-path", str(tmp_path / "value"), "--total-episodes", "8"))
+    proc = run_script(qwen_flags(qwen_models, tmp_path / "runs", "--reward-fn", rewards, "--value-model-path", str(tmp_path / "value"), "--total-episodes", "8", "--eval-episodes", "3"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"value model: {tmp_path / 'value'}" in proc.stdout
+    assert "iteration 1/1" in proc.stdout  # the progress line, with fewer held-out prompts than sample-table rows
     run_dir, _ = read_metrics(tmp_path / "runs")
     ckpt = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
     assert ckpt["value_model"]["score.weight"].shape == (1, 8)  # the value checkpoint's width, not the policy's 16
@@ -1225,7 +1226,7 @@ def test_lora_reference_is_the_policy_with_its_adapters_disabled(qwen_models, tm
     import tyro
     from transformers import AutoModelForCausalLM
 
-    args = tyro.cli(P.Args, args=qwen_flags(qwen_models, tmp_path, "--reward-fn", f"{qwen_models / 'rewards.py'}:constant", "--lora-r", "4", "--lora-target-modules", "q_proj", "v_proj", "up_proj"))
+    args = tyro.cli(P.Args, args=qwen_flags(qwen_models, tmp_path, "--reward-fn", f"{qwen_models / 'rewards.py'}:constant", "--lora-r", "4", "--lora-target-modules", "all-linear"))
     task = P.load_task(args, 0, False)
     policy, ref_policy, _, value_model = P.load_models(task, args, torch.device("cpu"))
     assert ref_policy is policy
@@ -1243,7 +1244,9 @@ def test_lora_reference_is_the_policy_with_its_adapters_disabled(qwen_models, tm
     torch.testing.assert_close(reference, expected)
     assert (adapted - expected).abs().max() > 1e-3
     assert all(p.requires_grad == ("lora_" in n) for n, p in policy.named_parameters())  # re-enabled, trainable
-    assert {n for n, p in value_model.named_parameters() if p.requires_grad} >= {"score.weight"}
+    trained = {n for n, p in value_model.named_parameters() if p.requires_grad}
+    assert "score.weight" in trained and all("lora_" in n for n in trained - {"score.weight"})  # the head trains whole
+    assert any("mlp.down_proj.lora_A" in n for n in trained)  # all-linear reaches the MLP
 
 
 def test_lora_run_saves_a_merged_policy_and_an_adapter_and_resumes(qwen_models, tmp_path):
