@@ -1,9 +1,10 @@
 """PPO for RLHF of causal language models, in one file (CleanRL style).
 
 Fine-tunes a causal LM (the policy) to maximise a reward (a reward model's score and/or Python reward functions)
-minus a per-token KL penalty to a frozen copy of itself (Ziegler et al., 2019; Stiennon et al., 2020; Huang et al., 2024, "The N+ Implementation Details of
-RLHF with PPO"). Metric names are TRL's. Without --model-name-or-path it runs a built-in offline task (a hidden
-Markov-chain language, an SFT model, a hidden gold reward and a reward model trained on noisy preferences).
+minus a per-token KL penalty to a frozen copy of itself (Ziegler et al., 2019; Stiennon et al., 2020; Huang et al.,
+2024, "The N+ Implementation Details of RLHF with PPO"); LoRA optional. Metric names are TRL's. Without
+--model-name-or-path it runs a built-in offline task (a hidden Markov-chain language, an SFT model, a hidden gold
+reward and a reward model trained on noisy preferences).
 
     python ppo_rlhf.py                                   # the built-in task, cached on first use
     python ppo_rlhf.py --model-name-or-path MODEL --reward-model-path RM --prompts prompts.jsonl
@@ -193,7 +194,9 @@ class Args:
 # model's vocabulary (an added [PAD]) is never looked up.
 
 
-def iteration_prompts(n: int, iteration: int, batch_size: int, local_batch_size: int, rank: int, seed: int) -> list[int]:
+def iteration_prompts(
+    n: int, iteration: int, batch_size: int, local_batch_size: int, rank: int, seed: int
+) -> list[int]:
     """This process's share of the iteration's prompts (indices into the n prompts), drawn without replacement
     from a fresh permutation of the prompts on each pass over them."""
     first = (iteration - 1) * batch_size + rank * local_batch_size
@@ -313,7 +316,7 @@ class Reward:
     decoded text (below the fence: their loading, calling and checking). The scores add up."""
 
     model: Optional[nn.Module]
-    tokenizer: Optional[transformers.PreTrainedTokenizerBase]  # the reward model's own; None: it reads the policy's tokens
+    tokenizer: Optional[transformers.PreTrainedTokenizerBase]  # its own; None: it reads the policy's tokens
     functions: list[RewardFunction]
 
 
@@ -367,7 +370,7 @@ def rollout(
             if logprob is None:  # no logits kept while sampling (a large vocabulary)
                 logprob = lm_response_logprobs(policy, query_response, pad_id, context_length, args.temperature)[0]
             with adapters_disabled(ref_policy):  # LoRA: the reference is the policy without its adapters
-                ref_logprob = lm_response_logprobs(ref_policy, query_response, pad_id, context_length, args.temperature)[0]
+                ref_logprob, _ = lm_response_logprobs(ref_policy, query_response, pad_id, context_length, args.temperature)
             score = score_responses(reward, query, response, records[i : i + n], task)
             score = apply_missing_eos_penalty(score, response, task.eos_id, args.missing_eos_penalty)
             value = token_scores(value_model, query_response, pad_id)[:, context_length - 1 : -1]
@@ -520,7 +523,7 @@ def ppo_update(
                 idx = perm[(mb * accumulation + acc) * micro : (mb * accumulation + acc + 1) * micro]
                 mask, mb_advantages, query_responses = data.mask[idx], advantages[idx], data.query_responses[idx]
                 with torch.autocast(advantages.device.type, dtype=torch.bfloat16, enabled=args.bf16):
-                    new_logprobs, token_entropy = lm_response_logprobs(policy, query_responses, pad_id, ctx, args.temperature)
+                    new_logprobs, entropies = lm_response_logprobs(policy, query_responses, pad_id, ctx, args.temperature)
                     new_values = token_scores(value_model, query_responses, pad_id)[:, ctx - 1 : -1]
                 logratio = new_logprobs - data.logprobs[idx]
                 ratio = torch.exp(logratio)
@@ -534,7 +537,7 @@ def ppo_update(
                     pg_clipfrac = masked_mean((pg_losses > -mb_advantages * ratio).float(), mask)
                     v_clipfrac = masked_mean((v_losses > 0.5 * (new_values - returns[idx]) ** 2).float(), mask)
                     approx_kl = masked_mean((ratio - 1) - logratio, mask)  # k3, as CleanRL logs it
-                    entropy = masked_mean(token_entropy, mask)
+                    entropy = masked_mean(entropies, mask)
                     ratio_mean = masked_mean(ratio, mask)
                     step_stats = [approx_kl, pg_clipfrac, pg_loss, v_loss, v_clipfrac, entropy, ratio_mean]
                     stats[:, epoch, mb, acc] = torch.stack(step_stats)
@@ -569,13 +572,16 @@ def train(args: Args) -> None:
     policy, ref_policy, reward, value_model = load_models(task, args, device)
     vocab_size = policy.get_input_embeddings().num_embeddings
     keep_logits = not large_logits(args.local_rollout_forward_batch_size * args.response_length, vocab_rows(policy))
-    gen_config = sampling_config(args.response_length, args.temperature, task.eos_id, task.pad_id, vocab_size, keep_logits)
+    gen_config = sampling_config(
+        args.response_length, args.temperature, task.eos_id, task.pad_id, vocab_size, output_logits=keep_logits
+    )
     # One optimizer over policy and value model: one loss, one clip of the global gradient norm.
     flat = FlatParameters([p for m in (policy, value_model) for p in m.parameters() if p.requires_grad])
     optimizer = torch.optim.Adam([flat.param], lr=args.learning_rate, eps=1e-5, fused=device.type in ("cpu", "cuda"))
     state = LoopState(kl_coef=args.kl_coef)
     run = Run(args, ckpt, task, rank)
-    describe(run, args, task, f"{device} ({device_reason}), {torch.get_num_threads()} torch thread(s)", world_size, num_iterations, batch_size, gen_config, flat)
+    device_line = f"{device} ({device_reason}), {torch.get_num_threads()} torch thread(s)"
+    describe(run, args, task, device_line, world_size, num_iterations, batch_size, gen_config, flat)
     # Seeded after the built-in task (which seeds itself), so a cached and a freshly built task give the same run.
     seed_everything(args.seed + rank)
     if ckpt is not None:
@@ -646,7 +652,8 @@ class Run:
 
     def __init__(self, args: Args, ckpt: Optional[dict], task: Task, rank: int):
         self.rank0, self.metrics, self.wandb = rank == 0, None, None
-        self.args, self.ckpt, self.task = args, ckpt, task
+        self.args, self.builtin = args, task.builtin
+        self.metrics_offset = None if ckpt is None else ckpt["metrics_offset"]
         if ckpt is not None:
             self.name, self.wandb_id = ckpt["run_name"], ckpt["wandb_id"]
             self.dir = os.path.dirname(os.path.abspath(args.resume))
@@ -658,21 +665,21 @@ class Run:
         """Make the folder, write args.json, open metrics.jsonl and wandb (rank 0, once)."""
         if not self.rank0 or self.metrics is not None:
             return
-        args, ckpt, task = self.args, self.ckpt, self.task
+        args = self.args
         os.makedirs(self.dir, exist_ok=True)
         with open(os.path.join(self.dir, "args.json"), "w") as f:
             json.dump(asdict(args), f, indent=1)
         metrics_path = os.path.join(self.dir, "metrics.jsonl")
-        if ckpt is not None and os.path.exists(metrics_path):
+        if self.metrics_offset is not None and os.path.exists(metrics_path):
             with open(metrics_path, "r+") as f:  # lines logged after the checkpoint will be logged again
-                f.truncate(ckpt["metrics_offset"])
+                f.truncate(self.metrics_offset)
         self.metrics = open(metrics_path, "a")
         if args.track:
             import wandb
 
             self.wandb = wandb.init(
                 project=args.wandb_project_name, entity=args.wandb_entity, name=self.name, id=self.wandb_id,
-                config=asdict(args) | ({"builtin_task": task.builtin} if task.builtin is not None else {}),
+                config=asdict(args) | ({"builtin_task": self.builtin} if self.builtin is not None else {}),
                 resume="allow", dir=self.dir,
             )  # fmt: skip
             self.wandb.define_metric("*", step_metric="episode")
@@ -1353,13 +1360,14 @@ def load_reward_functions(specs: tuple[str, ...], weights: Optional[tuple[float,
         if module_spec is None:
             fail(f"{where}: {path} is not a Python file (.py)")
         module = importlib.util.module_from_spec(module_spec)
-        sys.path.insert(0, os.path.dirname(os.path.abspath(path)))  # the file may import modules beside it
+        folder = os.path.dirname(os.path.abspath(path))
+        sys.path.insert(0, folder)  # the file may import modules beside it
         try:
             module_spec.loader.exec_module(module)
         except Exception as e:
             fail(f"{where}: importing {path} raised {exception_line(e)}")
         finally:
-            sys.path.pop(0)
+            sys.path.remove(folder)
         fn = getattr(module, name, None)
         if not callable(fn):
             fail(f"{where}: {path} defines no function {name}")
