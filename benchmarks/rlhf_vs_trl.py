@@ -212,7 +212,7 @@ def gold_evaluation(ppo_rlhf, policy_dir: str, task_dir: str, a, n_prompts: int,
     reward_path = os.path.join(task_dir, "reward")
     reward_model = p.load_model(AutoModelForSequenceClassification, reward_path, p.load_config(reward_path, "reward"), "reward").eval()
     lang = dict(np.load(os.path.join(task_dir, "language.npz")))
-    prompts = p.read_prompts(os.path.join(task_dir, "eval_prompts.jsonl"), "--eval-prompts")
+    prompts = [r["prompt"] for r in p.read_prompts(os.path.join(task_dir, "eval_prompts.jsonl"), "--eval-prompts")]
     eval_queries = tokenizer(prompts, truncation=True, max_length=a.max_prompt_length)["input_ids"][:n_prompts]
     gen_config = p.sampling_config(a.response_length, a.temperature, eos_id, pad_id, policy.get_input_embeddings().num_embeddings)
     device, chunk = torch.device("cpu"), a.local_rollout_forward_batch_size
