@@ -10,6 +10,7 @@ Details of PPO").
 """
 
 import ctypes.util
+import functools
 import io
 import json
 import math
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.optim.optimizer as optimizer_lib
 import tyro
 from gymnasium.vector import AutoresetMode
 
@@ -238,9 +240,10 @@ def compute_gae(
     advantages = np.zeros_like(rewards)
     last = np.zeros_like(next_value)
     next_values = np.concatenate([values[1:], next_value[None]])
+    deltas = rewards + gamma * next_values * (1.0 - terminated) - values  # the TD errors, all steps at once
+    decays = gamma * gae_lambda * (1.0 - np.maximum(terminated, truncated))
     for t in reversed(range(rewards.shape[0])):
-        delta = rewards[t] + gamma * next_values[t] * (1.0 - terminated[t]) - values[t]
-        last = delta + gamma * gae_lambda * (1.0 - np.maximum(terminated[t], truncated[t])) * last
+        last = deltas[t] + decays[t] * last
         advantages[t] = last
     return advantages, advantages + values
 
@@ -370,6 +373,7 @@ def ppo_update(
     in shuffled minibatches; steps with valid 0 weigh nothing. Returns the mean losses and diagnostics."""
     batch_size = len(batch["obs"])
     stats = {k: [] for k in ("policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac")}
+    forward = fast_forward(agent, batch["obs"][: batch_size // args.num_minibatches])  # agent(obs), less overhead (checked)
     for epoch in range(args.update_epochs):
         # The epoch's minibatches in one gather, [num_minibatches, minibatch_size]; a mean over a minibatch's
         # valid steps is a sum weighted by valid / count.
@@ -383,7 +387,7 @@ def ppo_update(
             advantages = (advantages - adv_mean) / (adv_std + 1e-8)
         logratios = []
         for i in range(args.num_minibatches):
-            mean, new_value = agent(mb["obs"][i])
+            mean, new_value = forward(mb["obs"][i])
             logratio = gaussian_logprob(mean, agent.actor_logstd, mb["actions"][i]) - mb["logprobs"][i]
             pg_loss = (policy_loss(logratio.exp(), advantages[i], args.clip_coef) * weights[i]).sum()
             v_clip = args.clip_coef if args.clip_vloss else None
@@ -394,7 +398,7 @@ def ppo_update(
             optimizer.zero_grad()
             loss.backward()
             average_gradients(params, world_size)  # torchrun: the mean gradient over processes
-            nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            clip_grad_norm(params, args.max_grad_norm)  # nn.utils.clip_grad_norm_, less overhead (checked)
             optimizer.step()
             logratios.append(logratio.detach())
             stats["policy_loss"].append(pg_loss.detach())
@@ -448,7 +452,7 @@ def train(args: Args) -> None:
     agent, obs_dim, action_space = build_agent(args, device)
     act_dim, low, high = action_space.shape[0], action_space.low, action_space.high
     params = [flatten_parameters(agent)]  # one tensor: Adam, the gradient clip and the all-reduce act once each
-    optimizer = torch.optim.Adam(params, lr=args.learning_rate, eps=1e-5, fused=device.type in ("cpu", "cuda"))
+    optimizer = FlatAdam(params, lr=args.learning_rate, eps=1e-5)  # torch's fused Adam, called straight (checked)
     broadcast_from_rank0(params, distributed)
     envs = make_envs(args.env_id, args.num_envs)
     normalizer = Normalizer(obs_dim, args.num_envs, args, distributed)
@@ -531,7 +535,7 @@ def train(args: Args) -> None:
 
 # Infrastructure: nothing below changes what PPO computes; a research copy can drop what it does not need.
 # Run folder, logging and wandb; checkpoints and resume; signals; torchrun; evaluation and video; argument
-# checks; env pickling; the fast paths (numpy rollout copy, flat parameters).
+# checks; env pickling; the fast paths (numpy rollout copy, flat parameters, Adam, the update's forward and clip).
 
 
 class Run:
@@ -1097,6 +1101,7 @@ class NumpyPolicy:
     def __init__(self, agent: Agent):
         self.actor, self.critic = numpy_layers(agent.actor_mean), numpy_layers(agent.critic)
         self.log_std = agent.actor_logstd.detach().cpu().numpy()[0].copy()
+        self.std = np.exp(self.log_std)
 
     @staticmethod
     def mlp(layers: list, x: np.ndarray) -> np.ndarray:
@@ -1112,7 +1117,7 @@ class NumpyPolicy:
         mean = self.mlp(self.actor, obs)
         noise = rng.standard_normal(mean.shape, dtype=np.float32)
         logprob = (-0.5 * noise * noise - self.log_std - LOG_SQRT_2PI).sum(-1)
-        return mean + np.exp(self.log_std) * noise, logprob, self.value(obs)
+        return mean + self.std * noise, logprob, self.value(obs)
 
 
 class TorchPolicy:
@@ -1179,6 +1184,166 @@ def flatten_parameters(module: nn.Module) -> nn.Parameter:
         p.register_hook(lambda g, p=p, view=view: relink() if flat.grad is not grad or p.grad is not view else None)
     flat.grad = grad
     return flat
+
+
+
+# The update's fast paths. A minibatch step of a 64-wide MLP is a few hundred small kernels of a few microseconds
+# each; the Python around some of them (nn.Module calls, Optimizer.step, clip_grad_norm_'s grouping) costs as
+# much again. Each helper below calls the same kernels in the same order, so the numbers are the same to the bit,
+# and checks that when built; where it cannot, the plain torch call runs, with a one-line note.
+
+
+def module_hooks(module: nn.Module) -> bool:
+    """Whether a forward or backward hook (the module's own, or a global one) would run when the module is called."""
+    from torch.nn.modules import module as module_lib
+
+    hooks = [getattr(module_lib, name, None) for name in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks")]  # fmt: skip
+    local = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    return any(hooks) or any(getattr(m, name, None) for m in module.modules() for name in local)
+
+
+def bitwise_equal(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, b))
+
+
+def layer_function(m: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What calling the layer m runs: its forward, or for the plain layers the builtin that forward calls."""
+    if type(m) is nn.Linear:
+        return functools.partial(torch.nn.functional.linear, weight=m.weight, bias=m.bias)
+    if type(m) is nn.Tanh:
+        return torch.tanh
+    if type(m) is nn.ReLU and not m.inplace:
+        return torch.relu
+    return m.forward
+
+
+def fast_forward(agent: Agent, obs: torch.Tensor) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """Agent.forward as the chain of its layers' functions, without nn.Module.__call__ around each.
+    Checked on obs: the same outputs and parameter gradients, bit for bit; otherwise the agent itself, with a note."""
+    if not (type(agent.actor_mean) is nn.Sequential and type(agent.critic) is nn.Sequential) or module_hooks(agent):
+        note_once("the network has hooks or a changed layout; the update calls the agent as usual")
+        return agent
+    actor, critic = [layer_function(m) for m in agent.actor_mean], [layer_function(m) for m in agent.critic]
+
+    def forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, value = x, x
+        for layer in actor:
+            mean = layer(mean)
+        for layer in critic:
+            value = layer(value)
+        return mean, value.squeeze(-1)
+
+    params = [p for p in agent.parameters() if p.requires_grad]
+    outputs = [agent(obs), forward(obs)]
+    grads = [torch.autograd.grad(mean.square().sum() + value.sum(), params, allow_unused=True) for mean, value in outputs]
+    grads = [[torch.zeros(0) if g is None else g for g in gs] for gs in grads]
+    if not (bitwise_equal(outputs[0], outputs[1]) and bitwise_equal(*grads)):
+        note_once("the layer-by-layer forward does not reproduce the agent's forward; the update calls the agent as usual")
+        return agent
+    return forward
+
+
+_clip_checked: dict[tuple, bool] = {}
+
+
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> None:
+    """nn.utils.clip_grad_norm_(params, max_norm) for one flat parameter: the same kernels, without the grouping by
+    device and dtype around them. Checked on the first gradient of each device and dtype against clip_grad_norm_."""
+    grad = params[0].grad if len(params) == 1 else None
+    if grad is None:
+        nn.utils.clip_grad_norm_(params, max_norm)
+        return
+    key = (grad.device, grad.dtype)
+    if key not in _clip_checked:
+        expected, got = grad.clone(), grad.clone()
+        scratch = nn.Parameter(torch.empty_like(expected))
+        scratch.grad = expected
+        nn.utils.clip_grad_norm_([scratch], max_norm)
+        scale_by_norm(got, max_norm)
+        _clip_checked[key] = torch.equal(expected, got)
+        if not _clip_checked[key]:
+            note_once("the direct gradient clip does not reproduce nn.utils.clip_grad_norm_; the update calls it as usual")
+    if _clip_checked[key]:
+        scale_by_norm(grad, max_norm)
+    else:
+        nn.utils.clip_grad_norm_(params, max_norm)
+
+
+def scale_by_norm(grad: torch.Tensor, max_norm: float) -> None:
+    """What nn.utils.clip_grad_norm_ runs for a single gradient on a device with foreach kernels (torch 2.x); its
+    max_norm / (total_norm + 1e-6) is Tensor.__rdiv__, a reciprocal and a product."""
+    total_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([grad], 2.0)), 2.0)
+    torch._foreach_mul_([grad], torch.clamp((total_norm + 1e-6).reciprocal() * max_norm, max=1.0))
+
+
+class FlatAdam(torch.optim.Adam):
+    """torch.optim.Adam (fused on CPU and CUDA) whose step() and zero_grad() go straight to their kernels when it
+    holds the one flat parameter of flatten_parameters: Optimizer.step's Python (grouping, hooks, profiling) costs
+    more than the fused update of a small MLP. zero_grad() zeroes the flat gradient in place, which the parameters'
+    gradient views share. Checked when built: three steps on a scratch parameter against torch.optim.Adam, bit for
+    bit; otherwise, or with several parameters or step hooks, it is plain Adam, with a note."""
+
+    def __init__(self, params: list[torch.Tensor], lr: float, eps: float):
+        super().__init__(params, lr=lr, eps=eps, fused=params[0].device.type in ("cpu", "cuda"))
+        group = self.param_groups[0]
+        plain = ("amsgrad", "maximize", "capturable", "differentiable", "decoupled_weight_decay", "foreach")
+        self.fast = len(self.param_groups) == 1 and len(group["params"]) == 1 and group["fused"] and not any(group.get(k) for k in plain)
+        if self.fast and not self.reproduces_adam(group["params"][0]):
+            note_once("the direct Adam step does not reproduce torch.optim.Adam; the update calls it as usual")
+            self.fast = False
+
+    def direct_step(self) -> bool:
+        """The fused Adam step as Adam.step makes it for one parameter (on its detached alias: no grad mode to switch
+        off); False when that does not apply (no state yet, no gradient, a tensor learning rate, step hooks)."""
+        group = self.param_groups[0]
+        p = group["params"][0]
+        state = self.state.get(p)
+        hooks = self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks or optimizer_lib._global_optimizer_pre_hooks
+        if not state or p.grad is None or hooks or optimizer_lib._global_optimizer_post_hooks or isinstance(group["lr"], torch.Tensor):
+            return False
+        beta1, beta2 = group["betas"]
+        torch._foreach_add_([state["step"]], 1)
+        torch._fused_adam_(
+            [p.detach()], [p.grad], [state["exp_avg"]], [state["exp_avg_sq"]], [], [state["step"]], amsgrad=False, lr=group["lr"],
+            beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
+            grad_scale=None, found_inf=None,
+        )  # fmt: skip
+        return True
+
+    def step(self, closure=None):
+        if self.fast and closure is None and self.direct_step():
+            return None
+        adam_step = torch.optim.Adam.step  # with the step hooks and profiling that Optimizer wraps around it
+        return (adam_step if getattr(adam_step, "hooked", False) else self.profile_hook_step(adam_step))(self, closure)
+
+    step.hooked = True  # Optimizer leaves this step() unwrapped: the direct path skips the wrapper's cost
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        grad = self.param_groups[0]["params"][0].grad if self.fast else None
+        if grad is None:
+            return super().zero_grad(set_to_none)
+        grad.zero_()
+
+    def reproduces_adam(self, like: torch.Tensor) -> bool:
+        group = self.param_groups[0]
+        hyper = dict(lr=group["lr"], betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"], fused=True)
+        generator = torch.Generator().manual_seed(0)
+        start = torch.randn(257, generator=generator).to(like)
+        grads = [torch.randn(257, generator=generator).to(like) for _ in range(3)]
+        plain, direct = nn.Parameter(start.clone()), nn.Parameter(start.clone())
+        reference = torch.optim.Adam([plain], **hyper)
+        candidate = FlatAdam.__new__(FlatAdam)
+        torch.optim.Adam.__init__(candidate, [direct], **hyper)
+        try:
+            for i, g in enumerate(grads):
+                plain.grad, direct.grad = g.clone(), g.clone()
+                reference.step()
+                if not (i > 0 and candidate.direct_step()):
+                    torch.optim.Adam.step(candidate)  # the first step creates the state
+        except (RuntimeError, TypeError):
+            return False
+        a, b = reference.state[plain], candidate.state[direct]
+        return bitwise_equal([plain, a["step"], a["exp_avg"], a["exp_avg_sq"]], [direct, b["step"], b["exp_avg"], b["exp_avg_sq"]])
 
 
 if __name__ == "__main__":

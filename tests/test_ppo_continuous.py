@@ -687,6 +687,171 @@ def test_ppo_update_matches_naive_reference_update():
     assert stats["clipfrac"] > 0.05, "the ratio clip should be active"
 
 
+# ---------------------------------------------------------------- the update's fast paths: the same numbers to the bit
+
+
+def halfcheetah_batch(n=256, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    valid = torch.ones(n)
+    valid[::37] = 0  # reset steps
+    return {
+        "obs": torch.randn(n, 17, generator=gen), "actions": torch.randn(n, 6, generator=gen),
+        "logprobs": torch.randn(n, generator=gen) - 8.0, "values": torch.randn(n, generator=gen),
+        "advantages": torch.randn(n, generator=gen), "returns": torch.randn(n, generator=gen), "valid": valid,
+    }  # fmt: skip
+
+
+def flat_agent(seed=0, hidden=(64, 64), activation="tanh"):
+    torch.manual_seed(seed)
+    agent = ppo.Agent(17, 6, hidden, activation, 0.0)
+    return agent, [ppo.flatten_parameters(agent)]
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu", "elu"])
+def test_ppo_update_with_the_fast_paths_gives_the_plain_torch_numbers_to_the_bit(activation, monkeypatch, capsys):
+    # The plain path: torch.optim.Adam, agent(obs), nn.utils.clip_grad_norm_. Several updates, the learning rate
+    # annealed between them, so Adam's state and the step count carry over.
+    monkeypatch.setattr(ppo, "_notes_printed", set())
+    args = ppo.Args(num_minibatches=4, update_epochs=3)
+    runs = {}
+    for name in ("fast", "plain"):
+        agent, params = flat_agent(activation=activation)
+        if name == "fast":
+            optimizer = ppo.FlatAdam(params, lr=3e-4, eps=1e-5)
+            assert optimizer.fast
+        else:
+            optimizer = torch.optim.Adam(params, lr=3e-4, eps=1e-5, fused=True)
+            monkeypatch.setattr(ppo, "fast_forward", lambda agent, obs: agent)
+            monkeypatch.setattr(ppo, "clip_grad_norm", torch.nn.utils.clip_grad_norm_)
+        rng, stats = np.random.default_rng(3), []
+        for update in range(3):
+            optimizer.param_groups[0]["lr"] = 3e-4 * (1 - update / 3)
+            stats.append(ppo.ppo_update(agent, optimizer, params, halfcheetah_batch(seed=update), args, rng))
+        runs[name] = (params[0].detach().clone(), optimizer.state_dict(), stats)
+        monkeypatch.undo()
+    assert torch.equal(runs["fast"][0], runs["plain"][0])
+    assert runs["fast"][2] == runs["plain"][2]  # every logged loss and diagnostic
+    fast_state, plain_state = runs["fast"][1]["state"][0], runs["plain"][1]["state"][0]
+    assert all(torch.equal(fast_state[k], plain_state[k]) for k in ("step", "exp_avg", "exp_avg_sq"))
+    assert "note:" not in capsys.readouterr().out
+
+
+def test_flat_adam_state_round_trips_through_a_checkpoint_and_keeps_stepping_like_adam():
+    agent, params = flat_agent()
+    optimizer = ppo.FlatAdam(params, lr=1e-3, eps=1e-5)
+    for _ in range(2):
+        optimizer.zero_grad()
+        agent(torch.randn(8, 17))[0].square().sum().backward()
+        optimizer.step()
+    resumed_agent, resumed_params = flat_agent(seed=5)
+    resumed_agent.load_state_dict(agent.state_dict())
+    resumed = ppo.FlatAdam(resumed_params, lr=1e-3, eps=1e-5)
+    resumed.load_state_dict(copy.deepcopy(optimizer.state_dict()))  # as through torch.save and torch.load
+    reference = torch.optim.Adam([torch.nn.Parameter(params[0].detach().clone())], lr=1e-3, eps=1e-5, fused=True)
+    reference.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    grad = torch.randn_like(params[0])
+    for opt, p in ((optimizer, params[0]), (resumed, resumed_params[0]), (reference, reference.param_groups[0]["params"][0])):
+        p.grad = grad.clone()
+        opt.step()
+    assert torch.equal(params[0], resumed_params[0]) and torch.equal(params[0], reference.param_groups[0]["params"][0])
+
+
+def test_flat_adam_steps_aside_with_a_note_when_the_direct_step_differs_or_hooks_are_set(monkeypatch, capsys):
+    monkeypatch.setattr(ppo, "_notes_printed", set())
+    direct_step = ppo.FlatAdam.direct_step
+
+    def off_by_a_little(self):
+        stepped = direct_step(self)
+        self.param_groups[0]["params"][0].data.add_(1e-7)
+        return stepped
+
+    monkeypatch.setattr(ppo.FlatAdam, "direct_step", off_by_a_little)
+    _, params = flat_agent()
+    optimizer = ppo.FlatAdam(params, lr=1e-3, eps=1e-5)
+    assert not optimizer.fast
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("note:") and "Adam" in lines[0], lines
+    monkeypatch.undo()
+    # A step hook is honoured: the direct path stands aside and Adam's own step runs the hook.
+    agent, params = flat_agent()
+    optimizer = ppo.FlatAdam(params, lr=1e-3, eps=1e-5)
+    calls = []
+    optimizer.register_step_post_hook(lambda opt, args, kwargs: calls.append(1))
+    for _ in range(2):
+        optimizer.zero_grad()
+        agent(torch.randn(8, 17))[0].sum().backward()
+        optimizer.step()
+    assert calls == [1, 1]
+
+
+@pytest.mark.parametrize("max_norm", [1e-3, 1e3])  # clipping, and not
+def test_clip_grad_norm_gives_clip_grad_norm_s_numbers_to_the_bit(max_norm, monkeypatch):
+    monkeypatch.setattr(ppo, "_clip_checked", {})
+    grad = torch.randn(4993) * 3
+    plain, fast = torch.nn.Parameter(torch.zeros(4993)), torch.nn.Parameter(torch.zeros(4993))
+    plain.grad, fast.grad = grad.clone(), grad.clone()
+    torch.nn.utils.clip_grad_norm_([plain], max_norm)
+    ppo.clip_grad_norm([fast], max_norm)
+    assert torch.equal(plain.grad, fast.grad) and ppo._clip_checked == {(grad.device, grad.dtype): True}
+
+
+def test_clip_grad_norm_steps_aside_with_a_note_when_it_differs(monkeypatch, capsys):
+    monkeypatch.setattr(ppo, "_notes_printed", set())
+    monkeypatch.setattr(ppo, "_clip_checked", {})
+    monkeypatch.setattr(ppo, "scale_by_norm", lambda grad, max_norm: grad.mul_(0.5))
+    grad = torch.randn(100)
+    plain, fast = torch.nn.Parameter(torch.zeros(100)), torch.nn.Parameter(torch.zeros(100))
+    plain.grad, fast.grad = grad.clone(), grad.clone()
+    torch.nn.utils.clip_grad_norm_([plain], 0.1)
+    ppo.clip_grad_norm([fast], 0.1)
+    assert torch.equal(plain.grad, fast.grad)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("note:") and "clip" in lines[0], lines
+
+
+@pytest.mark.parametrize("change", ["none", "silu", "forward", "hook"])
+def test_fast_forward_is_the_agent_s_forward_or_the_agent_itself_with_a_note(change, monkeypatch, capsys):
+    monkeypatch.setattr(ppo, "_notes_printed", set())
+    agent = modified_agent("forward" if change == "forward" else "none")
+    if change == "silu":  # a layer with no builtin shortcut runs its own forward
+        agent.actor_mean[1] = torch.nn.SiLU()
+    if change == "hook":
+        agent.critic[0].register_forward_hook(lambda module, inputs, output: output * 2)
+    obs = torch.randn(16, 5)
+    forward = ppo.fast_forward(agent, obs)
+    out = capsys.readouterr().out
+    if change in ("forward", "hook"):
+        assert forward is agent
+        assert len(out.strip().splitlines()) == 1 and out.startswith("note:"), out
+        return
+    assert forward is not agent and out == ""
+    x = torch.randn(32, 5)
+    got, expected = forward(x), agent(x)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    params = list(agent.parameters())
+    grads = [torch.autograd.grad(m.square().sum() + 3 * v.sum(), params, allow_unused=True) for m, v in (got, expected)]
+    assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_compute_gae_equals_the_step_by_step_recursion_to_the_bit():
+    # The TD errors are computed for all steps at once; every element goes through the same float32 operations
+    # as in the step-by-step form.
+    rng = np.random.default_rng(0)
+    T, N, gamma, lam = 300, 3, 0.99, 0.95
+    rewards, values = rng.normal(size=(T, N)).astype(np.float32), rng.normal(size=(T, N)).astype(np.float32)
+    next_value = rng.normal(size=N).astype(np.float32)
+    terminated = (rng.random((T, N)) < 0.03).astype(np.float32)
+    truncated = ((rng.random((T, N)) < 0.03) & (terminated == 0)).astype(np.float32)
+    advantages, returns = ppo.compute_gae(rewards, values, next_value, terminated, truncated, gamma, lam)
+    expected, last = np.zeros_like(rewards), np.zeros_like(next_value)
+    next_values = np.concatenate([values[1:], next_value[None]])
+    for t in reversed(range(T)):
+        delta = rewards[t] + gamma * next_values[t] * (1.0 - terminated[t]) - values[t]
+        last = delta + gamma * lam * (1.0 - np.maximum(terminated[t], truncated[t])) * last
+        expected[t] = last
+    assert advantages.tobytes() == expected.tobytes() and returns.tobytes() == (expected + values).tobytes()
+
+
 # ---------------------------------------------------------------- copy safety of the numpy rollout
 
 
