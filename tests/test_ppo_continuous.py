@@ -289,6 +289,7 @@ def test_env_gets_clipped_action_while_the_sampled_one_is_stored_and_trained_on(
 
     monkeypatch.setattr(ppo.NumpyPolicy, "act", spy_act)
     monkeypatch.setattr(ppo, "gaussian_logprob", spy_logprob)
+    ppo.make_envs("RecordActionEnv-v0", 1)  # the lean vector env's check steps copies of the env: done here, once
     RecordActionEnv.received.clear()
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     try:
@@ -831,6 +832,43 @@ def test_fast_forward_is_the_agent_s_forward_or_the_agent_itself_with_a_note(cha
     params = list(agent.parameters())
     grads = [torch.autograd.grad(m.square().sum() + 3 * v.sum(), params, allow_unused=True) for m, v in (got, expected)]
     assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(*grads))
+
+
+@pytest.mark.parametrize("env_id, num_envs", [("InvertedPendulum-v5", 3), ("HalfCheetah-v5", 1)])
+def test_lean_vector_env_steps_like_sync_vector_env_to_the_bit(env_id, num_envs):
+    # InvertedPendulum falls within tens of random steps: many natural autoresets, at different steps per env;
+    # HalfCheetah's episode is truncated at step 1,000.
+    envs = ppo.make_envs(env_id, num_envs)
+    assert type(envs) is ppo.LeanSyncVectorEnv
+    plain = gym.make_vec(env_id, num_envs, vectorization_mode="sync", vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.NEXT_STEP})
+    actions = np.random.default_rng(0).uniform(-1, 1, (1100, num_envs) + envs.single_action_space.shape).astype(np.float32)
+    resets = 0
+    for vec in (envs, plain):
+        vec.reset(seed=3)
+    for a in actions:
+        got, expected = envs.step(a), plain.step(a)
+        for x, y in zip(got[:4], expected[:4]):
+            assert x.dtype == y.dtype and x.tobytes() == y.tobytes()
+        assert got[4] == {}
+        resets += int(got[2].sum() + got[3].sum())
+    assert resets > (10 if env_id.startswith("Inverted") else 0)
+
+
+def test_lean_vector_env_steps_aside_with_a_note_when_it_differs(monkeypatch, capsys):
+    monkeypatch.setattr(ppo, "_notes_printed", set())
+    monkeypatch.setattr(ppo, "_lean_step_checked", {})
+    lean_step = ppo.LeanSyncVectorEnv.step
+
+    def off(self, actions):
+        obs, reward, term, trunc, info = lean_step(self, actions)
+        return obs, reward + 1e-9, term, trunc, info
+
+    monkeypatch.setattr(ppo.LeanSyncVectorEnv, "step", off)
+    envs = ppo.make_envs("InvertedPendulum-v5", 1)
+    assert type(envs) is gym.vector.SyncVectorEnv
+    ppo.make_envs("InvertedPendulum-v5", 1)  # checked once: no second note
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("note:") and "SyncVectorEnv" in lines[0], lines
 
 
 def test_compute_gae_equals_the_step_by_step_recursion_to_the_bit():
