@@ -871,6 +871,46 @@ def test_lean_vector_env_steps_aside_with_a_note_when_it_differs(monkeypatch, ca
     assert len(lines) == 1 and lines[0].startswith("note:") and "SyncVectorEnv" in lines[0], lines
 
 
+def test_one_env_normalizer_gives_normalizer_s_statistics_to_the_bit():
+    # Rewards of very different scales, exact zeros and negative zeros, reset steps and episode ends.
+    args = ppo.Args()
+    plain, fast = ppo.Normalizer(4, 1, args), ppo.OneEnvNormalizer(4, 1, args)
+    rng = np.random.default_rng(5)
+    for t in range(3000):
+        reward = rng.normal(size=1) * 10.0 ** rng.integers(-6, 6)
+        if t % 97 == 0:
+            reward = np.array([0.0 if t % 2 else -0.0])
+        obs, valid, ended = rng.normal(size=(1, 4)) * 5, rng.random(1) > 0.1, rng.random(1) < 0.02
+        for normalizer in (plain, fast):
+            normalizer.update(obs, reward, valid, ended)
+        if t % 250 == 0:
+            assert fast.scale_reward(reward).tobytes() == plain.scale_reward(reward).tobytes()
+    for name in ("obs_rms", "ret_rms"):
+        a, b = getattr(plain, name), getattr(fast, name)
+        assert a.mean.tobytes() == b.mean.tobytes() and a.var.tobytes() == b.var.tobytes() and a.count == b.count
+    assert plain.returns.tobytes() == fast.returns.tobytes()
+
+
+def test_make_normalizer_picks_the_one_env_normalizer_only_where_it_applies_and_checks_it(monkeypatch, capsys):
+    monkeypatch.setattr(ppo, "_notes_printed", set())
+    args = ppo.Args()
+    assert type(ppo.make_normalizer(4, 1, args, False)) is ppo.OneEnvNormalizer
+    assert type(ppo.make_normalizer(4, 2, args, False)) is ppo.Normalizer
+    assert type(ppo.make_normalizer(4, 1, args, True)) is ppo.Normalizer
+    assert type(ppo.make_normalizer(4, 1, ppo.Args(norm_reward=False), False)) is ppo.Normalizer
+    assert capsys.readouterr().out == ""
+    update = ppo.OneEnvNormalizer.update
+
+    def off(self, obs, reward=None, valid=None, ended=None):
+        update(self, obs, reward, valid, ended)
+        self.ret_rms.count += 1e-9
+
+    monkeypatch.setattr(ppo.OneEnvNormalizer, "update", off)
+    assert type(ppo.make_normalizer(4, 1, args, False)) is ppo.Normalizer
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("note:") and "normaliser" in lines[0], lines
+
+
 def test_compute_gae_equals_the_step_by_step_recursion_to_the_bit():
     # The TD errors are computed for all steps at once; every element goes through the same float32 operations
     # as in the step-by-step form.
