@@ -20,19 +20,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from cleanrl_sps import busy_seconds  # noqa: E402  (CPU the machine spent busy, from /proc/stat)
+
 CASES = {
     "CartPole-v1": ["ppo_discrete.py", "--total-timesteps", "50000"],
     "InvertedPendulum-v5": ["ppo_continuous.py", "--env-id", "InvertedPendulum-v5", "--total-timesteps", "8192"],
 }
-
-
-def busy_seconds() -> float:
-    """CPU seconds the whole machine has spent busy since boot (Linux); nan elsewhere."""
-    try:
-        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    except OSError:
-        return float("nan")
-    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def run(script: Path, flags: list[str]) -> dict:
