@@ -102,14 +102,29 @@ def train(env_id: str, seed: int, total_timesteps: int, run_dir: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def running_elsewhere(pid_file: Path) -> bool:
+    """Whether the worker named in pid_file still runs (two drivers started over one folder never share a run)."""
+    try:
+        os.kill(int(pid_file.read_text()), 0)
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        return False
+    return True
+
+
 def launch(env_id: str, seed: int, total_timesteps: int, out: Path) -> None:
     run_dir = out / env_id / f"seed{seed}" / f"{env_id}__sb3__{seed}"
     if (run_dir / "metrics.jsonl.gz").exists():
         return
     run_dir.mkdir(parents=True, exist_ok=True)
+    if running_elsewhere(run_dir / "worker.pid"):
+        print(f"skipped (another process trains it): {run_dir}", flush=True)
+        return
     cmd = [sys.executable, __file__, "--worker", env_id, str(seed), str(total_timesteps), str(run_dir)]
     with open(run_dir.parent / "stdout.log", "a") as log:
-        proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log, stderr=subprocess.STDOUT)
+        (run_dir / "worker.pid").write_text(str(proc.pid))
+        proc.wait()
+    (run_dir / "worker.pid").unlink(missing_ok=True)
     print(f"{'done' if proc.returncode == 0 else f'FAILED ({proc.returncode})'}: {run_dir}", flush=True)
 
 
