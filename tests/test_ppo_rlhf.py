@@ -1243,7 +1243,7 @@ def test_a_bfloat16_checkpoint_trains_in_float32(qwen_models, tmp_path):
     assert {v.dtype for v in ckpt["value_model"].values()} == {torch.float32}
 
 
-def test_the_sampler_is_the_distribution_of_the_stored_logprobs(tmp_path, capsys):
+def test_the_sampler_is_the_distribution_of_the_stored_logprobs(tmp_path, monkeypatch):
     """A checkpoint whose generation_config asks for a repetition penalty, top-k and more: the sampled tokens'
     frequencies match exp(stored log-probs), those log-probs sum to 1 over the tokens the sampler can emit, and
     the pad id (inside the vocabulary here) is never sampled and gets no probability; a note names what was
@@ -1271,6 +1271,11 @@ def test_the_sampler_is_the_distribution_of_the_stored_logprobs(tmp_path, capsys
     torch.testing.assert_close(logprobs[:, 0].exp(), probs[first])  # the stored log-probs are those
     frequencies = torch.bincount(first, minlength=22).float() / n
     assert (frequencies - probs).abs().max() < 0.015  # 6000 samples: a standard error below 0.004
+    # the chunked path of large vocabularies leaves pad out too
+    monkeypatch.setattr(P, "LOGITS_CHUNK_BYTES", 64)
+    policy.logits_from_hidden = True
+    chunked = P.lm_response_logprobs(policy, every, pad_id, 4, temperature)[0][:, 0].exp()
+    torch.testing.assert_close(chunked, probs[1:])
 
 
 def test_reward_functions_add_to_the_reward_model(real_models, tmp_path):
