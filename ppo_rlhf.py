@@ -1348,6 +1348,8 @@ def load_task(args: Args, rank: int, distributed: bool) -> Task:
         eval_records = read_prompts(eval_prompts_path, eval_flag)[: args.eval_episodes]
     note = generation_config_note(policy_path, tokenizer.eos_token_id, args.temperature)
     lines += [note] if note else []
+    if builtin is not None and args.eval_stochastic:
+        lines.append("note: --eval-stochastic changes nothing on the built-in task: its evaluation always samples")
     train_queries, eval_queries = tokenize(train_records, "--prompts"), tokenize(eval_records, eval_flag)
     if min(len(q) for q in train_queries + eval_queries) == 0:
         fail("--prompts: a prompt tokenises to no tokens; remove empty prompts")
