@@ -751,9 +751,8 @@ def describe(
     """The batch arithmetic, the reward and the value model, printed by rank 0 at the start."""
     if not run.rank0:
         return
-    print(defaults_line(args))
     print(
-        f"run {run.name}: {batch_size} episodes per iteration = {args.per_device_train_batch_size} (micro-batch) x "
+        f"run {run.name} ({defaults_in_use(args)}): {batch_size} episodes per iteration = {args.per_device_train_batch_size} (micro-batch) x "
         f"{args.gradient_accumulation_steps} (gradient accumulation) x {args.num_minibatches} (minibatches) x {world_size} "
         f"(processes); {num_iterations} iterations = {num_iterations * batch_size} episodes; {args.update_epochs} PPO epochs; "
         f"no-grad passes in chunks of {args.local_rollout_forward_batch_size}; device {device}"
@@ -1166,11 +1165,11 @@ def with_defaults(args: Args) -> Args:
     return replace(args, **{k: v for k, v in defaults.items() if getattr(args, k) is None})
 
 
-def defaults_line(args: Args) -> str:
+def defaults_in_use(args: Args) -> str:
+    """Which default set the run's unset flags took, as the first line of a run says it."""
     if args.model_name_or_path is None:
-        return "defaults: the built-in task's (tuned for it)"
-    values = ", ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in TRL_DEFAULTS.items())
-    return f"defaults: TRL 1.12 PPOConfig's, for a model of your own ({values}); flags given win"
+        return "defaults: the built-in task's"
+    return "defaults: TRL 1.12 PPOConfig's, " + " ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in TRL_DEFAULTS.items())
 
 
 def greedy_config(gen_config: GenerationConfig) -> GenerationConfig:
