@@ -572,7 +572,7 @@ def ppo_update(
     ratios = torch.stack(stats["val/ratio"])
     return {name: torch.stack(values).mean() for name, values in stats.items()} | {
         "val/ratio_var": ratios.var() if ratios.numel() > 1 else ratios.new_zeros(()),
-        "loss/skipped_steps": guard.take_skipped(),
+        "loss/skipped_steps": guard.take_skipped(ratios.device),
     }
 
 
@@ -952,10 +952,10 @@ class NonFiniteGuard:
     def __init__(self, run: Optional[Run] = None, state: Optional[LoopState] = None):
         self.run, self.state, self.consecutive, self.skipped = run, state or LoopState(), 0, 0
 
-    def take_skipped(self) -> Tensor:
-        """The steps skipped since the last call (loss/skipped_steps of an update)."""
+    def take_skipped(self, device: torch.device) -> Tensor:
+        """The steps skipped since the last call (loss/skipped_steps of an update), on the statistics' device."""
         skipped, self.skipped = self.skipped, 0
-        return torch.tensor(float(skipped))
+        return torch.tensor(float(skipped), device=device)
 
     def stop(self, what: str, where: str) -> NoReturn:
         stop_nonfinite(self.run, what, self.state.iteration + 1, where)  # state.iteration: the last one finished
