@@ -29,7 +29,7 @@ import sys
 import time
 import warnings
 from collections import defaultdict
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 from typing import Annotated, Callable, Literal, NoReturn, Optional
 
@@ -56,6 +56,9 @@ from transformers import (
 
 @dataclass
 class Args:
+    """PPO for RLHF. Flags left unset take the defaults of the run's kind: the built-in task's own (tuned for it),
+    or with --model-name-or-path TRL 1.12 PPOConfig's; the first line of a run says which. Any flag given wins."""
+
     model_name_or_path: Optional[str] = None
     """policy and reference: an AutoModelForCausalLM directory or hub name; None runs the built-in task"""
     reward_model_path: Optional[str] = None
@@ -75,8 +78,8 @@ class Args:
     the tokenizer's chat template turns into the prompt), or a `datasets` name"""
     total_episodes: int = 9600
     """total number of completions to train on, summed over processes"""
-    learning_rate: float = 3e-4
-    """learning rate of the Adam optimizer (policy and value model)"""
+    learning_rate: Optional[float] = None
+    """learning rate of the Adam optimizer (policy and value model); unset: 3e-4 (built-in task), 3e-6 (TRL)"""
     per_device_train_batch_size: int = 16
     """episodes per micro-batch (one forward/backward) on each process"""
     gradient_accumulation_steps: int = 1
@@ -87,8 +90,8 @@ class Args:
     """discount factor over tokens"""
     gae_lambda: float = 0.95
     """lambda of generalized advantage estimation over tokens"""
-    num_minibatches: int = 4
-    """optimizer steps per PPO epoch"""
+    num_minibatches: Optional[int] = None
+    """optimizer steps per PPO epoch; unset: 4 (built-in task), 1 (TRL)"""
     update_epochs: int = 4
     """PPO epochs over each batch of episodes"""
     norm_adv: bool = True
@@ -117,14 +120,14 @@ class Args:
     """target KL (nats per response) of the adaptive KL controller (--adaptive-kl)"""
     kl_horizon: int = 10000
     """horizon (episodes) of the adaptive controller"""
-    missing_eos_penalty: float = 1.0
-    """subtracted from the score of a response that has no EOS token"""
-    response_length: int = 16
-    """maximum number of generated tokens per response"""
+    missing_eos_penalty: Optional[float] = None
+    """subtracted from the score of a response that has no EOS token; unset: 1.0 (built-in task), 0 (TRL)"""
+    response_length: Optional[int] = None
+    """maximum number of generated tokens per response; unset: 16 (built-in task), 53 (TRL)"""
     max_prompt_length: int = 64
     """prompts longer than this many tokens keep their last tokens"""
-    temperature: float = 1.0
-    """sampling temperature; log-probs are computed from logits divided by it"""
+    temperature: Optional[float] = None
+    """sampling temperature; log-probs are computed from logits divided by it; unset: 1.0 (built-in task), 0.7 (TRL)"""
     local_rollout_forward_batch_size: int = 64
     """chunk size of the no-grad passes (generation, reference, reward, value) on each process"""
     lora_r: int = 0
@@ -171,7 +174,9 @@ class Args:
     eval_episodes: int = 256
     """held-out prompts evaluated each time (gold score on the built-in task)"""
     eval_prompts: Optional[str] = None
-    """held-out evaluation prompts, same formats as --prompts; None takes the first --eval-episodes training prompts"""
+    """held-out evaluation prompts, same formats as --prompts; None holds out a fixed split of --prompts"""
+    eval_stochastic: bool = False
+    """if toggled, evaluation samples at --temperature (the built-in task's always does); by default it is greedy"""
 
     # Built-in task: its reward, its definition (the task_* flags: the cache key) and where it is cached.
     builtin_reward: Literal["model", "gold"] = "model"
@@ -232,8 +237,17 @@ def apply_missing_eos_penalty(scores: Tensor, responses: Tensor, eos_id: int, pe
     return torch.where((responses == eos_id).any(1), scores, scores - penalty)
 
 
+def sampler_logits(logits: Tensor, temperature: float, pad_id: int) -> Tensor:
+    """The logits of the distribution responses are drawn from: divided by the temperature, and the pad id, which
+    the sampler never emits, at the lowest float (no probability; finite, so entropies stay finite)."""
+    logits = logits.float() / temperature
+    if pad_id >= logits.size(-1):  # an added [PAD] outside the vocabulary
+        return logits
+    return logits.index_fill(-1, torch.tensor([pad_id], device=logits.device), torch.finfo(logits.dtype).min)
+
+
 def logprobs_from_logits(logits: Tensor, tokens: Tensor) -> Tensor:
-    """Log-probability of each token under `logits` (already divided by the temperature)."""
+    """Log-probability of each token under `logits` (sampler_logits)."""
     return torch.gather(logits.float().log_softmax(-1), -1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
@@ -261,8 +275,8 @@ def lm_response_logprobs(
     inputs = model_inputs(query_responses, pad_id)
     tokens = inputs["input_ids"][:, context_length:]
     if large_logits(query_responses.numel(), vocab_rows(model)) and getattr(model, "logits_from_hidden", False):
-        return chunked_response_logprobs(model, inputs, tokens, context_length, temperature)
-    logits = model(**inputs, use_cache=False).logits[:, context_length - 1 : -1].float() / temperature
+        return chunked_response_logprobs(model, inputs, tokens, context_length, temperature, pad_id)
+    logits = sampler_logits(model(**inputs, use_cache=False).logits[:, context_length - 1 : -1], temperature, pad_id)
     return logprobs_from_logits(logits, tokens), entropy_from_logits(logits)
 
 
@@ -284,8 +298,8 @@ def sequence_scores(model: nn.Module, query_responses: Tensor, pad_id: int, cont
 def sampling_config(
     response_length: int, temperature: float, eos_id: int, pad_id: int, vocab_size: int, output_logits: bool = True
 ) -> GenerationConfig:
-    """Pure sampling at `temperature` (no top-k/top-p), stopping at EOS, with logits returned unless
-    output_logits=False (a large vocabulary: the log-probs then come from a forward pass)."""
+    """Pure sampling at `temperature` (nothing else: load_model empties the model's generation_config), stopping at
+    EOS, with logits returned unless output_logits=False (a large vocabulary: log-probs come from a forward pass)."""
     return GenerationConfig(
         max_new_tokens=response_length, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
         eos_token_id=eos_id, pad_token_id=eos_id,  # finished rows are filled with EOS, then made padding
@@ -308,7 +322,7 @@ def generate(
     missing = response_length - responses.size(1)
     if out.logits is None:
         return F.pad(responses, (0, missing), value=pad_id), None
-    logits = torch.stack(out.logits, 1).float() / gen_config.temperature
+    logits = sampler_logits(torch.stack(out.logits, 1), gen_config.temperature, pad_id)
     logprobs = logprobs_from_logits(logits, responses)
     return F.pad(responses, (0, missing), value=pad_id), F.pad(logprobs, (0, missing), value=0.0)
 
@@ -401,7 +415,7 @@ def load_models(task: Task, args: Args, device: torch.device) -> tuple[nn.Module
     ref_policy = None if args.lora_r else causal_lm().to(device).eval()
     reward_model = None
     if task.reward_path is not None:
-        reward_model = scorer(task.reward_path, task.reward_config, "--reward-model-path").to(device).eval()
+        reward_model = scorer(task.reward_path, task.reward_config, "--reward-model-path", "auto").to(device).eval()
         if task.reward_tokenizer is None:
             check_scorer(task, reward_model, "--reward-model-path", policy)
         reward_model.requires_grad_(False)
@@ -510,15 +524,14 @@ def ppo_update(
     args: Args, policy: nn.Module, value_model: nn.Module, optimizer: torch.optim.Optimizer, flat: FlatParameters,
     data: Rollout, advantages: Tensor, returns: Tensor, pad_id: int, guard: NonFiniteGuard,
 ) -> dict[str, Tensor]:
-    """One PPO update: --update-epochs epochs over shuffled minibatches of the batch (fewer once the approximate KL
-    passes --target-kl), each minibatch one Adam step on the gradients of --gradient-accumulation-steps
-    micro-batches. Returns the update's statistics, averaged over its micro-batches."""
+    """One PPO update: --update-epochs epochs (fewer past --target-kl) over shuffled minibatches of the batch, each
+    minibatch one Adam step on the gradients of --gradient-accumulation-steps micro-batches. Returns statistics."""
     if args.norm_adv:
         advantages = whiten(advantages, data.mask)
     micro, accumulation, ctx = args.per_device_train_batch_size, args.gradient_accumulation_steps, data.context_length
     policy.train()  # dropout is off; train mode only turns on gradient checkpointing
     value_model.train()
-    stats, skipped = defaultdict(list), 0
+    stats = defaultdict(list)
     for epoch in range(args.update_epochs):
         perm = torch.randperm(len(advantages), device=advantages.device)
         for mb in range(args.num_minibatches):
@@ -551,17 +564,15 @@ def ppo_update(
             all_reduce_mean(flat.param.grad)
             grad_norm = nn.utils.clip_grad_norm_([flat.param], args.max_grad_norm)
             if guard.skip_step(minibatch_loss, grad_norm, optimizer, epoch, mb):
-                skipped += 1
                 continue
             optimizer.step()
             guard.check_weights(flat.param, epoch, mb)
-        if args.target_kl is not None:  # stop the epochs early, as CleanRL's --target-kl does
-            if last_epoch_mean(stats["policy/approxkl_avg"], args.num_minibatches * accumulation) > args.target_kl:
-                break
+        if args.target_kl is not None and last_epoch_mean(stats["policy/approxkl_avg"], args) > args.target_kl:
+            break  # the remaining epochs are skipped, as CleanRL does
     ratios = torch.stack(stats["val/ratio"])
     return {name: torch.stack(values).mean() for name, values in stats.items()} | {
         "val/ratio_var": ratios.var() if ratios.numel() > 1 else ratios.new_zeros(()),
-        "loss/skipped_steps": torch.tensor(float(skipped), device=ratios.device),
+        "loss/skipped_steps": guard.take_skipped(ratios.device),
     }
 
 
@@ -575,7 +586,7 @@ class LoopState:
 
 
 def train(args: Args) -> None:
-    ckpt, args = load_resume(args)
+    ckpt, args = load_resume(with_defaults(args))
     device, device_reason = pick_device(args.device)
     distributed, rank, world_size = init_distributed(device)
     local_batch_size, batch_size, num_iterations = check_args(args, world_size, ckpt, device)
@@ -741,7 +752,7 @@ def describe(
     if not run.rank0:
         return
     print(
-        f"run {run.name}: {batch_size} episodes per iteration = {args.per_device_train_batch_size} (micro-batch) x "
+        f"run {run.name} ({defaults_in_use(args)}): {batch_size} episodes per iteration = {args.per_device_train_batch_size} (micro-batch) x "
         f"{args.gradient_accumulation_steps} (gradient accumulation) x {args.num_minibatches} (minibatches) x {world_size} "
         f"(processes); {num_iterations} iterations = {num_iterations * batch_size} episodes; {args.update_epochs} PPO epochs; "
         f"no-grad passes in chunks of {args.local_rollout_forward_batch_size}; device {device}"
@@ -754,6 +765,8 @@ def describe(
         "--model-name-or-path": "the policy's weights with a new scalar head",
     }  # fmt: skip
     print(f"reward: {' + '.join(rewards)}; value model: {values[task.value_source[2]]}")
+    for line in task.lines:
+        print(line)
     if args.lora_r:
         targets = " ".join(args.lora_target_modules) if args.lora_target_modules else "peft's default modules"
         print(f"LoRA r={args.lora_r} alpha={args.lora_alpha:g} on {targets}: {flat.param.numel():,} parameters train (adapters of policy and value model, value head)")
@@ -937,7 +950,12 @@ class NonFiniteGuard:
     it stops with "none written"."""
 
     def __init__(self, run: Optional[Run] = None, state: Optional[LoopState] = None):
-        self.run, self.state, self.consecutive = run, state or LoopState(), 0
+        self.run, self.state, self.consecutive, self.skipped = run, state or LoopState(), 0, 0
+
+    def take_skipped(self, device: torch.device) -> Tensor:
+        """The steps skipped since the last call (loss/skipped_steps of an update), on the statistics' device."""
+        skipped, self.skipped = self.skipped, 0
+        return torch.tensor(float(skipped), device=device)
 
     def stop(self, what: str, where: str) -> NoReturn:
         stop_nonfinite(self.run, what, self.state.iteration + 1, where)  # state.iteration: the last one finished
@@ -951,7 +969,7 @@ class NonFiniteGuard:
             self.consecutive = 0
             return False
         optimizer.zero_grad()
-        self.consecutive += 1
+        self.consecutive, self.skipped = self.consecutive + 1, self.skipped + 1
         if self.consecutive >= MAX_SKIPPED_STEPS:
             what = "loss" if bad[0] else "gradient norm"
             self.stop(f"{what} in {MAX_SKIPPED_STEPS} steps in a row", f"(epoch {epoch + 1}, minibatch {mb + 1})")
@@ -967,8 +985,9 @@ class NonFiniteGuard:
             self.stop("reward-model score", "(rollout, before the update)")
 
 
-def last_epoch_mean(values: list[Tensor], per_epoch: int) -> float:
+def last_epoch_mean(values: list[Tensor], args: Args) -> float:
     """The mean of the last epoch's per-micro-batch values, averaged over processes (all stop at the same epoch)."""
+    per_epoch = args.num_minibatches * args.gradient_accumulation_steps
     return all_reduce_mean(torch.stack(values[-per_epoch:]).mean()).item()
 
 
@@ -1094,9 +1113,12 @@ def leave_process_group(distributed: bool) -> None:
 def evaluate(
     policy: nn.Module, reward: Reward, task: Task, gen_config: GenerationConfig, args: Args, episode: int
 ) -> tuple[dict, list]:
-    """Sample the held-out prompts with a fixed seed (the same noise at every evaluation) and score them; on the
-    built-in task also with the hidden gold reward. Returns the metrics and the first rows of the sample table."""
+    """Answer the held-out prompts, greedily or (--eval-stochastic, and on the built-in task) sampled with a fixed
+    seed (the same noise at every evaluation), and score them; on the built-in task also with the hidden gold
+    reward. Returns the metrics and the first rows of the sample table."""
     device = next(policy.parameters()).device
+    if not args.eval_stochastic and task.builtin is None:
+        gen_config = greedy_config(gen_config)
     pad_id, eos_id, chunk = task.pad_id, task.eos_id, args.local_rollout_forward_batch_size
     policy.eval()
     queries_all, responses_all, scores_all = [], [], []
@@ -1127,6 +1149,35 @@ def evaluate(
         for i, (q, r, s) in enumerate(zip(texts[:n], texts[n:], torch.cat(scores_all)[:n]))
     ]
     return metrics, rows
+
+
+# The two default sets: the flags whose defaults differ between the built-in task and TRL 1.12 PPOConfig (which also
+# has 4 epochs, kl_coef 0.05 with k1, cliprange 0.2, vf_coef 0.1, cliprange_value 0.2, gamma 1 and lambda 0.95,
+# as both sets do). Args' docstrings show the values in --help.
+
+BUILTIN_DEFAULTS = dict(learning_rate=3e-4, num_minibatches=4, missing_eos_penalty=1.0, response_length=16, temperature=1.0)
+TRL_DEFAULTS = dict(learning_rate=3e-6, num_minibatches=1, missing_eos_penalty=0.0, response_length=53, temperature=0.7)
+
+
+def with_defaults(args: Args) -> Args:
+    """The flags left unset (None) set from the run's default set."""
+    defaults = BUILTIN_DEFAULTS if args.model_name_or_path is None else TRL_DEFAULTS
+    return replace(args, **{k: v for k, v in defaults.items() if getattr(args, k) is None})
+
+
+def defaults_in_use(args: Args) -> str:
+    """Which default set the run's unset flags took, as the first line of a run says it."""
+    if args.model_name_or_path is None:
+        return "defaults: the built-in task's"
+    return "defaults: TRL 1.12 PPOConfig's, " + " ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in TRL_DEFAULTS.items())
+
+
+def greedy_config(gen_config: GenerationConfig) -> GenerationConfig:
+    """The sampler's settings taking the most likely token (the pad id still suppressed) instead of sampling."""
+    greedy = GenerationConfig.from_dict(gen_config.to_dict())
+    greedy.do_sample, greedy.temperature, greedy.top_k, greedy.top_p = False, None, None, None
+    greedy.output_logits = False  # evaluation needs no log-probs
+    return greedy
 
 
 # Argument checks: one line naming the flag, exit status 2, as tyro does for a malformed flag.
@@ -1230,6 +1281,7 @@ class Task:
     name: str  # the run name's prefix
     builtin: Optional[dict] = None  # the built-in task's description (its task.json)
     language: Optional[dict] = None  # the built-in task's hidden language, for the gold score
+    lines: list[str] = field(default_factory=list)  # what the first lines of the run say about the task (notes)
 
 
 def load_task(args: Args, rank: int, distributed: bool) -> Task:
@@ -1254,7 +1306,7 @@ def load_task(args: Args, rank: int, distributed: bool) -> Task:
             reward_functions.append(RewardFunction("--builtin-reward gold", builtin_gold_reward(language), 1.0))
     else:
         policy_path, reward_path = args.model_name_or_path, args.reward_model_path
-        prompts_path, eval_prompts_path = args.prompts, args.eval_prompts or args.prompts
+        prompts_path, eval_prompts_path = args.prompts, args.eval_prompts
         name = os.path.basename(os.path.normpath(args.model_name_or_path))
     policy_config = load_config(policy_path, "--model-name-or-path")
     reward_config = None if reward_path is None else load_config(reward_path, "--reward-model-path", num_labels=1)
@@ -1287,7 +1339,16 @@ def load_task(args: Args, rank: int, distributed: bool) -> Task:
         ]
 
     train_records = read_prompts(prompts_path, "--prompts")
-    eval_records = read_prompts(eval_prompts_path, eval_flag)[: args.eval_episodes]
+    lines = [dtypes_line(policy_config, reward_config)]
+    if eval_prompts_path is None:
+        train_records, eval_records, split_line = held_out_split(train_records, args.eval_episodes)
+        lines.append(split_line)
+    else:
+        eval_records = read_prompts(eval_prompts_path, eval_flag)[: args.eval_episodes]
+    note = generation_config_note(policy_path, tokenizer.eos_token_id, args.temperature)
+    lines += [note] if note else []
+    if builtin is not None and args.eval_stochastic:
+        lines.append("note: --eval-stochastic changes nothing on the built-in task: its evaluation always samples")
     train_queries, eval_queries = tokenize(train_records, "--prompts"), tokenize(eval_records, eval_flag)
     if min(len(q) for q in train_queries + eval_queries) == 0:
         fail("--prompts: a prompt tokenises to no tokens; remove empty prompts")
@@ -1300,15 +1361,33 @@ def load_task(args: Args, rank: int, distributed: bool) -> Task:
     return Task(
         policy_path, reward_path, policy_config, reward_config, reward_tokenizer, value_source, tokenizer, tokenizer.pad_token_id,
         tokenizer.eos_token_id, train_queries, eval_queries, train_records, eval_records, reward_functions, name,
-        builtin, language,
+        builtin, language, lines,
     )  # fmt: skip
+
+
+def dtypes_line(policy_config, reward_config) -> str:
+    line = f"weights: policy, reference and value model in float32 (the policy saved in {saved_dtype(policy_config)})"
+    return line + (f"; reward model in {saved_dtype(reward_config)}, as saved" if reward_config is not None else "")
+
+
+def held_out_split(records: list[dict], eval_episodes: int) -> tuple[list[dict], list[dict], str]:
+    """(training, evaluation prompts, a line that says so): a fixed split of the prompts (the same for every seed),
+    at most --eval-episodes and a fifth of them held out, each part in the file's order. Fewer than 5 prompts are
+    not split: evaluation reuses training prompts."""
+    n_eval = min(eval_episodes, len(records) // 5)
+    if n_eval == 0:
+        return records, records[:eval_episodes], f"note: --prompts holds {len(records)} prompts, too few to hold out a fifth; evaluation reuses training prompts (give --eval-prompts)"
+    held_out = set(np.random.default_rng(0).permutation(len(records))[:n_eval].tolist())
+    train = [r for i, r in enumerate(records) if i not in held_out]
+    evaluation = [r for i, r in enumerate(records) if i in held_out]
+    return train, evaluation, f"evaluation: {n_eval} of the {len(records)} prompts of --prompts held out (a fixed split; --eval-prompts to choose them), training on the other {len(train)}"
 
 
 def check_scorer(task: Task, model: nn.Module, flag: str, policy: nn.Module) -> None:
     """A reward or value model that reads the policy's tokens: a scalar `score` head on a backbone, and an embedding
     with a row for every token the policy can sample."""
-    if not hasattr(model, "score") or not hasattr(model, model.base_model_prefix):
-        fail(f"{flag}: {type(model).__name__} has no `score` head on a backbone; pass a decoder model for sequence classification")
+    if not reads_last_token(model):
+        fail(f"{flag}: {type(model).__name__} has no `score` head on a backbone; pass a decoder model for sequence classification, or a reward model with a tokenizer of its own")
     rows, policy_rows = model.get_input_embeddings().num_embeddings, policy.get_input_embeddings().num_embeddings
     if max(max(q) for q in task.train_queries + task.eval_queries) >= rows or rows < policy_rows:
         fail(f"{flag}: its embedding has {rows} rows, the policy's {policy_rows}; it must read the policy's tokens (share its tokenizer and embedding size)")
@@ -1404,12 +1483,41 @@ def load_config(path: str, flag: str, num_labels: Optional[int] = None):
     return config
 
 
-def load_model(cls, path: str, config, flag: str) -> nn.Module:
+def load_model(cls, path: str, config, flag: str, dtype="float32") -> nn.Module:
+    """A model in float32 whatever dtype it was saved in (small updates would round away in bfloat16), or with
+    dtype="auto" in its saved dtype (a frozen reward model). A model that can generate gets an empty
+    generation_config: generate() would fill what sampling_config leaves unset from the checkpoint's (a
+    repetition penalty, top-k, ...), and the sampled distribution would not be the one whose log-probs are stored."""
     try:
-        model = cls.from_pretrained(path, config=config)
+        model = cls.from_pretrained(path, config=config, dtype=dtype)
     except (OSError, ValueError) as e:
         fail(f"{flag}: cannot load {path} as {cls.__name__} ({str(e).splitlines()[0]})")
+    if model.can_generate():
+        model.generation_config = GenerationConfig()
     return disable_dropout(model)
+
+
+def saved_dtype(config) -> str:
+    dtype = getattr(config, "dtype", None) or "float32"
+    return str(dtype).removeprefix("torch.")
+
+
+IGNORED_GENERATION_KEYS = {"transformers_version", "bos_token_id", "pad_token_id", "_from_model_config", "max_length", "max_new_tokens", "use_cache"}
+
+
+def generation_config_note(path: str, eos_id: int, temperature: float) -> Optional[str]:
+    """A note naming what the checkpoint's generation_config asks for that the sampler ignores, if anything."""
+    try:
+        saved = GenerationConfig.from_pretrained(path).to_diff_dict()
+    except (OSError, ValueError):  # none saved
+        return None
+    asked = {k: v for k, v in saved.items() if k not in IGNORED_GENERATION_KEYS and not k.startswith(("output_", "return_"))}
+    if asked.get("eos_token_id") in (eos_id, [eos_id]):  # stops where the sampler stops
+        del asked["eos_token_id"]
+    if not asked:
+        return None
+    settings = ", ".join(f"{k}={v}" for k, v in sorted(asked.items()))
+    return f"note: the checkpoint's generation_config asks for {settings}; ignored: responses are sampled at --temperature {temperature:g} with nothing else (stopping at the tokenizer's EOS), the distribution whose log-probs PPO stores"
 
 
 def context_size(config) -> Optional[int]:
@@ -1542,14 +1650,39 @@ def reward_model_tokenizer(path: str, config, policy_tokenizer, policy_config) -
 
 
 def retokenized_scores(model: nn.Module, tokenizer, episodes: Episodes, task: Task) -> Tensor:
-    """The reward model's scores of the decoded episodes in its own tokens, read at the last one."""
+    """The reward model's scores of the decoded episodes in its own tokens: a decoder's head read at the last one,
+    an encoder's (BERT, RoBERTa, DeBERTa, ModernBERT) own forward and pooling, logits[:, 0]. A text longer than the
+    model reads loses its start (the completion is at its end), with a note the first time."""
     texts = [
         reward_model_text(tokenizer, prompt, completion, task.eos_id in ids, task.tokenizer)
         for prompt, completion, ids in zip(episodes.prompts, episodes.completions, episodes.completion_ids)
     ]
-    size = context_size(model.config)
-    ids = tokenizer(texts, add_special_tokens=tokenizer.chat_template is None, truncation=size is not None, max_length=size)["input_ids"]
-    return token_scores(model, left_pad(ids, -1, next(model.parameters()).device), -1)[:, -1]  # -1: never a token
+    size, special = max_text_tokens(model, tokenizer), tokenizer.chat_template is None
+    ids = tokenizer(texts, add_special_tokens=special)["input_ids"]
+    if size is not None and max(map(len, ids)) > size:
+        if not getattr(model, "truncation_noted", False):
+            print(f"note: --reward-model-path: a text of {max(map(len, ids))} tokens is longer than the {size} the reward model reads; it reads the text's end (every such text is cut so)")
+            model.truncation_noted = True
+        ids = tokenizer(texts, add_special_tokens=special, truncation=True, max_length=size)["input_ids"]
+    device = next(model.parameters()).device
+    if reads_last_token(model):
+        return token_scores(model, left_pad(ids, -1, device), -1)[:, -1]  # -1: never a token
+    input_ids = torch.tensor([s + [0] * (max(map(len, ids)) - len(s)) for s in ids], device=device)
+    attention_mask = torch.tensor([[1] * len(s) + [0] * (input_ids.size(1) - len(s)) for s in ids], device=device)
+    return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
+
+
+def reads_last_token(model: nn.Module) -> bool:
+    """A decoder classifier: a `score` head on a backbone, read at the last token (other classifiers pool in their
+    own forward)."""
+    return hasattr(model, "score") and hasattr(model, model.base_model_prefix)
+
+
+def max_text_tokens(model: nn.Module, tokenizer) -> Optional[int]:
+    """The most tokens the reward model reads: its positions, or its tokenizer's stated maximum when smaller (RoBERTa
+    states 512 for its 514 positions)."""
+    sizes = [n for n in (context_size(model.config), tokenizer.model_max_length) if n is not None and n < 1e9]
+    return min(sizes, default=None)
 
 
 def reward_model_text(tokenizer, prompt, completion, ended: bool, policy_tokenizer) -> str:
@@ -1654,7 +1787,7 @@ def check_logits_from_hidden(*models: nn.Module) -> None:
 
 
 def chunked_response_logprobs(
-    model: nn.Module, inputs: dict, tokens: Tensor, context_length: int, temperature: float
+    model: nn.Module, inputs: dict, tokens: Tensor, context_length: int, temperature: float, pad_id: int
 ) -> tuple[Tensor, Tensor]:
     """lm_response_logprobs from the backbone's hidden states, the output layer applied to LOGITS_CHUNK_BYTES of
     logits at a time; under autograd each chunk's logits are recomputed in the backward pass instead of kept."""
@@ -1666,16 +1799,16 @@ def chunked_response_logprobs(
     for i in range(0, len(flat_tokens), rows):
         h, t = flat_hidden[i : i + rows], flat_tokens[i : i + rows]
         if torch.is_grad_enabled() and h.requires_grad:
-            lp, ent = torch.utils.checkpoint.checkpoint(head_logprobs, head, h, t, temperature, use_reentrant=False)
+            lp, ent = torch.utils.checkpoint.checkpoint(head_logprobs, head, h, t, temperature, pad_id, use_reentrant=False)
         else:
-            lp, ent = head_logprobs(head, h, t, temperature)
+            lp, ent = head_logprobs(head, h, t, temperature, pad_id)
         logprobs.append(lp)
         entropies.append(ent)
     return torch.cat(logprobs).view_as(tokens), torch.cat(entropies).view_as(tokens)
 
 
-def head_logprobs(head: nn.Module, hidden: Tensor, tokens: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
-    logits = head(hidden).float() / temperature
+def head_logprobs(head: nn.Module, hidden: Tensor, tokens: Tensor, temperature: float, pad_id: int) -> tuple[Tensor, Tensor]:
+    logits = sampler_logits(head(hidden), temperature, pad_id)
     return logprobs_from_logits(logits, tokens), entropy_from_logits(logits)
 
 
@@ -1691,6 +1824,8 @@ class FlatParameters:
     check_grads(), before the clip, copies back a .grad replaced by another tensor and notes one left None."""
 
     def __init__(self, params: list[nn.Parameter]):
+        if len({p.dtype for p in params}) > 1:  # torch.cat would silently promote them to one
+            raise TypeError(f"FlatParameters: parameters of dtypes {sorted({str(p.dtype) for p in params})} cannot share one tensor")
         self.params = params
         self.param = nn.Parameter(torch.cat([p.detach().reshape(-1) for p in params]))
         self.grad = torch.zeros_like(self.param)

@@ -247,7 +247,7 @@ def test_rollout_and_update_with_a_large_vocabulary_match_the_full_logits(monkey
     queries = torch.randint(2, 200, (8, 4), generator=torch.Generator().manual_seed(0))
     queries[0, :2] = PAD_ID
     task = SimpleNamespace(pad_id=PAD_ID, eos_id=EOS, tokenizer=None)
-    args = P.Args(response_length=5, local_rollout_forward_batch_size=4, **UPDATE_ARGS)
+    args = P.with_defaults(P.Args(response_length=5, local_rollout_forward_batch_size=4, **UPDATE_ARGS))
     results = []
     for budget in (10**12, 6 * 4 * 300):
         monkeypatch.setattr(P, "LOGITS_CHUNK_BYTES", budget)
@@ -1147,6 +1147,135 @@ def test_reward_functions_only_trl_signature_weights_and_prompt_fields(qwen_mode
     assert train[0]["objective/scores"] == pytest.approx(np.mean(weighted(calls[2]) + weighted(calls[3])), abs=1e-5)
     ckpt = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
     assert "score.weight" in ckpt["value_model"] and "model.layers.0.self_attn.q_proj.weight" in ckpt["value_model"]
+    # evaluation: 8 prompts held out of the 40, never trained on, answered greedily
+    assert "evaluation: 8 of the 40 prompts of --prompts held out" in proc.stdout
+    assert not set(calls[0]["prompts"] + calls[1]["prompts"]) & {p for c in calls[2:-2] for p in c["prompts"]}
+    greedy = greedy_completions(qwen_models / "policy", calls[0]["prompts"] + calls[1]["prompts"], 6)
+    assert greedy == calls[0]["completion_ids"] + calls[1]["completion_ids"]
+
+
+def greedy_completions(policy_dir, prompts, length):
+    """Each prompt's completion, token by token the most likely one but the pad id (the one the script adds)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    model, pad_id = AutoModelForCausalLM.from_pretrained(policy_dir).eval(), len(tokenizer)
+    out = []
+    for prompt in prompts:
+        ids = tokenizer(prompt)["input_ids"]
+        completion = []
+        with torch.no_grad():
+            while len(completion) < length and tokenizer.eos_token_id not in completion:
+                logits = model(input_ids=torch.tensor([ids + completion])).logits[0, -1]
+                logits[pad_id] = -math.inf
+                completion.append(int(logits.argmax()))
+        out.append(completion)
+    return out
+
+
+def test_eval_stochastic_samples_the_evaluation(qwen_models, tmp_path):
+    """--eval-stochastic: evaluation samples at --temperature (not greedily as by default)."""
+    log = qwen_models / "calls.jsonl"
+    log.unlink(missing_ok=True)
+    flags = qwen_flags(qwen_models, tmp_path, "--reward-fn", f"{qwen_models / 'rewards.py'}:length", "--total-episodes", "8", "--eval-every", "100", "--eval-stochastic")
+    proc = run_script(flags)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    calls = [json.loads(line) for line in open(log)]
+    sampled = calls[0]["completion_ids"] + calls[1]["completion_ids"]
+    assert sampled != greedy_completions(qwen_models / "policy", calls[0]["prompts"] + calls[1]["prompts"], 6)
+
+
+def test_two_default_sets_and_flags_given_win():
+    """Unset flags take the built-in task's defaults, or TRL 1.12 PPOConfig's with a model of one's own; a flag
+    given wins; --help shows both values of each."""
+    import re
+
+    import tyro
+
+    parse = lambda *flags: P.with_defaults(tyro.cli(P.Args, args=list(flags)))  # noqa: E731
+    builtin, trl = parse(), parse("--model-name-or-path", "m")
+    assert {k: getattr(builtin, k) for k in P.BUILTIN_DEFAULTS} == P.BUILTIN_DEFAULTS
+    assert {k: getattr(trl, k) for k in P.TRL_DEFAULTS} == P.TRL_DEFAULTS
+    assert P.TRL_DEFAULTS == dict(learning_rate=3e-6, num_minibatches=1, missing_eos_penalty=0.0, response_length=53, temperature=0.7)
+    assert (trl.update_epochs, trl.kl_coef, trl.kl_estimator, trl.clip_coef, trl.vf_coef, trl.vf_clip_coef, trl.gamma, trl.gae_lambda) == (4, 0.05, "k1", 0.2, 0.1, 0.2, 1.0, 0.95)
+    given = parse("--model-name-or-path", "m", "--learning-rate", "1e-5", "--num-minibatches", "4")
+    assert (given.learning_rate, given.num_minibatches, given.temperature) == (1e-5, 4, 0.7)
+    source = inspect.getsource(P.Args)
+    for name in P.TRL_DEFAULTS:
+        doc = source.split(f"    {name}: ")[1].splitlines()[1]
+        values = re.search(r"unset: (\S+) \(built-in task\), (\S+) \(TRL\)", doc).groups()
+        assert tuple(map(float, values)) == (P.BUILTIN_DEFAULTS[name], P.TRL_DEFAULTS[name]), name
+    assert P.defaults_in_use(builtin) == "defaults: the built-in task's"
+    assert P.defaults_in_use(trl).startswith("defaults: TRL 1.12 PPOConfig's, --learning-rate 3e-06 --num-minibatches 1")
+
+
+def test_held_out_split_is_fixed_and_disjoint():
+    records = [{"prompt": str(i)} for i in range(40)]
+    train, evaluation, line = P.held_out_split(records, 256)
+    assert len(evaluation) == 8 and len(train) == 32 and sorted(train + evaluation, key=lambda r: int(r["prompt"])) == records
+    assert P.held_out_split(records, 256) == (train, evaluation, line) and line.startswith("evaluation: 8 of the 40 prompts")
+    assert len(P.held_out_split(records, 3)[1]) == 3  # at most --eval-episodes
+    train, evaluation, line = P.held_out_split(records[:4], 256)
+    assert train == evaluation == records[:4] and line.startswith("note: --prompts holds 4 prompts")
+
+
+def test_a_bfloat16_checkpoint_trains_in_float32(qwen_models, tmp_path):
+    """A policy and a reward model saved in bfloat16 (as Qwen2.5 and Llama ship): the policy, its reference and the
+    value model (a copy of the reward model) train in float32 (at TRL's lr 3e-6 every RMSNorm weight moves, which
+    in bfloat16 would round away); the reward model stays in bfloat16; the first lines say so."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tiny_qwen2(vocab=320).to(torch.bfloat16).save_pretrained(tmp_path / "policy")
+    tiny_llama_rm(vocab=320).to(torch.bfloat16).save_pretrained(tmp_path / "rm")
+    AutoTokenizer.from_pretrained(qwen_models / "policy").save_pretrained(tmp_path / "policy")
+    flags = qwen_flags(qwen_models, tmp_path / "runs", "--reward-model-path", str(tmp_path / "rm"))
+    flags[1] = str(tmp_path / "policy")
+    proc = run_script(flags)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("run policy__ppo_rlhf__1__") and " (defaults: TRL 1.12 PPOConfig's, --learning-rate 3e-06 " in lines[0]
+    assert "weights: policy, reference and value model in float32 (the policy saved in bfloat16); reward model in bfloat16, as saved" in lines
+    run_dir, _ = read_metrics(tmp_path / "runs")
+    policy = AutoModelForCausalLM.from_pretrained(os.path.join(run_dir, "policy"))
+    norms = [p for name, p in policy.named_parameters() if "norm" in name]
+    assert len(norms) == 5 and all(p.dtype == torch.float32 and (p != 1).float().mean() > 0.9 for p in norms)
+    ckpt = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
+    assert {v.dtype for v in ckpt["value_model"].values()} == {torch.float32}
+
+
+def test_the_sampler_is_the_distribution_of_the_stored_logprobs(tmp_path, monkeypatch):
+    """A checkpoint whose generation_config asks for a repetition penalty, top-k and more: the sampled tokens'
+    frequencies match exp(stored log-probs), those log-probs sum to 1 over the tokens the sampler can emit, and
+    the pad id (inside the vocabulary here) is never sampled and gets no probability; a note names what was
+    ignored."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    pad_id, eos_id = 0, 1
+    model = tiny_gpt2()
+    model.generation_config = GenerationConfig(repetition_penalty=5.0, top_k=3, min_new_tokens=1, no_repeat_ngram_size=1, temperature=0.2, do_sample=True)
+    model.save_pretrained(tmp_path / "policy")
+    policy = P.load_model(AutoModelForCausalLM, str(tmp_path / "policy"), AutoConfig.from_pretrained(tmp_path / "policy"), "--model-name-or-path")
+    note = P.generation_config_note(str(tmp_path / "policy"), eos_id, 1.0)
+    assert note.startswith("note: the checkpoint's generation_config asks for do_sample=True, min_new_tokens=1, no_repeat_ngram_size=1, repetition_penalty=5.0, temperature=0.2, top_k=3; ignored")
+    n, temperature = 6000, 0.8
+    queries = torch.tensor([[5, 6, 7, 8]]).repeat(n, 1)
+    torch.manual_seed(0)
+    config = P.sampling_config(2, temperature, eos_id, pad_id, 22)
+    responses, logprobs = P.generate(policy, queries, pad_id, config, 2)
+    first = responses[:, 0]
+    assert (responses != pad_id).all()
+    # every token's probability at the first position by a forward pass: they sum to 1 over the 21 other than pad
+    every = torch.cat([queries[:21], torch.arange(1, 22)[:, None]], 1)
+    probs = torch.cat([torch.zeros(1), P.lm_response_logprobs(policy, every, pad_id, 4, temperature)[0][:, 0].exp()])
+    assert probs.sum().item() == pytest.approx(1.0, abs=1e-5)
+    torch.testing.assert_close(logprobs[:, 0].exp(), probs[first])  # the stored log-probs are those
+    frequencies = torch.bincount(first, minlength=22).float() / n
+    assert (frequencies - probs).abs().max() < 0.015  # 6000 samples: a standard error below 0.004
+    # the chunked path of large vocabularies leaves pad out too
+    monkeypatch.setattr(P, "LOGITS_CHUNK_BYTES", 64)
+    policy.logits_from_hidden = True
+    chunked = P.lm_response_logprobs(policy, every, pad_id, 4, temperature)[0][:, 0].exp()
+    torch.testing.assert_close(chunked, probs[1:])
 
 
 def test_reward_functions_add_to_the_reward_model(real_models, tmp_path):
@@ -1230,15 +1359,54 @@ def other_reward_models(tmp_path_factory, qwen_models):
         tokenizer.save_pretrained(root / name)
     tiny_llama_rm(vocab=258).save_pretrained(root / "small_rm")
     AutoTokenizer.from_pretrained(qwen_models / "policy").save_pretrained(root / "small_rm")
+    encoder_reward_models(root)
     return root
 
 
-@pytest.mark.parametrize("rm", ["gpt2_rm", "gpt2_rm_chat", "small_rm"])
+def wordpiece_tokenizer(model_max_length):
+    """A BERT-style WordPiece tokenizer ([CLS] text [SEP], lower case), built offline."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    letters = [chr(ord("a") + i) for i in range(26)]
+    vocab = {t: i for i, t in enumerate(specials + letters + ["##" + c for c in letters] + list(".,!?'"))}
+    backend = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+        mask_token="[MASK]", model_max_length=model_max_length,
+    )  # fmt: skip
+
+
+def encoder_reward_models(root):
+    """A tiny BERT and a tiny DeBERTa-v2 (relative attention, pooler) sequence classifier, each with the WordPiece
+    tokenizer; the DeBERTa's tokenizer reads at most 10 tokens, so that long texts are cut."""
+    from transformers import BertConfig, BertForSequenceClassification, DebertaV2Config, DebertaV2ForSequenceClassification
+
+    size = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, max_position_embeddings=64, num_labels=1)
+    for name, model_max_length in (("bert_rm", 512), ("deberta_rm", 10)):
+        tokenizer = wordpiece_tokenizer(model_max_length)
+        torch.manual_seed(3)
+        if name == "bert_rm":
+            model = BertForSequenceClassification(BertConfig(vocab_size=len(tokenizer), **size))
+        else:
+            config = DebertaV2Config(vocab_size=len(tokenizer), relative_attention=True, position_biased_input=False, pos_att_type=["p2c", "c2p"], pooler_hidden_size=16, **size)
+            model = DebertaV2ForSequenceClassification(config)
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+
+
+@pytest.mark.parametrize("rm", ["gpt2_rm", "gpt2_rm_chat", "small_rm", "bert_rm", "deberta_rm"])
 def test_reward_model_with_its_own_tokenizer_reads_the_decoded_text(qwen_models, other_reward_models, tmp_path, rm):
     """A reward model whose vocabulary differs from the Qwen2 policy's (or whose embedding is smaller than the
     policy's, which samples ids beyond it) scores the decoded text re-tokenised for it, through its chat template
     when it has one: the first evaluation's score equals the reward model's own forward on that text, one
-    conversation at a time. The value model is then the policy's weights with a new head."""
+    conversation at a time; encoders (BERT, DeBERTa-v2) through their own pooling, a text longer than the
+    DeBERTa's tokenizer reads cut at its start, with a note. The value model is then the policy's weights with a
+    new head."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     log = qwen_models / "calls.jsonl"
@@ -1259,14 +1427,16 @@ def test_reward_model_with_its_own_tokenizer_reads_the_decoded_text(qwen_models,
             elif rm == "small_rm":  # the policy's tokenizer, chat template included
                 text = f"user: {prompt} assistant: {completion} "
             else:
-                text = prompt + completion + (tokenizer.eos_token if 256 in ids else "")  # 256: the policy's EOS
+                text = prompt + completion + ((tokenizer.eos_token or "") if 256 in ids else "")  # 256: the policy's EOS
+            encoded = tokenizer(text, truncation=rm == "deberta_rm", max_length=10)  # its start cut, [CLS] kept
             with torch.no_grad():
-                score = model(input_ids=torch.tensor([tokenizer(text)["input_ids"]])).logits[0, 0].item()
+                score = model(**{k: torch.tensor([v]) for k, v in encoded.items()}).logits[0, 0].item()
             expected.append(score + len(ids) / 10)
     _, metrics = read_metrics(tmp_path)
     assert metrics[0]["eval/scores"] == pytest.approx(np.mean(expected), abs=1e-5)
     if rm == "small_rm":  # the policy did sample ids its tokenizer and the reward model do not know
         assert any(max(ids) >= 258 for call in calls for ids in call["completion_ids"])
+    assert ("note: --reward-model-path: a text of" in proc.stdout) == (rm == "deberta_rm")
 
 
 def test_value_model_path(qwen_models, other_reward_models, tmp_path, capsys):
