@@ -376,11 +376,12 @@ def ppo_update(
         # valid steps is a sum weighted by valid / count.
         perm = torch.as_tensor(rng.permutation(batch_size), device=batch["obs"].device).view(args.num_minibatches, -1)
         mb = {k: v[perm] for k, v in batch.items()}
-        weights = mb["valid"] / mb["valid"].sum(1, keepdim=True).clamp(min=1)
+        count = mb["valid"].sum(1, keepdim=True)
+        weights = mb["valid"] / count.clamp(min=1)
         advantages = mb["advantages"]
-        if args.norm_adv:
+        if args.norm_adv:  # by the unbiased std of the valid steps, as torch.std, CleanRL and SB3
             adv_mean = (advantages * weights).sum(1, keepdim=True)
-            adv_std = ((advantages - adv_mean) ** 2 * weights).sum(1, keepdim=True).sqrt()
+            adv_std = (((advantages - adv_mean) ** 2 * mb["valid"]).sum(1, keepdim=True) / (count - 1).clamp(min=1)).sqrt()
             advantages = (advantages - adv_mean) / (adv_std + 1e-8)
         logratios = []
         for i in range(args.num_minibatches):

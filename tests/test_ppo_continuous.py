@@ -646,7 +646,7 @@ def naive_ppo_update(agent, batch, args, rng):
             idx = [j for j in perm[start : start + minibatch_size] if batch["valid"][j] == 1]
             obs, actions, old_logprob, old_value, adv, ret = (batch[k][idx] for k in ("obs", "actions", "logprobs", "values", "advantages", "returns"))
             if args.norm_adv:
-                adv = (adv - adv.mean()) / (adv.std(unbiased=False) + 1e-8)
+                adv = (adv - adv.mean()) / (adv.std() + 1e-8)
             mean, value = agent.actor_mean(obs), agent.critic(obs).squeeze(-1)
             policy = torch.distributions.Normal(mean, agent.actor_logstd.exp())
             ratio = (policy.log_prob(actions).sum(-1) - old_logprob).exp()
