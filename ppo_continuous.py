@@ -19,6 +19,7 @@ import random
 import signal
 import sys
 import time
+import warnings
 from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Callable, Literal, NoReturn, Optional, Sequence, Union
@@ -36,7 +37,9 @@ from gymnasium.vector import AutoresetMode
 @dataclass
 class Args:
     env_id: str = "HalfCheetah-v5"
-    """gymnasium id with a bounded 1-D Box action space"""
+    """gymnasium id with a bounded 1-D Box action space; `module:id` imports the module first (its registrations)"""
+    env_kwargs: str = "{}"
+    """keyword arguments of gym.make, a JSON object such as '{"ctrl_cost_weight": 0.2}'"""
     total_timesteps: int = 1000000
     """total environment steps, summed over envs and processes"""
     learning_rate: float = 3e-4
@@ -147,14 +150,15 @@ PRESETS: dict[str, tuple[str, Args]] = {
 
 # Environment. Vector envs autoreset in NEXT_STEP mode: the step that ends an episode returns the true final
 # observation; the next step() resets that sub-env, ignores its action and returns (first obs, reward 0, no
-# termination). Those reset steps are masked out of the loss and the normalisers.
+# termination). Those reset steps are masked out of the loss and the normalisers. Dict and Tuple observations
+# arrive flattened into one vector (gymnasium's flatten_space and flatten).
 
 
-def make_envs(env_id: str, num_envs: int, render: bool = False) -> gym.vector.VectorEnv:
+def make_envs(env_id: str, num_envs: int, env_kwargs: str = "{}", render: bool = False) -> gym.vector.VectorEnv:
     """Synchronous vector env (MuJoCo steps take microseconds, less than a subprocess round trip)."""
-    kwargs = {"render_mode": "rgb_array"} if render else {}
+    kwargs = {**json.loads(env_kwargs), **({"render_mode": "rgb_array"} if render else {})}
     autoreset = {"autoreset_mode": AutoresetMode.NEXT_STEP}
-    return gym.make_vec(env_id, num_envs, vectorization_mode="sync", vector_kwargs=autoreset, wrappers=[WithoutStepInfo], **kwargs)
+    return gym.make_vec(env_id, num_envs, vectorization_mode="sync", vector_kwargs=autoreset, wrappers=[adapt_env], **kwargs)
 
 
 def flat_obs(obs: np.ndarray) -> np.ndarray:
@@ -218,7 +222,7 @@ class Agent(nn.Module):
 
 def build_agent(args: Args, device: torch.device) -> tuple[Agent, int, gym.spaces.Box]:
     """The agent for args.env_id; also the flat observation size and the action space."""
-    obs_space, action_space = resolve_env(args.env_id)
+    obs_space, action_space = resolve_env(args.env_id, args.env_kwargs)
     obs_dim = int(np.prod(obs_space.shape))
     agent = Agent(obs_dim, action_space.shape[0], args.hidden_sizes, args.activation, args.log_std_init, args.ortho_init)
     return agent.to(device), obs_dim, action_space
@@ -443,7 +447,7 @@ def train(args: Args) -> None:
     params = [flatten_parameters(agent)]  # one tensor: Adam, the gradient clip and the all-reduce act once each
     optimizer = FlatAdam(params, lr=args.learning_rate, eps=1e-5)  # torch's fused Adam, called straight (checked)
     broadcast_from_rank0(params, distributed)
-    envs = make_envs(args.env_id, args.num_envs)
+    envs = make_envs(args.env_id, args.num_envs, args.env_kwargs)
     normalizer = Normalizer(obs_dim, args.num_envs, args, distributed)
     raw_obs, _ = envs.reset(seed=args.seed + rank * args.num_envs)
     normalizer.update(flat_obs(raw_obs))
@@ -464,6 +468,7 @@ def train(args: Args) -> None:
 
     start_time, start_step = time.time(), global_step
     for iteration in range(start_iteration, num_iterations + 1):
+        guard.iteration = iteration
         # 1. Anneal the learning rate linearly to 0 over the run.
         if args.anneal_lr:
             frac = 1.0 - (iteration - 1.0) / num_iterations
@@ -482,6 +487,7 @@ def train(args: Args) -> None:
             carry.episode_return += reward
             carry.episode_length += ~carry.next_reset
             raw_flat = flat_obs(raw_obs)
+            guard.check_env_step(raw_flat, reward, global_step)  # a nan or inf from the simulator stops the run
             normalizer.update(raw_flat, reward, ~carry.next_reset, ended)
             carry.next_obs = normalizer.normalize_obs(raw_flat)
             if not args.bootstrap_truncation:
@@ -499,7 +505,6 @@ def train(args: Args) -> None:
         # 4. The clipped update: update_epochs epochs of shuffled minibatches.
         rollout = dict(obs=obs, actions=actions, logprobs=logprobs, values=values, advantages=advantages, returns=returns, valid=valid)
         batch = {k: torch.as_tensor(v, device=device).flatten(0, 1) for k, v in rollout.items()}
-        guard.iteration = iteration
         stats = ppo_update(agent, optimizer, params, batch, args, rng, world_size, guard)
         rollout_policies.check_on_policy(stats.pop("first_max_logratio"), iteration)
 
@@ -539,7 +544,7 @@ class Run:
     def __init__(self, args: Args, ckpt: Optional[dict], rank: int):
         self.args, self.rank = args, rank
         if ckpt is None:
-            self.run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+            self.run_name = f"{args.env_id.replace('/', '_').replace(':', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
             self.run_dir = os.path.join(args.runs_dir, self.run_name)
         else:
             self.run_name, self.run_dir = ckpt["run_name"], os.path.dirname(os.path.abspath(args.resume))
@@ -925,6 +930,7 @@ def evaluate(
     agent: Agent,
     normalizer: Normalizer,
     env_id: str,
+    env_kwargs: str,
     episodes: int,
     seed: int,
     device: torch.device,
@@ -933,7 +939,7 @@ def evaluate(
 ) -> list[float]:
     """Play whole episodes with the observation statistics frozen and return their raw returns; the policy
     acts with its mean unless stochastic. With video_path, the first episode is recorded."""
-    envs = make_envs(env_id, 1, render=video_path is not None)
+    envs = make_envs(env_id, 1, env_kwargs, render=video_path is not None)
     low, high = envs.single_action_space.low, envs.single_action_space.high
     obs, _ = envs.reset(seed=seed)
     returns, episode_return, frames = [], 0.0, []
@@ -960,7 +966,7 @@ def evaluate_final_policy(agent: Agent, normalizer: Normalizer, args: Args, run:
     video_path = os.path.join(run.run_dir, "videos", "eval.mp4") if args.capture_video else None
     if video_path is not None:
         os.makedirs(os.path.dirname(video_path), exist_ok=True)
-    returns = evaluate(agent, normalizer, args.env_id, args.eval_episodes, args.seed + 10_000, device, args.eval_stochastic, video_path)
+    returns = evaluate(agent, normalizer, args.env_id, args.env_kwargs, args.eval_episodes, args.seed + 10_000, device, args.eval_stochastic, video_path)
     run.log(global_step, {"eval/episodic_return": float(np.mean(returns)), "eval/episodic_return_std": float(np.std(returns))})
     print(f"eval: return {np.mean(returns):.2f} +- {np.std(returns):.2f} over {len(returns)} episodes")
     if run.wandb_run is not None and video_path is not None:
@@ -977,7 +983,7 @@ def evaluate_checkpoint(args: Args, device: torch.device) -> None:
     agent.load_state_dict(ckpt["agent"])
     normalizer = Normalizer(obs_dim, 1, trained)
     load_normalizer_state(normalizer, ckpt["normalizer"])
-    returns = evaluate(agent, normalizer, trained.env_id, max(args.eval_episodes, 1), args.seed, device, args.eval_stochastic, None)
+    returns = evaluate(agent, normalizer, trained.env_id, trained.env_kwargs, max(args.eval_episodes, 1), args.seed, device, args.eval_stochastic, None)
     print(f"eval {trained.env_id}: return {np.mean(returns):.2f} +- {np.std(returns):.2f} over {len(returns)} episodes")
 
 
@@ -1014,6 +1020,11 @@ def check_args(args: Args, world_size: int) -> tuple[int, int, int]:
             fail(f"--{name.replace('_', '-')} must lie in [0, 1], got {getattr(args, name)}")
     if args.target_kl is not None and not args.target_kl > 0:
         fail(f"--target-kl must be > 0 (or left unset), got {args.target_kl}")
+    try:
+        if not isinstance(json.loads(args.env_kwargs), dict):
+            raise ValueError("not an object")
+    except ValueError as e:
+        fail(f"--env-kwargs {args.env_kwargs!r} is not a JSON object ({e}); write e.g. '{{\"ctrl_cost_weight\": 0.2}}'")
     if any(h <= 0 for h in args.hidden_sizes):
         fail(f"--hidden-sizes must all be positive, got {' '.join(map(str, args.hidden_sizes))}")
     batch_size = args.num_envs * args.num_steps
@@ -1032,21 +1043,19 @@ def check_args(args: Args, world_size: int) -> tuple[int, int, int]:
     return batch_size, batch_size // args.num_minibatches, num_iterations
 
 
-def resolve_env(env_id: str) -> tuple[gym.spaces.Box, gym.spaces.Box]:
-    """Check that env_id exists and has a bounded 1-D Box action space and a Box observation space;
-    return (observation space, action space)."""
+def resolve_env(env_id: str, env_kwargs: str = "{}") -> tuple[gym.spaces.Box, gym.spaces.Box]:
+    """Check that env_id makes an env with a bounded 1-D Box action space and a Box observation space (Dict and
+    Tuple ones arrive flattened); return (observation space, action space). gymnasium's own error otherwise."""
     if env_id.startswith("ALE/") or "NoFrameskip" in env_id:
         fail(f"--env-id {env_id} is an Atari game with a Discrete action space; use ppo_discrete.py")
     try:
-        gym.spec(env_id)
-    except gym.error.Error:
-        fail(f"--env-id {env_id} is not a registered gymnasium id; MuJoCo ids look like HalfCheetah-v5")
-    try:
-        env = gym.make(env_id)
-    except gym.error.DependencyNotInstalled as e:
-        fail(f"--env-id {env_id} needs a package that is missing ({str(e).splitlines()[0]})")
-    obs_space, action_space = env.observation_space, env.action_space
-    env.close()
+        with warnings.catch_warnings():  # its warnings come again when the run makes its envs; here only the error
+            warnings.simplefilter("ignore")
+            envs = make_envs(env_id, 1, env_kwargs)
+    except Exception as e:  # a missing module or package, a deprecated version, a keyword the env does not take
+        fail(f"--env-id {env_id}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    obs_space, action_space = envs.single_observation_space, envs.single_action_space
+    envs.close()
     if not isinstance(action_space, gym.spaces.Box):
         hint = "; use ppo_discrete.py" if isinstance(action_space, (gym.spaces.Discrete, gym.spaces.MultiDiscrete)) else ""
         fail(f"--env-id {env_id} has a {type(action_space).__name__} action space; ppo_continuous.py needs a Box{hint}")
@@ -1055,7 +1064,7 @@ def resolve_env(env_id: str) -> tuple[gym.spaces.Box, gym.spaces.Box]:
     if not (np.all(np.isfinite(action_space.low)) and np.all(np.isfinite(action_space.high))):
         fail(f"--env-id {env_id} has an unbounded Box action space; ppo_continuous.py clips actions to finite bounds")
     if not isinstance(obs_space, gym.spaces.Box):
-        fail(f"--env-id {env_id} has a {type(obs_space).__name__} observation space; only Box is supported")
+        fail(f"--env-id {env_id} has a {type(obs_space).__name__} observation space; Box, Dict and Tuple are supported")
     return obs_space, action_space
 
 
@@ -1090,6 +1099,25 @@ def env_state(envs: gym.vector.SyncVectorEnv) -> bytes:
 
 def restore_env_state(envs: gym.vector.SyncVectorEnv, state: bytes) -> None:
     envs.envs, envs._autoreset_envs = pickle.loads(state)
+
+
+class FlattenObservation(gym.ObservationWrapper):
+    """gymnasium's FlattenObservation (flatten_space and flatten) as a class: gymnasium's holds a lambda, which
+    cannot be pickled into a checkpoint."""
+
+    def __init__(self, env: gym.Env):
+        super().__init__(env)
+        self.observation_space = gym.spaces.flatten_space(env.observation_space)
+
+    def observation(self, observation):
+        return gym.spaces.flatten(self.env.observation_space, observation)
+
+
+def adapt_env(env: gym.Env) -> gym.Env:
+    """Each sub-env as the script reads it: Dict and Tuple observations flattened, step() without its info dict."""
+    if isinstance(env.observation_space, (gym.spaces.Dict, gym.spaces.Tuple)):
+        env = FlattenObservation(env)
+    return WithoutStepInfo(env)
 
 
 class WithoutStepInfo(gym.Wrapper):
@@ -1249,6 +1277,15 @@ class NonFiniteGuard:
         at most, so a weight can only turn non-finite by way of the numbers checked at every step."""
         if not all(bool(torch.isfinite(p).all()) for p in params):
             stop_non_finite(self.run, "weights", f"iteration {self.iteration} (epoch {epoch + 1}, after its last minibatch)")
+
+    def check_env_step(self, obs: np.ndarray, reward: np.ndarray, global_step: int) -> None:
+        """A simulator that blew up (a nan or an inf in an observation or a reward) stops the run, naming it."""
+        if math.isfinite(obs.sum() + reward.sum()):
+            return
+        for what, values in (("observation", obs), ("reward", reward)):
+            for index in np.argwhere(~np.isfinite(values))[:1]:
+                source = f"{what} {values[tuple(index)]} from {self.run.args.env_id} (sub-env {index[0]})"
+                stop_non_finite(self.run, source, f"global_step {global_step} (iteration {self.iteration})")
 
     def take_count(self) -> int:
         """Skipped steps since the last call (one update)."""

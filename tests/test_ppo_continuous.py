@@ -1182,3 +1182,94 @@ def test_exp_name_comes_from_the_file_name(tmp_path):
     proc = subprocess.run([sys.executable, "-c", "import ppo_dualclip; print(ppo_dualclip.Args().exp_name)"], cwd=tmp_path, capture_output=True, text=True)
     assert proc.stdout.strip() == "ppo_dualclip", proc.stderr
     assert ppo.Args().exp_name == "ppo_continuous"
+
+
+# ---------------------------------------------------------------- the environments researchers bring
+
+TEST_ENVS = '''
+import gymnasium as gym
+import numpy as np
+
+
+class DictGoal(gym.Env):
+    """A point moved towards a goal: Dict observations (point, goal of `goals` numbers, a mode); blow_up_at makes
+    the observation or the reward of that step (counted over the env's life) non-finite."""
+
+    def __init__(self, goals=2, blow_up_at=None, blow_up="observation"):
+        box = lambda n: gym.spaces.Box(-5, 5, (n,), np.float32)
+        self.observation_space = gym.spaces.Dict({"pos": box(2), "goal": box(goals), "mode": gym.spaces.Discrete(3)})
+        self.action_space = gym.spaces.Box(-1, 1, (2,), np.float32)
+        self.blow_up_at, self.blow_up, self.steps = blow_up_at, blow_up, 0
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.pos, self.t = np.zeros(2, np.float32), 0
+        self.goal = self.np_random.uniform(-2, 2, self.observation_space["goal"].shape).astype(np.float32)
+        return {"pos": self.pos.copy(), "goal": self.goal.copy(), "mode": 0}, {}
+
+    def step(self, action):
+        self.t, self.steps = self.t + 1, self.steps + 1
+        self.pos = np.clip(self.pos + 0.2 * action, -5, 5).astype(np.float32)
+        obs, reward = {"pos": self.pos.copy(), "goal": self.goal.copy(), "mode": self.t % 3}, -float(np.abs(self.pos - self.goal[:2]).sum())
+        if self.steps == self.blow_up_at and self.blow_up == "observation":
+            obs["pos"][1] = np.nan
+        if self.steps == self.blow_up_at and self.blow_up == "reward":
+            reward = float("inf")
+        return obs, reward, False, False, {}
+
+
+gym.register("DictGoal-v0", entry_point=DictGoal, max_episode_steps=50)
+'''
+
+
+@pytest.fixture
+def test_envs(tmp_path, monkeypatch):
+    """A module of the researcher's own, importable by the script (`test_envs:DictGoal-v0`)."""
+    (tmp_path / "test_envs.py").write_text(TEST_ENVS)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    return "test_envs:DictGoal-v0"
+
+
+def test_a_module_env_with_dict_observations_and_kwargs_trains_checkpoints_resumes_and_evaluates(test_envs, tmp_path):
+    flags = ["--env-id", test_envs, "--env-kwargs", '{"goals": 3}', "--num-steps", "64", "--num-minibatches", "2",
+             "--update-epochs", "2", "--total-timesteps", "256", "--eval-episodes", "2", "--runs-dir", str(tmp_path / "runs")]  # fmt: skip
+    assert "eval: return" in run_script("ppo_continuous.py", *flags).stdout
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert run_dir.name.startswith("test_envs_DictGoal-v0__ppo_continuous__1__")  # no ':' or '/' in folder names
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    # The normaliser reads the flat vector: the point (2), the goal of 3 (--env-kwargs) and the mode one-hot (3).
+    assert ckpt["normalizer"]["obs_rms"]["mean"].shape == (8,) and ckpt["args"]["env_kwargs"] == '{"goals": 3}'
+    resumed = run_script("ppo_continuous.py", "--resume", str(run_dir / "checkpoint.pt"), "--eval-episodes", "2")
+    assert "eval: return" in resumed.stdout  # the pickled envs came back; the trained policy evaluated
+    evaluated = run_script("ppo_continuous.py", "--eval-checkpoint", str(run_dir / "checkpoint.pt"), "--eval-episodes", "2")
+    assert f"eval {test_envs}: return" in evaluated.stdout
+
+
+@pytest.mark.parametrize(
+    "flags, needle",
+    [
+        (["--env-id", "nope_module:Nope-v0"], "--env-id nope_module:Nope-v0: No module named 'nope_module'"),
+        (["--env-id", "Taxi-v3"], "--env-id Taxi-v3: Environment version v3 for `Taxi` is deprecated. Please use `Taxi-v4`"),
+        (["--env-id", "test_envs:DictGoal-v0", "--env-kwargs", '{"nope": 1}'], "unexpected keyword argument 'nope'"),
+        (["--env-id", "test_envs:DictGoal-v0", "--env-kwargs", "{goals: 3}"], "--env-kwargs '{goals: 3}' is not a JSON object"),
+    ],
+)  # fmt: skip
+def test_env_errors_are_gymnasium_s_own_in_one_line(flags, needle, test_envs, tmp_path):
+    assert_one_line_error("ppo_continuous.py", flags, needle, tmp_path / "runs")
+
+
+@pytest.mark.parametrize("blow_up, value", [("observation", "nan"), ("reward", "inf")])
+def test_a_simulator_that_blows_up_stops_the_run_and_keeps_the_last_checkpoint(blow_up, value, test_envs, tmp_path):
+    kwargs = json.dumps({"blow_up_at": 150, "blow_up": blow_up})
+    flags = ["--env-id", test_envs, "--env-kwargs", kwargs, "--num-steps", "64", "--num-minibatches", "2",
+             "--total-timesteps", "640", "--save-every", "1", "--runs-dir", str(tmp_path / "runs")]  # fmt: skip
+    proc = run_script("ppo_continuous.py", *flags, check=False)
+    (ckpt_path,) = (tmp_path / "runs").glob("*/checkpoint.pt")
+    # The env's 150th step is global step 152 (two reset steps before it), in iteration 3.
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == (
+        f"error: non-finite {blow_up} {value} from {test_envs} (sub-env 0) at global_step 152 (iteration 3); "
+        f"stopped, last good checkpoint kept: {ckpt_path}"
+    )
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    assert ckpt["iteration"] == 2 and all(torch.isfinite(t).all() for t in ckpt["agent"].values())
