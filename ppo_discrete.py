@@ -125,21 +125,12 @@ def make_envs(env_id: str, num_envs: int, render: bool = False) -> gym.vector.Ve
         from ale_py.vector_env import AtariVectorEnv
 
         kwargs = gym.spec(env_id).kwargs
-        return AtariVectorEnv(
-            game=kwargs["game"],
-            num_envs=num_envs,
-            repeat_action_probability=kwargs.get("repeat_action_probability", 0.25),
-            autoreset_mode=AutoresetMode.NEXT_STEP,
-            reward_clipping=False,
-            episodic_life=False,
-        )
-    return gym.make_vec(
-        env_id,
-        num_envs=num_envs,
-        vectorization_mode="sync",
-        vector_kwargs={"autoreset_mode": AutoresetMode.NEXT_STEP},
-        **({"render_mode": "rgb_array"} if render else {}),
-    )
+        sticky = kwargs.get("repeat_action_probability", 0.25)
+        return AtariVectorEnv(kwargs["game"], num_envs, repeat_action_probability=sticky, autoreset_mode=AutoresetMode.NEXT_STEP,
+                              reward_clipping=False, episodic_life=False)  # fmt: skip
+    vector_kwargs = {"autoreset_mode": AutoresetMode.NEXT_STEP}
+    render_kwargs = {"render_mode": "rgb_array"} if render else {}
+    return gym.make_vec(env_id, num_envs, vectorization_mode="sync", vector_kwargs=vector_kwargs, **render_kwargs)
 
 
 # The network.
@@ -351,8 +342,7 @@ def train(args: Args) -> None:
     set_num_threads(args.num_threads, small_network=not atari)
     batch_size, minibatch_size, num_iterations = check_args(args, world_size)
 
-    # Each process gets its own env seeds, action noise and minibatch order (all drawn from rng); parameters
-    # are broadcast from rank 0 below, so all processes start from the same network.
+    # Per-process env seeds, action noise and minibatch order (rng); rank 0's parameters are broadcast below.
     rng = seed_everything(args.seed + rank, args.torch_deterministic)
 
     envs = make_envs(args.env_id, args.num_envs)
@@ -365,20 +355,15 @@ def train(args: Args) -> None:
     # Rollout storage in numpy; step t is the transition obs[t] -> obs[t+1]. It moves to the device
     # once per iteration, not once per step.
     obs = np.zeros((args.num_steps, args.num_envs) + obs_space.shape, dtype=np.uint8 if atari else np.float32)
-    rewards, terminated, truncated, valid, logprobs, values = (
-        np.zeros((args.num_steps, args.num_envs), np.float32) for _ in range(6)
-    )
+    rewards, terminated, truncated, valid, logprobs, values = (np.zeros((args.num_steps, args.num_envs), np.float32) for _ in range(6))
     actions = np.zeros((args.num_steps, args.num_envs), dtype=np.int64)
 
     carry = Carry.start(envs.reset(seed=args.seed + rank * args.num_envs)[0])
     start_iteration, global_step, carry = restore_checkpoint(ckpt, agent, optimizer, envs, rng, carry, rank, world_size)
     logger = Logger(args, ckpt, rank)
     policy, guard = RolloutPolicy(agent, device, rng), NonFiniteGuard(logger.checkpoint_path)
-    print0(
-        f"{logger.run_name}: {num_iterations} iterations of {batch_size} steps x {world_size} process(es), "
-        f"{args.num_minibatches} minibatches of {minibatch_size}, {args.update_epochs} epochs, "
-        f"device {device} ({device_reason}), {torch.get_num_threads()} torch thread(s)"
-    )
+    print0(f"{logger.run_name}: {num_iterations} iterations of {batch_size} steps x {world_size} process(es), {args.num_minibatches} "
+           f"minibatches of {minibatch_size}, {args.update_epochs} epochs, device {device} ({device_reason}), {torch.get_num_threads()} torch thread(s)")  # fmt: skip
     stop_requested = install_stop_handlers(device)
 
     for iteration in range(start_iteration, num_iterations + 1):
@@ -397,8 +382,7 @@ def train(args: Args) -> None:
             actions[step], logprobs[step], values[step] = policy.act(carry.next_obs)
             carry.next_obs, reward, term, trunc, info = envs.step(actions[step])
             ended = term | trunc
-            carry.episode_return += reward
-            carry.episode_length += ~carry.next_reset
+            logger.episodes(global_step, carry, reward, ended)
             if atari:
                 # Episodic life: a lost life ends the trace for GAE; the game itself goes on.
                 life_lost = (info["lives"] < carry.lives) & ~carry.next_reset
@@ -407,9 +391,6 @@ def train(args: Args) -> None:
                 reward = np.sign(reward)
             rewards[step], terminated[step], truncated[step] = reward, term, trunc & ~term
             carry.next_reset = ended
-            for i in np.flatnonzero(ended):
-                logger.episode(global_step, carry.episode_return[i], carry.episode_length[i])
-            carry.episode_return[ended], carry.episode_length[ended] = 0.0, 0
 
         # 3. Generalized advantage estimation, bootstrapped from the observation after the rollout.
         next_value = policy.value(carry.next_obs)
@@ -432,13 +413,7 @@ def train(args: Args) -> None:
         if stop:
             exit_interrupted(logger, global_step, envs)
 
-    envs.close()
-    if distributed:
-        check_parameters_identical(agent)
-    if rank == 0 and args.eval_episodes > 0:
-        evaluate_and_log(agent, args, device, logger, global_step)
-    logger.finish()
-    leave_process_group()
+    finish(agent, args, device, logger, envs, global_step)
 
 
 # Infrastructure: nothing below changes what PPO computes; a research copy can drop what it does not need.
@@ -512,9 +487,15 @@ class Logger:
         if self.wandb_run is not None:
             self.wandb_run.log(record)
 
-    def episode(self, global_step: int, episode_return: float, episode_length: int) -> None:
-        self.recent_returns.append(episode_return)
-        self.log(global_step, {"charts/episodic_return": float(episode_return), "charts/episodic_length": int(episode_length)})
+    def episodes(self, global_step: int, carry: "Carry", reward: np.ndarray, ended: np.ndarray) -> None:
+        """Count a step into each env's episode (its raw reward; an autoreset step adds no length) and log the
+        episodes that ended with it."""
+        carry.episode_return += reward
+        carry.episode_length += ~carry.next_reset
+        for i in np.flatnonzero(ended):
+            self.recent_returns.append(carry.episode_return[i])
+            self.log(global_step, {"charts/episodic_return": float(carry.episode_return[i]), "charts/episodic_length": int(carry.episode_length[i])})
+        carry.episode_return[ended], carry.episode_length[ended] = 0.0, 0
 
     def iteration(self, iteration: int, num_iterations: int, global_step: int, metrics: dict) -> None:
         """Log an iteration's metrics and the throughput; print the progress line about 100 times a run."""
@@ -787,7 +768,18 @@ def leave_process_group() -> None:
         time.sleep(0.1)
 
 
-# Evaluation and video.
+# The end of a run, evaluation and video.
+
+
+def finish(agent: Agent, args: Args, device: torch.device, logger: Logger, envs: gym.vector.VectorEnv, global_step: int) -> None:
+    """Close the envs; under torchrun check that all processes hold the same parameters; evaluate on rank 0."""
+    envs.close()
+    if dist.is_initialized():
+        check_parameters_identical(agent)
+    if logger.rank == 0 and args.eval_episodes > 0:
+        evaluate_and_log(agent, args, device, logger, global_step)
+    logger.finish()
+    leave_process_group()
 
 
 def evaluate(
