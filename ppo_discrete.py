@@ -9,6 +9,7 @@ Details of PPO").
 """
 
 import json
+import math
 import os
 import pickle
 import random
@@ -124,21 +125,12 @@ def make_envs(env_id: str, num_envs: int, render: bool = False) -> gym.vector.Ve
         from ale_py.vector_env import AtariVectorEnv
 
         kwargs = gym.spec(env_id).kwargs
-        return AtariVectorEnv(
-            game=kwargs["game"],
-            num_envs=num_envs,
-            repeat_action_probability=kwargs.get("repeat_action_probability", 0.25),
-            autoreset_mode=AutoresetMode.NEXT_STEP,
-            reward_clipping=False,
-            episodic_life=False,
-        )
-    return gym.make_vec(
-        env_id,
-        num_envs=num_envs,
-        vectorization_mode="sync",
-        vector_kwargs={"autoreset_mode": AutoresetMode.NEXT_STEP},
-        **({"render_mode": "rgb_array"} if render else {}),
-    )
+        sticky = kwargs.get("repeat_action_probability", 0.25)
+        return AtariVectorEnv(kwargs["game"], num_envs, repeat_action_probability=sticky, autoreset_mode=AutoresetMode.NEXT_STEP,
+                              reward_clipping=False, episodic_life=False)  # fmt: skip
+    vector_kwargs = {"autoreset_mode": AutoresetMode.NEXT_STEP}
+    render_kwargs = {"render_mode": "rgb_array"} if render else {}
+    return gym.make_vec(env_id, num_envs, vectorization_mode="sync", vector_kwargs=vector_kwargs, **render_kwargs)
 
 
 # The network.
@@ -200,17 +192,25 @@ class Agent(nn.Module):
         hidden = self.encoder(x)
         return self.actor(hidden), self.critic(hidden).squeeze(-1)
 
+    # The policy, defined once: the rollout, the update and evaluation all act through the methods below.
 
-def rollout_policy(agent: Agent, device: torch.device, obs: np.ndarray) -> Callable[[np.ndarray], tuple[np.ndarray, ...]]:
-    """obs -> (logits, values) in numpy, for acting. An MLP agent acts through its numpy copy (the
-    per-op overhead of torch dominates at this size) when that copy reproduces agent(obs)."""
+    def distribution(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """log pi(.|obs) [B, A] (log-softmax of the logits) and V(obs) [B]."""
+        logits, value = self(obs)
+        return logits.log_softmax(-1), value
 
-    @torch.no_grad()
-    def forward(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        logits, values = agent(torch.as_tensor(x, device=device))
-        return logits.cpu().numpy(), values.cpu().numpy()
+    def get_value(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.distribution(obs)[1]
 
-    return forward if agent.pixels else checked_numpy_copy(agent, forward, obs) or forward
+    def get_action_and_value(self, obs: torch.Tensor, action: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, ...]:
+        """(action, log pi(action|obs), entropy of pi(.|obs), V(obs)); the action is sampled when not given."""
+        logp, value = self.distribution(obs)
+        if action is None:
+            action = torch.multinomial(logp.exp(), 1).squeeze(-1)
+        return action, logp.gather(-1, action.unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1), value
+
+    def greedy_action(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.distribution(obs)[0].argmax(-1)
 
 
 # PPO maths: small functions the tests check against naive reference code.
@@ -255,20 +255,6 @@ def kl_estimators(logratio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return -logratio, (ratio - 1) - logratio
 
 
-def logprob_and_entropy(logits: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """log pi(a|s) of the given actions and the entropy of pi(.|s), from unnormalised logits."""
-    logp = logits.log_softmax(-1)
-    return logp.gather(-1, actions.unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1)
-
-
-def sample_categorical(logits: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """One action per row drawn from softmax(logits) by the Gumbel-max trick, and its log-probability."""
-    actions = (logits - np.log(-np.log(rng.random(logits.shape, dtype=np.float32)))).argmax(-1)
-    shifted = logits - logits.max(-1, keepdims=True)
-    logp = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
-    return actions, np.take_along_axis(logp, actions[:, None], -1)[:, 0]
-
-
 def explained_variance(values: np.ndarray, returns: np.ndarray) -> float:
     """1 - Var[returns - values] / Var[returns]; nan when the returns do not vary."""
     var_returns = np.var(returns)
@@ -276,19 +262,22 @@ def explained_variance(values: np.ndarray, returns: np.ndarray) -> float:
 
 
 def ppo_update(
-    agent: Agent, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor], args: Args, rng: np.random.Generator
-) -> dict[str, float]:
-    """One PPO update: args.update_epochs epochs of args.num_minibatches shuffled minibatches over the
-    batch (keys obs, actions, logprobs, values, advantages, returns). Returns the mean losses/* stats."""
+    agent: Agent, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor], args: Args, rng: np.random.Generator,
+    guard: "NonFiniteGuard",
+) -> tuple[dict[str, float], float]:  # fmt: skip
+    """One PPO update: args.update_epochs epochs of args.num_minibatches shuffled minibatches over the batch (keys
+    obs, actions, logprobs, values, advantages, returns). Returns the losses/* stats, means over the minibatches,
+    and max |log-ratio| of the first minibatch before any step: ~0 when the rollout acted with this very policy."""
     stats = {k: [] for k in ("policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac")}
     for epoch in range(args.update_epochs):
         perm = torch.as_tensor(rng.permutation(len(batch["actions"])), device=batch["actions"].device)
-        for mb in perm.tensor_split(args.num_minibatches):
-            logits, new_value = agent(batch["obs"][mb])
-            new_logprob, entropy = logprob_and_entropy(logits, batch["actions"][mb])
+        for m, mb in enumerate(perm.tensor_split(args.num_minibatches)):
+            _, new_logprob, entropy, new_value = agent.get_action_and_value(batch["obs"][mb], batch["actions"][mb])
             logratio = new_logprob - batch["logprobs"][mb]
             ratio = logratio.exp()
             with torch.no_grad():
+                if epoch == m == 0:
+                    first_logratio = logratio.abs().max().item()
                 old_kl, kl = kl_estimators(logratio)
                 stats["old_approx_kl"].append(old_kl.mean())
                 stats["approx_kl"].append(kl.mean())
@@ -306,7 +295,9 @@ def ppo_update(
             loss.backward()
             if dist.is_initialized():  # torchrun: every process applies the mean gradient
                 average_gradients(agent)
-            nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+            grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+            if guard.skip(loss, grad_norm, agent, epoch, m):  # a non-finite loss or gradient is never stepped
+                continue
             optimizer.step()
             stats["policy_loss"].append(pg_loss.detach())
             stats["value_loss"].append(v_loss.detach())
@@ -318,7 +309,9 @@ def ppo_update(
                 epoch_kl = mean_across_ranks(epoch_kl)
             if epoch_kl > args.target_kl:
                 break
-    return {f"losses/{k}": torch.stack(v).mean().item() for k, v in stats.items()}
+    guard.check_weights(agent, epoch, m)
+    means = {f"losses/{k}": torch.stack(v).mean().item() if v else float("nan") for k, v in stats.items()}
+    return {**means, "losses/skipped_steps": guard.skipped}, first_logratio
 
 
 # Training.
@@ -349,13 +342,8 @@ def train(args: Args) -> None:
     set_num_threads(args.num_threads, small_network=not atari)
     batch_size, minibatch_size, num_iterations = check_args(args, world_size)
 
-    # Seeding: each process gets its own env seeds, action noise and minibatch order (all drawn from
-    # rng); parameters are broadcast from rank 0 below, so all processes start from the same network.
-    random.seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
-    torch.manual_seed(args.seed + rank)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    rng = np.random.default_rng(args.seed + rank)
+    # Per-process env seeds, action noise and minibatch order (rng); rank 0's parameters are broadcast below.
+    rng = seed_everything(args.seed + rank, args.torch_deterministic)
 
     envs = make_envs(args.env_id, args.num_envs)
     obs_space = envs.single_observation_space
@@ -367,19 +355,15 @@ def train(args: Args) -> None:
     # Rollout storage in numpy; step t is the transition obs[t] -> obs[t+1]. It moves to the device
     # once per iteration, not once per step.
     obs = np.zeros((args.num_steps, args.num_envs) + obs_space.shape, dtype=np.uint8 if atari else np.float32)
-    rewards, terminated, truncated, valid, logprobs, values = (
-        np.zeros((args.num_steps, args.num_envs), np.float32) for _ in range(6)
-    )
+    rewards, terminated, truncated, valid, logprobs, values = (np.zeros((args.num_steps, args.num_envs), np.float32) for _ in range(6))
     actions = np.zeros((args.num_steps, args.num_envs), dtype=np.int64)
 
     carry = Carry.start(envs.reset(seed=args.seed + rank * args.num_envs)[0])
     start_iteration, global_step, carry = restore_checkpoint(ckpt, agent, optimizer, envs, rng, carry, rank, world_size)
     logger = Logger(args, ckpt, rank)
-    print0(
-        f"{logger.run_name}: {num_iterations} iterations of {batch_size} steps x {world_size} process(es), "
-        f"{args.num_minibatches} minibatches of {minibatch_size}, {args.update_epochs} epochs, "
-        f"device {device} ({device_reason}), {torch.get_num_threads()} torch thread(s)"
-    )
+    policy, guard = RolloutPolicy(agent, device, rng), NonFiniteGuard(logger.checkpoint_path)
+    print0(f"{logger.run_name}: {num_iterations} iterations of {batch_size} steps x {world_size} process(es), {args.num_minibatches} "
+           f"minibatches of {minibatch_size}, {args.update_epochs} epochs, device {device} ({device_reason}), {torch.get_num_threads()} torch thread(s)")  # fmt: skip
     stop_requested = install_stop_handlers(device)
 
     for iteration in range(start_iteration, num_iterations + 1):
@@ -388,18 +372,17 @@ def train(args: Args) -> None:
             frac = 1.0 - (iteration - 1.0) / num_iterations
             optimizer.param_groups[0]["lr"] = frac * args.learning_rate
 
-        # 2. Rollout: num_steps steps of num_envs envs with the current policy.
-        policy = rollout_policy(agent, device, carry.next_obs)
+        # 2. Rollout: num_steps steps of num_envs envs with the current policy (Agent.get_action_and_value,
+        # or for the MLP its numpy copy, checked against it on these observations).
+        policy.refresh(carry.next_obs)
         for step in range(args.num_steps):
             global_step += args.num_envs * world_size
             obs[step] = carry.next_obs
             valid[step] = ~carry.next_reset  # an autoreset step is no transition of the policy's
-            logits, values[step] = policy(carry.next_obs)
-            actions[step], logprobs[step] = sample_categorical(logits, rng)
+            actions[step], logprobs[step], values[step] = policy.act(carry.next_obs)
             carry.next_obs, reward, term, trunc, info = envs.step(actions[step])
             ended = term | trunc
-            carry.episode_return += reward
-            carry.episode_length += ~carry.next_reset
+            logger.episodes(global_step, carry, reward, ended)
             if atari:
                 # Episodic life: a lost life ends the trace for GAE; the game itself goes on.
                 life_lost = (info["lives"] < carry.lives) & ~carry.next_reset
@@ -408,19 +391,17 @@ def train(args: Args) -> None:
                 reward = np.sign(reward)
             rewards[step], terminated[step], truncated[step] = reward, term, trunc & ~term
             carry.next_reset = ended
-            for i in np.flatnonzero(ended):
-                logger.episode(global_step, carry.episode_return[i], carry.episode_length[i])
-            carry.episode_return[ended], carry.episode_length[ended] = 0.0, 0
 
         # 3. Generalized advantage estimation, bootstrapped from the observation after the rollout.
-        next_value = policy(carry.next_obs)[1]
+        next_value = policy.value(carry.next_obs)
         advantages, returns = compute_gae(rewards, values, next_value, terminated, truncated, args.gamma, args.gae_lambda)
 
         # 4. The clipped update on the batch, without the autoreset steps (no decisions of the policy's).
         keep = np.flatnonzero(valid.reshape(-1))
         rollout = dict(obs=obs, actions=actions, logprobs=logprobs, values=values, advantages=advantages, returns=returns)
         batch = {k: torch.as_tensor(x.reshape((-1,) + x.shape[2:])[keep], device=device) for k, x in rollout.items()}
-        stats = ppo_update(agent, optimizer, batch, args, rng)
+        stats, first_logratio = ppo_update(agent, optimizer, batch, args, rng, guard.at(iteration))
+        policy.check_on_policy(first_logratio, iteration)
 
         # 5. Log; checkpoint every --save-every iterations, at the end and when asked to stop.
         stats["losses/explained_variance"] = explained_variance(values.reshape(-1)[keep], returns.reshape(-1)[keep])
@@ -432,13 +413,7 @@ def train(args: Args) -> None:
         if stop:
             exit_interrupted(logger, global_step, envs)
 
-    envs.close()
-    if distributed:
-        check_parameters_identical(agent)
-    if rank == 0 and args.eval_episodes > 0:
-        evaluate_and_log(agent, args, device, logger, global_step)
-    logger.finish()
-    leave_process_group()
+    finish(agent, args, device, logger, envs, global_step)
 
 
 # Infrastructure: nothing below changes what PPO computes; a research copy can drop what it does not need.
@@ -446,10 +421,10 @@ def train(args: Args) -> None:
 # and video, argument checks, env pickling, the numpy fast path of the rollout.
 
 
-def print0(*values) -> None:
+def print0(*values, file=None) -> None:
     """print on rank 0 only: under torchrun every process runs the same code."""
     if not dist.is_initialized() or dist.get_rank() == 0:
-        print(*values, flush=True)
+        print(*values, file=file, flush=True)
 
 
 NOTED: set[str] = set()
@@ -512,9 +487,15 @@ class Logger:
         if self.wandb_run is not None:
             self.wandb_run.log(record)
 
-    def episode(self, global_step: int, episode_return: float, episode_length: int) -> None:
-        self.recent_returns.append(episode_return)
-        self.log(global_step, {"charts/episodic_return": float(episode_return), "charts/episodic_length": int(episode_length)})
+    def episodes(self, global_step: int, carry: "Carry", reward: np.ndarray, ended: np.ndarray) -> None:
+        """Count a step into each env's episode (its raw reward; an autoreset step adds no length) and log the
+        episodes that ended with it."""
+        carry.episode_return += reward
+        carry.episode_length += ~carry.next_reset
+        for i in np.flatnonzero(ended):
+            self.recent_returns.append(carry.episode_return[i])
+            self.log(global_step, {"charts/episodic_return": float(carry.episode_return[i]), "charts/episodic_length": int(carry.episode_length[i])})
+        carry.episode_return[ended], carry.episode_length[ended] = 0.0, 0
 
     def iteration(self, iteration: int, num_iterations: int, global_step: int, metrics: dict) -> None:
         """Log an iteration's metrics and the throughput; print the progress line about 100 times a run."""
@@ -550,7 +531,12 @@ def save_checkpoint(
     logger: Logger, args: Args, agent: Agent, optimizer: torch.optim.Optimizer, iteration: int, global_step: int,
     carry: Carry, rng: np.random.Generator, envs: gym.vector.VectorEnv,
 ) -> None:  # fmt: skip
-    """Every rank hands in its resume state; rank 0 writes the checkpoint atomically (tmp + rename)."""
+    """Every rank hands in its resume state; rank 0 writes the checkpoint atomically (tmp + rename). Non-finite
+    weights or optimizer state stop the run instead (every rank holds the same)."""
+    for name, tensors in (("weight", agent.state_dict().items()), ("optimizer state", optimizer_tensors(optimizer))):
+        bad = first_nonfinite(tensors)
+        if bad is not None:
+            stop_nonfinite(f"{name} {bad}", iteration, "at the checkpoint, not written", logger.checkpoint_path)
     mine = {"carry": vars(carry), "rng": rng.bit_generator.state, "global_rngs": rng_state(), "envs": env_state(envs)}
     ranks = [mine]
     if dist.is_initialized():
@@ -571,8 +557,15 @@ def save_checkpoint(
         "resume_state": pickle.dumps(ranks),
     }
     tmp = f"{logger.checkpoint_path}.tmp"
-    torch.save(state, tmp)
+    with open(tmp, "wb") as f:  # on disk before the rename, so a crash leaves the old or the new checkpoint whole
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, logger.checkpoint_path)
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[tuple[str, torch.Tensor]]:
+    return [(f"{i}.{k}", t) for i, state in optimizer.state_dict()["state"].items() for k, t in state.items()]
 
 
 def load_checkpoint(path: str, flag: str, keys: tuple[str, ...] = CHECKPOINT_KEYS) -> dict:
@@ -625,6 +618,15 @@ def restore_checkpoint(
             restore_env_state(envs, mine["envs"])
             carry = Carry(**mine["carry"])
     return ckpt["iteration"] + 1, ckpt["global_step"], carry
+
+
+def seed_everything(seed: int, torch_deterministic: bool) -> np.random.Generator:
+    """Seed python, numpy and torch; return the run's own numpy generator (action noise, minibatch order)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = torch_deterministic
+    return np.random.default_rng(seed)
 
 
 def rng_state() -> dict:
@@ -766,7 +768,18 @@ def leave_process_group() -> None:
         time.sleep(0.1)
 
 
-# Evaluation and video.
+# The end of a run, evaluation and video.
+
+
+def finish(agent: Agent, args: Args, device: torch.device, logger: Logger, envs: gym.vector.VectorEnv, global_step: int) -> None:
+    """Close the envs; under torchrun check that all processes hold the same parameters; evaluate on rank 0."""
+    envs.close()
+    if dist.is_initialized():
+        check_parameters_identical(agent)
+    if logger.rank == 0 and args.eval_episodes > 0:
+        evaluate_and_log(agent, args, device, logger, global_step)
+    logger.finish()
+    leave_process_group()
 
 
 def evaluate(
@@ -775,16 +788,16 @@ def evaluate(
     """Play whole episodes (whole games for Atari) and return their undiscounted, unclipped returns.
     With video_path, the first episode is recorded: rendered frames, or what the agent sees on Atari."""
     envs = make_envs(env_id, 1, render=video_path is not None and not is_atari(env_id))
-    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
     obs, _ = envs.reset(seed=seed)
-    policy = rollout_policy(agent, device, obs)
     returns, episode_return, frames = [], 0.0, []
     while len(returns) < episodes:
         if video_path is not None and not returns:
             frames.append(obs[0, -1] if is_atari(env_id) else envs.render()[0])
-        logits, _ = policy(obs)
-        action = sample_categorical(logits, rng)[0] if stochastic else logits.argmax(-1)
-        obs, reward, terminated, truncated, _ = envs.step(action)
+        with torch.no_grad():
+            x = torch.as_tensor(obs, device=device)
+            action = agent.get_action_and_value(x)[0] if stochastic else agent.greedy_action(x)
+        obs, reward, terminated, truncated, _ = envs.step(action.cpu().numpy())
         episode_return += float(reward[0])
         if terminated[0] or truncated[0]:
             returns.append(episode_return)
@@ -900,44 +913,50 @@ def check_args(args: Args, world_size: int) -> tuple[int, int, int]:
 
 
 def env_state(envs: gym.vector.VectorEnv) -> Optional[bytes]:
-    """Pickled sub-envs of a SyncVectorEnv (episodes in progress, their RNGs); None for envs that
-    cannot be pickled (ale-py's C++ envs)."""
+    """A SyncVectorEnv's state pickled (its sub-envs: episodes in progress and their RNGs; which of them reset at
+    the next step), all but the functions that built it; None, after a note, for envs that cannot be pickled."""
     if not isinstance(envs, gym.vector.SyncVectorEnv):
+        return None  # ale-py's C++ envs
+    try:
+        return pickle.dumps({k: v for k, v in vars(envs).items() if k != "env_fns"})
+    except Exception as e:
+        note(f"the envs cannot be pickled ({type(e).__name__}: {e}); a resumed run will start fresh episodes")
         return None
-    return pickle.dumps((envs.envs, envs._autoreset_envs))
 
 
 def restore_env_state(envs: gym.vector.VectorEnv, state: bytes) -> None:
-    envs.envs, envs._autoreset_envs = pickle.loads(state)
+    vars(envs).update(pickle.loads(state))
 
 
-# The numpy fast path of the rollout: used only where it reproduces Agent.forward, checked each time
-# it is built; otherwise the rollout runs Agent.forward in torch, after a one-line note.
+# How the rollout acts: Agent.get_action_and_value, or for the MLP its numpy copy (torch's per-op overhead
+# dominates at this size), checked each time it is built; the on-policy check of every update watches both.
+
+FAST_PATH_ATOL = 1e-5  # float32 numpy against float32 torch: other summation orders leave ~1e-7 relative
+# differences in the logits, ~1e-6 in log-probs, entropies and values; a real edit of the policy moves them more.
+ON_POLICY_ATOL = 1e-3  # max |log-ratio| of an update's first minibatch, before any step; the same policy in
+# float32 gives ~1e-6 (batch-dependent GPU kernels up to ~1e-4), a policy other than the trained one far more.
 
 
-class NumpyMLP:
-    """A numpy copy of the MLP agent (Linear layers with tanh between them), rebuilt after every update."""
+class NumpyPolicy:
+    """A numpy copy of the MLP agent (Linear layers with tanh between them, softmax of the logits), rebuilt after
+    every update; it samples by the Gumbel-max trick from the run's numpy RNG."""
 
     KNOWN = (nn.Linear, nn.Tanh, nn.Sequential, nn.Identity)
 
     def __init__(self, agent: Agent):
+        for m in agent.modules():
+            if m is not agent and type(m) not in self.KNOWN:
+                raise ValueError(f"it does not know {type(m).__name__}")
+        for head in (agent.actor, agent.critic):
+            kinds = [type(m) for m in head] if isinstance(head, nn.Sequential) else [type(head)]
+            if kinds != [nn.Linear, nn.Tanh] * (len(kinds) // 2) + [nn.Linear]:
+                raise ValueError("it knows only Linear layers with Tanh between them")
+
         def layers(seq: nn.Sequential) -> list:
             linear = [m for m in seq if isinstance(m, nn.Linear)]
             return [(m.weight.detach().cpu().numpy().T.copy(), m.bias.detach().cpu().numpy().copy()) for m in linear]
 
         self.actor, self.critic, self.obs_onehot = layers(agent.actor), layers(agent.critic), agent.obs_onehot
-
-    @classmethod
-    def cannot_copy(cls, agent: Agent) -> Optional[str]:
-        """Why this copy cannot mirror agent, or None."""
-        for m in agent.modules():
-            if m is not agent and type(m) not in cls.KNOWN:
-                return f"does not know {type(m).__name__}"
-        for head in (agent.actor, agent.critic):
-            kinds = [type(m) for m in head] if isinstance(head, nn.Sequential) else [type(head)]
-            if kinds != [nn.Linear, nn.Tanh] * (len(kinds) // 2) + [nn.Linear]:
-                return "knows only Linear layers with Tanh between them"
-        return None
 
     @staticmethod
     def mlp(layers: list, x: np.ndarray) -> np.ndarray:
@@ -945,24 +964,151 @@ class NumpyMLP:
             x = np.tanh(x @ w + b)
         return x @ layers[-1][0] + layers[-1][1]
 
-    def __call__(self, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Action logits [N, A] and state values [N], as Agent.forward computes them."""
+    def distribution(self, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Logits [N, A], log pi(.|obs) [N, A] and V(obs) [N], as Agent.distribution computes them."""
         if self.obs_onehot:
             x = np.eye(self.obs_onehot, dtype=np.float32)[obs.astype(np.int64)]
         else:
             x = obs.reshape(len(obs), -1).astype(np.float32, copy=False)
-        return self.mlp(self.actor, x), self.mlp(self.critic, x)[:, 0]
+        logits = self.mlp(self.actor, x)
+        shifted = logits - logits.max(-1, keepdims=True)
+        return logits, shifted - np.log(np.exp(shifted).sum(-1, keepdims=True)), self.mlp(self.critic, x)[:, 0]
+
+    def act(self, obs: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Sampled actions, their log-probs and the values."""
+        logits, logp, values = self.distribution(obs)
+        actions = (logits - np.log(-np.log(rng.random(logits.shape, dtype=np.float32)))).argmax(-1)
+        return actions, logp[np.arange(len(actions)), actions], values
+
+    def evaluate(self, obs: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Log-probs of the given actions, entropies and values, as Agent.get_action_and_value returns them."""
+        _, logp, values = self.distribution(obs)
+        return logp[np.arange(len(actions)), actions], -(np.exp(logp) * logp).sum(-1), values
+
+    def mismatch(self, agent: Agent, device: torch.device, obs: np.ndarray) -> Optional[str]:
+        """Where this copy departs from agent's get_action_and_value and get_value on obs (actions drawn by the
+        agent itself), or None."""
+        with torch.no_grad():
+            x = torch.as_tensor(obs, device=device)
+            action, *reference = agent.get_action_and_value(x)
+            reference.append(agent.get_value(x))
+        logprob, entropy, values = self.evaluate(obs, action.cpu().numpy())
+        mine = (logprob, entropy, values, values)
+        names = ("log-probs", "entropies", "values", "get_value's values")
+        for name, a, b in zip(names, mine, (r.cpu().numpy() for r in reference)):
+            if a.shape != b.shape:
+                return f"its {name} have shape {a.shape}, Agent.get_action_and_value's {b.shape}"
+            if not np.max(np.abs(a - b) / (1 + np.abs(b))) <= FAST_PATH_ATOL:  # absolute near 0, relative beyond 1
+                return f"its {name} differ from Agent.get_action_and_value's by up to {np.abs(a - b).max():.3g}"
+        return None
 
 
-def checked_numpy_copy(agent: Agent, forward: Callable, obs: np.ndarray) -> Optional[NumpyMLP]:
-    """agent's numpy copy if it reproduces forward(obs) to float32 precision; else None, after a note."""
-    reason = NumpyMLP.cannot_copy(agent)
-    if reason is None:
-        copy = NumpyMLP(agent)
-        if all(np.allclose(mine, torch_, rtol=1e-5, atol=1e-6) for mine, torch_ in zip(copy(obs), forward(obs))):
-            return copy
-        reason = "does not reproduce Agent.forward"
-    note(f"the rollout runs Agent.forward in torch: the numpy fast path {reason}")
+class RolloutPolicy:
+    """What the rollout acts with: the numpy copy while it reproduces the agent, else the agent's own methods."""
+
+    def __init__(self, agent: Agent, device: torch.device, rng: np.random.Generator):
+        self.agent, self.device, self.rng = agent, device, rng
+        self.copy: Optional[NumpyPolicy] = None
+        self.fast, self.noted_plain = not agent.pixels, False
+
+    def refresh(self, obs: np.ndarray) -> None:
+        """Rebuild the numpy copy from the current weights and check it on obs; any failure steps it aside."""
+        self.copy = None
+        if not self.fast:
+            return
+        try:
+            copy = NumpyPolicy(self.agent)
+            cause = copy.mismatch(self.agent, self.device, obs)
+        except Exception as e:  # a research edit the copy cannot follow must never stop the run
+            cause = str(e) if isinstance(e, ValueError) and str(e).startswith("it ") else f"{type(e).__name__}: {e}"
+        if cause is None:
+            self.copy = copy
+        else:
+            self.fast = False
+            note(f"the numpy rollout copy steps aside: {cause}; the rollout runs Agent.get_action_and_value in torch")
+
+    def act(self, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Actions sampled from the policy, their log-probs and the values of obs, in numpy."""
+        if self.copy is not None:
+            return self.copy.act(obs, self.rng)
+        with torch.no_grad():
+            action, logprob, _, value = self.agent.get_action_and_value(torch.as_tensor(obs, device=self.device))
+        return action.cpu().numpy(), logprob.cpu().numpy(), value.cpu().numpy()
+
+    def value(self, obs: np.ndarray) -> np.ndarray:
+        if self.copy is not None:
+            return self.copy.distribution(obs)[2]
+        with torch.no_grad():
+            return self.agent.get_value(torch.as_tensor(obs, device=self.device)).cpu().numpy()
+
+    def check_on_policy(self, max_logratio: float, iteration: int) -> None:
+        """The update's first minibatch must find the policy that collected it (log-ratio ~0): else the numpy
+        copy is wrong in a way its check missed, and steps aside; or, on the plain path, the policy is not a
+        function of its weights (dropout, batch-dependent layers), which is said once."""
+        if max_logratio <= ON_POLICY_ATOL:
+            return
+        figure = f"on-policy check: max |log-ratio| {max_logratio:.3g} at the first minibatch of iteration {iteration}"
+        if self.fast:
+            self.fast = False
+            note(f"{figure}; the rollout switches to the plain get_action_and_value for the rest of the run")
+        elif not self.noted_plain:
+            self.noted_plain = True
+            note(f"{figure} with the plain get_action_and_value: the policy is not a function of its weights alone "
+                 "(dropout? batch-dependent layers?); training goes on")  # fmt: skip
+
+
+# Non-finite numbers: a step on a non-finite loss or gradient is skipped and counted; too many in a row, or a
+# non-finite weight, stop the run before anything non-finite reaches a rollout or a checkpoint. The weights are
+# checked after each update and at each skip, not after every step: a step on a finite loss and a finite clipped
+# gradient cannot make finite weights non-finite, non-finite weights show in the next loss or gradient, and a
+# check per step cost 3% of CartPole's SPS.
+
+MAX_SKIPPED_STEPS = 10
+
+
+def stop_nonfinite(what: str, iteration: int, where: str, checkpoint_path: str) -> NoReturn:
+    kept = checkpoint_path if os.path.exists(checkpoint_path) else "none written"
+    print0(f"error: non-finite {what} at iteration {iteration} ({where}); stopped, last good checkpoint kept: {kept}", file=sys.stderr)
+    sys.exit(1)
+
+
+class NonFiniteGuard:
+    def __init__(self, checkpoint_path: str):
+        self.checkpoint_path, self.iteration, self.skipped, self.in_a_row = checkpoint_path, 0, 0, 0
+
+    def at(self, iteration: int) -> "NonFiniteGuard":
+        """The guard for the update of this iteration (its count of skipped steps starts at 0)."""
+        self.iteration, self.skipped = iteration, 0
+        return self
+
+    def skip(self, loss: torch.Tensor, grad_norm: torch.Tensor, agent: Agent, epoch: int, minibatch: int) -> bool:
+        """True (gradients zeroed) when the loss or the gradient norm is non-finite; stops the run after
+        MAX_SKIPPED_STEPS in a row."""
+        finite_loss = math.isfinite(loss.item())
+        if finite_loss and math.isfinite(grad_norm.item()):
+            self.in_a_row = 0
+            return False
+        agent.zero_grad()
+        self.check_weights(agent, epoch, minibatch)
+        self.skipped, self.in_a_row = self.skipped + 1, self.in_a_row + 1
+        if self.in_a_row >= MAX_SKIPPED_STEPS:
+            what = f"{'gradient norm' if finite_loss else 'loss'} ({self.in_a_row} steps in a row)"
+            stop_nonfinite(what, self.iteration, f"epoch {epoch + 1}, minibatch {minibatch + 1}", self.checkpoint_path)
+        return True
+
+    def check_weights(self, agent: Agent, epoch: int, minibatch: int) -> None:
+        if math.isfinite(sum(p.detach().sum().item() for p in agent.parameters())):  # a third of the time of a check per tensor
+            return
+        name = first_nonfinite(agent.named_parameters())
+        if name is not None:
+            stop_nonfinite(f"weight {name}", self.iteration, f"epoch {epoch + 1}, minibatch {minibatch + 1}", self.checkpoint_path)
+
+
+def first_nonfinite(named_tensors) -> Optional[str]:
+    """The name of the first floating tensor holding a NaN or an infinity, or None."""
+    for name, t in named_tensors:
+        if torch.is_floating_point(t) and not torch.isfinite(t).all():
+            return name
     return None
 
 

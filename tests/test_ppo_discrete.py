@@ -178,40 +178,57 @@ def test_kl_estimators_hand_computed_and_unbiased():
     assert (k3 >= 0).all()
 
 
-def test_logprob_entropy_and_sampling_match_categorical():
-    gen = torch.Generator().manual_seed(0)
-    logits = torch.randn(6, 5, generator=gen, dtype=torch.float64)
-    actions = torch.randint(0, 5, (6,), generator=gen)
-    logp, ent = ppo.logprob_and_entropy(logits, actions)
+# ---------------------------------------------------------------- the one policy definition and its numpy copy
+
+
+def perturbed_agent(space=gym.spaces.Box(-1, 1, (4,), np.float32), n_actions=3, agent_class=None, seed=0):
+    torch.manual_seed(seed)
+    agent = (agent_class or ppo.Agent)(space, n_actions, pixels=False)
+    for p in agent.parameters():  # away from the zero-bias init, so that every term counts
+        torch.nn.init.normal_(p, std=0.5)
+    return agent
+
+
+def test_get_action_and_value_is_the_categorical_of_the_logits():
+    agent = perturbed_agent(n_actions=5)
+    obs = torch.randn(6, 4, generator=torch.Generator().manual_seed(1))
+    logits, values = agent(obs)
     ref = torch.distributions.Categorical(logits=logits)
-    np.testing.assert_allclose(logp.numpy(), ref.log_prob(actions).numpy(), rtol=1e-12)
-    np.testing.assert_allclose(ent.numpy(), ref.entropy().numpy(), rtol=1e-12)
-    # The rollout's numpy sampler: the right frequencies, and the log-probability of what it drew.
-    rng = np.random.default_rng(0)
-    row = np.array([1.0, 0.0, -1.0, 2.0, 30.0, 29.0], np.float32) - 28.0
-    drawn, drawn_logp = ppo.sample_categorical(np.tile(row, (200_000, 1)), rng)
-    probs = torch.tensor(row).softmax(0).numpy()
-    np.testing.assert_allclose(np.bincount(drawn, minlength=6) / drawn.size, probs, atol=0.005)
+    given = torch.tensor([0, 1, 2, 3, 4, 2])
+    action, logp, ent, value = agent.get_action_and_value(obs, given)
+    assert action is given
+    torch.testing.assert_close(logp, ref.log_prob(given))
+    torch.testing.assert_close(ent, ref.entropy())
+    torch.testing.assert_close(value, values)
+    torch.testing.assert_close(agent.get_value(obs), values)
+    assert torch.equal(agent.greedy_action(obs), logits.argmax(-1))
+    # Sampled when not given: the frequencies of softmax(logits), and the log-prob of what was drawn.
+    drawn, drawn_logp, _, _ = agent.get_action_and_value(obs[:1].expand(100_000, 4))
+    np.testing.assert_allclose(np.bincount(drawn.numpy(), minlength=5) / drawn.numel(), ref.probs[0].detach().numpy(), atol=0.005)
+    torch.testing.assert_close(drawn_logp, ref.log_prob(drawn[:, None].expand(-1, 6))[:, 0])
+
+
+@pytest.mark.parametrize("space", [gym.spaces.Box(-1, 1, (3, 2), np.float32), gym.spaces.Discrete(7)], ids=["box", "discrete"])
+def test_numpy_rollout_copy_reproduces_get_action_and_value(space, monkeypatch, capsys):
+    monkeypatch.setattr(ppo, "NOTED", set())
+    agent = perturbed_agent(space, n_actions=4)
+    gen = np.random.default_rng(0)
+    obs = gen.normal(size=(5, 3, 2)).astype(np.float32) if space.shape else np.array([0, 3, 6, 2, 5])
+    policy = ppo.RolloutPolicy(agent, torch.device("cpu"), np.random.default_rng(0))
+    policy.refresh(obs)
+    assert policy.copy is not None and capsys.readouterr().out == "", "the unmodified MLP agent takes the numpy fast path"
+    actions = np.array([0, 1, 2, 3, 1])
+    _, logp, ent, value = agent.get_action_and_value(torch.as_tensor(obs), torch.as_tensor(actions))
+    for mine, ref in zip(policy.copy.evaluate(obs, actions), (logp, ent, value)):
+        np.testing.assert_allclose(mine, ref.detach().numpy(), rtol=ppo.FAST_PATH_ATOL, atol=ppo.FAST_PATH_ATOL)
+    np.testing.assert_allclose(policy.value(obs), value.detach().numpy(), rtol=ppo.FAST_PATH_ATOL, atol=ppo.FAST_PATH_ATOL)
+    # Its sampler (Gumbel-max on the run's numpy RNG): softmax frequencies, and the log-prob of what it drew.
+    many = np.repeat(obs[:1], 100_000, axis=0)
+    drawn, drawn_logp, drawn_values = policy.act(many)
+    probs = agent.distribution(torch.as_tensor(obs[:1]))[0].exp()[0].detach().numpy()
+    np.testing.assert_allclose(np.bincount(drawn, minlength=4) / drawn.size, probs, atol=0.005)
     np.testing.assert_allclose(drawn_logp, np.log(probs[drawn]), rtol=1e-5)
-
-
-def test_numpy_rollout_copy_matches_agent():
-    for space, obs in (
-        (gym.spaces.Box(-1, 1, (3, 2), np.float32), np.random.default_rng(0).normal(size=(5, 3, 2)).astype(np.float32)),
-        (gym.spaces.Discrete(7), np.array([0, 3, 6])),
-    ):
-        agent = ppo.Agent(space, 4, pixels=False)
-        for p in agent.parameters():  # move away from the zero-bias init so every term counts
-            torch.nn.init.normal_(p, std=0.5)
-        policy = ppo.rollout_policy(agent, torch.device("cpu"), obs)
-        assert isinstance(policy, ppo.NumpyMLP), "the unmodified MLP agent must take the numpy fast path"
-        logits, values = policy(obs)
-        ref_logits, ref_values = agent(torch.as_tensor(obs))
-        np.testing.assert_allclose(logits, ref_logits.detach().numpy(), rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(values, ref_values.detach().numpy(), rtol=1e-5, atol=1e-5)
-
-
-# ---------------------------------------------------------------- copy safety of the numpy fast path
+    assert drawn_values.shape == (100_000,)
 
 
 class DoubledLogits(ppo.Agent):
@@ -222,59 +239,218 @@ class DoubledLogits(ppo.Agent):
         return 2 * logits, values
 
 
-def modified_agent(kind):
-    torch.manual_seed(0)
-    space = gym.spaces.Box(-1, 1, (4,), np.float32)
-    agent = (DoubledLogits if kind == "forward" else ppo.Agent)(space, 3, pixels=False)
+class ActionBias(ppo.Agent):
+    """An action-dependent change of the logits, made in the one definition."""
+
+    def distribution(self, obs):
+        logits, value = self(obs)
+        return (logits + torch.tensor([0.0, 0.3, -0.2])).log_softmax(-1), value
+
+
+class ThreeOutputs(ppo.Agent):
+    """forward returns three values and the one definition uses the third (a per-state temperature)."""
+
+    def forward(self, obs):
+        logits, values = super().forward(obs)
+        return logits, values, 1.0 + values.detach().abs()[:, None]
+
+    def distribution(self, obs):
+        logits, value, temperature = self(obs)
+        return (logits / temperature).log_softmax(-1), value
+
+
+def edited_agent(kind):
+    agent = perturbed_agent(agent_class={"forward": DoubledLogits, "action-bias": ActionBias, "three-outputs": ThreeOutputs}.get(kind))
     if kind == "relu":
         agent.actor[1] = agent.critic[1] = torch.nn.ReLU()
     if kind == "layernorm":
         agent.actor = torch.nn.Sequential(agent.actor[0], torch.nn.LayerNorm(64), *agent.actor[1:])
-    for p in agent.parameters():  # away from the init, so that every layer shows in the outputs
-        torch.nn.init.normal_(p, std=0.5)
     return agent
 
 
-@pytest.mark.parametrize("kind", ["relu", "layernorm", "forward"])
-def test_numpy_copy_steps_aside_for_a_modified_network_with_one_note(kind, monkeypatch, capsys):
+@pytest.mark.parametrize(
+    "kind, cause",
+    [
+        ("relu", "it does not know ReLU"),
+        ("layernorm", "it does not know LayerNorm"),
+        ("forward", "its log-probs differ from Agent.get_action_and_value's by up to"),
+        ("action-bias", "its log-probs differ from Agent.get_action_and_value's by up to"),
+        ("three-outputs", "its log-probs differ from Agent.get_action_and_value's by up to"),
+        ("numpy-broken", "AttributeError: "),
+    ],
+)  # fmt: skip
+def test_numpy_copy_steps_aside_with_one_note_naming_the_cause(kind, cause, monkeypatch, capsys):
     monkeypatch.setattr(ppo, "NOTED", set())
-    agent = modified_agent(kind)
+    if kind == "numpy-broken":  # the copy's own dependency gone: it must step aside, not crash the run
+        monkeypatch.delattr(ppo.NumpyPolicy, "mlp")
+    agent = edited_agent(kind)
     obs = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
-    ref_logits, ref_values = (x.detach().numpy() for x in agent(torch.as_tensor(obs)))
-    # The case means something: an unchecked numpy copy would act with another policy.
-    assert not np.allclose(ppo.NumpyMLP(agent)(obs)[0], ref_logits, atol=1e-3)
+    policy = ppo.RolloutPolicy(agent, torch.device("cpu"), np.random.default_rng(0))
     for _ in range(3):  # rebuilt every iteration; the note comes once
-        policy = ppo.rollout_policy(agent, torch.device("cpu"), obs)
-        assert not isinstance(policy, ppo.NumpyMLP)
-        logits, values = policy(obs)
-        np.testing.assert_array_equal(logits, ref_logits)
-        np.testing.assert_array_equal(values, ref_values)
+        policy.refresh(obs)
+        assert policy.copy is None
+        actions, logprobs, values = policy.act(obs)  # the plain method: its own log-probs of its own samples
+        _, ref_logp, _, ref_values = agent.get_action_and_value(torch.as_tensor(obs), torch.as_tensor(actions))
+        np.testing.assert_array_equal(logprobs, ref_logp.detach().numpy())
+        np.testing.assert_array_equal(values, ref_values.detach().numpy())
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("note: the rollout runs Agent.forward in torch"), lines
+    assert len(lines) == 1 and lines[0].startswith(f"note: the numpy rollout copy steps aside: {cause}"), lines
+    if kind != "numpy-broken":  # the case means something: the copy alone would act with another policy
+        copy = ppo.NumpyPolicy(perturbed_agent()) if kind in ("relu", "layernorm") else ppo.NumpyPolicy(agent)
+        assert not np.allclose(copy.evaluate(obs, actions)[0], agent.get_action_and_value(torch.as_tensor(obs), torch.as_tensor(actions))[1].detach().numpy(), atol=1e-3)
 
 
-def test_modified_copy_of_the_script_acts_with_its_own_policy(tmp_path):
-    # A researcher copies the script, swaps tanh for ReLU in the MLP and runs it.
+# Edits a researcher makes in a copy of the script, each as (old, new) replacements of the source.
+EDITS = {
+    "relu": [("nn.Tanh(),", "nn.ReLU(),")],
+    "action-dependent-logits": [(
+        "        logits, value = self(obs)\n        return logits.log_softmax(-1), value",
+        "        logits, value = self(obs)\n        return (logits + 0.5 * (torch.arange(logits.shape[-1]) == 0)).log_softmax(-1), value",
+    )],
+    "extra-output": [
+        ("        return self.actor(hidden), self.critic(hidden).squeeze(-1)\n",
+         "        return self.actor(hidden), self.critic(hidden).squeeze(-1), hidden\n"),
+        ("        logits, value = self(obs)\n", "        logits, value, _ = self(obs)\n"),
+    ],
+    "forward-three-values": [
+        ("        self.obs_onehot = ", "        self.log_temperature = nn.Parameter(torch.tensor(0.5))\n        self.obs_onehot = "),
+        ("        return self.actor(hidden), self.critic(hidden).squeeze(-1)\n",
+         "        return self.actor(hidden), self.critic(hidden).squeeze(-1), self.log_temperature\n"),
+        ("        logits, value = self(obs)\n        return logits.log_softmax(-1), value",
+         "        logits, value, log_t = self(obs)\n        return (logits / log_t.exp()).log_softmax(-1), value"),
+    ],
+}  # fmt: skip
+
+
+def run_edited_copy(tmp_path, edits, *flags):
     source = (ROOT / "ppo_discrete.py").read_text()
-    assert source.count("nn.Tanh(),") == 2, "the two hidden activations of mlp()"
-    (tmp_path / "ppo_relu.py").write_text(source.replace("nn.Tanh(),", "nn.ReLU(),"))
-    flags = ["--total-timesteps", "2048", "--update-epochs", "1", "--num-minibatches", "1", "--eval-episodes", "1"]
+    for old, new in edits:
+        assert old in source, old
+        source = source.replace(old, new)
+    (tmp_path / "ppo_edited.py").write_text(source)
+    flags = ["--update-epochs", "1", "--num-minibatches", "1", "--eval-episodes", "1", *flags]
     proc = subprocess.run(
-        [sys.executable, "ppo_relu.py", *flags, "--runs-dir", "runs", "--num-threads", "1", "--device", "cpu"],
+        [sys.executable, "ppo_edited.py", *flags, "--runs-dir", "runs", "--num-threads", "1", "--device", "cpu"],
         cwd=tmp_path, env={**os.environ, "WANDB_MODE": "offline"}, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    notes = [line for line in proc.stdout.splitlines() if line.startswith("note: the rollout runs Agent.forward in torch")]
-    assert len(notes) == 1, proc.stdout
+    return proc, [r for r in read_metrics(tmp_path / "runs") if "losses/approx_kl" in r]
+
+
+@pytest.mark.parametrize(
+    "edit, steps_aside",
+    [("relu", "it does not know ReLU"), ("action-dependent-logits", "its log-probs differ"), ("extra-output", None),
+     ("forward-three-values", "its log-probs differ")],
+)  # fmt: skip
+def test_an_edited_copy_of_the_script_trains_on_policy(edit, steps_aside, tmp_path):
+    proc, updates = run_edited_copy(tmp_path, EDITS[edit], "--total-timesteps", "2048")
+    notes = [line for line in proc.stdout.splitlines() if line.startswith("note: ")]
+    if steps_aside is None:  # an edit that leaves the policy as it was keeps the fast path
+        assert notes == [], notes
+    else:
+        assert len(notes) == 1 and notes[0].startswith(f"note: the numpy rollout copy steps aside: {steps_aside}"), notes
     (run_dir,) = (tmp_path / "runs").iterdir()
-    assert "__ppo_relu__" in run_dir.name  # exp_name comes from the file name
-    # One epoch of one minibatch: the update's first forward sees the rollout's parameters, so the
-    # ratio is 1 wherever the rollout acted with the policy being trained.
-    updates = [r for r in read_metrics(tmp_path / "runs") if "losses/approx_kl" in r]
+    assert "__ppo_edited__" in run_dir.name  # exp_name comes from the file name
+    # One epoch of one minibatch: the update's forward sees the rollout's parameters, so the ratio is 1
+    # wherever the rollout acted with the policy being trained (an unchecked copy: |old_approx_kl| ~1e-2).
     assert len(updates) == 4
     for r in updates:
-        # Acting with the unchecked tanh copy gives |old_approx_kl| 1e-5..1e-4 here; the right policy ~1e-9.
-        assert abs(r["losses/old_approx_kl"]) < 1e-7 and abs(r["losses/approx_kl"]) < 1e-7 and r["losses/clipfrac"] == 0, r
+        assert abs(r["losses/old_approx_kl"]) < 1e-6 and r["losses/clipfrac"] == 0, r
+
+
+def train_in_process(monkeypatch, **flags):
+    """ppo.train with flags, in this process (so that tests can monkeypatch it); its signal handlers undone."""
+    monkeypatch.setattr(ppo, "NOTED", set())
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        ppo.train(ppo.Args(**{"eval_episodes": 0, "num_threads": 1, "device": "cpu", **flags}))
+    finally:
+        signal.signal(signal.SIGINT, handlers[0])
+        signal.signal(signal.SIGTERM, handlers[1])
+
+
+def test_on_policy_check_switches_a_rollout_fed_another_policy(monkeypatch, capsys, tmp_path):
+    act = ppo.NumpyPolicy.act
+
+    def off_policy(self, obs, rng):  # a fast path wrong in a way its build-time check does not see
+        actions, logprobs, values = act(self, obs, rng)
+        return actions, logprobs + 0.05, values
+
+    monkeypatch.setattr(ppo.NumpyPolicy, "act", off_policy)
+    train_in_process(monkeypatch, total_timesteps=2048, update_epochs=1, num_minibatches=1, runs_dir=str(tmp_path))
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert notes == [
+        "note: on-policy check: max |log-ratio| 0.05 at the first minibatch of iteration 1; "
+        "the rollout switches to the plain get_action_and_value for the rest of the run"
+    ]
+    kls = [r["losses/old_approx_kl"] for r in read_metrics(tmp_path) if "losses/old_approx_kl" in r]
+    assert kls[0] == pytest.approx(0.05, abs=1e-5) and all(abs(kl) < 1e-6 for kl in kls[1:]), kls
+
+
+class DropoutAgent(ppo.Agent):
+    """A policy that is no function of its weights alone: dropout in the actor, left in training mode."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.actor.insert(2, torch.nn.Dropout(0.5))
+
+
+def test_on_policy_check_on_the_plain_path_notes_once_and_trains_on(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(ppo, "Agent", DropoutAgent)
+    train_in_process(monkeypatch, total_timesteps=2048, runs_dir=str(tmp_path))
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert len(notes) == 2, notes
+    assert notes[0].startswith("note: the numpy rollout copy steps aside: it does not know Dropout")
+    assert re.fullmatch(r"note: on-policy check: max \|log-ratio\| [\d.e+-]+ at the first minibatch of iteration 1 with "
+                        r"the plain get_action_and_value: .*; training goes on", notes[1]), notes[1]  # fmt: skip
+    assert len([r for r in read_metrics(tmp_path) if "losses/approx_kl" in r]) == 4
+
+
+class MixedEndsEnv(gym.Env):
+    """Observation: steps taken in this episode. Even episodes (0, 2, ...) terminate after 2 steps; odd ones
+    run until the time limit of 4 steps truncates them."""
+
+    observation_space = gym.spaces.Box(0, 100, (1,), np.float32)
+    action_space = gym.spaces.Discrete(2)
+
+    def __init__(self):
+        self.episode = -1
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t, self.episode = 0, self.episode + 1
+        return np.array([0.0], np.float32), {}
+
+    def step(self, action):
+        self.t += 1
+        return np.array([self.t], np.float32), 1.0, self.episode % 2 == 0 and self.t == 2, False, {}
+
+
+gym.register("MixedEnds-v0", entry_point=MixedEndsEnv, max_episode_steps=4)
+
+
+def test_rollout_hands_gae_the_right_flags_and_leaves_reset_steps_out(monkeypatch, tmp_path):
+    seen, batches, gae = [], [], ppo.compute_gae
+
+    def spy_gae(rewards, values, next_value, terminated, truncated, gamma, gae_lambda):
+        seen.append((rewards.copy(), terminated.copy(), truncated.copy()))
+        return gae(rewards, values, next_value, terminated, truncated, gamma, gae_lambda)
+
+    update = ppo.ppo_update
+    monkeypatch.setattr(ppo, "compute_gae", spy_gae)
+    monkeypatch.setattr(ppo, "ppo_update", lambda agent, opt, batch, *rest: batches.append(batch["obs"][:, 0].tolist()) or update(agent, opt, batch, *rest))
+    train_in_process(monkeypatch, env_id="MixedEnds-v0", num_envs=2, num_steps=12, num_minibatches=2, total_timesteps=48, runs_dir=str(tmp_path))
+    # From reset, every 8 steps: 2 steps (terminated), the autoreset step, 4 steps (truncated), the autoreset step.
+    period = dict(obs=[0, 1, 2, 0, 1, 2, 3, 4], reward=[1, 1, 0, 1, 1, 1, 1, 0], term=[0, 1, 0, 0, 0, 0, 0, 0],
+                  trunc=[0, 0, 0, 0, 0, 0, 1, 0], valid=[1, 1, 0, 1, 1, 1, 1, 0])  # fmt: skip
+    whole = {k: np.array(v * 3) for k, v in period.items()}  # 24 steps = 2 iterations of 12
+    for i, (rewards, terminated, truncated) in enumerate(seen):
+        steps = slice(12 * i, 12 * (i + 1))
+        for name, got in (("reward", rewards), ("term", terminated), ("trunc", truncated)):
+            np.testing.assert_array_equal(got, np.repeat(whole[name][steps, None], 2, axis=1), err_msg=f"{name}, iteration {i + 1}")
+        kept = [o for o, v in zip(whole["obs"][steps], whole["valid"][steps]) if v for _ in range(2)]
+        assert batches[i] == kept, (i, batches[i])
+    assert len(seen) == 2
 
 
 def test_explained_variance():
@@ -368,8 +544,14 @@ def test_one_ppo_update_matches_naive_reference(flags):
     reference, start = copy.deepcopy(agent), copy.deepcopy(agent)
     batch = fixed_batch(agent)
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
-    stats = ppo.ppo_update(agent, optimizer, batch, args, np.random.default_rng(7))
+    stats, first_logratio = ppo.ppo_update(agent, optimizer, batch, args, np.random.default_rng(7), ppo.NonFiniteGuard("none").at(1))
     expected, epochs = naive_ppo_update(reference, batch, args, np.random.default_rng(7))
+    assert stats.pop("losses/skipped_steps") == 0
+    # Before any step: the largest |log-ratio| of the first minibatch (the same permutation as the reference's).
+    first = torch.as_tensor(np.random.default_rng(7).permutation(37)).tensor_split(4)[0]
+    logits = start(batch["obs"][first])[0]
+    expected_first = (logits.log_softmax(-1).gather(-1, batch["actions"][first, None])[:, 0] - batch["logprobs"][first]).abs().max()
+    assert first_logratio == pytest.approx(expected_first.item(), rel=1e-6)
     assert epochs == (1 if "target_kl" in flags else args.update_epochs)
     moved = 0.0
     for p, q, p0 in zip(agent.parameters(), reference.parameters(), start.parameters()):
@@ -650,3 +832,101 @@ def test_two_process_gloo_run(tmp_path):
     # global_step counts the steps of both processes: 4 iterations of 4 envs x 128 steps x 2.
     assert max(r["global_step"] for r in records) == 4096
     assert [r["global_step"] for r in records if "losses/approx_kl" in r] == [1024, 2048, 3072, 4096]
+
+
+# ---------------------------------------------------------------- non-finite numbers
+
+
+def nan_loss_at(monkeypatch, calls):
+    """policy_loss returns NaN at these calls (16 a default update: 4 epochs of 4 minibatches)."""
+    count, loss = [0], ppo.policy_loss
+
+    def nan_loss(*args):
+        count[0] += 1
+        return loss(*args) * (float("nan") if count[0] - 1 in calls else 1.0)
+
+    monkeypatch.setattr(ppo, "policy_loss", nan_loss)
+
+
+def test_a_non_finite_loss_skips_the_step_and_is_counted(monkeypatch, tmp_path):
+    nan_loss_at(monkeypatch, {20})  # iteration 2, epoch 2, minibatch 1
+    train_in_process(monkeypatch, total_timesteps=2048, runs_dir=str(tmp_path))
+    updates = [r for r in read_metrics(tmp_path) if "losses/skipped_steps" in r]
+    assert [r["losses/skipped_steps"] for r in updates] == [0, 1, 0, 0]
+    assert all(np.isfinite(r["losses/policy_loss"]) for r in updates)  # the mean of the minibatches stepped
+    (ckpt,) = tmp_path.glob("*/checkpoint.pt")
+    assert all(t.isfinite().all() for t in torch.load(ckpt, weights_only=True)["agent"].values())
+
+
+def test_max_skipped_steps_in_a_row_stop_the_run_keeping_the_last_checkpoint(monkeypatch, capsys, tmp_path):
+    nan_loss_at(monkeypatch, set(range(32, 1000)))  # from iteration 3 on
+    with pytest.raises(SystemExit) as stopped:
+        train_in_process(monkeypatch, total_timesteps=2048, save_every=1, runs_dir=str(tmp_path))
+    assert stopped.value.code == 1
+    (ckpt,) = tmp_path.glob("*/checkpoint.pt")
+    # The 10th NaN in a row: call 41, iteration 3, epoch 3, minibatch 2.
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: non-finite loss ({ppo.MAX_SKIPPED_STEPS} steps in a row) at iteration 3 (epoch 3, minibatch 2); "
+        f"stopped, last good checkpoint kept: {ckpt}"
+    ]
+    state = torch.load(ckpt, weights_only=True)
+    assert state["iteration"] == 2
+    assert all(t.isfinite().all() for t in state["agent"].values())
+    assert not list(tmp_path.glob("*/checkpoint.pt.tmp"))
+
+
+@pytest.mark.parametrize(
+    "poisoned_step, found",
+    # Found at the next minibatch (its gradient turns non-finite), or after the update's last step.
+    [(17, "iteration 2 (epoch 1, minibatch 2)"), (32, "iteration 2 (epoch 4, minibatch 4)")],
+)
+def test_a_non_finite_weight_after_a_step_stops_the_run_and_is_never_checkpointed(poisoned_step, found, monkeypatch, capsys, tmp_path):
+    steps, step = [0], torch.optim.Adam.step
+
+    def poisoning_step(self, *args, **kwargs):
+        out = step(self, *args, **kwargs)
+        steps[0] += 1
+        if steps[0] == poisoned_step:
+            with torch.no_grad():
+                self.param_groups[0]["params"][2][0, 0] = float("inf")  # actor.2.weight
+        return out
+
+    monkeypatch.setattr(torch.optim.Adam, "step", poisoning_step)
+    with pytest.raises(SystemExit) as stopped:
+        train_in_process(monkeypatch, total_timesteps=2048, save_every=1, runs_dir=str(tmp_path))
+    assert stopped.value.code == 1
+    (ckpt,) = tmp_path.glob("*/checkpoint.pt")
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: non-finite weight actor.2.weight at {found}; stopped, last good checkpoint kept: {ckpt}"
+    ]
+    assert torch.load(ckpt, weights_only=True)["iteration"] == 1
+    # The checkpoint writer refuses non-finite state in its own right, with the same line.
+    agent = ppo.Agent(gym.spaces.Box(-1, 1, (4,), np.float32), 2, pixels=False)
+    optimizer = torch.optim.Adam(agent.parameters())
+    with torch.no_grad():
+        agent.critic[0].bias[3] = float("nan")
+    logger = type("Logger", (), {"rank": 0, "checkpoint_path": str(tmp_path / "new" / "checkpoint.pt")})()
+    with pytest.raises(SystemExit) as refused:
+        ppo.save_checkpoint(logger, ppo.Args(), agent, optimizer, 7, 0, None, np.random.default_rng(0), None)
+    assert refused.value.code == 1 and not (tmp_path / "new").exists()
+    assert capsys.readouterr().err.splitlines() == [
+        "error: non-finite weight critic.0.bias at iteration 7 (at the checkpoint, not written); stopped, last good checkpoint kept: none written"
+    ]
+
+
+class UnpicklableEnv(CountEnv):
+    def __init__(self):
+        super().__init__()
+        self.callback = lambda: None
+
+
+gym.register("Unpicklable-v0", entry_point=UnpicklableEnv, max_episode_steps=3)
+
+
+def test_envs_that_cannot_be_pickled_still_checkpoint_and_resume_with_fresh_episodes(monkeypatch, capsys, tmp_path):
+    train_in_process(monkeypatch, env_id="Unpicklable-v0", total_timesteps=1024, save_every=1, runs_dir=str(tmp_path))
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and notes[0].startswith("note: the envs cannot be pickled (") and "fresh episodes" in notes[0], notes
+    (ckpt,) = tmp_path.glob("*/checkpoint.pt")
+    train_in_process(monkeypatch, resume=str(ckpt), total_timesteps=1024)
+    assert "note: these envs cannot be saved; resumed training starts fresh episodes" in capsys.readouterr().out
