@@ -538,7 +538,7 @@ def test_track_offline_leaves_metrics_in_wandb_run(tmp_path):
         (["--env-id", "NoSuchEnv-v9"], "--env-id"),
         (["--num-minibatches", "3"], "--num-minibatches"),
         (["--resume", "/nonexistent/checkpoint.pt"], "--resume"),
-        (["zoo-hopper", "--seed", "2"], "zoo-hopper"),
+        (["zoo-humanoid", "--seed", "2"], "zoo-humanoid"),
     ],
 )
 def test_bad_input_gives_one_line_error(flags, needle, tmp_path):
