@@ -522,6 +522,13 @@ def test_flat_parameters_copy_back_a_replaced_gradient():
     assert (flat.param.grad[: first.numel()] == 2.0).all() and first.grad.data_ptr() == flat.param.grad.data_ptr()
 
 
+def test_flat_parameters_refuse_mixed_dtypes():
+    """A bfloat16 parameter beside float32 ones would be promoted by torch.cat without a word (issue 14 item 1)."""
+    params = [torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2, dtype=torch.bfloat16))]
+    with pytest.raises(TypeError, match=r"dtypes \['torch.bfloat16', 'torch.float32'\] cannot share one tensor"):
+        P.FlatParameters(params)
+
+
 def count_calls(monkeypatch, obj, name):
     """Wrap obj.name to count its calls; returns the list of call counts so far (its length)."""
     calls, original = [], getattr(obj, name)
