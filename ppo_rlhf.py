@@ -1335,10 +1335,13 @@ def load_task(args: Args, rank: int, distributed: bool) -> Task:
     def tokenize(records: list[dict], flag: str) -> list[list[int]]:
         """A chat prompt's text comes from the chat template, special tokens included."""
         texts = [chat_prompt_text(tokenizer, r, flag) if is_chat(r) else r["prompt"] for r in records]
-        return [
+        queries = [
             tokenizer(text, truncation=True, max_length=args.max_prompt_length, add_special_tokens=not is_chat(r))["input_ids"]
             for text, r in zip(texts, records)
         ]
+        if min(map(len, queries)) == 0:
+            fail(f"{flag}: a prompt tokenises to no tokens; remove empty prompts")
+        return queries
 
     train_records = read_prompts(prompts_path, "--prompts")
     lines = [dtypes_line(policy_config, reward_config)]
@@ -1352,8 +1355,6 @@ def load_task(args: Args, rank: int, distributed: bool) -> Task:
     if builtin is not None and args.eval_stochastic:
         lines.append("note: --eval-stochastic changes nothing on the built-in task: its evaluation always samples")
     train_queries, eval_queries = tokenize(train_records, "--prompts"), tokenize(eval_records, eval_flag)
-    if min(len(q) for q in train_queries + eval_queries) == 0:
-        fail("--prompts: a prompt tokenises to no tokens; remove empty prompts")
     longest = max(len(q) for q in train_queries + eval_queries)
     scorers = [(reward_config, "--reward-model-path")] if reward_tokenizer is None else []
     for config, flag in [(policy_config, "--model-name-or-path"), *scorers, value_source[1:]]:

@@ -961,6 +961,7 @@ def test_bad_input_through_the_cli_is_one_line_without_traceback(real_models, tm
         ("response_too_long", "--response-length"),
         ("too_few_episodes", "--total-episodes"),
         ("reward_model_without_policy", "--reward-model-path"),
+        ("empty_eval_prompt", "--eval-prompts"),
     ],
 )
 def test_bad_inputs_one_line_exit_2(real_models, tmp_path, capsys, case, flag):
@@ -980,6 +981,9 @@ def test_bad_inputs_one_line_exit_2(real_models, tmp_path, capsys, case, flag):
         flags += ["--response-length", "30"]  # + prompts of up to 6 tokens > 32 positions
     elif case == "too_few_episodes":
         flags += ["--total-episodes", "7"]
+    elif case == "empty_eval_prompt":  # the error named --prompts, which held none
+        (tmp_path / "eval.jsonl").write_text('{"prompt": "a b"}\n{"prompt": ""}\n')
+        flags += ["--eval-prompts", str(tmp_path / "eval.jsonl")]
     else:
         flags = flags[2:]
     with pytest.raises(SystemExit) as exit_info:
