@@ -1389,8 +1389,9 @@ def held_out_split(records: list[dict], eval_episodes: int) -> tuple[list[dict],
 def check_scorer(task: Task, model: nn.Module, flag: str, policy: nn.Module) -> None:
     """A reward or value model that reads the policy's tokens: a scalar `score` head on a backbone, and an embedding
     with a row for every token the policy can sample."""
-    if not reads_last_token(model):
-        fail(f"{flag}: {type(model).__name__} has no `score` head on a backbone; pass a decoder model for sequence classification, or a reward model with a tokenizer of its own")
+    if not reads_last_token(model):  # a value model reads the policy's tokens: its own tokenizer is no way out
+        own = ", or a reward model with a tokenizer of its own" if flag == "--reward-model-path" else ""
+        fail(f"{flag}: {type(model).__name__} has no `score` head on a backbone; pass a decoder model for sequence classification{own}")
     rows, policy_rows = model.get_input_embeddings().num_embeddings, policy.get_input_embeddings().num_embeddings
     if max(max(q) for q in task.train_queries + task.eval_queries) >= rows or rows < policy_rows:
         fail(f"{flag}: its embedding has {rows} rows, the policy's {policy_rows}; it must read the policy's tokens (share its tokenizer and embedding size)")

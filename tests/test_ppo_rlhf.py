@@ -1474,6 +1474,13 @@ def test_value_model_path(qwen_models, other_reward_models, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         P.train(args)
     assert_one_line_error(exit_info.value.code, capsys.readouterr().err, "--value-model-path")
+    # an encoder: the error does not suggest a tokenizer of its own, which a value model cannot use
+    args = tyro.cli(P.Args, args=qwen_flags(qwen_models, tmp_path / "bad", "--reward-fn", rewards, "--value-model-path", str(other_reward_models / "bert_rm")))
+    with pytest.raises(SystemExit) as exit_info:
+        P.train(args)
+    err = capsys.readouterr().err
+    assert_one_line_error(exit_info.value.code, err, "--value-model-path")
+    assert "BertForSequenceClassification has no `score` head" in err and "tokenizer of its own" not in err
 
 
 def test_a_reward_model_sharing_the_tokenizer_reads_tokens_without_decoding(monkeypatch):
