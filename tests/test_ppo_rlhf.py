@@ -582,8 +582,8 @@ def nan_from_call(monkeypatch, obj, name, first_nan):
 
 
 def test_a_nan_loss_skips_the_step_and_ten_in_a_row_stop(monkeypatch, capsys):
-    """A NaN loss in the first micro-batch: that minibatch's step is skipped and counted, the rest trains as the
-    naive update without it (its gradients were zeroed); MAX_SKIPPED_STEPS in a row exit 1 with one line."""
+    """A NaN loss in the first micro-batch: that minibatch's step is skipped (no Adam step) and counted, the other
+    minibatch is stepped; MAX_SKIPPED_STEPS in a row exit 1 with one line."""
     args = P.Args(**(UPDATE_ARGS | dict(update_epochs=1)))
     data, advantages, returns = fixed_batch(tiny_gpt2())
     original = P.policy_loss
@@ -594,8 +594,9 @@ def test_a_nan_loss_skips_the_step_and_ten_in_a_row_stop(monkeypatch, capsys):
         return original(*a) * (math.nan if len(calls) == 1 else 1.0)
 
     monkeypatch.setattr(P, "policy_loss", nan_first)
+    steps = count_calls(monkeypatch, torch.optim.Adam, "step")
     policy, value_model, stats = scripted_update(P.ppo_update, args, data, advantages, returns)
-    assert stats["loss/skipped_steps"].item() == 1
+    assert stats["loss/skipped_steps"].item() == 1 and len(steps) == 1  # 2 minibatches, one stepped
     assert all(torch.isfinite(p).all() for p in list(policy.parameters()) + list(value_model.parameters()))
     assert not torch.equal(policy.transformer.wte.weight, tiny_gpt2().transformer.wte.weight)  # minibatch 2 stepped
 
