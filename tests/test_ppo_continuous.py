@@ -859,6 +859,14 @@ def test_numpy_rollout_copy_is_used_for_the_unmodified_network_without_side_effe
     assert isinstance(policy, ppo.NumpyPolicy) and capsys.readouterr().out == ""
     assert torch.equal(torch.get_rng_state(), torch_state)
     assert all(torch.equal(p, q) for p, q in zip(params, agent.parameters()))
+    # A small std divides float32 rounding up to 1e-5 in a log-prob; the check, in float64, is not fooled by it.
+    torch.manual_seed(1)
+    agent = ppo.Agent(17, 6, (64, 64), "tanh", log_std_init=-2.5)
+    with torch.no_grad():
+        for p in agent.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    obs = np.random.default_rng(1).normal(size=(256, 17)).astype(np.float32) * 3
+    assert isinstance(ppo.RolloutPolicies(agent, torch.device("cpu")).pick(obs), ppo.NumpyPolicy)
 
 
 @pytest.mark.parametrize(
