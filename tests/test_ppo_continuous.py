@@ -1262,8 +1262,14 @@ def test_a_module_env_with_dict_observations_and_kwargs_trains_checkpoints_resum
         (["--env-id", "test_envs:DictGoal-v0", "--env-kwargs", "{goals: 3}"], "--env-kwargs '{goals: 3}' is not a JSON object"),
     ],
 )  # fmt: skip
-def test_env_errors_are_gymnasium_s_own_in_one_line(flags, needle, test_envs, tmp_path):
-    assert_one_line_error("ppo_continuous.py", flags, needle, tmp_path / "runs")
+def test_env_errors_are_gymnasium_s_own_in_one_line(flags, needle, test_envs, tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(tmp_path))  # in this process, as PYTHONPATH does for the script
+    args = ppo.parse_args(flags)
+    with pytest.raises(SystemExit) as exit_info:
+        ppo.check_args(args, 1)
+        ppo.build_agent(args, torch.device("cpu"))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1 and needle in lines[0], lines
 
 
 @pytest.mark.parametrize("blow_up, value", [("observation", "nan"), ("reward", "inf")])
