@@ -9,6 +9,7 @@ References: Schulman et al. 2017 (PPO), Schulman et al. 2016 (GAE), Huang et al.
 Details of PPO").
 """
 
+import copy
 import ctypes.util
 import io
 import json
@@ -1156,22 +1157,23 @@ class WithoutStepInfo(gym.Wrapper):
 
 NUMPY_ACTIVATIONS = {nn.Tanh: np.tanh, nn.ReLU: lambda x: np.maximum(x, 0), nn.ELU: lambda x: np.where(x > 0, x, np.expm1(np.minimum(x, 0)))}  # fmt: skip
 
-# The numpy copy is float32 like the agent, its matrix products summed in another order: a few 1e-7 apart on
-# outputs of size 1 (measured up to 2e-6 on log-probs of 6 actions). 1e-5, relative beyond magnitude 1, separates
-# that from any change of the policy (a state-dependent std moves log-probs by 1e-2 and more).
-FAST_PATH_ATOL = 1e-5
+# The numpy copy is checked in float64 against a float64 copy of the agent: the two differ only in the order of
+# their sums (about 1e-13), while float32 rounding, divided by a small std, reaches 1e-5 in a log-prob. 1e-6,
+# relative beyond magnitude 1, lies far above the first and far below any change of the policy that matters.
+FAST_PATH_ATOL = 1e-6
 # |new - old log-prob| at the first minibatch, before any step: ~1e-7 when the rollout's policy is the trained one.
 ON_POLICY_ATOL = 1e-3
 
 
-def numpy_layers(seq: nn.Module) -> list[Callable[[np.ndarray], np.ndarray]]:
+def numpy_layers(seq: nn.Module, dtype: type) -> list[Callable[[np.ndarray], np.ndarray]]:
     """A numpy function per layer of an nn.Sequential of Linear layers and known activations; else ValueError."""
     if type(seq) is not nn.Sequential:
         raise ValueError(f"{type(seq).__name__} is not an nn.Sequential")
     layers = []
     for m in seq:
         if type(m) is nn.Linear and m.bias is not None:
-            w, b = m.weight.detach().cpu().numpy().T.copy(), m.bias.detach().cpu().numpy().copy()
+            w = m.weight.detach().cpu().numpy().T.astype(dtype, order="C")  # the layout fixes the matmul's sums
+            b = m.bias.detach().cpu().numpy().astype(dtype)
             layers.append(lambda x, w=w, b=b: x @ w + b)
         elif type(m) in NUMPY_ACTIVATIONS and getattr(m, "alpha", 1.0) == 1.0:
             layers.append(NUMPY_ACTIVATIONS[type(m)])
@@ -1186,9 +1188,9 @@ class NumpyPolicy:
     forward pass a chain of tiny ops, each of which costs several microseconds of dispatch in torch and about one in
     numpy. Actions are sampled from rng; their log-probabilities come from the noise."""
 
-    def __init__(self, agent: Agent):
-        self.actor, self.critic = numpy_layers(agent.actor_mean), numpy_layers(agent.critic)
-        self.log_std = agent.actor_logstd.detach().cpu().numpy()[0].copy()
+    def __init__(self, agent: Agent, dtype: type = np.float32):
+        self.actor, self.critic = numpy_layers(agent.actor_mean, dtype), numpy_layers(agent.critic, dtype)
+        self.log_std = agent.actor_logstd.detach().cpu().numpy()[0].astype(dtype)
         self.std = np.exp(self.log_std)
 
     @staticmethod
@@ -1207,13 +1209,16 @@ class NumpyPolicy:
         logprob = (-0.5 * noise * noise - self.log_std - LOG_SQRT_2PI).sum(-1)
         return mean + self.std * noise, logprob, self.value(obs)
 
-    def mismatch(self, agent: Agent, obs: np.ndarray, device: torch.device) -> Optional[str]:
-        """None if this copy gives get_action_and_value's log-probs and entropies of given actions and its values on
-        obs, to FAST_PATH_ATOL; else what differs. Draws from no shared RNG."""
-        mean = self.mlp(self.actor, obs)
-        actions = mean + self.std * np.random.default_rng(0).standard_normal(mean.shape, dtype=np.float32)
-        z = (actions - mean) / self.std
-        mine = ((-0.5 * z * z - self.log_std - LOG_SQRT_2PI).sum(-1), np.full(len(obs), (0.5 + LOG_SQRT_2PI + self.log_std).sum()), self.value(obs))  # fmt: skip
+    @classmethod
+    def mismatch(cls, agent: Agent, obs: np.ndarray, device: torch.device) -> Optional[str]:
+        """None if the copy, in float64, gives the log-probs and entropies of given actions and the values of
+        get_action_and_value on a float64 copy of the agent, on obs, to FAST_PATH_ATOL; else what differs. Draws from
+        no shared RNG and leaves the agent as it was."""
+        mine, agent, obs = cls(agent, np.float64), copy.deepcopy(agent).double(), obs.astype(np.float64)
+        mean = mine.mlp(mine.actor, obs)
+        actions = mean + mine.std * np.random.default_rng(0).standard_normal(mean.shape)
+        z = (actions - mean) / mine.std
+        mine = ((-0.5 * z * z - mine.log_std - LOG_SQRT_2PI).sum(-1), np.full(len(obs), (0.5 + LOG_SQRT_2PI + mine.log_std).sum()), mine.value(obs))  # fmt: skip
         with torch.no_grad():
             theirs = agent.get_action_and_value(torch.as_tensor(obs, device=device), torch.as_tensor(actions, device=device))[1:]
         gaps = {name: np.max(np.abs(a - b.cpu().numpy()) / np.maximum(1, np.abs(b.cpu().numpy()))) for name, a, b in zip(("log-probs", "entropies", "values"), mine, theirs)}  # fmt: skip
@@ -1248,8 +1253,7 @@ class RolloutPolicies:
     def pick(self, obs: np.ndarray) -> Union[NumpyPolicy, TorchPolicy]:
         if self.numpy_copy:
             try:
-                policy = NumpyPolicy(self.agent)
-                cause = policy.mismatch(self.agent, obs, self.device)
+                policy, cause = NumpyPolicy(self.agent), NumpyPolicy.mismatch(self.agent, obs, self.device)
             except Exception as e:  # an edit the copy cannot follow must not stop a run the agent can do
                 cause = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
             if cause is None:

@@ -859,6 +859,14 @@ def test_numpy_rollout_copy_is_used_for_the_unmodified_network_without_side_effe
     assert isinstance(policy, ppo.NumpyPolicy) and capsys.readouterr().out == ""
     assert torch.equal(torch.get_rng_state(), torch_state)
     assert all(torch.equal(p, q) for p, q in zip(params, agent.parameters()))
+    # A small std divides float32 rounding up to 1e-5 in a log-prob; the check, in float64, is not fooled by it.
+    torch.manual_seed(1)
+    agent = ppo.Agent(17, 6, (64, 64), "tanh", log_std_init=-2.5)
+    with torch.no_grad():
+        for p in agent.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    obs = np.random.default_rng(1).normal(size=(256, 17)).astype(np.float32) * 3
+    assert isinstance(ppo.RolloutPolicies(agent, torch.device("cpu")).pick(obs), ppo.NumpyPolicy)
 
 
 @pytest.mark.parametrize(
@@ -1230,7 +1238,9 @@ def test_envs(tmp_path, monkeypatch):
     return "test_envs:DictGoal-v0"
 
 
-def test_a_module_env_with_dict_observations_and_kwargs_trains_checkpoints_resumes_and_evaluates(test_envs, tmp_path):
+def test_a_module_env_with_dict_observations_and_kwargs_trains_checkpoints_resumes_and_evaluates(
+    test_envs, tmp_path, monkeypatch, capsys, restore_signals
+):
     flags = ["--env-id", test_envs, "--env-kwargs", '{"goals": 3}', "--num-steps", "64", "--num-minibatches", "2",
              "--update-epochs", "2", "--total-timesteps", "256", "--eval-episodes", "2", "--runs-dir", str(tmp_path / "runs")]  # fmt: skip
     assert "eval: return" in run_script("ppo_continuous.py", *flags).stdout
@@ -1241,8 +1251,9 @@ def test_a_module_env_with_dict_observations_and_kwargs_trains_checkpoints_resum
     assert ckpt["normalizer"]["obs_rms"]["mean"].shape == (8,) and ckpt["args"]["env_kwargs"] == '{"goals": 3}'
     resumed = run_script("ppo_continuous.py", "--resume", str(run_dir / "checkpoint.pt"), "--eval-episodes", "2")
     assert "eval: return" in resumed.stdout  # the pickled envs came back; the trained policy evaluated
-    evaluated = run_script("ppo_continuous.py", "--eval-checkpoint", str(run_dir / "checkpoint.pt"), "--eval-episodes", "2")
-    assert f"eval {test_envs}: return" in evaluated.stdout
+    monkeypatch.syspath_prepend(str(tmp_path))  # in this process, as PYTHONPATH does for the script
+    ppo.train(ppo.parse_args(["--eval-checkpoint", str(run_dir / "checkpoint.pt"), "--eval-episodes", "2"]))
+    assert f"eval {test_envs}: return" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
@@ -1254,20 +1265,30 @@ def test_a_module_env_with_dict_observations_and_kwargs_trains_checkpoints_resum
         (["--env-id", "test_envs:DictGoal-v0", "--env-kwargs", "{goals: 3}"], "--env-kwargs '{goals: 3}' is not a JSON object"),
     ],
 )  # fmt: skip
-def test_env_errors_are_gymnasium_s_own_in_one_line(flags, needle, test_envs, tmp_path):
-    assert_one_line_error("ppo_continuous.py", flags, needle, tmp_path / "runs")
+def test_env_errors_are_gymnasium_s_own_in_one_line(flags, needle, test_envs, tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(tmp_path))  # in this process, as PYTHONPATH does for the script
+    args = ppo.parse_args(flags)
+    with pytest.raises(SystemExit) as exit_info:
+        ppo.check_args(args, 1)
+        ppo.build_agent(args, torch.device("cpu"))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1 and needle in lines[0], lines
 
 
 @pytest.mark.parametrize("blow_up, value", [("observation", "nan"), ("reward", "inf")])
-def test_a_simulator_that_blows_up_stops_the_run_and_keeps_the_last_checkpoint(blow_up, value, test_envs, tmp_path):
+def test_a_simulator_that_blows_up_stops_the_run_and_keeps_the_last_checkpoint(
+    blow_up, value, test_envs, tmp_path, monkeypatch, capsys, restore_signals
+):
+    monkeypatch.syspath_prepend(str(tmp_path))
     kwargs = json.dumps({"blow_up_at": 150, "blow_up": blow_up})
-    flags = ["--env-id", test_envs, "--env-kwargs", kwargs, "--num-steps", "64", "--num-minibatches", "2",
+    flags = ["--env-id", test_envs, "--env-kwargs", kwargs, "--num-steps", "64", "--num-minibatches", "2", "--num-threads", "1",
              "--total-timesteps", "640", "--save-every", "1", "--runs-dir", str(tmp_path / "runs")]  # fmt: skip
-    proc = run_script("ppo_continuous.py", *flags, check=False)
+    with pytest.raises(SystemExit) as exit_info:
+        ppo.train(ppo.parse_args(flags))
     (ckpt_path,) = (tmp_path / "runs").glob("*/checkpoint.pt")
     # The env's 150th step is global step 152 (two reset steps before it), in iteration 3.
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip() == (
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err.strip() == (
         f"error: non-finite {blow_up} {value} from {test_envs} (sub-env 0) at global_step 152 (iteration 3); "
         f"stopped, last good checkpoint kept: {ckpt_path}"
     )
