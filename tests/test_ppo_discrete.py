@@ -654,9 +654,7 @@ def test_atari_cli_logs_whole_game_scores(tmp_path):
     assert "losses/approx_kl" in set().union(*records)
     assert list(tmp_path.glob("*/videos/eval.mp4"))
     assert "eval: return" in proc.stdout
-    # The CNN keeps torch's default thread count (a thread per core), which a fresh process reports.
-    default = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"], capture_output=True, text=True)
-    assert f", {int(default.stdout)} torch thread(s)" in proc.stdout
+    assert ", 1 torch thread(s)" in proc.stdout  # the CNN's default too: more stall beside a busy core
 
 
 def test_track_offline_leaves_metrics_in_wandb_run(tmp_path):
