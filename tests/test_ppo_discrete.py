@@ -856,21 +856,26 @@ def test_a_non_finite_loss_skips_the_step_and_is_counted(monkeypatch, tmp_path):
     assert all(t.isfinite().all() for t in torch.load(ckpt, weights_only=True)["agent"].values())
 
 
-def test_max_skipped_steps_in_a_row_stop_the_run_keeping_the_last_checkpoint(monkeypatch, capsys, tmp_path):
-    nan_loss_at(monkeypatch, set(range(32, 1000)))  # from iteration 3 on
+def stopped_run(monkeypatch, capsys, tmp_path, iteration_kept):
+    """Train 4 iterations, a checkpoint after each, which must stop with exit status 1 and leave the checkpoint of
+    iteration_kept whole and finite; return the run's stderr lines and that checkpoint's path."""
     with pytest.raises(SystemExit) as stopped:
         train_in_process(monkeypatch, total_timesteps=2048, save_every=1, runs_dir=str(tmp_path))
     assert stopped.value.code == 1
-    (ckpt,) = tmp_path.glob("*/checkpoint.pt")
+    (ckpt,) = tmp_path.glob("*/checkpoint.pt*")
+    state = torch.load(ckpt, weights_only=True)
+    assert state["iteration"] == iteration_kept and all(t.isfinite().all() for t in state["agent"].values())
+    return capsys.readouterr().err.splitlines(), ckpt
+
+
+def test_max_skipped_steps_in_a_row_stop_the_run_keeping_the_last_checkpoint(monkeypatch, capsys, tmp_path):
+    nan_loss_at(monkeypatch, set(range(32, 1000)))  # from iteration 3 on
+    err, ckpt = stopped_run(monkeypatch, capsys, tmp_path, iteration_kept=2)
     # The 10th NaN in a row: call 41, iteration 3, epoch 3, minibatch 2.
-    assert capsys.readouterr().err.splitlines() == [
+    assert err == [
         f"error: non-finite loss ({ppo.MAX_SKIPPED_STEPS} steps in a row) at iteration 3 (epoch 3, minibatch 2); "
         f"stopped, last good checkpoint kept: {ckpt}"
     ]
-    state = torch.load(ckpt, weights_only=True)
-    assert state["iteration"] == 2
-    assert all(t.isfinite().all() for t in state["agent"].values())
-    assert not list(tmp_path.glob("*/checkpoint.pt.tmp"))
 
 
 @pytest.mark.parametrize(
@@ -890,14 +895,8 @@ def test_a_non_finite_weight_after_a_step_stops_the_run_and_is_never_checkpointe
         return out
 
     monkeypatch.setattr(torch.optim.Adam, "step", poisoning_step)
-    with pytest.raises(SystemExit) as stopped:
-        train_in_process(monkeypatch, total_timesteps=2048, save_every=1, runs_dir=str(tmp_path))
-    assert stopped.value.code == 1
-    (ckpt,) = tmp_path.glob("*/checkpoint.pt")
-    assert capsys.readouterr().err.splitlines() == [
-        f"error: non-finite weight actor.2.weight at {found}; stopped, last good checkpoint kept: {ckpt}"
-    ]
-    assert torch.load(ckpt, weights_only=True)["iteration"] == 1
+    err, ckpt = stopped_run(monkeypatch, capsys, tmp_path, iteration_kept=1)
+    assert err == [f"error: non-finite weight actor.2.weight at {found}; stopped, last good checkpoint kept: {ckpt}"]
     # The checkpoint writer refuses non-finite state in its own right, with the same line.
     agent = ppo.Agent(gym.spaces.Box(-1, 1, (4,), np.float32), 2, pixels=False)
     optimizer = torch.optim.Adam(agent.parameters())
