@@ -131,7 +131,9 @@ def make_envs(env_id: str, num_envs: int, render: bool = False) -> gym.vector.Ve
     return gym.make_vec(env_id, num_envs, vectorization_mode="sync", vector_kwargs=vector_kwargs, **render_kwargs)
 
 
-# The network.
+# The network, and the policy's distribution. An invalid action's logit becomes MASKED_LOGIT (sb3-contrib's
+# MaskablePPO): its probability is 0 (never sampled, never greedy) and it adds nothing to the entropy.
+MASKED_LOGIT = -1e8
 
 
 def layer_init(layer: nn.Module, std: float = np.sqrt(2), bias_const: float = 0.0) -> nn.Module:
@@ -192,23 +194,27 @@ class Agent(nn.Module):
 
     # The policy, defined once: the rollout, the update and evaluation all act through the methods below.
 
-    def distribution(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """log pi(.|obs) [B, A] (log-softmax of the logits) and V(obs) [B]."""
+    def distribution(self, obs: torch.Tensor, action_mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """log pi(.|obs) [B, A] (log-softmax of the logits; actions the mask rules out get MASKED_LOGIT) and V(obs) [B]."""
         logits, value = self(obs)
+        if action_mask is not None:
+            logits = logits.masked_fill(~action_mask, MASKED_LOGIT)
         return logits.log_softmax(-1), value
 
     def get_value(self, obs: torch.Tensor) -> torch.Tensor:
         return self.distribution(obs)[1]
 
-    def get_action_and_value(self, obs: torch.Tensor, action: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, ...]:
+    def get_action_and_value(
+        self, obs: torch.Tensor, action: Optional[torch.Tensor] = None, action_mask: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, ...]:  # fmt: skip
         """(action, log pi(action|obs), entropy of pi(.|obs), V(obs)); the action is sampled when not given."""
-        logp, value = self.distribution(obs)
+        logp, value = self.distribution(obs, action_mask)
         if action is None:
             action = torch.multinomial(logp.exp(), 1).squeeze(-1)
         return action, logp.gather(-1, action.unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1), value
 
-    def greedy_action(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.distribution(obs)[0].argmax(-1)
+    def greedy_action(self, obs: torch.Tensor, action_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.distribution(obs, action_mask)[0].argmax(-1)
 
 
 # PPO maths: small functions the tests check against naive reference code.
@@ -264,13 +270,13 @@ def ppo_update(
     guard: "NonFiniteGuard",
 ) -> tuple[dict[str, float], float]:  # fmt: skip
     """One PPO update: args.update_epochs epochs of args.num_minibatches shuffled minibatches over the batch (keys
-    obs, actions, logprobs, values, advantages, returns). Returns the losses/* stats, means over the minibatches,
+    obs, actions, action_mask, logprobs, values, advantages, returns). Returns the losses/* stats, means over the minibatches,
     and max |log-ratio| of the first minibatch before any step: ~0 when the rollout acted with this very policy."""
     stats = {k: [] for k in ("policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac")}
     for epoch in range(args.update_epochs):
         perm = torch.as_tensor(rng.permutation(len(batch["actions"])), device=batch["actions"].device)
         for m, mb in enumerate(perm.tensor_split(args.num_minibatches)):
-            _, new_logprob, entropy, new_value = agent.get_action_and_value(batch["obs"][mb], batch["actions"][mb])
+            _, new_logprob, entropy, new_value = agent.get_action_and_value(batch["obs"][mb], batch["actions"][mb], batch["action_mask"][mb])
             logratio = new_logprob - batch["logprobs"][mb]
             ratio = logratio.exp()
             with torch.no_grad():
@@ -321,14 +327,15 @@ class Carry:
 
     next_obs: np.ndarray
     next_reset: np.ndarray  # True: this sub-env's next step is an autoreset step, no decision of the policy's
+    next_mask: np.ndarray  # the actions valid in next_obs: info["action_mask"], or all
     episode_return: np.ndarray
     episode_length: np.ndarray
     lives: np.ndarray  # Atari: lives left, so that a lost life can end the GAE trace
 
     @classmethod
-    def start(cls, next_obs: np.ndarray) -> "Carry":
+    def start(cls, next_obs: np.ndarray, next_mask: np.ndarray) -> "Carry":
         n = len(next_obs)
-        return cls(next_obs, np.zeros(n, dtype=bool), np.zeros(n), np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64))
+        return cls(next_obs, np.zeros(n, dtype=bool), next_mask, np.zeros(n), np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64))
 
 
 def train(args: Args) -> None:
@@ -345,7 +352,8 @@ def train(args: Args) -> None:
 
     envs = make_envs(args.env_id, args.num_envs)
     obs_space = envs.single_observation_space
-    agent = Agent(obs_space, int(envs.single_action_space.n), atari).to(device)
+    n_actions = int(envs.single_action_space.n)
+    agent = Agent(obs_space, n_actions, atari).to(device)
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=device.type in ("cpu", "cuda"))
     if distributed:
         broadcast_parameters(agent)
@@ -355,8 +363,10 @@ def train(args: Args) -> None:
     obs = np.zeros((args.num_steps, args.num_envs) + obs_space.shape, dtype=np.uint8 if atari else np.float32)
     rewards, terminated, truncated, valid, logprobs, values = (np.zeros((args.num_steps, args.num_envs), np.float32) for _ in range(6))
     actions = np.zeros((args.num_steps, args.num_envs), dtype=np.int64)
+    masks = np.ones((args.num_steps, args.num_envs, n_actions), dtype=bool)
 
-    carry = Carry.start(envs.reset(seed=args.seed + rank * args.num_envs)[0])
+    first_obs, info = envs.reset(seed=args.seed + rank * args.num_envs)
+    carry = Carry.start(first_obs, action_masks(info, args.num_envs, n_actions, 0))
     start_iteration, global_step, carry = restore_checkpoint(ckpt, agent, optimizer, envs, rng, carry, rank, world_size)
     logger = Logger(args, ckpt, rank)
     policy, guard = RolloutPolicy(agent, device, rng), NonFiniteGuard(logger.checkpoint_path)
@@ -372,13 +382,14 @@ def train(args: Args) -> None:
 
         # 2. Rollout: num_steps steps of num_envs envs with the current policy (Agent.get_action_and_value,
         # or for the MLP its numpy copy, checked against it on these observations).
-        policy.refresh(carry.next_obs)
+        policy.refresh(carry.next_obs, carry.next_mask)
         for step in range(args.num_steps):
             global_step += args.num_envs * world_size
-            obs[step] = carry.next_obs
+            obs[step], masks[step] = carry.next_obs, carry.next_mask
             valid[step] = ~carry.next_reset  # an autoreset step is no transition of the policy's
-            actions[step], logprobs[step], values[step] = policy.act(carry.next_obs)
+            actions[step], logprobs[step], values[step] = policy.act(carry.next_obs, carry.next_mask)
             carry.next_obs, reward, term, trunc, info = envs.step(actions[step])
+            carry.next_mask = action_masks(info, args.num_envs, n_actions, global_step)
             ended = term | trunc
             logger.episodes(global_step, carry, reward, ended)
             if atari:
@@ -396,7 +407,7 @@ def train(args: Args) -> None:
 
         # 4. The clipped update on the batch, without the autoreset steps (no decisions of the policy's).
         keep = np.flatnonzero(valid.reshape(-1))
-        rollout = dict(obs=obs, actions=actions, logprobs=logprobs, values=values, advantages=advantages, returns=returns)
+        rollout = dict(obs=obs, actions=actions, action_mask=masks, logprobs=logprobs, values=values, advantages=advantages, returns=returns)
         batch = {k: torch.as_tensor(x.reshape((-1,) + x.shape[2:])[keep], device=device) for k, x in rollout.items()}
         stats, first_logratio = ppo_update(agent, optimizer, batch, args, rng, guard.at(iteration))
         policy.check_on_policy(first_logratio, iteration)
@@ -786,20 +797,22 @@ def evaluate(
     With video_path, the first episode is recorded: rendered frames, or what the agent sees on Atari."""
     envs = make_envs(env_id, 1, render=video_path is not None and not is_atari(env_id))
     torch.manual_seed(seed)
-    obs, _ = envs.reset(seed=seed)
+    obs, info = envs.reset(seed=seed)
+    n_actions, step = int(envs.single_action_space.n), 0
     returns, episode_return, frames = [], 0.0, []
     while len(returns) < episodes:
         if video_path is not None and not returns:
             frames.append(obs[0, -1] if is_atari(env_id) else envs.render()[0])
         with torch.no_grad():
-            x = torch.as_tensor(obs, device=device)
-            action = agent.get_action_and_value(x)[0] if stochastic else agent.greedy_action(x)
-        obs, reward, terminated, truncated, _ = envs.step(action.cpu().numpy())
+            x, mask = torch.as_tensor(obs, device=device), torch.as_tensor(action_masks(info, 1, n_actions, step), device=device)
+            action = agent.get_action_and_value(x, None, mask)[0] if stochastic else agent.greedy_action(x, mask)
+        obs, reward, terminated, truncated, info = envs.step(action.cpu().numpy())
+        step += 1
         episode_return += float(reward[0])
         if terminated[0] or truncated[0]:
             returns.append(episode_return)
             episode_return = 0.0
-            obs, _ = envs.reset()
+            obs, info = envs.reset()
     envs.close()
     if video_path is not None:
         write_video(frames, video_path, fps=envs.metadata.get("render_fps", 30) or 30)
@@ -867,6 +880,18 @@ def check_env(env_id: str) -> None:
         fail(f"--env-id {env_id} has a {type(action_space).__name__} action space; ppo_discrete.py needs Discrete{hint}")
     if not isinstance(obs_space, (gym.spaces.Box, gym.spaces.Discrete)):
         fail(f"--env-id {env_id} has a {type(obs_space).__name__} observation space; only Box and Discrete are supported")
+
+
+def action_masks(info: dict, num_envs: int, n_actions: int, global_step: int) -> np.ndarray:
+    """The valid actions [num_envs, n_actions] of each env's observation: info["action_mask"] (gymnasium's
+    convention) where the env gives one, else all. A mask that allows nothing is a one-line error."""
+    masks = np.ones((num_envs, n_actions), dtype=bool)
+    if "action_mask" in info:
+        given = info.get("_action_mask", np.ones(num_envs, dtype=bool))
+        masks[given] = np.asarray(info["action_mask"])[given] != 0
+        if not masks.any(-1).all():
+            fail(f"the env's action_mask allows no action at global step {global_step} (env {np.flatnonzero(~masks.any(-1))[0]})")
+    return masks
 
 
 def check_args(args: Args, world_size: int) -> tuple[int, int, int]:
@@ -961,35 +986,37 @@ class NumpyPolicy:
             x = np.tanh(x @ w + b)
         return x @ layers[-1][0] + layers[-1][1]
 
-    def distribution(self, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def distribution(self, obs: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Logits [N, A], log pi(.|obs) [N, A] and V(obs) [N], as Agent.distribution computes them."""
         if self.obs_onehot:
             x = np.eye(self.obs_onehot, dtype=np.float32)[obs.astype(np.int64)]
         else:
             x = obs.reshape(len(obs), -1).astype(np.float32, copy=False)
         logits = self.mlp(self.actor, x)
+        if not mask.all():
+            logits = np.where(mask, logits, np.float32(MASKED_LOGIT))
         shifted = logits - logits.max(-1, keepdims=True)
         return logits, shifted - np.log(np.exp(shifted).sum(-1, keepdims=True)), self.mlp(self.critic, x)[:, 0]
 
-    def act(self, obs: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def act(self, obs: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Sampled actions, their log-probs and the values."""
-        logits, logp, values = self.distribution(obs)
+        logits, logp, values = self.distribution(obs, mask)
         actions = (logits - np.log(-np.log(rng.random(logits.shape, dtype=np.float32)))).argmax(-1)
         return actions, logp[np.arange(len(actions)), actions], values
 
-    def evaluate(self, obs: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def evaluate(self, obs: np.ndarray, mask: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Log-probs of the given actions, entropies and values, as Agent.get_action_and_value returns them."""
-        _, logp, values = self.distribution(obs)
+        _, logp, values = self.distribution(obs, mask)
         return logp[np.arange(len(actions)), actions], -(np.exp(logp) * logp).sum(-1), values
 
-    def mismatch(self, agent: Agent, device: torch.device, obs: np.ndarray) -> Optional[str]:
+    def mismatch(self, agent: Agent, device: torch.device, obs: np.ndarray, mask: np.ndarray) -> Optional[str]:
         """Where this copy departs from agent's get_action_and_value and get_value on obs (actions drawn by the
         agent itself), or None."""
         with torch.no_grad():
             x = torch.as_tensor(obs, device=device)
-            action, *reference = agent.get_action_and_value(x)
+            action, *reference = agent.get_action_and_value(x, None, torch.as_tensor(mask, device=device))
             reference.append(agent.get_value(x))
-        logprob, entropy, values = self.evaluate(obs, action.cpu().numpy())
+        logprob, entropy, values = self.evaluate(obs, mask, action.cpu().numpy())
         mine = (logprob, entropy, values, values)
         names = ("log-probs", "entropies", "values", "get_value's values")
         for name, a, b in zip(names, mine, (r.cpu().numpy() for r in reference)):
@@ -1008,14 +1035,14 @@ class RolloutPolicy:
         self.copy: Optional[NumpyPolicy] = None
         self.fast, self.noted_plain = not agent.pixels, False
 
-    def refresh(self, obs: np.ndarray) -> None:
+    def refresh(self, obs: np.ndarray, mask: np.ndarray) -> None:
         """Rebuild the numpy copy from the current weights and check it on obs; any failure steps it aside."""
         self.copy = None
         if not self.fast:
             return
         try:
             copy = NumpyPolicy(self.agent)
-            cause = copy.mismatch(self.agent, self.device, obs)
+            cause = copy.mismatch(self.agent, self.device, obs, mask)
         except Exception as e:  # a research edit the copy cannot follow must never stop the run
             cause = str(e) if isinstance(e, ValueError) and str(e).startswith("it ") else f"{type(e).__name__}: {e}"
         if cause is None:
@@ -1024,17 +1051,18 @@ class RolloutPolicy:
             self.fast = False
             note(f"the numpy rollout copy steps aside: {cause}; the rollout runs Agent.get_action_and_value in torch")
 
-    def act(self, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Actions sampled from the policy, their log-probs and the values of obs, in numpy."""
+    def act(self, obs: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Actions sampled from the policy (among those mask allows), their log-probs and the values of obs, in numpy."""
         if self.copy is not None:
-            return self.copy.act(obs, self.rng)
+            return self.copy.act(obs, mask, self.rng)
         with torch.no_grad():
-            action, logprob, _, value = self.agent.get_action_and_value(torch.as_tensor(obs, device=self.device))
+            x, mask = torch.as_tensor(obs, device=self.device), torch.as_tensor(mask, device=self.device)
+            action, logprob, _, value = self.agent.get_action_and_value(x, None, mask)
         return action.cpu().numpy(), logprob.cpu().numpy(), value.cpu().numpy()
 
     def value(self, obs: np.ndarray) -> np.ndarray:
         if self.copy is not None:
-            return self.copy.distribution(obs)[2]
+            return self.copy.distribution(obs, np.ones(1, dtype=bool))[2]
         with torch.no_grad():
             return self.agent.get_value(torch.as_tensor(obs, device=self.device)).cpu().numpy()
 
