@@ -8,6 +8,7 @@ References: Schulman et al. 2017 (PPO), Schulman et al. 2016 (GAE), Huang et al.
 Details of PPO").
 """
 
+import inspect
 import json
 import math
 import os
@@ -16,6 +17,7 @@ import random
 import signal
 import sys
 import time
+import warnings
 from collections import deque
 from dataclasses import asdict, dataclass, fields
 from typing import Callable, NoReturn, Optional
@@ -34,7 +36,9 @@ from gymnasium.vector import AutoresetMode
 @dataclass
 class Args:
     env_id: str = "CartPole-v1"
-    """gymnasium id with a Discrete action space; ALE ids (ALE/Breakout-v5) get the Atari pipeline"""
+    """gymnasium id with a Discrete action space, `module:id` imports the module first; ALE ids get the Atari pipeline"""
+    env_kwargs: str = "{}"
+    """keyword arguments of gym.make as JSON, e.g. '{"map_name": "8x8"}' (Atari: of ale-py's AtariVectorEnv)"""
     total_timesteps: int = 500000
     """total environment steps, summed over envs and processes"""
     learning_rate: float = 2.5e-4
@@ -110,11 +114,11 @@ gym.register_envs(ale_py)
 
 
 def is_atari(env_id: str) -> bool:
-    """True for ids served by ale-py (ALE/Breakout-v5, BreakoutNoFrameskip-v4, ...)."""
-    return "ale_py" in str(gym.spec(env_id).entry_point)
+    """True for ids served by ale-py (ALE/Breakout-v5, BreakoutNoFrameskip-v4, ...); a module:id's module is imported."""
+    return "ale_py" in str(gym.spec(env_id.split(":")[-1]).entry_point)
 
 
-def make_envs(env_id: str, num_envs: int, render: bool = False) -> gym.vector.VectorEnv:
+def make_envs(env_id: str, num_envs: int, env_kwargs: dict, render: bool = False) -> gym.vector.VectorEnv:
     """Vector env in NEXT_STEP autoreset mode. Atari goes through ale-py's C++ AtariVectorEnv
     (noop reset 30, frame skip 4 with max-pool, 84x84 grayscale, 4-frame stack, fire reset);
     its rewards stay raw so the logged return is the game score, and the rollout clips them to
@@ -122,13 +126,12 @@ def make_envs(env_id: str, num_envs: int, render: bool = False) -> gym.vector.Ve
     if is_atari(env_id):
         from ale_py.vector_env import AtariVectorEnv
 
-        kwargs = gym.spec(env_id).kwargs
-        sticky = kwargs.get("repeat_action_probability", 0.25)
-        return AtariVectorEnv(kwargs["game"], num_envs, repeat_action_probability=sticky, autoreset_mode=AutoresetMode.NEXT_STEP,
-                              reward_clipping=False, episodic_life=False)  # fmt: skip
+        kwargs = {"repeat_action_probability": gym.spec(env_id).kwargs.get("repeat_action_probability", 0.25), **env_kwargs}
+        return AtariVectorEnv(gym.spec(env_id).kwargs["game"], num_envs, autoreset_mode=AutoresetMode.NEXT_STEP,
+                              reward_clipping=False, episodic_life=False, **kwargs)  # fmt: skip
     vector_kwargs = {"autoreset_mode": AutoresetMode.NEXT_STEP}
     render_kwargs = {"render_mode": "rgb_array"} if render else {}
-    return gym.make_vec(env_id, num_envs, vectorization_mode="sync", vector_kwargs=vector_kwargs, **render_kwargs)
+    return gym.make_vec(env_id, num_envs, vectorization_mode="sync", vector_kwargs=vector_kwargs, **render_kwargs, **env_kwargs)
 
 
 # The network, and the policy's distribution. An invalid action's logit becomes MASKED_LOGIT (sb3-contrib's
@@ -340,7 +343,7 @@ class Carry:
 
 def train(args: Args) -> None:
     ckpt, args = load_resume(args)  # for --resume: the checkpoint, and the run's own hyperparameters
-    check_env(args.env_id)
+    env_kwargs = check_env(args.env_id, args.env_kwargs)
     atari = is_atari(args.env_id)
     device, device_reason = pick_device(args.device, gpu_pays=atari)
     distributed, rank, world_size = init_distributed(device)
@@ -350,7 +353,7 @@ def train(args: Args) -> None:
     # Per-process env seeds, action noise and minibatch order (rng); rank 0's parameters are broadcast below.
     rng = seed_everything(args.seed + rank, args.torch_deterministic)
 
-    envs = make_envs(args.env_id, args.num_envs)
+    envs = make_envs(args.env_id, args.num_envs, env_kwargs)
     obs_space = envs.single_observation_space
     n_actions = int(envs.single_action_space.n)
     agent = Agent(obs_space, n_actions, atari).to(device)
@@ -454,7 +457,7 @@ class Logger:
         if ckpt is not None:  # a resumed run continues in the folder that holds its checkpoint, wherever it moved
             self.run_name, self.run_dir = ckpt["run_name"], os.path.dirname(os.path.abspath(args.resume))
         else:
-            self.run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+            self.run_name = f"{args.env_id.replace('/', '_').replace(':', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
             self.run_dir = os.path.join(args.runs_dir, self.run_name)
         self.checkpoint_path = os.path.join(self.run_dir, "checkpoint.pt")
         self.rank, self.recent_returns = rank, deque(maxlen=20)
@@ -791,11 +794,12 @@ def finish(agent: Agent, args: Args, device: torch.device, logger: Logger, envs:
 
 
 def evaluate(
-    agent: Agent, env_id: str, episodes: int, seed: int, device: torch.device, stochastic: bool, video_path: Optional[str]
-) -> list[float]:
+    agent: Agent, env_id: str, env_kwargs: dict, episodes: int, seed: int, device: torch.device, stochastic: bool,
+    video_path: Optional[str],
+) -> list[float]:  # fmt: skip
     """Play whole episodes (whole games for Atari) and return their undiscounted, unclipped returns.
     With video_path, the first episode is recorded: rendered frames, or what the agent sees on Atari."""
-    envs = make_envs(env_id, 1, render=video_path is not None and not is_atari(env_id))
+    envs = make_envs(env_id, 1, env_kwargs, render=video_path is not None and not is_atari(env_id))
     torch.manual_seed(seed)
     obs, info = envs.reset(seed=seed)
     n_actions, step = int(envs.single_action_space.n), 0
@@ -832,7 +836,8 @@ def evaluate_and_log(agent: Agent, args: Args, device: torch.device, logger: Log
     if args.capture_video:
         os.makedirs(os.path.join(logger.run_dir, "videos"), exist_ok=True)
         video_path = os.path.join(logger.run_dir, "videos", "eval.mp4")
-    returns = evaluate(agent, args.env_id, args.eval_episodes, args.seed + 10_000, device, args.eval_stochastic, video_path)
+    env_kwargs = json.loads(args.env_kwargs)
+    returns = evaluate(agent, args.env_id, env_kwargs, args.eval_episodes, args.seed + 10_000, device, args.eval_stochastic, video_path)
     logger.log(global_step, {"eval/episodic_return": float(np.mean(returns)), "eval/episodic_return_std": float(np.std(returns))})
     print(f"eval: return {np.mean(returns):.2f} +- {np.std(returns):.2f} over {len(returns)} episodes")
     if logger.wandb_run is not None and video_path is not None:
@@ -845,14 +850,14 @@ def evaluate_checkpoint(args: Args) -> None:
     """--eval-checkpoint: play the checkpoint's policy, reading only its weights_only=True part."""
     ckpt = load_checkpoint(args.eval_checkpoint, "--eval-checkpoint", keys=("args", "agent", "n_actions"))
     env_id = ckpt["args"]["env_id"]
-    check_env(env_id)
+    env_kwargs = check_env(env_id, ckpt["args"]["env_kwargs"])
     device, _ = pick_device(args.device, gpu_pays=is_atari(env_id))
     set_num_threads(args.num_threads)
-    envs = make_envs(env_id, 1)
+    envs = make_envs(env_id, 1, env_kwargs)
     agent = Agent(envs.single_observation_space, ckpt["n_actions"], is_atari(env_id)).to(device)
     envs.close()
     agent.load_state_dict(ckpt["agent"])
-    returns = evaluate(agent, env_id, max(args.eval_episodes, 1), args.seed, device, args.eval_stochastic, None)
+    returns = evaluate(agent, env_id, env_kwargs, max(args.eval_episodes, 1), args.seed, device, args.eval_stochastic, None)
     print(f"eval {env_id}: return {np.mean(returns):.2f} +- {np.std(returns):.2f} over {len(returns)} episodes")
 
 
@@ -864,15 +869,33 @@ def fail(message: str) -> NoReturn:
     sys.exit(2)
 
 
-def check_env(env_id: str) -> None:
-    """env_id exists, acts in a Discrete space and observes a Box or Discrete one."""
+def check_env(env_id: str, env_kwargs: str) -> dict:
+    """The parsed --env-kwargs, once env_id makes an env with them (gymnasium's own error otherwise) that acts in a
+    Discrete space and observes a Box or Discrete one."""
     try:
-        gym.spec(env_id)
+        kwargs = json.loads(env_kwargs)
+        assert isinstance(kwargs, dict)
+    except (ValueError, AssertionError):
+        fail(f"--env-kwargs {env_kwargs} is not a JSON object; pass e.g. '{{\"map_name\": \"8x8\"}}'")
+    try:
+        atari = ":" not in env_id and is_atari(env_id)
     except gym.error.Error:
-        fail(f"--env-id {env_id} is not a registered gymnasium id; Atari ids look like ALE/Breakout-v5")
-    if is_atari(env_id):
-        return
-    env = gym.make(env_id)
+        atari = False  # gym.make below says what is wrong with the id
+    if atari:
+        from ale_py.vector_env import AtariVectorEnv
+
+        ours = {"self", "game", "num_envs", "autoreset_mode", "reward_clipping", "episodic_life"}
+        unknown = sorted(set(kwargs) - set(inspect.signature(AtariVectorEnv.__init__).parameters) - ours)
+        if unknown or ours & set(kwargs):
+            fail(f"--env-kwargs {env_kwargs}: ale-py's AtariVectorEnv takes no {(unknown or sorted(ours & set(kwargs)))[0]} here")
+        return kwargs
+    try:
+        with warnings.catch_warnings():  # the error says it in one line; make_envs warns again if the id works
+            warnings.simplefilter("ignore")
+            env = gym.make(env_id, **kwargs)
+    except Exception as e:  # a missing module, an unknown or deprecated id, a keyword the env does not take
+        flag = f"--env-kwargs {env_kwargs}" if kwargs and isinstance(e, TypeError) else f"--env-id {env_id}"
+        fail(f"{flag}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     action_space, obs_space = env.action_space, env.observation_space
     env.close()
     if not isinstance(action_space, gym.spaces.Discrete):
@@ -880,6 +903,7 @@ def check_env(env_id: str) -> None:
         fail(f"--env-id {env_id} has a {type(action_space).__name__} action space; ppo_discrete.py needs Discrete{hint}")
     if not isinstance(obs_space, (gym.spaces.Box, gym.spaces.Discrete)):
         fail(f"--env-id {env_id} has a {type(obs_space).__name__} observation space; only Box and Discrete are supported")
+    return kwargs
 
 
 def action_masks(info: dict, num_envs: int, n_actions: int, global_step: int) -> np.ndarray:

@@ -4,6 +4,7 @@ safety under a researcher's edits, checkpoints, signals and torchrun collectives
 in subprocesses."""
 
 import copy
+import json
 import os
 import pickle
 import re
@@ -89,7 +90,7 @@ gym.register("CountEnvTerminated-v0", entry_point=lambda: CountEnv(terminate_at=
 
 def rollout_flags(env_id, steps):
     """Step the script's own vector env as the rollout does; return obs, rewards, flags, valid."""
-    envs = ppo.make_envs(env_id, 1)
+    envs = ppo.make_envs(env_id, 1, {})
     obs, _ = envs.reset(seed=0)
     next_reset = np.zeros(1, bool)
     rows = []
@@ -669,7 +670,12 @@ def test_track_offline_leaves_metrics_in_wandb_run(tmp_path):
     "flags, needle",
     [
         (["--env-id", "Pendulum-v1"], "ppo_continuous.py"),
-        (["--env-id", "NoSuchEnv-v9"], "--env-id"),
+        (["--env-id", "NoSuchEnv-v9"], "--env-id NoSuchEnv-v9: Environment `NoSuchEnv` doesn't exist"),
+        (["--env-id", "Taxi-v3"], "--env-id Taxi-v3: Environment version v3 for `Taxi` is deprecated. Please use `Taxi-v4` instead."),
+        (["--env-id", "no_such_module:Tiny-v0"], "--env-id no_such_module:Tiny-v0: No module named 'no_such_module'"),
+        (["--env-kwargs", '{"gravity": 3}'], "unexpected keyword argument 'gravity'"),
+        (["--env-kwargs", "[1, 2]"], "--env-kwargs [1, 2] is not a JSON object"),
+        (["--env-id", "ALE/Breakout-v5", "--env-kwargs", '{"episodic_life": true}'], "AtariVectorEnv takes no episodic_life"),
         (["--num-minibatches", "3"], "--num-minibatches"),
         (["--num-envs", "0"], "--num-envs"),
         (["--gamma", "1.5"], "--gamma"),
@@ -1010,3 +1016,54 @@ def test_a_mask_that_allows_no_action_is_a_one_line_error(monkeypatch, capsys, t
         train_in_process(monkeypatch, env_id="PickEmptyMask-v0", total_timesteps=512, runs_dir=str(tmp_path))
     assert failed.value.code == 2
     assert capsys.readouterr().err.splitlines() == ["error: the env's action_mask allows no action at global step 20 (env 0)"]
+
+
+# ---------------------------------------------------------------- the envs researchers bring
+
+ENV_MODULE = """
+import gymnasium as gym
+import numpy as np
+
+
+class Corridor(gym.Env):
+    \"\"\"Walk right (action 1) along a corridor of `length` cells to a reward of 1.\"\"\"
+
+    action_space = gym.spaces.Discrete(2)
+
+    def __init__(self, length=4):
+        self.length = length
+        self.observation_space = gym.spaces.Box(0, length, (1,), np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.x = 0
+        return np.array([self.x], np.float32), {}
+
+    def step(self, action):
+        self.x = max(0, self.x + (1 if action == 1 else -1))
+        done = self.x == self.length
+        return np.array([self.x], np.float32), float(done), done, False, {}
+
+
+gym.register("Corridor-v0", entry_point=Corridor, max_episode_steps=20)
+"""
+
+
+def test_a_module_id_env_with_env_kwargs_trains_evaluates_and_names_its_run_folder_cleanly(tmp_path):
+    (tmp_path / "my_envs.py").write_text(ENV_MODULE)
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(tmp_path)}
+    flags = ["--env-id", "my_envs:Corridor-v0", "--env-kwargs", '{"length": 7}', "--total-timesteps", "1024", "--eval-episodes", "1"]
+    proc = subprocess.run([sys.executable, str(ROOT / "ppo_discrete.py"), *flags, "--runs-dir", "runs", "--num-threads", "1"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert run_dir.name.startswith("my_envs_Corridor-v0__ppo_discrete__1__"), run_dir.name
+    assert "eval: return" in proc.stdout
+    # The kwargs are part of the run (args.json, the checkpoint, which evaluates on its own) and reach gym.make.
+    assert json.loads((run_dir / "args.json").read_text())["env_kwargs"] == '{"length": 7}'
+    proc = subprocess.run([sys.executable, str(ROOT / "ppo_discrete.py"), "--eval-checkpoint", str(run_dir / "checkpoint.pt"), "--eval-episodes", "1"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0 and "eval my_envs:Corridor-v0: return" in proc.stdout, proc.stderr[-2000:]
+    made = ppo.make_envs("CartPole-v1", 1, {"max_episode_steps": 7})
+    made.reset(seed=0)
+    assert all(not any(made.step(np.zeros(1, np.int64))[3]) for _ in range(6)) and made.step(np.zeros(1, np.int64))[3][0]
