@@ -129,9 +129,12 @@ def make_envs(env_id: str, num_envs: int, env_kwargs: dict, render: bool = False
         kwargs = {"repeat_action_probability": gym.spec(env_id).kwargs.get("repeat_action_probability", 0.25), **env_kwargs}
         return AtariVectorEnv(gym.spec(env_id).kwargs["game"], num_envs, autoreset_mode=AutoresetMode.NEXT_STEP,
                               reward_clipping=False, episodic_life=False, **kwargs)  # fmt: skip
-    vector_kwargs = {"autoreset_mode": AutoresetMode.NEXT_STEP}
-    render_kwargs = {"render_mode": "rgb_array"} if render else {}
-    return gym.make_vec(env_id, num_envs, vectorization_mode="sync", vector_kwargs=vector_kwargs, **render_kwargs, **env_kwargs)
+    kwargs = {"vectorization_mode": "sync", "vector_kwargs": {"autoreset_mode": AutoresetMode.NEXT_STEP}, **env_kwargs}
+    envs = gym.make_vec(env_id, num_envs, **kwargs, **({"render_mode": "rgb_array"} if render else {}))
+    if isinstance(envs.single_observation_space, (gym.spaces.Dict, gym.spaces.Tuple)):  # flattened for the MLP
+        envs.close()
+        envs = gym.make_vec(env_id, num_envs, wrappers=[FlatObservation], **kwargs, **({"render_mode": "rgb_array"} if render else {}))
+    return envs
 
 
 # The network, and the policy's distribution. An invalid action's logit becomes MASKED_LOGIT (sb3-contrib's
@@ -901,8 +904,12 @@ def check_env(env_id: str, env_kwargs: str) -> dict:
     if not isinstance(action_space, gym.spaces.Discrete):
         hint = "; use ppo_continuous.py" if isinstance(action_space, gym.spaces.Box) else ""
         fail(f"--env-id {env_id} has a {type(action_space).__name__} action space; ppo_discrete.py needs Discrete{hint}")
-    if not isinstance(obs_space, (gym.spaces.Box, gym.spaces.Discrete)):
-        fail(f"--env-id {env_id} has a {type(obs_space).__name__} observation space; only Box and Discrete are supported")
+    try:
+        FlatObservation(env) if isinstance(obs_space, (gym.spaces.Dict, gym.spaces.Tuple)) else None
+    except NotImplementedError:
+        fail(f"--env-id {env_id}: its {obs_space} observation space has a part gymnasium cannot flatten")
+    if not isinstance(obs_space, (gym.spaces.Box, gym.spaces.Discrete, gym.spaces.Dict, gym.spaces.Tuple)):
+        fail(f"--env-id {env_id} has a {type(obs_space).__name__} observation space; ppo_discrete.py takes Box, Discrete, Dict and Tuple")
     return kwargs
 
 
@@ -955,7 +962,33 @@ def check_args(args: Args, world_size: int) -> tuple[int, int, int]:
     return batch_size, batch_size // args.num_minibatches, num_iterations
 
 
-# Env pickling: a resumed run continues the very episodes it was playing.
+# Env adapters and pickling: a resumed run continues the very episodes it was playing.
+
+
+class FlatObservation(gym.Wrapper):
+    """A Dict or Tuple observation as one float32 vector (gymnasium's flatten: a Discrete part one-hot, a Box part
+    raveled); a Dict's "action_mask" key (PettingZoo's convention) goes to info["action_mask"] instead."""
+
+    def __init__(self, env: gym.Env):
+        super().__init__(env)
+        space = env.observation_space
+        self.masked = isinstance(space, gym.spaces.Dict) and "action_mask" in space.spaces
+        self.inner = gym.spaces.Dict({k: v for k, v in space.spaces.items() if k != "action_mask"}) if self.masked else space
+        self.observation_space = gym.spaces.flatten_space(self.inner)
+
+    def flat(self, obs, info: dict) -> tuple[np.ndarray, dict]:
+        if self.masked:
+            info = {**info, "action_mask": obs["action_mask"]}
+            obs = {k: obs[k] for k in self.inner.spaces}
+        return gym.spaces.flatten(self.inner, obs).astype(np.float32), info
+
+    def reset(self, **kwargs) -> tuple[np.ndarray, dict]:
+        return self.flat(*self.env.reset(**kwargs))
+
+    def step(self, action) -> tuple:
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        obs, info = self.flat(obs, info)
+        return obs, reward, terminated, truncated, info
 
 
 def env_state(envs: gym.vector.VectorEnv) -> Optional[bytes]:

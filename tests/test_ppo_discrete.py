@@ -1067,3 +1067,40 @@ def test_a_module_id_env_with_env_kwargs_trains_evaluates_and_names_its_run_fold
     made = ppo.make_envs("CartPole-v1", 1, {"max_episode_steps": 7})
     made.reset(seed=0)
     assert all(not any(made.step(np.zeros(1, np.int64))[3]) for _ in range(6)) and made.step(np.zeros(1, np.int64))[3][0]
+
+
+class DictPick(PickTheLegalAction):
+    """PickTheLegalAction with a Dict observation: the legal action as a Discrete part, a Box part that is noise,
+    and the mask as the Dict's "action_mask" key (PettingZoo's convention), not in info."""
+
+    observation_space = gym.spaces.Dict(
+        {"legal": gym.spaces.Discrete(4), "noise": gym.spaces.Box(-1, 1, (2,), np.float32), "action_mask": gym.spaces.MultiBinary(4)}
+    )
+
+    def observe(self):
+        obs, info = super().observe()
+        noise = self.np_random.uniform(-1, 1, 2).astype(np.float32)
+        return {"legal": self.legal, "noise": noise, "action_mask": info.pop("action_mask")}, info
+
+
+gym.register("DictPick-v0", entry_point=DictPick, max_episode_steps=8)
+
+
+def test_a_dict_observation_env_trains_with_its_mask_checkpoints_resumes_and_evaluates(monkeypatch, capsys, tmp_path):
+    flags = dict(env_id="DictPick-v0", total_timesteps=2048, eval_episodes=2)
+    PickTheLegalAction.ILLEGAL[0] = 0
+    train_in_process(monkeypatch, runs_dir=str(tmp_path / "whole"), **flags)
+    whole = comparable(read_metrics(tmp_path / "whole"))
+    assert PickTheLegalAction.ILLEGAL[0] == 0 and {r["charts/episodic_return"] for r in whole if "charts/episodic_return" in r} == {8.0}
+    assert [r["eval/episodic_return"] for r in whole if "eval/episodic_return" in r] == [8.0]
+    # Stopped after iteration 2 as by Ctrl-C, then resumed: the same numbers as the whole run.
+    asked = iter([False, True])
+    monkeypatch.setattr(ppo, "install_stop_handlers", lambda device: lambda: next(asked))
+    with pytest.raises(SystemExit) as stopped:
+        train_in_process(monkeypatch, runs_dir=str(tmp_path / "parts"), **flags)
+    assert stopped.value.code == 130
+    (ckpt,) = (tmp_path / "parts").glob("*/checkpoint.pt")
+    monkeypatch.undo()
+    train_in_process(monkeypatch, resume=str(ckpt))
+    assert comparable(read_metrics(tmp_path / "parts")) == whole
+    assert "note:" not in capsys.readouterr().out  # the flattened envs pickle, and the numpy copy acts
