@@ -8,6 +8,7 @@ References: Schulman et al. 2017 (PPO), Schulman et al. 2016 (GAE), Huang et al.
 Details of PPO").
 """
 
+import inspect
 import json
 import math
 import os
@@ -16,6 +17,7 @@ import random
 import signal
 import sys
 import time
+import warnings
 from collections import deque
 from dataclasses import asdict, dataclass, fields
 from typing import Callable, NoReturn, Optional
@@ -34,7 +36,9 @@ from gymnasium.vector import AutoresetMode
 @dataclass
 class Args:
     env_id: str = "CartPole-v1"
-    """gymnasium id with a Discrete action space; ALE ids (ALE/Breakout-v5) get the Atari pipeline"""
+    """gymnasium id with a Discrete action space, `module:id` imports the module first; ALE ids get the Atari pipeline"""
+    env_kwargs: str = "{}"
+    """keyword arguments of gym.make as JSON, e.g. '{"map_name": "8x8"}' (Atari: of ale-py's AtariVectorEnv)"""
     total_timesteps: int = 500000
     """total environment steps, summed over envs and processes"""
     learning_rate: float = 2.5e-4
@@ -76,11 +80,9 @@ class Args:
     torch_deterministic: bool = True
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     device: str = "auto"
-    """torch device: `auto` (a GPU for the Atari CNN; the CPU for an MLP, which runs faster there than on a GPU)
-    or a device string such as `cpu` or `cuda:1`"""
+    """torch device: `auto` (a GPU for the Atari CNN, the CPU for an MLP: faster there) or e.g. `cpu`, `cuda:1`"""
     num_threads: int = 0
-    """torch CPU threads per process; 0 picks from the work: 1 for an MLP (more threads only add overhead, and
-    slow down badly when another job holds a core), torch's default (a thread per core) for the Atari CNN"""
+    """torch CPU threads per process; 0 picks 1, for the MLP and the CNN alike (more stall beside a busy core)"""
     track: bool = False
     """if toggled, log to Weights and Biases (metrics land in runs/{run_name}/metrics.jsonl either way)"""
     wandb_project_name: str = "ppo"
@@ -112,11 +114,11 @@ gym.register_envs(ale_py)
 
 
 def is_atari(env_id: str) -> bool:
-    """True for ids served by ale-py (ALE/Breakout-v5, BreakoutNoFrameskip-v4, ...)."""
-    return "ale_py" in str(gym.spec(env_id).entry_point)
+    """True for ids served by ale-py (ALE/Breakout-v5, BreakoutNoFrameskip-v4, ...); a module:id's module is imported."""
+    return "ale_py" in str(gym.spec(env_id.split(":")[-1]).entry_point)
 
 
-def make_envs(env_id: str, num_envs: int, render: bool = False) -> gym.vector.VectorEnv:
+def make_envs(env_id: str, num_envs: int, env_kwargs: dict, render: bool = False) -> gym.vector.VectorEnv:
     """Vector env in NEXT_STEP autoreset mode. Atari goes through ale-py's C++ AtariVectorEnv
     (noop reset 30, frame skip 4 with max-pool, 84x84 grayscale, 4-frame stack, fire reset);
     its rewards stay raw so the logged return is the game score, and the rollout clips them to
@@ -124,16 +126,20 @@ def make_envs(env_id: str, num_envs: int, render: bool = False) -> gym.vector.Ve
     if is_atari(env_id):
         from ale_py.vector_env import AtariVectorEnv
 
-        kwargs = gym.spec(env_id).kwargs
-        sticky = kwargs.get("repeat_action_probability", 0.25)
-        return AtariVectorEnv(kwargs["game"], num_envs, repeat_action_probability=sticky, autoreset_mode=AutoresetMode.NEXT_STEP,
-                              reward_clipping=False, episodic_life=False)  # fmt: skip
-    vector_kwargs = {"autoreset_mode": AutoresetMode.NEXT_STEP}
-    render_kwargs = {"render_mode": "rgb_array"} if render else {}
-    return gym.make_vec(env_id, num_envs, vectorization_mode="sync", vector_kwargs=vector_kwargs, **render_kwargs)
+        kwargs = {"repeat_action_probability": gym.spec(env_id).kwargs.get("repeat_action_probability", 0.25), **env_kwargs}
+        return AtariVectorEnv(gym.spec(env_id).kwargs["game"], num_envs, autoreset_mode=AutoresetMode.NEXT_STEP,
+                              reward_clipping=False, episodic_life=False, **kwargs)  # fmt: skip
+    kwargs = {"vectorization_mode": "sync", "vector_kwargs": {"autoreset_mode": AutoresetMode.NEXT_STEP}, **env_kwargs}
+    envs = gym.make_vec(env_id, num_envs, **kwargs, **({"render_mode": "rgb_array"} if render else {}))
+    if isinstance(envs.single_observation_space, (gym.spaces.Dict, gym.spaces.Tuple)):  # flattened for the MLP
+        envs.close()
+        envs = gym.make_vec(env_id, num_envs, wrappers=[FlatObservation], **kwargs, **({"render_mode": "rgb_array"} if render else {}))
+    return envs
 
 
-# The network.
+# The network, and the policy's distribution. An invalid action's logit becomes MASKED_LOGIT (sb3-contrib's
+# MaskablePPO): its probability is 0 (never sampled, never greedy) and it adds nothing to the entropy.
+MASKED_LOGIT = -1e8
 
 
 def layer_init(layer: nn.Module, std: float = np.sqrt(2), bias_const: float = 0.0) -> nn.Module:
@@ -194,23 +200,27 @@ class Agent(nn.Module):
 
     # The policy, defined once: the rollout, the update and evaluation all act through the methods below.
 
-    def distribution(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """log pi(.|obs) [B, A] (log-softmax of the logits) and V(obs) [B]."""
+    def distribution(self, obs: torch.Tensor, action_mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """log pi(.|obs) [B, A] (log-softmax of the logits; actions the mask rules out get MASKED_LOGIT) and V(obs) [B]."""
         logits, value = self(obs)
+        if action_mask is not None:
+            logits = logits.masked_fill(~action_mask, MASKED_LOGIT)
         return logits.log_softmax(-1), value
 
     def get_value(self, obs: torch.Tensor) -> torch.Tensor:
         return self.distribution(obs)[1]
 
-    def get_action_and_value(self, obs: torch.Tensor, action: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, ...]:
+    def get_action_and_value(
+        self, obs: torch.Tensor, action: Optional[torch.Tensor] = None, action_mask: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, ...]:  # fmt: skip
         """(action, log pi(action|obs), entropy of pi(.|obs), V(obs)); the action is sampled when not given."""
-        logp, value = self.distribution(obs)
+        logp, value = self.distribution(obs, action_mask)
         if action is None:
             action = torch.multinomial(logp.exp(), 1).squeeze(-1)
         return action, logp.gather(-1, action.unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1), value
 
-    def greedy_action(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.distribution(obs)[0].argmax(-1)
+    def greedy_action(self, obs: torch.Tensor, action_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.distribution(obs, action_mask)[0].argmax(-1)
 
 
 # PPO maths: small functions the tests check against naive reference code.
@@ -266,13 +276,13 @@ def ppo_update(
     guard: "NonFiniteGuard",
 ) -> tuple[dict[str, float], float]:  # fmt: skip
     """One PPO update: args.update_epochs epochs of args.num_minibatches shuffled minibatches over the batch (keys
-    obs, actions, logprobs, values, advantages, returns). Returns the losses/* stats, means over the minibatches,
+    obs, actions, action_mask, logprobs, values, advantages, returns). Returns the losses/* stats, means over the minibatches,
     and max |log-ratio| of the first minibatch before any step: ~0 when the rollout acted with this very policy."""
     stats = {k: [] for k in ("policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac")}
     for epoch in range(args.update_epochs):
         perm = torch.as_tensor(rng.permutation(len(batch["actions"])), device=batch["actions"].device)
         for m, mb in enumerate(perm.tensor_split(args.num_minibatches)):
-            _, new_logprob, entropy, new_value = agent.get_action_and_value(batch["obs"][mb], batch["actions"][mb])
+            _, new_logprob, entropy, new_value = agent.get_action_and_value(batch["obs"][mb], batch["actions"][mb], batch["action_mask"][mb])
             logratio = new_logprob - batch["logprobs"][mb]
             ratio = logratio.exp()
             with torch.no_grad():
@@ -323,31 +333,33 @@ class Carry:
 
     next_obs: np.ndarray
     next_reset: np.ndarray  # True: this sub-env's next step is an autoreset step, no decision of the policy's
+    next_mask: np.ndarray  # the actions valid in next_obs: info["action_mask"], or all
     episode_return: np.ndarray
     episode_length: np.ndarray
     lives: np.ndarray  # Atari: lives left, so that a lost life can end the GAE trace
 
     @classmethod
-    def start(cls, next_obs: np.ndarray) -> "Carry":
+    def start(cls, next_obs: np.ndarray, next_mask: np.ndarray) -> "Carry":
         n = len(next_obs)
-        return cls(next_obs, np.zeros(n, dtype=bool), np.zeros(n), np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64))
+        return cls(next_obs, np.zeros(n, dtype=bool), next_mask, np.zeros(n), np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64))
 
 
 def train(args: Args) -> None:
     ckpt, args = load_resume(args)  # for --resume: the checkpoint, and the run's own hyperparameters
-    check_env(args.env_id)
+    env_kwargs = check_env(args.env_id, args.env_kwargs)
     atari = is_atari(args.env_id)
     device, device_reason = pick_device(args.device, gpu_pays=atari)
     distributed, rank, world_size = init_distributed(device)
-    set_num_threads(args.num_threads, small_network=not atari)
+    set_num_threads(args.num_threads)
     batch_size, minibatch_size, num_iterations = check_args(args, world_size)
 
     # Per-process env seeds, action noise and minibatch order (rng); rank 0's parameters are broadcast below.
     rng = seed_everything(args.seed + rank, args.torch_deterministic)
 
-    envs = make_envs(args.env_id, args.num_envs)
+    envs = make_envs(args.env_id, args.num_envs, env_kwargs)
     obs_space = envs.single_observation_space
-    agent = Agent(obs_space, int(envs.single_action_space.n), atari).to(device)
+    n_actions = int(envs.single_action_space.n)
+    agent = Agent(obs_space, n_actions, atari).to(device)
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=device.type in ("cpu", "cuda"))
     if distributed:
         broadcast_parameters(agent)
@@ -357,8 +369,10 @@ def train(args: Args) -> None:
     obs = np.zeros((args.num_steps, args.num_envs) + obs_space.shape, dtype=np.uint8 if atari else np.float32)
     rewards, terminated, truncated, valid, logprobs, values = (np.zeros((args.num_steps, args.num_envs), np.float32) for _ in range(6))
     actions = np.zeros((args.num_steps, args.num_envs), dtype=np.int64)
+    masks = np.ones((args.num_steps, args.num_envs, n_actions), dtype=bool)
 
-    carry = Carry.start(envs.reset(seed=args.seed + rank * args.num_envs)[0])
+    first_obs, info = envs.reset(seed=args.seed + rank * args.num_envs)
+    carry = Carry.start(first_obs, action_masks(info, args.num_envs, n_actions, 0))
     start_iteration, global_step, carry = restore_checkpoint(ckpt, agent, optimizer, envs, rng, carry, rank, world_size)
     logger = Logger(args, ckpt, rank)
     policy, guard = RolloutPolicy(agent, device, rng), NonFiniteGuard(logger.checkpoint_path)
@@ -374,13 +388,14 @@ def train(args: Args) -> None:
 
         # 2. Rollout: num_steps steps of num_envs envs with the current policy (Agent.get_action_and_value,
         # or for the MLP its numpy copy, checked against it on these observations).
-        policy.refresh(carry.next_obs)
+        policy.refresh(carry.next_obs, carry.next_mask)
         for step in range(args.num_steps):
             global_step += args.num_envs * world_size
-            obs[step] = carry.next_obs
+            obs[step], masks[step] = carry.next_obs, carry.next_mask
             valid[step] = ~carry.next_reset  # an autoreset step is no transition of the policy's
-            actions[step], logprobs[step], values[step] = policy.act(carry.next_obs)
+            actions[step], logprobs[step], values[step] = policy.act(carry.next_obs, carry.next_mask)
             carry.next_obs, reward, term, trunc, info = envs.step(actions[step])
+            carry.next_mask = action_masks(info, args.num_envs, n_actions, global_step)
             ended = term | trunc
             logger.episodes(global_step, carry, reward, ended)
             if atari:
@@ -398,7 +413,7 @@ def train(args: Args) -> None:
 
         # 4. The clipped update on the batch, without the autoreset steps (no decisions of the policy's).
         keep = np.flatnonzero(valid.reshape(-1))
-        rollout = dict(obs=obs, actions=actions, logprobs=logprobs, values=values, advantages=advantages, returns=returns)
+        rollout = dict(obs=obs, actions=actions, action_mask=masks, logprobs=logprobs, values=values, advantages=advantages, returns=returns)
         batch = {k: torch.as_tensor(x.reshape((-1,) + x.shape[2:])[keep], device=device) for k, x in rollout.items()}
         stats, first_logratio = ppo_update(agent, optimizer, batch, args, rng, guard.at(iteration))
         policy.check_on_policy(first_logratio, iteration)
@@ -445,7 +460,7 @@ class Logger:
         if ckpt is not None:  # a resumed run continues in the folder that holds its checkpoint, wherever it moved
             self.run_name, self.run_dir = ckpt["run_name"], os.path.dirname(os.path.abspath(args.resume))
         else:
-            self.run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+            self.run_name = f"{args.env_id.replace('/', '_').replace(':', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
             self.run_dir = os.path.join(args.runs_dir, self.run_name)
         self.checkpoint_path = os.path.join(self.run_dir, "checkpoint.pt")
         self.rank, self.recent_returns = rank, deque(maxlen=20)
@@ -711,11 +726,10 @@ def auto_device(gpu_pays: bool, cuda: bool, mps: bool) -> tuple[str, str]:
     return "cpu", f"auto: an MLP on vector observations runs faster on the CPU than on {gpu}; --device {gpu} to override"
 
 
-def set_num_threads(num_threads: int, small_network: bool) -> None:
-    """--num-threads, or from the work when 0: one thread for a small network (more only add overhead, and stall
-    when another job holds a core), torch's default (a thread per core) for networks big enough to split."""
-    if num_threads or small_network:
-        torch.set_num_threads(num_threads or 1)
+def set_num_threads(num_threads: int) -> None:
+    """--num-threads, or one thread when 0. More only add overhead to the MLP; the CNN gains from a second thread
+    only on an idle machine and stalls beside a busy core (Breakout on 2 cores, 2 threads: 2.4x to 3.5x slower)."""
+    torch.set_num_threads(num_threads or 1)
 
 
 def init_distributed(device: torch.device) -> tuple[bool, int, int]:
@@ -783,26 +797,29 @@ def finish(agent: Agent, args: Args, device: torch.device, logger: Logger, envs:
 
 
 def evaluate(
-    agent: Agent, env_id: str, episodes: int, seed: int, device: torch.device, stochastic: bool, video_path: Optional[str]
-) -> list[float]:
+    agent: Agent, env_id: str, env_kwargs: dict, episodes: int, seed: int, device: torch.device, stochastic: bool,
+    video_path: Optional[str],
+) -> list[float]:  # fmt: skip
     """Play whole episodes (whole games for Atari) and return their undiscounted, unclipped returns.
     With video_path, the first episode is recorded: rendered frames, or what the agent sees on Atari."""
-    envs = make_envs(env_id, 1, render=video_path is not None and not is_atari(env_id))
+    envs = make_envs(env_id, 1, env_kwargs, render=video_path is not None and not is_atari(env_id))
     torch.manual_seed(seed)
-    obs, _ = envs.reset(seed=seed)
+    obs, info = envs.reset(seed=seed)
+    n_actions, step = int(envs.single_action_space.n), 0
     returns, episode_return, frames = [], 0.0, []
     while len(returns) < episodes:
         if video_path is not None and not returns:
             frames.append(obs[0, -1] if is_atari(env_id) else envs.render()[0])
         with torch.no_grad():
-            x = torch.as_tensor(obs, device=device)
-            action = agent.get_action_and_value(x)[0] if stochastic else agent.greedy_action(x)
-        obs, reward, terminated, truncated, _ = envs.step(action.cpu().numpy())
+            x, mask = torch.as_tensor(obs, device=device), torch.as_tensor(action_masks(info, 1, n_actions, step), device=device)
+            action = agent.get_action_and_value(x, None, mask)[0] if stochastic else agent.greedy_action(x, mask)
+        obs, reward, terminated, truncated, info = envs.step(action.cpu().numpy())
+        step += 1
         episode_return += float(reward[0])
         if terminated[0] or truncated[0]:
             returns.append(episode_return)
             episode_return = 0.0
-            obs, _ = envs.reset()
+            obs, info = envs.reset()
     envs.close()
     if video_path is not None:
         write_video(frames, video_path, fps=envs.metadata.get("render_fps", 30) or 30)
@@ -822,7 +839,8 @@ def evaluate_and_log(agent: Agent, args: Args, device: torch.device, logger: Log
     if args.capture_video:
         os.makedirs(os.path.join(logger.run_dir, "videos"), exist_ok=True)
         video_path = os.path.join(logger.run_dir, "videos", "eval.mp4")
-    returns = evaluate(agent, args.env_id, args.eval_episodes, args.seed + 10_000, device, args.eval_stochastic, video_path)
+    env_kwargs = json.loads(args.env_kwargs)
+    returns = evaluate(agent, args.env_id, env_kwargs, args.eval_episodes, args.seed + 10_000, device, args.eval_stochastic, video_path)
     logger.log(global_step, {"eval/episodic_return": float(np.mean(returns)), "eval/episodic_return_std": float(np.std(returns))})
     print(f"eval: return {np.mean(returns):.2f} +- {np.std(returns):.2f} over {len(returns)} episodes")
     if logger.wandb_run is not None and video_path is not None:
@@ -835,14 +853,14 @@ def evaluate_checkpoint(args: Args) -> None:
     """--eval-checkpoint: play the checkpoint's policy, reading only its weights_only=True part."""
     ckpt = load_checkpoint(args.eval_checkpoint, "--eval-checkpoint", keys=("args", "agent", "n_actions"))
     env_id = ckpt["args"]["env_id"]
-    check_env(env_id)
+    env_kwargs = check_env(env_id, ckpt["args"]["env_kwargs"])
     device, _ = pick_device(args.device, gpu_pays=is_atari(env_id))
-    set_num_threads(args.num_threads, small_network=not is_atari(env_id))
-    envs = make_envs(env_id, 1)
+    set_num_threads(args.num_threads)
+    envs = make_envs(env_id, 1, env_kwargs)
     agent = Agent(envs.single_observation_space, ckpt["n_actions"], is_atari(env_id)).to(device)
     envs.close()
     agent.load_state_dict(ckpt["agent"])
-    returns = evaluate(agent, env_id, max(args.eval_episodes, 1), args.seed, device, args.eval_stochastic, None)
+    returns = evaluate(agent, env_id, env_kwargs, max(args.eval_episodes, 1), args.seed, device, args.eval_stochastic, None)
     print(f"eval {env_id}: return {np.mean(returns):.2f} +- {np.std(returns):.2f} over {len(returns)} episodes")
 
 
@@ -854,22 +872,57 @@ def fail(message: str) -> NoReturn:
     sys.exit(2)
 
 
-def check_env(env_id: str) -> None:
-    """env_id exists, acts in a Discrete space and observes a Box or Discrete one."""
+def check_env(env_id: str, env_kwargs: str) -> dict:
+    """The parsed --env-kwargs, once env_id makes an env with them (gymnasium's own error otherwise) that acts in a
+    Discrete space and observes a Box or Discrete one."""
     try:
-        gym.spec(env_id)
+        kwargs = json.loads(env_kwargs)
+        assert isinstance(kwargs, dict)
+    except (ValueError, AssertionError):
+        fail(f"--env-kwargs {env_kwargs} is not a JSON object; pass e.g. '{{\"map_name\": \"8x8\"}}'")
+    try:
+        atari = ":" not in env_id and is_atari(env_id)
     except gym.error.Error:
-        fail(f"--env-id {env_id} is not a registered gymnasium id; Atari ids look like ALE/Breakout-v5")
-    if is_atari(env_id):
-        return
-    env = gym.make(env_id)
+        atari = False  # gym.make below says what is wrong with the id
+    if atari:
+        from ale_py.vector_env import AtariVectorEnv
+
+        ours = {"self", "game", "num_envs", "autoreset_mode", "reward_clipping", "episodic_life"}
+        unknown = sorted(set(kwargs) - set(inspect.signature(AtariVectorEnv.__init__).parameters) - ours)
+        if unknown or ours & set(kwargs):
+            fail(f"--env-kwargs {env_kwargs}: ale-py's AtariVectorEnv takes no {(unknown or sorted(ours & set(kwargs)))[0]} here")
+        return kwargs
+    try:
+        with warnings.catch_warnings():  # the error says it in one line; make_envs warns again if the id works
+            warnings.simplefilter("ignore")
+            env = gym.make(env_id, **kwargs)
+    except Exception as e:  # a missing module, an unknown or deprecated id, a keyword the env does not take
+        flag = f"--env-kwargs {env_kwargs}" if kwargs and isinstance(e, TypeError) else f"--env-id {env_id}"
+        fail(f"{flag}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     action_space, obs_space = env.action_space, env.observation_space
     env.close()
     if not isinstance(action_space, gym.spaces.Discrete):
         hint = "; use ppo_continuous.py" if isinstance(action_space, gym.spaces.Box) else ""
         fail(f"--env-id {env_id} has a {type(action_space).__name__} action space; ppo_discrete.py needs Discrete{hint}")
-    if not isinstance(obs_space, (gym.spaces.Box, gym.spaces.Discrete)):
-        fail(f"--env-id {env_id} has a {type(obs_space).__name__} observation space; only Box and Discrete are supported")
+    try:
+        FlatObservation(env) if isinstance(obs_space, (gym.spaces.Dict, gym.spaces.Tuple)) else None
+    except NotImplementedError:
+        fail(f"--env-id {env_id}: its {obs_space} observation space has a part gymnasium cannot flatten")
+    if not isinstance(obs_space, (gym.spaces.Box, gym.spaces.Discrete, gym.spaces.Dict, gym.spaces.Tuple)):
+        fail(f"--env-id {env_id} has a {type(obs_space).__name__} observation space; ppo_discrete.py takes Box, Discrete, Dict and Tuple")
+    return kwargs
+
+
+def action_masks(info: dict, num_envs: int, n_actions: int, global_step: int) -> np.ndarray:
+    """The valid actions [num_envs, n_actions] of each env's observation: info["action_mask"] (gymnasium's
+    convention) where the env gives one, else all. A mask that allows nothing is a one-line error."""
+    masks = np.ones((num_envs, n_actions), dtype=bool)
+    if "action_mask" in info:
+        given = info.get("_action_mask", np.ones(num_envs, dtype=bool))
+        masks[given] = np.asarray(info["action_mask"])[given] != 0
+        if not masks.any(-1).all():
+            fail(f"the env's action_mask allows no action at global step {global_step} (env {np.flatnonzero(~masks.any(-1))[0]})")
+    return masks
 
 
 def check_args(args: Args, world_size: int) -> tuple[int, int, int]:
@@ -909,7 +962,33 @@ def check_args(args: Args, world_size: int) -> tuple[int, int, int]:
     return batch_size, batch_size // args.num_minibatches, num_iterations
 
 
-# Env pickling: a resumed run continues the very episodes it was playing.
+# Env adapters and pickling: a resumed run continues the very episodes it was playing.
+
+
+class FlatObservation(gym.Wrapper):
+    """A Dict or Tuple observation as one float32 vector (gymnasium's flatten: a Discrete part one-hot, a Box part
+    raveled); a Dict's "action_mask" key (PettingZoo's convention) goes to info["action_mask"] instead."""
+
+    def __init__(self, env: gym.Env):
+        super().__init__(env)
+        space = env.observation_space
+        self.masked = isinstance(space, gym.spaces.Dict) and "action_mask" in space.spaces
+        self.inner = gym.spaces.Dict({k: v for k, v in space.spaces.items() if k != "action_mask"}) if self.masked else space
+        self.observation_space = gym.spaces.flatten_space(self.inner)
+
+    def flat(self, obs, info: dict) -> tuple[np.ndarray, dict]:
+        if self.masked:
+            info = {**info, "action_mask": obs["action_mask"]}
+            obs = {k: obs[k] for k in self.inner.spaces}
+        return gym.spaces.flatten(self.inner, obs).astype(np.float32), info
+
+    def reset(self, **kwargs) -> tuple[np.ndarray, dict]:
+        return self.flat(*self.env.reset(**kwargs))
+
+    def step(self, action) -> tuple:
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        obs, info = self.flat(obs, info)
+        return obs, reward, terminated, truncated, info
 
 
 def env_state(envs: gym.vector.VectorEnv) -> Optional[bytes]:
@@ -964,35 +1043,37 @@ class NumpyPolicy:
             x = np.tanh(x @ w + b)
         return x @ layers[-1][0] + layers[-1][1]
 
-    def distribution(self, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def distribution(self, obs: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Logits [N, A], log pi(.|obs) [N, A] and V(obs) [N], as Agent.distribution computes them."""
         if self.obs_onehot:
             x = np.eye(self.obs_onehot, dtype=np.float32)[obs.astype(np.int64)]
         else:
             x = obs.reshape(len(obs), -1).astype(np.float32, copy=False)
         logits = self.mlp(self.actor, x)
+        if not mask.all():
+            logits = np.where(mask, logits, np.float32(MASKED_LOGIT))
         shifted = logits - logits.max(-1, keepdims=True)
         return logits, shifted - np.log(np.exp(shifted).sum(-1, keepdims=True)), self.mlp(self.critic, x)[:, 0]
 
-    def act(self, obs: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def act(self, obs: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Sampled actions, their log-probs and the values."""
-        logits, logp, values = self.distribution(obs)
+        logits, logp, values = self.distribution(obs, mask)
         actions = (logits - np.log(-np.log(rng.random(logits.shape, dtype=np.float32)))).argmax(-1)
         return actions, logp[np.arange(len(actions)), actions], values
 
-    def evaluate(self, obs: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def evaluate(self, obs: np.ndarray, mask: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Log-probs of the given actions, entropies and values, as Agent.get_action_and_value returns them."""
-        _, logp, values = self.distribution(obs)
+        _, logp, values = self.distribution(obs, mask)
         return logp[np.arange(len(actions)), actions], -(np.exp(logp) * logp).sum(-1), values
 
-    def mismatch(self, agent: Agent, device: torch.device, obs: np.ndarray) -> Optional[str]:
+    def mismatch(self, agent: Agent, device: torch.device, obs: np.ndarray, mask: np.ndarray) -> Optional[str]:
         """Where this copy departs from agent's get_action_and_value and get_value on obs (actions drawn by the
         agent itself), or None."""
         with torch.no_grad():
             x = torch.as_tensor(obs, device=device)
-            action, *reference = agent.get_action_and_value(x)
+            action, *reference = agent.get_action_and_value(x, None, torch.as_tensor(mask, device=device))
             reference.append(agent.get_value(x))
-        logprob, entropy, values = self.evaluate(obs, action.cpu().numpy())
+        logprob, entropy, values = self.evaluate(obs, mask, action.cpu().numpy())
         mine = (logprob, entropy, values, values)
         names = ("log-probs", "entropies", "values", "get_value's values")
         for name, a, b in zip(names, mine, (r.cpu().numpy() for r in reference)):
@@ -1011,14 +1092,14 @@ class RolloutPolicy:
         self.copy: Optional[NumpyPolicy] = None
         self.fast, self.noted_plain = not agent.pixels, False
 
-    def refresh(self, obs: np.ndarray) -> None:
+    def refresh(self, obs: np.ndarray, mask: np.ndarray) -> None:
         """Rebuild the numpy copy from the current weights and check it on obs; any failure steps it aside."""
         self.copy = None
         if not self.fast:
             return
         try:
             copy = NumpyPolicy(self.agent)
-            cause = copy.mismatch(self.agent, self.device, obs)
+            cause = copy.mismatch(self.agent, self.device, obs, mask)
         except Exception as e:  # a research edit the copy cannot follow must never stop the run
             cause = str(e) if isinstance(e, ValueError) and str(e).startswith("it ") else f"{type(e).__name__}: {e}"
         if cause is None:
@@ -1027,17 +1108,18 @@ class RolloutPolicy:
             self.fast = False
             note(f"the numpy rollout copy steps aside: {cause}; the rollout runs Agent.get_action_and_value in torch")
 
-    def act(self, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Actions sampled from the policy, their log-probs and the values of obs, in numpy."""
+    def act(self, obs: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Actions sampled from the policy (among those mask allows), their log-probs and the values of obs, in numpy."""
         if self.copy is not None:
-            return self.copy.act(obs, self.rng)
+            return self.copy.act(obs, mask, self.rng)
         with torch.no_grad():
-            action, logprob, _, value = self.agent.get_action_and_value(torch.as_tensor(obs, device=self.device))
+            x, mask = torch.as_tensor(obs, device=self.device), torch.as_tensor(mask, device=self.device)
+            action, logprob, _, value = self.agent.get_action_and_value(x, None, mask)
         return action.cpu().numpy(), logprob.cpu().numpy(), value.cpu().numpy()
 
     def value(self, obs: np.ndarray) -> np.ndarray:
         if self.copy is not None:
-            return self.copy.distribution(obs)[2]
+            return self.copy.distribution(obs, np.ones(1, dtype=bool))[2]
         with torch.no_grad():
             return self.agent.get_value(torch.as_tensor(obs, device=self.device)).cpu().numpy()
 
