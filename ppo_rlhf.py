@@ -35,11 +35,15 @@ from typing import Annotated, Callable, Literal, NoReturn, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 import torch.utils.checkpoint
 import transformers
 import tyro
 from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -149,6 +153,9 @@ class Args:
     """run forward passes in bfloat16 autocast (CUDA only)"""
     gradient_checkpointing: bool = False
     """trade compute for memory in the policy and value models"""
+    fsdp: bool = False
+    """under torchrun: shard every model over the processes with FSDP2 (each decoder layer, then the rest);
+    gradients and Adam state sharded too, for models whose copies do not fit one device"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases"""
     wandb_project_name: str = "ppo-rlhf"
@@ -364,7 +371,8 @@ def rollout(
     with torch.autocast(queries.device.type, dtype=torch.bfloat16, enabled=args.bf16):
         for i in range(0, len(queries), n):
             query = queries[i : i + n]
-            response, logprob = generate(policy, query, pad_id, gen_config, args.response_length)
+            with gathered(policy):  # --fsdp: the whole policy on each process for the chunk, not per token
+                response, logprob = generate(policy, query, pad_id, gen_config, args.response_length)
             response = truncate_after_eos(response, task.eos_id, pad_id)
             query_response = torch.cat([query, response], 1)
             if logprob is None:  # no logits kept while sampling (a large vocabulary)
@@ -504,7 +512,7 @@ def adaptive_kl_coef(kl_coef: float, current_kl: float, target_kl: float, horizo
 
 
 def ppo_update(
-    args: Args, policy: nn.Module, value_model: nn.Module, optimizer: torch.optim.Optimizer, flat: FlatParameters,
+    args: Args, policy: nn.Module, value_model: nn.Module, optimizer: torch.optim.Optimizer, flat: FlatParameters | ShardedParameters,
     data: Rollout, advantages: Tensor, returns: Tensor, pad_id: int,
 ) -> dict[str, Tensor]:
     """One PPO update: --update-epochs epochs over shuffled minibatches of the batch, each minibatch one Adam step
@@ -542,8 +550,7 @@ def ppo_update(
                     step_stats = [approx_kl, pg_clipfrac, pg_loss, v_loss, v_clipfrac, entropy, ratio_mean]
                     stats[:, epoch, mb, acc] = torch.stack(step_stats)
             flat.check_grads()
-            all_reduce_mean(flat.param.grad)
-            nn.utils.clip_grad_norm_([flat.param], args.max_grad_norm)
+            flat.average_and_clip_grads(args.max_grad_norm)
             optimizer.step()
     ratios = stats[6].flatten()
     return {
@@ -565,19 +572,22 @@ class LoopState:
 def train(args: Args) -> None:
     ckpt, args = load_resume(args)
     device, device_reason = pick_device(args.device)
-    distributed, rank, world_size = init_distributed(device)
+    distributed, rank, world_size = init_distributed(device, args.fsdp)
     local_batch_size, batch_size, num_iterations = check_args(args, world_size, ckpt, device)
     configure_torch(args)
     task = load_task(args, rank, distributed)  # the built-in task is built once, by rank 0, into its cache
     policy, ref_policy, reward, value_model = load_models(task, args, device)
+    if args.fsdp:  # each process keeps a shard of every model (below the fence)
+        shard_models(args, device, policy, ref_policy, reward.model, value_model)
     vocab_size = policy.get_input_embeddings().num_embeddings
     keep_logits = not large_logits(args.local_rollout_forward_batch_size * args.response_length, vocab_rows(policy))
     gen_config = sampling_config(
         args.response_length, args.temperature, task.eos_id, task.pad_id, vocab_size, output_logits=keep_logits
     )
     # One optimizer over policy and value model: one loss, one clip of the global gradient norm.
-    flat = FlatParameters([p for m in (policy, value_model) for p in m.parameters() if p.requires_grad])
-    optimizer = torch.optim.Adam([flat.param], lr=args.learning_rate, eps=1e-5, fused=device.type in ("cpu", "cuda"))
+    trained = [p for m in (policy, value_model) for p in m.parameters() if p.requires_grad]
+    flat = ShardedParameters(trained) if args.fsdp else FlatParameters(trained)
+    optimizer = torch.optim.Adam(flat.tensors, lr=args.learning_rate, eps=1e-5, fused=device.type in ("cpu", "cuda"))
     state = LoopState(kl_coef=args.kl_coef)
     run = Run(args, ckpt, task, rank)
     device_line = f"{device} ({device_reason}), {torch.get_num_threads()} torch thread(s)"
@@ -587,7 +597,8 @@ def train(args: Args) -> None:
     if ckpt is not None:
         state = restore(ckpt, rank, device, policy, value_model, optimizer)
     stop_requested = install_stop_handlers()
-    if ckpt is None and rank == 0:  # the SFT policy's scores: the baseline the run must beat
+    evaluates = rank == 0 or args.fsdp  # a sharded model's forward needs every process
+    if ckpt is None and evaluates:  # the SFT policy's scores: the baseline the run must beat
         run.log_evaluation(0, num_iterations, 0, {}, *evaluate(policy, reward, task, gen_config, args, episode=0))
 
     start_time, start_episode = time.time(), state.episode
@@ -624,7 +635,7 @@ def train(args: Args) -> None:
             kl_now = metrics["objective/kl"]
             state.kl_coef = adaptive_kl_coef(state.kl_coef, kl_now, args.target_kl, args.kl_horizon, batch_size)
         state.iteration = iteration
-        if rank == 0 and (iteration % args.eval_every == 0 or iteration == num_iterations):
+        if evaluates and (iteration % args.eval_every == 0 or iteration == num_iterations):
             evaluation = evaluate(policy, reward, task, gen_config, args, state.episode)
             run.log_evaluation(iteration, num_iterations, state.episode, metrics, *evaluation)
         stop = stop_requested()
@@ -700,6 +711,8 @@ class Run:
     ) -> None:
         """Log an evaluation, send its sample table to wandb, and print the progress line (`last`: the
         iteration's training metrics)."""
+        if not self.rank0:
+            return
         self.log(episode, metrics)
         if self.wandb is not None:
             import wandb
@@ -721,7 +734,7 @@ class Run:
 
 def describe(
     run: Run, args: Args, task: Task, device: str, world_size: int, num_iterations: int, batch_size: int,
-    gen_config: GenerationConfig, flat: FlatParameters,
+    gen_config: GenerationConfig, flat: FlatParameters | ShardedParameters,
 ) -> None:
     """The batch arithmetic, the reward and the value model, printed by rank 0 at the start."""
     if not run.rank0:
@@ -742,7 +755,7 @@ def describe(
     print(f"reward: {' + '.join(rewards)}; value model: {values[task.value_source[2]]}")
     if args.lora_r:
         targets = " ".join(args.lora_target_modules) if args.lora_target_modules else "peft's default modules"
-        print(f"LoRA r={args.lora_r} alpha={args.lora_alpha:g} on {targets}: {flat.param.numel():,} parameters train (adapters of policy and value model, value head)")
+        print(f"LoRA r={args.lora_r} alpha={args.lora_alpha:g} on {targets}: {flat.numel():,} parameters train (adapters of policy and value model, value head)")
     if not gen_config.output_logits:
         print("note: a large vocabulary: sampling keeps no logits (the rollout's log-probs come from a forward pass), and log-probs and entropies are computed from the hidden states a chunk of positions at a time")
     if num_iterations * batch_size != args.total_episodes:
@@ -951,9 +964,11 @@ def set_num_threads(num_threads: int, small_network: bool) -> None:
         torch.set_num_threads(num_threads or 1)
 
 
-def init_distributed(device: torch.device) -> tuple[bool, int, int]:
-    """Returns (distributed, rank, world_size); joins torchrun's process group when there is one."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+def init_distributed(device: torch.device, sharded: bool = False) -> tuple[bool, int, int]:
+    """Returns (distributed, rank, world_size); joins torchrun's process group when there is one (with --fsdp even
+    a group of one process: FSDP shards over a group)."""
+    world_size = os.environ.get("WORLD_SIZE")
+    if world_size is None or (int(world_size) <= 1 and not sharded):
         return False, 0, 1
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -996,6 +1011,80 @@ def leave_process_group(distributed: bool) -> None:
         time.sleep(0.1)
 
 
+# Sharding (--fsdp): FSDP2's fully_shard over torchrun's processes, for models whose copies do not fit one device.
+# Each decoder layer is a unit; the parameters outside the layers (embeddings, final norm, output layer or score
+# head, tied or not) form one more unit, entered through each of its modules, so that code that calls a model's
+# backbone and head apart (token_scores, chunked_response_logprobs) gathers them as the model's own forward does.
+
+
+def shard_models(args: Args, device: torch.device, *models: Optional[nn.Module]) -> None:
+    """fully_shard every model (once: under LoRA the reference is the policy). --bf16 gathers the parameters in
+    bfloat16 and keeps the master weights and the gradient reduction in float32."""
+    bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    mixed_precision = bf16 if args.bf16 else MixedPrecisionPolicy()
+    for model in {id(m): m for m in models if m is not None}.values():
+        layers = decoder_layers(model)
+        in_layers = {id(m) for layer in layers for m in layer.modules()}
+        rest = [m for m in model.modules() if id(m) not in in_layers and next(m.parameters(recurse=False), None) is not None]
+        try:
+            for layer in layers:
+                fully_shard(layer, mp_policy=mixed_precision)
+            if rest:
+                fully_shard(rest, mp_policy=mixed_precision)
+            fully_shard(model, mp_policy=mixed_precision)
+            with torch.no_grad():  # FSDP takes the first module to run forward as the root: the whole model
+                model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=False)
+        except (RuntimeError, ValueError, TypeError, AssertionError) as e:
+            fail(f"--fsdp: FSDP cannot shard {type(model).__name__} ({exception_line(e)}); drop --fsdp")
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's repeated blocks: the modules of the classes its _no_split_modules names (transformers' list of
+    what must stay whole on one device: Qwen2DecoderLayer, GPT2Block, ...), innermost first."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(base, "_no_split_modules", None) or ())
+    layers = [m for m in reversed(list(model.modules())) if type(m).__name__ in names]
+    if not layers:
+        fail(f"--fsdp: {type(base).__name__} names no decoder layer class (_no_split_modules) to shard it by; drop --fsdp")
+    return layers
+
+
+@contextlib.contextmanager
+def gathered(model: nn.Module):
+    """Under --fsdp, the whole model on every process for the block, kept there between its forwards (sampling a
+    chunk all-gathers each unit once, not once per token, and needs no collective per token, so processes may
+    sample different lengths), then sharded again. Nothing to do for a model that is not sharded."""
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+            unit.set_reshard_after_forward(True, recurse=False)
+
+
+class ShardedParameters:
+    """--fsdp: the trained parameters stay FSDP's per-tensor shards (DTensors), stepped by a per-tensor Adam whose
+    state is sharded with them. FSDP has already averaged the gradients over processes (reduce-scatter)."""
+
+    def __init__(self, params: list[nn.Parameter]):
+        self.tensors = params
+
+    def numel(self) -> int:
+        return sum(p.numel() for p in self.tensors)
+
+    def check_grads(self) -> None:
+        """Nothing to relink: each parameter's .grad is its own shard of the gradient."""
+
+    def average_and_clip_grads(self, max_norm: float) -> Tensor:
+        """Clip to a global norm of max_norm, the norm taken over every process's shards; returns the norm."""
+        norm = nn.utils.clip_grad_norm_(self.tensors, max_norm)
+        return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
 # Evaluation on held-out prompts and the sample table.
 
 
@@ -1014,7 +1103,8 @@ def evaluate(
         torch.manual_seed(args.seed + 10_000)
         for i in range(0, len(task.eval_queries), chunk):
             queries = left_pad(task.eval_queries[i : i + chunk], pad_id, device)
-            responses = generate(policy, queries, pad_id, gen_config, args.response_length)[0]
+            with gathered(policy):
+                responses = generate(policy, queries, pad_id, gen_config, args.response_length)[0]
             responses = truncate_after_eos(responses, eos_id, pad_id)
             scores = score_responses(reward, queries, responses, task.eval_records[i : i + chunk], task)
             scores_all.append(apply_missing_eos_penalty(scores, responses, eos_id, args.missing_eos_penalty))
@@ -1097,6 +1187,8 @@ def check_args(args: Args, world_size: int, ckpt: Optional[dict], device: torch.
         fail(f"--reward-fn-weights must be finite numbers, got {' '.join(map(str, args.reward_fn_weights))}")
     if args.bf16 and device.type != "cuda":
         fail("--bf16 needs a CUDA device; drop it on CPU/MPS")
+    if args.fsdp and "WORLD_SIZE" not in os.environ:
+        fail("--fsdp shards the models over torchrun's processes; start the run with torchrun --nproc_per_node N ppo_rlhf.py --fsdp ..., or drop --fsdp")
     local_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.num_minibatches
     batch_size = local_batch_size * world_size
     if args.total_episodes < batch_size:
@@ -1609,6 +1701,19 @@ class FlatParameters:
             self.views.append(p.grad)
             p.register_hook(partial(self._relink, p, p.grad))
             offset += p.numel()
+
+    @property
+    def tensors(self) -> list[Tensor]:
+        """What the optimizer steps: the one flat tensor."""
+        return [self.param]
+
+    def numel(self) -> int:
+        return self.param.numel()
+
+    def average_and_clip_grads(self, max_norm: float) -> Tensor:
+        """Average the gradient over processes, then clip it to a global norm of max_norm; returns the norm."""
+        all_reduce_mean(self.param.grad)
+        return nn.utils.clip_grad_norm_([self.param], max_norm)
 
     def _relink(self, p: nn.Parameter, view: Tensor, grad: Tensor) -> None:
         if self.param.grad is None:  # optimizer.zero_grad(): every gradient starts again from zero
