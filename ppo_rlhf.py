@@ -28,6 +28,7 @@ import signal
 import sys
 import time
 import warnings
+from collections import defaultdict
 from dataclasses import asdict, dataclass, fields
 from functools import partial
 from typing import Annotated, Callable, Literal, NoReturn, Optional
@@ -104,8 +105,8 @@ class Args:
     """coefficient of the value loss"""
     max_grad_norm: float = 1.0
     """maximum global norm of the gradients"""
-    target_kl: float = 6.0
-    """target KL (nats per response) of the adaptive KL controller (--adaptive-kl)"""
+    target_kl: Optional[float] = None
+    """stop the update epochs early once the approximate KL (policy/approxkl_avg of an epoch) passes this (None: never)"""
     vf_clip_coef: float = 0.2
     """value clipping range used by --clip-vloss"""
     whiten_rewards: bool = False
@@ -115,7 +116,9 @@ class Args:
     kl_estimator: Literal["k1", "k3"] = "k1"
     """per-token KL estimator: k1 = log(pi/ref), k3 = (ref/pi - 1) - log(ref/pi)"""
     adaptive_kl: bool = False
-    """adapt kl_coef towards --target-kl (Ziegler et al., 2019)"""
+    """adapt kl_coef towards --adaptive-kl-target (Ziegler et al., 2019)"""
+    adaptive_kl_target: float = 6.0
+    """target KL (nats per response) of the adaptive KL controller (--adaptive-kl)"""
     kl_horizon: int = 10000
     """horizon (episodes) of the adaptive controller"""
     missing_eos_penalty: float = 1.0
@@ -513,20 +516,22 @@ def adaptive_kl_coef(kl_coef: float, current_kl: float, target_kl: float, horizo
 
 def ppo_update(
     args: Args, policy: nn.Module, value_model: nn.Module, optimizer: torch.optim.Optimizer, flat: FlatParameters | ShardedParameters,
-    data: Rollout, advantages: Tensor, returns: Tensor, pad_id: int,
+    data: Rollout, advantages: Tensor, returns: Tensor, pad_id: int, guard: NonFiniteGuard,
 ) -> dict[str, Tensor]:
-    """One PPO update: --update-epochs epochs over shuffled minibatches of the batch, each minibatch one Adam step
-    on the gradients of --gradient-accumulation-steps micro-batches. Returns the update's statistics."""
+    """One PPO update: --update-epochs epochs over shuffled minibatches of the batch (fewer once the approximate KL
+    passes --target-kl), each minibatch one Adam step on the gradients of --gradient-accumulation-steps
+    micro-batches. Returns the update's statistics, averaged over its micro-batches."""
     if args.norm_adv:
         advantages = whiten(advantages, data.mask)
     micro, accumulation, ctx = args.per_device_train_batch_size, args.gradient_accumulation_steps, data.context_length
     policy.train()  # dropout is off; train mode only turns on gradient checkpointing
     value_model.train()
-    stats = torch.zeros(7, args.update_epochs, args.num_minibatches, accumulation, device=advantages.device)
+    stats, skipped = defaultdict(list), 0
     for epoch in range(args.update_epochs):
         perm = torch.randperm(len(advantages), device=advantages.device)
         for mb in range(args.num_minibatches):
             optimizer.zero_grad()
+            minibatch_loss = 0.0
             for acc in range(accumulation):
                 idx = perm[(mb * accumulation + acc) * micro : (mb * accumulation + acc + 1) * micro]
                 mask, mb_advantages, query_responses = data.mask[idx], advantages[idx], data.query_responses[idx]
@@ -541,23 +546,30 @@ def ppo_update(
                 pg_loss, v_loss = masked_mean(pg_losses, mask), masked_mean(v_losses, mask)
                 loss = (pg_loss + args.vf_coef * v_loss) / accumulation
                 loss.backward()
-                with torch.no_grad():
-                    pg_clipfrac = masked_mean((pg_losses > -mb_advantages * ratio).float(), mask)
-                    v_clipfrac = masked_mean((v_losses > 0.5 * (new_values - returns[idx]) ** 2).float(), mask)
-                    approx_kl = masked_mean((ratio - 1) - logratio, mask)  # k3, as CleanRL logs it
-                    entropy = masked_mean(entropies, mask)
-                    ratio_mean = masked_mean(ratio, mask)
-                    step_stats = [approx_kl, pg_clipfrac, pg_loss, v_loss, v_clipfrac, entropy, ratio_mean]
-                    stats[:, epoch, mb, acc] = torch.stack(step_stats)
+                minibatch_loss = minibatch_loss + loss.detach()
+                with torch.no_grad():  # one line per statistic, under its logged name
+                    stats["policy/approxkl_avg"].append(masked_mean((ratio - 1) - logratio, mask))  # k3, as CleanRL
+                    stats["policy/clipfrac_avg"].append(masked_mean((pg_losses > -mb_advantages * ratio).float(), mask))
+                    stats["loss/policy_avg"].append(pg_loss.detach())
+                    stats["loss/value_avg"].append(v_loss.detach())
+                    stats["val/clipfrac_avg"].append(masked_mean((v_losses > 0.5 * (new_values - returns[idx]) ** 2).float(), mask))
+                    stats["policy/entropy_avg"].append(masked_mean(entropies, mask))
+                    stats["val/ratio"].append(masked_mean(ratio, mask))
             flat.check_grads()
-            flat.average_and_clip_grads(args.max_grad_norm)
+            grad_norm = flat.average_and_clip_grads(args.max_grad_norm)
+            if guard.skip_step(minibatch_loss, grad_norm, optimizer, epoch, mb):
+                skipped += 1
+                continue
             optimizer.step()
-    ratios = stats[6].flatten()
-    return {
-        "policy/approxkl_avg": stats[0].mean(), "policy/clipfrac_avg": stats[1].mean(), "loss/policy_avg": stats[2].mean(),
-        "loss/value_avg": stats[3].mean(), "val/clipfrac_avg": stats[4].mean(), "policy/entropy_avg": stats[5].mean(),
-        "val/ratio": ratios.mean(), "val/ratio_var": ratios.var() if ratios.numel() > 1 else ratios.new_zeros(()),
-    }  # fmt: skip
+            guard.check_weights(flat, epoch, mb)
+        if args.target_kl is not None:  # stop the epochs early, as CleanRL's --target-kl does
+            if last_epoch_mean(stats["policy/approxkl_avg"], args.num_minibatches * accumulation) > args.target_kl:
+                break
+    ratios = torch.stack(stats["val/ratio"])
+    return {name: torch.stack(values).mean() for name, values in stats.items()} | {
+        "val/ratio_var": ratios.var() if ratios.numel() > 1 else ratios.new_zeros(()),
+        "loss/skipped_steps": torch.tensor(float(skipped), device=ratios.device),
+    }
 
 
 @dataclass
@@ -596,6 +608,7 @@ def train(args: Args) -> None:
     seed_everything(args.seed + rank)
     if ckpt is not None:
         state = restore(ckpt, rank, device, policy, value_model, optimizer)
+    guard = NonFiniteGuard(run, state)  # non-finite scores, losses, gradients or weights: skip the step or stop
     stop_requested = install_stop_handlers()
     evaluates = rank == 0 or args.fsdp  # a sharded model's forward needs every process
     if ckpt is None and evaluates:  # the SFT policy's scores: the baseline the run must beat
@@ -613,6 +626,7 @@ def train(args: Args) -> None:
         queries = left_pad([task.train_queries[i] for i in prompts], task.pad_id, device)
         records = [task.train_records[i] for i in prompts]
         data = rollout(policy, ref_policy, reward, value_model, queries, records, gen_config, task, args)
+        guard.check_scores(data.scores)
         state.episode += batch_size
 
         # 3. Rewards: a per-token KL penalty plus the score at the last real token; GAE over tokens.
@@ -624,7 +638,7 @@ def train(args: Args) -> None:
         advantages, returns = compute_gae(rewards, data.values, data.mask, args.gamma, args.gae_lambda)
 
         # 4. PPO update of the policy and the value model.
-        update_stats = ppo_update(args, policy, value_model, optimizer, flat, data, advantages, returns, task.pad_id)
+        update_stats = ppo_update(args, policy, value_model, optimizer, flat, data, advantages, returns, task.pad_id, guard)
 
         # 5. Log; adapt the KL coefficient; evaluate; checkpoint; stop after SIGINT/SIGTERM.
         eps = (state.episode - start_episode) / (time.time() - start_time)
@@ -633,7 +647,7 @@ def train(args: Args) -> None:
         run.log(state.episode, metrics)
         if args.adaptive_kl:
             kl_now = metrics["objective/kl"]
-            state.kl_coef = adaptive_kl_coef(state.kl_coef, kl_now, args.target_kl, args.kl_horizon, batch_size)
+            state.kl_coef = adaptive_kl_coef(state.kl_coef, kl_now, args.adaptive_kl_target, args.kl_horizon, batch_size)
         state.iteration = iteration
         if evaluates and (iteration % args.eval_every == 0 or iteration == num_iterations):
             evaluation = evaluate(policy, reward, task, gen_config, args, state.episode)
@@ -841,9 +855,27 @@ def save_checkpoint(
         policy=trained_weights(policy), value_model=trained_weights(value_model), optimizer=optimizer.state_dict(),
         resume_state=pickle.dumps(ranks),
     )  # fmt: skip
+    nonfinite = nonfinite_tensor(ckpt)
+    if nonfinite is not None:
+        stop_nonfinite(run, f"{nonfinite} in the checkpoint", state.iteration, "(checkpoint refused)")
     path = os.path.join(run.dir, "checkpoint.pt")
-    torch.save(ckpt, f"{path}.tmp")
+    with open(f"{path}.tmp", "wb") as f:  # flushed to the disk before the rename: a crash leaves the old one whole
+        torch.save(ckpt, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(f"{path}.tmp", path)
+
+
+def nonfinite_tensor(tree, name: str = "") -> Optional[str]:
+    """The name of the first floating tensor in `tree` (nested dicts and lists) holding a non-finite value."""
+    if isinstance(tree, Tensor):
+        return name if tree.is_floating_point() and not torch.isfinite(tree).all() else None
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
+    for key, value in items:
+        found = nonfinite_tensor(value, f"{name}.{key}" if name else str(key))
+        if found is not None:
+            return found
+    return None
 
 
 def load_resume(args: Args) -> tuple[Optional[dict], Args]:
@@ -858,8 +890,8 @@ def load_resume(args: Args) -> tuple[Optional[dict], Args]:
         ranks = pickle.loads(ckpt["resume_state"])
         keep = {"device", "num_threads", "resume", "save_every", "track"}
         resumed = Args(**{**ckpt["args"], **{k: v for k, v in asdict(args).items() if k in keep}})
-        if not CHECKPOINT_KEYS <= set(ckpt):
-            raise KeyError(sorted(CHECKPOINT_KEYS - set(ckpt)))
+        if not CHECKPOINT_KEYS <= set(ckpt) or set(ckpt["args"]) != {f.name for f in fields(Args)}:
+            raise KeyError("the keys or flags of another version")  # e.g. --target-kl, which once meant another thing
     except Exception as e:  # not a checkpoint, or one written by another version of this script
         fail(f"--resume: {args.resume} is not a checkpoint of this version of ppo_rlhf.py ({type(e).__name__}); start anew")
     return ckpt | {"resume_state": ranks}, resumed
@@ -892,6 +924,65 @@ def restore(ckpt: dict, rank: int, device: torch.device, policy: nn.Module, valu
         fail("--resume: the model or optimizer state in the checkpoint does not fit these models; start a new run")
     set_rng_state(ckpt["resume_state"][rank], device)
     return LoopState(**{f.name: ckpt[f.name] for f in fields(LoopState)})
+
+
+# Non-finite values: a minibatch whose loss or gradient norm is not finite is not stepped (counted in
+# loss/skipped_steps); MAX_SKIPPED_STEPS of them in a row, a non-finite weight after a step, or a non-finite score stop
+# the run with one line, and no checkpoint is written after it.
+
+MAX_SKIPPED_STEPS = 10
+
+
+def stop_nonfinite(run: Optional[Run], what: str, iteration: int, where: str) -> NoReturn:
+    """The run's end after a non-finite value: one line on stderr (rank 0), exit status 1; the checkpoint on disk,
+    written before, is the last good one."""
+    path = None if run is None else os.path.join(run.dir, "checkpoint.pt")
+    kept = path if path is not None and os.path.exists(path) else "none written"
+    if run is None or run.rank0:
+        print(f"error: non-finite {what} at iteration {iteration} {where}; stopped, last good checkpoint kept: {kept}", file=sys.stderr, flush=True)
+    if run is not None:
+        run.finish()
+    sys.exit(1)
+
+
+class NonFiniteGuard:
+    """The checks of one run (every process takes the same decisions: each is all-reduced). Without a run (tests)
+    it stops with "none written"."""
+
+    def __init__(self, run: Optional[Run] = None, state: Optional[LoopState] = None):
+        self.run, self.state, self.consecutive = run, state or LoopState(), 0
+
+    def stop(self, what: str, where: str) -> NoReturn:
+        stop_nonfinite(self.run, what, self.state.iteration + 1, where)  # state.iteration: the last one finished
+
+    def skip_step(self, loss: Tensor, grad_norm: Tensor, optimizer: torch.optim.Optimizer, epoch: int, mb: int) -> bool:
+        """Whether this minibatch's step must be skipped (its gradients are then zeroed); stops the run at the
+        MAX_SKIPPED_STEPS-th skip in a row."""
+        bad = torch.stack([~torch.isfinite(loss), ~torch.isfinite(grad_norm)]).float()
+        bad = all_reduce_mean(bad).tolist()
+        if not any(bad):
+            self.consecutive = 0
+            return False
+        optimizer.zero_grad()
+        self.consecutive += 1
+        if self.consecutive >= MAX_SKIPPED_STEPS:
+            what = "loss" if bad[0] else "gradient norm"
+            self.stop(f"{what} in {MAX_SKIPPED_STEPS} steps in a row", f"(epoch {epoch + 1}, minibatch {mb + 1})")
+        return True
+
+    def check_weights(self, flat: FlatParameters | ShardedParameters, epoch: int, mb: int) -> None:
+        if not flat.all_finite():
+            self.stop("weight after an optimizer step", f"(epoch {epoch + 1}, minibatch {mb + 1})")
+
+    def check_scores(self, scores: Tensor) -> None:
+        """Reward functions are checked where they are called; a reward model's score is checked here."""
+        if all_reduce_mean((~torch.isfinite(scores)).any().float()).item():
+            self.stop("reward-model score", "(rollout, before the update)")
+
+
+def last_epoch_mean(values: list[Tensor], per_epoch: int) -> float:
+    """The mean of the last epoch's per-micro-batch values, averaged over processes (all stop at the same epoch)."""
+    return all_reduce_mean(torch.stack(values[-per_epoch:]).mean()).item()
 
 
 # Signals: SIGINT (Ctrl-C) and SIGTERM (what a scheduler sends) finish the iteration, write a checkpoint and exit 130.
@@ -1084,6 +1175,11 @@ class ShardedParameters:
         norm = nn.utils.clip_grad_norm_(self.tensors, max_norm)
         return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
+    def all_finite(self) -> bool:
+        """Whether every process's shards are finite (the same answer on every process)."""
+        local = all(torch.isfinite(p.to_local()).all() for p in self.tensors)
+        return not all_reduce_mean(torch.tensor(float(not local))).item()
+
 
 # Evaluation on held-out prompts and the sample table.
 
@@ -1157,9 +1253,11 @@ def check_args(args: Args, world_size: int, ckpt: Optional[dict], device: torch.
         fail(f"--seed and --task-seed must be below 2**31, got {args.seed} and {args.task_seed}")
     if args.task_prompt_length > 47:  # prompt + 16 response words + EOS in the SFT model's 64 positions
         fail(f"--task-prompt-length must be at most 47, got {args.task_prompt_length}")
-    for name in ("learning_rate", "clip_coef", "vf_clip_coef", "max_grad_norm", "target_kl", "temperature", "lora_alpha"):
+    for name in ("learning_rate", "clip_coef", "vf_clip_coef", "max_grad_norm", "adaptive_kl_target", "temperature", "lora_alpha"):
         if not 0 < getattr(args, name) < math.inf:
             fail(f"{flag(name)} must be a positive number, got {getattr(args, name)}")
+    if args.target_kl is not None and not 0 < args.target_kl < math.inf:
+        fail(f"--target-kl must be a positive number (or left unset), got {args.target_kl}")
     if args.lora_r:
         try:
             import peft  # noqa: F401
@@ -1714,6 +1812,9 @@ class FlatParameters:
         """Average the gradient over processes, then clip it to a global norm of max_norm; returns the norm."""
         all_reduce_mean(self.param.grad)
         return nn.utils.clip_grad_norm_([self.param], max_norm)
+
+    def all_finite(self) -> bool:
+        return bool(torch.isfinite(self.param).all())
 
     def _relink(self, p: nn.Parameter, view: Tensor, grad: Tensor) -> None:
         if self.param.grad is None:  # optimizer.zero_grad(): every gradient starts again from zero

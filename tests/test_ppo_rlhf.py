@@ -265,7 +265,7 @@ def test_rollout_and_update_with_a_large_vocabulary_match_the_full_logits(monkey
         first = results[0]
         advantages = torch.where(first.mask, torch.randn(first.mask.shape, generator=torch.Generator().manual_seed(1)), 0.0)
         torch.manual_seed(123)
-        P.ppo_update(args, policy, value_model, optimizer, flat, first, advantages, advantages * 0.5, PAD_ID)
+        P.ppo_update(args, policy, value_model, optimizer, flat, first, advantages, advantages * 0.5, PAD_ID, P.NonFiniteGuard())
         results.append(policy)
     (plain, plain_policy), (chunked, chunked_policy) = results[0:2], results[2:4]
     assert torch.equal(plain.responses, chunked.responses) and plain.mask.any()
@@ -433,7 +433,7 @@ def scripted_update(update_fn, args, data, advantages, returns):
     flat = P.FlatParameters([p for m in (policy, value_model) for p in m.parameters()])
     optimizer = torch.optim.Adam([flat.param], lr=args.learning_rate, eps=1e-5, fused=True)
     torch.manual_seed(123)
-    stats = update_fn(args, policy, value_model, optimizer, flat, data, advantages, returns, PAD)
+    stats = update_fn(args, policy, value_model, optimizer, flat, data, advantages, returns, PAD, P.NonFiniteGuard())
     return policy, value_model, stats
 
 
@@ -520,6 +520,92 @@ def test_flat_parameters_copy_back_a_replaced_gradient():
     first.grad = torch.full_like(first, 2.0)
     flat.check_grads()
     assert (flat.param.grad[: first.numel()] == 2.0).all() and first.grad.data_ptr() == flat.param.grad.data_ptr()
+
+
+def count_calls(monkeypatch, obj, name):
+    """Wrap obj.name to count its calls; returns the list of call counts so far (its length)."""
+    calls, original = [], getattr(obj, name)
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(obj, name, counted)
+    return calls
+
+
+def test_target_kl_stops_the_update_epochs_early(monkeypatch):
+    """--target-kl as in CleanRL: once an epoch's mean approximate KL passes it, the remaining epochs are skipped
+    (the statistics average the epochs that ran); unset, or above the KL reached, every epoch runs."""
+    data, advantages, returns = fixed_batch(tiny_gpt2())  # old log-probs 0.3 nats off: approx KL ~0.04 at once
+    steps = count_calls(monkeypatch, torch.optim.Adam, "step")
+    for target, expected_steps in ((None, 4), (10.0, 4), (1e-3, 2)):
+        steps.clear()
+        args = P.Args(**UPDATE_ARGS, target_kl=target)
+        _, _, stats = scripted_update(P.ppo_update, args, data, advantages, returns)
+        assert len(steps) == expected_steps, target
+    args = P.Args(**(UPDATE_ARGS | dict(update_epochs=1)))
+    _, _, one_epoch = scripted_update(P.ppo_update, args, data, advantages, returns)
+    assert {k: v.item() for k, v in stats.items()} == {k: v.item() for k, v in one_epoch.items()}  # that epoch's alone
+
+
+def test_update_statistics_are_named_and_a_new_one_is_one_line():
+    args = P.Args(**UPDATE_ARGS)
+    data, advantages, returns = fixed_batch(tiny_gpt2())
+    line = 'stats["val/ratio"].append(masked_mean(ratio, mask))'
+    update = edited_ppo_update(line, line + '; stats["val/ratio_max"].append(ratio.masked_fill(~mask, 0).max())')
+    _, _, stats = scripted_update(update, args, data, advantages, returns)
+    assert 1 < stats["val/ratio_max"].item() < 3 and stats["loss/skipped_steps"].item() == 0
+    _, _, plain = scripted_update(P.ppo_update, args, data, advantages, returns)
+    assert set(stats) - set(plain) == {"val/ratio_max"}
+
+
+def nan_from_call(monkeypatch, obj, name, first_nan):
+    """obj.name returns NaNs (a tensor, or a dict of them) from its first_nan-th call (1-based) on."""
+    calls, original = [], getattr(obj, name)
+
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        out = original(*args, **kwargs)
+        if len(calls) < first_nan:
+            return out
+        return {k: v * math.nan for k, v in out.items()} if isinstance(out, dict) else out * math.nan
+
+    monkeypatch.setattr(obj, name, poisoned)
+
+
+def test_a_nan_loss_skips_the_step_and_ten_in_a_row_stop(monkeypatch, capsys):
+    """A NaN loss in the first micro-batch: that minibatch's step is skipped and counted, the rest trains as the
+    naive update without it (its gradients were zeroed); MAX_SKIPPED_STEPS in a row exit 1 with one line."""
+    args = P.Args(**(UPDATE_ARGS | dict(update_epochs=1)))
+    data, advantages, returns = fixed_batch(tiny_gpt2())
+    original = P.policy_loss
+    calls = []
+
+    def nan_first(*a):
+        calls.append(1)
+        return original(*a) * (math.nan if len(calls) == 1 else 1.0)
+
+    monkeypatch.setattr(P, "policy_loss", nan_first)
+    policy, value_model, stats = scripted_update(P.ppo_update, args, data, advantages, returns)
+    assert stats["loss/skipped_steps"].item() == 1
+    assert all(torch.isfinite(p).all() for p in list(policy.parameters()) + list(value_model.parameters()))
+    assert not torch.equal(policy.transformer.wte.weight, tiny_gpt2().transformer.wte.weight)  # minibatch 2 stepped
+
+    monkeypatch.setattr(P, "policy_loss", lambda *a: original(*a) * math.nan)
+    policy, value_model = tiny_gpt2(), tiny_llama_rm()
+    flat = P.FlatParameters([p for m in (policy, value_model) for p in m.parameters()])
+    optimizer = torch.optim.Adam([flat.param], lr=args.learning_rate, eps=1e-5)
+    guard = P.NonFiniteGuard()
+    for _ in range(P.MAX_SKIPPED_STEPS // args.num_minibatches - 1):  # 2 skipped steps per update
+        P.ppo_update(args, policy, value_model, optimizer, flat, data, advantages, returns, PAD, guard)
+    with pytest.raises(SystemExit) as exit_info:
+        P.ppo_update(args, policy, value_model, optimizer, flat, data, advantages, returns, PAD, guard)
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: non-finite loss in 10 steps in a row at iteration 1 (epoch 1, minibatch 2); stopped, last good checkpoint kept: none written"
+    ]
+    assert torch.equal(policy.transformer.wte.weight, tiny_gpt2().transformer.wte.weight)  # never stepped
 
 
 def test_padding_does_not_change_logprobs_or_scores():
@@ -614,14 +700,14 @@ TRAIN_KEYS = {
     "episode", "objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward",
     "objective/scores", "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg",
     "val/clipfrac_avg", "policy/entropy_avg", "val/ratio", "val/ratio_var", "val/num_eos_tokens", "lr", "eps",
-    "objective/kl_coef", "objective/response_length", "objective/eos_fraction",
+    "objective/kl_coef", "objective/response_length", "objective/eos_fraction", "loss/skipped_steps",
 }  # fmt: skip
 
 
 def test_real_models_end_to_end_with_wandb_offline(real_models, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    flags = real_flags(real_models, tmp_path, "--track", "--adaptive-kl", "--target-kl", "1000", "--kl-horizon", "100", "--total-episodes", "50")
+    flags = real_flags(real_models, tmp_path, "--track", "--adaptive-kl", "--adaptive-kl-target", "1000", "--kl-horizon", "100", "--total-episodes", "50")
     proc = run_script(flags)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir, metrics = read_metrics(tmp_path)
@@ -778,6 +864,8 @@ def test_resume_refuses_what_it_cannot_continue_in_one_line(real_models, tmp_pat
         "resume_state_not_a_pickle": ckpt | {"resume_state": b"garbage"},
         "two_processes": ckpt | {"resume_state": pickle.dumps(pickle.loads(ckpt["resume_state"]) * 2)},
         "optimizer_per_tensor": ckpt | {"optimizer": torch.optim.Adam([torch.nn.Parameter(torch.zeros(1)) for _ in range(2)]).state_dict()},
+        # written when --target-kl was the adaptive controller's target: resuming would stop epochs at 6 nats
+        "target_kl_of_old": ckpt | {"args": {k: v for k, v in ckpt["args"].items() if k != "adaptive_kl_target"} | {"target_kl": 6.0}},
     }  # fmt: skip
     for case, content in bad.items():
         path = tmp_path / f"{case}.pt"
@@ -790,6 +878,39 @@ def test_resume_refuses_what_it_cannot_continue_in_one_line(real_models, tmp_pat
         err = capsys.readouterr().err
         assert_one_line_error(exit_info.value.code, err, "--resume")
         assert case != "two_processes" or "written by 2 processes" in err
+
+
+@pytest.mark.parametrize(
+    "poison,line",
+    [
+        (("policy_loss", 5), "loss in 10 steps in a row at iteration 4 (epoch 1, minibatch 2)"),  # 4 steps per iteration
+        (("sequence_scores", 5), "reward-model score at iteration 2 (rollout, before the update)"),  # 2 calls per pass
+        (("trained_weights", 3), "policy.transformer.wte.weight in the checkpoint at iteration 2 (checkpoint refused)"),  # 2 calls per save
+    ],
+    ids=["loss", "score", "checkpoint"],
+)
+def test_non_finite_values_stop_the_run_and_keep_the_last_good_checkpoint(real_models, tmp_path, monkeypatch, capsys, poison, line):
+    """NaNs from iteration 2 on, in the loss, the reward model's score or the state a checkpoint would hold: the run
+    (a checkpoint after every iteration) stops with one line and exit 1, and the checkpoint on disk is finite (the
+    loss: iteration 3's, its weights those of iteration 1, both updates skipped; else iteration 1's)."""
+    import tyro
+
+    nan_from_call(monkeypatch, P, *poison)
+    args = tyro.cli(P.Args, args=real_flags(real_models, tmp_path, "--save-every", "1", "--eval-every", "100"))
+    with pytest.raises(SystemExit) as exit_info:
+        P.train(args)
+    assert exit_info.value.code == 1
+    run_dir, metrics = read_metrics(tmp_path)
+    path = os.path.join(run_dir, "checkpoint.pt")
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: non-finite {line}; stopped, last good checkpoint kept: {path}"]
+    ckpt = torch.load(path, weights_only=True)
+    assert P.nonfinite_tensor({k: ckpt[k] for k in ("policy", "value_model", "optimizer")}) is None
+    train = [m for m in metrics if "loss/skipped_steps" in m]
+    if poison[0] == "policy_loss":
+        assert ckpt["iteration"] == 3 and [m["loss/skipped_steps"] for m in train] == [0, 4, 4]
+    else:
+        assert ckpt["iteration"] == 1 and [m["loss/skipped_steps"] for m in train] == [0] * (1 + (poison[0] == "trained_weights"))
+    assert not os.path.exists(path + ".tmp") and not os.path.exists(os.path.join(run_dir, "policy"))
 
 
 def test_init_distributed_serves_cuda_tensors_and_cpu_objects(monkeypatch):
@@ -863,7 +984,7 @@ NUMERIC_FLAG_CASES = [
     ("--learning-rate", "-1"), ("--learning-rate", "nan"), ("--per-device-train-batch-size", "0"),
     ("--gradient-accumulation-steps", "0"), ("--num-minibatches", "0"), ("--update-epochs", "0"),
     ("--total-episodes", "0"), ("--gamma", "1.5"), ("--gae-lambda", "-0.1"), ("--clip-coef", "0"),
-    ("--vf-clip-coef", "-1"), ("--vf-coef", "-1"), ("--max-grad-norm", "0"), ("--target-kl", "0"),
+    ("--vf-clip-coef", "-1"), ("--vf-coef", "-1"), ("--max-grad-norm", "0"), ("--target-kl", "0"), ("--adaptive-kl-target", "0"),
     ("--kl-coef", "-0.1"), ("--kl-horizon", "0"), ("--missing-eos-penalty", "inf"), ("--response-length", "0"),
     ("--max-prompt-length", "0"), ("--temperature", "0"), ("--local-rollout-forward-batch-size", "0"),
     ("--seed", "-1"), ("--num-threads", "-1"), ("--save-every", "-1"), ("--eval-every", "0"),
@@ -1209,7 +1330,7 @@ def test_one_ppo_update_with_lora_matches_a_naive_reference():
     flat = P.FlatParameters(trainable)
     optimizer = torch.optim.Adam([flat.param], lr=args.learning_rate, eps=1e-5, fused=True)
     torch.manual_seed(123)
-    P.ppo_update(args, policy, value_model, optimizer, flat, data, advantages, returns, PAD)
+    P.ppo_update(args, policy, value_model, optimizer, flat, data, advantages, returns, PAD, P.NonFiniteGuard())
     ref_policy, ref_value = lora_models(args)
     torch.manual_seed(123)
     naive_update(args, ref_policy, ref_value, data, advantages, returns)

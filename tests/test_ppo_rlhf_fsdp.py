@@ -80,7 +80,7 @@ def one_update(sharded: bool, lora: bool, rank: int) -> tuple[dict, dict]:
     flat = P.ShardedParameters(trained) if sharded else P.FlatParameters(trained)
     optimizer = torch.optim.Adam(flat.tensors, lr=args.learning_rate, eps=1e-5, fused=True)
     torch.manual_seed(123)
-    stats = P.ppo_update(args, policy, value_model, optimizer, flat, data, advantages, returns, PAD)
+    stats = P.ppo_update(args, policy, value_model, optimizer, flat, data, advantages, returns, PAD, P.NonFiniteGuard())
     options = P.StateDictOptions(full_state_dict=True, cpu_offload=True)
     weights = {name: P.get_model_state_dict(m, options=options) for name, m in (("policy", policy), ("value", value_model))}
     return weights, {k: v.item() for k, v in stats.items()}
