@@ -24,6 +24,7 @@ import numbers
 import os
 import pickle
 import random
+import shutil
 import signal
 import sys
 import time
@@ -658,8 +659,9 @@ def train(args: Args) -> None:
         if stop and iteration < num_iterations:  # stopped in the last iteration, the run ends as usual
             exit_interrupted(run, state, distributed)
 
+    final_policy = unsharded_policy(policy, task) if args.fsdp else policy  # --fsdp: gathered on rank 0 only
     if rank == 0:
-        save_policy(run, policy, task.tokenizer)
+        save_policy(run, final_policy, task.tokenizer)
     run.finish()
     leave_process_group(distributed)
 
@@ -845,15 +847,18 @@ def seed_everything(seed: int) -> None:
 def save_checkpoint(
     run: Run, state: LoopState, args: Args, policy: nn.Module, value_model: nn.Module, optimizer, device: torch.device
 ) -> None:
-    """Every process hands in its RNG states; rank 0 writes checkpoint.pt atomically (tmp file, then rename)."""
+    """Every process hands in its RNG states (under --fsdp also writes its shards: save_shards); rank 0 writes
+    checkpoint.pt atomically (tmp file, then rename)."""
     ranks = gather_objects(rng_state(device))
+    if args.fsdp:
+        save_shards(run, state, policy, value_model, optimizer)
     if not run.rank0:
         return
     run.open()
+    weights = dict(policy=trained_weights(policy), value_model=trained_weights(value_model), optimizer=optimizer.state_dict())
     ckpt = dict(
         args=asdict(args), run_name=run.name, **asdict(state), wandb_id=run.wandb_id, metrics_offset=run.metrics.tell(),
-        policy=trained_weights(policy), value_model=trained_weights(value_model), optimizer=optimizer.state_dict(),
-        resume_state=pickle.dumps(ranks),
+        **(dict.fromkeys(weights) if args.fsdp else weights), resume_state=pickle.dumps(ranks),
     )  # fmt: skip
     nonfinite = nonfinite_tensor(ckpt)
     if nonfinite is not None:
@@ -864,10 +869,14 @@ def save_checkpoint(
         f.flush()
         os.fsync(f.fileno())
     os.replace(f"{path}.tmp", path)
+    if args.fsdp:  # checkpoint.pt names the new shards: the older ones can go
+        remove_old_shards(run.dir, state.iteration)
 
 
 def nonfinite_tensor(tree, name: str = "") -> Optional[str]:
     """The name of the first floating tensor in `tree` (nested dicts and lists) holding a non-finite value."""
+    if isinstance(tree, DTensor):  # --fsdp: this process's shard
+        tree = tree.to_local()
     if isinstance(tree, Tensor):
         return name if tree.is_floating_point() and not torch.isfinite(tree).all() else None
     items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
@@ -894,7 +903,7 @@ def load_resume(args: Args) -> tuple[Optional[dict], Args]:
             raise KeyError("the keys or flags of another version")  # e.g. --target-kl, which once meant another thing
     except Exception as e:  # not a checkpoint, or one written by another version of this script
         fail(f"--resume: {args.resume} is not a checkpoint of this version of ppo_rlhf.py ({type(e).__name__}); start anew")
-    return ckpt | {"resume_state": ranks}, resumed
+    return ckpt | {"resume_state": ranks, "folder": os.path.dirname(os.path.abspath(args.resume))}, resumed
 
 
 def trained_weights(model: nn.Module) -> dict[str, Tensor]:
@@ -917,9 +926,12 @@ def load_trained_weights(model: nn.Module, weights: dict[str, Tensor]) -> None:
 def restore(ckpt: dict, rank: int, device: torch.device, policy: nn.Module, value_model: nn.Module, optimizer) -> LoopState:
     """Weights, optimizer and this process's RNG states from a checkpoint; returns the loop's state."""
     try:
-        load_trained_weights(policy, ckpt["policy"])
-        load_trained_weights(value_model, ckpt["value_model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt["args"]["fsdp"]:
+            load_shards(os.path.join(ckpt["folder"], shards_name(ckpt["iteration"])), policy, value_model, optimizer)
+        else:
+            load_trained_weights(policy, ckpt["policy"])
+            load_trained_weights(value_model, ckpt["value_model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
     except (RuntimeError, ValueError, KeyError):
         fail("--resume: the model or optimizer state in the checkpoint does not fit these models; start a new run")
     set_rng_state(ckpt["resume_state"][rank], device)
@@ -1179,6 +1191,72 @@ class ShardedParameters:
         """Whether every process's shards are finite (the same answer on every process)."""
         local = all(torch.isfinite(p.to_local()).all() for p in self.tensors)
         return not all_reduce_mean(torch.tensor(float(not local))).item()
+
+
+# Checkpoints under --fsdp: torch.distributed.checkpoint, each process writing and reading its own shards of what
+# trains and of the Adam state (no process gathers a model); checkpoint.pt holds the rest, as without --fsdp.
+
+SHARDED_STATE = StateDictOptions(ignore_frozen_params=True, strict=False)  # under LoRA the frozen base reloads from its path
+
+
+def shards_name(iteration: int) -> str:
+    return f"checkpoint-{iteration}"
+
+
+def sharded_state(policy: nn.Module, value_model: nn.Module, optimizer) -> tuple[nn.Module, dict]:
+    """Both trained models as one module (so that the one optimizer's state is keyed by their parameter names) and
+    this process's shards of their trained weights and Adam state."""
+    models = nn.ModuleDict(dict(policy=policy, value_model=value_model))
+    model_state, optimizer_state = get_state_dict(models, optimizer, options=SHARDED_STATE)
+    return models, {"model": model_state, "optimizer": optimizer_state}
+
+
+def save_shards(run: Run, state: LoopState, policy: nn.Module, value_model: nn.Module, optimizer) -> None:
+    """Every process writes its shards into checkpoint-{iteration}.tmp/; once all have written, rank 0 renames it
+    to checkpoint-{iteration}/, so the folder appears whole or not at all. Shards holding a non-finite value are
+    refused, as save_checkpoint refuses non-finite weights."""
+    _, shards = sharded_state(policy, value_model, optimizer)
+    nonfinite = [name for name in gather_objects(nonfinite_tensor(shards)) if name is not None]
+    if nonfinite:
+        stop_nonfinite(run, f"{nonfinite[0]} in the checkpoint", state.iteration, "(checkpoint refused)")
+    path = os.path.join(run.dir, shards_name(state.iteration))
+    dcp.save(shards, checkpoint_id=f"{path}.tmp")  # its files fsync'd before it returns
+    dist.barrier()
+    if run.rank0:
+        shutil.rmtree(path, ignore_errors=True)  # left by a run that stopped before naming it in checkpoint.pt
+        os.replace(f"{path}.tmp", path)
+
+
+def remove_old_shards(run_dir: str, iteration: int) -> None:
+    for name in os.listdir(run_dir):
+        if name.startswith("checkpoint-") and name != shards_name(iteration):
+            shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
+
+
+def load_shards(path: str, policy: nn.Module, value_model: nn.Module, optimizer) -> None:
+    if not os.path.isdir(path):
+        fail(f"--resume: the checkpoint's shards {path} are missing; resume from a run folder copied whole")
+    models, shards = sharded_state(policy, value_model, optimizer)
+    try:
+        dcp.load(shards, checkpoint_id=path)
+    except BaseException as e:  # dcp's CheckpointException derives from BaseException
+        raise ValueError(str(e)) from None
+    set_state_dict(models, optimizer, model_state_dict=shards["model"], optim_state_dict=shards["optimizer"], options=SHARDED_STATE)
+
+
+def unsharded_policy(policy: nn.Module, task: Task) -> Optional[nn.Module]:
+    """--fsdp, at the end: the policy's weights gathered into rank 0's memory (CPU) and loaded into an ordinary copy
+    of the model, for save_policy; None on the other processes."""
+    weights = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() != 0:
+        return None
+    copy = load_model(AutoModelForCausalLM, task.policy_path, task.policy_config, "--model-name-or-path")
+    if is_lora(policy):
+        from peft import get_peft_model
+
+        copy = get_peft_model(copy, policy.peft_config["default"])
+    copy.load_state_dict(weights)
+    return copy
 
 
 # Evaluation on held-out prompts and the sample table.

@@ -5,8 +5,10 @@ for the tests to check; each launch serves several assertions, as a torchrun sta
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -34,7 +36,7 @@ def tiny_models(lora: bool = False) -> tuple[torch.nn.Module, torch.nn.Module]:
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForSequenceClassification
 
     torch.manual_seed(0)
-    policy = GPT2LMHeadModel(GPT2Config(vocab_size=PAD, n_positions=32, n_embd=16, n_layer=2, n_head=2))
+    policy = GPT2LMHeadModel(GPT2Config(vocab_size=PAD, n_positions=32, n_embd=16, n_layer=2, n_head=2, bos_token_id=1, eos_token_id=1))
     torch.manual_seed(1)
     value_model = LlamaForSequenceClassification(LlamaConfig(
         vocab_size=PAD, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -120,6 +122,103 @@ def test_one_update_under_fsdp_equals_the_unsharded_update(tmp_path):
             for name, value in flat[model].items():
                 torch.testing.assert_close(sharded[model][name], value, rtol=RTOL, atol=ATOL, msg=f"{mode} {model} {name}")
         assert sharded_stats == pytest.approx(flat_stats, rel=RTOL, abs=ATOL)
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory):
+    """The tiny policy (GPT-2) and reward model (Llama) saved with a word-level tokenizer without a pad token, and
+    prompts of 2-6 words."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("fsdp_models")
+    vocab = {"<unk>": 0, "<eos>": 1, **{chr(ord("a") + i): i + 2 for i in range(20)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>")
+    policy, reward_model = tiny_models()
+    policy.save_pretrained(root / "policy")
+    tokenizer.save_pretrained(root / "policy")
+    reward_model.save_pretrained(root / "rm")
+    rng = np.random.default_rng(0)
+    with open(root / "prompts.jsonl", "w") as f:
+        for _ in range(40):
+            f.write(json.dumps({"prompt": " ".join(chr(ord("a") + w) for w in rng.integers(0, 20, rng.integers(2, 7)))}) + "\n")
+    return root
+
+
+def flags(root, runs_dir, *extra) -> list[str]:
+    return [
+        "--model-name-or-path", str(root / "policy"), "--reward-model-path", str(root / "rm"),
+        "--prompts", str(root / "prompts.jsonl"), "--runs-dir", str(runs_dir), "--response-length", "6",
+        "--per-device-train-batch-size", "4", "--num-minibatches", "2", "--update-epochs", "2",
+        "--local-rollout-forward-batch-size", "4", "--total-episodes", "96", "--eval-every", "3", "--eval-episodes", "8",
+        "--device", "cpu", "--num-threads", "1", *extra,
+    ]  # fmt: skip
+
+
+def torchrun(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([*TORCHRUN, SCRIPT, *args], env=ENV, capture_output=True, text=True, timeout=300)
+    assert not check or proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def run_metrics(runs_dir) -> tuple[str, list[dict]]:
+    (run,) = os.listdir(runs_dir)
+    with open(os.path.join(runs_dir, run, "metrics.jsonl")) as f:
+        return os.path.join(runs_dir, run), [{k: v for k, v in json.loads(line).items() if k != "eps"} for line in f]
+
+
+def interrupted(models, runs_dir) -> str:
+    """Start an --fsdp run, send SIGTERM to both processes (as a scheduler does) once it logged an update; returns
+    its checkpoint.pt after checking that both processes finished the iteration and exited 130."""
+    import psutil
+
+    proc = subprocess.Popen([*TORCHRUN, SCRIPT, *flags(models, runs_dir, "--fsdp")], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        paths = [os.path.join(runs_dir, d, "metrics.jsonl") for d in os.listdir(runs_dir)] if runs_dir.exists() else []
+        if paths and os.path.exists(paths[0]) and '"objective/kl"' in open(paths[0]).read():
+            break
+        time.sleep(0.05)
+    for worker in psutil.Process(proc.pid).children():
+        worker.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert "interrupted: checkpoint" in out and "exitcode  : 130" in err, err[-3000:]
+    (run,) = os.listdir(runs_dir)
+    return os.path.join(runs_dir, run, "checkpoint.pt")
+
+
+def test_fsdp_run_resumes_exactly_and_saves_a_plain_transformers_policy(models, tmp_path):
+    """An --fsdp run on 2 processes: the same metrics as the unsharded 2-process run (to float tolerance); SIGTERM
+    then --resume gives exactly the uninterrupted run's metrics; the checkpoint is checkpoint.pt and one folder of
+    shards (one file per process); the saved policy loads with plain transformers and equals the unsharded run's."""
+    from transformers import AutoModelForCausalLM
+
+    torchrun(*flags(models, tmp_path / "fsdp", "--fsdp"))
+    torchrun(*flags(models, tmp_path / "flat"))
+    run_dir, metrics = run_metrics(tmp_path / "fsdp")
+    flat_dir, flat_metrics = run_metrics(tmp_path / "flat")
+    assert [m.keys() for m in metrics] == [m.keys() for m in flat_metrics]
+    for m, f in zip(metrics, flat_metrics):
+        assert m == pytest.approx(f, rel=1e-4, abs=1e-5)
+    assert sorted(os.listdir(os.path.join(run_dir, "checkpoint-6"))) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    ckpt = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
+    assert ckpt["policy"] is None and ckpt["optimizer"] is None and ckpt["iteration"] == 6
+    policy = AutoModelForCausalLM.from_pretrained(os.path.join(run_dir, "policy"))
+    flat_policy = AutoModelForCausalLM.from_pretrained(os.path.join(flat_dir, "policy"))
+    initial = AutoModelForCausalLM.from_pretrained(models / "policy")
+    assert not torch.equal(policy.transformer.h[0].mlp.c_fc.weight, initial.transformer.h[0].mlp.c_fc.weight)
+    for (name, a), b in zip(policy.named_parameters(), flat_policy.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+    checkpoint = interrupted(models, tmp_path / "stopped")
+    ckpt = torch.load(checkpoint, weights_only=True)
+    assert 1 <= ckpt["iteration"] < 6, "the run finished before SIGTERM arrived"
+    assert os.listdir(os.path.dirname(checkpoint)).count(f"checkpoint-{ckpt['iteration']}") == 1
+    torchrun("--resume", checkpoint)
+    _, resumed = run_metrics(tmp_path / "stopped")
+    assert resumed == metrics
 
 
 def test_fsdp_without_torchrun_is_a_one_line_error(tmp_path):
