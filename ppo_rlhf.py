@@ -15,6 +15,7 @@ reward and a reward model trained on noisy preferences).
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import importlib.util
 import inspect
@@ -30,7 +31,7 @@ import sys
 import time
 import warnings
 from collections import defaultdict
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 from typing import Annotated, Callable, Literal, NoReturn, Optional
 
@@ -61,6 +62,9 @@ from transformers import (
 
 @dataclass
 class Args:
+    """PPO for RLHF. Flags left unset take the defaults of the run's kind: the built-in task's own (tuned for it),
+    or with --model-name-or-path TRL 1.12 PPOConfig's; the first line of a run says which. Any flag given wins."""
+
     model_name_or_path: Optional[str] = None
     """policy and reference: an AutoModelForCausalLM directory or hub name; None runs the built-in task"""
     reward_model_path: Optional[str] = None
@@ -80,8 +84,8 @@ class Args:
     the tokenizer's chat template turns into the prompt), or a `datasets` name"""
     total_episodes: int = 9600
     """total number of completions to train on, summed over processes"""
-    learning_rate: float = 3e-4
-    """learning rate of the Adam optimizer (policy and value model)"""
+    learning_rate: Optional[float] = None
+    """learning rate of the Adam optimizer (policy and value model); unset: 3e-4 (built-in task), 3e-6 (TRL)"""
     per_device_train_batch_size: int = 16
     """episodes per micro-batch (one forward/backward) on each process"""
     gradient_accumulation_steps: int = 1
@@ -92,8 +96,8 @@ class Args:
     """discount factor over tokens"""
     gae_lambda: float = 0.95
     """lambda of generalized advantage estimation over tokens"""
-    num_minibatches: int = 4
-    """optimizer steps per PPO epoch"""
+    num_minibatches: Optional[int] = None
+    """optimizer steps per PPO epoch; unset: 4 (built-in task), 1 (TRL)"""
     update_epochs: int = 4
     """PPO epochs over each batch of episodes"""
     norm_adv: bool = True
@@ -122,14 +126,14 @@ class Args:
     """target KL (nats per response) of the adaptive KL controller (--adaptive-kl)"""
     kl_horizon: int = 10000
     """horizon (episodes) of the adaptive controller"""
-    missing_eos_penalty: float = 1.0
-    """subtracted from the score of a response that has no EOS token"""
-    response_length: int = 16
-    """maximum number of generated tokens per response"""
+    missing_eos_penalty: Optional[float] = None
+    """subtracted from the score of a response that has no EOS token; unset: 1.0 (built-in task), 0 (TRL)"""
+    response_length: Optional[int] = None
+    """maximum number of generated tokens per response; unset: 16 (built-in task), 53 (TRL)"""
     max_prompt_length: int = 64
     """prompts longer than this many tokens keep their last tokens"""
-    temperature: float = 1.0
-    """sampling temperature; log-probs are computed from logits divided by it"""
+    temperature: Optional[float] = None
+    """sampling temperature; log-probs are computed from logits divided by it; unset: 1.0 (built-in task), 0.7 (TRL)"""
     local_rollout_forward_batch_size: int = 64
     """chunk size of the no-grad passes (generation, reference, reward, value) on each process"""
     lora_r: int = 0
@@ -179,7 +183,11 @@ class Args:
     eval_episodes: int = 256
     """held-out prompts evaluated each time (gold score on the built-in task)"""
     eval_prompts: Optional[str] = None
-    """held-out evaluation prompts, same formats as --prompts; None takes the first --eval-episodes training prompts"""
+    """held-out evaluation prompts, same formats as --prompts; None holds out a fixed split of --prompts (at most
+    --eval-episodes prompts and a fifth of the file)"""
+    eval_stochastic: bool = False
+    """if toggled, evaluation samples at --temperature; by default it takes the most likely token (TRL evaluates at
+    temperature 0.01). The built-in task's evaluation always samples: its gold score is that of the sampling policy"""
 
     # Built-in task: its reward, its definition (the task_* flags: the cache key) and where it is cached.
     builtin_reward: Literal["model", "gold"] = "model"
@@ -240,8 +248,17 @@ def apply_missing_eos_penalty(scores: Tensor, responses: Tensor, eos_id: int, pe
     return torch.where((responses == eos_id).any(1), scores, scores - penalty)
 
 
+def sampler_logits(logits: Tensor, temperature: float, pad_id: int) -> Tensor:
+    """The logits of the distribution responses are drawn from: divided by the temperature, and the pad id, which
+    the sampler never emits, at the lowest float (no probability; finite, so entropies stay finite)."""
+    logits = logits.float() / temperature
+    if pad_id >= logits.size(-1):  # an added [PAD] outside the vocabulary
+        return logits
+    return logits.index_fill(-1, torch.tensor([pad_id], device=logits.device), torch.finfo(logits.dtype).min)
+
+
 def logprobs_from_logits(logits: Tensor, tokens: Tensor) -> Tensor:
-    """Log-probability of each token under `logits` (already divided by the temperature)."""
+    """Log-probability of each token under `logits` (sampler_logits)."""
     return torch.gather(logits.float().log_softmax(-1), -1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
@@ -269,8 +286,8 @@ def lm_response_logprobs(
     inputs = model_inputs(query_responses, pad_id)
     tokens = inputs["input_ids"][:, context_length:]
     if large_logits(query_responses.numel(), vocab_rows(model)) and getattr(model, "logits_from_hidden", False):
-        return chunked_response_logprobs(model, inputs, tokens, context_length, temperature)
-    logits = model(**inputs, use_cache=False).logits[:, context_length - 1 : -1].float() / temperature
+        return chunked_response_logprobs(model, inputs, tokens, context_length, temperature, pad_id)
+    logits = sampler_logits(model(**inputs, use_cache=False).logits[:, context_length - 1 : -1], temperature, pad_id)
     return logprobs_from_logits(logits, tokens), entropy_from_logits(logits)
 
 
@@ -292,8 +309,9 @@ def sequence_scores(model: nn.Module, query_responses: Tensor, pad_id: int, cont
 def sampling_config(
     response_length: int, temperature: float, eos_id: int, pad_id: int, vocab_size: int, output_logits: bool = True
 ) -> GenerationConfig:
-    """Pure sampling at `temperature` (no top-k/top-p), stopping at EOS, with logits returned unless
-    output_logits=False (a large vocabulary: the log-probs then come from a forward pass)."""
+    """Pure sampling at `temperature` (no top-k/top-p, nothing from the checkpoint's generation_config: load_model
+    empties it), stopping at EOS, with logits returned unless output_logits=False (a large vocabulary: the
+    log-probs then come from a forward pass)."""
     return GenerationConfig(
         max_new_tokens=response_length, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
         eos_token_id=eos_id, pad_token_id=eos_id,  # finished rows are filled with EOS, then made padding
@@ -316,7 +334,7 @@ def generate(
     missing = response_length - responses.size(1)
     if out.logits is None:
         return F.pad(responses, (0, missing), value=pad_id), None
-    logits = torch.stack(out.logits, 1).float() / gen_config.temperature
+    logits = sampler_logits(torch.stack(out.logits, 1), gen_config.temperature, pad_id)
     logprobs = logprobs_from_logits(logits, responses)
     return F.pad(responses, (0, missing), value=pad_id), F.pad(logprobs, (0, missing), value=0.0)
 
@@ -410,7 +428,7 @@ def load_models(task: Task, args: Args, device: torch.device) -> tuple[nn.Module
     ref_policy = None if args.lora_r else causal_lm().to(device).eval()
     reward_model = None
     if task.reward_path is not None:
-        reward_model = scorer(task.reward_path, task.reward_config, "--reward-model-path").to(device).eval()
+        reward_model = scorer(task.reward_path, task.reward_config, "--reward-model-path", "auto").to(device).eval()
         if task.reward_tokenizer is None:
             check_scorer(task, reward_model, "--reward-model-path", policy)
         reward_model.requires_grad_(False)
@@ -583,7 +601,7 @@ class LoopState:
 
 
 def train(args: Args) -> None:
-    ckpt, args = load_resume(args)
+    ckpt, args = load_resume(with_defaults(args))
     device, device_reason = pick_device(args.device)
     distributed, rank, world_size = init_distributed(device, args.fsdp)
     local_batch_size, batch_size, num_iterations = check_args(args, world_size, ckpt, device)
@@ -755,6 +773,7 @@ def describe(
     """The batch arithmetic, the reward and the value model, printed by rank 0 at the start."""
     if not run.rank0:
         return
+    print(defaults_line(args))
     print(
         f"run {run.name}: {batch_size} episodes per iteration = {args.per_device_train_batch_size} (micro-batch) x "
         f"{args.gradient_accumulation_steps} (gradient accumulation) x {args.num_minibatches} (minibatches) x {world_size} "
@@ -769,6 +788,8 @@ def describe(
         "--model-name-or-path": "the policy's weights with a new scalar head",
     }  # fmt: skip
     print(f"reward: {' + '.join(rewards)}; value model: {values[task.value_source[2]]}")
+    for line in task.lines:
+        print(line)
     if args.lora_r:
         targets = " ".join(args.lora_target_modules) if args.lora_target_modules else "peft's default modules"
         print(f"LoRA r={args.lora_r} alpha={args.lora_alpha:g} on {targets}: {flat.numel():,} parameters train (adapters of policy and value model, value head)")
@@ -1266,9 +1287,12 @@ def unsharded_policy(policy: nn.Module, task: Task) -> Optional[nn.Module]:
 def evaluate(
     policy: nn.Module, reward: Reward, task: Task, gen_config: GenerationConfig, args: Args, episode: int
 ) -> tuple[dict, list]:
-    """Sample the held-out prompts with a fixed seed (the same noise at every evaluation) and score them; on the
-    built-in task also with the hidden gold reward. Returns the metrics and the first rows of the sample table."""
+    """Answer the held-out prompts, greedily or (--eval-stochastic, and on the built-in task) sampled with a fixed
+    seed (the same noise at every evaluation), and score them; on the built-in task also with the hidden gold
+    reward. Returns the metrics and the first rows of the sample table."""
     device = next(policy.parameters()).device
+    if not args.eval_stochastic and task.builtin is None:
+        gen_config = greedy_config(gen_config)
     pad_id, eos_id, chunk = task.pad_id, task.eos_id, args.local_rollout_forward_batch_size
     policy.eval()
     queries_all, responses_all, scores_all = [], [], []
@@ -1300,6 +1324,34 @@ def evaluate(
         for i, (q, r, s) in enumerate(zip(texts[:n], texts[n:], torch.cat(scores_all)[:n]))
     ]
     return metrics, rows
+
+
+# The two default sets: the flags whose defaults differ between the built-in task and TRL 1.12 PPOConfig (which also
+# has 4 epochs, kl_coef 0.05 with k1, cliprange 0.2, vf_coef 0.1, cliprange_value 0.2, gamma 1 and lambda 0.95,
+# as both sets do). Args' docstrings show the values in --help.
+
+BUILTIN_DEFAULTS = dict(learning_rate=3e-4, num_minibatches=4, missing_eos_penalty=1.0, response_length=16, temperature=1.0)
+TRL_DEFAULTS = dict(learning_rate=3e-6, num_minibatches=1, missing_eos_penalty=0.0, response_length=53, temperature=0.7)
+
+
+def with_defaults(args: Args) -> Args:
+    """The flags left unset (None) set from the run's default set."""
+    defaults = BUILTIN_DEFAULTS if args.model_name_or_path is None else TRL_DEFAULTS
+    return replace(args, **{k: v for k, v in defaults.items() if getattr(args, k) is None})
+
+
+def defaults_line(args: Args) -> str:
+    if args.model_name_or_path is None:
+        return "defaults: the built-in task's (tuned for it)"
+    return "defaults: TRL 1.12 PPOConfig's, for a model of your own (" + ", ".join(f"{k} {v:g}" for k, v in TRL_DEFAULTS.items()) + "); flags given win"
+
+
+def greedy_config(gen_config: GenerationConfig) -> GenerationConfig:
+    """The sampler's settings taking the most likely token (the pad id still suppressed) instead of sampling."""
+    greedy = copy.deepcopy(gen_config)
+    greedy.do_sample, greedy.temperature, greedy.top_k, greedy.top_p = False, None, None, None
+    greedy.output_logits = False  # evaluation needs no log-probs
+    return greedy
 
 
 # Argument checks: one line naming the flag, exit status 2, as tyro does for a malformed flag.
@@ -1405,6 +1457,7 @@ class Task:
     name: str  # the run name's prefix
     builtin: Optional[dict] = None  # the built-in task's description (its task.json)
     language: Optional[dict] = None  # the built-in task's hidden language, for the gold score
+    lines: list[str] = field(default_factory=list)  # what the first lines of the run say about the task (notes)
 
 
 def load_task(args: Args, rank: int, distributed: bool) -> Task:
@@ -1429,7 +1482,7 @@ def load_task(args: Args, rank: int, distributed: bool) -> Task:
             reward_functions.append(RewardFunction("--builtin-reward gold", builtin_gold_reward(language), 1.0))
     else:
         policy_path, reward_path = args.model_name_or_path, args.reward_model_path
-        prompts_path, eval_prompts_path = args.prompts, args.eval_prompts or args.prompts
+        prompts_path, eval_prompts_path = args.prompts, args.eval_prompts
         name = os.path.basename(os.path.normpath(args.model_name_or_path))
     policy_config = load_config(policy_path, "--model-name-or-path")
     reward_config = None if reward_path is None else load_config(reward_path, "--reward-model-path", num_labels=1)
@@ -1462,7 +1515,14 @@ def load_task(args: Args, rank: int, distributed: bool) -> Task:
         ]
 
     train_records = read_prompts(prompts_path, "--prompts")
-    eval_records = read_prompts(eval_prompts_path, eval_flag)[: args.eval_episodes]
+    lines = [dtypes_line(policy_config, reward_config)]
+    if eval_prompts_path is None:
+        train_records, eval_records, split_line = held_out_split(train_records, args.eval_episodes)
+        lines.append(split_line)
+    else:
+        eval_records = read_prompts(eval_prompts_path, eval_flag)[: args.eval_episodes]
+    note = generation_config_note(policy_path, tokenizer.eos_token_id, args.temperature)
+    lines += [note] if note else []
     train_queries, eval_queries = tokenize(train_records, "--prompts"), tokenize(eval_records, eval_flag)
     if min(len(q) for q in train_queries + eval_queries) == 0:
         fail("--prompts: a prompt tokenises to no tokens; remove empty prompts")
@@ -1475,8 +1535,26 @@ def load_task(args: Args, rank: int, distributed: bool) -> Task:
     return Task(
         policy_path, reward_path, policy_config, reward_config, reward_tokenizer, value_source, tokenizer, tokenizer.pad_token_id,
         tokenizer.eos_token_id, train_queries, eval_queries, train_records, eval_records, reward_functions, name,
-        builtin, language,
+        builtin, language, lines,
     )  # fmt: skip
+
+
+def dtypes_line(policy_config, reward_config) -> str:
+    line = f"weights: policy, reference and value model in float32 (the policy saved in {saved_dtype(policy_config)})"
+    return line + (f"; reward model in {saved_dtype(reward_config)}, as saved" if reward_config is not None else "")
+
+
+def held_out_split(records: list[dict], eval_episodes: int) -> tuple[list[dict], list[dict], str]:
+    """(training, evaluation prompts, a line that says so): a fixed split of the prompts (the same for every seed),
+    at most --eval-episodes and a fifth of them held out, each part in the file's order. Fewer than 5 prompts are
+    not split: evaluation reuses training prompts."""
+    n_eval = min(eval_episodes, len(records) // 5)
+    if n_eval == 0:
+        return records, records[:eval_episodes], f"note: --prompts holds {len(records)} prompts, too few to hold out a fifth; evaluation reuses training prompts (give --eval-prompts)"
+    held_out = set(np.random.default_rng(0).permutation(len(records))[:n_eval].tolist())
+    train = [r for i, r in enumerate(records) if i not in held_out]
+    evaluation = [r for i, r in enumerate(records) if i in held_out]
+    return train, evaluation, f"evaluation: {n_eval} of the {len(records)} prompts of --prompts held out (a fixed split; --eval-prompts to choose them), training on the other {len(train)}"
 
 
 def check_scorer(task: Task, model: nn.Module, flag: str, policy: nn.Module) -> None:
@@ -1579,12 +1657,41 @@ def load_config(path: str, flag: str, num_labels: Optional[int] = None):
     return config
 
 
-def load_model(cls, path: str, config, flag: str) -> nn.Module:
+def load_model(cls, path: str, config, flag: str, dtype="float32") -> nn.Module:
+    """A model in float32 whatever dtype it was saved in (small updates would round away in bfloat16), or with
+    dtype="auto" in its saved dtype (a frozen reward model). A model that can generate gets an empty
+    generation_config: generate() would fill what sampling_config leaves unset from the checkpoint's (a
+    repetition penalty, top-k, ...), and the sampled distribution would not be the one whose log-probs are stored."""
     try:
-        model = cls.from_pretrained(path, config=config)
+        model = cls.from_pretrained(path, config=config, dtype=dtype)
     except (OSError, ValueError) as e:
         fail(f"{flag}: cannot load {path} as {cls.__name__} ({str(e).splitlines()[0]})")
+    if model.can_generate():
+        model.generation_config = GenerationConfig()
     return disable_dropout(model)
+
+
+def saved_dtype(config) -> str:
+    dtype = getattr(config, "dtype", None) or "float32"
+    return str(dtype).removeprefix("torch.")
+
+
+IGNORED_GENERATION_KEYS = {"transformers_version", "bos_token_id", "pad_token_id", "_from_model_config", "max_length", "max_new_tokens", "use_cache"}
+
+
+def generation_config_note(path: str, eos_id: int, temperature: float) -> Optional[str]:
+    """A note naming what the checkpoint's generation_config asks for that the sampler ignores, if anything."""
+    try:
+        saved = GenerationConfig.from_pretrained(path).to_diff_dict()
+    except (OSError, ValueError):  # none saved
+        return None
+    asked = {k: v for k, v in saved.items() if k not in IGNORED_GENERATION_KEYS and not k.startswith(("output_", "return_"))}
+    if asked.get("eos_token_id") in (eos_id, [eos_id]):  # stops where the sampler stops
+        del asked["eos_token_id"]
+    if not asked:
+        return None
+    settings = ", ".join(f"{k}={v}" for k, v in sorted(asked.items()))
+    return f"note: the checkpoint's generation_config asks for {settings}; ignored: responses are sampled at --temperature {temperature:g} with nothing else (stopping at the tokenizer's EOS), the distribution whose log-probs PPO stores"
 
 
 def context_size(config) -> Optional[int]:
@@ -1829,7 +1936,7 @@ def check_logits_from_hidden(*models: nn.Module) -> None:
 
 
 def chunked_response_logprobs(
-    model: nn.Module, inputs: dict, tokens: Tensor, context_length: int, temperature: float
+    model: nn.Module, inputs: dict, tokens: Tensor, context_length: int, temperature: float, pad_id: int
 ) -> tuple[Tensor, Tensor]:
     """lm_response_logprobs from the backbone's hidden states, the output layer applied to LOGITS_CHUNK_BYTES of
     logits at a time; under autograd each chunk's logits are recomputed in the backward pass instead of kept."""
@@ -1841,16 +1948,16 @@ def chunked_response_logprobs(
     for i in range(0, len(flat_tokens), rows):
         h, t = flat_hidden[i : i + rows], flat_tokens[i : i + rows]
         if torch.is_grad_enabled() and h.requires_grad:
-            lp, ent = torch.utils.checkpoint.checkpoint(head_logprobs, head, h, t, temperature, use_reentrant=False)
+            lp, ent = torch.utils.checkpoint.checkpoint(head_logprobs, head, h, t, temperature, pad_id, use_reentrant=False)
         else:
-            lp, ent = head_logprobs(head, h, t, temperature)
+            lp, ent = head_logprobs(head, h, t, temperature, pad_id)
         logprobs.append(lp)
         entropies.append(ent)
     return torch.cat(logprobs).view_as(tokens), torch.cat(entropies).view_as(tokens)
 
 
-def head_logprobs(head: nn.Module, hidden: Tensor, tokens: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
-    logits = head(hidden).float() / temperature
+def head_logprobs(head: nn.Module, hidden: Tensor, tokens: Tensor, temperature: float, pad_id: int) -> tuple[Tensor, Tensor]:
+    logits = sampler_logits(head(hidden), temperature, pad_id)
     return logprobs_from_logits(logits, tokens), entropy_from_logits(logits)
 
 
@@ -1866,6 +1973,8 @@ class FlatParameters:
     check_grads(), before the clip, copies back a .grad replaced by another tensor and notes one left None."""
 
     def __init__(self, params: list[nn.Parameter]):
+        if len({p.dtype for p in params}) > 1:  # torch.cat would silently promote them to one
+            raise TypeError(f"FlatParameters: parameters of dtypes {sorted({str(p.dtype) for p in params})} cannot share one tensor")
         self.params = params
         self.param = nn.Parameter(torch.cat([p.detach().reshape(-1) for p in params]))
         self.grad = torch.zeros_like(self.param)

@@ -247,7 +247,7 @@ def test_rollout_and_update_with_a_large_vocabulary_match_the_full_logits(monkey
     queries = torch.randint(2, 200, (8, 4), generator=torch.Generator().manual_seed(0))
     queries[0, :2] = PAD_ID
     task = SimpleNamespace(pad_id=PAD_ID, eos_id=EOS, tokenizer=None)
-    args = P.Args(response_length=5, local_rollout_forward_batch_size=4, **UPDATE_ARGS)
+    args = P.with_defaults(P.Args(response_length=5, local_rollout_forward_batch_size=4, **UPDATE_ARGS))
     results = []
     for budget in (10**12, 6 * 4 * 300):
         monkeypatch.setattr(P, "LOGITS_CHUNK_BYTES", budget)
@@ -1147,6 +1147,130 @@ def test_reward_functions_only_trl_signature_weights_and_prompt_fields(qwen_mode
     assert train[0]["objective/scores"] == pytest.approx(np.mean(weighted(calls[2]) + weighted(calls[3])), abs=1e-5)
     ckpt = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
     assert "score.weight" in ckpt["value_model"] and "model.layers.0.self_attn.q_proj.weight" in ckpt["value_model"]
+    # evaluation: 8 prompts held out of the 40, never trained on, answered greedily
+    assert "evaluation: 8 of the 40 prompts of --prompts held out" in proc.stdout
+    assert not set(calls[0]["prompts"] + calls[1]["prompts"]) & {p for c in calls[2:-2] for p in c["prompts"]}
+    greedy = greedy_completions(qwen_models / "policy", calls[0]["prompts"] + calls[1]["prompts"], 6)
+    assert greedy == calls[0]["completion_ids"] + calls[1]["completion_ids"]
+
+
+def greedy_completions(policy_dir, prompts, length):
+    """Each prompt's completion, token by token the most likely one but the pad id (the one the script adds)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    model, pad_id = AutoModelForCausalLM.from_pretrained(policy_dir).eval(), len(tokenizer)
+    out = []
+    for prompt in prompts:
+        ids = tokenizer(prompt)["input_ids"]
+        completion = []
+        with torch.no_grad():
+            while len(completion) < length and tokenizer.eos_token_id not in completion:
+                logits = model(input_ids=torch.tensor([ids + completion])).logits[0, -1]
+                logits[pad_id] = -math.inf
+                completion.append(int(logits.argmax()))
+        out.append(completion)
+    return out
+
+
+def test_eval_stochastic_samples_the_evaluation(qwen_models, tmp_path):
+    """--eval-stochastic: evaluation samples at --temperature (not greedily as by default)."""
+    log = qwen_models / "calls.jsonl"
+    log.unlink(missing_ok=True)
+    flags = qwen_flags(qwen_models, tmp_path, "--reward-fn", f"{qwen_models / 'rewards.py'}:length", "--total-episodes", "8", "--eval-every", "100", "--eval-stochastic")
+    proc = run_script(flags)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    calls = [json.loads(line) for line in open(log)]
+    sampled = calls[0]["completion_ids"] + calls[1]["completion_ids"]
+    assert sampled != greedy_completions(qwen_models / "policy", calls[0]["prompts"] + calls[1]["prompts"], 6)
+
+
+def test_two_default_sets_and_flags_given_win():
+    """Unset flags take the built-in task's defaults, or TRL 1.12 PPOConfig's with a model of one's own; a flag
+    given wins; --help shows both values of each."""
+    import re
+
+    import tyro
+
+    parse = lambda *flags: P.with_defaults(tyro.cli(P.Args, args=list(flags)))  # noqa: E731
+    builtin, trl = parse(), parse("--model-name-or-path", "m")
+    assert {k: getattr(builtin, k) for k in P.BUILTIN_DEFAULTS} == P.BUILTIN_DEFAULTS
+    assert {k: getattr(trl, k) for k in P.TRL_DEFAULTS} == P.TRL_DEFAULTS
+    assert P.TRL_DEFAULTS == dict(learning_rate=3e-6, num_minibatches=1, missing_eos_penalty=0.0, response_length=53, temperature=0.7)
+    assert (trl.update_epochs, trl.kl_coef, trl.kl_estimator, trl.clip_coef, trl.vf_coef, trl.vf_clip_coef, trl.gamma, trl.gae_lambda) == (4, 0.05, "k1", 0.2, 0.1, 0.2, 1.0, 0.95)
+    given = parse("--model-name-or-path", "m", "--learning-rate", "1e-5", "--num-minibatches", "4")
+    assert (given.learning_rate, given.num_minibatches, given.temperature) == (1e-5, 4, 0.7)
+    source = inspect.getsource(P.Args)
+    for name in P.TRL_DEFAULTS:
+        doc = source.split(f"    {name}: ")[1].splitlines()[1]
+        values = re.search(r"unset: (\S+) \(built-in task\), (\S+) \(TRL\)", doc).groups()
+        assert tuple(map(float, values)) == (P.BUILTIN_DEFAULTS[name], P.TRL_DEFAULTS[name]), name
+    assert P.defaults_line(builtin).startswith("defaults: the built-in task's")
+    assert P.defaults_line(trl).startswith("defaults: TRL 1.12 PPOConfig's")
+
+
+def test_held_out_split_is_fixed_and_disjoint():
+    records = [{"prompt": str(i)} for i in range(40)]
+    train, evaluation, line = P.held_out_split(records, 256)
+    assert len(evaluation) == 8 and len(train) == 32 and sorted(train + evaluation, key=lambda r: int(r["prompt"])) == records
+    assert P.held_out_split(records, 256) == (train, evaluation, line) and line.startswith("evaluation: 8 of the 40 prompts")
+    assert len(P.held_out_split(records, 3)[1]) == 3  # at most --eval-episodes
+    train, evaluation, line = P.held_out_split(records[:4], 256)
+    assert train == evaluation == records[:4] and line.startswith("note: --prompts holds 4 prompts")
+
+
+def test_a_bfloat16_checkpoint_trains_in_float32(qwen_models, tmp_path):
+    """A policy and a reward model saved in bfloat16 (as Qwen2.5 and Llama ship): the policy, its reference and the
+    value model (a copy of the reward model) train in float32 (at TRL's lr 3e-6 every RMSNorm weight moves, which
+    in bfloat16 would round away); the reward model stays in bfloat16; the first lines say so."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tiny_qwen2(vocab=320).to(torch.bfloat16).save_pretrained(tmp_path / "policy")
+    tiny_llama_rm(vocab=320).to(torch.bfloat16).save_pretrained(tmp_path / "rm")
+    AutoTokenizer.from_pretrained(qwen_models / "policy").save_pretrained(tmp_path / "policy")
+    flags = qwen_flags(qwen_models, tmp_path / "runs", "--reward-model-path", str(tmp_path / "rm"))
+    flags[1] = str(tmp_path / "policy")
+    proc = run_script(flags)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("defaults: TRL 1.12 PPOConfig's")
+    assert "weights: policy, reference and value model in float32 (the policy saved in bfloat16); reward model in bfloat16, as saved" in lines
+    run_dir, _ = read_metrics(tmp_path / "runs")
+    policy = AutoModelForCausalLM.from_pretrained(os.path.join(run_dir, "policy"))
+    norms = [p for name, p in policy.named_parameters() if "norm" in name]
+    assert len(norms) == 5 and all(p.dtype == torch.float32 and (p != 1).float().mean() > 0.9 for p in norms)
+    ckpt = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
+    assert {v.dtype for v in ckpt["value_model"].values()} == {torch.float32}
+
+
+def test_the_sampler_is_the_distribution_of_the_stored_logprobs(tmp_path, capsys):
+    """A checkpoint whose generation_config asks for a repetition penalty, top-k and more: the sampled tokens'
+    frequencies match exp(stored log-probs), those log-probs sum to 1 over the tokens the sampler can emit, and
+    the pad id (inside the vocabulary here) is never sampled and gets no probability; a note names what was
+    ignored."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    pad_id, eos_id = 0, 1
+    model = tiny_gpt2()
+    model.generation_config = GenerationConfig(repetition_penalty=5.0, top_k=3, min_new_tokens=1, no_repeat_ngram_size=1, temperature=0.2, do_sample=True)
+    model.save_pretrained(tmp_path / "policy")
+    policy = P.load_model(AutoModelForCausalLM, str(tmp_path / "policy"), AutoConfig.from_pretrained(tmp_path / "policy"), "--model-name-or-path")
+    note = P.generation_config_note(str(tmp_path / "policy"), eos_id, 1.0)
+    assert note.startswith("note: the checkpoint's generation_config asks for do_sample=True, min_new_tokens=1, no_repeat_ngram_size=1, repetition_penalty=5.0, temperature=0.2, top_k=3; ignored")
+    n, temperature = 6000, 0.8
+    queries = torch.tensor([[5, 6, 7, 8]]).repeat(n, 1)
+    torch.manual_seed(0)
+    config = P.sampling_config(2, temperature, eos_id, pad_id, 22)
+    responses, logprobs = P.generate(policy, queries, pad_id, config, 2)
+    first = responses[:, 0]
+    assert (responses != pad_id).all()
+    # every token's probability at the first position by a forward pass: they sum to 1 over the 21 other than pad
+    every = torch.cat([queries[:21], torch.arange(1, 22)[:, None]], 1)
+    probs = torch.cat([torch.zeros(1), P.lm_response_logprobs(policy, every, pad_id, 4, temperature)[0][:, 0].exp()])
+    assert probs.sum().item() == pytest.approx(1.0, abs=1e-5)
+    torch.testing.assert_close(logprobs[:, 0].exp(), probs[first])  # the stored log-probs are those
+    frequencies = torch.bincount(first, minlength=22).float() / n
+    assert (frequencies - probs).abs().max() < 0.015  # 6000 samples: a standard error below 0.004
 
 
 def test_reward_functions_add_to_the_reward_model(real_models, tmp_path):
