@@ -623,6 +623,7 @@ def train(args: Args) -> None:
     run = Run(args, ckpt, task, rank)
     device_line = f"{device} ({device_reason}), {torch.get_num_threads()} torch thread(s)"
     describe(run, args, task, device_line, world_size, num_iterations, batch_size, gen_config, flat)
+    describe_memory(run, flat, policy, ref_policy, reward.model, value_model)
     # Seeded after the built-in task (which seeds itself), so a cached and a freshly built task give the same run.
     seed_everything(args.seed + rank)
     if ckpt is not None:
@@ -801,6 +802,29 @@ def describe(
     if task.builtin is not None:
         b = task.builtin
         print(f"built-in task: reward model held-out accuracy {b['rm_accuracy']:.3f}, SFT gold score {b['sft_gold_mean']:.3f} +- {b['sft_gold_std']:.3f}")
+
+
+def describe_memory(run: Run, flat: FlatParameters | ShardedParameters, *models: Optional[nn.Module]) -> None:
+    """The bytes this process holds of the models' parameters, of the gradients and of Adam's state (two moments per
+    trained value, allocated at the first step); under --fsdp its shards, and the whole policy while it samples."""
+    if not run.rank0:
+        return
+    local = lambda p: p.to_local() if isinstance(p, DTensor) else p  # noqa: E731
+    params = {id(p): p for m in models if m is not None for p in m.parameters()}.values()
+    param_bytes = sum(local(p).numel() * p.element_size() for p in params)
+    grad_bytes = sum(local(p).numel() * p.element_size() for p in flat.tensors)
+    line = f"memory per process: parameters {size(param_bytes)}, gradients {size(grad_bytes)}, Adam state {size(2 * grad_bytes)}"
+    if isinstance(flat, ShardedParameters):
+        policy_bytes = sum(p.numel() * (2 if run.args.bf16 else p.element_size()) for p in models[0].parameters())
+        line += f" (rank 0's shards, FSDP over {dist.get_world_size()} processes; plus the whole policy, {size(policy_bytes)}, while sampling a chunk)"
+    print(line)
+
+
+def size(n_bytes: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.2f} {unit}"
+    return f"{n_bytes} B"
 
 
 @torch.no_grad()

@@ -169,6 +169,15 @@ def run_metrics(runs_dir) -> tuple[str, list[dict]]:
         return os.path.join(runs_dir, run), [{k: v for k, v in json.loads(line).items() if k != "eps"} for line in f]
 
 
+def memory_line(stdout: str) -> dict[str, float]:
+    """The bytes of the run's "memory per process" line, by what they hold."""
+    import re
+
+    (line,) = [line for line in stdout.splitlines() if line.startswith("memory per process")]
+    scale = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
+    return {what: float(n) * scale[unit] for what, n, unit in re.findall(r"(parameters|gradients|Adam state) ([\d.]+) (\w+)", line)}
+
+
 def interrupted(models, runs_dir) -> str:
     """Start an --fsdp run, send SIGTERM to both processes (as a scheduler does) once it logged an update; returns
     its checkpoint.pt after checking that both processes finished the iteration and exited 130."""
@@ -195,8 +204,12 @@ def test_fsdp_run_resumes_exactly_and_saves_a_plain_transformers_policy(models, 
     shards (one file per process); the saved policy loads with plain transformers and equals the unsharded run's."""
     from transformers import AutoModelForCausalLM
 
-    torchrun(*flags(models, tmp_path / "fsdp", "--fsdp"))
-    torchrun(*flags(models, tmp_path / "flat"))
+    sharded_out = torchrun(*flags(models, tmp_path / "fsdp", "--fsdp")).stdout
+    flat_out = torchrun(*flags(models, tmp_path / "flat")).stdout
+    # the first lines: each process holds half of every model, of the gradients and of Adam's state
+    sharded_memory, flat_memory = memory_line(sharded_out), memory_line(flat_out)
+    for what in ("parameters", "gradients", "Adam state"):
+        assert sharded_memory[what] == pytest.approx(flat_memory[what] / 2, rel=0.02), what
     run_dir, metrics = run_metrics(tmp_path / "fsdp")
     flat_dir, flat_metrics = run_metrics(tmp_path / "flat")
     assert [m.keys() for m in metrics] == [m.keys() for m in flat_metrics]
@@ -219,6 +232,34 @@ def test_fsdp_run_resumes_exactly_and_saves_a_plain_transformers_policy(models, 
     torchrun("--resume", checkpoint)
     _, resumed = run_metrics(tmp_path / "stopped")
     assert resumed == metrics
+
+
+def test_lora_under_fsdp_checkpoints_and_saves_the_merged_policy_and_the_adapter(models, tmp_path):
+    """LoRA with --fsdp: the frozen base sharded, the adapters (and the value head) trained; checkpoints hold only
+    what trains; policy/ loads with plain transformers (merged) and adapter/ with peft, to the same logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    lora = ["--lora-r", "4", "--lora-alpha", "8", "--lora-target-modules", "c_attn", "q_proj", "v_proj"]
+    torchrun(*flags(models, tmp_path, "--fsdp", "--total-episodes", "32", "--save-every", "1", *lora))
+    (run,) = os.listdir(tmp_path)
+    run_dir = tmp_path / run
+    assert sorted(os.listdir(run_dir / "checkpoint-2")) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    merged = AutoModelForCausalLM.from_pretrained(run_dir / "policy")
+    with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(models / "policy"), run_dir / "adapter")
+    ids = torch.randint(2, 22, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        initial = AutoModelForCausalLM.from_pretrained(models / "policy")(input_ids=ids).logits
+        logits = merged(input_ids=ids).logits
+        torch.testing.assert_close(with_adapter(input_ids=ids).logits, logits, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(logits, initial, atol=1e-5)  # the adapters trained
+
+
+def test_a_model_fsdp_cannot_wrap_is_a_one_line_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        P.decoder_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: --fsdp: Sequential"), lines
 
 
 def test_fsdp_without_torchrun_is_a_one_line_error(tmp_path):
