@@ -15,7 +15,6 @@ reward and a reward model trained on noisy preferences).
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import importlib.util
 import inspect
@@ -309,9 +308,8 @@ def sequence_scores(model: nn.Module, query_responses: Tensor, pad_id: int, cont
 def sampling_config(
     response_length: int, temperature: float, eos_id: int, pad_id: int, vocab_size: int, output_logits: bool = True
 ) -> GenerationConfig:
-    """Pure sampling at `temperature` (no top-k/top-p, nothing from the checkpoint's generation_config: load_model
-    empties it), stopping at EOS, with logits returned unless output_logits=False (a large vocabulary: the
-    log-probs then come from a forward pass)."""
+    """Pure sampling at `temperature` (nothing else: load_model empties the model's generation_config), stopping at
+    EOS, with logits returned unless output_logits=False (a large vocabulary: log-probs come from a forward pass)."""
     return GenerationConfig(
         max_new_tokens=response_length, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
         eos_token_id=eos_id, pad_token_id=eos_id,  # finished rows are filled with EOS, then made padding
@@ -537,15 +535,14 @@ def ppo_update(
     args: Args, policy: nn.Module, value_model: nn.Module, optimizer: torch.optim.Optimizer, flat: FlatParameters | ShardedParameters,
     data: Rollout, advantages: Tensor, returns: Tensor, pad_id: int, guard: NonFiniteGuard,
 ) -> dict[str, Tensor]:
-    """One PPO update: --update-epochs epochs over shuffled minibatches of the batch (fewer once the approximate KL
-    passes --target-kl), each minibatch one Adam step on the gradients of --gradient-accumulation-steps
-    micro-batches. Returns the update's statistics, averaged over its micro-batches."""
+    """One PPO update: --update-epochs epochs (fewer past --target-kl) over shuffled minibatches of the batch, each
+    minibatch one Adam step on the gradients of --gradient-accumulation-steps micro-batches. Returns statistics."""
     if args.norm_adv:
         advantages = whiten(advantages, data.mask)
     micro, accumulation, ctx = args.per_device_train_batch_size, args.gradient_accumulation_steps, data.context_length
     policy.train()  # dropout is off; train mode only turns on gradient checkpointing
     value_model.train()
-    stats, skipped = defaultdict(list), 0
+    stats = defaultdict(list)
     for epoch in range(args.update_epochs):
         perm = torch.randperm(len(advantages), device=advantages.device)
         for mb in range(args.num_minibatches):
@@ -577,17 +574,15 @@ def ppo_update(
             flat.check_grads()
             grad_norm = flat.average_and_clip_grads(args.max_grad_norm)
             if guard.skip_step(minibatch_loss, grad_norm, optimizer, epoch, mb):
-                skipped += 1
                 continue
             optimizer.step()
             guard.check_weights(flat, epoch, mb)
-        if args.target_kl is not None:  # stop the epochs early, as CleanRL's --target-kl does
-            if last_epoch_mean(stats["policy/approxkl_avg"], args.num_minibatches * accumulation) > args.target_kl:
-                break
+        if args.target_kl is not None and last_epoch_mean(stats["policy/approxkl_avg"], args) > args.target_kl:
+            break  # the remaining epochs are skipped, as CleanRL does
     ratios = torch.stack(stats["val/ratio"])
     return {name: torch.stack(values).mean() for name, values in stats.items()} | {
         "val/ratio_var": ratios.var() if ratios.numel() > 1 else ratios.new_zeros(()),
-        "loss/skipped_steps": torch.tensor(float(skipped), device=ratios.device),
+        "loss/skipped_steps": guard.take_skipped(),
     }
 
 
@@ -1007,7 +1002,12 @@ class NonFiniteGuard:
     it stops with "none written"."""
 
     def __init__(self, run: Optional[Run] = None, state: Optional[LoopState] = None):
-        self.run, self.state, self.consecutive = run, state or LoopState(), 0
+        self.run, self.state, self.consecutive, self.skipped = run, state or LoopState(), 0, 0
+
+    def take_skipped(self) -> Tensor:
+        """The steps skipped since the last call (loss/skipped_steps of an update)."""
+        skipped, self.skipped = self.skipped, 0
+        return torch.tensor(float(skipped))
 
     def stop(self, what: str, where: str) -> NoReturn:
         stop_nonfinite(self.run, what, self.state.iteration + 1, where)  # state.iteration: the last one finished
@@ -1021,7 +1021,7 @@ class NonFiniteGuard:
             self.consecutive = 0
             return False
         optimizer.zero_grad()
-        self.consecutive += 1
+        self.consecutive, self.skipped = self.consecutive + 1, self.skipped + 1
         if self.consecutive >= MAX_SKIPPED_STEPS:
             what = "loss" if bad[0] else "gradient norm"
             self.stop(f"{what} in {MAX_SKIPPED_STEPS} steps in a row", f"(epoch {epoch + 1}, minibatch {mb + 1})")
@@ -1037,8 +1037,9 @@ class NonFiniteGuard:
             self.stop("reward-model score", "(rollout, before the update)")
 
 
-def last_epoch_mean(values: list[Tensor], per_epoch: int) -> float:
+def last_epoch_mean(values: list[Tensor], args: Args) -> float:
     """The mean of the last epoch's per-micro-batch values, averaged over processes (all stop at the same epoch)."""
+    per_epoch = args.num_minibatches * args.gradient_accumulation_steps
     return all_reduce_mean(torch.stack(values[-per_epoch:]).mean()).item()
 
 
@@ -1372,7 +1373,7 @@ def defaults_line(args: Args) -> str:
 
 def greedy_config(gen_config: GenerationConfig) -> GenerationConfig:
     """The sampler's settings taking the most likely token (the pad id still suppressed) instead of sampling."""
-    greedy = copy.deepcopy(gen_config)
+    greedy = GenerationConfig.from_dict(gen_config.to_dict())
     greedy.do_sample, greedy.temperature, greedy.top_k, greedy.top_p = False, None, None, None
     greedy.output_logits = False  # evaluation needs no log-probs
     return greedy
@@ -1584,8 +1585,8 @@ def held_out_split(records: list[dict], eval_episodes: int) -> tuple[list[dict],
 def check_scorer(task: Task, model: nn.Module, flag: str, policy: nn.Module) -> None:
     """A reward or value model that reads the policy's tokens: a scalar `score` head on a backbone, and an embedding
     with a row for every token the policy can sample."""
-    if not hasattr(model, "score") or not hasattr(model, model.base_model_prefix):
-        fail(f"{flag}: {type(model).__name__} has no `score` head on a backbone; pass a decoder model for sequence classification")
+    if not reads_last_token(model):
+        fail(f"{flag}: {type(model).__name__} has no `score` head on a backbone; pass a decoder model for sequence classification, or a reward model with a tokenizer of its own")
     rows, policy_rows = model.get_input_embeddings().num_embeddings, policy.get_input_embeddings().num_embeddings
     if max(max(q) for q in task.train_queries + task.eval_queries) >= rows or rows < policy_rows:
         fail(f"{flag}: its embedding has {rows} rows, the policy's {policy_rows}; it must read the policy's tokens (share its tokenizer and embedding size)")
@@ -1848,14 +1849,39 @@ def reward_model_tokenizer(path: str, config, policy_tokenizer, policy_config) -
 
 
 def retokenized_scores(model: nn.Module, tokenizer, episodes: Episodes, task: Task) -> Tensor:
-    """The reward model's scores of the decoded episodes in its own tokens, read at the last one."""
+    """The reward model's scores of the decoded episodes in its own tokens: a decoder's head read at the last one,
+    an encoder's (BERT, RoBERTa, DeBERTa, ModernBERT) own forward and pooling, logits[:, 0]. A text longer than the
+    model reads loses its start (the completion is at its end), with a note the first time."""
     texts = [
         reward_model_text(tokenizer, prompt, completion, task.eos_id in ids, task.tokenizer)
         for prompt, completion, ids in zip(episodes.prompts, episodes.completions, episodes.completion_ids)
     ]
-    size = context_size(model.config)
-    ids = tokenizer(texts, add_special_tokens=tokenizer.chat_template is None, truncation=size is not None, max_length=size)["input_ids"]
-    return token_scores(model, left_pad(ids, -1, next(model.parameters()).device), -1)[:, -1]  # -1: never a token
+    size, special = max_text_tokens(model, tokenizer), tokenizer.chat_template is None
+    ids = tokenizer(texts, add_special_tokens=special)["input_ids"]
+    if size is not None and max(map(len, ids)) > size:
+        if not getattr(model, "truncation_noted", False):
+            print(f"note: --reward-model-path: a text of {max(map(len, ids))} tokens is longer than the {size} the reward model reads; it reads the text's end (every such text is cut so)")
+            model.truncation_noted = True
+        ids = tokenizer(texts, add_special_tokens=special, truncation=True, max_length=size)["input_ids"]
+    device = next(model.parameters()).device
+    if reads_last_token(model):
+        return token_scores(model, left_pad(ids, -1, device), -1)[:, -1]  # -1: never a token
+    input_ids = torch.tensor([s + [0] * (max(map(len, ids)) - len(s)) for s in ids], device=device)
+    attention_mask = torch.tensor([[1] * len(s) + [0] * (input_ids.size(1) - len(s)) for s in ids], device=device)
+    return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
+
+
+def reads_last_token(model: nn.Module) -> bool:
+    """A decoder classifier: a `score` head on a backbone, read at the last token (other classifiers pool in their
+    own forward)."""
+    return hasattr(model, "score") and hasattr(model, model.base_model_prefix)
+
+
+def max_text_tokens(model: nn.Module, tokenizer) -> Optional[int]:
+    """The most tokens the reward model reads: its positions, or its tokenizer's stated maximum when smaller (RoBERTa
+    states 512 for its 514 positions)."""
+    sizes = [n for n in (context_size(model.config), tokenizer.model_max_length) if n is not None and n < 1e9]
+    return min(sizes, default=None)
 
 
 def reward_model_text(tokenizer, prompt, completion, ended: bool, policy_tokenizer) -> str:

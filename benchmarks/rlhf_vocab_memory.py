@@ -76,6 +76,8 @@ def run_phase(args: Args) -> dict:
         response_length=args.response_length, local_rollout_forward_batch_size=args.rollout_batch,
         per_device_train_batch_size=args.micro_batch, gradient_accumulation_steps=1, num_minibatches=1, update_epochs=1,
     )  # fmt: skip
+    if hasattr(P, "with_defaults"):  # flags left unset take a default set
+        ppo = P.with_defaults(ppo)
     g = torch.Generator().manual_seed(0)
     if args.phase == "rollout":
         task = types.SimpleNamespace(pad_id=pad_id, eos_id=eos_id, tokenizer=None)
@@ -103,8 +105,9 @@ def run_phase(args: Args) -> dict:
         # Adam's moments exist before the measurement, as in every update after the first
         flat.param.grad.zero_()
         optimizer.step()
+        guard = [P.NonFiniteGuard()] if hasattr(P, "NonFiniteGuard") else []  # older scripts take no guard
         before, start = rss_mib(), time.perf_counter()
-        P.ppo_update(ppo, policy, value_model, optimizer, flat, data, advantages, returns, pad_id)
+        P.ppo_update(ppo, policy, value_model, optimizer, flat, data, advantages, returns, pad_id, *guard)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return dict(rss_before_mib=round(before, 1), peak_rss_mib=round(peak, 1), peak_above_mib=round(peak - before, 1), seconds=round(seconds, 2))

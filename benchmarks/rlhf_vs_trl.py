@@ -245,8 +245,8 @@ NOTES = [
     "Score position: ppo_rlhf.py adds the reward-model score at the last real token (the EOS); TRL adds it one position "
     "later (sequence_length + 1, the first padding slot, when the response is shorter than response_length) and fits values there too.",
     "Sampling: ppo_rlhf.py suppresses the pad token during generation; TRL does not (a sampled pad would end the response).",
-    "Rollout log-probs: both take them from the generation pass (ours: raw logits / temperature; TRL: processed scores, "
-    "temperature + 1e-7); identical at temperature 1.",
+    "Rollout log-probs: both take them from the generation pass (ours: logits / temperature with the pad token, which "
+    "sampling suppresses, left out of the softmax; TRL: processed scores, temperature + 1e-7).",
     "Prompt order: each draws batches from the same 8192 training prompts with its own shuffling (ours: a seeded NumPy "
     "permutation per pass; TRL: a seeded torch DataLoader), so the two runs of a pair see different prompt sequences.",
     "Timing: ours is the `eps` ppo_rlhf.py logs at its last update (time since its training loop began, evaluations "
@@ -327,7 +327,7 @@ def driver(args) -> None:
     transformers.utils.logging.disable_progress_bar()
     torch.set_num_threads(args.num_threads)
     load_avg_at_start = os.getloadavg()
-    a = ppo_rlhf.Args(total_episodes=args.total_episodes, num_threads=args.num_threads)
+    a = ppo_rlhf.with_defaults(ppo_rlhf.Args(total_episodes=args.total_episodes, num_threads=args.num_threads))
     batch = a.per_device_train_batch_size * a.gradient_accumulation_steps * a.num_minibatches
     if args.total_episodes % batch:
         sys.exit(f"--total-episodes must be a multiple of {batch} (one update), so both trainers run the same episodes")

@@ -1243,7 +1243,7 @@ def test_a_bfloat16_checkpoint_trains_in_float32(qwen_models, tmp_path):
     assert {v.dtype for v in ckpt["value_model"].values()} == {torch.float32}
 
 
-def test_the_sampler_is_the_distribution_of_the_stored_logprobs(tmp_path, capsys):
+def test_the_sampler_is_the_distribution_of_the_stored_logprobs(tmp_path, monkeypatch):
     """A checkpoint whose generation_config asks for a repetition penalty, top-k and more: the sampled tokens'
     frequencies match exp(stored log-probs), those log-probs sum to 1 over the tokens the sampler can emit, and
     the pad id (inside the vocabulary here) is never sampled and gets no probability; a note names what was
@@ -1271,6 +1271,11 @@ def test_the_sampler_is_the_distribution_of_the_stored_logprobs(tmp_path, capsys
     torch.testing.assert_close(logprobs[:, 0].exp(), probs[first])  # the stored log-probs are those
     frequencies = torch.bincount(first, minlength=22).float() / n
     assert (frequencies - probs).abs().max() < 0.015  # 6000 samples: a standard error below 0.004
+    # the chunked path of large vocabularies leaves pad out too
+    monkeypatch.setattr(P, "LOGITS_CHUNK_BYTES", 64)
+    policy.logits_from_hidden = True
+    chunked = P.lm_response_logprobs(policy, every, pad_id, 4, temperature)[0][:, 0].exp()
+    torch.testing.assert_close(chunked, probs[1:])
 
 
 def test_reward_functions_add_to_the_reward_model(real_models, tmp_path):
@@ -1354,15 +1359,54 @@ def other_reward_models(tmp_path_factory, qwen_models):
         tokenizer.save_pretrained(root / name)
     tiny_llama_rm(vocab=258).save_pretrained(root / "small_rm")
     AutoTokenizer.from_pretrained(qwen_models / "policy").save_pretrained(root / "small_rm")
+    encoder_reward_models(root)
     return root
 
 
-@pytest.mark.parametrize("rm", ["gpt2_rm", "gpt2_rm_chat", "small_rm"])
+def wordpiece_tokenizer(model_max_length):
+    """A BERT-style WordPiece tokenizer ([CLS] text [SEP], lower case), built offline."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    letters = [chr(ord("a") + i) for i in range(26)]
+    vocab = {t: i for i, t in enumerate(specials + letters + ["##" + c for c in letters] + list(".,!?'"))}
+    backend = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+        mask_token="[MASK]", model_max_length=model_max_length,
+    )  # fmt: skip
+
+
+def encoder_reward_models(root):
+    """A tiny BERT and a tiny DeBERTa-v2 (relative attention, pooler) sequence classifier, each with the WordPiece
+    tokenizer; the DeBERTa's tokenizer reads at most 10 tokens, so that long texts are cut."""
+    from transformers import BertConfig, BertForSequenceClassification, DebertaV2Config, DebertaV2ForSequenceClassification
+
+    size = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, max_position_embeddings=64, num_labels=1)
+    for name, model_max_length in (("bert_rm", 512), ("deberta_rm", 10)):
+        tokenizer = wordpiece_tokenizer(model_max_length)
+        torch.manual_seed(3)
+        if name == "bert_rm":
+            model = BertForSequenceClassification(BertConfig(vocab_size=len(tokenizer), **size))
+        else:
+            config = DebertaV2Config(vocab_size=len(tokenizer), relative_attention=True, position_biased_input=False, pos_att_type=["p2c", "c2p"], pooler_hidden_size=16, **size)
+            model = DebertaV2ForSequenceClassification(config)
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+
+
+@pytest.mark.parametrize("rm", ["gpt2_rm", "gpt2_rm_chat", "small_rm", "bert_rm", "deberta_rm"])
 def test_reward_model_with_its_own_tokenizer_reads_the_decoded_text(qwen_models, other_reward_models, tmp_path, rm):
     """A reward model whose vocabulary differs from the Qwen2 policy's (or whose embedding is smaller than the
     policy's, which samples ids beyond it) scores the decoded text re-tokenised for it, through its chat template
     when it has one: the first evaluation's score equals the reward model's own forward on that text, one
-    conversation at a time. The value model is then the policy's weights with a new head."""
+    conversation at a time; encoders (BERT, DeBERTa-v2) through their own pooling, a text longer than the
+    DeBERTa's tokenizer reads cut at its start, with a note. The value model is then the policy's weights with a
+    new head."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     log = qwen_models / "calls.jsonl"
@@ -1383,14 +1427,16 @@ def test_reward_model_with_its_own_tokenizer_reads_the_decoded_text(qwen_models,
             elif rm == "small_rm":  # the policy's tokenizer, chat template included
                 text = f"user: {prompt} assistant: {completion} "
             else:
-                text = prompt + completion + (tokenizer.eos_token if 256 in ids else "")  # 256: the policy's EOS
+                text = prompt + completion + ((tokenizer.eos_token or "") if 256 in ids else "")  # 256: the policy's EOS
+            encoded = tokenizer(text, truncation=rm == "deberta_rm", max_length=10)  # its start cut, [CLS] kept
             with torch.no_grad():
-                score = model(input_ids=torch.tensor([tokenizer(text)["input_ids"]])).logits[0, 0].item()
+                score = model(**{k: torch.tensor([v]) for k, v in encoded.items()}).logits[0, 0].item()
             expected.append(score + len(ids) / 10)
     _, metrics = read_metrics(tmp_path)
     assert metrics[0]["eval/scores"] == pytest.approx(np.mean(expected), abs=1e-5)
     if rm == "small_rm":  # the policy did sample ids its tokenizer and the reward model do not know
         assert any(max(ids) >= 258 for call in calls for ids in call["completion_ids"])
+    assert ("note: --reward-model-path: a text of" in proc.stdout) == (rm == "deberta_rm")
 
 
 def test_value_model_path(qwen_models, other_reward_models, tmp_path, capsys):
