@@ -10,6 +10,7 @@ reward and a reward model trained on noisy preferences).
     python ppo_rlhf.py --model-name-or-path MODEL --reward-model-path RM --prompts prompts.jsonl
     python ppo_rlhf.py --model-name-or-path MODEL --reward-fn rewards.py:accuracy --prompts prompts.jsonl
     torchrun --standalone --nproc_per_node 2 ppo_rlhf.py # data parallel (gloo on CPU, nccl on GPUs)
+    torchrun --nproc_per_node 8 ppo_rlhf.py --fsdp ...  # every model sharded over the processes (FSDP2)
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 The two-process parts run this file itself under torchrun (`worker`, at the bottom), which saves what it measured
 for the tests to check; each launch serves several assertions, as a torchrun start costs seconds."""
 
+import contextlib
 import json
 import os
 import signal
@@ -88,6 +89,26 @@ def one_update(sharded: bool, lora: bool, rank: int) -> tuple[dict, dict]:
     return weights, {k: v.item() for k, v in stats.items()}
 
 
+def all_gathers_while_sampling(gather: bool) -> int:
+    """FSDP's all-gathers while the sharded policy samples 6 tokens for a chunk of 3 prompts, with gathered(policy)
+    around the sampling as rollout() has it, or without."""
+    policy, _ = tiny_models()
+    P.shard_models(P.Args(), torch.device("cpu"), policy)
+    queries = torch.randint(0, PAD, (3, 4), generator=torch.Generator().manual_seed(0))
+    config = P.sampling_config(6, 1.0, PAD + 1, PAD, PAD)  # an EOS it cannot sample: 6 forwards on every process
+    calls, all_gather_single = [], P.dist.all_gather_single
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return all_gather_single(*args, **kwargs)
+
+    P.dist.all_gather_single = counted
+    with P.gathered(policy) if gather else contextlib.nullcontext():
+        P.generate(policy, queries, PAD, config, 6)
+    P.dist.all_gather_single = all_gather_single
+    return len(calls)
+
+
 def worker(case: str, out: str) -> None:
     """Run under torchrun (2 processes, gloo); rank 0 saves what the tests check into `out`."""
     torch.set_num_threads(1)
@@ -95,26 +116,28 @@ def worker(case: str, out: str) -> None:
     rank = P.dist.get_rank()
     if case == "update":
         results = {f"{'lora' if lora else 'full'}_{'fsdp' if sharded else 'flat'}": one_update(sharded, lora, rank) for lora in (False, True) for sharded in (False, True)}
+        results["all_gathers"] = {gather: all_gathers_while_sampling(gather) for gather in (True, False)}
         if rank == 0:
             torch.save(results, out)
     P.dist.destroy_process_group()
 
 
-def run_worker(case: str, tmp_path) -> object:
-    out = tmp_path / f"{case}.pt"
-    proc = subprocess.run([*TORCHRUN, __file__, case, str(out)], env=ENV, capture_output=True, text=True, timeout=300)
+@pytest.fixture(scope="module")
+def update_results(tmp_path_factory) -> dict:
+    """What the "update" worker measured, one torchrun launch for the tests that read it."""
+    out = tmp_path_factory.mktemp("update") / "update.pt"
+    proc = subprocess.run([*TORCHRUN, __file__, "update", str(out)], env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return torch.load(out, weights_only=False)
 
 
-def test_one_update_under_fsdp_equals_the_unsharded_update(tmp_path):
+def test_one_update_under_fsdp_equals_the_unsharded_update(update_results):
     """Two processes with different batches, two epochs of two minibatches of two micro-batches: the parameters
     after ppo_update under FSDP (reduce-scatter, clip over sharded gradients, per-tensor Adam on shards) equal
     those of the unsharded update (flat parameters, all-reduce, fused Adam) to RTOL/ATOL, and so do the update's
     statistics; with LoRA too (the base frozen and sharded, the adapters and the value head trained)."""
-    results = run_worker("update", tmp_path)
     for mode in ("full", "lora"):
-        (flat, flat_stats), (sharded, sharded_stats) = results[f"{mode}_flat"], results[f"{mode}_fsdp"]
+        (flat, flat_stats), (sharded, sharded_stats) = update_results[f"{mode}_flat"], update_results[f"{mode}_fsdp"]
         before = tiny_models(mode == "lora")[0].state_dict()
         assert any(not torch.equal(before[k], flat["policy"][k]) for k in before), "the update changed nothing"
         for model in ("policy", "value"):
@@ -122,6 +145,12 @@ def test_one_update_under_fsdp_equals_the_unsharded_update(tmp_path):
             for name, value in flat[model].items():
                 torch.testing.assert_close(sharded[model][name], value, rtol=RTOL, atol=ATOL, msg=f"{mode} {model} {name}")
         assert sharded_stats == pytest.approx(flat_stats, rel=RTOL, abs=ATOL)
+
+
+def test_sampling_gathers_the_policy_once_per_chunk_not_per_token(update_results):
+    """The tiny policy has 3 FSDP units (2 decoder layers and the parameters outside them): sampling 6 tokens
+    under gathered() all-gathers each once; without it each forward (one per token) gathers all 3 again."""
+    assert update_results["all_gathers"] == {True: 3, False: 3 * 6}
 
 
 @pytest.fixture(scope="session")
