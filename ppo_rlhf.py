@@ -183,11 +183,9 @@ class Args:
     eval_episodes: int = 256
     """held-out prompts evaluated each time (gold score on the built-in task)"""
     eval_prompts: Optional[str] = None
-    """held-out evaluation prompts, same formats as --prompts; None holds out a fixed split of --prompts (at most
-    --eval-episodes prompts and a fifth of the file)"""
+    """held-out evaluation prompts, same formats as --prompts; None holds out a fixed split of --prompts"""
     eval_stochastic: bool = False
-    """if toggled, evaluation samples at --temperature; by default it takes the most likely token (TRL evaluates at
-    temperature 0.01). The built-in task's evaluation always samples: its gold score is that of the sampling policy"""
+    """if toggled, evaluation samples at --temperature (the built-in task's always does); by default it is greedy"""
 
     # Built-in task: its reward, its definition (the task_* flags: the cache key) and where it is cached.
     builtin_reward: Literal["model", "gold"] = "model"
@@ -1369,7 +1367,8 @@ def with_defaults(args: Args) -> Args:
 def defaults_line(args: Args) -> str:
     if args.model_name_or_path is None:
         return "defaults: the built-in task's (tuned for it)"
-    return "defaults: TRL 1.12 PPOConfig's, for a model of your own (" + ", ".join(f"{k} {v:g}" for k, v in TRL_DEFAULTS.items()) + "); flags given win"
+    values = ", ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in TRL_DEFAULTS.items())
+    return f"defaults: TRL 1.12 PPOConfig's, for a model of your own ({values}); flags given win"
 
 
 def greedy_config(gen_config: GenerationConfig) -> GenerationConfig:
