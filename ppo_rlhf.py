@@ -79,6 +79,9 @@ class Args:
     value_model_path: Optional[str] = None
     """value model: an AutoModelForSequenceClassification with one label; None copies the reward model, or
     without one (reward functions only) takes the policy's weights with a new scalar head"""
+    value_head_on_policy: bool = False
+    """the value model is a scalar head on the policy's own backbone (OpenAI's 2019 layout): one model fewer in
+    memory, but the value loss then trains the policy's weights too"""
     prompts: Optional[str] = None
     """training prompts: a JSONL file with a "prompt" string per line, or "messages" (a list of role/content dicts
     the tokenizer's chat template turns into the prompt), or a `datasets` name"""
@@ -429,14 +432,15 @@ def load_models(task: Task, args: Args, device: torch.device) -> tuple[nn.Module
         if task.reward_tokenizer is None:
             check_scorer(task, reward_model, "--reward-model-path", policy)
         reward_model.requires_grad_(False)
-    value_model = scorer(*task.value_source).to(device)
+    value_model = PolicyValueHead(policy) if args.value_head_on_policy else scorer(*task.value_source).to(device)
     check_scorer(task, value_model, task.value_source[2], policy)
     if task.value_source[2] == "--model-name-or-path":  # a new head: values start at 0 (OpenAI's 2019 code)
         for p in value_model.score.parameters():
             nn.init.zeros_(p)
     if args.gradient_checkpointing:  # not reentrant: under LoRA the checkpointed blocks' inputs need no gradient
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        value_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if not args.value_head_on_policy:  # else its backbone is the policy's
+            value_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.lora_r:  # the reference is the policy itself, its adapters disabled (adapters_disabled)
         policy, value_model = add_lora(policy, value_model, task, args)
         ref_policy = policy
@@ -444,6 +448,28 @@ def load_models(task: Task, args: Args, device: torch.device) -> tuple[nn.Module
         ref_policy.requires_grad_(False)
     check_logits_from_hidden(policy, ref_policy)
     return policy, ref_policy, Reward(reward_model, task.reward_tokenizer, task.reward_functions), value_model
+
+
+class PolicyValueHead(nn.Module):
+    """--value-head-on-policy: the value model as a scalar head (initialised at 0) on the policy's own backbone, read
+    by token_scores as any value model is. The backbone is not registered here: its parameters stay the policy's
+    alone (trained by both losses, in the policy's checkpoint entry); this module holds only the head."""
+
+    base_model_prefix = "backbone"
+
+    def __init__(self, policy: nn.Module):
+        super().__init__()
+        backbone, output_layer = lm_parts(policy)
+        self._policy_backbone = (backbone,)  # a tuple: nn.Module does not register what it holds
+        self.score = nn.Linear(output_layer.in_features, 1, bias=False, device=output_layer.weight.device)
+        nn.init.zeros_(self.score.weight)
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self._policy_backbone[0]
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.backbone.get_input_embeddings()
 
 
 def disable_dropout(model: nn.Module) -> nn.Module:
@@ -781,6 +807,7 @@ def describe(
     values = {
         "--value-model-path": task.value_source[0], "--reward-model-path": "a copy of the reward model",
         "--model-name-or-path": "the policy's weights with a new scalar head",
+        "--value-head-on-policy": "a scalar head on the policy's own backbone (one trunk for both losses)",
     }  # fmt: skip
     print(f"reward: {' + '.join(rewards)}; value model: {values[task.value_source[2]]}")
     for line in task.lines:
@@ -1420,6 +1447,10 @@ def check_args(args: Args, world_size: int, ckpt: Optional[dict], device: torch.
             fail("--lora-r needs peft (pip install peft); or --lora-r 0 to train every weight")
     elif args.lora_target_modules is not None:
         fail("--lora-target-modules needs --lora-r above 0")
+    if args.value_head_on_policy and args.value_model_path is not None:
+        fail("--value-head-on-policy and --value-model-path both name the value model; give one of them")
+    if args.value_head_on_policy and args.fsdp:  # FSDP's unit of the parameters outside the layers would be entered by two subsets of its modules
+        fail("--value-head-on-policy does not work with --fsdp yet; drop one of them")
     for name in ("vf_coef", "kl_coef", "missing_eos_penalty"):
         if not 0 <= getattr(args, name) < math.inf:
             fail(f"{flag(name)} must be a number >= 0, got {getattr(args, name)}")
@@ -1518,7 +1549,9 @@ def load_task(args: Args, rank: int, distributed: bool) -> Task:
     if tokenizer.eos_token_id is None:
         fail(f"--model-name-or-path: the tokenizer of {policy_path} has no EOS token; set one and save it again")
     reward_tokenizer = None if reward_path is None else reward_model_tokenizer(reward_path, reward_config, tokenizer, policy_config)
-    if args.value_model_path is not None:
+    if args.value_head_on_policy:
+        value_source = (policy_path, None, "--value-head-on-policy")
+    elif args.value_model_path is not None:
         value_source = (args.value_model_path, load_config(args.value_model_path, "--value-model-path", num_labels=1), "--value-model-path")
     elif reward_path is not None and reward_tokenizer is None:
         value_source = (reward_path, reward_config, "--reward-model-path")
@@ -1918,7 +1951,8 @@ def add_lora(policy: nn.Module, value_model: nn.Module, task: Task, args: Args) 
             warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False")
             policy = get_peft_model(policy, LoraConfig(task_type="CAUSAL_LM", **config))
             # the value head trains whole, never through an adapter
-            value_model = get_peft_model(value_model, LoraConfig(exclude_modules=["score"], **config)).get_base_model()
+            if not isinstance(value_model, PolicyValueHead):  # a head on the policy trains whole, as its backbone's adapters
+                value_model = get_peft_model(value_model, LoraConfig(exclude_modules=["score"], **config)).get_base_model()
     except ValueError as e:  # no default target modules for this architecture, or none of the names in one model
         fail(f"--lora-target-modules: {exception_line(e).rstrip('.')}; name modules of both the policy and the value model (e.g. all-linear)")
     value_model.score.requires_grad_(True)

@@ -10,6 +10,9 @@ processes would each need what the single one does, about 15 GiB: on a 24 GiB ma
 run is not attempted.
 
     python benchmarks/rlhf_fsdp_memory.py --model-dir /tmp/qwen2-0.39b
+    python benchmarks/rlhf_fsdp_memory.py --device cuda --bf16 --fsdp-processes 1   # one GPU, nccl (not run yet)
+
+On a GPU the peak resident memory is the host's; the GPU's own use is what the run's first lines print.
 """
 
 import json
@@ -36,12 +39,18 @@ class Args:
     """--num-threads of each process"""
     iterations: int = 3
     """iterations per run"""
+    device: str = "cpu"
+    """--device of the runs (cuda: one GPU per process)"""
+    bf16: bool = False
+    """--bf16 in both runs (CUDA only)"""
+    fsdp_processes: int = 2
+    """torchrun processes of the --fsdp run"""
 
 
-def run(args: Args, name: str, processes: int) -> dict:
+def run(args: Args, name: str, processes: int, fsdp: bool) -> dict:
     runs_dir = os.path.join(args.model_dir, "runs", name)
     shutil.rmtree(runs_dir, ignore_errors=True)  # an earlier run of this benchmark
-    launcher = [sys.executable, SCRIPT] if processes == 1 else [
+    launcher = [sys.executable, SCRIPT] if not fsdp else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), SCRIPT, "--fsdp",
     ]  # fmt: skip
     cmd = [
@@ -50,7 +59,7 @@ def run(args: Args, name: str, processes: int) -> dict:
         "--response-length", "16", "--per-device-train-batch-size", "2", "--num-minibatches", "2", "--update-epochs", "1",
         "--local-rollout-forward-batch-size", "4", "--total-episodes", str(4 * processes * args.iterations),
         "--eval-every", "1000", "--eval-episodes", "4", "--num-threads", str(args.threads), "--learning-rate", "1e-5",
-        "--device", "cpu",
+        "--device", args.device, *(["--bf16"] if args.bf16 else []),
     ]  # fmt: skip
     start = time.time()
     proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)}, stdout=subprocess.PIPE, text=True)
@@ -62,7 +71,7 @@ def run(args: Args, name: str, processes: int) -> dict:
     with open(os.path.join(runs_dir, run_name, "metrics.jsonl")) as f:
         train = [m for m in map(json.loads, f) if "eps" in m]
     record = dict(
-        setting=name, processes=processes, peak_rss_gib_per_process=round(usage.ru_maxrss / 2**20, 2),
+        setting=name, processes=processes, device=args.device, bf16=args.bf16, peak_rss_gib_per_process=round(usage.ru_maxrss / 2**20, 2),
         seconds_per_iteration=round(train[-1]["episode"] / train[-1]["eps"] / len(train), 1),
         episodes_per_iteration=4 * processes, wall_s=round(time.time() - start),
         memory_line=next(line for line in out.splitlines() if line.startswith("memory per process")),
@@ -74,7 +83,7 @@ def run(args: Args, name: str, processes: int) -> dict:
 def main(args: Args) -> None:
     if not os.path.exists(os.path.join(args.model_dir, "rewards.py")):
         build(args.model_dir)
-    records = [run(args, "unsharded", 1), run(args, "fsdp", 2)]
+    records = [run(args, "unsharded", 1, fsdp=False), run(args, "fsdp", args.fsdp_processes, fsdp=True)]
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "model_dir")}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:

@@ -291,6 +291,57 @@ def test_a_model_fsdp_cannot_wrap_is_a_one_line_error(capsys):
     assert exit_info.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: --fsdp: Sequential"), lines
 
 
+def updated_policy(vf_coef: float, head_on_policy: bool) -> dict:
+    """The policy's weights after one unclipped ppo_update (one process), with a separate value model or the value
+    head on the policy's backbone."""
+    policy, value_model = tiny_models()
+    if head_on_policy:
+        value_model = P.PolicyValueHead(policy)
+    data, advantages, returns = rank_batch(policy, 0)
+    args = P.Args(**(UPDATE_ARGS | dict(vf_coef=vf_coef, max_grad_norm=1e9)))  # no clip: it couples the models
+    flat = P.FlatParameters([p for m in (policy, value_model) for p in m.parameters()])
+    optimizer = torch.optim.Adam(flat.tensors, lr=args.learning_rate, eps=1e-5, fused=True)
+    torch.manual_seed(123)
+    P.ppo_update(args, policy, value_model, optimizer, flat, data, advantages, returns, PAD, P.NonFiniteGuard())
+    return {k: v.clone() for k, v in policy.state_dict().items()}
+
+
+def test_the_value_head_on_the_policy_shares_its_backbone():
+    """--value-head-on-policy: the value model holds nothing but a head initialised at 0 (one model fewer) on the
+    policy's backbone, so the value loss moves the policy's weights, which a separate value model never does."""
+    policy = tiny_models()[0]
+    head = P.PolicyValueHead(policy)
+    assert [name for name, _ in head.named_parameters()] == ["score.weight"]
+    assert P.token_scores(head, torch.randint(0, PAD, (2, 5)), PAD).eq(0).all()
+    separate, shared = ([updated_policy(c, on_policy) for c in (0.0, 0.1)] for on_policy in (False, True))
+    assert all(torch.equal(separate[0][k], separate[1][k]) for k in separate[0])
+    assert any(not torch.equal(shared[0][k], shared[1][k]) for k in shared[0])
+
+
+def test_a_run_with_the_value_head_on_the_policy(models, tmp_path):
+    """End to end in one process: the first lines say what the value model is and hold one model fewer than the
+    default run (whose value model is a copy of the reward model); the run resumes from its checkpoint."""
+    proc = subprocess.run([sys.executable, SCRIPT, *flags(models, tmp_path, "--value-head-on-policy", "--total-episodes", "16")], env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "value model: a scalar head on the policy's own backbone" in proc.stdout
+    policy, reward_model = tiny_models()
+    one_model_fewer = sum(p.numel() * 4 for m in (policy, policy, reward_model) for p in m.parameters()) + policy.config.n_embd * 4
+    assert memory_line(proc.stdout)["parameters"] == pytest.approx(one_model_fewer, rel=0.01)
+    run_dir, _ = run_metrics(tmp_path)
+    resumed = subprocess.run([sys.executable, SCRIPT, "--resume", os.path.join(run_dir, "checkpoint.pt")], env=ENV, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+
+def test_the_value_head_on_the_policy_with_fsdp_or_a_value_model_path_is_a_one_line_error(tmp_path, capsys):
+    import tyro
+
+    for extra in (["--fsdp"], ["--value-model-path", str(tmp_path)]):
+        with pytest.raises(SystemExit) as exit_info:
+            P.train(tyro.cli(P.Args, args=["--value-head-on-policy", "--runs-dir", str(tmp_path), *extra]))
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and len(lines) == 1 and "--value-head-on-policy" in lines[0] and extra[0] in lines[0], lines
+
+
 def test_fsdp_without_torchrun_is_a_one_line_error(tmp_path):
     proc = subprocess.run([sys.executable, SCRIPT, "--fsdp", "--runs-dir", str(tmp_path)], env=ENV, capture_output=True, text=True, timeout=120)
     lines = proc.stderr.strip().splitlines()
