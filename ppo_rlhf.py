@@ -607,7 +607,7 @@ def ppo_update(
     ratios = torch.stack(stats["val/ratio"])
     return {name: torch.stack(values).mean() for name, values in stats.items()} | {
         "val/ratio_var": ratios.var() if ratios.numel() > 1 else ratios.new_zeros(()),
-        "loss/skipped_steps": guard.take_skipped(),
+        "loss/skipped_steps": guard.take_skipped(ratios.device),
     }
 
 
@@ -794,9 +794,8 @@ def describe(
     """The batch arithmetic, the reward and the value model, printed by rank 0 at the start."""
     if not run.rank0:
         return
-    print(defaults_line(args))
     print(
-        f"run {run.name}: {batch_size} episodes per iteration = {args.per_device_train_batch_size} (micro-batch) x "
+        f"run {run.name} ({defaults_in_use(args)}): {batch_size} episodes per iteration = {args.per_device_train_batch_size} (micro-batch) x "
         f"{args.gradient_accumulation_steps} (gradient accumulation) x {args.num_minibatches} (minibatches) x {world_size} "
         f"(processes); {num_iterations} iterations = {num_iterations * batch_size} episodes; {args.update_epochs} PPO epochs; "
         f"no-grad passes in chunks of {args.local_rollout_forward_batch_size}; device {device}"
@@ -1030,10 +1029,10 @@ class NonFiniteGuard:
     def __init__(self, run: Optional[Run] = None, state: Optional[LoopState] = None):
         self.run, self.state, self.consecutive, self.skipped = run, state or LoopState(), 0, 0
 
-    def take_skipped(self) -> Tensor:
-        """The steps skipped since the last call (loss/skipped_steps of an update)."""
+    def take_skipped(self, device: torch.device) -> Tensor:
+        """The steps skipped since the last call (loss/skipped_steps of an update), on the statistics' device."""
         skipped, self.skipped = self.skipped, 0
-        return torch.tensor(float(skipped))
+        return torch.tensor(float(skipped), device=device)
 
     def stop(self, what: str, where: str) -> NoReturn:
         stop_nonfinite(self.run, what, self.state.iteration + 1, where)  # state.iteration: the last one finished
@@ -1391,11 +1390,11 @@ def with_defaults(args: Args) -> Args:
     return replace(args, **{k: v for k, v in defaults.items() if getattr(args, k) is None})
 
 
-def defaults_line(args: Args) -> str:
+def defaults_in_use(args: Args) -> str:
+    """Which default set the run's unset flags took, as the first line of a run says it."""
     if args.model_name_or_path is None:
-        return "defaults: the built-in task's (tuned for it)"
-    values = ", ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in TRL_DEFAULTS.items())
-    return f"defaults: TRL 1.12 PPOConfig's, for a model of your own ({values}); flags given win"
+        return "defaults: the built-in task's"
+    return "defaults: TRL 1.12 PPOConfig's, " + " ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in TRL_DEFAULTS.items())
 
 
 def greedy_config(gen_config: GenerationConfig) -> GenerationConfig:
@@ -1581,6 +1580,8 @@ def load_task(args: Args, rank: int, distributed: bool) -> Task:
         eval_records = read_prompts(eval_prompts_path, eval_flag)[: args.eval_episodes]
     note = generation_config_note(policy_path, tokenizer.eos_token_id, args.temperature)
     lines += [note] if note else []
+    if builtin is not None and args.eval_stochastic:
+        lines.append("note: --eval-stochastic changes nothing on the built-in task: its evaluation always samples")
     train_queries, eval_queries = tokenize(train_records, "--prompts"), tokenize(eval_records, eval_flag)
     if min(len(q) for q in train_queries + eval_queries) == 0:
         fail("--prompts: a prompt tokenises to no tokens; remove empty prompts")

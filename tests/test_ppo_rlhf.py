@@ -1205,8 +1205,8 @@ def test_two_default_sets_and_flags_given_win():
         doc = source.split(f"    {name}: ")[1].splitlines()[1]
         values = re.search(r"unset: (\S+) \(built-in task\), (\S+) \(TRL\)", doc).groups()
         assert tuple(map(float, values)) == (P.BUILTIN_DEFAULTS[name], P.TRL_DEFAULTS[name]), name
-    assert P.defaults_line(builtin).startswith("defaults: the built-in task's")
-    assert P.defaults_line(trl).startswith("defaults: TRL 1.12 PPOConfig's")
+    assert P.defaults_in_use(builtin) == "defaults: the built-in task's"
+    assert P.defaults_in_use(trl).startswith("defaults: TRL 1.12 PPOConfig's, --learning-rate 3e-06 --num-minibatches 1")
 
 
 def test_held_out_split_is_fixed_and_disjoint():
@@ -1233,7 +1233,7 @@ def test_a_bfloat16_checkpoint_trains_in_float32(qwen_models, tmp_path):
     proc = run_script(flags)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
-    assert lines[0].startswith("defaults: TRL 1.12 PPOConfig's")
+    assert lines[0].startswith("run policy__ppo_rlhf__1__") and " (defaults: TRL 1.12 PPOConfig's, --learning-rate 3e-06 " in lines[0]
     assert "weights: policy, reference and value model in float32 (the policy saved in bfloat16); reward model in bfloat16, as saved" in lines
     run_dir, _ = read_metrics(tmp_path / "runs")
     policy = AutoModelForCausalLM.from_pretrained(os.path.join(run_dir, "policy"))
