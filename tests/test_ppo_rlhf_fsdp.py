@@ -71,11 +71,14 @@ def rank_batch(policy: torch.nn.Module, rank: int, B: int = 8, ctx: int = 4, T: 
     return data, zero(2.0 * torch.randn(B, T, generator=g) + 1.0), zero(torch.randn(B, T, generator=g))
 
 
-def one_update(sharded: bool, lora: bool, rank: int) -> tuple[dict, dict]:
+def one_update(sharded: bool, lora: bool, rank: int, chunked: bool = False) -> tuple[dict, dict]:
     """One PPO update through the script's own ppo_update, unsharded (flat parameters, all-reduce) or under
-    FSDP (shard_models, per-tensor Adam); returns the full weights (rank 0) and the statistics."""
+    FSDP (shard_models, per-tensor Adam); returns the full weights (rank 0) and the statistics. `chunked`: the
+    log-probs from the backbone's hidden states through the output layer a position at a time (the path of
+    large vocabularies, which calls the backbone and the head apart)."""
     args = P.Args(**UPDATE_ARGS, fsdp=sharded, lora_r=4 if lora else 0)
     policy, value_model = tiny_models(lora)
+    policy.logits_from_hidden = chunked
     data, advantages, returns = rank_batch(policy, rank)
     if sharded:
         P.shard_models(args, torch.device("cpu"), policy, value_model)
@@ -116,6 +119,8 @@ def worker(case: str, out: str) -> None:
     rank = P.dist.get_rank()
     if case == "update":
         results = {f"{'lora' if lora else 'full'}_{'fsdp' if sharded else 'flat'}": one_update(sharded, lora, rank) for lora in (False, True) for sharded in (False, True)}
+        P.LOGITS_CHUNK_BYTES = 4 * PAD  # one position per chunk
+        results |= {f"chunked_{'fsdp' if sharded else 'flat'}": one_update(sharded, False, rank, chunked=True) for sharded in (False, True)}
         results["all_gathers"] = {gather: all_gathers_while_sampling(gather) for gather in (True, False)}
         if rank == 0:
             torch.save(results, out)
@@ -135,8 +140,9 @@ def test_one_update_under_fsdp_equals_the_unsharded_update(update_results):
     """Two processes with different batches, two epochs of two minibatches of two micro-batches: the parameters
     after ppo_update under FSDP (reduce-scatter, clip over sharded gradients, per-tensor Adam on shards) equal
     those of the unsharded update (flat parameters, all-reduce, fused Adam) to RTOL/ATOL, and so do the update's
-    statistics; with LoRA too (the base frozen and sharded, the adapters and the value head trained)."""
-    for mode in ("full", "lora"):
+    statistics; with LoRA too (the base frozen and sharded, the adapters and the value head trained), and with the
+    log-probs of large vocabularies (backbone and output layer called apart, a position at a time)."""
+    for mode in ("full", "lora", "chunked"):
         (flat, flat_stats), (sharded, sharded_stats) = update_results[f"{mode}_flat"], update_results[f"{mode}_fsdp"]
         before = tiny_models(mode == "lora")[0].state_dict()
         assert any(not torch.equal(before[k], flat["policy"][k]) for k in before), "the update changed nothing"
