@@ -1391,10 +1391,12 @@ def with_defaults(args: Args) -> Args:
 
 
 def defaults_in_use(args: Args) -> str:
-    """Which default set the run's unset flags took, as the first line of a run says it."""
+    """Which default set the run's unset flags took, as the first line of a run says it: TRL's values that are in
+    use (a flag given with another value is not listed, so that the line never names a value the run does not use)."""
     if args.model_name_or_path is None:
         return "defaults: the built-in task's"
-    return "defaults: TRL 1.12 PPOConfig's, " + " ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in TRL_DEFAULTS.items())
+    in_use = " ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in TRL_DEFAULTS.items() if getattr(args, k) == v)
+    return "defaults: TRL 1.12 PPOConfig's" + (f", {in_use}" if in_use else "")
 
 
 def greedy_config(gen_config: GenerationConfig) -> GenerationConfig:

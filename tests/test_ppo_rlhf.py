@@ -1200,6 +1200,8 @@ def test_two_default_sets_and_flags_given_win():
     assert (trl.update_epochs, trl.kl_coef, trl.kl_estimator, trl.clip_coef, trl.vf_coef, trl.vf_clip_coef, trl.gamma, trl.gae_lambda) == (4, 0.05, "k1", 0.2, 0.1, 0.2, 1.0, 0.95)
     given = parse("--model-name-or-path", "m", "--learning-rate", "1e-5", "--num-minibatches", "4")
     assert (given.learning_rate, given.num_minibatches, given.temperature) == (1e-5, 4, 0.7)
+    # the first line names only the values in use, not those of the flags given
+    assert P.defaults_in_use(given) == "defaults: TRL 1.12 PPOConfig's, --missing-eos-penalty 0 --response-length 53 --temperature 0.7"
     source = inspect.getsource(P.Args)
     for name in P.TRL_DEFAULTS:
         doc = source.split(f"    {name}: ")[1].splitlines()[1]
