@@ -1197,6 +1197,9 @@ def shard_models(args: Args, device: torch.device, *models: Optional[nn.Module])
     bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     mixed_precision = bf16 if args.bf16 else MixedPrecisionPolicy()
     for model in {id(m): m for m in models if m is not None}.values():
+        if isinstance(model, PolicyValueHead):  # its backbone is the policy's, sharded with it; token_scores calls the head
+            fully_shard(model.score, mp_policy=mixed_precision)
+            continue
         layers = decoder_layers(model)
         in_layers = {id(m) for layer in layers for m in layer.modules()}
         rest = [m for m in model.modules() if id(m) not in in_layers and next(m.parameters(recurse=False), None) is not None]
@@ -1450,8 +1453,6 @@ def check_args(args: Args, world_size: int, ckpt: Optional[dict], device: torch.
         fail("--lora-target-modules needs --lora-r above 0")
     if args.value_head_on_policy and args.value_model_path is not None:
         fail("--value-head-on-policy and --value-model-path both name the value model; give one of them")
-    if args.value_head_on_policy and args.fsdp:  # FSDP's unit of the parameters outside the layers would be entered by two subsets of its modules
-        fail("--value-head-on-policy does not work with --fsdp yet; drop one of them")
     for name in ("vf_coef", "kl_coef", "missing_eos_penalty"):
         if not 0 <= getattr(args, name) < math.inf:
             fail(f"{flag(name)} must be a number >= 0, got {getattr(args, name)}")
