@@ -1569,10 +1569,13 @@ def load_task(args: Args, rank: int, distributed: bool) -> Task:
     def tokenize(records: list[dict], flag: str) -> list[list[int]]:
         """A chat prompt's text comes from the chat template, special tokens included."""
         texts = [chat_prompt_text(tokenizer, r, flag) if is_chat(r) else r["prompt"] for r in records]
-        return [
+        queries = [
             tokenizer(text, truncation=True, max_length=args.max_prompt_length, add_special_tokens=not is_chat(r))["input_ids"]
             for text, r in zip(texts, records)
         ]
+        if min(map(len, queries)) == 0:
+            fail(f"{flag}: a prompt tokenises to no tokens; remove empty prompts")
+        return queries
 
     train_records = read_prompts(prompts_path, "--prompts")
     lines = [dtypes_line(policy_config, reward_config)]
@@ -1586,8 +1589,6 @@ def load_task(args: Args, rank: int, distributed: bool) -> Task:
     if builtin is not None and args.eval_stochastic:
         lines.append("note: --eval-stochastic changes nothing on the built-in task: its evaluation always samples")
     train_queries, eval_queries = tokenize(train_records, "--prompts"), tokenize(eval_records, eval_flag)
-    if min(len(q) for q in train_queries + eval_queries) == 0:
-        fail("--prompts: a prompt tokenises to no tokens; remove empty prompts")
     longest = max(len(q) for q in train_queries + eval_queries)
     scorers = [(reward_config, "--reward-model-path")] if reward_tokenizer is None else []
     for config, flag in [(policy_config, "--model-name-or-path"), *scorers, value_source[1:]]:
@@ -1622,8 +1623,9 @@ def held_out_split(records: list[dict], eval_episodes: int) -> tuple[list[dict],
 def check_scorer(task: Task, model: nn.Module, flag: str, policy: nn.Module) -> None:
     """A reward or value model that reads the policy's tokens: a scalar `score` head on a backbone, and an embedding
     with a row for every token the policy can sample."""
-    if not reads_last_token(model):
-        fail(f"{flag}: {type(model).__name__} has no `score` head on a backbone; pass a decoder model for sequence classification, or a reward model with a tokenizer of its own")
+    if not reads_last_token(model):  # a value model reads the policy's tokens: its own tokenizer is no way out
+        own = ", or a reward model with a tokenizer of its own" if flag == "--reward-model-path" else ""
+        fail(f"{flag}: {type(model).__name__} has no `score` head on a backbone; pass a decoder model for sequence classification{own}")
     rows, policy_rows = model.get_input_embeddings().num_embeddings, policy.get_input_embeddings().num_embeddings
     if max(max(q) for q in task.train_queries + task.eval_queries) >= rows or rows < policy_rows:
         fail(f"{flag}: its embedding has {rows} rows, the policy's {policy_rows}; it must read the policy's tokens (share its tokenizer and embedding size)")

@@ -522,6 +522,13 @@ def test_flat_parameters_copy_back_a_replaced_gradient():
     assert (flat.param.grad[: first.numel()] == 2.0).all() and first.grad.data_ptr() == flat.param.grad.data_ptr()
 
 
+def test_flat_parameters_refuse_mixed_dtypes():
+    """A bfloat16 parameter beside float32 ones would be promoted by torch.cat without a word (issue 14 item 1)."""
+    params = [torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2, dtype=torch.bfloat16))]
+    with pytest.raises(TypeError, match=r"dtypes \['torch.bfloat16', 'torch.float32'\] cannot share one tensor"):
+        P.FlatParameters(params)
+
+
 def count_calls(monkeypatch, obj, name):
     """Wrap obj.name to count its calls; returns the list of call counts so far (its length)."""
     calls, original = [], getattr(obj, name)
@@ -575,8 +582,8 @@ def nan_from_call(monkeypatch, obj, name, first_nan):
 
 
 def test_a_nan_loss_skips_the_step_and_ten_in_a_row_stop(monkeypatch, capsys):
-    """A NaN loss in the first micro-batch: that minibatch's step is skipped and counted, the rest trains as the
-    naive update without it (its gradients were zeroed); MAX_SKIPPED_STEPS in a row exit 1 with one line."""
+    """A NaN loss in the first micro-batch: that minibatch's step is skipped (no Adam step) and counted, the other
+    minibatch is stepped; MAX_SKIPPED_STEPS in a row exit 1 with one line."""
     args = P.Args(**(UPDATE_ARGS | dict(update_epochs=1)))
     data, advantages, returns = fixed_batch(tiny_gpt2())
     original = P.policy_loss
@@ -587,8 +594,9 @@ def test_a_nan_loss_skips_the_step_and_ten_in_a_row_stop(monkeypatch, capsys):
         return original(*a) * (math.nan if len(calls) == 1 else 1.0)
 
     monkeypatch.setattr(P, "policy_loss", nan_first)
+    steps = count_calls(monkeypatch, torch.optim.Adam, "step")
     policy, value_model, stats = scripted_update(P.ppo_update, args, data, advantages, returns)
-    assert stats["loss/skipped_steps"].item() == 1
+    assert stats["loss/skipped_steps"].item() == 1 and len(steps) == 1  # 2 minibatches, one stepped
     assert all(torch.isfinite(p).all() for p in list(policy.parameters()) + list(value_model.parameters()))
     assert not torch.equal(policy.transformer.wte.weight, tiny_gpt2().transformer.wte.weight)  # minibatch 2 stepped
 
@@ -954,6 +962,7 @@ def test_bad_input_through_the_cli_is_one_line_without_traceback(real_models, tm
         ("response_too_long", "--response-length"),
         ("too_few_episodes", "--total-episodes"),
         ("reward_model_without_policy", "--reward-model-path"),
+        ("empty_eval_prompt", "--eval-prompts"),
     ],
 )
 def test_bad_inputs_one_line_exit_2(real_models, tmp_path, capsys, case, flag):
@@ -973,6 +982,9 @@ def test_bad_inputs_one_line_exit_2(real_models, tmp_path, capsys, case, flag):
         flags += ["--response-length", "30"]  # + prompts of up to 6 tokens > 32 positions
     elif case == "too_few_episodes":
         flags += ["--total-episodes", "7"]
+    elif case == "empty_eval_prompt":  # the error named --prompts, which held none
+        (tmp_path / "eval.jsonl").write_text('{"prompt": "a b"}\n{"prompt": ""}\n')
+        flags += ["--eval-prompts", str(tmp_path / "eval.jsonl")]
     else:
         flags = flags[2:]
     with pytest.raises(SystemExit) as exit_info:
@@ -1463,6 +1475,13 @@ def test_value_model_path(qwen_models, other_reward_models, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         P.train(args)
     assert_one_line_error(exit_info.value.code, capsys.readouterr().err, "--value-model-path")
+    # an encoder: the error does not suggest a tokenizer of its own, which a value model cannot use
+    args = tyro.cli(P.Args, args=qwen_flags(qwen_models, tmp_path / "bad", "--reward-fn", rewards, "--value-model-path", str(other_reward_models / "bert_rm")))
+    with pytest.raises(SystemExit) as exit_info:
+        P.train(args)
+    err = capsys.readouterr().err
+    assert_one_line_error(exit_info.value.code, err, "--value-model-path")
+    assert "BertForSequenceClassification has no `score` head" in err and "tokenizer of its own" not in err
 
 
 def test_a_reward_model_sharing_the_tokenizer_reads_tokens_without_decoding(monkeypatch):
