@@ -10,6 +10,7 @@ reward and a reward model trained on noisy preferences).
     python ppo_rlhf.py --model-name-or-path MODEL --reward-model-path RM --prompts prompts.jsonl
     python ppo_rlhf.py --model-name-or-path MODEL --reward-fn rewards.py:accuracy --prompts prompts.jsonl
     torchrun --standalone --nproc_per_node 2 ppo_rlhf.py # data parallel (gloo on CPU, nccl on GPUs)
+    torchrun --nproc_per_node 8 ppo_rlhf.py --fsdp ...  # every model sharded over the processes (FSDP2)
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import numbers
 import os
 import pickle
 import random
+import shutil
 import signal
 import sys
 import time
@@ -36,11 +38,15 @@ from typing import Annotated, Callable, Literal, NoReturn, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 import torch.utils.checkpoint
 import transformers
 import tyro
 from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -73,6 +79,9 @@ class Args:
     value_model_path: Optional[str] = None
     """value model: an AutoModelForSequenceClassification with one label; None copies the reward model, or
     without one (reward functions only) takes the policy's weights with a new scalar head"""
+    value_head_on_policy: bool = False
+    """the value model is a scalar head on the policy's own backbone (OpenAI's 2019 layout): one model fewer in
+    memory, but the value loss then trains the policy's weights too"""
     prompts: Optional[str] = None
     """training prompts: a JSONL file with a "prompt" string per line, or "messages" (a list of role/content dicts
     the tokenizer's chat template turns into the prompt), or a `datasets` name"""
@@ -155,6 +164,9 @@ class Args:
     """run forward passes in bfloat16 autocast (CUDA only)"""
     gradient_checkpointing: bool = False
     """trade compute for memory in the policy and value models"""
+    fsdp: bool = False
+    """under torchrun: shard every model over the processes with FSDP2 (each decoder layer, then the rest);
+    gradients and Adam state sharded too, for models whose copies do not fit one device"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases"""
     wandb_project_name: str = "ppo-rlhf"
@@ -381,7 +393,8 @@ def rollout(
     with torch.autocast(queries.device.type, dtype=torch.bfloat16, enabled=args.bf16):
         for i in range(0, len(queries), n):
             query = queries[i : i + n]
-            response, logprob = generate(policy, query, pad_id, gen_config, args.response_length)
+            with gathered(policy):  # --fsdp: the whole policy on each process for the chunk, not per token
+                response, logprob = generate(policy, query, pad_id, gen_config, args.response_length)
             response = truncate_after_eos(response, task.eos_id, pad_id)
             query_response = torch.cat([query, response], 1)
             if logprob is None:  # no logits kept while sampling (a large vocabulary)
@@ -419,14 +432,15 @@ def load_models(task: Task, args: Args, device: torch.device) -> tuple[nn.Module
         if task.reward_tokenizer is None:
             check_scorer(task, reward_model, "--reward-model-path", policy)
         reward_model.requires_grad_(False)
-    value_model = scorer(*task.value_source).to(device)
+    value_model = PolicyValueHead(policy) if args.value_head_on_policy else scorer(*task.value_source).to(device)
     check_scorer(task, value_model, task.value_source[2], policy)
     if task.value_source[2] == "--model-name-or-path":  # a new head: values start at 0 (OpenAI's 2019 code)
         for p in value_model.score.parameters():
             nn.init.zeros_(p)
     if args.gradient_checkpointing:  # not reentrant: under LoRA the checkpointed blocks' inputs need no gradient
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        value_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if not args.value_head_on_policy:  # else its backbone is the policy's
+            value_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.lora_r:  # the reference is the policy itself, its adapters disabled (adapters_disabled)
         policy, value_model = add_lora(policy, value_model, task, args)
         ref_policy = policy
@@ -434,6 +448,28 @@ def load_models(task: Task, args: Args, device: torch.device) -> tuple[nn.Module
         ref_policy.requires_grad_(False)
     check_logits_from_hidden(policy, ref_policy)
     return policy, ref_policy, Reward(reward_model, task.reward_tokenizer, task.reward_functions), value_model
+
+
+class PolicyValueHead(nn.Module):
+    """--value-head-on-policy: the value model as a scalar head (initialised at 0) on the policy's own backbone, read
+    by token_scores as any value model is. The backbone is not registered here: its parameters stay the policy's
+    alone (trained by both losses, in the policy's checkpoint entry); this module holds only the head."""
+
+    base_model_prefix = "backbone"
+
+    def __init__(self, policy: nn.Module):
+        super().__init__()
+        backbone, output_layer = lm_parts(policy)
+        self._policy_backbone = (backbone,)  # a tuple: nn.Module does not register what it holds
+        self.score = nn.Linear(output_layer.in_features, 1, bias=False, device=output_layer.weight.device)
+        nn.init.zeros_(self.score.weight)
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self._policy_backbone[0]
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.backbone.get_input_embeddings()
 
 
 def disable_dropout(model: nn.Module) -> nn.Module:
@@ -521,7 +557,7 @@ def adaptive_kl_coef(kl_coef: float, current_kl: float, target_kl: float, horizo
 
 
 def ppo_update(
-    args: Args, policy: nn.Module, value_model: nn.Module, optimizer: torch.optim.Optimizer, flat: FlatParameters,
+    args: Args, policy: nn.Module, value_model: nn.Module, optimizer: torch.optim.Optimizer, flat: FlatParameters | ShardedParameters,
     data: Rollout, advantages: Tensor, returns: Tensor, pad_id: int, guard: NonFiniteGuard,
 ) -> dict[str, Tensor]:
     """One PPO update: --update-epochs epochs (fewer past --target-kl) over shuffled minibatches of the batch, each
@@ -561,12 +597,11 @@ def ppo_update(
                     stats["policy/entropy_avg"].append(masked_mean(entropies, mask))
                     stats["val/ratio"].append(masked_mean(ratio, mask))
             flat.check_grads()
-            all_reduce_mean(flat.param.grad)
-            grad_norm = nn.utils.clip_grad_norm_([flat.param], args.max_grad_norm)
+            grad_norm = flat.average_and_clip_grads(args.max_grad_norm)
             if guard.skip_step(minibatch_loss, grad_norm, optimizer, epoch, mb):
                 continue
             optimizer.step()
-            guard.check_weights(flat.param, epoch, mb)
+            guard.check_weights(flat, epoch, mb)
         if args.target_kl is not None and last_epoch_mean(stats["policy/approxkl_avg"], args) > args.target_kl:
             break  # the remaining epochs are skipped, as CleanRL does
     ratios = torch.stack(stats["val/ratio"])
@@ -588,30 +623,35 @@ class LoopState:
 def train(args: Args) -> None:
     ckpt, args = load_resume(with_defaults(args))
     device, device_reason = pick_device(args.device)
-    distributed, rank, world_size = init_distributed(device)
+    distributed, rank, world_size = init_distributed(device, args.fsdp)
     local_batch_size, batch_size, num_iterations = check_args(args, world_size, ckpt, device)
     configure_torch(args)
     task = load_task(args, rank, distributed)  # the built-in task is built once, by rank 0, into its cache
     policy, ref_policy, reward, value_model = load_models(task, args, device)
+    if args.fsdp:  # each process keeps a shard of every model (below the fence)
+        shard_models(args, device, policy, ref_policy, reward.model, value_model)
     vocab_size = policy.get_input_embeddings().num_embeddings
     keep_logits = not large_logits(args.local_rollout_forward_batch_size * args.response_length, vocab_rows(policy))
     gen_config = sampling_config(
         args.response_length, args.temperature, task.eos_id, task.pad_id, vocab_size, output_logits=keep_logits
     )
     # One optimizer over policy and value model: one loss, one clip of the global gradient norm.
-    flat = FlatParameters([p for m in (policy, value_model) for p in m.parameters() if p.requires_grad])
-    optimizer = torch.optim.Adam([flat.param], lr=args.learning_rate, eps=1e-5, fused=device.type in ("cpu", "cuda"))
+    trained = [p for m in (policy, value_model) for p in m.parameters() if p.requires_grad]
+    flat = ShardedParameters(trained) if args.fsdp else FlatParameters(trained)
+    optimizer = torch.optim.Adam(flat.tensors, lr=args.learning_rate, eps=1e-5, fused=device.type in ("cpu", "cuda"))
     state = LoopState(kl_coef=args.kl_coef)
     run = Run(args, ckpt, task, rank)
     device_line = f"{device} ({device_reason}), {torch.get_num_threads()} torch thread(s)"
     describe(run, args, task, device_line, world_size, num_iterations, batch_size, gen_config, flat)
+    describe_memory(run, flat, policy, ref_policy, reward.model, value_model)
     # Seeded after the built-in task (which seeds itself), so a cached and a freshly built task give the same run.
     seed_everything(args.seed + rank)
     if ckpt is not None:
         state = restore(ckpt, rank, device, policy, value_model, optimizer)
     guard = NonFiniteGuard(run, state)  # non-finite scores, losses, gradients or weights: skip the step or stop
     stop_requested = install_stop_handlers()
-    if ckpt is None and rank == 0:  # the SFT policy's scores: the baseline the run must beat
+    evaluates = rank == 0 or args.fsdp  # a sharded model's forward needs every process
+    if ckpt is None and evaluates:  # the SFT policy's scores: the baseline the run must beat
         run.log_evaluation(0, num_iterations, 0, {}, *evaluate(policy, reward, task, gen_config, args, episode=0))
 
     start_time, start_episode = time.time(), state.episode
@@ -649,7 +689,7 @@ def train(args: Args) -> None:
             kl_now = metrics["objective/kl"]
             state.kl_coef = adaptive_kl_coef(state.kl_coef, kl_now, args.adaptive_kl_target, args.kl_horizon, batch_size)
         state.iteration = iteration
-        if rank == 0 and (iteration % args.eval_every == 0 or iteration == num_iterations):
+        if evaluates and (iteration % args.eval_every == 0 or iteration == num_iterations):
             evaluation = evaluate(policy, reward, task, gen_config, args, state.episode)
             run.log_evaluation(iteration, num_iterations, state.episode, metrics, *evaluation)
         stop = stop_requested()
@@ -658,8 +698,9 @@ def train(args: Args) -> None:
         if stop and iteration < num_iterations:  # stopped in the last iteration, the run ends as usual
             exit_interrupted(run, state, distributed)
 
+    final_policy = unsharded_policy(policy, task) if args.fsdp else policy  # --fsdp: gathered on rank 0 only
     if rank == 0:
-        save_policy(run, policy, task.tokenizer)
+        save_policy(run, final_policy, task.tokenizer)
     run.finish()
     leave_process_group(distributed)
 
@@ -725,6 +766,8 @@ class Run:
     ) -> None:
         """Log an evaluation, send its sample table to wandb, and print the progress line (`last`: the
         iteration's training metrics)."""
+        if not self.rank0:
+            return
         self.log(episode, metrics)
         if self.wandb is not None:
             import wandb
@@ -746,7 +789,7 @@ class Run:
 
 def describe(
     run: Run, args: Args, task: Task, device: str, world_size: int, num_iterations: int, batch_size: int,
-    gen_config: GenerationConfig, flat: FlatParameters,
+    gen_config: GenerationConfig, flat: FlatParameters | ShardedParameters,
 ) -> None:
     """The batch arithmetic, the reward and the value model, printed by rank 0 at the start."""
     if not run.rank0:
@@ -763,13 +806,14 @@ def describe(
     values = {
         "--value-model-path": task.value_source[0], "--reward-model-path": "a copy of the reward model",
         "--model-name-or-path": "the policy's weights with a new scalar head",
+        "--value-head-on-policy": "a scalar head on the policy's own backbone (one trunk for both losses)",
     }  # fmt: skip
     print(f"reward: {' + '.join(rewards)}; value model: {values[task.value_source[2]]}")
     for line in task.lines:
         print(line)
     if args.lora_r:
         targets = " ".join(args.lora_target_modules) if args.lora_target_modules else "peft's default modules"
-        print(f"LoRA r={args.lora_r} alpha={args.lora_alpha:g} on {targets}: {flat.param.numel():,} parameters train (adapters of policy and value model, value head)")
+        print(f"LoRA r={args.lora_r} alpha={args.lora_alpha:g} on {targets}: {flat.numel():,} parameters train (adapters of policy and value model, value head)")
     if not gen_config.output_logits:
         print("note: a large vocabulary: sampling keeps no logits (the rollout's log-probs come from a forward pass), and log-probs and entropies are computed from the hidden states a chunk of positions at a time")
     if num_iterations * batch_size != args.total_episodes:
@@ -778,6 +822,29 @@ def describe(
     if task.builtin is not None:
         b = task.builtin
         print(f"built-in task: reward model held-out accuracy {b['rm_accuracy']:.3f}, SFT gold score {b['sft_gold_mean']:.3f} +- {b['sft_gold_std']:.3f}")
+
+
+def describe_memory(run: Run, flat: FlatParameters | ShardedParameters, *models: Optional[nn.Module]) -> None:
+    """The bytes this process holds of the models' parameters, of the gradients and of Adam's state (two moments per
+    trained value, allocated at the first step); under --fsdp its shards, and the whole policy while it samples."""
+    if not run.rank0:
+        return
+    local = lambda p: p.to_local() if isinstance(p, DTensor) else p  # noqa: E731
+    params = {id(p): p for m in models if m is not None for p in m.parameters()}.values()
+    param_bytes = sum(local(p).numel() * p.element_size() for p in params)
+    grad_bytes = sum(local(p).numel() * p.element_size() for p in flat.tensors)
+    line = f"memory per process: parameters {size(param_bytes)}, gradients {size(grad_bytes)}, Adam state {size(2 * grad_bytes)}"
+    if isinstance(flat, ShardedParameters):
+        policy_bytes = sum(p.numel() * (2 if run.args.bf16 else p.element_size()) for p in models[0].parameters())
+        line += f" (rank 0's shards, FSDP over {dist.get_world_size()} processes; plus the whole policy, {size(policy_bytes)}, while sampling a chunk)"
+    print(line)
+
+
+def size(n_bytes: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.2f} {unit}"
+    return f"{n_bytes} B"
 
 
 @torch.no_grad()
@@ -845,15 +912,18 @@ def seed_everything(seed: int) -> None:
 def save_checkpoint(
     run: Run, state: LoopState, args: Args, policy: nn.Module, value_model: nn.Module, optimizer, device: torch.device
 ) -> None:
-    """Every process hands in its RNG states; rank 0 writes checkpoint.pt atomically (tmp file, then rename)."""
+    """Every process hands in its RNG states (under --fsdp also writes its shards: save_shards); rank 0 writes
+    checkpoint.pt atomically (tmp file, then rename)."""
     ranks = gather_objects(rng_state(device))
+    if args.fsdp:
+        save_shards(run, state, policy, value_model, optimizer)
     if not run.rank0:
         return
     run.open()
+    weights = dict(policy=trained_weights(policy), value_model=trained_weights(value_model), optimizer=optimizer.state_dict())
     ckpt = dict(
         args=asdict(args), run_name=run.name, **asdict(state), wandb_id=run.wandb_id, metrics_offset=run.metrics.tell(),
-        policy=trained_weights(policy), value_model=trained_weights(value_model), optimizer=optimizer.state_dict(),
-        resume_state=pickle.dumps(ranks),
+        **(dict.fromkeys(weights) if args.fsdp else weights), resume_state=pickle.dumps(ranks),
     )  # fmt: skip
     nonfinite = nonfinite_tensor(ckpt)
     if nonfinite is not None:
@@ -864,10 +934,14 @@ def save_checkpoint(
         f.flush()
         os.fsync(f.fileno())
     os.replace(f"{path}.tmp", path)
+    if args.fsdp:  # checkpoint.pt names the new shards: the older ones can go
+        remove_old_shards(run.dir, state.iteration)
 
 
 def nonfinite_tensor(tree, name: str = "") -> Optional[str]:
     """The name of the first floating tensor in `tree` (nested dicts and lists) holding a non-finite value."""
+    if isinstance(tree, DTensor):  # --fsdp: this process's shard
+        tree = tree.to_local()
     if isinstance(tree, Tensor):
         return name if tree.is_floating_point() and not torch.isfinite(tree).all() else None
     items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
@@ -894,7 +968,7 @@ def load_resume(args: Args) -> tuple[Optional[dict], Args]:
             raise KeyError("the keys or flags of another version")  # e.g. --target-kl, which once meant another thing
     except Exception as e:  # not a checkpoint, or one written by another version of this script
         fail(f"--resume: {args.resume} is not a checkpoint of this version of ppo_rlhf.py ({type(e).__name__}); start anew")
-    return ckpt | {"resume_state": ranks}, resumed
+    return ckpt | {"resume_state": ranks, "folder": os.path.dirname(os.path.abspath(args.resume))}, resumed
 
 
 def trained_weights(model: nn.Module) -> dict[str, Tensor]:
@@ -917,9 +991,12 @@ def load_trained_weights(model: nn.Module, weights: dict[str, Tensor]) -> None:
 def restore(ckpt: dict, rank: int, device: torch.device, policy: nn.Module, value_model: nn.Module, optimizer) -> LoopState:
     """Weights, optimizer and this process's RNG states from a checkpoint; returns the loop's state."""
     try:
-        load_trained_weights(policy, ckpt["policy"])
-        load_trained_weights(value_model, ckpt["value_model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt["args"]["fsdp"]:
+            load_shards(os.path.join(ckpt["folder"], shards_name(ckpt["iteration"])), policy, value_model, optimizer)
+        else:
+            load_trained_weights(policy, ckpt["policy"])
+            load_trained_weights(value_model, ckpt["value_model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
     except (RuntimeError, ValueError, KeyError):
         fail("--resume: the model or optimizer state in the checkpoint does not fit these models; start a new run")
     set_rng_state(ckpt["resume_state"][rank], device)
@@ -975,8 +1052,8 @@ class NonFiniteGuard:
             self.stop(f"{what} in {MAX_SKIPPED_STEPS} steps in a row", f"(epoch {epoch + 1}, minibatch {mb + 1})")
         return True
 
-    def check_weights(self, param: Tensor, epoch: int, mb: int) -> None:
-        if not torch.isfinite(param).all():
+    def check_weights(self, flat: FlatParameters | ShardedParameters, epoch: int, mb: int) -> None:
+        if not flat.all_finite():
             self.stop("weight after an optimizer step", f"(epoch {epoch + 1}, minibatch {mb + 1})")
 
     def check_scores(self, scores: Tensor) -> None:
@@ -1061,9 +1138,11 @@ def set_num_threads(num_threads: int, small_network: bool) -> None:
         torch.set_num_threads(num_threads or 1)
 
 
-def init_distributed(device: torch.device) -> tuple[bool, int, int]:
-    """Returns (distributed, rank, world_size); joins torchrun's process group when there is one."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+def init_distributed(device: torch.device, sharded: bool = False) -> tuple[bool, int, int]:
+    """Returns (distributed, rank, world_size); joins torchrun's process group when there is one (with --fsdp even
+    a group of one process: FSDP shards over a group)."""
+    world_size = os.environ.get("WORLD_SIZE")
+    if world_size is None or (int(world_size) <= 1 and not sharded):
         return False, 0, 1
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -1106,6 +1185,154 @@ def leave_process_group(distributed: bool) -> None:
         time.sleep(0.1)
 
 
+# Sharding (--fsdp): FSDP2's fully_shard over torchrun's processes, for models whose copies do not fit one device.
+# Each decoder layer is a unit; the parameters outside the layers (embeddings, final norm, output layer or score
+# head, tied or not) form one more unit, entered through each of its modules, so that code that calls a model's
+# backbone and head apart (token_scores, chunked_response_logprobs) gathers them as the model's own forward does.
+
+
+def shard_models(args: Args, device: torch.device, *models: Optional[nn.Module]) -> None:
+    """fully_shard every model (once: under LoRA the reference is the policy). --bf16 gathers the parameters in
+    bfloat16 and keeps the master weights and the gradient reduction in float32."""
+    bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    mixed_precision = bf16 if args.bf16 else MixedPrecisionPolicy()
+    for model in {id(m): m for m in models if m is not None}.values():
+        if isinstance(model, PolicyValueHead):  # its backbone is the policy's, sharded with it; token_scores calls the head
+            fully_shard(model.score, mp_policy=mixed_precision)
+            continue
+        layers = decoder_layers(model)
+        in_layers = {id(m) for layer in layers for m in layer.modules()}
+        rest = [m for m in model.modules() if id(m) not in in_layers and next(m.parameters(recurse=False), None) is not None]
+        try:
+            for layer in layers:
+                fully_shard(layer, mp_policy=mixed_precision)
+            if rest:
+                fully_shard(rest, mp_policy=mixed_precision)
+            fully_shard(model, mp_policy=mixed_precision)
+            with torch.no_grad():  # FSDP takes the first module to run forward as the root: the whole model
+                model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=False)
+        except (RuntimeError, ValueError, TypeError, AssertionError) as e:
+            fail(f"--fsdp: FSDP cannot shard {type(model).__name__} ({exception_line(e)}); drop --fsdp")
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's repeated blocks: the modules of the classes its _no_split_modules names (transformers' list of
+    what must stay whole on one device: Qwen2DecoderLayer, GPT2Block, ...), innermost first."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(base, "_no_split_modules", None) or ())
+    layers = [m for m in reversed(list(model.modules())) if type(m).__name__ in names]
+    if not layers:
+        fail(f"--fsdp: {type(base).__name__} names no decoder layer class (_no_split_modules) to shard it by; drop --fsdp")
+    return layers
+
+
+@contextlib.contextmanager
+def gathered(model: nn.Module):
+    """Under --fsdp, the whole model on every process for the block, kept there between its forwards (sampling a
+    chunk all-gathers each unit once, not once per token, and needs no collective per token, so processes may
+    sample different lengths), then sharded again. Nothing to do for a model that is not sharded."""
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+            unit.set_reshard_after_forward(True, recurse=False)
+
+
+class ShardedParameters:
+    """--fsdp: the trained parameters stay FSDP's per-tensor shards (DTensors), stepped by a per-tensor Adam whose
+    state is sharded with them. FSDP has already averaged the gradients over processes (reduce-scatter)."""
+
+    def __init__(self, params: list[nn.Parameter]):
+        self.tensors = params
+
+    def numel(self) -> int:
+        return sum(p.numel() for p in self.tensors)
+
+    def check_grads(self) -> None:
+        """Nothing to relink: each parameter's .grad is its own shard of the gradient."""
+
+    def average_and_clip_grads(self, max_norm: float) -> Tensor:
+        """Clip to a global norm of max_norm, the norm taken over every process's shards; returns the norm."""
+        norm = nn.utils.clip_grad_norm_(self.tensors, max_norm)
+        return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+    def all_finite(self) -> bool:
+        """Whether every process's shards are finite (the same answer on every process)."""
+        local = all(torch.isfinite(p.to_local()).all() for p in self.tensors)
+        return not all_reduce_mean(torch.tensor(float(not local))).item()
+
+
+# Checkpoints under --fsdp: torch.distributed.checkpoint, each process writing and reading its own shards of what
+# trains and of the Adam state (no process gathers a model); checkpoint.pt holds the rest, as without --fsdp.
+
+SHARDED_STATE = StateDictOptions(ignore_frozen_params=True, strict=False)  # under LoRA the frozen base reloads from its path
+
+
+def shards_name(iteration: int) -> str:
+    return f"checkpoint-{iteration}"
+
+
+def sharded_state(policy: nn.Module, value_model: nn.Module, optimizer) -> tuple[nn.Module, dict]:
+    """Both trained models as one module (so that the one optimizer's state is keyed by their parameter names) and
+    this process's shards of their trained weights and Adam state."""
+    models = nn.ModuleDict(dict(policy=policy, value_model=value_model))
+    model_state, optimizer_state = get_state_dict(models, optimizer, options=SHARDED_STATE)
+    return models, {"model": model_state, "optimizer": optimizer_state}
+
+
+def save_shards(run: Run, state: LoopState, policy: nn.Module, value_model: nn.Module, optimizer) -> None:
+    """Every process writes its shards into checkpoint-{iteration}.tmp/; once all have written, rank 0 renames it
+    to checkpoint-{iteration}/, so the folder appears whole or not at all. Shards holding a non-finite value are
+    refused, as save_checkpoint refuses non-finite weights."""
+    _, shards = sharded_state(policy, value_model, optimizer)
+    nonfinite = [name for name in gather_objects(nonfinite_tensor(shards)) if name is not None]
+    if nonfinite:
+        stop_nonfinite(run, f"{nonfinite[0]} in the checkpoint", state.iteration, "(checkpoint refused)")
+    path = os.path.join(run.dir, shards_name(state.iteration))
+    dcp.save(shards, checkpoint_id=f"{path}.tmp")  # its files fsync'd before it returns
+    dist.barrier()
+    if run.rank0:
+        shutil.rmtree(path, ignore_errors=True)  # left by a run that stopped before naming it in checkpoint.pt
+        os.replace(f"{path}.tmp", path)
+
+
+def remove_old_shards(run_dir: str, iteration: int) -> None:
+    for name in os.listdir(run_dir):
+        if name.startswith("checkpoint-") and name != shards_name(iteration):
+            shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
+
+
+def load_shards(path: str, policy: nn.Module, value_model: nn.Module, optimizer) -> None:
+    if not os.path.isdir(path):
+        fail(f"--resume: the checkpoint's shards {path} are missing; resume from a run folder copied whole")
+    models, shards = sharded_state(policy, value_model, optimizer)
+    try:
+        dcp.load(shards, checkpoint_id=path)
+    except BaseException as e:  # dcp's CheckpointException derives from BaseException
+        raise ValueError(str(e)) from None
+    set_state_dict(models, optimizer, model_state_dict=shards["model"], optim_state_dict=shards["optimizer"], options=SHARDED_STATE)
+
+
+def unsharded_policy(policy: nn.Module, task: Task) -> Optional[nn.Module]:
+    """--fsdp, at the end: the policy's weights gathered into rank 0's memory (CPU) and loaded into an ordinary copy
+    of the model, for save_policy; None on the other processes."""
+    weights = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() != 0:
+        return None
+    copy = load_model(AutoModelForCausalLM, task.policy_path, task.policy_config, "--model-name-or-path")
+    if is_lora(policy):
+        from peft import get_peft_model
+
+        copy = get_peft_model(copy, policy.peft_config["default"])
+    copy.load_state_dict(weights)
+    return copy
+
+
 # Evaluation on held-out prompts and the sample table.
 
 
@@ -1127,7 +1354,8 @@ def evaluate(
         torch.manual_seed(args.seed + 10_000)
         for i in range(0, len(task.eval_queries), chunk):
             queries = left_pad(task.eval_queries[i : i + chunk], pad_id, device)
-            responses = generate(policy, queries, pad_id, gen_config, args.response_length)[0]
+            with gathered(policy):
+                responses = generate(policy, queries, pad_id, gen_config, args.response_length)[0]
             responses = truncate_after_eos(responses, eos_id, pad_id)
             scores = score_responses(reward, queries, responses, task.eval_records[i : i + chunk], task)
             scores_all.append(apply_missing_eos_penalty(scores, responses, eos_id, args.missing_eos_penalty))
@@ -1223,6 +1451,8 @@ def check_args(args: Args, world_size: int, ckpt: Optional[dict], device: torch.
             fail("--lora-r needs peft (pip install peft); or --lora-r 0 to train every weight")
     elif args.lora_target_modules is not None:
         fail("--lora-target-modules needs --lora-r above 0")
+    if args.value_head_on_policy and args.value_model_path is not None:
+        fail("--value-head-on-policy and --value-model-path both name the value model; give one of them")
     for name in ("vf_coef", "kl_coef", "missing_eos_penalty"):
         if not 0 <= getattr(args, name) < math.inf:
             fail(f"{flag(name)} must be a number >= 0, got {getattr(args, name)}")
@@ -1243,6 +1473,8 @@ def check_args(args: Args, world_size: int, ckpt: Optional[dict], device: torch.
         fail(f"--reward-fn-weights must be finite numbers, got {' '.join(map(str, args.reward_fn_weights))}")
     if args.bf16 and device.type != "cuda":
         fail("--bf16 needs a CUDA device; drop it on CPU/MPS")
+    if args.fsdp and "WORLD_SIZE" not in os.environ:
+        fail("--fsdp shards the models over torchrun's processes; start the run with torchrun --nproc_per_node N ppo_rlhf.py --fsdp ..., or drop --fsdp")
     local_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.num_minibatches
     batch_size = local_batch_size * world_size
     if args.total_episodes < batch_size:
@@ -1319,7 +1551,9 @@ def load_task(args: Args, rank: int, distributed: bool) -> Task:
     if tokenizer.eos_token_id is None:
         fail(f"--model-name-or-path: the tokenizer of {policy_path} has no EOS token; set one and save it again")
     reward_tokenizer = None if reward_path is None else reward_model_tokenizer(reward_path, reward_config, tokenizer, policy_config)
-    if args.value_model_path is not None:
+    if args.value_head_on_policy:
+        value_source = (policy_path, None, "--value-head-on-policy")
+    elif args.value_model_path is not None:
         value_source = (args.value_model_path, load_config(args.value_model_path, "--value-model-path", num_labels=1), "--value-model-path")
     elif reward_path is not None and reward_tokenizer is None:
         value_source = (reward_path, reward_config, "--reward-model-path")
@@ -1723,7 +1957,8 @@ def add_lora(policy: nn.Module, value_model: nn.Module, task: Task, args: Args) 
             warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False")
             policy = get_peft_model(policy, LoraConfig(task_type="CAUSAL_LM", **config))
             # the value head trains whole, never through an adapter
-            value_model = get_peft_model(value_model, LoraConfig(exclude_modules=["score"], **config)).get_base_model()
+            if not isinstance(value_model, PolicyValueHead):  # a head on the policy trains whole, as its backbone's adapters
+                value_model = get_peft_model(value_model, LoraConfig(exclude_modules=["score"], **config)).get_base_model()
     except ValueError as e:  # no default target modules for this architecture, or none of the names in one model
         fail(f"--lora-target-modules: {exception_line(e).rstrip('.')}; name modules of both the policy and the value model (e.g. all-linear)")
     value_model.score.requires_grad_(True)
@@ -1841,6 +2076,22 @@ class FlatParameters:
             self.views.append(p.grad)
             p.register_hook(partial(self._relink, p, p.grad))
             offset += p.numel()
+
+    @property
+    def tensors(self) -> list[Tensor]:
+        """What the optimizer steps: the one flat tensor."""
+        return [self.param]
+
+    def numel(self) -> int:
+        return self.param.numel()
+
+    def average_and_clip_grads(self, max_norm: float) -> Tensor:
+        """Average the gradient over processes, then clip it to a global norm of max_norm; returns the norm."""
+        all_reduce_mean(self.param.grad)
+        return nn.utils.clip_grad_norm_([self.param], max_norm)
+
+    def all_finite(self) -> bool:
+        return bool(torch.isfinite(self.param).all())
 
     def _relink(self, p: nn.Parameter, view: Tensor, grad: Tensor) -> None:
         if self.param.grad is None:  # optimizer.zero_grad(): every gradient starts again from zero
