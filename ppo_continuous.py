@@ -137,41 +137,22 @@ class Args:
 # batch_size the minibatch size, constant lr, no value clipping; its VecNormalize discounts with gamma, as here). SB3's
 # value loss has no 0.5 factor, so its vf_coef is doubled (HalfCheetah's 0.58096 is 1.16192). The zoo tunes no Ant
 # entry: zoo-ant is SB3's PPO defaults.
+ZOO = dict(anneal_lr=False, num_steps=512, clip_vloss=False)  # what the tuned zoo entries share
+ZOO_256_RELU = dict(ZOO, hidden_sizes=(256, 256), activation="relu", log_std_init=-2.0, ortho_init=False)
 PRESETS: dict[str, tuple[str, Args]] = {
     "cleanrl": ("CleanRL's ppo_continuous_action.py defaults (the default preset)", Args()),
-    "zoo-halfcheetah": (
-        "rl-baselines3-zoo's tuned HalfCheetah hyperparameters (256-256 ReLU, log std -2, 512-step rollouts)",
-        Args(
-            env_id="HalfCheetah-v5", learning_rate=2.0633e-5, anneal_lr=False, num_steps=512, num_minibatches=8,
-            update_epochs=20, gamma=0.98, gae_lambda=0.92, clip_coef=0.1, clip_vloss=False, ent_coef=0.000401762,
-            vf_coef=1.16192, max_grad_norm=0.8, hidden_sizes=(256, 256), activation="relu", log_std_init=-2.0,
-            ortho_init=False,
-        ),
-    ),
-    "zoo-hopper": (
-        "rl-baselines3-zoo's tuned Hopper hyperparameters (256-256 ReLU, log std -2, 512-step rollouts)",
-        Args(
-            env_id="Hopper-v5", learning_rate=9.80828e-5, anneal_lr=False, num_steps=512, num_minibatches=16,
-            update_epochs=5, gamma=0.999, gae_lambda=0.99, clip_coef=0.2, clip_vloss=False, ent_coef=0.00229519,
-            vf_coef=1.671342, max_grad_norm=0.7, hidden_sizes=(256, 256), activation="relu", log_std_init=-2.0,
-            ortho_init=False,
-        ),
-    ),
-    "zoo-walker2d": (
-        "rl-baselines3-zoo's tuned Walker2d hyperparameters (64-64 tanh, 512-step rollouts, 20 epochs)",
-        Args(
-            env_id="Walker2d-v5", learning_rate=5.05041e-5, anneal_lr=False, num_steps=512, num_minibatches=16,
-            update_epochs=20, gamma=0.99, gae_lambda=0.95, clip_coef=0.1, clip_vloss=False, ent_coef=0.000585045,
-            vf_coef=1.743846, max_grad_norm=1.0,
-        ),
-    ),
-    "zoo-ant": (
-        "rl-baselines3-zoo's Ant settings (SB3's PPO defaults: constant lr 3e-4, 64-step minibatches)",
-        Args(
-            env_id="Ant-v5", anneal_lr=False, num_minibatches=32, clip_vloss=False, vf_coef=1.0,
-        ),
-    ),
-}
+    "zoo-halfcheetah": ("rl-baselines3-zoo's tuned HalfCheetah (256-256 ReLU, log std -2, 512-step rollouts)", Args(
+        env_id="HalfCheetah-v5", learning_rate=2.0633e-5, num_minibatches=8, update_epochs=20, gamma=0.98,
+        gae_lambda=0.92, clip_coef=0.1, ent_coef=0.000401762, vf_coef=1.16192, max_grad_norm=0.8, **ZOO_256_RELU)),
+    "zoo-hopper": ("rl-baselines3-zoo's tuned Hopper (256-256 ReLU, log std -2, 512-step rollouts)", Args(
+        env_id="Hopper-v5", learning_rate=9.80828e-5, num_minibatches=16, update_epochs=5, gamma=0.999,
+        gae_lambda=0.99, clip_coef=0.2, ent_coef=0.00229519, vf_coef=1.671342, max_grad_norm=0.7, **ZOO_256_RELU)),
+    "zoo-walker2d": ("rl-baselines3-zoo's tuned Walker2d (64-64 tanh, 512-step rollouts, 20 epochs)", Args(
+        env_id="Walker2d-v5", learning_rate=5.05041e-5, num_minibatches=16, update_epochs=20, gamma=0.99,
+        gae_lambda=0.95, clip_coef=0.1, ent_coef=0.000585045, vf_coef=1.743846, max_grad_norm=1.0, **ZOO)),
+    "zoo-ant": ("rl-baselines3-zoo's Ant (SB3's PPO defaults: constant lr 3e-4, minibatches of 64)", Args(
+        env_id="Ant-v5", anneal_lr=False, clip_vloss=False, vf_coef=1.0)),
+}  # fmt: skip
 
 
 # Environment. Vector envs autoreset in NEXT_STEP mode: the step that ends an episode returns the true final
