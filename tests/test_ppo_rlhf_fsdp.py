@@ -115,6 +115,18 @@ def all_gathers_while_sampling(gather: bool) -> int:
     return len(calls)
 
 
+def finite_after_a_nan_on_rank_1(rank: int) -> tuple[bool, bool]:
+    """ShardedParameters.all_finite() on this process before and after rank 1 alone puts a NaN in its shard."""
+    policy, _ = tiny_models()
+    P.shard_models(P.Args(), torch.device("cpu"), policy)
+    flat = P.ShardedParameters(list(policy.parameters()))
+    before = flat.all_finite()
+    if rank == 1:
+        with torch.no_grad():
+            flat.tensors[-1].to_local().view(-1)[0] = float("nan")
+    return before, flat.all_finite()
+
+
 def worker(case: str, out: str) -> None:
     """Run under torchrun (2 processes, gloo); rank 0 saves what the tests check into `out`."""
     torch.set_num_threads(1)
@@ -125,6 +137,7 @@ def worker(case: str, out: str) -> None:
         results |= {f"head_{'fsdp' if sharded else 'flat'}": one_update(sharded, False, rank, head_on_policy=True) for sharded in (False, True)}
         P.LOGITS_CHUNK_BYTES = 4 * PAD  # one position per chunk
         results |= {f"chunked_{'fsdp' if sharded else 'flat'}": one_update(sharded, False, rank, chunked=True) for sharded in (False, True)}
+        results["finite"] = finite_after_a_nan_on_rank_1(rank)  # rank 0's answer: it holds no NaN itself
         results["all_gathers"] = {gather: all_gathers_while_sampling(gather) for gather in (True, False)}
         if rank == 0:
             torch.save(results, out)
@@ -156,6 +169,11 @@ def test_one_update_under_fsdp_equals_the_unsharded_update(update_results):
             for name, value in flat[model].items():
                 torch.testing.assert_close(sharded[model][name], value, rtol=RTOL, atol=ATOL, msg=f"{mode} {model} {name}")
         assert sharded_stats == pytest.approx(flat_stats, rel=RTOL, abs=ATOL)
+
+
+def test_a_nan_in_one_process_shard_is_seen_by_every_process(update_results):
+    """The non-finite weight check under --fsdp: rank 0 answers for rank 1's shard too (all-reduced)."""
+    assert update_results["finite"] == (True, False)
 
 
 def test_sampling_gathers_the_policy_once_per_chunk_not_per_token(update_results):
