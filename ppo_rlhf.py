@@ -819,6 +819,8 @@ def describe(
     if num_iterations * batch_size != args.total_episodes:
         trained = num_iterations * batch_size
         print(f"note: --total-episodes {args.total_episodes} is not a whole number of iterations; training {trained} episodes")
+    for line in kl_flag_notes(args):
+        print(line)
     if task.builtin is not None:
         b = task.builtin
         print(f"built-in task: reward model held-out accuracy {b['rm_accuracy']:.3f}, SFT gold score {b['sft_gold_mean']:.3f} +- {b['sft_gold_std']:.3f}")
@@ -1417,6 +1419,19 @@ def fail(message: str) -> NoReturn:
     """Print a one-line usage error and exit with status 2 (as argparse/tyro do)."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def kl_flag_notes(args: Args) -> list[str]:
+    """One note per KL flag that does not do what its value suggests (--target-kl once named the controller's
+    target, so an old command line `--adaptive-kl --target-kl 6` now also stops the epochs early)."""
+    notes = []
+    if args.adaptive_kl and args.target_kl is not None:
+        notes.append(f"note: --target-kl {args.target_kl:g} stops the update epochs early (as in CleanRL); the adaptive controller aims at --adaptive-kl-target {args.adaptive_kl_target:g}")
+    unused = [f"--{f.name.replace('_', '-')}" for f in fields(Args) if f.name in ("adaptive_kl_target", "kl_horizon") and getattr(args, f.name) != f.default]
+    if unused and not args.adaptive_kl:
+        verb = "changes" if len(unused) == 1 else "change"
+        notes.append(f"note: {' and '.join(unused)} {verb} nothing without --adaptive-kl (the KL coefficient stays --kl-coef)")
+    return notes
 
 
 def check_args(args: Args, world_size: int, ckpt: Optional[dict], device: torch.device) -> tuple[int, int, int]:
