@@ -379,7 +379,8 @@ def ppo_update(
 ) -> dict[str, float]:  # fmt: skip
     """args.update_epochs epochs over the batch (keys obs, actions, logprobs, values, advantages, returns, valid)
     in shuffled minibatches; steps with valid 0 weigh nothing. Returns the losses and diagnostics, each the mean over
-    all minibatches, and first_max_logratio, max |log-ratio| of the first minibatch (~0: the data is on-policy)."""
+    all minibatches, skipped_steps (minibatches not stepped: non-finite) and first_max_logratio, max |log-ratio| of
+    the first minibatch before any step (~0: the data is on-policy)."""
     batch_size, guard = len(batch["obs"]), guard or NonFiniteGuard()
     stats = {k: [] for k in ("policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac")}
     for epoch in range(args.update_epochs):
