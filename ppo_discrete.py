@@ -407,6 +407,8 @@ def train(args: Args) -> None:
             rewards[step], terminated[step], truncated[step] = reward, term, trunc & ~term
             carry.next_reset = ended
 
+        check_env_output(args.env_id, obs, rewards, carry.next_obs, global_step, args.num_envs * world_size, logger.checkpoint_path)
+
         # 3. Generalized advantage estimation, bootstrapped from the observation after the rollout.
         next_value = policy.value(carry.next_obs)
         advantages, returns = compute_gae(rewards, values, next_value, terminated, truncated, args.gamma, args.gae_lambda)
@@ -1150,8 +1152,28 @@ MAX_SKIPPED_STEPS = 10
 
 def stop_nonfinite(what: str, iteration: int, where: str, checkpoint_path: str) -> NoReturn:
     kept = checkpoint_path if os.path.exists(checkpoint_path) else "none written"
-    print0(f"error: non-finite {what} at iteration {iteration} ({where}); stopped, last good checkpoint kept: {kept}", file=sys.stderr)
+    at = f"at iteration {iteration} ({where})" if iteration else f"at {where}"
+    print0(f"error: non-finite {what} {at}; stopped, last good checkpoint kept: {kept}", file=sys.stderr)
     sys.exit(1)
+
+
+def check_env_output(
+    env_id: str, obs: np.ndarray, rewards: np.ndarray, next_obs: np.ndarray, global_step: int, steps_per_row: int,
+    checkpoint_path: str,
+) -> None:  # fmt: skip
+    """Stop the run with one line when the env returned a NaN or an infinity (observation or reward) in this
+    rollout, naming the global step of the env step that returned it and the env."""
+    if np.issubdtype(obs.dtype, np.floating):  # Atari's uint8 pixels cannot go non-finite
+        returned = np.concatenate([obs[1:], next_obs[None]]).reshape(len(rewards), rewards.shape[1], -1)
+    else:
+        returned = np.zeros(rewards.shape + (1,))
+    for what, x in (("observation", returned), ("reward", rewards[..., None])):
+        bad = ~np.isfinite(x).all(-1)
+        if bad.any():
+            t, i = np.argwhere(bad)[0]
+            value = x[t, i][~np.isfinite(x[t, i])][0]
+            step = global_step - (len(rewards) - 1 - t) * steps_per_row
+            stop_nonfinite(f"{what} ({value}) from --env-id {env_id}", 0, f"global step {step}, env {i}", checkpoint_path)
 
 
 class NonFiniteGuard:
