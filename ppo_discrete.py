@@ -733,8 +733,8 @@ def auto_device(gpu_pays: bool, cuda: bool, mps: bool) -> tuple[str, str]:
 
 
 def set_num_threads(num_threads: int) -> None:
-    """--num-threads, or one thread when 0. More only add overhead to the MLP; the CNN gains from a second thread
-    only on an idle machine and stalls beside a busy core (Breakout on 2 cores, 2 threads: 2.4x to 3.5x slower)."""
+    """--num-threads, or one thread when 0. More only add overhead to the MLP; the CNN stalls with a second thread
+    beside busy cores (Breakout on 2 cores, 2 threads: 1.9x to 3.5x slower)."""
     torch.set_num_threads(num_threads or 1)
 
 
