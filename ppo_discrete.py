@@ -8,6 +8,7 @@ References: Schulman et al. 2017 (PPO), Schulman et al. 2016 (GAE), Huang et al.
 Details of PPO").
 """
 
+import functools
 import inspect
 import json
 import math
@@ -276,13 +277,14 @@ def ppo_update(
     guard: "NonFiniteGuard",
 ) -> tuple[dict[str, float], float]:  # fmt: skip
     """One PPO update: args.update_epochs epochs of args.num_minibatches shuffled minibatches over the batch (keys
-    obs, actions, action_mask, logprobs, values, advantages, returns). Returns the losses/* stats, means over the minibatches,
+    obs, actions, logprobs, values, advantages, returns; action_mask for envs with masks). Returns the losses/* stats, means over the minibatches,
     and max |log-ratio| of the first minibatch before any step: ~0 when the rollout acted with this very policy."""
     stats = {k: [] for k in ("policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac")}
     for epoch in range(args.update_epochs):
         perm = torch.as_tensor(rng.permutation(len(batch["actions"])), device=batch["actions"].device)
         for m, mb in enumerate(perm.tensor_split(args.num_minibatches)):
-            _, new_logprob, entropy, new_value = agent.get_action_and_value(batch["obs"][mb], batch["actions"][mb], batch["action_mask"][mb])
+            mask = batch["action_mask"][mb] if "action_mask" in batch else None  # only envs with masks have one
+            _, new_logprob, entropy, new_value = agent.get_action_and_value(batch["obs"][mb], batch["actions"][mb], mask)
             logratio = new_logprob - batch["logprobs"][mb]
             ratio = logratio.exp()
             with torch.no_grad():
@@ -372,7 +374,7 @@ def train(args: Args) -> None:
     masks = np.ones((args.num_steps, args.num_envs, n_actions), dtype=bool)
 
     first_obs, info = envs.reset(seed=args.seed + rank * args.num_envs)
-    carry = Carry.start(first_obs, action_masks(info, args.num_envs, n_actions, 0))
+    carry, masked = Carry.start(first_obs, action_masks(info, args.num_envs, n_actions, 0)), "action_mask" in info
     start_iteration, global_step, carry = restore_checkpoint(ckpt, agent, optimizer, envs, rng, carry, rank, world_size)
     logger = Logger(args, ckpt, rank)
     policy, guard = RolloutPolicy(agent, device, rng), NonFiniteGuard(logger.checkpoint_path)
@@ -407,13 +409,17 @@ def train(args: Args) -> None:
             rewards[step], terminated[step], truncated[step] = reward, term, trunc & ~term
             carry.next_reset = ended
 
+        check_env_output(args.env_id, obs, rewards, carry.next_obs, global_step, args.num_envs * world_size, logger.checkpoint_path)
+
         # 3. Generalized advantage estimation, bootstrapped from the observation after the rollout.
         next_value = policy.value(carry.next_obs)
         advantages, returns = compute_gae(rewards, values, next_value, terminated, truncated, args.gamma, args.gae_lambda)
 
         # 4. The clipped update on the batch, without the autoreset steps (no decisions of the policy's).
         keep = np.flatnonzero(valid.reshape(-1))
-        rollout = dict(obs=obs, actions=actions, action_mask=masks, logprobs=logprobs, values=values, advantages=advantages, returns=returns)
+        rollout = dict(obs=obs, actions=actions, logprobs=logprobs, values=values, advantages=advantages, returns=returns)
+        if masked:
+            rollout["action_mask"] = masks
         batch = {k: torch.as_tensor(x.reshape((-1,) + x.shape[2:])[keep], device=device) for k, x in rollout.items()}
         stats, first_logratio = ppo_update(agent, optimizer, batch, args, rng, guard.at(iteration))
         policy.check_on_policy(first_logratio, iteration)
@@ -727,8 +733,8 @@ def auto_device(gpu_pays: bool, cuda: bool, mps: bool) -> tuple[str, str]:
 
 
 def set_num_threads(num_threads: int) -> None:
-    """--num-threads, or one thread when 0. More only add overhead to the MLP; the CNN gains from a second thread
-    only on an idle machine and stalls beside a busy core (Breakout on 2 cores, 2 threads: 2.4x to 3.5x slower)."""
+    """--num-threads, or one thread when 0. More only add overhead to the MLP; the CNN stalls with a second thread
+    beside busy cores (Breakout on 2 cores, 2 threads: 1.9x to 3.5x slower)."""
     torch.set_num_threads(num_threads or 1)
 
 
@@ -913,15 +919,22 @@ def check_env(env_id: str, env_kwargs: str) -> dict:
     return kwargs
 
 
+@functools.cache
+def all_valid(num_envs: int, n_actions: int) -> np.ndarray:
+    """One all-True mask per shape (nothing writes to it), for envs without masks: no array built at every step."""
+    return np.ones((num_envs, n_actions), dtype=bool)
+
+
 def action_masks(info: dict, num_envs: int, n_actions: int, global_step: int) -> np.ndarray:
     """The valid actions [num_envs, n_actions] of each env's observation: info["action_mask"] (gymnasium's
     convention) where the env gives one, else all. A mask that allows nothing is a one-line error."""
+    if "action_mask" not in info:
+        return all_valid(num_envs, n_actions)
     masks = np.ones((num_envs, n_actions), dtype=bool)
-    if "action_mask" in info:
-        given = info.get("_action_mask", np.ones(num_envs, dtype=bool))
-        masks[given] = np.asarray(info["action_mask"])[given] != 0
-        if not masks.any(-1).all():
-            fail(f"the env's action_mask allows no action at global step {global_step} (env {np.flatnonzero(~masks.any(-1))[0]})")
+    given = info.get("_action_mask", np.ones(num_envs, dtype=bool))
+    masks[given] = np.asarray(info["action_mask"])[given] != 0
+    if not masks.any(-1).all():
+        fail(f"the env's action_mask allows no action at global step {global_step} (env {np.flatnonzero(~masks.any(-1))[0]})")
     return masks
 
 
@@ -1050,7 +1063,7 @@ class NumpyPolicy:
         else:
             x = obs.reshape(len(obs), -1).astype(np.float32, copy=False)
         logits = self.mlp(self.actor, x)
-        if not mask.all():
+        if mask is not all_valid(*mask.shape) and not mask.all():
             logits = np.where(mask, logits, np.float32(MASKED_LOGIT))
         shifted = logits - logits.max(-1, keepdims=True)
         return logits, shifted - np.log(np.exp(shifted).sum(-1, keepdims=True)), self.mlp(self.critic, x)[:, 0]
@@ -1119,7 +1132,7 @@ class RolloutPolicy:
 
     def value(self, obs: np.ndarray) -> np.ndarray:
         if self.copy is not None:
-            return self.copy.distribution(obs, np.ones(1, dtype=bool))[2]
+            return self.copy.distribution(obs, all_valid(len(obs), 1))[2]  # values need no mask
         with torch.no_grad():
             return self.agent.get_value(torch.as_tensor(obs, device=self.device)).cpu().numpy()
 
@@ -1150,8 +1163,28 @@ MAX_SKIPPED_STEPS = 10
 
 def stop_nonfinite(what: str, iteration: int, where: str, checkpoint_path: str) -> NoReturn:
     kept = checkpoint_path if os.path.exists(checkpoint_path) else "none written"
-    print0(f"error: non-finite {what} at iteration {iteration} ({where}); stopped, last good checkpoint kept: {kept}", file=sys.stderr)
+    at = f"at iteration {iteration} ({where})" if iteration else f"at {where}"
+    print0(f"error: non-finite {what} {at}; stopped, last good checkpoint kept: {kept}", file=sys.stderr)
     sys.exit(1)
+
+
+def check_env_output(
+    env_id: str, obs: np.ndarray, rewards: np.ndarray, next_obs: np.ndarray, global_step: int, steps_per_row: int,
+    checkpoint_path: str,
+) -> None:  # fmt: skip
+    """Stop the run with one line when the env returned a NaN or an infinity (observation or reward) in this
+    rollout, naming the global step of the env step that returned it and the env."""
+    if np.issubdtype(obs.dtype, np.floating):  # Atari's uint8 pixels cannot go non-finite
+        returned = np.concatenate([obs[1:], next_obs[None]]).reshape(len(rewards), rewards.shape[1], -1)
+    else:
+        returned = np.zeros(rewards.shape + (1,))
+    for what, x in (("observation", returned), ("reward", rewards[..., None])):
+        bad = ~np.isfinite(x).all(-1)
+        if bad.any():
+            t, i = np.argwhere(bad)[0]
+            value = x[t, i][~np.isfinite(x[t, i])][0]
+            step = global_step - (len(rewards) - 1 - t) * steps_per_row
+            stop_nonfinite(f"{what} ({value}) from --env-id {env_id}", 0, f"global step {step}, env {i}", checkpoint_path)
 
 
 class NonFiniteGuard:

@@ -1104,3 +1104,33 @@ def test_a_dict_observation_env_trains_with_its_mask_checkpoints_resumes_and_eva
     train_in_process(monkeypatch, resume=str(ckpt))
     assert comparable(read_metrics(tmp_path / "parts")) == whole
     assert "note:" not in capsys.readouterr().out  # the flattened envs pickle, and the numpy copy acts
+
+
+class BlowsUp(CountEnv):
+    """CountEnv whose simulator returns NaN in the observation at its 300th step."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def step(self, action):
+        self.total += 1
+        obs, *rest = super().step(action)
+        return (np.array([np.nan], np.float32) if self.total == 300 else obs), *rest
+
+
+gym.register("BlowsUp-v0", entry_point=BlowsUp, max_episode_steps=50)
+
+
+def test_a_simulator_that_blows_up_stops_the_run_naming_env_step_and_value(monkeypatch, capsys, tmp_path):
+    with pytest.raises(SystemExit) as stopped:
+        train_in_process(monkeypatch, env_id="BlowsUp-v0", total_timesteps=2048, save_every=1, runs_dir=str(tmp_path))
+    assert stopped.value.code == 1
+    (ckpt,) = tmp_path.glob("*/checkpoint.pt*")
+    state = torch.load(ckpt, weights_only=True)
+    assert state["iteration"] == 2 and all(t.isfinite().all() for t in state["agent"].values())
+    # Each of the 4 envs returns NaN at its own 300th step, the vector env's 305th (after 5 autoreset steps,
+    # one per 50-step episode): global step 4 x 305 = 1220, in iteration 3.
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: non-finite observation (nan) from --env-id BlowsUp-v0 at global step 1220, env 0; stopped, last good checkpoint kept: {ckpt}"
+    ]
