@@ -22,7 +22,7 @@ import sys
 import time
 import warnings
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Callable, Literal, NoReturn, Optional, Sequence, Union
 
 import gymnasium as gym
@@ -735,6 +735,8 @@ def load_checkpoint(path: str, flag: str) -> dict:
 
 def resumed_args(args: Args, ckpt: dict) -> Args:
     """Hyperparameters come from the checkpoint; only where and how this process runs may change."""
+    if set(ckpt["args"]) != {f.name for f in fields(Args)}:  # its carried state is another version's too
+        fail(f"--resume {args.resume} was written by another version of {os.path.basename(__file__)}; start anew")
     keep = {"device", "num_threads", "resume", "save_every", "track"}
     return Args(**{**ckpt["args"], **{k: v for k, v in asdict(args).items() if k in keep}})
 

@@ -612,6 +612,8 @@ def load_resume(args: Args) -> tuple[Optional[dict], Args]:
         ckpt["ranks"] = pickle.loads(ckpt["resume_state"])  # the per-rank RNGs, envs and Carry
     except Exception as e:
         fail(f"--resume {args.resume}: its resume_state does not unpickle ({type(e).__name__}); pass a whole checkpoint.pt")
+    if set(ckpt["args"]) != {f.name for f in fields(Args)}:  # its Carry and env state are another version's too
+        fail(f"--resume {args.resume} was written by another version of {os.path.basename(__file__)}; start anew")
     keep = {"device", "num_threads", "resume", "save_every", "track"}
     return ckpt, Args(**{**ckpt["args"], **{k: v for k, v in asdict(args).items() if k in keep}})
 

@@ -4,6 +4,7 @@ safety, the collectives' devices, and the CLI end to end in subprocesses (MuJoCo
 HalfCheetah-v5)."""
 
 import copy
+import dataclasses
 import json
 import os
 import pickle
@@ -1294,3 +1295,12 @@ def test_a_simulator_that_blows_up_stops_the_run_and_keeps_the_last_checkpoint(
     )
     ckpt = torch.load(ckpt_path, weights_only=True)
     assert ckpt["iteration"] == 2 and all(torch.isfinite(t).all() for t in ckpt["agent"].values())
+
+
+def test_a_checkpoint_of_another_version_is_a_one_line_error(capsys):
+    old_args = {k: v for k, v in dataclasses.asdict(ppo.Args()).items() if k != "env_kwargs"}
+    with pytest.raises(SystemExit) as stop:
+        ppo.resumed_args(ppo.Args(resume="old/checkpoint.pt"), {"args": old_args})
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1 and "another version of ppo_continuous.py" in err[0], err
+    assert ppo.resumed_args(ppo.Args(), {"args": dataclasses.asdict(ppo.Args(seed=5))}).seed == 5

@@ -4,6 +4,7 @@ safety under a researcher's edits, checkpoints, signals and torchrun collectives
 in subprocesses."""
 
 import copy
+import dataclasses
 import json
 import os
 import pickle
@@ -1134,3 +1135,13 @@ def test_a_simulator_that_blows_up_stops_the_run_naming_env_step_and_value(monke
     assert capsys.readouterr().err.splitlines() == [
         f"error: non-finite observation (nan) from --env-id BlowsUp-v0 at global step 1220, env 0; stopped, last good checkpoint kept: {ckpt}"
     ]
+
+
+def test_a_checkpoint_of_another_version_is_a_one_line_error(monkeypatch, capsys):
+    # a0ca58c's checkpoints had no --env-kwargs (nor the mask in the carried state): refused, not a traceback.
+    old_args = {k: v for k, v in dataclasses.asdict(ppo.Args()).items() if k != "env_kwargs"}
+    monkeypatch.setattr(ppo, "load_checkpoint", lambda path, flag: {"args": old_args, "resume_state": pickle.dumps([])})
+    with pytest.raises(SystemExit) as stop:
+        ppo.load_resume(ppo.Args(resume="old/checkpoint.pt"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1 and "another version of ppo_discrete.py" in err[0], err
