@@ -1204,14 +1204,16 @@ class DictGoal(gym.Env):
     """A point moved towards a goal: Dict observations (point, goal of `goals` numbers, a mode); blow_up_at makes
     the observation or the reward of that step (counted over the env's life) non-finite."""
 
-    def __init__(self, goals=2, blow_up_at=None, blow_up="observation"):
+    def __init__(self, goals=2, blow_up_at=None, blow_up="observation", blow_up_seed=None):
         box = lambda n: gym.spaces.Box(-5, 5, (n,), np.float32)
         self.observation_space = gym.spaces.Dict({"pos": box(2), "goal": box(goals), "mode": gym.spaces.Discrete(3)})
         self.action_space = gym.spaces.Box(-1, 1, (2,), np.float32)
         self.blow_up_at, self.blow_up, self.steps = blow_up_at, blow_up, 0
+        self.blow_up_seed, self.first_seed = blow_up_seed, None  # blow_up_seed: only the sub-env reset with it
 
     def reset(self, *, seed=None, options=None):
         super().reset(seed=seed)
+        self.first_seed = seed if self.first_seed is None else self.first_seed
         self.pos, self.t = np.zeros(2, np.float32), 0
         self.goal = self.np_random.uniform(-2, 2, self.observation_space["goal"].shape).astype(np.float32)
         return {"pos": self.pos.copy(), "goal": self.goal.copy(), "mode": 0}, {}
@@ -1220,9 +1222,10 @@ class DictGoal(gym.Env):
         self.t, self.steps = self.t + 1, self.steps + 1
         self.pos = np.clip(self.pos + 0.2 * action, -5, 5).astype(np.float32)
         obs, reward = {"pos": self.pos.copy(), "goal": self.goal.copy(), "mode": self.t % 3}, -float(np.abs(self.pos - self.goal[:2]).sum())
-        if self.steps == self.blow_up_at and self.blow_up == "observation":
+        blow_up = self.steps == self.blow_up_at and self.blow_up_seed in (None, self.first_seed)
+        if blow_up and self.blow_up == "observation":
             obs["pos"][1] = np.nan
-        if self.steps == self.blow_up_at and self.blow_up == "reward":
+        if blow_up and self.blow_up == "reward":
             reward = float("inf")
         return obs, reward, False, False, {}
 
@@ -1276,22 +1279,26 @@ def test_env_errors_are_gymnasium_s_own_in_one_line(flags, needle, test_envs, tm
     assert exit_info.value.code == 2 and len(lines) == 1 and needle in lines[0], lines
 
 
+@pytest.mark.parametrize("num_envs", [1, 2])
 @pytest.mark.parametrize("blow_up, value", [("observation", "nan"), ("reward", "inf")])
 def test_a_simulator_that_blows_up_stops_the_run_and_keeps_the_last_checkpoint(
-    blow_up, value, test_envs, tmp_path, monkeypatch, capsys, restore_signals
+    blow_up, value, num_envs, test_envs, tmp_path, monkeypatch, capsys, restore_signals
 ):
     monkeypatch.syspath_prepend(str(tmp_path))
-    kwargs = json.dumps({"blow_up_at": 150, "blow_up": blow_up})
+    # With two envs only sub-env 1 (reset with seed 1 + 1) blows up: the line names it and its raw value, which the
+    # stored rollout no longer tells apart (the shared normalisation statistics spread a nan to every env).
+    kwargs = json.dumps({"blow_up_at": 150, "blow_up": blow_up, "blow_up_seed": num_envs})
     flags = ["--env-id", test_envs, "--env-kwargs", kwargs, "--num-steps", "64", "--num-minibatches", "2", "--num-threads", "1",
-             "--total-timesteps", "640", "--save-every", "1", "--runs-dir", str(tmp_path / "runs")]  # fmt: skip
+             "--num-envs", str(num_envs), "--total-timesteps", str(640 * num_envs), "--save-every", "1",
+             "--runs-dir", str(tmp_path / "runs")]  # fmt: skip
     with pytest.raises(SystemExit) as exit_info:
         ppo.train(ppo.parse_args(flags))
     (ckpt_path,) = (tmp_path / "runs").glob("*/checkpoint.pt")
-    # The env's 150th step is global step 152 (two reset steps before it), in iteration 3.
+    # The env's 150th step is its 152nd (two reset steps before it): global step 152 per env, in iteration 3.
     assert exit_info.value.code == 1
     assert capsys.readouterr().err.strip() == (
-        f"error: non-finite {blow_up} {value} from {test_envs} (sub-env 0) at global_step 152 (iteration 3); "
-        f"stopped, last good checkpoint kept: {ckpt_path}"
+        f"error: non-finite {blow_up} {value} from {test_envs} (sub-env {num_envs - 1}) at global_step "
+        f"{152 * num_envs} (iteration 3); stopped, last good checkpoint kept: {ckpt_path}"
     )
     ckpt = torch.load(ckpt_path, weights_only=True)
     assert ckpt["iteration"] == 2 and all(torch.isfinite(t).all() for t in ckpt["agent"].values())
