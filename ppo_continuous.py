@@ -1189,20 +1189,18 @@ class NumpyPolicy:
     def act(self, obs: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Sampled actions [N, A], their log-probabilities [N] and the state values [N]."""
         mean = self.mlp(self.actor, obs)
-        noise = rng.standard_normal(mean.shape, dtype=np.float32)
+        noise = rng.standard_normal(mean.shape, dtype=np.float32).astype(mean.dtype, copy=False)  # float64 when checked
         logprob = (-0.5 * noise * noise - self.log_std - LOG_SQRT_2PI).sum(-1)
         return mean + self.std * noise, logprob, self.value(obs)
 
     @classmethod
     def mismatch(cls, agent: Agent, obs: np.ndarray, device: torch.device) -> Optional[str]:
-        """None if the copy, in float64, gives the log-probs and entropies of given actions and the values of
-        get_action_and_value on a float64 copy of the agent, on obs, to FAST_PATH_ATOL; else what differs. Draws from
-        no shared RNG and leaves the agent as it was."""
+        """None if the copy's act, in float64, samples actions whose log-probs and values get_action_and_value gives
+        too (on a float64 copy of the agent, on obs), and the entropy of the copy's std is the agent's, to
+        FAST_PATH_ATOL; else what differs. Draws from no shared RNG and leaves the agent as it was."""
         mine, agent, obs = cls(agent, np.float64), copy.deepcopy(agent).double(), obs.astype(np.float64)
-        mean = mine.mlp(mine.actor, obs)
-        actions = mean + mine.std * np.random.default_rng(0).standard_normal(mean.shape)
-        z = (actions - mean) / mine.std
-        mine = ((-0.5 * z * z - mine.log_std - LOG_SQRT_2PI).sum(-1), np.full(len(obs), (0.5 + LOG_SQRT_2PI + mine.log_std).sum()), mine.value(obs))  # fmt: skip
+        actions, logprobs, values = mine.act(obs, np.random.default_rng(0))
+        mine = (logprobs, np.full(len(obs), gaussian_entropy(torch.from_numpy(mine.log_std)).item()), values)
         with torch.no_grad():
             theirs = agent.get_action_and_value(torch.as_tensor(obs, device=device), torch.as_tensor(actions, device=device))[1:]
         gaps = {name: np.max(np.abs(a - b.cpu().numpy()) / np.maximum(1, np.abs(b.cpu().numpy()))) for name, a, b in zip(("log-probs", "entropies", "values"), mine, theirs)}  # fmt: skip

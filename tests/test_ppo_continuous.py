@@ -892,6 +892,22 @@ def test_modified_network_gets_get_action_and_value_with_a_one_line_note_naming_
     np.testing.assert_allclose(policy.value(obs), ref_value.numpy(), rtol=1e-6)
 
 
+def test_the_numpy_copy_is_checked_on_what_its_act_returns(monkeypatch, capsys):
+    agent = modified_agent("none")
+    obs = np.random.default_rng(0).normal(size=(4, 5)).astype(np.float32)
+    act = ppo.NumpyPolicy.act
+
+    def wrong_logprob(self, obs, rng):  # a slip in the fast path's own log-prob (the variance's factor 0.5 dropped)
+        actions, logprob, value = act(self, obs, rng)
+        return actions, logprob - 0.5 * (((actions - self.mlp(self.actor, obs)) / self.std) ** 2).sum(-1), value
+
+    monkeypatch.setattr(ppo.NumpyPolicy, "act", wrong_logprob)
+    assert isinstance(ppo.RolloutPolicies(agent, torch.device("cpu")).pick(obs), ppo.TorchPolicy)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("note: the numpy rollout copy steps aside: its log-probs by "), lines
+    assert "entropies" not in lines[0] and "values" not in lines[0], lines
+
+
 def train_in_process(tmp_path, capsys, **overrides):
     """A short in-process run (InvertedPendulum unless overridden); returns the note: lines it printed."""
     defaults = dict(
@@ -962,6 +978,8 @@ def test_on_policy_check_catches_a_rollout_fed_another_policy(path, tmp_path, mo
         return actions, logprob + 0.01, value
 
     monkeypatch.setattr(policy_class, "act", another_policy)
+    if path == "numpy copy":  # a copy whose check, when built, cannot fault it: only the on-policy check is left
+        monkeypatch.setattr(ppo.NumpyPolicy, "mismatch", classmethod(lambda cls, agent, obs, device: None))
     notes = [n for n in train_in_process(tmp_path, capsys, num_minibatches=1, total_timesteps=256) if "on-policy" in n]
     if path == "numpy copy":
         assert notes == [
