@@ -310,8 +310,6 @@ class RunningMeanStd:
         self.count = epsilon
 
     def update_from_moments(self, mean: np.ndarray, var: np.ndarray, count: float) -> None:
-        if count == 0:
-            return
         w = count / (self.count + count)  # the batch's weight in the merged statistics
         delta = mean - self.mean
         self.var = self.var * (1 - w) + var * w + delta * delta * (w * (1 - w))
