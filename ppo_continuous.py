@@ -486,15 +486,15 @@ def train(args: Args) -> None:
         for step in range(args.num_steps):
             global_step += args.num_envs * world_size
             obs[step] = carry.next_obs
-            valid[step] = ~carry.next_reset  # a reset step is no transition of the policy's
+            valid[step] = real = ~carry.next_reset  # a reset step is no transition of the policy's
             actions[step], logprobs[step], values[step] = policy.act(carry.next_obs, rng)
             raw_obs, reward, term, trunc, _ = envs.step(np.clip(actions[step], low, high))
             ended = term | trunc
             carry.episode_return += reward
-            carry.episode_length += ~carry.next_reset
+            carry.episode_length += real
             raw_flat = flat_obs(raw_obs)
             guard.check_env_step(raw_flat, reward, global_step)  # a nan or inf from the simulator stops the run
-            normalizer.update(raw_flat, reward, ~carry.next_reset, ended)
+            normalizer.update(raw_flat, reward, real, ended)
             carry.next_obs = normalizer.normalize_obs(raw_flat)
             if not args.bootstrap_truncation:
                 term = ended
