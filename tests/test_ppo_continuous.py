@@ -258,6 +258,23 @@ gym.register("UnboundedActionEnv-v0", entry_point=lambda: BadActionEnv(gym.space
 gym.register("MatrixActionEnv-v0", entry_point=lambda: BadActionEnv(gym.spaces.Box(-1, 1, (2, 2))))
 
 
+class TupleCountEnv(CountEnv):
+    """CountEnv's steps beside their parity: a Tuple observation (a Box and a Discrete)."""
+
+    observation_space = gym.spaces.Tuple((gym.spaces.Box(0, 100, (1,), np.float32), gym.spaces.Discrete(2)))
+
+    def reset(self, *, seed=None, options=None):
+        obs, info = super().reset(seed=seed)
+        return (obs, 0), info
+
+    def step(self, action):
+        obs, *rest = super().step(action)
+        return (obs, self.t % 2), *rest
+
+
+gym.register("TupleCountEnv-v0", entry_point=TupleCountEnv, max_episode_steps=3)
+
+
 def test_truncation_bootstraps_from_final_observation_by_hand():
     # Episodes of 3 steps cut by a time limit; V(s) = 10 + s; gamma = lambda = 0.5.
     envs = ppo.make_envs("ContCountEnvTruncated-v0", 1)
@@ -1276,6 +1293,19 @@ def test_a_module_env_with_dict_observations_and_kwargs_trains_checkpoints_resum
     monkeypatch.syspath_prepend(str(tmp_path))  # in this process, as PYTHONPATH does for the script
     ppo.train(ppo.parse_args(["--eval-checkpoint", str(run_dir / "checkpoint.pt"), "--eval-episodes", "2"]))
     assert f"eval {test_envs}: return" in capsys.readouterr().out
+
+
+def test_tuple_observations_arrive_flat_pickle_with_their_envs_and_train(tmp_path, capsys, restore_signals):
+    assert ppo.resolve_env("TupleCountEnv-v0")[0].shape == (3,)  # the step count, then the parity one-hot
+    envs, copy = ppo.make_envs("TupleCountEnv-v0", 2), ppo.make_envs("TupleCountEnv-v0", 2)
+    envs.reset(seed=0)
+    copy.reset(seed=0)
+    envs.step(np.zeros((2, 1), np.float32))
+    ppo.restore_env_state(copy, ppo.env_state(envs))  # the flattening wrapper pickles into a checkpoint
+    for vec in (envs, copy):
+        np.testing.assert_array_equal(vec.step(np.zeros((2, 1), np.float32))[0], [[2, 1, 0], [2, 1, 0]])
+    assert train_in_process(tmp_path, capsys, env_id="TupleCountEnv-v0") == []
+    assert [r["global_step"] for r in read_metrics(tmp_path) if "losses/approx_kl" in r] == [64, 128, 192]
 
 
 @pytest.mark.parametrize(
