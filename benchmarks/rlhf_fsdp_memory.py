@@ -18,7 +18,6 @@ On a GPU the peak resident memory is the host's; the GPU's own use is what the r
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from dataclasses import dataclass
 import tyro
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from rlhf_lora_memory import SCRIPT, build  # noqa: E402
+from rlhf_lora_memory import SCRIPT, build, measure, ppo_flags  # noqa: E402
 
 
 @dataclass
@@ -53,27 +52,13 @@ def run(args: Args, name: str, processes: int, fsdp: bool) -> dict:
     launcher = [sys.executable, SCRIPT] if not fsdp else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), SCRIPT, "--fsdp",
     ]  # fmt: skip
-    cmd = [
-        *launcher, "--model-name-or-path", args.model_dir, "--prompts", os.path.join(args.model_dir, "prompts.jsonl"),
-        "--reward-fn", os.path.join(args.model_dir, "rewards.py") + ":length", "--runs-dir", runs_dir,
-        "--response-length", "16", "--per-device-train-batch-size", "2", "--num-minibatches", "2", "--update-epochs", "1",
-        "--local-rollout-forward-batch-size", "4", "--total-episodes", str(4 * processes * args.iterations),
-        "--eval-every", "1000", "--eval-episodes", "4", "--num-threads", str(args.threads), "--learning-rate", "1e-5",
-        "--device", args.device, *(["--bf16"] if args.bf16 else []),
-    ]  # fmt: skip
+    flags = ppo_flags(args.model_dir, runs_dir, 4 * processes * args.iterations, args.threads)
+    cmd = [*launcher, *flags, "--device", args.device, *(["--bf16"] if args.bf16 else [])]
     start = time.time()
-    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)}, stdout=subprocess.PIPE, text=True)
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    if status != 0:
-        raise SystemExit(f"{name} failed:\n{out[-3000:]}")
-    (run_name,) = os.listdir(runs_dir)
-    with open(os.path.join(runs_dir, run_name, "metrics.jsonl")) as f:
-        train = [m for m in map(json.loads, f) if "eps" in m]
+    out, peak_rss_gib, seconds_per_iteration = measure(name, cmd, runs_dir, args.threads)
     record = dict(
-        setting=name, processes=processes, device=args.device, bf16=args.bf16, peak_rss_gib_per_process=round(usage.ru_maxrss / 2**20, 2),
-        seconds_per_iteration=round(train[-1]["episode"] / train[-1]["eps"] / len(train), 1),
-        episodes_per_iteration=4 * processes, wall_s=round(time.time() - start),
+        setting=name, processes=processes, device=args.device, bf16=args.bf16, peak_rss_gib_per_process=peak_rss_gib,
+        seconds_per_iteration=seconds_per_iteration, episodes_per_iteration=4 * processes, wall_s=round(time.time() - start),
         memory_line=next(line for line in out.splitlines() if line.startswith("memory per process")),
     )  # fmt: skip
     print(record, flush=True)
