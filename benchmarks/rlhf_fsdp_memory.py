@@ -3,11 +3,10 @@
 against --fsdp over 2 torchrun processes (gloo).
 
 The same per-process work in both: micro-batch 2, 2 minibatches, 1 epoch, 15-token prompts, 16-token responses, a
-length reward function (no reward model; the value model is the policy's weights with a new head). Peak memory: the
-maximum resident set size (os.wait4's ru_maxrss: for torchrun, its largest process). Time per iteration: the
-episodes trained over the last logged episodes/s, per iteration (a rollout and a PPO update). Two unsharded
-processes would each need what the single one does, about 15 GiB: on a 24 GiB machine they do not fit, so that
-run is not attempted.
+length reward function (no reward model; the value model is the policy's weights with a new head). Peak memory and
+time per iteration as rlhf_lora_memory.measure takes them. Two unsharded processes would each need what the single
+one does (18.8 GiB measured, results/rlhf/fsdp_memory.json): on a 24 GiB machine they do not fit, so that run is
+not attempted.
 
     python benchmarks/rlhf_fsdp_memory.py --model-dir /tmp/qwen2-0.39b
     python benchmarks/rlhf_fsdp_memory.py --device cuda --bf16 --fsdp-processes 1   # one GPU, nccl (not run yet)
