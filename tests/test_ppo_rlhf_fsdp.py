@@ -18,6 +18,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import ppo_rlhf as P  # noqa: E402
+from test_ppo_rlhf import batch_near_policy  # noqa: E402
 
 SCRIPT = os.path.join(REPO, "ppo_rlhf.py")
 ENV = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
@@ -52,23 +53,14 @@ def tiny_models(lora: bool = False) -> tuple[torch.nn.Module, torch.nn.Module]:
 
 
 def rank_batch(policy: torch.nn.Module, rank: int, B: int = 8, ctx: int = 4, T: int = 5):
-    """This process's batch: left-padded queries, responses of 1-5 tokens, old log-probs off the policy's (some
-    ratios leave the clip range), raw advantages, values and returns; different on each process."""
+    """This process's batch: left-padded queries, responses of 1-5 tokens, and the rest as test_ppo_rlhf's
+    batch_near_policy makes it; different on each process."""
     g = torch.Generator().manual_seed(10 + rank)
     queries = torch.randint(0, PAD, (B, ctx), generator=g)
     queries[0, :2] = PAD
     mask = torch.arange(T)[None] < torch.randint(1, T + 1, (B,), generator=g)[:, None]
     responses = torch.randint(0, PAD, (B, T), generator=g).masked_fill(~mask, PAD)
-    query_responses = torch.cat([queries, responses], 1)
-    with torch.no_grad():
-        logprobs = P.lm_response_logprobs(policy, query_responses, PAD, ctx, UPDATE_ARGS["temperature"])[0]
-    zero = lambda x: torch.where(mask, x, 0.0)  # noqa: E731
-    data = P.Rollout(
-        query_responses=query_responses, context_length=ctx, responses=responses, mask=mask,
-        logprobs=zero(logprobs + 0.3 * torch.randn(B, T, generator=g)), ref_logprobs=zero(logprobs),
-        values=zero(torch.randn(B, T, generator=g)), scores=torch.randn(B, generator=g),
-    )  # fmt: skip
-    return data, zero(2.0 * torch.randn(B, T, generator=g) + 1.0), zero(torch.randn(B, T, generator=g))
+    return batch_near_policy(policy, queries, responses, mask, PAD, UPDATE_ARGS["temperature"], g)
 
 
 def one_update(sharded: bool, lora: bool, rank: int, chunked: bool = False, head_on_policy: bool = False) -> tuple[dict, dict]:
