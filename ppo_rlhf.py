@@ -922,10 +922,13 @@ def save_checkpoint(
     if not run.rank0:
         return
     run.open()
-    weights = dict(policy=trained_weights(policy), value_model=trained_weights(value_model), optimizer=optimizer.state_dict())
+    if args.fsdp:  # the weights and Adam's state are in the shards
+        weights = dict(policy=None, value_model=None, optimizer=None)
+    else:
+        weights = dict(policy=trained_weights(policy), value_model=trained_weights(value_model), optimizer=optimizer.state_dict())
     ckpt = dict(
         args=asdict(args), run_name=run.name, **asdict(state), wandb_id=run.wandb_id, metrics_offset=run.metrics.tell(),
-        **(dict.fromkeys(weights) if args.fsdp else weights), resume_state=pickle.dumps(ranks),
+        **weights, resume_state=pickle.dumps(ranks),
     )  # fmt: skip
     nonfinite = nonfinite_tensor(ckpt)
     if nonfinite is not None:
