@@ -1215,19 +1215,24 @@ def shard_models(args: Args, device: torch.device, *models: Optional[nn.Module])
                 fully_shard(rest, mp_policy=mixed_precision)
             fully_shard(model, mp_policy=mixed_precision)
             with torch.no_grad():  # FSDP takes the first module to run forward as the root: the whole model
-                model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=False)
+                one_token = torch.zeros(1, 1, dtype=torch.long, device=device)
+                model(input_ids=one_token, attention_mask=torch.ones_like(one_token), use_cache=False)
         except (RuntimeError, ValueError, TypeError, AssertionError) as e:
             fail(f"--fsdp: FSDP cannot shard {type(model).__name__} ({exception_line(e)}); drop --fsdp")
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The model's repeated blocks: the modules of the classes its _no_split_modules names (transformers' list of
-    what must stay whole on one device: Qwen2DecoderLayer, GPT2Block, ...), innermost first."""
+    what must stay whole on one device: Qwen2DecoderLayer, GPT2Block, ...), innermost first; for a model without
+    that list (DeBERTa-v2, a reward model), the blocks of its longest nn.ModuleList of one class."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     names = set(getattr(base, "_no_split_modules", None) or ())
+    if not names:
+        lists = [blocks for blocks in model.modules() if isinstance(blocks, nn.ModuleList) and len({type(m) for m in blocks}) == 1]
+        names = {type(max(lists, key=len)[0]).__name__} if lists else set()
     layers = [m for m in reversed(list(model.modules())) if type(m).__name__ in names]
     if not layers:
-        fail(f"--fsdp: {type(base).__name__} names no decoder layer class (_no_split_modules) to shard it by; drop --fsdp")
+        fail(f"--fsdp: {type(base).__name__} names no decoder layer class (_no_split_modules) and holds no list of blocks to shard it by; drop --fsdp")
     return layers
 
 
