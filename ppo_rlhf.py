@@ -922,10 +922,13 @@ def save_checkpoint(
     if not run.rank0:
         return
     run.open()
-    weights = dict(policy=trained_weights(policy), value_model=trained_weights(value_model), optimizer=optimizer.state_dict())
+    if args.fsdp:  # the weights and Adam's state are in the shards
+        weights = dict(policy=None, value_model=None, optimizer=None)
+    else:
+        weights = dict(policy=trained_weights(policy), value_model=trained_weights(value_model), optimizer=optimizer.state_dict())
     ckpt = dict(
         args=asdict(args), run_name=run.name, **asdict(state), wandb_id=run.wandb_id, metrics_offset=run.metrics.tell(),
-        **(dict.fromkeys(weights) if args.fsdp else weights), resume_state=pickle.dumps(ranks),
+        **weights, resume_state=pickle.dumps(ranks),
     )  # fmt: skip
     nonfinite = nonfinite_tensor(ckpt)
     if nonfinite is not None:
@@ -1212,19 +1215,24 @@ def shard_models(args: Args, device: torch.device, *models: Optional[nn.Module])
                 fully_shard(rest, mp_policy=mixed_precision)
             fully_shard(model, mp_policy=mixed_precision)
             with torch.no_grad():  # FSDP takes the first module to run forward as the root: the whole model
-                model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=False)
+                one_token = torch.zeros(1, 1, dtype=torch.long, device=device)
+                model(input_ids=one_token, attention_mask=torch.ones_like(one_token), use_cache=False)
         except (RuntimeError, ValueError, TypeError, AssertionError) as e:
             fail(f"--fsdp: FSDP cannot shard {type(model).__name__} ({exception_line(e)}); drop --fsdp")
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The model's repeated blocks: the modules of the classes its _no_split_modules names (transformers' list of
-    what must stay whole on one device: Qwen2DecoderLayer, GPT2Block, ...), innermost first."""
+    what must stay whole on one device: Qwen2DecoderLayer, GPT2Block, ...), innermost first; for a model without
+    that list (DeBERTa-v2, a reward model), the blocks of its longest nn.ModuleList of one class."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     names = set(getattr(base, "_no_split_modules", None) or ())
+    if not names:
+        lists = [blocks for blocks in model.modules() if isinstance(blocks, nn.ModuleList) and len({type(m) for m in blocks}) == 1]
+        names = {type(max(lists, key=len)[0]).__name__} if lists else set()
     layers = [m for m in reversed(list(model.modules())) if type(m).__name__ in names]
     if not layers:
-        fail(f"--fsdp: {type(base).__name__} names no decoder layer class (_no_split_modules) to shard it by; drop --fsdp")
+        fail(f"--fsdp: {type(base).__name__} names no decoder layer class (_no_split_modules) and holds no list of blocks to shard it by; drop --fsdp")
     return layers
 
 
@@ -1400,7 +1408,7 @@ def defaults_in_use(args: Args) -> str:
     use (a flag given with another value is not listed, so that the line never names a value the run does not use)."""
     if args.model_name_or_path is None:
         return "defaults: the built-in task's"
-    in_use = " ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in TRL_DEFAULTS.items() if getattr(args, k) == v)
+    in_use = " ".join(f"{flag_name(k)} {v:g}" for k, v in TRL_DEFAULTS.items() if getattr(args, k) == v)
     return "defaults: TRL 1.12 PPOConfig's" + (f", {in_use}" if in_use else "")
 
 
@@ -1421,13 +1429,18 @@ def fail(message: str) -> NoReturn:
     sys.exit(2)
 
 
+def flag_name(field: str) -> str:
+    """The command-line flag of an Args field: learning_rate -> --learning-rate."""
+    return "--" + field.replace("_", "-")
+
+
 def kl_flag_notes(args: Args) -> list[str]:
     """One note per KL flag that does not do what its value suggests (--target-kl once named the controller's
     target, so an old command line `--adaptive-kl --target-kl 6` now also stops the epochs early)."""
     notes = []
     if args.adaptive_kl and args.target_kl is not None:
         notes.append(f"note: --target-kl {args.target_kl:g} stops the update epochs early (as in CleanRL); the adaptive controller aims at --adaptive-kl-target {args.adaptive_kl_target:g}")
-    unused = [f"--{f.name.replace('_', '-')}" for f in fields(Args) if f.name in ("adaptive_kl_target", "kl_horizon") and getattr(args, f.name) != f.default]
+    unused = [flag_name(f.name) for f in fields(Args) if f.name in ("adaptive_kl_target", "kl_horizon") and getattr(args, f.name) != f.default]
     if unused and not args.adaptive_kl:
         verb = "changes" if len(unused) == 1 else "change"
         notes.append(f"note: {' and '.join(unused)} {verb} nothing without --adaptive-kl (the KL coefficient stays --kl-coef)")
@@ -1439,7 +1452,6 @@ def check_args(args: Args, world_size: int, ckpt: Optional[dict], device: torch.
     num_iterations): episodes per iteration on this process and on all."""
     if ckpt is not None and len(ckpt["resume_state"]) != world_size:
         fail(f"--resume: {args.resume} was written by {len(ckpt['resume_state'])} processes; resume with as many")
-    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
     at_least = dict(
         total_episodes=1, per_device_train_batch_size=1, gradient_accumulation_steps=1, num_minibatches=1,
         update_epochs=1, kl_horizon=1, response_length=1, max_prompt_length=1, local_rollout_forward_batch_size=1,
@@ -1449,14 +1461,14 @@ def check_args(args: Args, world_size: int, ckpt: Optional[dict], device: torch.
     )  # fmt: skip
     for name, low in at_least.items():
         if getattr(args, name) < low:
-            fail(f"{flag(name)} must be at least {low}, got {getattr(args, name)}")
+            fail(f"{flag_name(name)} must be at least {low}, got {getattr(args, name)}")
     if args.seed > 2**31 or args.task_seed > 2**31:
         fail(f"--seed and --task-seed must be below 2**31, got {args.seed} and {args.task_seed}")
     if args.task_prompt_length > 47:  # prompt + 16 response words + EOS in the SFT model's 64 positions
         fail(f"--task-prompt-length must be at most 47, got {args.task_prompt_length}")
     for name in ("learning_rate", "clip_coef", "vf_clip_coef", "max_grad_norm", "adaptive_kl_target", "temperature", "lora_alpha"):
         if not 0 < getattr(args, name) < math.inf:
-            fail(f"{flag(name)} must be a positive number, got {getattr(args, name)}")
+            fail(f"{flag_name(name)} must be a positive number, got {getattr(args, name)}")
     if args.target_kl is not None and not 0 < args.target_kl < math.inf:
         fail(f"--target-kl must be a positive number (or left unset), got {args.target_kl}")
     if args.lora_r:
@@ -1470,14 +1482,14 @@ def check_args(args: Args, world_size: int, ckpt: Optional[dict], device: torch.
         fail("--value-head-on-policy and --value-model-path both name the value model; give one of them")
     for name in ("vf_coef", "kl_coef", "missing_eos_penalty"):
         if not 0 <= getattr(args, name) < math.inf:
-            fail(f"{flag(name)} must be a number >= 0, got {getattr(args, name)}")
+            fail(f"{flag_name(name)} must be a number >= 0, got {getattr(args, name)}")
     for name in ("gamma", "gae_lambda"):
         if not 0 <= getattr(args, name) <= 1:
-            fail(f"{flag(name)} must lie in [0, 1], got {getattr(args, name)}")
+            fail(f"{flag_name(name)} must lie in [0, 1], got {getattr(args, name)}")
     if args.model_name_or_path is None:
         for name in ("reward_model_path", "value_model_path", "prompts", "eval_prompts"):
             if getattr(args, name) is not None:
-                fail(f"{flag(name)} needs --model-name-or-path; leave both out for the built-in task")
+                fail(f"{flag_name(name)} needs --model-name-or-path; leave both out for the built-in task")
     elif args.prompts is None or (args.reward_model_path is None and not args.reward_fn):
         fail("--model-name-or-path needs --prompts and a reward: --reward-model-path and/or --reward-fn")
     elif args.builtin_reward != "model":

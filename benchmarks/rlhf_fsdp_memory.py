@@ -3,11 +3,10 @@
 against --fsdp over 2 torchrun processes (gloo).
 
 The same per-process work in both: micro-batch 2, 2 minibatches, 1 epoch, 15-token prompts, 16-token responses, a
-length reward function (no reward model; the value model is the policy's weights with a new head). Peak memory: the
-maximum resident set size (os.wait4's ru_maxrss: for torchrun, its largest process). Time per iteration: the
-episodes trained over the last logged episodes/s, per iteration (a rollout and a PPO update). Two unsharded
-processes would each need what the single one does, about 15 GiB: on a 24 GiB machine they do not fit, so that
-run is not attempted.
+length reward function (no reward model; the value model is the policy's weights with a new head). Peak memory and
+time per iteration as rlhf_lora_memory.measure takes them. Two unsharded processes would each need what the single
+one does (18.8 GiB measured, results/rlhf/fsdp_memory.json): on a 24 GiB machine they do not fit, so that run is
+not attempted.
 
     python benchmarks/rlhf_fsdp_memory.py --model-dir /tmp/qwen2-0.39b
     python benchmarks/rlhf_fsdp_memory.py --device cuda --bf16 --fsdp-processes 1   # one GPU, nccl (not run yet)
@@ -18,7 +17,6 @@ On a GPU the peak resident memory is the host's; the GPU's own use is what the r
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -26,7 +24,7 @@ from dataclasses import dataclass
 import tyro
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from rlhf_lora_memory import SCRIPT, build  # noqa: E402
+from rlhf_lora_memory import SCRIPT, build, measure, ppo_flags  # noqa: E402
 
 
 @dataclass
@@ -53,27 +51,13 @@ def run(args: Args, name: str, processes: int, fsdp: bool) -> dict:
     launcher = [sys.executable, SCRIPT] if not fsdp else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), SCRIPT, "--fsdp",
     ]  # fmt: skip
-    cmd = [
-        *launcher, "--model-name-or-path", args.model_dir, "--prompts", os.path.join(args.model_dir, "prompts.jsonl"),
-        "--reward-fn", os.path.join(args.model_dir, "rewards.py") + ":length", "--runs-dir", runs_dir,
-        "--response-length", "16", "--per-device-train-batch-size", "2", "--num-minibatches", "2", "--update-epochs", "1",
-        "--local-rollout-forward-batch-size", "4", "--total-episodes", str(4 * processes * args.iterations),
-        "--eval-every", "1000", "--eval-episodes", "4", "--num-threads", str(args.threads), "--learning-rate", "1e-5",
-        "--device", args.device, *(["--bf16"] if args.bf16 else []),
-    ]  # fmt: skip
+    flags = ppo_flags(args.model_dir, runs_dir, 4 * processes * args.iterations, args.threads)
+    cmd = [*launcher, *flags, "--device", args.device, *(["--bf16"] if args.bf16 else [])]
     start = time.time()
-    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)}, stdout=subprocess.PIPE, text=True)
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    if status != 0:
-        raise SystemExit(f"{name} failed:\n{out[-3000:]}")
-    (run_name,) = os.listdir(runs_dir)
-    with open(os.path.join(runs_dir, run_name, "metrics.jsonl")) as f:
-        train = [m for m in map(json.loads, f) if "eps" in m]
+    out, peak_rss_gib, seconds_per_iteration = measure(name, cmd, runs_dir, args.threads)
     record = dict(
-        setting=name, processes=processes, device=args.device, bf16=args.bf16, peak_rss_gib_per_process=round(usage.ru_maxrss / 2**20, 2),
-        seconds_per_iteration=round(train[-1]["episode"] / train[-1]["eps"] / len(train), 1),
-        episodes_per_iteration=4 * processes, wall_s=round(time.time() - start),
+        setting=name, processes=processes, device=args.device, bf16=args.bf16, peak_rss_gib_per_process=peak_rss_gib,
+        seconds_per_iteration=seconds_per_iteration, episodes_per_iteration=4 * processes, wall_s=round(time.time() - start),
         memory_line=next(line for line in out.splitlines() if line.startswith("memory per process")),
     )  # fmt: skip
     print(record, flush=True)

@@ -69,19 +69,23 @@ def build(model_dir: str) -> None:
         f.write(REWARD_FN)
 
 
-def run(args: Args, name: str, extra: list[str]) -> dict:
-    runs_dir = os.path.join(args.model_dir, "runs", name)
-    shutil.rmtree(runs_dir, ignore_errors=True)  # an earlier run of this benchmark
-    episodes = 4 * args.iterations
-    cmd = [
-        sys.executable, SCRIPT, "--model-name-or-path", args.model_dir, "--prompts", os.path.join(args.model_dir, "prompts.jsonl"),
-        "--reward-fn", os.path.join(args.model_dir, "rewards.py") + ":length", "--runs-dir", runs_dir,
+def ppo_flags(model_dir: str, runs_dir: str, episodes: int, threads: int) -> list[str]:
+    """ppo_rlhf.py's flags shared by the memory benchmarks: the model built in model_dir, its length reward, micro-batch 2,
+    2 minibatches, 1 epoch, 16-token responses, evaluation only at the end."""
+    return [
+        "--model-name-or-path", model_dir, "--prompts", os.path.join(model_dir, "prompts.jsonl"),
+        "--reward-fn", os.path.join(model_dir, "rewards.py") + ":length", "--runs-dir", runs_dir,
         "--response-length", "16", "--per-device-train-batch-size", "2", "--num-minibatches", "2", "--update-epochs", "1",
         "--local-rollout-forward-batch-size", "4", "--total-episodes", str(episodes), "--eval-every", "1000",
-        "--eval-episodes", "4", "--num-threads", str(args.threads), "--learning-rate", "1e-5", *extra,
+        "--eval-episodes", "4", "--num-threads", str(threads), "--learning-rate", "1e-5",
     ]  # fmt: skip
-    start = time.time()
-    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)}, stdout=subprocess.PIPE, text=True)
+
+
+def measure(name: str, cmd: list[str], runs_dir: str, threads: int) -> tuple[str, float, float]:
+    """Run cmd (one run writing under runs_dir); its stdout, peak resident set size in GiB (os.wait4's ru_maxrss:
+    for torchrun, its largest process) and seconds per iteration (the episodes trained over the last logged
+    episodes/s, per logged iteration)."""
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": str(threads)}, stdout=subprocess.PIPE, text=True)
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     if status != 0:
@@ -89,9 +93,17 @@ def run(args: Args, name: str, extra: list[str]) -> dict:
     (run_name,) = os.listdir(runs_dir)
     with open(os.path.join(runs_dir, run_name, "metrics.jsonl")) as f:
         train = [m for m in map(json.loads, f) if "eps" in m]
+    return out, round(usage.ru_maxrss / 2**20, 2), round(train[-1]["episode"] / train[-1]["eps"] / len(train), 1)
+
+
+def run(args: Args, name: str, extra: list[str]) -> dict:
+    runs_dir = os.path.join(args.model_dir, "runs", name)
+    shutil.rmtree(runs_dir, ignore_errors=True)  # an earlier run of this benchmark
+    cmd = [sys.executable, SCRIPT, *ppo_flags(args.model_dir, runs_dir, 4 * args.iterations, args.threads), *extra]
+    start = time.time()
+    out, peak_rss_gib, seconds_per_iteration = measure(name, cmd, runs_dir, args.threads)
     record = dict(
-        setting=name, flags=extra, peak_rss_gib=round(usage.ru_maxrss / 2**20, 2),
-        seconds_per_iteration=round(train[-1]["episode"] / train[-1]["eps"] / len(train), 1), wall_s=round(time.time() - start),
+        setting=name, flags=extra, peak_rss_gib=peak_rss_gib, seconds_per_iteration=seconds_per_iteration, wall_s=round(time.time() - start),
         trained_parameters=next((line.split(": ")[1].split(" ")[0] for line in out.splitlines() if line.startswith("LoRA")), "all"),
     )  # fmt: skip
     print(record)

@@ -351,24 +351,32 @@ UPDATE_ARGS = dict(
 
 
 def fixed_batch(policy, B=8, ctx=4, T=5):
-    """A batch of 8 episodes: left-padded queries, responses of 1-5 tokens, old log-probs near the policy's
-    (so that some ratios leave the clip range), raw advantages, values and returns."""
+    """A batch of 8 episodes: left-padded queries, responses of 1-5 tokens, and the rest as batch_near_policy makes it."""
     g = torch.Generator().manual_seed(3)
     queries = torch.randint(2, 22, (B, ctx), generator=g)
     queries[0, :2], queries[3, :1] = PAD, PAD
     lengths = torch.tensor([1, 5, 3, 5, 2, 4, 5, 3])
     mask = torch.arange(T)[None] < lengths[:, None]
     responses = torch.randint(2, 22, (B, T), generator=g).masked_fill(~mask, PAD)
+    return batch_near_policy(policy, queries, responses, mask, PAD, UPDATE_ARGS["temperature"], g)
+
+
+def batch_near_policy(policy, queries, responses, mask, pad, temperature, g):
+    """The Rollout of these queries and responses, with old log-probs near the policy's (so that some ratios leave
+    the clip range), and raw advantages (far from whitened), values and returns drawn from g; also used by
+    test_ppo_rlhf_fsdp.py."""
+    B, T = responses.shape
+    ctx = queries.shape[1]
     query_responses = torch.cat([queries, responses], 1)
     with torch.no_grad():
-        logprobs = P.lm_response_logprobs(policy, query_responses, PAD, ctx, UPDATE_ARGS["temperature"])[0]
+        logprobs = P.lm_response_logprobs(policy, query_responses, pad, ctx, temperature)[0]
     zero = lambda x: torch.where(mask, x, 0.0)  # noqa: E731
     data = P.Rollout(
         query_responses=query_responses, context_length=ctx, responses=responses, mask=mask,
         logprobs=zero(logprobs + 0.3 * torch.randn(B, T, generator=g)), ref_logprobs=zero(logprobs),
         values=zero(torch.randn(B, T, generator=g)), scores=torch.randn(B, generator=g),
     )  # fmt: skip
-    advantages = zero(2.0 * torch.randn(B, T, generator=g) + 1.0)  # far from whitened
+    advantages = zero(2.0 * torch.randn(B, T, generator=g) + 1.0)
     returns = zero(torch.randn(B, T, generator=g))
     return data, advantages, returns
 

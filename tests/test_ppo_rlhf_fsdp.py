@@ -14,10 +14,12 @@ import time
 import numpy as np
 import pytest
 import torch
+from torch import Tensor
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import ppo_rlhf as P  # noqa: E402
+from test_ppo_rlhf import batch_near_policy  # noqa: E402
 
 SCRIPT = os.path.join(REPO, "ppo_rlhf.py")
 ENV = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
@@ -52,23 +54,14 @@ def tiny_models(lora: bool = False) -> tuple[torch.nn.Module, torch.nn.Module]:
 
 
 def rank_batch(policy: torch.nn.Module, rank: int, B: int = 8, ctx: int = 4, T: int = 5):
-    """This process's batch: left-padded queries, responses of 1-5 tokens, old log-probs off the policy's (some
-    ratios leave the clip range), raw advantages, values and returns; different on each process."""
+    """This process's batch: left-padded queries, responses of 1-5 tokens, and the rest as test_ppo_rlhf's
+    batch_near_policy makes it; different on each process."""
     g = torch.Generator().manual_seed(10 + rank)
     queries = torch.randint(0, PAD, (B, ctx), generator=g)
     queries[0, :2] = PAD
     mask = torch.arange(T)[None] < torch.randint(1, T + 1, (B,), generator=g)[:, None]
     responses = torch.randint(0, PAD, (B, T), generator=g).masked_fill(~mask, PAD)
-    query_responses = torch.cat([queries, responses], 1)
-    with torch.no_grad():
-        logprobs = P.lm_response_logprobs(policy, query_responses, PAD, ctx, UPDATE_ARGS["temperature"])[0]
-    zero = lambda x: torch.where(mask, x, 0.0)  # noqa: E731
-    data = P.Rollout(
-        query_responses=query_responses, context_length=ctx, responses=responses, mask=mask,
-        logprobs=zero(logprobs + 0.3 * torch.randn(B, T, generator=g)), ref_logprobs=zero(logprobs),
-        values=zero(torch.randn(B, T, generator=g)), scores=torch.randn(B, generator=g),
-    )  # fmt: skip
-    return data, zero(2.0 * torch.randn(B, T, generator=g) + 1.0), zero(torch.randn(B, T, generator=g))
+    return batch_near_policy(policy, queries, responses, mask, PAD, UPDATE_ARGS["temperature"], g)
 
 
 def one_update(sharded: bool, lora: bool, rank: int, chunked: bool = False, head_on_policy: bool = False) -> tuple[dict, dict]:
@@ -127,6 +120,29 @@ def finite_after_a_nan_on_rank_1(rank: int) -> tuple[bool, bool]:
     return before, flat.all_finite()
 
 
+def tiny_deberta() -> torch.nn.Module:
+    """A DeBERTa-v2 sequence classifier (an encoder reward model), whose class names no _no_split_modules."""
+    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
+
+    torch.manual_seed(2)
+    config = DebertaV2Config(
+        vocab_size=PAD, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, num_labels=1,
+        max_position_embeddings=32, relative_attention=True, position_biased_input=False, pos_att_type=["p2c", "c2p"], pooler_hidden_size=16,
+    )  # fmt: skip
+    return P.disable_dropout(DebertaV2ForSequenceClassification(config)).eval()
+
+
+def sharded_encoder_scores() -> tuple[Tensor, Tensor]:
+    """A tiny DeBERTa-v2's scores of a padded batch, unsharded and sharded by shard_models over the processes."""
+    model = tiny_deberta()
+    ids = torch.randint(0, PAD, (3, 7), generator=torch.Generator().manual_seed(0))
+    attention_mask = (torch.arange(7)[None] < torch.tensor([[7], [5], [3]])).long()
+    with torch.no_grad():
+        whole = model(input_ids=ids, attention_mask=attention_mask).logits
+        P.shard_models(P.Args(), torch.device("cpu"), model)
+        return whole, model(input_ids=ids, attention_mask=attention_mask).logits
+
+
 def worker(case: str, out: str) -> None:
     """Run under torchrun (2 processes, gloo); rank 0 saves what the tests check into `out`."""
     torch.set_num_threads(1)
@@ -139,6 +155,7 @@ def worker(case: str, out: str) -> None:
         results |= {f"chunked_{'fsdp' if sharded else 'flat'}": one_update(sharded, False, rank, chunked=True) for sharded in (False, True)}
         results["finite"] = finite_after_a_nan_on_rank_1(rank)  # rank 0's answer: it holds no NaN itself
         results["all_gathers"] = {gather: all_gathers_while_sampling(gather) for gather in (True, False)}
+        results["encoder_scores"] = sharded_encoder_scores()
         if rank == 0:
             torch.save(results, out)
     P.dist.destroy_process_group()
@@ -313,6 +330,14 @@ def test_lora_under_fsdp_checkpoints_and_saves_the_merged_policy_and_the_adapter
         logits = merged(input_ids=ids).logits
         torch.testing.assert_close(with_adapter(input_ids=ids).logits, logits, rtol=1e-4, atol=1e-5)
     assert not torch.equal(logits, initial)  # the adapters trained
+
+
+def test_an_encoder_reward_model_is_sharded_by_its_blocks(update_results):
+    """DeBERTa-v2 names no _no_split_modules: its layers are found as its longest list of blocks of one class, and
+    sharded over the two processes it scores as it does whole."""
+    assert [type(m).__name__ for m in P.decoder_layers(tiny_deberta())] == ["DebertaV2Layer"] * 2
+    whole, sharded = update_results["encoder_scores"]
+    torch.testing.assert_close(sharded, whole, rtol=RTOL, atol=ATOL)
 
 
 def test_a_model_fsdp_cannot_wrap_is_a_one_line_error(capsys):
