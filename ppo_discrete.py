@@ -861,7 +861,7 @@ def evaluate_checkpoint(args: Args) -> None:
     """--eval-checkpoint: play the checkpoint's policy, reading only its weights_only=True part."""
     ckpt = load_checkpoint(args.eval_checkpoint, "--eval-checkpoint", keys=("args", "agent", "n_actions"))
     env_id = ckpt["args"]["env_id"]
-    env_kwargs = check_env(env_id, ckpt["args"]["env_kwargs"])
+    env_kwargs = check_env(env_id, ckpt["args"].get("env_kwargs", "{}"))  # checkpoints before --env-kwargs had none
     device, _ = pick_device(args.device, gpu_pays=is_atari(env_id))
     set_num_threads(args.num_threads)
     envs = make_envs(env_id, 1, env_kwargs)

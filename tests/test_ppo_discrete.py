@@ -1137,11 +1137,18 @@ def test_a_simulator_that_blows_up_stops_the_run_naming_env_step_and_value(monke
     ]
 
 
-def test_a_checkpoint_of_another_version_is_a_one_line_error(monkeypatch, capsys):
-    # a0ca58c's checkpoints had no --env-kwargs (nor the mask in the carried state): refused, not a traceback.
-    old_args = {k: v for k, v in dataclasses.asdict(ppo.Args()).items() if k != "env_kwargs"}
-    monkeypatch.setattr(ppo, "load_checkpoint", lambda path, flag: {"args": old_args, "resume_state": pickle.dumps([])})
+def test_a_checkpoint_of_another_version_resumes_with_a_one_line_error_and_still_evaluates(monkeypatch, capsys, tmp_path):
+    # a0ca58c's checkpoints had no --env-kwargs (nor the mask in the carried state): --resume refuses them in one
+    # line, not with a traceback from the carried state; their weights are this Agent's, so --eval-checkpoint plays them.
+    train_in_process(monkeypatch, total_timesteps=512, runs_dir=str(tmp_path))
+    (ckpt,) = tmp_path.glob("*/checkpoint.pt")
+    state = torch.load(ckpt, weights_only=True)
+    del state["args"]["env_kwargs"]
+    torch.save(state, tmp_path / "old.pt")
+    capsys.readouterr()
     with pytest.raises(SystemExit) as stop:
-        ppo.load_resume(ppo.Args(resume="old/checkpoint.pt"))
+        ppo.load_resume(ppo.Args(resume=str(tmp_path / "old.pt")))
     err = capsys.readouterr().err.strip().splitlines()
     assert stop.value.code == 2 and len(err) == 1 and "another version of ppo_discrete.py" in err[0], err
+    ppo.evaluate_checkpoint(ppo.Args(eval_checkpoint=str(tmp_path / "old.pt"), eval_episodes=1, num_threads=1, device="cpu"))
+    assert capsys.readouterr().out.startswith("eval CartPole-v1: return ")
