@@ -131,11 +131,7 @@ def make_envs(env_id: str, num_envs: int, env_kwargs: dict, render: bool = False
         return AtariVectorEnv(gym.spec(env_id).kwargs["game"], num_envs, autoreset_mode=AutoresetMode.NEXT_STEP,
                               reward_clipping=False, episodic_life=False, **kwargs)  # fmt: skip
     kwargs = {"vectorization_mode": "sync", "vector_kwargs": {"autoreset_mode": AutoresetMode.NEXT_STEP}, **env_kwargs}
-    envs = gym.make_vec(env_id, num_envs, **kwargs, **({"render_mode": "rgb_array"} if render else {}))
-    if isinstance(envs.single_observation_space, (gym.spaces.Dict, gym.spaces.Tuple)):  # flattened for the MLP
-        envs.close()
-        envs = gym.make_vec(env_id, num_envs, wrappers=[FlatObservation], **kwargs, **({"render_mode": "rgb_array"} if render else {}))
-    return envs
+    return gym.make_vec(env_id, num_envs, wrappers=[flat_observations], **kwargs, **({"render_mode": "rgb_array"} if render else {}))
 
 
 # The network, and the policy's distribution. An invalid action's logit becomes MASKED_LOGIT (sb3-contrib's
@@ -913,7 +909,7 @@ def check_env(env_id: str, env_kwargs: str) -> dict:
         hint = "; use ppo_continuous.py" if isinstance(action_space, gym.spaces.Box) else ""
         fail(f"--env-id {env_id} has a {type(action_space).__name__} action space; ppo_discrete.py needs Discrete{hint}")
     try:
-        FlatObservation(env) if isinstance(obs_space, (gym.spaces.Dict, gym.spaces.Tuple)) else None
+        flat_observations(env)
     except NotImplementedError:
         fail(f"--env-id {env_id}: its {obs_space} observation space has a part gymnasium cannot flatten")
     if not isinstance(obs_space, (gym.spaces.Box, gym.spaces.Discrete, gym.spaces.Dict, gym.spaces.Tuple)):
@@ -978,6 +974,11 @@ def check_args(args: Args, world_size: int) -> tuple[int, int, int]:
 
 
 # Env adapters and pickling: a resumed run continues the very episodes it was playing.
+
+
+def flat_observations(env: gym.Env) -> gym.Env:
+    """env, its Dict or Tuple observations flattened for the MLP (FlatObservation); other envs as they are."""
+    return FlatObservation(env) if isinstance(env.observation_space, (gym.spaces.Dict, gym.spaces.Tuple)) else env
 
 
 class FlatObservation(gym.Wrapper):

@@ -1087,6 +1087,18 @@ class DictPick(PickTheLegalAction):
 gym.register("DictPick-v0", entry_point=DictPick, max_episode_steps=8)
 
 
+def test_make_envs_builds_a_dict_observation_env_once_flattened_with_its_mask_in_info(monkeypatch):
+    built, init = [], DictPick.__init__
+    monkeypatch.setattr(DictPick, "__init__", lambda self, *a, **k: built.append(1) or init(self, *a, **k))
+    envs = ppo.make_envs("DictPick-v0", 3, {})
+    assert len(built) == 3  # one env per sub-env, not a vector env made, inspected and made again
+    assert envs.single_observation_space.shape == (6,)  # legal one-hot (4), noise (2)
+    obs, info = envs.reset(seed=0)
+    assert (obs[:, :4].sum(1) == 1).all()
+    np.testing.assert_array_equal(info["action_mask"], obs[:, :4])  # the mask left the observation for info
+    envs.close()
+
+
 def test_a_dict_observation_env_trains_with_its_mask_checkpoints_resumes_and_evaluates(monkeypatch, capsys, tmp_path):
     flags = dict(env_id="DictPick-v0", total_timesteps=2048, eval_episodes=2)
     PickTheLegalAction.ILLEGAL[0] = 0
