@@ -982,8 +982,9 @@ def flat_observations(env: gym.Env) -> gym.Env:
 
 
 class FlatObservation(gym.Wrapper):
-    """A Dict or Tuple observation as one float32 vector (gymnasium's flatten: a Discrete part one-hot, a Box part
-    raveled); a Dict's "action_mask" key (PettingZoo's convention) goes to info["action_mask"] instead."""
+    """A Dict or Tuple observation as one vector (gymnasium's flatten: a Discrete part one-hot, a Box part raveled;
+    the rollout stores it as float32); a Dict's "action_mask" key (PettingZoo's convention) goes to info["action_mask"]
+    instead."""
 
     def __init__(self, env: gym.Env):
         super().__init__(env)
@@ -996,7 +997,7 @@ class FlatObservation(gym.Wrapper):
         if self.masked:
             info = {**info, "action_mask": obs["action_mask"]}
             obs = {k: obs[k] for k in self.inner.spaces}
-        return gym.spaces.flatten(self.inner, obs).astype(np.float32), info
+        return gym.spaces.flatten(self.inner, obs), info
 
     def reset(self, **kwargs) -> tuple[np.ndarray, dict]:
         return self.flat(*self.env.reset(**kwargs))

@@ -1094,7 +1094,7 @@ def test_make_envs_builds_a_dict_observation_env_once_flattened_with_its_mask_in
     assert len(built) == 3  # one env per sub-env, not a vector env made, inspected and made again
     assert envs.single_observation_space.shape == (6,)  # legal one-hot (4), noise (2)
     obs, info = envs.reset(seed=0)
-    assert (obs[:, :4].sum(1) == 1).all()
+    assert obs.dtype == envs.single_observation_space.dtype and (obs[:, :4].sum(1) == 1).all()
     np.testing.assert_array_equal(info["action_mask"], obs[:, :4])  # the mask left the observation for info
     envs.close()
 
