@@ -815,7 +815,7 @@ def evaluate(
         if video_path is not None and not returns:
             frames.append(obs[0, -1] if is_atari(env_id) else envs.render()[0])
         with torch.no_grad():
-            x, mask = torch.as_tensor(obs, device=device), torch.as_tensor(action_masks(info, 1, n_actions, step), device=device)
+            x, mask = torch.as_tensor(obs, device=device), mask_tensor(action_masks(info, 1, n_actions, step), device)
             action = agent.get_action_and_value(x, None, mask)[0] if stochastic else agent.greedy_action(x, mask)
         obs, reward, terminated, truncated, info = envs.step(action.cpu().numpy())
         step += 1
@@ -921,6 +921,11 @@ def check_env(env_id: str, env_kwargs: str) -> dict:
 def all_valid(num_envs: int, n_actions: int) -> np.ndarray:
     """One all-True mask per shape (nothing writes to it), for envs without masks: no array built at every step."""
     return np.ones((num_envs, n_actions), dtype=bool)
+
+
+def mask_tensor(mask: np.ndarray, device: torch.device) -> Optional[torch.Tensor]:
+    """mask on the device, or None for all_valid's shared mask: an env without masks costs no copy and no masking."""
+    return None if mask is all_valid(*mask.shape) else torch.as_tensor(mask, device=device)
 
 
 def action_masks(info: dict, num_envs: int, n_actions: int, global_step: int) -> np.ndarray:
@@ -1088,7 +1093,7 @@ class NumpyPolicy:
         agent itself), or None."""
         with torch.no_grad():
             x = torch.as_tensor(obs, device=device)
-            action, *reference = agent.get_action_and_value(x, None, torch.as_tensor(mask, device=device))
+            action, *reference = agent.get_action_and_value(x, None, mask_tensor(mask, device))
             reference.append(agent.get_value(x))
         logprob, entropy, values = self.evaluate(obs, mask, action.cpu().numpy())
         mine = (logprob, entropy, values, values)
@@ -1130,8 +1135,8 @@ class RolloutPolicy:
         if self.copy is not None:
             return self.copy.act(obs, mask, self.rng)
         with torch.no_grad():
-            x, mask = torch.as_tensor(obs, device=self.device), torch.as_tensor(mask, device=self.device)
-            action, logprob, _, value = self.agent.get_action_and_value(x, None, mask)
+            x = torch.as_tensor(obs, device=self.device)
+            action, logprob, _, value = self.agent.get_action_and_value(x, None, mask_tensor(mask, self.device))
         return action.cpu().numpy(), logprob.cpu().numpy(), value.cpu().numpy()
 
     def value(self, obs: np.ndarray) -> np.ndarray:

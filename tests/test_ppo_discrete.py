@@ -998,6 +998,19 @@ def test_masked_actions_get_no_probability_and_are_never_greedy():
     assert m[np.tile(np.arange(3), 2000), actions].all()
 
 
+def test_an_env_without_masks_costs_no_masking_on_the_plain_path_and_in_evaluation(monkeypatch):
+    masks, distribution = [], ppo.Agent.distribution
+    monkeypatch.setattr(ppo.Agent, "distribution", lambda self, obs, action_mask=None: masks.append(action_mask) or distribution(self, obs, action_mask))
+    policy = ppo.RolloutPolicy(edited_agent("relu"), torch.device("cpu"), np.random.default_rng(0))  # no numpy copy
+    obs = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
+    policy.act(obs, ppo.all_valid(5, 3))
+    ppo.evaluate(perturbed_agent(n_actions=2), "CartPole-v1", {}, 1, 0, torch.device("cpu"), False, None)
+    assert len(masks) > 1 and all(m is None for m in masks)
+    given = np.array([[True, False, True]] * 5)
+    policy.act(obs, given)  # a real mask reaches the distribution
+    assert torch.equal(masks[-1], torch.as_tensor(given))
+
+
 def test_a_masked_env_never_takes_an_illegal_action_and_learns_faster(monkeypatch, capsys, tmp_path):
     flags = dict(total_timesteps=4096, learning_rate=1e-3, eval_episodes=3)
     for env_id in ("PickMasked-v0", "PickUnmasked-v0"):
