@@ -1075,6 +1075,8 @@ def test_a_module_id_env_with_env_kwargs_trains_evaluates_and_names_its_run_fold
     assert "eval: return" in proc.stdout
     # The kwargs are part of the run (args.json, the checkpoint, which evaluates on its own) and reach gym.make.
     assert json.loads((run_dir / "args.json").read_text())["env_kwargs"] == '{"length": 7}'
+    lengths = [r["charts/episodic_length"] for r in read_metrics(tmp_path / "runs") if "charts/episodic_length" in r]
+    assert lengths and min(lengths) >= 7  # the corridor the run walked had 7 cells (the default 4 gives 4-step episodes)
     proc = subprocess.run([sys.executable, str(ROOT / "ppo_discrete.py"), "--eval-checkpoint", str(run_dir / "checkpoint.pt"), "--eval-episodes", "1"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0 and "eval my_envs:Corridor-v0: return" in proc.stdout, proc.stderr[-2000:]
@@ -1133,24 +1135,28 @@ def test_a_dict_observation_env_trains_with_its_mask_checkpoints_resumes_and_eva
 
 
 class BlowsUp(CountEnv):
-    """CountEnv whose simulator returns NaN in the observation at its 300th step."""
+    """CountEnv whose simulator returns NaN in the observation (or an infinite reward) at its 300th step."""
 
-    def __init__(self):
+    def __init__(self, what="observation"):
         super().__init__()
-        self.total = 0
+        self.total, self.what = 0, what
 
     def step(self, action):
         self.total += 1
-        obs, *rest = super().step(action)
-        return (np.array([np.nan], np.float32) if self.total == 300 else obs), *rest
+        obs, reward, *rest = super().step(action)
+        if self.total == 300:
+            obs, reward = (np.array([np.nan], np.float32), reward) if self.what == "observation" else (obs, -np.inf)
+        return obs, reward, *rest
 
 
 gym.register("BlowsUp-v0", entry_point=BlowsUp, max_episode_steps=50)
+gym.register("RewardBlowsUp-v0", entry_point=lambda: BlowsUp("reward"), max_episode_steps=50)
 
 
-def test_a_simulator_that_blows_up_stops_the_run_naming_env_step_and_value(monkeypatch, capsys, tmp_path):
+@pytest.mark.parametrize("env_id, what", [("BlowsUp-v0", "observation (nan)"), ("RewardBlowsUp-v0", "reward (-inf)")])
+def test_a_simulator_that_blows_up_stops_the_run_naming_env_step_and_value(env_id, what, monkeypatch, capsys, tmp_path):
     with pytest.raises(SystemExit) as stopped:
-        train_in_process(monkeypatch, env_id="BlowsUp-v0", total_timesteps=2048, save_every=1, runs_dir=str(tmp_path))
+        train_in_process(monkeypatch, env_id=env_id, total_timesteps=2048, save_every=1, runs_dir=str(tmp_path))
     assert stopped.value.code == 1
     (ckpt,) = tmp_path.glob("*/checkpoint.pt*")
     state = torch.load(ckpt, weights_only=True)
@@ -1158,7 +1164,7 @@ def test_a_simulator_that_blows_up_stops_the_run_naming_env_step_and_value(monke
     # Each of the 4 envs returns NaN at its own 300th step, the vector env's 305th (after 5 autoreset steps,
     # one per 50-step episode): global step 4 x 305 = 1220, in iteration 3.
     assert capsys.readouterr().err.splitlines() == [
-        f"error: non-finite observation (nan) from --env-id BlowsUp-v0 at global step 1220, env 0; stopped, last good checkpoint kept: {ckpt}"
+        f"error: non-finite {what} from --env-id {env_id} at global step 1220, env 0; stopped, last good checkpoint kept: {ckpt}"
     ]
 
 
