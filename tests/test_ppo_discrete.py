@@ -1134,6 +1134,19 @@ def test_a_dict_observation_env_trains_with_its_mask_checkpoints_resumes_and_eva
     assert "note:" not in capsys.readouterr().out  # the flattened envs pickle, and the numpy copy acts
 
 
+def test_gymnasium_envs_as_they_come_taxi_masks_and_a_blackjack_tuple(monkeypatch, tmp_path):
+    # Taxi-v4 gives info["action_mask"] (walls, and pickup/dropoff only where legal; an illegal one costs -10):
+    # with masks every episode's return is -length, or 21 - length with the passenger delivered.
+    train_in_process(monkeypatch, env_id="Taxi-v4", total_timesteps=2048, runs_dir=str(tmp_path))
+    episodes = [r for r in read_metrics(tmp_path) if "charts/episodic_return" in r]
+    assert episodes and all(r["charts/episodic_return"] + r["charts/episodic_length"] in (0, 21) for r in episodes), episodes
+    # Blackjack-v1 observes a Tuple of three Discrete spaces: one-hot each, 32 + 11 + 2 long.
+    envs = ppo.make_envs("Blackjack-v1", 2, {})
+    obs, _ = envs.reset(seed=0)
+    assert obs.shape == (2, 45) and (obs[:, :32].sum(1) == 1).all() and (obs[:, 32:43].sum(1) == 1).all() and (obs[:, 43:].sum(1) == 1).all()
+    envs.close()
+
+
 class BlowsUp(CountEnv):
     """CountEnv whose simulator returns NaN in the observation (or an infinite reward) at its 300th step."""
 
