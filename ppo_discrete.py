@@ -115,7 +115,8 @@ gym.register_envs(ale_py)
 
 
 def is_atari(env_id: str) -> bool:
-    """True for ids served by ale-py (ALE/Breakout-v5, BreakoutNoFrameskip-v4, ...); a module:id's module is imported."""
+    """True for ids served by ale-py (ALE/Breakout-v5, BreakoutNoFrameskip-v4, ...); a module:id once check_env's
+    gym.make imported its module (gym.spec imports nothing)."""
     return "ale_py" in str(gym.spec(env_id.split(":")[-1]).entry_point)
 
 
