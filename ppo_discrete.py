@@ -274,13 +274,13 @@ def ppo_update(
     guard: "NonFiniteGuard",
 ) -> tuple[dict[str, float], float]:  # fmt: skip
     """One PPO update: args.update_epochs epochs of args.num_minibatches shuffled minibatches over the batch (keys
-    obs, actions, logprobs, values, advantages, returns; action_mask for envs with masks). Returns the losses/* stats, means over the minibatches,
+    obs, actions, logprobs, values, advantages, returns; action_mask where the rollout met masks). Returns the losses/* stats, means over the minibatches,
     and max |log-ratio| of the first minibatch before any step: ~0 when the rollout acted with this very policy."""
     stats = {k: [] for k in ("policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac")}
     for epoch in range(args.update_epochs):
         perm = torch.as_tensor(rng.permutation(len(batch["actions"])), device=batch["actions"].device)
         for m, mb in enumerate(perm.tensor_split(args.num_minibatches)):
-            mask = batch["action_mask"][mb] if "action_mask" in batch else None  # only envs with masks have one
+            mask = batch["action_mask"][mb] if "action_mask" in batch else None  # only rollouts that met masks have one
             _, new_logprob, entropy, new_value = agent.get_action_and_value(batch["obs"][mb], batch["actions"][mb], mask)
             logratio = new_logprob - batch["logprobs"][mb]
             ratio = logratio.exp()
@@ -371,7 +371,7 @@ def train(args: Args) -> None:
     masks = np.ones((args.num_steps, args.num_envs, n_actions), dtype=bool)
 
     first_obs, info = envs.reset(seed=args.seed + rank * args.num_envs)
-    carry, masked = Carry.start(first_obs, action_masks(info, args.num_envs, n_actions, 0)), "action_mask" in info
+    carry = Carry.start(first_obs, action_masks(info, args.num_envs, n_actions, 0))
     start_iteration, global_step, carry = restore_checkpoint(ckpt, agent, optimizer, envs, rng, carry, rank, world_size)
     logger = Logger(args, ckpt, rank)
     policy, guard = RolloutPolicy(agent, device, rng), NonFiniteGuard(logger.checkpoint_path)
@@ -415,7 +415,7 @@ def train(args: Args) -> None:
         # 4. The clipped update on the batch, without the autoreset steps (no decisions of the policy's).
         keep = np.flatnonzero(valid.reshape(-1))
         rollout = dict(obs=obs, actions=actions, logprobs=logprobs, values=values, advantages=advantages, returns=returns)
-        if masked:
+        if not masks.all():  # only a rollout that met masks pays for masking in the update
             rollout["action_mask"] = masks
         batch = {k: torch.as_tensor(x.reshape((-1,) + x.shape[2:])[keep], device=device) for k, x in rollout.items()}
         stats, first_logratio = ppo_update(agent, optimizer, batch, args, rng, guard.at(iteration))

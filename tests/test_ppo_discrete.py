@@ -973,6 +973,16 @@ gym.register("PickUnmasked-v0", entry_point=lambda: PickTheLegalAction(masks=Fal
 gym.register("PickEmptyMask-v0", entry_point=lambda: PickTheLegalAction(empty_mask_at=5), max_episode_steps=8)
 
 
+class PickMaskedAfterReset(PickTheLegalAction):
+    """Masks in step()'s info only, none from reset()."""
+
+    def reset(self, *, seed=None, options=None):
+        return super().reset(seed=seed)[0], {}
+
+
+gym.register("PickMaskedAfterReset-v0", entry_point=PickMaskedAfterReset, max_episode_steps=8)
+
+
 def test_masked_actions_get_no_probability_and_are_never_greedy():
     agent = perturbed_agent(n_actions=4)
     obs = torch.randn(3, 4, generator=torch.Generator().manual_seed(2))
@@ -1023,6 +1033,14 @@ def test_a_masked_env_never_takes_an_illegal_action_and_learns_faster(monkeypatc
             assert [r["eval/episodic_return"] for r in records if "eval/episodic_return" in r] == [8.0]
         else:  # without the mask, the same policy must first learn which action is legal
             assert PickTheLegalAction.ILLEGAL[0] > 1000 and np.mean(returns) < 6, np.mean(returns)
+
+
+def test_an_env_that_masks_only_after_reset_is_trained_on_its_masked_policy(monkeypatch, capsys, tmp_path):
+    # The rollout acted with the masks of step()'s infos; the update must use them too, or the on-policy check fires.
+    train_in_process(monkeypatch, env_id="PickMaskedAfterReset-v0", total_timesteps=2048, update_epochs=1, num_minibatches=1, runs_dir=str(tmp_path))
+    assert "note:" not in capsys.readouterr().out
+    kls = [r["losses/old_approx_kl"] for r in read_metrics(tmp_path) if "losses/old_approx_kl" in r]
+    assert len(kls) == 4 and all(abs(kl) < 1e-6 for kl in kls), kls
 
 
 def test_a_mask_that_allows_no_action_is_a_one_line_error(monkeypatch, capsys, tmp_path):
