@@ -274,8 +274,9 @@ def ppo_update(
     guard: "NonFiniteGuard",
 ) -> tuple[dict[str, float], float]:  # fmt: skip
     """One PPO update: args.update_epochs epochs of args.num_minibatches shuffled minibatches over the batch (keys
-    obs, actions, logprobs, values, advantages, returns; action_mask where the rollout met masks). Returns the losses/* stats, means over the minibatches,
-    and max |log-ratio| of the first minibatch before any step: ~0 when the rollout acted with this very policy."""
+    obs, actions, logprobs, values, advantages, returns; action_mask where the rollout met masks). Returns the
+    losses/* stats, means over the minibatches, and max |log-ratio| of the first minibatch before any step: ~0 when
+    the rollout acted with this very policy."""
     stats = {k: [] for k in ("policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac")}
     for epoch in range(args.update_epochs):
         perm = torch.as_tensor(rng.permutation(len(batch["actions"])), device=batch["actions"].device)

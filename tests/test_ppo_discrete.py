@@ -1010,7 +1010,9 @@ def test_masked_actions_get_no_probability_and_are_never_greedy():
 
 def test_an_env_without_masks_costs_no_masking_on_the_plain_path_and_in_evaluation(monkeypatch):
     masks, distribution = [], ppo.Agent.distribution
-    monkeypatch.setattr(ppo.Agent, "distribution", lambda self, obs, action_mask=None: masks.append(action_mask) or distribution(self, obs, action_mask))
+    monkeypatch.setattr(
+        ppo.Agent, "distribution", lambda self, obs, action_mask=None: masks.append(action_mask) or distribution(self, obs, action_mask)
+    )
     policy = ppo.RolloutPolicy(edited_agent("relu"), torch.device("cpu"), np.random.default_rng(0))  # no numpy copy
     obs = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
     policy.act(obs, ppo.all_valid(5, 3))
@@ -1037,7 +1039,8 @@ def test_a_masked_env_never_takes_an_illegal_action_and_learns_faster(monkeypatc
 
 def test_an_env_that_masks_only_after_reset_is_trained_on_its_masked_policy(monkeypatch, capsys, tmp_path):
     # The rollout acted with the masks of step()'s infos; the update must use them too, or the on-policy check fires.
-    train_in_process(monkeypatch, env_id="PickMaskedAfterReset-v0", total_timesteps=2048, update_epochs=1, num_minibatches=1, runs_dir=str(tmp_path))
+    flags = dict(total_timesteps=2048, update_epochs=1, num_minibatches=1, runs_dir=str(tmp_path))
+    train_in_process(monkeypatch, env_id="PickMaskedAfterReset-v0", **flags)
     assert "note:" not in capsys.readouterr().out
     kls = [r["losses/old_approx_kl"] for r in read_metrics(tmp_path) if "losses/old_approx_kl" in r]
     assert len(kls) == 4 and all(abs(kl) < 1e-6 for kl in kls), kls
@@ -1161,7 +1164,8 @@ def test_gymnasium_envs_as_they_come_taxi_masks_and_a_blackjack_tuple(monkeypatc
     # Blackjack-v1 observes a Tuple of three Discrete spaces: one-hot each, 32 + 11 + 2 long.
     envs = ppo.make_envs("Blackjack-v1", 2, {})
     obs, _ = envs.reset(seed=0)
-    assert obs.shape == (2, 45) and (obs[:, :32].sum(1) == 1).all() and (obs[:, 32:43].sum(1) == 1).all() and (obs[:, 43:].sum(1) == 1).all()
+    assert obs.shape == (2, 45)
+    assert all((obs[:, part].sum(1) == 1).all() for part in (slice(0, 32), slice(32, 43), slice(43, 45)))
     envs.close()
 
 
