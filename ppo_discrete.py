@@ -115,7 +115,8 @@ gym.register_envs(ale_py)
 
 
 def is_atari(env_id: str) -> bool:
-    """True for ids served by ale-py (ALE/Breakout-v5, BreakoutNoFrameskip-v4, ...); a module:id's module is imported."""
+    """True for ids served by ale-py (ALE/Breakout-v5, BreakoutNoFrameskip-v4, ...); a module:id once check_env's
+    gym.make imported its module (gym.spec imports nothing)."""
     return "ale_py" in str(gym.spec(env_id.split(":")[-1]).entry_point)
 
 
@@ -131,11 +132,7 @@ def make_envs(env_id: str, num_envs: int, env_kwargs: dict, render: bool = False
         return AtariVectorEnv(gym.spec(env_id).kwargs["game"], num_envs, autoreset_mode=AutoresetMode.NEXT_STEP,
                               reward_clipping=False, episodic_life=False, **kwargs)  # fmt: skip
     kwargs = {"vectorization_mode": "sync", "vector_kwargs": {"autoreset_mode": AutoresetMode.NEXT_STEP}, **env_kwargs}
-    envs = gym.make_vec(env_id, num_envs, **kwargs, **({"render_mode": "rgb_array"} if render else {}))
-    if isinstance(envs.single_observation_space, (gym.spaces.Dict, gym.spaces.Tuple)):  # flattened for the MLP
-        envs.close()
-        envs = gym.make_vec(env_id, num_envs, wrappers=[FlatObservation], **kwargs, **({"render_mode": "rgb_array"} if render else {}))
-    return envs
+    return gym.make_vec(env_id, num_envs, wrappers=[flat_observations], **kwargs, **({"render_mode": "rgb_array"} if render else {}))
 
 
 # The network, and the policy's distribution. An invalid action's logit becomes MASKED_LOGIT (sb3-contrib's
@@ -277,13 +274,14 @@ def ppo_update(
     guard: "NonFiniteGuard",
 ) -> tuple[dict[str, float], float]:  # fmt: skip
     """One PPO update: args.update_epochs epochs of args.num_minibatches shuffled minibatches over the batch (keys
-    obs, actions, logprobs, values, advantages, returns; action_mask for envs with masks). Returns the losses/* stats, means over the minibatches,
-    and max |log-ratio| of the first minibatch before any step: ~0 when the rollout acted with this very policy."""
+    obs, actions, logprobs, values, advantages, returns; action_mask where the rollout met masks). Returns the
+    losses/* stats, means over the minibatches, and max |log-ratio| of the first minibatch before any step: ~0 when
+    the rollout acted with this very policy."""
     stats = {k: [] for k in ("policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac")}
     for epoch in range(args.update_epochs):
         perm = torch.as_tensor(rng.permutation(len(batch["actions"])), device=batch["actions"].device)
         for m, mb in enumerate(perm.tensor_split(args.num_minibatches)):
-            mask = batch["action_mask"][mb] if "action_mask" in batch else None  # only envs with masks have one
+            mask = batch["action_mask"][mb] if "action_mask" in batch else None  # only rollouts that met masks have one
             _, new_logprob, entropy, new_value = agent.get_action_and_value(batch["obs"][mb], batch["actions"][mb], mask)
             logratio = new_logprob - batch["logprobs"][mb]
             ratio = logratio.exp()
@@ -374,7 +372,7 @@ def train(args: Args) -> None:
     masks = np.ones((args.num_steps, args.num_envs, n_actions), dtype=bool)
 
     first_obs, info = envs.reset(seed=args.seed + rank * args.num_envs)
-    carry, masked = Carry.start(first_obs, action_masks(info, args.num_envs, n_actions, 0)), "action_mask" in info
+    carry = Carry.start(first_obs, action_masks(info, args.num_envs, n_actions, 0))
     start_iteration, global_step, carry = restore_checkpoint(ckpt, agent, optimizer, envs, rng, carry, rank, world_size)
     logger = Logger(args, ckpt, rank)
     policy, guard = RolloutPolicy(agent, device, rng), NonFiniteGuard(logger.checkpoint_path)
@@ -418,7 +416,7 @@ def train(args: Args) -> None:
         # 4. The clipped update on the batch, without the autoreset steps (no decisions of the policy's).
         keep = np.flatnonzero(valid.reshape(-1))
         rollout = dict(obs=obs, actions=actions, logprobs=logprobs, values=values, advantages=advantages, returns=returns)
-        if masked:
+        if not masks.all():  # only a rollout that met masks pays for masking in the update
             rollout["action_mask"] = masks
         batch = {k: torch.as_tensor(x.reshape((-1,) + x.shape[2:])[keep], device=device) for k, x in rollout.items()}
         stats, first_logratio = ppo_update(agent, optimizer, batch, args, rng, guard.at(iteration))
@@ -819,7 +817,7 @@ def evaluate(
         if video_path is not None and not returns:
             frames.append(obs[0, -1] if is_atari(env_id) else envs.render()[0])
         with torch.no_grad():
-            x, mask = torch.as_tensor(obs, device=device), torch.as_tensor(action_masks(info, 1, n_actions, step), device=device)
+            x, mask = torch.as_tensor(obs, device=device), mask_tensor(action_masks(info, 1, n_actions, step), device)
             action = agent.get_action_and_value(x, None, mask)[0] if stochastic else agent.greedy_action(x, mask)
         obs, reward, terminated, truncated, info = envs.step(action.cpu().numpy())
         step += 1
@@ -861,7 +859,7 @@ def evaluate_checkpoint(args: Args) -> None:
     """--eval-checkpoint: play the checkpoint's policy, reading only its weights_only=True part."""
     ckpt = load_checkpoint(args.eval_checkpoint, "--eval-checkpoint", keys=("args", "agent", "n_actions"))
     env_id = ckpt["args"]["env_id"]
-    env_kwargs = check_env(env_id, ckpt["args"]["env_kwargs"])
+    env_kwargs = check_env(env_id, ckpt["args"].get("env_kwargs", "{}"))  # checkpoints before --env-kwargs had none
     device, _ = pick_device(args.device, gpu_pays=is_atari(env_id))
     set_num_threads(args.num_threads)
     envs = make_envs(env_id, 1, env_kwargs)
@@ -913,7 +911,7 @@ def check_env(env_id: str, env_kwargs: str) -> dict:
         hint = "; use ppo_continuous.py" if isinstance(action_space, gym.spaces.Box) else ""
         fail(f"--env-id {env_id} has a {type(action_space).__name__} action space; ppo_discrete.py needs Discrete{hint}")
     try:
-        FlatObservation(env) if isinstance(obs_space, (gym.spaces.Dict, gym.spaces.Tuple)) else None
+        flat_observations(env)
     except NotImplementedError:
         fail(f"--env-id {env_id}: its {obs_space} observation space has a part gymnasium cannot flatten")
     if not isinstance(obs_space, (gym.spaces.Box, gym.spaces.Discrete, gym.spaces.Dict, gym.spaces.Tuple)):
@@ -925,6 +923,11 @@ def check_env(env_id: str, env_kwargs: str) -> dict:
 def all_valid(num_envs: int, n_actions: int) -> np.ndarray:
     """One all-True mask per shape (nothing writes to it), for envs without masks: no array built at every step."""
     return np.ones((num_envs, n_actions), dtype=bool)
+
+
+def mask_tensor(mask: np.ndarray, device: torch.device) -> Optional[torch.Tensor]:
+    """mask on the device, or None for all_valid's shared mask: an env without masks costs no copy and no masking."""
+    return None if mask is all_valid(*mask.shape) else torch.as_tensor(mask, device=device)
 
 
 def action_masks(info: dict, num_envs: int, n_actions: int, global_step: int) -> np.ndarray:
@@ -980,9 +983,15 @@ def check_args(args: Args, world_size: int) -> tuple[int, int, int]:
 # Env adapters and pickling: a resumed run continues the very episodes it was playing.
 
 
+def flat_observations(env: gym.Env) -> gym.Env:
+    """env, its Dict or Tuple observations flattened for the MLP (FlatObservation); other envs as they are."""
+    return FlatObservation(env) if isinstance(env.observation_space, (gym.spaces.Dict, gym.spaces.Tuple)) else env
+
+
 class FlatObservation(gym.Wrapper):
-    """A Dict or Tuple observation as one float32 vector (gymnasium's flatten: a Discrete part one-hot, a Box part
-    raveled); a Dict's "action_mask" key (PettingZoo's convention) goes to info["action_mask"] instead."""
+    """A Dict or Tuple observation as one vector (gymnasium's flatten: a Discrete part one-hot, a Box part raveled;
+    the rollout stores it as float32); a Dict's "action_mask" key (PettingZoo's convention) goes to info["action_mask"]
+    instead."""
 
     def __init__(self, env: gym.Env):
         super().__init__(env)
@@ -995,7 +1004,7 @@ class FlatObservation(gym.Wrapper):
         if self.masked:
             info = {**info, "action_mask": obs["action_mask"]}
             obs = {k: obs[k] for k in self.inner.spaces}
-        return gym.spaces.flatten(self.inner, obs).astype(np.float32), info
+        return gym.spaces.flatten(self.inner, obs), info
 
     def reset(self, **kwargs) -> tuple[np.ndarray, dict]:
         return self.flat(*self.env.reset(**kwargs))
@@ -1086,7 +1095,7 @@ class NumpyPolicy:
         agent itself), or None."""
         with torch.no_grad():
             x = torch.as_tensor(obs, device=device)
-            action, *reference = agent.get_action_and_value(x, None, torch.as_tensor(mask, device=device))
+            action, *reference = agent.get_action_and_value(x, None, mask_tensor(mask, device))
             reference.append(agent.get_value(x))
         logprob, entropy, values = self.evaluate(obs, mask, action.cpu().numpy())
         mine = (logprob, entropy, values, values)
@@ -1128,8 +1137,8 @@ class RolloutPolicy:
         if self.copy is not None:
             return self.copy.act(obs, mask, self.rng)
         with torch.no_grad():
-            x, mask = torch.as_tensor(obs, device=self.device), torch.as_tensor(mask, device=self.device)
-            action, logprob, _, value = self.agent.get_action_and_value(x, None, mask)
+            x = torch.as_tensor(obs, device=self.device)
+            action, logprob, _, value = self.agent.get_action_and_value(x, None, mask_tensor(mask, self.device))
         return action.cpu().numpy(), logprob.cpu().numpy(), value.cpu().numpy()
 
     def value(self, obs: np.ndarray) -> np.ndarray:

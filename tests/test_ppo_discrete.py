@@ -973,6 +973,16 @@ gym.register("PickUnmasked-v0", entry_point=lambda: PickTheLegalAction(masks=Fal
 gym.register("PickEmptyMask-v0", entry_point=lambda: PickTheLegalAction(empty_mask_at=5), max_episode_steps=8)
 
 
+class PickMaskedAfterReset(PickTheLegalAction):
+    """Masks in step()'s info only, none from reset()."""
+
+    def reset(self, *, seed=None, options=None):
+        return super().reset(seed=seed)[0], {}
+
+
+gym.register("PickMaskedAfterReset-v0", entry_point=PickMaskedAfterReset, max_episode_steps=8)
+
+
 def test_masked_actions_get_no_probability_and_are_never_greedy():
     agent = perturbed_agent(n_actions=4)
     obs = torch.randn(3, 4, generator=torch.Generator().manual_seed(2))
@@ -998,6 +1008,21 @@ def test_masked_actions_get_no_probability_and_are_never_greedy():
     assert m[np.tile(np.arange(3), 2000), actions].all()
 
 
+def test_an_env_without_masks_costs_no_masking_on_the_plain_path_and_in_evaluation(monkeypatch):
+    masks, distribution = [], ppo.Agent.distribution
+    monkeypatch.setattr(
+        ppo.Agent, "distribution", lambda self, obs, action_mask=None: masks.append(action_mask) or distribution(self, obs, action_mask)
+    )
+    policy = ppo.RolloutPolicy(edited_agent("relu"), torch.device("cpu"), np.random.default_rng(0))  # no numpy copy
+    obs = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
+    policy.act(obs, ppo.all_valid(5, 3))
+    ppo.evaluate(perturbed_agent(n_actions=2), "CartPole-v1", {}, 1, 0, torch.device("cpu"), False, None)
+    assert len(masks) > 1 and all(m is None for m in masks)
+    given = np.array([[True, False, True]] * 5)
+    policy.act(obs, given)  # a real mask reaches the distribution
+    assert torch.equal(masks[-1], torch.as_tensor(given))
+
+
 def test_a_masked_env_never_takes_an_illegal_action_and_learns_faster(monkeypatch, capsys, tmp_path):
     flags = dict(total_timesteps=4096, learning_rate=1e-3, eval_episodes=3)
     for env_id in ("PickMasked-v0", "PickUnmasked-v0"):
@@ -1010,6 +1035,15 @@ def test_a_masked_env_never_takes_an_illegal_action_and_learns_faster(monkeypatc
             assert [r["eval/episodic_return"] for r in records if "eval/episodic_return" in r] == [8.0]
         else:  # without the mask, the same policy must first learn which action is legal
             assert PickTheLegalAction.ILLEGAL[0] > 1000 and np.mean(returns) < 6, np.mean(returns)
+
+
+def test_an_env_that_masks_only_after_reset_is_trained_on_its_masked_policy(monkeypatch, capsys, tmp_path):
+    # The rollout acted with the masks of step()'s infos; the update must use them too, or the on-policy check fires.
+    flags = dict(total_timesteps=2048, update_epochs=1, num_minibatches=1, runs_dir=str(tmp_path))
+    train_in_process(monkeypatch, env_id="PickMaskedAfterReset-v0", **flags)
+    assert "note:" not in capsys.readouterr().out
+    kls = [r["losses/old_approx_kl"] for r in read_metrics(tmp_path) if "losses/old_approx_kl" in r]
+    assert len(kls) == 4 and all(abs(kl) < 1e-6 for kl in kls), kls
 
 
 def test_a_mask_that_allows_no_action_is_a_one_line_error(monkeypatch, capsys, tmp_path):
@@ -1062,6 +1096,8 @@ def test_a_module_id_env_with_env_kwargs_trains_evaluates_and_names_its_run_fold
     assert "eval: return" in proc.stdout
     # The kwargs are part of the run (args.json, the checkpoint, which evaluates on its own) and reach gym.make.
     assert json.loads((run_dir / "args.json").read_text())["env_kwargs"] == '{"length": 7}'
+    lengths = [r["charts/episodic_length"] for r in read_metrics(tmp_path / "runs") if "charts/episodic_length" in r]
+    assert lengths and min(lengths) >= 7  # the corridor the run walked had 7 cells (the default 4 gives 4-step episodes)
     proc = subprocess.run([sys.executable, str(ROOT / "ppo_discrete.py"), "--eval-checkpoint", str(run_dir / "checkpoint.pt"), "--eval-episodes", "1"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0 and "eval my_envs:Corridor-v0: return" in proc.stdout, proc.stderr[-2000:]
@@ -1087,6 +1123,18 @@ class DictPick(PickTheLegalAction):
 gym.register("DictPick-v0", entry_point=DictPick, max_episode_steps=8)
 
 
+def test_make_envs_builds_a_dict_observation_env_once_flattened_with_its_mask_in_info(monkeypatch):
+    built, init = [], DictPick.__init__
+    monkeypatch.setattr(DictPick, "__init__", lambda self, *a, **k: built.append(1) or init(self, *a, **k))
+    envs = ppo.make_envs("DictPick-v0", 3, {})
+    assert len(built) == 3  # one env per sub-env, not a vector env made, inspected and made again
+    assert envs.single_observation_space.shape == (6,)  # legal one-hot (4), noise (2)
+    obs, info = envs.reset(seed=0)
+    assert obs.dtype == envs.single_observation_space.dtype and (obs[:, :4].sum(1) == 1).all()
+    np.testing.assert_array_equal(info["action_mask"], obs[:, :4])  # the mask left the observation for info
+    envs.close()
+
+
 def test_a_dict_observation_env_trains_with_its_mask_checkpoints_resumes_and_evaluates(monkeypatch, capsys, tmp_path):
     flags = dict(env_id="DictPick-v0", total_timesteps=2048, eval_episodes=2)
     PickTheLegalAction.ILLEGAL[0] = 0
@@ -1107,25 +1155,43 @@ def test_a_dict_observation_env_trains_with_its_mask_checkpoints_resumes_and_eva
     assert "note:" not in capsys.readouterr().out  # the flattened envs pickle, and the numpy copy acts
 
 
-class BlowsUp(CountEnv):
-    """CountEnv whose simulator returns NaN in the observation at its 300th step."""
+def test_gymnasium_envs_as_they_come_taxi_masks_and_a_blackjack_tuple(monkeypatch, tmp_path):
+    # Taxi-v4 gives info["action_mask"] (walls, and pickup/dropoff only where legal; an illegal one costs -10):
+    # with masks every episode's return is -length, or 21 - length with the passenger delivered.
+    train_in_process(monkeypatch, env_id="Taxi-v4", total_timesteps=2048, runs_dir=str(tmp_path))
+    episodes = [r for r in read_metrics(tmp_path) if "charts/episodic_return" in r]
+    assert episodes and all(r["charts/episodic_return"] + r["charts/episodic_length"] in (0, 21) for r in episodes), episodes
+    # Blackjack-v1 observes a Tuple of three Discrete spaces: one-hot each, 32 + 11 + 2 long.
+    envs = ppo.make_envs("Blackjack-v1", 2, {})
+    obs, _ = envs.reset(seed=0)
+    assert obs.shape == (2, 45)
+    assert all((obs[:, part].sum(1) == 1).all() for part in (slice(0, 32), slice(32, 43), slice(43, 45)))
+    envs.close()
 
-    def __init__(self):
+
+class BlowsUp(CountEnv):
+    """CountEnv whose simulator returns NaN in the observation (or an infinite reward) at its 300th step."""
+
+    def __init__(self, what="observation"):
         super().__init__()
-        self.total = 0
+        self.total, self.what = 0, what
 
     def step(self, action):
         self.total += 1
-        obs, *rest = super().step(action)
-        return (np.array([np.nan], np.float32) if self.total == 300 else obs), *rest
+        obs, reward, *rest = super().step(action)
+        if self.total == 300:
+            obs, reward = (np.array([np.nan], np.float32), reward) if self.what == "observation" else (obs, -np.inf)
+        return obs, reward, *rest
 
 
 gym.register("BlowsUp-v0", entry_point=BlowsUp, max_episode_steps=50)
+gym.register("RewardBlowsUp-v0", entry_point=lambda: BlowsUp("reward"), max_episode_steps=50)
 
 
-def test_a_simulator_that_blows_up_stops_the_run_naming_env_step_and_value(monkeypatch, capsys, tmp_path):
+@pytest.mark.parametrize("env_id, what", [("BlowsUp-v0", "observation (nan)"), ("RewardBlowsUp-v0", "reward (-inf)")])
+def test_a_simulator_that_blows_up_stops_the_run_naming_env_step_and_value(env_id, what, monkeypatch, capsys, tmp_path):
     with pytest.raises(SystemExit) as stopped:
-        train_in_process(monkeypatch, env_id="BlowsUp-v0", total_timesteps=2048, save_every=1, runs_dir=str(tmp_path))
+        train_in_process(monkeypatch, env_id=env_id, total_timesteps=2048, save_every=1, runs_dir=str(tmp_path))
     assert stopped.value.code == 1
     (ckpt,) = tmp_path.glob("*/checkpoint.pt*")
     state = torch.load(ckpt, weights_only=True)
@@ -1133,15 +1199,22 @@ def test_a_simulator_that_blows_up_stops_the_run_naming_env_step_and_value(monke
     # Each of the 4 envs returns NaN at its own 300th step, the vector env's 305th (after 5 autoreset steps,
     # one per 50-step episode): global step 4 x 305 = 1220, in iteration 3.
     assert capsys.readouterr().err.splitlines() == [
-        f"error: non-finite observation (nan) from --env-id BlowsUp-v0 at global step 1220, env 0; stopped, last good checkpoint kept: {ckpt}"
+        f"error: non-finite {what} from --env-id {env_id} at global step 1220, env 0; stopped, last good checkpoint kept: {ckpt}"
     ]
 
 
-def test_a_checkpoint_of_another_version_is_a_one_line_error(monkeypatch, capsys):
-    # a0ca58c's checkpoints had no --env-kwargs (nor the mask in the carried state): refused, not a traceback.
-    old_args = {k: v for k, v in dataclasses.asdict(ppo.Args()).items() if k != "env_kwargs"}
-    monkeypatch.setattr(ppo, "load_checkpoint", lambda path, flag: {"args": old_args, "resume_state": pickle.dumps([])})
+def test_a_checkpoint_of_another_version_resumes_with_a_one_line_error_and_still_evaluates(monkeypatch, capsys, tmp_path):
+    # a0ca58c's checkpoints had no --env-kwargs (nor the mask in the carried state): --resume refuses them in one
+    # line, not with a traceback from the carried state; their weights are this Agent's, so --eval-checkpoint plays them.
+    train_in_process(monkeypatch, total_timesteps=512, runs_dir=str(tmp_path))
+    (ckpt,) = tmp_path.glob("*/checkpoint.pt")
+    state = torch.load(ckpt, weights_only=True)
+    del state["args"]["env_kwargs"]
+    torch.save(state, tmp_path / "old.pt")
+    capsys.readouterr()
     with pytest.raises(SystemExit) as stop:
-        ppo.load_resume(ppo.Args(resume="old/checkpoint.pt"))
+        ppo.load_resume(ppo.Args(resume=str(tmp_path / "old.pt")))
     err = capsys.readouterr().err.strip().splitlines()
     assert stop.value.code == 2 and len(err) == 1 and "another version of ppo_discrete.py" in err[0], err
+    ppo.evaluate_checkpoint(ppo.Args(eval_checkpoint=str(tmp_path / "old.pt"), eval_episodes=1, num_threads=1, device="cpu"))
+    assert capsys.readouterr().out.startswith("eval CartPole-v1: return ")
