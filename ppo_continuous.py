@@ -135,8 +135,8 @@ class Args:
 # Presets of hyperparameters, named by the optional first word of the command line; every flag overrides.
 # zoo-*: rl-baselines3-zoo's hyperparams/ppo.yml for the MuJoCo v4 tasks, on v5 (SB3's n_steps is --num-steps, its
 # batch_size the minibatch size, constant lr, no value clipping; its VecNormalize discounts with gamma, as here). SB3's
-# value loss has no 0.5 factor, so its vf_coef is doubled (HalfCheetah's 0.58096 is 1.16192). The zoo tunes no Ant
-# entry: zoo-ant is SB3's PPO defaults.
+# value loss has no 0.5 factor, so its vf_coef is doubled (HalfCheetah's 0.58096 is 1.16192). No tuned Ant entry:
+# zoo-ant is the zoo's mujoco-defaults (SB3's PPO defaults with normalize: true).
 ZOO = dict(anneal_lr=False, num_steps=512, clip_vloss=False)  # what the tuned zoo entries share
 ZOO_256_RELU = dict(ZOO, hidden_sizes=(256, 256), activation="relu", log_std_init=-2.0, ortho_init=False)
 PRESETS: dict[str, tuple[str, Args]] = {
@@ -150,7 +150,7 @@ PRESETS: dict[str, tuple[str, Args]] = {
     "zoo-walker2d": ("rl-baselines3-zoo's tuned Walker2d (64-64 tanh, 512-step rollouts, 20 epochs)", Args(
         env_id="Walker2d-v5", learning_rate=5.05041e-5, num_minibatches=16, update_epochs=20, gamma=0.99,
         gae_lambda=0.95, clip_coef=0.1, ent_coef=0.000585045, vf_coef=1.743846, max_grad_norm=1.0, **ZOO)),
-    "zoo-ant": ("rl-baselines3-zoo's Ant (SB3's PPO defaults: constant lr 3e-4, minibatches of 64)", Args(
+    "zoo-ant": ("rl-baselines3-zoo's Ant (SB3's PPO defaults, normalised: constant lr 3e-4, minibatches of 64)", Args(
         env_id="Ant-v5", anneal_lr=False, clip_vloss=False, vf_coef=1.0)),
 }  # fmt: skip
 
