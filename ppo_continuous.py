@@ -462,7 +462,8 @@ def train(args: Args) -> None:
     if ckpt is not None:
         start_iteration, global_step, carry = restore(ckpt, agent, optimizer, normalizer, envs, rng, raw_obs, rank, world_size)
     run = Run(args, ckpt, rank)
-    rollout_policies, guard = RolloutPolicies(agent, device), NonFiniteGuard(run)
+    rollout_policies, guard = RolloutPolicies(agent, device), NonFiniteGuard(run, start_iteration)
+    guard.check_env_step(flat_obs(raw_obs), np.zeros(0), global_step)  # the reset's observations too
     print_plan(run, f"{device} ({device_reason}), {torch.get_num_threads()} torch thread(s)", world_size, batch_size, minibatch_size, num_iterations)
     stop_requested = install_stop_handlers()
 
@@ -1267,8 +1268,8 @@ class NonFiniteGuard:
     stepped, and counted (losses/skipped_steps); MAX_SKIPPED_STEPS in a row, or a non-finite weight after a step,
     stop the run with one line and exit status 1, the last checkpoint left as it was."""
 
-    def __init__(self, run: Optional[Run] = None):
-        self.run, self.iteration, self.count, self.in_a_row = run, 0, 0, 0
+    def __init__(self, run: Optional[Run] = None, iteration: int = 0):
+        self.run, self.iteration, self.count, self.in_a_row = run, iteration, 0, 0
 
     def skip(self, loss: torch.Tensor, grad_norm: torch.Tensor, optimizer: torch.optim.Optimizer, epoch: int, minibatch: int) -> bool:
         loss_ok = math.isfinite(loss.item())

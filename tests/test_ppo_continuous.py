@@ -1238,7 +1238,7 @@ import numpy as np
 
 class DictGoal(gym.Env):
     """A point moved towards a goal: Dict observations (point, goal of `goals` numbers, a mode); blow_up_at makes
-    the observation or the reward of that step (counted over the env's life) non-finite."""
+    the observation or the reward of that step (counted over the env's life; 0: the first reset) non-finite."""
 
     def __init__(self, goals=2, blow_up_at=None, blow_up="observation", blow_up_seed=None):
         box = lambda n: gym.spaces.Box(-5, 5, (n,), np.float32)
@@ -1252,6 +1252,8 @@ class DictGoal(gym.Env):
         self.first_seed = seed if self.first_seed is None else self.first_seed
         self.pos, self.t = np.zeros(2, np.float32), 0
         self.goal = self.np_random.uniform(-2, 2, self.observation_space["goal"].shape).astype(np.float32)
+        if self.blow_up_at == 0:  # the first reset's observation
+            self.goal[0] = np.nan
         return {"pos": self.pos.copy(), "goal": self.goal.copy(), "mode": 0}, {}
 
     def step(self, action):
@@ -1351,6 +1353,19 @@ def test_a_simulator_that_blows_up_stops_the_run_and_keeps_the_last_checkpoint(
     )
     ckpt = torch.load(ckpt_path, weights_only=True)
     assert ckpt["iteration"] == 2 and all(torch.isfinite(t).all() for t in ckpt["agent"].values())
+
+
+def test_a_non_finite_first_observation_stops_the_run_before_training(test_envs, tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    flags = ["--env-id", test_envs, "--env-kwargs", '{"blow_up_at": 0}', "--num-steps", "64", "--num-minibatches", "2",
+             "--num-threads", "1", "--total-timesteps", "128", "--runs-dir", str(tmp_path / "runs")]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        ppo.train(ppo.parse_args(flags))
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err.strip() == (
+        f"error: non-finite observation nan from {test_envs} (sub-env 0) at global_step 0 (iteration 1); "
+        "stopped, last good checkpoint kept: none written"
+    )
 
 
 def test_a_checkpoint_of_another_version_is_a_one_line_error(capsys):
