@@ -1,0 +1,135 @@
+"""Is ppo_continuous.py's zoo-halfcheetah the same algorithm as SB3's PPO with the zoo's settings? Two checks
+that need no training, run in the benchmark environment (stable-baselines3 2.9.2):
+
+    .venv-bench/bin/python benchmarks/sb3_equivalence.py
+
+1. The update: SB3's PPO.train() and our ppo_update from the same weights on the same 512-step batch
+   (observations, actions from the policy, rewards and an episode end drawn at random), one minibatch so
+   that the shuffling plays no part, 1 and 20 epochs: GAE and returns, the losses and the weights after.
+2. The normalisation: SB3's VecNormalize and our Normalizer fed the same HalfCheetah-v5 stream (random
+   actions, 3 episodes): normalised observations and scaled rewards step by step.
+
+Writes benchmarks/results/continuous/sb3_equivalence.json.
+"""
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import ppo_continuous as ours  # noqa: E402
+
+
+def sb3_model(epochs: int):
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.logger import configure
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    kwargs = dict(log_std_init=-2, ortho_init=False, activation_fn=torch.nn.ReLU, net_arch=dict(pi=[256, 256], vf=[256, 256]))
+    model = PPO(
+        "MlpPolicy", DummyVecEnv([lambda: gym.make("HalfCheetah-v5")]), n_steps=512, batch_size=512, gamma=0.98,
+        learning_rate=2.0633e-05, ent_coef=0.000401762, clip_range=0.1, n_epochs=epochs, gae_lambda=0.92,
+        max_grad_norm=0.8, vf_coef=0.58096, policy_kwargs=kwargs, seed=0, device="cpu",
+    )  # fmt: skip
+    model.set_logger(configure(None, [""]))
+    return model
+
+
+def sb3_weights(policy) -> dict:
+    """SB3's policy parameters under our Agent's names (the same layers, in the same order)."""
+    pi, vf = policy.mlp_extractor.policy_net, policy.mlp_extractor.value_net
+    return {
+        "actor_mean.0.weight": pi[0].weight, "actor_mean.0.bias": pi[0].bias, "actor_mean.2.weight": pi[2].weight,
+        "actor_mean.2.bias": pi[2].bias, "actor_mean.4.weight": policy.action_net.weight,
+        "actor_mean.4.bias": policy.action_net.bias, "critic.0.weight": vf[0].weight, "critic.0.bias": vf[0].bias,
+        "critic.2.weight": vf[2].weight, "critic.2.bias": vf[2].bias, "critic.4.weight": policy.value_net.weight,
+        "critic.4.bias": policy.value_net.bias, "actor_logstd": policy.log_std[None],
+    }  # fmt: skip
+
+
+def compare_update(epochs: int) -> dict:
+    model = sb3_model(epochs)
+    args = dataclasses.replace(ours.PRESETS["zoo-halfcheetah"][1], update_epochs=epochs, num_minibatches=1)
+    agent = ours.Agent(17, 6, (256, 256), "relu", -2.0, ortho_init=False)
+    theirs = sb3_weights(model.policy)
+    agent.load_state_dict({k: v.detach().clone() for k, v in theirs.items()})
+    rng = np.random.default_rng(0)
+    obs = torch.tensor(rng.normal(size=(512, 17)), dtype=torch.float32)
+    with torch.no_grad():
+        action, logprob, _, value = agent.get_action_and_value(obs)
+    rewards = rng.normal(size=512).astype(np.float32)
+    ends = np.zeros(512, np.float32)
+    ends[200] = 1  # an episode ends (terminates) at step 200
+    buffer = model.rollout_buffer
+    buffer.reset()
+    for t in range(512):
+        start = np.array([t == 0 or ends[t - 1] == 1])
+        buffer.add(obs[t : t + 1].numpy(), action[t : t + 1].numpy(), rewards[t : t + 1], start, value[t : t + 1, None], logprob[t : t + 1])
+    buffer.compute_returns_and_advantage(last_values=torch.tensor([[0.3]]), dones=np.array([False]))
+    advantages, returns = ours.compute_gae(
+        rewards[:, None], value.numpy()[:, None], np.array([0.3], np.float32), ends[:, None], np.zeros((512, 1), np.float32), 0.98, 0.92
+    )  # fmt: skip
+    batch = dict(obs=obs, actions=action, logprobs=logprob, values=value, valid=torch.ones(512),
+                 advantages=torch.tensor(buffer.advantages[:, 0]), returns=torch.tensor(buffer.returns[:, 0]))  # fmt: skip
+    params = [ours.flatten_parameters(agent)]
+    optimizer = ours.FlatAdam(params, lr=args.learning_rate, eps=1e-5)
+    model.train()
+    stats = ours.ppo_update(agent, optimizer, params, batch, args, np.random.default_rng(1))
+    mine = agent.state_dict()
+    logged = model.logger.name_to_value
+    return {
+        "epochs": epochs,
+        "gae_max_abs_diff": float(np.abs(advantages[:, 0] - buffer.advantages[:, 0]).max()),
+        "returns_max_abs_diff": float(np.abs(returns[:, 0] - buffer.returns[:, 0]).max()),
+        "weights_max_rel_diff": max(
+            ((mine[k] - v.detach().reshape(mine[k].shape)).abs().max() / v.detach().abs().max()).item() for k, v in theirs.items()
+        ),
+        "policy_loss": [stats["policy_loss"], logged["train/policy_gradient_loss"]],
+        "value_loss_ours_x2_vs_sb3": [2 * stats["value_loss"], logged["train/value_loss"]],  # SB3's has no 0.5
+    }
+
+
+def compare_normalisation(steps: int = 3500) -> dict:
+    from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
+
+    theirs = VecNormalize(DummyVecEnv([lambda: gym.make("HalfCheetah-v5")]), gamma=0.98)
+    theirs.seed(5)
+    their_obs = theirs.reset()
+    envs, norm = ours.make_envs("HalfCheetah-v5", 1), ours.Normalizer(17, 1, ours.PRESETS["zoo-halfcheetah"][1])
+    raw, _ = envs.reset(seed=5)
+    norm.update(ours.flat_obs(raw))
+    obs_diffs = [np.abs(their_obs - norm.normalize_obs(ours.flat_obs(raw))).max()]
+    reward_diffs = []
+    rng = np.random.default_rng(0)
+    for _ in range(steps):
+        action = rng.uniform(-1, 1, (1, 6)).astype(np.float32)
+        their_obs, their_reward, done, info = theirs.step(action)
+        raw, reward, term, trunc, _ = envs.step(action)
+        norm.update(ours.flat_obs(raw), reward, np.ones(1, bool), term | trunc)
+        my_obs, my_reward = norm.normalize_obs(ours.flat_obs(raw)), norm.scale_reward(reward)
+        reward_diffs.append(abs(their_reward[0] - my_reward[0]))
+        if done[0]:  # SB3 returns the next episode's first observation, the final one in info; ours steps once more
+            obs_diffs.append(np.abs(info[0]["terminal_observation"] - my_obs).max())
+            raw, reward, term, trunc, _ = envs.step(action)
+            norm.update(ours.flat_obs(raw), reward, np.zeros(1, bool), term | trunc)
+            my_obs = norm.normalize_obs(ours.flat_obs(raw))
+        obs_diffs.append(np.abs(their_obs - my_obs).max())
+    return {"steps": steps, "obs_max_abs_diff": float(max(obs_diffs)), "reward_max_abs_diff": float(max(reward_diffs))}
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    results = {"update": [compare_update(1), compare_update(20)], "normalisation": compare_normalisation()}
+    print(json.dumps(results, indent=1))
+    path = ROOT / "benchmarks" / "results" / "continuous" / "sb3_equivalence.json"
+    path.write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
