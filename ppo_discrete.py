@@ -1097,12 +1097,14 @@ ON_POLICY_ATOL = 1e-3  # max |log-ratio| of an update's first minibatch, before 
 
 
 class NumpyPolicy:
-    """A numpy copy of the MLP agent (Linear layers with tanh between them, softmax of each action dimension's
-    logits), rebuilt after every update; it samples by the Gumbel-max trick from the run's numpy RNG."""
+    """A numpy copy of the MLP agent (Linear layers with tanh between them, softmax of the logits), rebuilt after
+    every update; it samples by the Gumbel-max trick from the run's numpy RNG."""
 
     KNOWN = (nn.Linear, nn.Tanh, nn.Sequential, nn.Identity)
 
     def __init__(self, agent: Agent):
+        if len(agent.nvec) > 1:
+            raise ValueError("it knows only Discrete actions (one dimension)")
         for m in agent.modules():
             if m is not agent and type(m) not in self.KNOWN:
                 raise ValueError(f"it does not know {type(m).__name__}")
@@ -1116,7 +1118,6 @@ class NumpyPolicy:
             return [(m.weight.detach().cpu().numpy().T.copy(), m.bias.detach().cpu().numpy().copy()) for m in linear]
 
         self.actor, self.critic, self.obs_onehot = layers(agent.actor), layers(agent.critic), agent.obs_onehot
-        self.starts, self.action_shape = np.cumsum(agent.nvec)[:-1], agent.action_shape
 
     @staticmethod
     def mlp(layers: list, x: np.ndarray) -> np.ndarray:
@@ -1124,12 +1125,8 @@ class NumpyPolicy:
             x = np.tanh(x @ w + b)
         return x @ layers[-1][0] + layers[-1][1]
 
-    def dimensions(self, x: np.ndarray) -> list[np.ndarray]:
-        """x [N, sum(nvec)] split into its action dimensions (one for Discrete)."""
-        return np.split(x, self.starts, axis=-1)
-
     def distribution(self, obs: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Logits [N, sum(nvec)], log pi(.|obs) [N, sum(nvec)] and V(obs) [N], as Agent.distribution computes them."""
+        """Logits [N, A], log pi(.|obs) [N, A] and V(obs) [N], as Agent.distribution computes them."""
         if self.obs_onehot:
             x = np.eye(self.obs_onehot, dtype=np.float32)[obs.astype(np.int64)]
         else:
@@ -1137,26 +1134,19 @@ class NumpyPolicy:
         logits = self.mlp(self.actor, x)
         if mask is not all_valid(*mask.shape) and not mask.all():
             logits = np.where(mask, logits, np.float32(MASKED_LOGIT))
-        shifted = [d - d.max(-1, keepdims=True) for d in self.dimensions(logits)]
-        logp = np.concatenate([d - np.log(np.exp(d).sum(-1, keepdims=True)) for d in shifted], -1)
-        return logits, logp, self.mlp(self.critic, x)[:, 0]
-
-    def log_prob(self, logp: np.ndarray, actions: np.ndarray) -> np.ndarray:
-        """log pi(actions|obs) [N], summed over the action dimensions, from log pi(.|obs) [N, sum(nvec)]."""
-        rows = np.arange(len(actions))
-        return sum(d[rows, a] for d, a in zip(self.dimensions(logp), actions.reshape(len(actions), -1).T))
+        shifted = logits - logits.max(-1, keepdims=True)
+        return logits, shifted - np.log(np.exp(shifted).sum(-1, keepdims=True)), self.mlp(self.critic, x)[:, 0]
 
     def act(self, obs: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Sampled actions, their log-probs and the values."""
         logits, logp, values = self.distribution(obs, mask)
-        noisy = logits - np.log(-np.log(rng.random(logits.shape, dtype=np.float32)))
-        actions = np.stack([d.argmax(-1) for d in self.dimensions(noisy)], -1).reshape(len(obs), *self.action_shape)
-        return actions, self.log_prob(logp, actions), values
+        actions = (logits - np.log(-np.log(rng.random(logits.shape, dtype=np.float32)))).argmax(-1)
+        return actions, logp[np.arange(len(actions)), actions], values
 
     def evaluate(self, obs: np.ndarray, mask: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Log-probs of the given actions, entropies and values, as Agent.get_action_and_value returns them."""
         _, logp, values = self.distribution(obs, mask)
-        return self.log_prob(logp, actions), -(np.exp(logp) * logp).sum(-1), values
+        return logp[np.arange(len(actions)), actions], -(np.exp(logp) * logp).sum(-1), values
 
     def mismatch(self, agent: Agent, device: torch.device, obs: np.ndarray, mask: np.ndarray) -> Optional[str]:
         """Where this copy departs from agent's get_action_and_value and get_value on obs (actions drawn by the
