@@ -1434,3 +1434,29 @@ def test_a_resumed_atari_run_starts_fresh_games_seeded_from_the_iteration(monkey
     opening, resumed = resets[0][1], resets[2][1]
     assert np.array_equal(resets[1][1], opening) and not np.array_equal(resumed[0], opening[0]) and not np.array_equal(resumed[1], opening[1])
     assert "note: these envs cannot be saved; resumed training starts fresh episodes" in capsys.readouterr().out
+
+
+def test_multidiscrete_masks_that_allow_nothing_in_a_dimension_or_have_another_length_are_one_line_errors(capsys):
+    flat = ppo.valid_actions({"action_mask": np.array([[1, 0, 0, 1, 0], [0, 1, 1, 0, 0]])}, 2, [2, 3], 9, True)
+    assert flat.tolist() == [[True, False, False, True, False], [False, True, True, False, False]]
+    assert ppo.valid_actions({"action_mask": np.zeros((2, 5))}, 2, [2, 3], 9, False).all()  # --no-action-masks: all valid
+    for info, needle in [
+        ({"action_mask": np.array([[1, 0, 0, 1, 0], [1, 1, 0, 0, 0]])}, "allows no action at global step 9 (env 1, dimension 1)"),
+        ({"action_mask": np.ones((2, 4))}, "the env's action_mask has shape (4,) per env; its 5 actions need shape (5,)"),
+    ]:
+        with pytest.raises(SystemExit) as failed:
+            ppo.valid_actions(info, 2, [2, 3], 9, True)
+        err = capsys.readouterr().err.splitlines()
+        assert failed.value.code == 2 and len(err) == 1 and needle in err[0], err
+
+
+@pytest.mark.parametrize("env_id, space, needle", [
+    ("TwoRowsOfActions-v0", gym.spaces.MultiDiscrete([[2, 3], [4, 5]]), "MultiDiscrete action space of shape (2, 2); ppo_discrete.py takes one row"),
+    ("ActionsFromOne-v0", gym.spaces.Discrete(3, start=1), "an action space that starts at 1; ppo_discrete.py needs actions from 0"),
+])  # fmt: skip
+def test_action_spaces_it_cannot_play_are_one_line_errors(env_id, space, needle, capsys):
+    gym.register(env_id, entry_point=lambda: type("Odd", (CountEnv,), {"action_space": space})())
+    with pytest.raises(SystemExit) as failed:
+        ppo.check_env(env_id, "{}")
+    err = capsys.readouterr().err.splitlines()
+    assert failed.value.code == 2 and len(err) == 1 and needle in err[0], err
