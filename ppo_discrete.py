@@ -903,7 +903,7 @@ def check_env(env_id: str, env_kwargs: str) -> dict:
     except gym.error.Error:
         atari = False  # gym.make below says what is wrong with the id
     if atari:
-        ours = {"self", "game", "num_envs", "autoreset_mode", "reward_clipping", "episodic_life"}
+        ours = {"self", "game", "num_envs", "autoreset_mode", "reward_clipping", "episodic_life", "continuous"}  # continuous: a Box action space
         unknown = sorted(set(kwargs) - set(inspect.signature(AtariVectorEnv.__init__).parameters) - ours)
         if unknown or ours & set(kwargs):
             fail(f"--env-kwargs {env_kwargs}: ale-py's AtariVectorEnv takes no {(unknown or sorted(ours & set(kwargs)))[0]} here")

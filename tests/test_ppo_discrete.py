@@ -678,6 +678,7 @@ def test_track_offline_leaves_metrics_in_wandb_run(tmp_path):
         (["--env-kwargs", '{"gravity": 3}'], "unexpected keyword argument 'gravity'"),
         (["--env-kwargs", "[1, 2]"], "--env-kwargs [1, 2] is not a JSON object"),
         (["--env-id", "ALE/Breakout-v5", "--env-kwargs", '{"episodic_life": true}'], "AtariVectorEnv takes no episodic_life"),
+        (["--env-id", "ALE/Breakout-v5", "--env-kwargs", '{"continuous": true}'], "AtariVectorEnv takes no continuous"),
         (["--num-minibatches", "3"], "--num-minibatches"),
         (["--num-envs", "0"], "--num-envs"),
         (["--gamma", "1.5"], "--gamma"),
