@@ -308,7 +308,7 @@ def test_numpy_copy_steps_aside_with_one_note_naming_the_cause(kind, cause, monk
 EDITS = {
     "relu": [("nn.Tanh(),", "nn.ReLU(),")],
     "action-dependent-logits": [(
-        "        return logits.log_softmax(-1), value",
+        "        return torch.cat([x.log_softmax(-1) for x in logits.split(self.nvec, -1)], -1), value",
         "        return (logits + 0.5 * (torch.arange(logits.shape[-1]) == 0)).log_softmax(-1), value",
     )],
     "extra-output": [
