@@ -21,7 +21,7 @@ import time
 import warnings
 from collections import deque
 from dataclasses import asdict, dataclass, fields
-from typing import Callable, NoReturn, Optional
+from typing import Callable, NoReturn, Optional, Union
 
 import ale_py
 import gymnasium as gym
@@ -31,15 +31,18 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
+from ale_py.vector_env import AtariVectorEnv
 from gymnasium.vector import AutoresetMode
 
 
 @dataclass
 class Args:
     env_id: str = "CartPole-v1"
-    """gymnasium id with a Discrete action space, `module:id` imports the module first; ALE ids get the Atari pipeline"""
+    """gymnasium id with a Discrete or MultiDiscrete action space, `module:id` imports the module first; ALE ids get the Atari pipeline"""
     env_kwargs: str = "{}"
     """keyword arguments of gym.make as JSON, e.g. '{"map_name": "8x8"}' (Atari: of ale-py's AtariVectorEnv)"""
+    action_masks: bool = True
+    """act only among the actions the env's action mask allows (info["action_mask"], or a Dict observation's key)"""
     total_timesteps: int = 500000
     """total environment steps, summed over envs and processes"""
     learning_rate: float = 2.5e-4
@@ -122,15 +125,13 @@ def is_atari(env_id: str) -> bool:
 
 def make_envs(env_id: str, num_envs: int, env_kwargs: dict, render: bool = False) -> gym.vector.VectorEnv:
     """Vector env in NEXT_STEP autoreset mode. Atari goes through ale-py's C++ AtariVectorEnv
-    (noop reset 30, frame skip 4 with max-pool, 84x84 grayscale, 4-frame stack, fire reset);
-    its rewards stay raw so the logged return is the game score, and the rollout clips them to
-    their sign and turns life losses into terminations itself."""
+    (noop reset 30, frame skip 4 with max-pool, 84x84 grayscale, 4-frame stack, fire reset),
+    as AtariGames: FIRE after a lost life too; its rewards stay raw so the logged return is the
+    game score, and the rollout clips them to their sign and turns life losses into terminations."""
     if is_atari(env_id):
-        from ale_py.vector_env import AtariVectorEnv
-
         kwargs = {"repeat_action_probability": gym.spec(env_id).kwargs.get("repeat_action_probability", 0.25), **env_kwargs}
-        return AtariVectorEnv(gym.spec(env_id).kwargs["game"], num_envs, autoreset_mode=AutoresetMode.NEXT_STEP,
-                              reward_clipping=False, episodic_life=False, **kwargs)  # fmt: skip
+        return AtariGames(gym.spec(env_id).kwargs["game"], num_envs, autoreset_mode=AutoresetMode.NEXT_STEP,
+                          reward_clipping=False, episodic_life=False, **kwargs)  # fmt: skip
     kwargs = {"vectorization_mode": "sync", "vector_kwargs": {"autoreset_mode": AutoresetMode.NEXT_STEP}, **env_kwargs}
     return gym.make_vec(env_id, num_envs, wrappers=[flat_observations], **kwargs, **({"render_mode": "rgb_array"} if render else {}))
 
@@ -159,11 +160,15 @@ def mlp(in_dim: int, out_dim: int, out_std: float) -> nn.Sequential:
 
 class Agent(nn.Module):
     """Pixels: the Nature CNN (Mnih et al. 2015) shared by a policy head and a value head.
-    Vectors: separate 64-64 tanh MLPs for actor and critic. Discrete observations are one-hot."""
+    Vectors: separate 64-64 tanh MLPs for actor and critic. Discrete observations are one-hot.
+    n_actions: a Discrete space's n, or a MultiDiscrete space's nvec: one categorical per dimension, their logits
+    side by side in the one policy head; actions are [B] for Discrete (one dimension), [B, D] for MultiDiscrete."""
 
-    def __init__(self, obs_space: gym.Space, n_actions: int, pixels: bool):
+    def __init__(self, obs_space: gym.Space, n_actions: Union[int, list[int]], pixels: bool):
         super().__init__()
-        self.pixels = pixels
+        self.pixels, self.nvec = pixels, [n_actions] if isinstance(n_actions, int) else list(n_actions)
+        self.action_shape = () if isinstance(n_actions, int) else (len(self.nvec),)
+        self.register_buffer("offsets", torch.tensor(np.cumsum([0] + self.nvec[:-1])), persistent=False)  # of each dimension's logits
         self.obs_onehot = obs_space.n if isinstance(obs_space, gym.spaces.Discrete) else 0
         if pixels:
             self.encoder = nn.Sequential(
@@ -177,16 +182,16 @@ class Agent(nn.Module):
                 layer_init(nn.Linear(64 * 7 * 7, 512)),
                 nn.ReLU(),
             )
-            self.actor = layer_init(nn.Linear(512, n_actions), std=0.01)
+            self.actor = layer_init(nn.Linear(512, sum(self.nvec)), std=0.01)
             self.critic = layer_init(nn.Linear(512, 1), std=1.0)
         else:
             in_dim = self.obs_onehot or int(np.prod(obs_space.shape))
             self.encoder = nn.Identity()
-            self.actor = mlp(in_dim, n_actions, out_std=0.01)
+            self.actor = mlp(in_dim, sum(self.nvec), out_std=0.01)
             self.critic = mlp(in_dim, 1, out_std=1.0)
 
     def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Action logits [B, A] and state values [B]."""
+        """Action logits [B, sum(nvec)] and state values [B]."""
         if self.pixels:
             x = obs.float() / 255.0
         elif self.obs_onehot:
@@ -199,11 +204,12 @@ class Agent(nn.Module):
     # The policy, defined once: the rollout, the update and evaluation all act through the methods below.
 
     def distribution(self, obs: torch.Tensor, action_mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """log pi(.|obs) [B, A] (log-softmax of the logits; actions the mask rules out get MASKED_LOGIT) and V(obs) [B]."""
+        """log pi(.|obs) [B, sum(nvec)] (each dimension's log-softmax of its logits; actions the mask rules out get
+        MASKED_LOGIT) and V(obs) [B]."""
         logits, value = self(obs)
         if action_mask is not None:
             logits = logits.masked_fill(~action_mask, MASKED_LOGIT)
-        return logits.log_softmax(-1), value
+        return torch.cat([x.log_softmax(-1) for x in logits.split(self.nvec, -1)], -1), value
 
     def get_value(self, obs: torch.Tensor) -> torch.Tensor:
         return self.distribution(obs)[1]
@@ -211,14 +217,17 @@ class Agent(nn.Module):
     def get_action_and_value(
         self, obs: torch.Tensor, action: Optional[torch.Tensor] = None, action_mask: Optional[torch.Tensor] = None
     ) -> tuple[torch.Tensor, ...]:  # fmt: skip
-        """(action, log pi(action|obs), entropy of pi(.|obs), V(obs)); the action is sampled when not given."""
+        """(action, log pi(action|obs), entropy of pi(.|obs), V(obs)); the action is sampled when not given. The
+        dimensions are independent: their log-probs and entropies add up."""
         logp, value = self.distribution(obs, action_mask)
         if action is None:
-            action = torch.multinomial(logp.exp(), 1).squeeze(-1)
-        return action, logp.gather(-1, action.unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1), value
+            action = torch.cat([torch.multinomial(x.exp(), 1) for x in logp.split(self.nvec, -1)], -1).view(-1, *self.action_shape)
+        logprob = logp.gather(-1, action.view(len(logp), -1) + self.offsets).sum(-1)
+        return action, logprob, -(logp.exp() * logp).sum(-1), value
 
     def greedy_action(self, obs: torch.Tensor, action_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self.distribution(obs, action_mask)[0].argmax(-1)
+        logp = self.distribution(obs, action_mask)[0]
+        return torch.stack([x.argmax(-1) for x in logp.split(self.nvec, -1)], -1).view(-1, *self.action_shape)
 
 
 # PPO maths: small functions the tests check against naive reference code.
@@ -332,16 +341,17 @@ class Carry:
     """What one rollout hands to the next; a checkpoint saves it (with the RNGs and envs) to resume mid-episode."""
 
     next_obs: np.ndarray
-    next_reset: np.ndarray  # True: this sub-env's next step is an autoreset step, no decision of the policy's
+    next_reset: np.ndarray  # True: this sub-env's next step is no decision of the policy's (autoreset; Atari's FIRE)
     next_mask: np.ndarray  # the actions valid in next_obs: info["action_mask"], or all
     episode_return: np.ndarray
     episode_length: np.ndarray
-    lives: np.ndarray  # Atari: lives left, so that a lost life can end the GAE trace
 
     @classmethod
-    def start(cls, next_obs: np.ndarray, next_mask: np.ndarray) -> "Carry":
-        n = len(next_obs)
-        return cls(next_obs, np.zeros(n, dtype=bool), next_mask, np.zeros(n), np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64))
+    def start(cls, envs: gym.vector.VectorEnv, seed: int, use_masks: bool, global_step: int = 0) -> "Carry":
+        """Fresh episodes: the envs reset with seeds seed, seed + 1, ..."""
+        next_obs, info = envs.reset(seed=seed)
+        n, next_mask = len(next_obs), valid_actions(info, len(next_obs), action_counts(envs.single_action_space), global_step, use_masks)
+        return cls(next_obs, np.zeros(n, dtype=bool), next_mask, np.zeros(n), np.zeros(n, dtype=np.int64))
 
 
 def train(args: Args) -> None:
@@ -358,7 +368,7 @@ def train(args: Args) -> None:
 
     envs = make_envs(args.env_id, args.num_envs, env_kwargs)
     obs_space = envs.single_observation_space
-    n_actions = int(envs.single_action_space.n)
+    n_actions = action_counts(envs.single_action_space)
     agent = Agent(obs_space, n_actions, atari).to(device)
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=device.type in ("cpu", "cuda"))
     if distributed:
@@ -368,11 +378,10 @@ def train(args: Args) -> None:
     # once per iteration, not once per step.
     obs = np.zeros((args.num_steps, args.num_envs) + obs_space.shape, dtype=np.uint8 if atari else np.float32)
     rewards, terminated, truncated, valid, logprobs, values = (np.zeros((args.num_steps, args.num_envs), np.float32) for _ in range(6))
-    actions = np.zeros((args.num_steps, args.num_envs), dtype=np.int64)
-    masks = np.ones((args.num_steps, args.num_envs, n_actions), dtype=bool)
+    actions = np.zeros((args.num_steps, args.num_envs) + envs.single_action_space.shape, dtype=np.int64)
+    masks = np.ones((args.num_steps, args.num_envs, sum(agent.nvec)), dtype=bool)
 
-    first_obs, info = envs.reset(seed=args.seed + rank * args.num_envs)
-    carry = Carry.start(first_obs, action_masks(info, args.num_envs, n_actions, 0))
+    carry = Carry.start(envs, args.seed + rank * args.num_envs, args.action_masks)
     start_iteration, global_step, carry = restore_checkpoint(ckpt, agent, optimizer, envs, rng, carry, rank, world_size)
     logger = Logger(args, ckpt, rank)
     policy, guard = RolloutPolicy(agent, device, rng), NonFiniteGuard(logger.checkpoint_path)
@@ -392,20 +401,16 @@ def train(args: Args) -> None:
         for step in range(args.num_steps):
             global_step += args.num_envs * world_size
             obs[step], masks[step] = carry.next_obs, carry.next_mask
-            valid[step] = ~carry.next_reset  # an autoreset step is no transition of the policy's
+            valid[step] = ~carry.next_reset  # an autoreset step (or Atari's FIRE) is no decision of the policy's
             actions[step], logprobs[step], values[step] = policy.act(carry.next_obs, carry.next_mask)
             carry.next_obs, reward, term, trunc, info = envs.step(actions[step])
-            carry.next_mask = action_masks(info, args.num_envs, n_actions, global_step)
+            carry.next_mask = valid_actions(info, args.num_envs, n_actions, global_step, args.action_masks)
             ended = term | trunc
             logger.episodes(global_step, carry, reward, ended)
-            if atari:
-                # Episodic life: a lost life ends the trace for GAE; the game itself goes on.
-                life_lost = (info["lives"] < carry.lives) & ~carry.next_reset
-                carry.lives = info["lives"]
-                term = term | life_lost
-                reward = np.sign(reward)
-            rewards[step], terminated[step], truncated[step] = reward, term, trunc & ~term
             carry.next_reset = ended
+            if atari:  # a lost life ends the trace for GAE; the game goes on, relaunched by FIRE (no decision of the policy's)
+                term, reward, carry.next_reset = term | info["life_lost"], np.sign(reward), ended | info["fire_next"]
+            rewards[step], terminated[step], truncated[step] = reward, term, trunc & ~term
 
         check_env_output(args.env_id, obs, rewards, carry.next_obs, global_step, args.num_envs * world_size, logger.checkpoint_path)
 
@@ -413,7 +418,7 @@ def train(args: Args) -> None:
         next_value = policy.value(carry.next_obs)
         advantages, returns = compute_gae(rewards, values, next_value, terminated, truncated, args.gamma, args.gae_lambda)
 
-        # 4. The clipped update on the batch, without the autoreset steps (no decisions of the policy's).
+        # 4. The clipped update on the batch, without the autoreset and FIRE steps (no decisions of the policy's).
         keep = np.flatnonzero(valid.reshape(-1))
         rollout = dict(obs=obs, actions=actions, logprobs=logprobs, values=values, advantages=advantages, returns=returns)
         if not masks.all():  # only a rollout that met masks pays for masking in the update
@@ -572,7 +577,7 @@ def save_checkpoint(
         "metrics_offset": logger.file.tell(),
         "agent": agent.state_dict(),
         "optimizer": optimizer.state_dict(),
-        "n_actions": int(envs.single_action_space.n),
+        "n_actions": action_counts(envs.single_action_space),
         "resume_state": pickle.dumps(ranks),
     }
     tmp = f"{logger.checkpoint_path}.tmp"
@@ -621,24 +626,28 @@ def restore_checkpoint(
     carry: Carry, rank: int, world_size: int,
 ) -> tuple[int, int, Carry]:  # fmt: skip
     """(start_iteration, global_step, carry) of a new run, or of the checkpoint after loading its weights,
-    optimizer, RNGs and envs."""
+    optimizer, RNGs and envs. Envs that could not be saved (Atari's) start fresh episodes with seeds derived from
+    the iteration, not the run's opening games again."""
     if ckpt is None:
         return 1, 0, carry
     agent.load_state_dict(ckpt["agent"])
     optimizer.load_state_dict(ckpt["optimizer"])
-    ranks = ckpt["ranks"]
-    if len(ranks) != world_size:
+    ranks, iteration, global_step = ckpt["ranks"], ckpt["iteration"], ckpt["global_step"]
+    mine = ranks[rank] if len(ranks) == world_size else None
+    if mine is None:
         note(f"checkpoint has {len(ranks)} processes, this run {world_size}; RNGs and envs start fresh")
     else:
-        mine = ranks[rank]
         set_rng_state(mine["global_rngs"])
         rng.bit_generator.state = mine["rng"]
-        if mine["envs"] is None:
+    if mine is not None and mine["envs"] is not None:
+        restore_env_state(envs, mine["envs"])
+        carry = Carry(**mine["carry"])
+    else:
+        if mine is not None:
             note("these envs cannot be saved; resumed training starts fresh episodes")
-        else:
-            restore_env_state(envs, mine["envs"])
-            carry = Carry(**mine["carry"])
-    return ckpt["iteration"] + 1, ckpt["global_step"], carry
+        seed = int(np.random.SeedSequence([ckpt["args"]["seed"], rank, iteration]).generate_state(1)[0]) % 2**30  # ale: int32
+        carry = Carry.start(envs, seed, ckpt["args"]["action_masks"], global_step)
+    return iteration + 1, global_step, carry
 
 
 def seed_everything(seed: int, torch_deterministic: bool) -> np.random.Generator:
@@ -804,20 +813,20 @@ def finish(agent: Agent, args: Args, device: torch.device, logger: Logger, envs:
 
 def evaluate(
     agent: Agent, env_id: str, env_kwargs: dict, episodes: int, seed: int, device: torch.device, stochastic: bool,
-    video_path: Optional[str],
+    video_path: Optional[str], use_masks: bool = True,
 ) -> list[float]:  # fmt: skip
     """Play whole episodes (whole games for Atari) and return their undiscounted, unclipped returns.
     With video_path, the first episode is recorded: rendered frames, or what the agent sees on Atari."""
     envs = make_envs(env_id, 1, env_kwargs, render=video_path is not None and not is_atari(env_id))
     torch.manual_seed(seed)
     obs, info = envs.reset(seed=seed)
-    n_actions, step = int(envs.single_action_space.n), 0
+    n_actions, step = action_counts(envs.single_action_space), 0
     returns, episode_return, frames = [], 0.0, []
     while len(returns) < episodes:
         if video_path is not None and not returns:
             frames.append(obs[0, -1] if is_atari(env_id) else envs.render()[0])
         with torch.no_grad():
-            x, mask = torch.as_tensor(obs, device=device), mask_tensor(action_masks(info, 1, n_actions, step), device)
+            x, mask = torch.as_tensor(obs, device=device), mask_tensor(valid_actions(info, 1, n_actions, step, use_masks), device)
             action = agent.get_action_and_value(x, None, mask)[0] if stochastic else agent.greedy_action(x, mask)
         obs, reward, terminated, truncated, info = envs.step(action.cpu().numpy())
         step += 1
@@ -846,7 +855,9 @@ def evaluate_and_log(agent: Agent, args: Args, device: torch.device, logger: Log
         os.makedirs(os.path.join(logger.run_dir, "videos"), exist_ok=True)
         video_path = os.path.join(logger.run_dir, "videos", "eval.mp4")
     env_kwargs = json.loads(args.env_kwargs)
-    returns = evaluate(agent, args.env_id, env_kwargs, args.eval_episodes, args.seed + 10_000, device, args.eval_stochastic, video_path)
+    returns = evaluate(
+        agent, args.env_id, env_kwargs, args.eval_episodes, args.seed + 10_000, device, args.eval_stochastic, video_path, args.action_masks
+    )
     logger.log(global_step, {"eval/episodic_return": float(np.mean(returns)), "eval/episodic_return_std": float(np.std(returns))})
     print(f"eval: return {np.mean(returns):.2f} +- {np.std(returns):.2f} over {len(returns)} episodes")
     if logger.wandb_run is not None and video_path is not None:
@@ -866,7 +877,8 @@ def evaluate_checkpoint(args: Args) -> None:
     agent = Agent(envs.single_observation_space, ckpt["n_actions"], is_atari(env_id)).to(device)
     envs.close()
     agent.load_state_dict(ckpt["agent"])
-    returns = evaluate(agent, env_id, env_kwargs, max(args.eval_episodes, 1), args.seed, device, args.eval_stochastic, None)
+    use_masks = ckpt["args"].get("action_masks", True)  # checkpoints before --no-action-masks always masked
+    returns = evaluate(agent, env_id, env_kwargs, max(args.eval_episodes, 1), args.seed, device, args.eval_stochastic, None, use_masks)
     print(f"eval {env_id}: return {np.mean(returns):.2f} +- {np.std(returns):.2f} over {len(returns)} episodes")
 
 
@@ -880,7 +892,7 @@ def fail(message: str) -> NoReturn:
 
 def check_env(env_id: str, env_kwargs: str) -> dict:
     """The parsed --env-kwargs, once env_id makes an env with them (gymnasium's own error otherwise) that acts in a
-    Discrete space and observes a Box or Discrete one."""
+    Discrete or MultiDiscrete space (numbered from 0) and observes a Box, Discrete, Dict or Tuple one."""
     try:
         kwargs = json.loads(env_kwargs)
         assert isinstance(kwargs, dict)
@@ -891,9 +903,7 @@ def check_env(env_id: str, env_kwargs: str) -> dict:
     except gym.error.Error:
         atari = False  # gym.make below says what is wrong with the id
     if atari:
-        from ale_py.vector_env import AtariVectorEnv
-
-        ours = {"self", "game", "num_envs", "autoreset_mode", "reward_clipping", "episodic_life"}
+        ours = {"self", "game", "num_envs", "autoreset_mode", "reward_clipping", "episodic_life", "continuous"}  # continuous: a Box action space
         unknown = sorted(set(kwargs) - set(inspect.signature(AtariVectorEnv.__init__).parameters) - ours)
         if unknown or ours & set(kwargs):
             fail(f"--env-kwargs {env_kwargs}: ale-py's AtariVectorEnv takes no {(unknown or sorted(ours & set(kwargs)))[0]} here")
@@ -907,9 +917,13 @@ def check_env(env_id: str, env_kwargs: str) -> dict:
         fail(f"{flag}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     action_space, obs_space = env.action_space, env.observation_space
     env.close()
-    if not isinstance(action_space, gym.spaces.Discrete):
+    if not isinstance(action_space, (gym.spaces.Discrete, gym.spaces.MultiDiscrete)):
         hint = "; use ppo_continuous.py" if isinstance(action_space, gym.spaces.Box) else ""
-        fail(f"--env-id {env_id} has a {type(action_space).__name__} action space; ppo_discrete.py needs Discrete{hint}")
+        fail(f"--env-id {env_id} has a {type(action_space).__name__} action space; ppo_discrete.py needs Discrete or MultiDiscrete{hint}")
+    if isinstance(action_space, gym.spaces.MultiDiscrete) and len(action_space.shape) != 1:
+        fail(f"--env-id {env_id} has a MultiDiscrete action space of shape {action_space.shape}; ppo_discrete.py takes one row (nvec 1-D)")
+    if np.any(action_space.start != 0):  # the policy numbers each dimension's actions from 0
+        fail(f"--env-id {env_id} has an action space that starts at {action_space.start}; ppo_discrete.py needs actions from 0")
     try:
         flat_observations(env)
     except NotImplementedError:
@@ -930,16 +944,31 @@ def mask_tensor(mask: np.ndarray, device: torch.device) -> Optional[torch.Tensor
     return None if mask is all_valid(*mask.shape) else torch.as_tensor(mask, device=device)
 
 
-def action_masks(info: dict, num_envs: int, n_actions: int, global_step: int) -> np.ndarray:
-    """The valid actions [num_envs, n_actions] of each env's observation: info["action_mask"] (gymnasium's
-    convention) where the env gives one, else all. A mask that allows nothing is a one-line error."""
-    if "action_mask" not in info:
-        return all_valid(num_envs, n_actions)
-    masks = np.ones((num_envs, n_actions), dtype=bool)
+def action_counts(space: gym.Space) -> Union[int, list[int]]:
+    """What Agent takes as n_actions: a Discrete space's n, a MultiDiscrete space's nvec."""
+    return int(space.n) if isinstance(space, gym.spaces.Discrete) else [int(n) for n in space.nvec]
+
+
+def valid_actions(info: dict, num_envs: int, n_actions: Union[int, list[int]], global_step: int, use_masks: bool) -> np.ndarray:
+    """The valid actions [num_envs, sum(nvec)] of each env's observation: info["action_mask"] (gymnasium's convention)
+    where the env gives one and use_masks (--action-masks), else all. MultiDiscrete: the dimensions' masks side by side
+    (sb3-contrib's MaskablePPO), or a tuple of one mask per dimension (what MultiDiscrete.sample takes). A mask that
+    allows nothing (in some dimension) is a one-line error."""
+    nvec = np.atleast_1d(n_actions)
+    if not use_masks or "action_mask" not in info:
+        return all_valid(num_envs, int(nvec.sum()))
+    masks = np.ones((num_envs, int(nvec.sum())), dtype=bool)
     given = info.get("_action_mask", np.ones(num_envs, dtype=bool))
-    masks[given] = np.asarray(info["action_mask"])[given] != 0
-    if not masks.any(-1).all():
-        fail(f"the env's action_mask allows no action at global step {global_step} (env {np.flatnonzero(~masks.any(-1))[0]})")
+    env_masks = np.asarray(info["action_mask"])[given]
+    if env_masks.dtype == object:  # the vector env kept each env's tuple of per-dimension masks as an object
+        env_masks = np.stack([np.concatenate(m) for m in env_masks])
+    if env_masks.shape[1:] != masks.shape[1:]:
+        fail(f"the env's action_mask has shape {env_masks.shape[1:]} per env; its {nvec.sum()} actions need shape {masks.shape[1:]}")
+    masks[given] = env_masks != 0
+    allowed = np.logical_or.reduceat(masks, np.cumsum(nvec) - nvec, axis=-1)  # [num_envs, dimensions]
+    if not allowed.all():
+        i, d = np.argwhere(~allowed)[0]
+        fail(f"the env's action_mask allows no action at global step {global_step} (env {i}{f', dimension {d}' if len(nvec) > 1 else ''})")
     return masks
 
 
@@ -1015,6 +1044,33 @@ class FlatObservation(gym.Wrapper):
         return obs, reward, terminated, truncated, info
 
 
+class AtariGames(AtariVectorEnv):
+    """ale-py's AtariVectorEnv played as CleanRL's EpisodicLifeEnv under FireResetEnv: info["life_lost"] marks a lost
+    life (an autoreset step starts a new game, none lost), and where the game has FIRE, the next action of a sub-env
+    that lost a life but not its game is replaced by FIRE, announced by info["fire_next"]. ale-py fires only when a
+    game starts: without this a policy that does not fire waits (Breakout: the ball never relaunched) for the
+    27,000-frame truncation."""
+
+    def __init__(self, game: str, num_envs: int, **kwargs):
+        super().__init__(game, num_envs, **kwargs)
+        action_set = self.ale.get_action_set()
+        self.fire = action_set.index(ale_py.Action.FIRE) if ale_py.Action.FIRE in action_set else None
+
+    def reset(self, **kwargs) -> tuple[np.ndarray, dict]:
+        obs, info = super().reset(**kwargs)
+        self.lives, self.autoreset, self.fire_next = info["lives"], np.zeros(self.num_envs, bool), np.zeros(self.num_envs, bool)
+        return obs, info
+
+    def step(self, actions: np.ndarray) -> tuple:
+        if self.fire is not None:
+            actions = np.where(self.fire_next, self.fire, actions)
+        obs, reward, terminated, truncated, info = super().step(actions)
+        life_lost = (info["lives"] < self.lives) & ~self.autoreset
+        self.lives, self.autoreset = info["lives"], terminated | truncated
+        self.fire_next = life_lost & ~self.autoreset & (self.fire is not None)
+        return obs, reward, terminated, truncated, {**info, "life_lost": life_lost, "fire_next": self.fire_next}
+
+
 def env_state(envs: gym.vector.VectorEnv) -> Optional[bytes]:
     """A SyncVectorEnv's state pickled (its sub-envs: episodes in progress and their RNGs; which of them reset at
     the next step), all but the functions that built it; None, after a note, for envs that cannot be pickled."""
@@ -1047,6 +1103,8 @@ class NumpyPolicy:
     KNOWN = (nn.Linear, nn.Tanh, nn.Sequential, nn.Identity)
 
     def __init__(self, agent: Agent):
+        if len(agent.nvec) > 1:
+            raise ValueError("it knows only Discrete actions (one dimension)")
         for m in agent.modules():
             if m is not agent and type(m) not in self.KNOWN:
                 raise ValueError(f"it does not know {type(m).__name__}")

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+import tyro
 from conftest import ROOT, assert_one_line_error, comparable, interrupt_with_ctrl_c, read_metrics, run_script, run_torchrun, wandb_offline_log
 
 import ppo_discrete as ppo
@@ -307,7 +308,7 @@ def test_numpy_copy_steps_aside_with_one_note_naming_the_cause(kind, cause, monk
 EDITS = {
     "relu": [("nn.Tanh(),", "nn.ReLU(),")],
     "action-dependent-logits": [(
-        "        return logits.log_softmax(-1), value",
+        "        return torch.cat([x.log_softmax(-1) for x in logits.split(self.nvec, -1)], -1), value",
         "        return (logits + 0.5 * (torch.arange(logits.shape[-1]) == 0)).log_softmax(-1), value",
     )],
     "extra-output": [
@@ -677,6 +678,7 @@ def test_track_offline_leaves_metrics_in_wandb_run(tmp_path):
         (["--env-kwargs", '{"gravity": 3}'], "unexpected keyword argument 'gravity'"),
         (["--env-kwargs", "[1, 2]"], "--env-kwargs [1, 2] is not a JSON object"),
         (["--env-id", "ALE/Breakout-v5", "--env-kwargs", '{"episodic_life": true}'], "AtariVectorEnv takes no episodic_life"),
+        (["--env-id", "ALE/Breakout-v5", "--env-kwargs", '{"continuous": true}'], "AtariVectorEnv takes no continuous"),
         (["--num-minibatches", "3"], "--num-minibatches"),
         (["--num-envs", "0"], "--num-envs"),
         (["--gamma", "1.5"], "--gamma"),
@@ -1218,3 +1220,244 @@ def test_a_checkpoint_of_another_version_resumes_with_a_one_line_error_and_still
     assert stop.value.code == 2 and len(err) == 1 and "another version of ppo_discrete.py" in err[0], err
     ppo.evaluate_checkpoint(ppo.Args(eval_checkpoint=str(tmp_path / "old.pt"), eval_episodes=1, num_threads=1, device="cpu"))
     assert capsys.readouterr().out.startswith("eval CartPole-v1: return ")
+
+
+# ---------------------------------------------------------------- MultiDiscrete actions
+
+
+class MatchTwo(gym.Env):
+    """MultiDiscrete([3, 4]) actions: the observation shows a target (a, b) one-hot (3 + 4 entries); reward 0.5 for
+    each dimension that matches it. With masks, info["action_mask"] allows in each dimension the target and one other
+    action: flat (the dimensions side by side, 7 long) or as a tuple of one mask per dimension. RULED_OUT counts the
+    actions a mask ruled out that were taken anyway."""
+
+    observation_space = gym.spaces.Box(0, 1, (7,), np.float32)
+    action_space = gym.spaces.MultiDiscrete([3, 4])
+    RULED_OUT = [0]
+
+    def __init__(self, masks=None):
+        self.masks = masks
+
+    def observe(self):
+        self.target = self.np_random.integers([3, 4])
+        if self.masks is None:
+            self.mask = None
+            return np.concatenate([np.eye(3)[self.target[0]], np.eye(4)[self.target[1]]]).astype(np.float32), {}
+        self.mask = [np.eye(n, dtype=np.int8)[t] for n, t in zip((3, 4), self.target)]
+        for m, n, t in zip(self.mask, (3, 4), self.target):
+            m[(t + 1 + self.np_random.integers(n - 1)) % n] = 1
+        obs = np.concatenate([np.eye(3)[self.target[0]], np.eye(4)[self.target[1]]]).astype(np.float32)
+        return obs, {"action_mask": tuple(self.mask) if self.masks == "tuple" else np.concatenate(self.mask)}
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return self.observe()
+
+    def step(self, action):
+        assert self.action_space.contains(np.asarray(action)), action
+        if self.mask is not None:
+            MatchTwo.RULED_OUT[0] += sum(int(m[a] == 0) for m, a in zip(self.mask, action))
+        reward = 0.5 * float(np.sum(np.asarray(action) == self.target))
+        obs, info = self.observe()
+        return obs, reward, False, False, info
+
+
+gym.register("MatchTwo-v0", entry_point=MatchTwo, max_episode_steps=8)
+gym.register("MatchTwoMasked-v0", entry_point=MatchTwo, kwargs={"masks": "flat"}, max_episode_steps=8)
+gym.register("MatchTwoTupleMasks-v0", entry_point=MatchTwo, kwargs={"masks": "tuple"}, max_episode_steps=8)
+
+
+def fixed_logits_agent(logits):
+    """An MLP agent with nvec [2, 3] whose policy head gives these logits whatever the observation."""
+    agent = ppo.Agent(gym.spaces.Box(-1, 1, (2,), np.float32), [2, 3], pixels=False)
+    with torch.no_grad():
+        agent.actor[-1].weight.zero_()
+        agent.actor[-1].bias.copy_(torch.tensor(logits))
+    return agent
+
+
+def test_multidiscrete_log_probs_and_entropies_are_the_heads_summed_by_hand():
+    # Dimension 0: logits (0, ln 3), probabilities (1/4, 3/4); dimension 1: logits (0, 0, ln 2), (1/4, 1/4, 1/2).
+    agent = fixed_logits_agent([0.0, np.log(3), 0.0, 0.0, np.log(2)])
+    obs = torch.zeros(3, 2)
+    h0, h1 = -(0.25 * np.log(0.25) + 0.75 * np.log(0.75)), -(0.5 * np.log(0.25) + 0.5 * np.log(0.5))
+    given = torch.tensor([[1, 2], [0, 0], [1, 1]])
+    action, logp, ent, _ = agent.get_action_and_value(obs, given)
+    expected = [np.log(0.75) + np.log(0.5), np.log(0.25) + np.log(0.25), np.log(0.75) + np.log(0.25)]
+    np.testing.assert_allclose(logp.detach().numpy(), expected, rtol=1e-6)
+    np.testing.assert_allclose(ent.detach().numpy(), [h0 + h1] * 3, rtol=1e-6)
+    assert agent.greedy_action(obs).tolist() == [[1, 2]] * 3
+    # A mask per dimension, side by side: dimension 1 without its action 2 is (1/2, 1/2), dimension 0 without action 1 is (1, 0).
+    mask = torch.tensor([[True, True, True, True, False], [True, False, True, True, True], [True, True, True, True, True]])
+    _, logp, ent, _ = agent.get_action_and_value(obs, torch.tensor([[1, 0], [0, 2], [1, 2]]), mask)
+    np.testing.assert_allclose(logp.detach().numpy(), [np.log(0.75) + np.log(0.5), np.log(0.5), np.log(0.75) + np.log(0.5)], rtol=1e-6)
+    np.testing.assert_allclose(ent.detach().numpy(), [h0 + np.log(2), h1, h0 + h1], rtol=1e-6)
+    assert agent.greedy_action(obs, mask)[1].tolist() == [0, 2]
+    # Sampled: [B, D] actions, each dimension with its own frequencies, never a masked one.
+    drawn = agent.get_action_and_value(obs[:1].expand(40_000, 2), None, mask[:1].expand(40_000, 5))[0]
+    assert drawn.shape == (40_000, 2) and not (drawn[:, 1] == 2).any()
+    np.testing.assert_allclose(np.bincount(drawn[:, 0].numpy(), minlength=2) / 40_000, [0.25, 0.75], atol=0.01)
+    np.testing.assert_allclose(np.bincount(drawn[:, 1].numpy(), minlength=3) / 40_000, [0.5, 0.5, 0], atol=0.01)
+
+
+def test_a_multidiscrete_env_learns_evaluates_greedily_and_resumes_exactly(monkeypatch, capsys, tmp_path):
+    flags = dict(env_id="MatchTwo-v0", total_timesteps=8192, learning_rate=1e-3, eval_episodes=3)
+    train_in_process(monkeypatch, runs_dir=str(tmp_path / "whole"), **flags)
+    whole = comparable(read_metrics(tmp_path / "whole"))
+    returns = [r["charts/episodic_return"] for r in whole if "charts/episodic_return" in r]
+    # A random policy matches 1/3 and 1/4 of the time: 8 x (0.5/3 + 0.5/4) = 2.33 an episode; all matched is 8.
+    assert np.mean(returns[:20]) < 3.5 and np.mean(returns[-20:]) > 4.5, (np.mean(returns[:20]), np.mean(returns[-20:]))
+    assert [r["eval/episodic_return"] for r in whole if "eval/episodic_return" in r][0] > 6  # greedy: 7.33 measured
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert notes == ["note: the numpy rollout copy steps aside: it knows only Discrete actions (one dimension); "
+                     "the rollout runs Agent.get_action_and_value in torch"], notes  # fmt: skip
+    (ckpt,) = (tmp_path / "whole").glob("*/checkpoint.pt")
+    assert torch.load(ckpt, weights_only=True)["n_actions"] == [3, 4]
+    # Stopped after iteration 2 as by Ctrl-C, then resumed: the same numbers as the whole run.
+    asked = iter([False, True])
+    monkeypatch.setattr(ppo, "install_stop_handlers", lambda device: lambda: next(asked))
+    with pytest.raises(SystemExit):
+        train_in_process(monkeypatch, runs_dir=str(tmp_path / "parts"), **flags)
+    (ckpt,) = (tmp_path / "parts").glob("*/checkpoint.pt")
+    monkeypatch.undo()
+    train_in_process(monkeypatch, resume=str(ckpt))
+    assert comparable(read_metrics(tmp_path / "parts")) == whole
+    ppo.evaluate_checkpoint(ppo.Args(eval_checkpoint=str(ckpt), eval_episodes=2, num_threads=1, device="cpu"))
+    assert "eval MatchTwo-v0: return " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("env_id", ["MatchTwoMasked-v0", "MatchTwoTupleMasks-v0"], ids=["flat", "tuple"])
+def test_multidiscrete_masks_per_dimension_are_never_violated(env_id, monkeypatch, tmp_path):
+    MatchTwo.RULED_OUT[0] = 0
+    flags = dict(total_timesteps=2048, eval_episodes=2, update_epochs=1, num_minibatches=1, runs_dir=str(tmp_path))
+    train_in_process(monkeypatch, env_id=env_id, **flags)
+    assert MatchTwo.RULED_OUT[0] == 0  # over 2048 training steps and 2 greedy evaluation episodes
+    # And the masked policy is what the update trained: each update's one minibatch, before its step, on-policy.
+    kls = [r["losses/old_approx_kl"] for r in read_metrics(tmp_path) if "losses/old_approx_kl" in r]
+    assert all(abs(kl) < 1e-6 for kl in kls), kls
+
+
+def test_no_action_masks_ignores_the_env_mask_in_training_and_evaluation(monkeypatch, tmp_path):
+    assert ppo.Args().action_masks and not tyro.cli(ppo.Args, args=["--no-action-masks"]).action_masks
+    PickTheLegalAction.ILLEGAL[0] = 0
+    flags = dict(total_timesteps=1024, update_epochs=1, num_minibatches=1, eval_episodes=2, runs_dir=str(tmp_path))
+    train_in_process(monkeypatch, env_id="PickMasked-v0", action_masks=False, **flags)
+    # A near-uniform policy over 4 actions takes the legal one about 1 time in 4 (with the mask: always).
+    assert PickTheLegalAction.ILLEGAL[0] > 500, PickTheLegalAction.ILLEGAL[0]
+    records = read_metrics(tmp_path)
+    assert np.mean([r["charts/episodic_return"] for r in records if "charts/episodic_return" in r]) < 4
+    # The update trained the unmasked policy that acted (its one minibatch, before its step, on-policy).
+    assert all(abs(r["losses/old_approx_kl"]) < 1e-6 for r in records if "losses/old_approx_kl" in r)
+    (ckpt,) = tmp_path.glob("*/checkpoint.pt")
+    PickTheLegalAction.ILLEGAL[0] = 0
+    ppo.evaluate_checkpoint(ppo.Args(eval_checkpoint=str(ckpt), eval_episodes=2, num_threads=1, device="cpu"))
+    assert PickTheLegalAction.ILLEGAL[0] > 0  # --eval-checkpoint plays as the run trained: unmasked
+
+
+# ---------------------------------------------------------------- Atari as CleanRL plays it
+
+
+def test_atari_fires_after_every_lost_life_so_a_noop_policy_does_not_stall(monkeypatch):
+    sent, step = [], ppo.AtariVectorEnv.step
+    monkeypatch.setattr(ppo.AtariVectorEnv, "step", lambda self, actions: sent.append(int(actions[0])) or step(self, actions))
+    envs = ppo.make_envs("ALE/Breakout-v5", 1, {})
+    assert envs.fire == 1  # Breakout's minimal action set: NOOP, FIRE, RIGHT, LEFT
+    envs.reset(seed=0)
+    lives, fire_next, ended = [5], [], None
+    for t in range(400):
+        _, _, term, trunc, info = envs.step(np.zeros(1, np.int64))  # the policy: NOOP, always
+        lives.append(int(info["lives"][0]))
+        fire_next.append(bool(info["fire_next"][0]))
+        if term[0] or trunc[0]:
+            ended = t
+            break
+    envs.close()
+    # Each lost life but the last is followed by exactly one FIRE sent to ale-py, announced by fire_next; the ball is
+    # relaunched, lost again, and the game ends after 5 lives within a few hundred steps.
+    lost = [t for t in range(len(lives) - 1) if lives[t + 1] < lives[t]]
+    assert ended is not None and term[0] and lives[-1] == 0 and len(lost) == 5, (ended, lives[-1], lost)
+    assert [t for t, a in enumerate(sent) if a == 1] == [t + 1 for t in lost[:-1]]
+    assert [t for t, f in enumerate(fire_next) if f] == lost[:-1]
+    # Without it (ale-py's AtariVectorEnv as it comes), a NOOP policy waits for the time limit after its first lost life.
+    plain = ppo.AtariVectorEnv("breakout", 1, autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP, repeat_action_probability=0.25)
+    plain.reset(seed=0)
+    for _ in range(400):
+        _, _, term, trunc, info = plain.step(np.zeros(1, np.int64))
+        assert not (term[0] or trunc[0])
+    assert info["lives"][0] == 4
+    plain.close()
+
+
+def test_atari_fire_steps_are_left_out_of_the_update_and_evaluation_fires_too(monkeypatch, tmp_path):
+    flags = dict(env_id="ALE/Breakout-v5", num_envs=2, num_steps=64, num_minibatches=1, update_epochs=1, total_timesteps=128)
+    no_decision, step = [], ppo.AtariGames.step
+    def recording_step(self, actions):
+        out = step(self, actions)
+        no_decision.append(out[2] | out[3] | out[4]["fire_next"])  # the next step is an autoreset or a FIRE
+        return out
+    monkeypatch.setattr(ppo.AtariGames, "step", recording_step)
+    batches, update = [], ppo.ppo_update
+    monkeypatch.setattr(ppo, "ppo_update", lambda agent, opt, batch, *rest: batches.append(len(batch["actions"])) or update(agent, opt, batch, *rest))
+    train_in_process(monkeypatch, runs_dir=str(tmp_path), **flags)
+    skipped = np.array(no_decision[:63]).sum()  # the flags of steps 0..62 leave out steps 1..63
+    assert skipped > 0 and batches == [128 - skipped], (skipped, batches)
+    # Greedy evaluation of a policy that never fires: a whole game (5 lives) in a few hundred steps, not 27,000 frames.
+    agent = ppo.Agent(gym.spaces.Box(0, 255, (4, 84, 84), np.uint8), 4, pixels=True)
+    with torch.no_grad():
+        agent.actor.weight.zero_()
+        agent.actor.bias.copy_(torch.tensor([1.0, 0.0, 0.0, 0.0]))  # NOOP
+    no_decision.clear()
+    ppo.evaluate(agent, "ALE/Breakout-v5", {}, 1, 0, torch.device("cpu"), False, None)
+    assert len(no_decision) < 1000 and sum(f.sum() for f in no_decision) == 5  # 4 FIREs and the game's end
+
+
+def test_a_resumed_atari_run_starts_fresh_games_seeded_from_the_iteration(monkeypatch, capsys, tmp_path):
+    flags = dict(env_id="ALE/Breakout-v5", num_envs=2, num_steps=32, num_minibatches=1, update_epochs=1, total_timesteps=192)
+    resets, reset = [], ppo.AtariGames.reset
+
+    def recording_reset(self, **kwargs):
+        obs, info = reset(self, **kwargs)
+        resets.append((kwargs.get("seed"), obs))
+        return obs, info
+
+    monkeypatch.setattr(ppo.AtariGames, "reset", recording_reset)
+    asked = iter([False, True])
+    monkeypatch.setattr(ppo, "install_stop_handlers", lambda device: lambda: next(asked))
+    with pytest.raises(SystemExit):
+        train_in_process(monkeypatch, runs_dir=str(tmp_path), **flags)  # stopped after iteration 2 of 3
+    (ckpt,) = tmp_path.glob("*/checkpoint.pt")
+    monkeypatch.setattr(ppo, "install_stop_handlers", lambda device: lambda: False)
+    train_in_process(monkeypatch, resume=str(ckpt))
+    # ale-py's envs cannot be saved: the resumed run resets them once more, with seeds of its own, and its first
+    # games open otherwise than the run's first games did.
+    derived = int(np.random.SeedSequence([1, 0, 2]).generate_state(1)[0]) % 2**30
+    assert [seed for seed, _ in resets] == [1, 1, derived] and derived not in (1, 2), resets
+    opening, resumed = resets[0][1], resets[2][1]
+    assert np.array_equal(resets[1][1], opening) and not np.array_equal(resumed[0], opening[0]) and not np.array_equal(resumed[1], opening[1])
+    assert "note: these envs cannot be saved; resumed training starts fresh episodes" in capsys.readouterr().out
+
+
+def test_multidiscrete_masks_that_allow_nothing_in_a_dimension_or_have_another_length_are_one_line_errors(capsys):
+    flat = ppo.valid_actions({"action_mask": np.array([[1, 0, 0, 1, 0], [0, 1, 1, 0, 0]])}, 2, [2, 3], 9, True)
+    assert flat.tolist() == [[True, False, False, True, False], [False, True, True, False, False]]
+    assert ppo.valid_actions({"action_mask": np.zeros((2, 5))}, 2, [2, 3], 9, False).all()  # --no-action-masks: all valid
+    for info, needle in [
+        ({"action_mask": np.array([[1, 0, 0, 1, 0], [1, 1, 0, 0, 0]])}, "allows no action at global step 9 (env 1, dimension 1)"),
+        ({"action_mask": np.ones((2, 4))}, "the env's action_mask has shape (4,) per env; its 5 actions need shape (5,)"),
+    ]:
+        with pytest.raises(SystemExit) as failed:
+            ppo.valid_actions(info, 2, [2, 3], 9, True)
+        err = capsys.readouterr().err.splitlines()
+        assert failed.value.code == 2 and len(err) == 1 and needle in err[0], err
+
+
+@pytest.mark.parametrize("env_id, space, needle", [
+    ("TwoRowsOfActions-v0", gym.spaces.MultiDiscrete([[2, 3], [4, 5]]), "MultiDiscrete action space of shape (2, 2); ppo_discrete.py takes one row"),
+    ("ActionsFromOne-v0", gym.spaces.Discrete(3, start=1), "an action space that starts at 1; ppo_discrete.py needs actions from 0"),
+])  # fmt: skip
+def test_action_spaces_it_cannot_play_are_one_line_errors(env_id, space, needle, capsys):
+    gym.register(env_id, entry_point=lambda: type("Odd", (CountEnv,), {"action_space": space})())
+    with pytest.raises(SystemExit) as failed:
+        ppo.check_env(env_id, "{}")
+    err = capsys.readouterr().err.splitlines()
+    assert failed.value.code == 2 and len(err) == 1 and needle in err[0], err
