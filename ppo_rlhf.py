@@ -44,7 +44,7 @@ import torch.utils.checkpoint
 import transformers
 import tyro
 from torch import Tensor, nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from transformers import (
@@ -419,33 +419,34 @@ def rollout(
 
 def load_models(task: Task, args: Args, device: torch.device) -> tuple[nn.Module, nn.Module, Reward, nn.Module]:
     """Returns (policy, ref_policy, reward, value_model), dropout off in every model. The value model is a
-    separate copy of the reward model (as in the TL;DR reproduction of Huang et al., 2024): it starts out
-    predicting scores, close to the returns it must learn, and keeps value-loss gradients out of the policy.
-    Without a reward model it is the policy's weights with a new scalar head (or --value-model-path)."""
-    causal_lm = partial(load_model, AutoModelForCausalLM, task.policy_path, task.policy_config, "--model-name-or-path")
-    scorer = partial(load_model, AutoModelForSequenceClassification)
-    policy = causal_lm().to(device)
-    ref_policy = None if args.lora_r else causal_lm().to(device).eval()
+    separate copy of the reward model (as in the TL;DR reproduction of Huang et al., 2024): it starts out predicting
+    scores, close to the returns it must learn, and keeps value-loss gradients out of the policy. Without a reward
+    model it is the policy's weights with a new scalar head (or --value-model-path). Each is placed once built."""
+    causal_lm = partial(load_model, AutoModelForCausalLM, task.policy_path, task.policy_config, "--model-name-or-path", sharded=args.fsdp)
+    scorer = partial(load_model, AutoModelForSequenceClassification, sharded=args.fsdp)
+    place = partial(place_model, args, device)  # to the device, or under --fsdp sharded over the processes
+    policy = causal_lm()
+    if args.gradient_checkpointing:  # not reentrant: under LoRA the checkpointed blocks' inputs need no gradient
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not args.lora_r:  # under LoRA the reference is the policy itself, its adapters disabled (adapters_disabled)
+        policy, ref_policy = place(policy), place(causal_lm().eval().requires_grad_(False))
     reward_model = None
     if task.reward_path is not None:
-        reward_model = scorer(task.reward_path, task.reward_config, "--reward-model-path", "auto").to(device).eval()
+        reward_model = scorer(task.reward_path, task.reward_config, "--reward-model-path", "auto").eval()
         if task.reward_tokenizer is None:
             check_scorer(task, reward_model, "--reward-model-path", policy)
-        reward_model.requires_grad_(False)
-    value_model = PolicyValueHead(policy) if args.value_head_on_policy else scorer(*task.value_source).to(device)
+        reward_model = place(reward_model.requires_grad_(False))
+    value_model = PolicyValueHead(policy) if args.value_head_on_policy else scorer(*task.value_source)
     check_scorer(task, value_model, task.value_source[2], policy)
     if task.value_source[2] == "--model-name-or-path":  # a new head: values start at 0 (OpenAI's 2019 code)
         for p in value_model.score.parameters():
             nn.init.zeros_(p)
-    if args.gradient_checkpointing:  # not reentrant: under LoRA the checkpointed blocks' inputs need no gradient
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if not args.value_head_on_policy:  # else its backbone is the policy's
-            value_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if args.lora_r:  # the reference is the policy itself, its adapters disabled (adapters_disabled)
+    if args.gradient_checkpointing and not args.value_head_on_policy:  # else its backbone is the policy's
+        value_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.lora_r:
         policy, value_model = add_lora(policy, value_model, task, args)
-        ref_policy = policy
-    else:
-        ref_policy.requires_grad_(False)
+        policy = ref_policy = place(policy)
+    value_model = place(value_model)
     check_logits_from_hidden(policy, ref_policy)
     return policy, ref_policy, Reward(reward_model, task.reward_tokenizer, task.reward_functions), value_model
 
@@ -628,8 +629,6 @@ def train(args: Args) -> None:
     configure_torch(args)
     task = load_task(args, rank, distributed)  # the built-in task is built once, by rank 0, into its cache
     policy, ref_policy, reward, value_model = load_models(task, args, device)
-    if args.fsdp:  # each process keeps a shard of every model (below the fence)
-        shard_models(args, device, policy, ref_policy, reward.model, value_model)
     vocab_size = policy.get_input_embeddings().num_embeddings
     keep_logits = not large_logits(args.local_rollout_forward_batch_size * args.response_length, vocab_rows(policy))
     gen_config = sampling_config(
@@ -1196,29 +1195,44 @@ def leave_process_group(distributed: bool) -> None:
 # backbone and head apart (token_scores, chunked_response_logprobs) gathers them as the model's own forward does.
 
 
-def shard_models(args: Args, device: torch.device, *models: Optional[nn.Module]) -> None:
-    """fully_shard every model (once: under LoRA the reference is the policy). --bf16 gathers the parameters in
-    bfloat16 and keeps the master weights and the gradient reduction in float32."""
+def place_model(args: Args, device: torch.device, model: nn.Module) -> nn.Module:
+    """The model on the device; under --fsdp sharded over the processes (shard_model)."""
+    return shard_model(args, device, model) if args.fsdp else model.to(device)
+
+
+def shard_model(args: Args, device: torch.device, model: nn.Module) -> nn.Module:
+    """fully_shard the model (--bf16 gathers the parameters in bfloat16 and keeps the master weights and the gradient
+    reduction in float32), then fill the shards from rank 0's weights: the other processes built the model on the
+    meta device (load_model), so their shards are allocated empty and receive their part of each tensor from rank 0
+    (set_model_state_dict, one tensor at a time), and their buffers (rotary frequencies, position ids: in no
+    checkpoint) are rank 0's too. Rank 0's whole copy is then dropped."""
     bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     mixed_precision = bf16 if args.bf16 else MixedPrecisionPolicy()
-    for model in {id(m): m for m in models if m is not None}.values():
-        if isinstance(model, PolicyValueHead):  # its backbone is the policy's, sharded with it; token_scores calls the head
-            fully_shard(model.score, mp_policy=mixed_precision)
-            continue
-        layers = decoder_layers(model)
-        in_layers = {id(m) for layer in layers for m in layer.modules()}
-        rest = [m for m in model.modules() if id(m) not in in_layers and next(m.parameters(recurse=False), None) is not None]
-        try:
-            for layer in layers:
-                fully_shard(layer, mp_policy=mixed_precision)
-            if rest:
-                fully_shard(rest, mp_policy=mixed_precision)
+    whole = model.state_dict() if dist.get_rank() == 0 else {}  # detached views: they keep the unsharded values
+    head = isinstance(model, PolicyValueHead)  # its backbone is the policy's, sharded with it; token_scores calls the head
+    layers = [] if head else decoder_layers(model)
+    in_layers = {id(m) for layer in layers for m in layer.modules()}
+    rest = [m for m in model.modules() if id(m) not in in_layers and next(m.parameters(recurse=False), None) is not None]
+    try:
+        for layer in layers:
+            fully_shard(layer, mp_policy=mixed_precision)
+        if rest:
+            fully_shard(rest, mp_policy=mixed_precision)
+        if not head:
             fully_shard(model, mp_policy=mixed_precision)
+        if dist.get_rank() != 0:
+            model.to_empty(device=device)
+        set_model_state_dict(model, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+        del whole
+        if not head:
             with torch.no_grad():  # FSDP takes the first module to run forward as the root: the whole model
                 one_token = torch.zeros(1, 1, dtype=torch.long, device=device)
                 model(input_ids=one_token, attention_mask=torch.ones_like(one_token), use_cache=False)
-        except (RuntimeError, ValueError, TypeError, AssertionError) as e:
-            fail(f"--fsdp: FSDP cannot shard {type(model).__name__} ({exception_line(e)}); drop --fsdp")
+    except (RuntimeError, ValueError, TypeError, AssertionError) as e:
+        fail(f"--fsdp: FSDP cannot shard {type(model).__name__} ({exception_line(e)}); drop --fsdp")
+    return model
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -1748,15 +1762,23 @@ def load_config(path: str, flag: str, num_labels: Optional[int] = None):
     return config
 
 
-def load_model(cls, path: str, config, flag: str, dtype="float32") -> nn.Module:
+def load_model(cls, path: str, config, flag: str, dtype="float32", sharded: bool = False) -> nn.Module:
     """A model in float32 whatever dtype it was saved in (small updates would round away in bfloat16), or with
     dtype="auto" in its saved dtype (a frozen reward model). A model that can generate gets an empty
     generation_config: generate() would fill what sampling_config leaves unset from the checkpoint's (a
-    repetition penalty, top-k, ...), and the sampled distribution would not be the one whose log-probs are stored."""
-    try:
-        model = cls.from_pretrained(path, config=config, dtype=dtype)
-    except (OSError, ValueError) as e:
-        fail(f"{flag}: cannot load {path} as {cls.__name__} ({str(e).splitlines()[0]})")
+    repetition penalty, top-k, ...), and the sampled distribution would not be the one whose log-probs are stored.
+    `sharded` (--fsdp): only rank 0 reads the weights; the other processes build the model, in rank 0's dtype, on
+    the meta device (no memory), and shard_model fills their shards from rank 0's."""
+    if sharded and dist.get_rank() != 0:
+        with torch.device("meta"):
+            model = cls.from_config(config, dtype=broadcast_object(None))
+    else:
+        try:
+            model = cls.from_pretrained(path, config=config, dtype=dtype)
+        except (OSError, ValueError) as e:
+            fail(f"{flag}: cannot load {path} as {cls.__name__} ({str(e).splitlines()[0]})")
+        if sharded:
+            broadcast_object(model.dtype)
     if model.can_generate():
         model.generation_config = GenerationConfig()
     return disable_dropout(model)
