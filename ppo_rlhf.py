@@ -1395,25 +1395,37 @@ def evaluate(
 ) -> tuple[dict, list]:
     """Answer the held-out prompts, greedily or (--eval-stochastic, and on the built-in task) sampled with a fixed
     seed (the same noise at every evaluation), and score them; on the built-in task also with the hidden gold
-    reward. Returns the metrics and the first rows of the sample table."""
+    reward. Returns the metrics and the first rows of the sample table. Under --fsdp every process takes part (a
+    sharded forward needs them all) with its own chunks of the prompts and noise; rank 0 gathers the answers and
+    returns them (the others: nothing)."""
     device = next(policy.parameters()).device
     if not args.eval_stochastic and task.builtin is None:
         gen_config = greedy_config(gen_config)
     pad_id, eos_id, chunk = task.pad_id, task.eos_id, args.local_rollout_forward_batch_size
+    processes, rank = (dist.get_world_size(), dist.get_rank()) if args.fsdp else (1, 0)
+    n_eval = len(task.eval_queries)
     policy.eval()
-    queries_all, responses_all, scores_all = [], [], []
+    chunks = []  # (first prompt, queries, responses, scores)
     fork_rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
     with fork_rng, torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-        torch.manual_seed(args.seed + 10_000)
-        for i in range(0, len(task.eval_queries), chunk):
-            queries = left_pad(task.eval_queries[i : i + chunk], pad_id, device)
+        torch.manual_seed(args.seed + 10_000 + rank)
+        for i in (first + rank * chunk for first in range(0, n_eval, processes * chunk)):  # a chunk per process in turn
+            part = slice(i, i + chunk) if i < n_eval else slice(0, 1)  # past the end: a prompt along, its answer dropped
+            queries = left_pad(task.eval_queries[part], pad_id, device)
             with gathered(policy):
                 responses = generate(policy, queries, pad_id, gen_config, args.response_length)[0]
             responses = truncate_after_eos(responses, eos_id, pad_id)
-            scores = score_responses(reward, queries, responses, task.eval_records[i : i + chunk], task)
-            scores_all.append(apply_missing_eos_penalty(scores, responses, eos_id, args.missing_eos_penalty))
-            queries_all += [[t for t in q if t != pad_id] for q in queries.tolist()]
-            responses_all += responses.tolist()
+            scores = score_responses(reward, queries, responses, task.eval_records[part], task)
+            scores = apply_missing_eos_penalty(scores, responses, eos_id, args.missing_eos_penalty)
+            if i < n_eval:
+                chunks.append((i, [[t for t in q if t != pad_id] for q in queries.tolist()], responses.tolist(), scores))
+    if processes > 1:  # rank 0 takes every process's chunks, in the prompts' order
+        gathered_chunks = gather_objects([(i, q, r, s.cpu()) for i, q, r, s in chunks])
+        chunks = sorted((c for process_chunks in gathered_chunks for c in process_chunks), key=lambda c: c[0])
+        if rank != 0:
+            return {}, []
+    queries_all, responses_all = [q for c in chunks for q in c[1]], [r for c in chunks for r in c[2]]
+    scores_all = [c[3] for c in chunks]
     metrics = {"eval/scores": torch.cat(scores_all).mean().item()}
     gold = None
     if task.language is not None:

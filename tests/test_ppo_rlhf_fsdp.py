@@ -151,8 +151,9 @@ LOAD_FLAGS = {  # the model roles each set loads: policy, reference, reward mode
 }  # fmt: skip
 
 
-def loaded_models(root: str, flags: list[str], sharded: bool) -> dict[str, torch.nn.Module]:
-    """The run's models as load_models builds them from the models fixture, with --fsdp or without."""
+def loaded_models(root: str, flags: list[str], sharded: bool) -> tuple[dict[str, torch.nn.Module], P.Task, P.Args]:
+    """The run's models as load_models builds them from the models fixture, with --fsdp or without; the task, the
+    flags."""
     import tyro
 
     paths = {"rm": f"{root}/rm", "rm_bf16": f"{root}/rm_bf16", "qwen": f"{root}/qwen", "REWARD_FN": f"{root}/rewards.py:length"}
@@ -160,7 +161,7 @@ def loaded_models(root: str, flags: list[str], sharded: bool) -> dict[str, torch
     args = P.with_defaults(tyro.cli(P.Args, args=base + [paths.get(f, f) for f in flags] + (["--fsdp"] if sharded else [])))
     task = P.load_task(args, P.dist.get_rank(), True)
     policy, ref_policy, reward, value_model = P.load_models(task, args, torch.device("cpu"))
-    return dict(policy=policy, ref_policy=ref_policy, reward_model=reward.model, value_model=value_model)
+    return dict(policy=policy, ref_policy=ref_policy, reward_model=reward.model, value_model=value_model), task, args
 
 
 def whole_models(root: str) -> dict:
@@ -170,7 +171,7 @@ def whole_models(root: str) -> dict:
     options = P.StateDictOptions(full_state_dict=True, cpu_offload=True)
     results = {}
     for name, flags in LOAD_FLAGS.items():
-        plain, sharded = loaded_models(root, flags, False), loaded_models(root, flags, True)
+        plain, sharded = loaded_models(root, flags, False)[0], loaded_models(root, flags, True)[0]
         for role, model in sharded.items():
             if model is None:
                 continue
@@ -192,6 +193,26 @@ def whole_models(root: str) -> dict:
     return results
 
 
+def evaluations(root: str) -> dict:
+    """The held-out evaluation (8 prompts, greedy) of the "reward model" set's policy in chunks of 3 prompts, plain
+    and under --fsdp, with the prompts each generate() call answered on this process."""
+    answered, generate = [], P.generate
+
+    def counted(policy, queries, *args):
+        answered.append(len(queries))
+        return generate(policy, queries, *args)
+
+    P.generate, results = counted, {}
+    for sharded in (False, True):
+        models, task, args = loaded_models(root, [*LOAD_FLAGS["reward model"], "--local-rollout-forward-batch-size", "3"], sharded)
+        reward = P.Reward(models["reward_model"], task.reward_tokenizer, task.reward_functions)
+        config = P.sampling_config(args.response_length, args.temperature, task.eos_id, task.pad_id, PAD)
+        answered.clear()
+        results[sharded] = (*P.evaluate(models["policy"], reward, task, config, args, episode=0), list(answered))
+    P.generate = generate
+    return results
+
+
 def worker(case: str, out: str, root: str = "") -> None:
     """Run under torchrun (2 processes, gloo); rank 0 saves what the tests check into `out` ("load": each process into
     `out`.RANK, from the models in `root`)."""
@@ -209,7 +230,7 @@ def worker(case: str, out: str, root: str = "") -> None:
         if rank == 0:
             torch.save(results, out)
     if case == "load":
-        torch.save(whole_models(root), f"{out}.{rank}")
+        torch.save(whole_models(root) | {"evaluations": evaluations(root)}, f"{out}.{rank}")
     P.dist.destroy_process_group()
 
 
@@ -393,16 +414,23 @@ def test_lora_under_fsdp_checkpoints_and_saves_the_merged_policy_and_the_adapter
     assert not torch.equal(logits, initial)  # the adapters trained
 
 
-def test_sharded_loading_gives_every_process_the_models_a_plain_load_gives(models, tmp_path):
+@pytest.fixture(scope="module")
+def load_results(models, tmp_path_factory) -> list[dict]:
+    """What the "load" worker measured on each process (rank 0's, rank 1's), one torchrun launch for the tests that
+    read it."""
+    out = tmp_path_factory.mktemp("load") / "load.pt"
+    proc = subprocess.run([*TORCHRUN, __file__, "load", str(out), str(models)], env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [torch.load(f"{out}.{rank}", weights_only=False) for rank in (0, 1)]
+
+
+def test_sharded_loading_gives_every_process_the_models_a_plain_load_gives(load_results):
     """--fsdp loads each model whole on rank 0 only; rank 1 builds it on the meta device and receives its shards
     and buffers. Gathered, every model equals the one loaded without --fsdp exactly (same values and dtypes),
     for each LOAD_FLAGS set and a bfloat16 DeBERTa-v2 reward model; on both processes the buffers (rotary
     frequencies, which no checkpoint holds) equal the plain load's, and tied embeddings stay one tensor."""
-    out = tmp_path / "load.pt"
-    proc = subprocess.run([*TORCHRUN, __file__, "load", str(out), str(models)], env=ENV, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for rank in (0, 1):
-        results = torch.load(f"{out}.{rank}", weights_only=False)
+    for rank, results in enumerate(load_results):
+        results = {k: v for k, v in results.items() if k != "evaluations"}
         assert len(results) == 15  # 4 models in 2 sets, 3 without a reward model in 2, the DeBERTa
         for (name, role), r in results.items():
             if rank == 0:
@@ -417,6 +445,18 @@ def test_sharded_loading_gives_every_process_the_models_a_plain_load_gives(model
         assert any("inv_freq" in key for key in results["reward model", "value_model"]["buffers"])
         if rank == 0:  # the reward model in its saved dtype, as without --fsdp
             assert {v.dtype for v in results["lora, bf16 reward model", "reward_model"]["whole"].values()} == {torch.bfloat16}
+
+
+def test_under_fsdp_each_process_evaluates_its_own_chunks_and_rank_0_reports_them_all(load_results):
+    """8 held-out prompts in chunks of 3 over 2 processes: rank 0 answers chunks 1 and 3 (3 and 2 prompts), rank 1
+    chunk 2 and, as a sharded forward needs every process, one prompt along whose answer it drops. Rank 0 returns
+    the metrics and sample table of the unsharded evaluation (all 8 prompts, in order); rank 1 returns nothing."""
+    rank0, rank1 = (results["evaluations"] for results in load_results)
+    (plain_metrics, plain_rows, plain_answered), (metrics, rows, answered) = rank0[False], rank0[True]
+    assert plain_answered == [3, 3, 2] and answered == [3, 2] and rank1[True] == ({}, [], [3, 1])
+    assert metrics == pytest.approx(plain_metrics, rel=RTOL, abs=ATOL)
+    assert [r[:3] for r in rows] == [r[:3] for r in plain_rows] and len(rows) == 8
+    assert [r[3] for r in rows] == pytest.approx([r[3] for r in plain_rows], rel=RTOL, abs=ATOL)
 
 
 def test_an_encoder_reward_model_is_sharded_by_its_blocks(update_results):
