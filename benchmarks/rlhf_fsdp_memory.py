@@ -8,7 +8,14 @@ time per iteration as rlhf_lora_memory.measure takes them. Two unsharded process
 one does (18.8 GiB measured, results/rlhf/fsdp_memory.json): on a 24 GiB machine they do not fit, so that run is
 not attempted.
 
+The loading peak of each process (the largest resident set size sampled every 0.1 s until the run prints its
+memory line) is measured too; --load-only stops the runs there, and --script runs another ppo_rlhf.py (the one
+before sharded loading, say). glibc keeps freed buffers below its mmap threshold for reuse, which the resident
+size counts: MALLOC_MMAP_THRESHOLD_=1048576 in the environment measures without most of them.
+
     python benchmarks/rlhf_fsdp_memory.py --model-dir /tmp/qwen2-0.39b
+    python benchmarks/rlhf_fsdp_memory.py --settings fsdp --load-only --script OLD/ppo_rlhf.py --out OLD.json
+    python benchmarks/rlhf_fsdp_memory.py --model-dir /tmp/qwen2-0.39b-bf16 --saved-dtype bfloat16 --load-only
     python benchmarks/rlhf_fsdp_memory.py --device cuda --bf16 --fsdp-processes 1   # one GPU, nccl (not run yet)
 
 On a GPU the peak resident memory is the host's; the GPU's own use is what the run's first lines print.
@@ -109,7 +116,8 @@ def run(args: Args, name: str, processes: int, fsdp: bool) -> dict:
     ]  # fmt: skip
     flags = ppo_flags(args.model_dir, runs_dir, 4 * processes * args.iterations, args.threads)
     cmd = [*launcher, *flags, "--device", args.device, *(["--bf16"] if args.bf16 else [])]
-    record = dict(setting=name, processes=processes, device=args.device, bf16=args.bf16, script=args.script)
+    script = "ppo_rlhf.py" if args.script == SCRIPT else args.script
+    record = dict(setting=name, processes=processes, device=args.device, bf16=args.bf16, script=script)
     start = time.time()
     if args.load_only:
         record["loading_peak_rss_gib_by_process"], record["memory_line"] = loading_peak(cmd, args.threads, processes)
