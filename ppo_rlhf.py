@@ -44,7 +44,7 @@ import torch.utils.checkpoint
 import transformers
 import tyro
 from torch import Tensor, nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from transformers import (
@@ -419,33 +419,34 @@ def rollout(
 
 def load_models(task: Task, args: Args, device: torch.device) -> tuple[nn.Module, nn.Module, Reward, nn.Module]:
     """Returns (policy, ref_policy, reward, value_model), dropout off in every model. The value model is a
-    separate copy of the reward model (as in the TL;DR reproduction of Huang et al., 2024): it starts out
-    predicting scores, close to the returns it must learn, and keeps value-loss gradients out of the policy.
-    Without a reward model it is the policy's weights with a new scalar head (or --value-model-path)."""
-    causal_lm = partial(load_model, AutoModelForCausalLM, task.policy_path, task.policy_config, "--model-name-or-path")
-    scorer = partial(load_model, AutoModelForSequenceClassification)
-    policy = causal_lm().to(device)
-    ref_policy = None if args.lora_r else causal_lm().to(device).eval()
+    separate copy of the reward model (as in the TL;DR reproduction of Huang et al., 2024): it starts out predicting
+    scores, close to the returns it must learn, and keeps value-loss gradients out of the policy. Without a reward
+    model it is the policy's weights with a new scalar head (or --value-model-path). Each is placed once built."""
+    causal_lm = partial(load_model, AutoModelForCausalLM, task.policy_path, task.policy_config, "--model-name-or-path", sharded=args.fsdp)
+    scorer = partial(load_model, AutoModelForSequenceClassification, sharded=args.fsdp)
+    place = partial(place_model, args, device)  # to the device, or under --fsdp sharded over the processes
+    policy = causal_lm()
+    if args.gradient_checkpointing:  # not reentrant: under LoRA the checkpointed blocks' inputs need no gradient
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not args.lora_r:  # under LoRA the reference is the policy itself, its adapters disabled (adapters_disabled)
+        policy, ref_policy = place(policy), place(causal_lm().eval().requires_grad_(False))
     reward_model = None
     if task.reward_path is not None:
-        reward_model = scorer(task.reward_path, task.reward_config, "--reward-model-path", "auto").to(device).eval()
+        reward_model = scorer(task.reward_path, task.reward_config, "--reward-model-path", "auto").eval()
         if task.reward_tokenizer is None:
             check_scorer(task, reward_model, "--reward-model-path", policy)
-        reward_model.requires_grad_(False)
-    value_model = PolicyValueHead(policy) if args.value_head_on_policy else scorer(*task.value_source).to(device)
+        reward_model = place(reward_model.requires_grad_(False))
+    value_model = PolicyValueHead(policy) if args.value_head_on_policy else scorer(*task.value_source)
     check_scorer(task, value_model, task.value_source[2], policy)
     if task.value_source[2] == "--model-name-or-path":  # a new head: values start at 0 (OpenAI's 2019 code)
         for p in value_model.score.parameters():
             nn.init.zeros_(p)
-    if args.gradient_checkpointing:  # not reentrant: under LoRA the checkpointed blocks' inputs need no gradient
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if not args.value_head_on_policy:  # else its backbone is the policy's
-            value_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if args.lora_r:  # the reference is the policy itself, its adapters disabled (adapters_disabled)
+    if args.gradient_checkpointing and not args.value_head_on_policy:  # else its backbone is the policy's
+        value_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.lora_r:
         policy, value_model = add_lora(policy, value_model, task, args)
-        ref_policy = policy
-    else:
-        ref_policy.requires_grad_(False)
+        policy = ref_policy = place(policy)
+    value_model = place(value_model)
     check_logits_from_hidden(policy, ref_policy)
     return policy, ref_policy, Reward(reward_model, task.reward_tokenizer, task.reward_functions), value_model
 
@@ -580,6 +581,7 @@ def ppo_update(
                     new_logprobs, entropies = lm_response_logprobs(policy, query_responses, pad_id, ctx, args.temperature)
                     new_values = token_scores(value_model, query_responses, pad_id)[:, ctx - 1 : -1]
                 logratio = new_logprobs - data.logprobs[idx]
+                guard.check_on_policy(logratio, mask, first=epoch == mb == acc == 0)  # the sampling policy is the trained one
                 ratio = torch.exp(logratio)
                 pg_losses = policy_loss(ratio, mb_advantages, args.clip_coef)
                 vf_clip = args.vf_clip_coef if args.clip_vloss else None
@@ -628,8 +630,6 @@ def train(args: Args) -> None:
     configure_torch(args)
     task = load_task(args, rank, distributed)  # the built-in task is built once, by rank 0, into its cache
     policy, ref_policy, reward, value_model = load_models(task, args, device)
-    if args.fsdp:  # each process keeps a shard of every model (below the fence)
-        shard_models(args, device, policy, ref_policy, reward.model, value_model)
     vocab_size = policy.get_input_embeddings().num_embeddings
     keep_logits = not large_logits(args.local_rollout_forward_batch_size * args.response_length, vocab_rows(policy))
     gen_config = sampling_config(
@@ -1013,6 +1013,12 @@ def restore(ckpt: dict, rank: int, device: torch.device, policy: nn.Module, valu
 # the run with one line, and no checkpoint is written after it.
 
 MAX_SKIPPED_STEPS = 10
+ON_POLICY_ATOL = 1e-3  # max |log-ratio| of an update's first micro-batch, before any step. The rollout's log-probs come
+# from sampling (a token at a time, KV cache), the update's from one forward: in float32 they differ by ~1e-6 (1.6e-6
+# measured on the built-in task), a policy that is not the trained one (dropout on) by far more.
+ON_POLICY_ATOL_BF16 = 0.25  # --bf16: logits keep 8 significant bits, a step of 0.06-0.125 at the magnitudes (10-30) of
+# a trained LM's logits, and the two passes round differently through every layer: 0.03 measured on the built-in
+# task (CPU autocast), more expected from deep models; dropout moves log-probs by O(1). Not measured on a GPU.
 
 
 def stop_nonfinite(run: Optional[Run], what: str, iteration: int, where: str) -> NoReturn:
@@ -1028,11 +1034,33 @@ def stop_nonfinite(run: Optional[Run], what: str, iteration: int, where: str) ->
 
 
 class NonFiniteGuard:
-    """The checks of one run (every process takes the same decisions: each is all-reduced). Without a run (tests)
-    it stops with "none written"."""
+    """The checks of one run (every process takes the same decisions: each is all-reduced), and the on-policy check
+    of each update. Without a run (tests) it stops with "none written" and notes as rank 0."""
 
     def __init__(self, run: Optional[Run] = None, state: Optional[LoopState] = None):
         self.run, self.state, self.consecutive, self.skipped = run, state or LoopState(), 0, 0
+        self.on_policy_atol = ON_POLICY_ATOL_BF16 if run is not None and run.args.bf16 else ON_POLICY_ATOL
+        self.noted_off_policy = False
+
+    def check_on_policy(self, logratio: Tensor, mask: Tensor, first: bool) -> None:
+        """At an update's first micro-batch (`first`), before any step, the policy being trained must give the batch
+        the log-probs it was sampled with: one note, the first time max |log-ratio| over every process's valid
+        tokens passes the tolerance (nothing else can tell that the policy is not a function of its weights)."""
+        if not first:
+            return
+        largest = torch.where(mask, logratio.detach().abs(), 0.0).max()
+        if dist.is_initialized():
+            dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+        if self.noted_off_policy or not largest.item() > self.on_policy_atol:
+            return
+        self.noted_off_policy = True
+        if self.run is None or self.run.rank0:
+            print(
+                f"note: on-policy check: max |log-ratio| {largest.item():.3g} at the first micro-batch of iteration "
+                f"{self.state.iteration + 1}, above {self.on_policy_atol:g}: the update's forward does not reproduce the "
+                "log-probs the batch was sampled with (dropout? a model whose outputs depend on the batch?); training goes on",
+                flush=True,
+            )
 
     def take_skipped(self, device: torch.device) -> Tensor:
         """The steps skipped since the last call (loss/skipped_steps of an update), on the statistics' device."""
@@ -1196,29 +1224,44 @@ def leave_process_group(distributed: bool) -> None:
 # backbone and head apart (token_scores, chunked_response_logprobs) gathers them as the model's own forward does.
 
 
-def shard_models(args: Args, device: torch.device, *models: Optional[nn.Module]) -> None:
-    """fully_shard every model (once: under LoRA the reference is the policy). --bf16 gathers the parameters in
-    bfloat16 and keeps the master weights and the gradient reduction in float32."""
+def place_model(args: Args, device: torch.device, model: nn.Module) -> nn.Module:
+    """The model on the device; under --fsdp sharded over the processes (shard_model)."""
+    return shard_model(args, device, model) if args.fsdp else model.to(device)
+
+
+def shard_model(args: Args, device: torch.device, model: nn.Module) -> nn.Module:
+    """fully_shard the model (--bf16 gathers the parameters in bfloat16 and keeps the master weights and the gradient
+    reduction in float32), then fill the shards from rank 0's weights: the other processes built the model on the
+    meta device (load_model), so their shards are allocated empty and receive their part of each tensor from rank 0
+    (set_model_state_dict, one tensor at a time), and their buffers (rotary frequencies, position ids: in no
+    checkpoint) are rank 0's too. Rank 0's whole copy is then dropped."""
     bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     mixed_precision = bf16 if args.bf16 else MixedPrecisionPolicy()
-    for model in {id(m): m for m in models if m is not None}.values():
-        if isinstance(model, PolicyValueHead):  # its backbone is the policy's, sharded with it; token_scores calls the head
-            fully_shard(model.score, mp_policy=mixed_precision)
-            continue
-        layers = decoder_layers(model)
-        in_layers = {id(m) for layer in layers for m in layer.modules()}
-        rest = [m for m in model.modules() if id(m) not in in_layers and next(m.parameters(recurse=False), None) is not None]
-        try:
-            for layer in layers:
-                fully_shard(layer, mp_policy=mixed_precision)
-            if rest:
-                fully_shard(rest, mp_policy=mixed_precision)
+    whole = model.state_dict() if dist.get_rank() == 0 else {}  # detached views: they keep the unsharded values
+    head = isinstance(model, PolicyValueHead)  # its backbone is the policy's, sharded with it; token_scores calls the head
+    layers = [] if head else decoder_layers(model)
+    in_layers = {id(m) for layer in layers for m in layer.modules()}
+    rest = [m for m in model.modules() if id(m) not in in_layers and next(m.parameters(recurse=False), None) is not None]
+    try:
+        for layer in layers:
+            fully_shard(layer, mp_policy=mixed_precision)
+        if rest:
+            fully_shard(rest, mp_policy=mixed_precision)
+        if not head:
             fully_shard(model, mp_policy=mixed_precision)
+        if dist.get_rank() != 0:
+            model.to_empty(device=device)
+        set_model_state_dict(model, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+        del whole
+        if not head:
             with torch.no_grad():  # FSDP takes the first module to run forward as the root: the whole model
                 one_token = torch.zeros(1, 1, dtype=torch.long, device=device)
                 model(input_ids=one_token, attention_mask=torch.ones_like(one_token), use_cache=False)
-        except (RuntimeError, ValueError, TypeError, AssertionError) as e:
-            fail(f"--fsdp: FSDP cannot shard {type(model).__name__} ({exception_line(e)}); drop --fsdp")
+    except (RuntimeError, ValueError, TypeError, AssertionError) as e:
+        fail(f"--fsdp: FSDP cannot shard {type(model).__name__} ({exception_line(e)}); drop --fsdp")
+    return model
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -1352,25 +1395,37 @@ def evaluate(
 ) -> tuple[dict, list]:
     """Answer the held-out prompts, greedily or (--eval-stochastic, and on the built-in task) sampled with a fixed
     seed (the same noise at every evaluation), and score them; on the built-in task also with the hidden gold
-    reward. Returns the metrics and the first rows of the sample table."""
+    reward. Returns the metrics and the first rows of the sample table. Under --fsdp every process takes part (a
+    sharded forward needs them all) with its own chunks of the prompts and noise; rank 0 gathers the answers and
+    returns them (the others: nothing)."""
     device = next(policy.parameters()).device
     if not args.eval_stochastic and task.builtin is None:
         gen_config = greedy_config(gen_config)
     pad_id, eos_id, chunk = task.pad_id, task.eos_id, args.local_rollout_forward_batch_size
+    processes, rank = (dist.get_world_size(), dist.get_rank()) if args.fsdp else (1, 0)
+    n_eval = len(task.eval_queries)
     policy.eval()
-    queries_all, responses_all, scores_all = [], [], []
+    chunks = []  # (first prompt, queries, responses, scores)
     fork_rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
     with fork_rng, torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-        torch.manual_seed(args.seed + 10_000)
-        for i in range(0, len(task.eval_queries), chunk):
-            queries = left_pad(task.eval_queries[i : i + chunk], pad_id, device)
+        torch.manual_seed(args.seed + 10_000 + rank)
+        for i in (first + rank * chunk for first in range(0, n_eval, processes * chunk)):  # a chunk per process in turn
+            part = slice(i, i + chunk) if i < n_eval else slice(0, 1)  # past the end: a prompt along, its answer dropped
+            queries = left_pad(task.eval_queries[part], pad_id, device)
             with gathered(policy):
                 responses = generate(policy, queries, pad_id, gen_config, args.response_length)[0]
             responses = truncate_after_eos(responses, eos_id, pad_id)
-            scores = score_responses(reward, queries, responses, task.eval_records[i : i + chunk], task)
-            scores_all.append(apply_missing_eos_penalty(scores, responses, eos_id, args.missing_eos_penalty))
-            queries_all += [[t for t in q if t != pad_id] for q in queries.tolist()]
-            responses_all += responses.tolist()
+            scores = score_responses(reward, queries, responses, task.eval_records[part], task)
+            scores = apply_missing_eos_penalty(scores, responses, eos_id, args.missing_eos_penalty)
+            if i < n_eval:
+                chunks.append((i, [[t for t in q if t != pad_id] for q in queries.tolist()], responses.tolist(), scores))
+    if processes > 1:  # rank 0 takes every process's chunks, in the prompts' order
+        gathered_chunks = gather_objects([(i, q, r, s.cpu()) for i, q, r, s in chunks])
+        chunks = sorted((c for process_chunks in gathered_chunks for c in process_chunks), key=lambda c: c[0])
+        if rank != 0:
+            return {}, []
+    queries_all, responses_all = [q for c in chunks for q in c[1]], [r for c in chunks for r in c[2]]
+    scores_all = [c[3] for c in chunks]
     metrics = {"eval/scores": torch.cat(scores_all).mean().item()}
     gold = None
     if task.language is not None:
@@ -1748,15 +1803,23 @@ def load_config(path: str, flag: str, num_labels: Optional[int] = None):
     return config
 
 
-def load_model(cls, path: str, config, flag: str, dtype="float32") -> nn.Module:
+def load_model(cls, path: str, config, flag: str, dtype="float32", sharded: bool = False) -> nn.Module:
     """A model in float32 whatever dtype it was saved in (small updates would round away in bfloat16), or with
     dtype="auto" in its saved dtype (a frozen reward model). A model that can generate gets an empty
     generation_config: generate() would fill what sampling_config leaves unset from the checkpoint's (a
-    repetition penalty, top-k, ...), and the sampled distribution would not be the one whose log-probs are stored."""
-    try:
-        model = cls.from_pretrained(path, config=config, dtype=dtype)
-    except (OSError, ValueError) as e:
-        fail(f"{flag}: cannot load {path} as {cls.__name__} ({str(e).splitlines()[0]})")
+    repetition penalty, top-k, ...), and the sampled distribution would not be the one whose log-probs are stored.
+    `sharded` (--fsdp): only rank 0 reads the weights; the other processes build the model, in rank 0's dtype, on
+    the meta device (no memory), and shard_model fills their shards from rank 0's."""
+    if sharded and dist.get_rank() != 0:
+        with torch.device("meta"):
+            model = cls.from_config(config, dtype=broadcast_object(None))
+    else:
+        try:
+            model = cls.from_pretrained(path, config=config, dtype=dtype)
+        except (OSError, ValueError) as e:
+            fail(f"{flag}: cannot load {path} as {cls.__name__} ({str(e).splitlines()[0]})")
+        if sharded:
+            broadcast_object(model.dtype)
     if model.can_generate():
         model.generation_config = GenerationConfig()
     return disable_dropout(model)

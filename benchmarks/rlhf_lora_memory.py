@@ -43,7 +43,8 @@ class Args:
     """iterations per run"""
 
 
-def build(model_dir: str) -> None:
+def build(model_dir: str, dtype: str = "float32") -> None:
+    """The random model saved in `dtype` (Qwen2.5's own checkpoints are bfloat16), its tokenizer, prompts and reward."""
     import numpy as np
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer
@@ -56,7 +57,7 @@ def build(model_dir: str) -> None:
     )  # fmt: skip
     model = Qwen2ForCausalLM(config)
     print(f"built a random Qwen2 of {sum(p.numel() for p in model.parameters()) / 1e9:.3f}B parameters")
-    model.save_pretrained(model_dir)
+    model.to(getattr(torch, dtype)).save_pretrained(model_dir)
     vocab = {tok: i for i, tok in enumerate(bytes_to_unicode().values())}
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None, bos_token=None, eos_token=None, pad_token=None)
     tokenizer.add_special_tokens({"eos_token": "<|im_end|>"})
@@ -81,12 +82,17 @@ def ppo_flags(model_dir: str, runs_dir: str, episodes: int, threads: int) -> lis
     ]  # fmt: skip
 
 
-def measure(name: str, cmd: list[str], runs_dir: str, threads: int) -> tuple[str, float, float]:
+def measure(name: str, cmd: list[str], runs_dir: str, threads: int, on_line=None) -> tuple[str, float, float]:
     """Run cmd (one run writing under runs_dir); its stdout, peak resident set size in GiB (os.wait4's ru_maxrss:
     for torchrun, its largest process) and seconds per iteration (the episodes trained over the last logged
-    episodes/s, per logged iteration)."""
+    episodes/s, per logged iteration). on_line(line, proc) is called on each line of stdout as it comes."""
     proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": str(threads)}, stdout=subprocess.PIPE, text=True)
-    out = proc.stdout.read()
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if on_line is not None:
+            on_line(line, proc)
+    out = "".join(lines)
     _, status, usage = os.wait4(proc.pid, 0)
     if status != 0:
         raise SystemExit(f"{name} failed:\n{out[-3000:]}")

@@ -512,7 +512,9 @@ def test_flat_parameters_note_a_gradient_left_none(capsys):
     update = edited_ppo_update("flat.check_grads()", "value_model.zero_grad(); flat.check_grads()")
     policy, _, _ = scripted_update(update, args, data, advantages, returns)
     out = capsys.readouterr().out
-    assert out.count("note:") == 1 and "got no gradient" in out
+    # fixed_batch was not sampled by this policy: the on-policy check notes it too
+    notes = [line for line in out.splitlines() if line.startswith("note:") and "on-policy check" not in line]
+    assert len(notes) == 1 and "got no gradient" in notes[0]
     ref_policy, ref_value = tiny_gpt2(), tiny_llama_rm()
     ref_value.requires_grad_(False)  # no gradient ever reaches it
     torch.manual_seed(123)
@@ -737,6 +739,7 @@ def test_real_models_end_to_end_with_wandb_offline(real_models, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir, metrics = read_metrics(tmp_path)
     assert "note: --total-episodes 50 is not a whole number of iterations; training 48 episodes" in proc.stdout
+    assert "on-policy check" not in proc.stdout  # each update's first micro-batch found the sampling policy
     assert f"done: {run_dir} (metrics.jsonl, args.json, checkpoint.pt, policy/)" in proc.stdout
     assert "iteration 6/6 | episode 48 | eps " in proc.stdout  # the progress line
     train = [m for m in metrics if "objective/kl" in m]
@@ -1708,6 +1711,23 @@ def test_reward_flag_combinations_are_checked(qwen_models, tmp_path, capsys, ext
 # ---------------------------------------------------------------------------------------------
 
 
+def test_a_policy_that_is_not_a_function_of_its_weights_is_noted_once(real_models, tmp_path):
+    """An edited copy whose dropout stays on (p=0.1; train mode turns it on in the update, not while sampling):
+    the first micro-batch of the first update finds log-probs other than the sampled ones, which one note says, with
+    the figure; the run goes on to the end. The unedited script gives no such note (the end-to-end test)."""
+    source = open(SCRIPT).read()
+    assert source.count("            module.p = 0.0\n") == 1
+    edited = tmp_path / "ppo_rlhf_dropout.py"
+    edited.write_text(source.replace("            module.p = 0.0\n", "            module.p = 0.1\n"))
+    proc = subprocess.run([sys.executable, str(edited), *real_flags(real_models, tmp_path / "runs")], env=ENV, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    notes = [line for line in proc.stdout.splitlines() if "on-policy check" in line]
+    assert len(notes) == 1 and notes[0].startswith("note: on-policy check: max |log-ratio| "), proc.stdout
+    assert "at the first micro-batch of iteration 1, above 0.001" in notes[0]
+    assert float(notes[0].split("max |log-ratio| ")[1].split(" ")[0]) > 1e-2
+    assert len([m for m in read_metrics(tmp_path / "runs")[1] if "objective/kl" in m]) == 6  # it trained on
+
+
 @pytest.fixture(scope="session")
 def builtin_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("builtin_cache")
@@ -1720,6 +1740,7 @@ def builtin_run(cache, runs_dir, *extra):
     proc = subprocess.run([sys.executable, SCRIPT, *flags], env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert ", 1 torch thread(s)" in proc.stdout
+    assert "on-policy check" not in proc.stdout
     return read_metrics(runs_dir)[1], proc.stdout
 
 

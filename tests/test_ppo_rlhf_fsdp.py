@@ -66,7 +66,7 @@ def rank_batch(policy: torch.nn.Module, rank: int, B: int = 8, ctx: int = 4, T: 
 
 def one_update(sharded: bool, lora: bool, rank: int, chunked: bool = False, head_on_policy: bool = False) -> tuple[dict, dict]:
     """One PPO update through the script's own ppo_update, unsharded (flat parameters, all-reduce) or under
-    FSDP (shard_models, per-tensor Adam); returns the full weights (rank 0) and the statistics. `chunked`: the
+    FSDP (shard_model, per-tensor Adam); returns the full weights (rank 0) and the statistics. `chunked`: the
     log-probs from the backbone's hidden states through the output layer a position at a time (the path of
     large vocabularies, which calls the backbone and the head apart). `head_on_policy`: the value model is a head
     on the policy's backbone."""
@@ -77,7 +77,7 @@ def one_update(sharded: bool, lora: bool, rank: int, chunked: bool = False, head
         value_model = P.PolicyValueHead(policy)
     data, advantages, returns = rank_batch(policy, rank)
     if sharded:
-        P.shard_models(args, torch.device("cpu"), policy, value_model)
+        policy, value_model = (P.shard_model(args, torch.device("cpu"), m) for m in (policy, value_model))
     trained = [p for m in (policy, value_model) for p in m.parameters() if p.requires_grad]
     flat = P.ShardedParameters(trained) if sharded else P.FlatParameters(trained)
     optimizer = torch.optim.Adam(flat.tensors, lr=args.learning_rate, eps=1e-5, fused=True)
@@ -92,7 +92,7 @@ def all_gathers_while_sampling(gather: bool) -> int:
     """FSDP's all-gathers while the sharded policy samples 6 tokens for a chunk of 3 prompts, with gathered(policy)
     around the sampling as rollout() has it, or without."""
     policy, _ = tiny_models()
-    P.shard_models(P.Args(), torch.device("cpu"), policy)
+    P.shard_model(P.Args(), torch.device("cpu"), policy)
     queries = torch.randint(0, PAD, (3, 4), generator=torch.Generator().manual_seed(0))
     config = P.sampling_config(6, 1.0, PAD + 1, PAD, PAD)  # an EOS it cannot sample: 6 forwards on every process
     calls, all_gather_single = [], P.dist.all_gather_single
@@ -111,7 +111,7 @@ def all_gathers_while_sampling(gather: bool) -> int:
 def finite_after_a_nan_on_rank_1(rank: int) -> tuple[bool, bool]:
     """ShardedParameters.all_finite() on this process before and after rank 1 alone puts a NaN in its shard."""
     policy, _ = tiny_models()
-    P.shard_models(P.Args(), torch.device("cpu"), policy)
+    P.shard_model(P.Args(), torch.device("cpu"), policy)
     flat = P.ShardedParameters(list(policy.parameters()))
     before = flat.all_finite()
     if rank == 1:
@@ -133,18 +133,89 @@ def tiny_deberta() -> torch.nn.Module:
 
 
 def sharded_encoder_scores() -> tuple[Tensor, Tensor]:
-    """A tiny DeBERTa-v2's scores of a padded batch, unsharded and sharded by shard_models over the processes."""
+    """A tiny DeBERTa-v2's scores of a padded batch, unsharded and sharded by shard_model over the processes."""
     model = tiny_deberta()
     ids = torch.randint(0, PAD, (3, 7), generator=torch.Generator().manual_seed(0))
     attention_mask = (torch.arange(7)[None] < torch.tensor([[7], [5], [3]])).long()
     with torch.no_grad():
         whole = model(input_ids=ids, attention_mask=attention_mask).logits
-        P.shard_models(P.Args(), torch.device("cpu"), model)
+        P.shard_model(P.Args(), torch.device("cpu"), model)
         return whole, model(input_ids=ids, attention_mask=attention_mask).logits
 
 
-def worker(case: str, out: str) -> None:
-    """Run under torchrun (2 processes, gloo); rank 0 saves what the tests check into `out`."""
+LOAD_FLAGS = {  # the model roles each set loads: policy, reference, reward model, value model
+    "reward model": ["--reward-model-path", "rm"],  # a GPT-2 policy (tied); the value model a copy of the Llama RM (rotary)
+    "new value head": ["--model-name-or-path", "qwen", "--reward-fn", "REWARD_FN"],  # Qwen2 (tied, rotary); a new head
+    "lora, bf16 reward model": ["--reward-model-path", "rm_bf16", "--lora-r", "4", "--lora-target-modules", "c_attn", "q_proj"],
+    "value head on policy": ["--model-name-or-path", "qwen", "--reward-fn", "REWARD_FN", "--value-head-on-policy"],
+}  # fmt: skip
+
+
+def loaded_models(root: str, flags: list[str], sharded: bool) -> tuple[dict[str, torch.nn.Module], P.Task, P.Args]:
+    """The run's models as load_models builds them from the models fixture, with --fsdp or without; the task, the
+    flags."""
+    import tyro
+
+    paths = {"rm": f"{root}/rm", "rm_bf16": f"{root}/rm_bf16", "qwen": f"{root}/qwen", "REWARD_FN": f"{root}/rewards.py:length"}
+    base = ["--model-name-or-path", f"{root}/policy", "--prompts", f"{root}/prompts.jsonl", "--response-length", "6", "--device", "cpu"]
+    args = P.with_defaults(tyro.cli(P.Args, args=base + [paths.get(f, f) for f in flags] + (["--fsdp"] if sharded else [])))
+    task = P.load_task(args, P.dist.get_rank(), True)
+    policy, ref_policy, reward, value_model = P.load_models(task, args, torch.device("cpu"))
+    return dict(policy=policy, ref_policy=ref_policy, reward_model=reward.model, value_model=value_model), task, args
+
+
+def whole_models(root: str) -> dict:
+    """For each LOAD_FLAGS set and model: the full state dict gathered from the --fsdp load and the plain load's
+    (rank 0 returns both), and this process's buffers (non-persistent ones too) and whether its input and output
+    embeddings are one tensor, in both loads."""
+    options = P.StateDictOptions(full_state_dict=True, cpu_offload=True)
+    results = {}
+    for name, flags in LOAD_FLAGS.items():
+        plain, sharded = loaded_models(root, flags, False)[0], loaded_models(root, flags, True)[0]
+        for role, model in sharded.items():
+            if model is None:
+                continue
+            tied = lambda m: m.get_output_embeddings() is not None and m.get_output_embeddings().weight is m.get_input_embeddings().weight  # noqa: E731
+            results[name, role] = dict(
+                whole=P.get_model_state_dict(model, options=options), plain=plain[role].state_dict(),
+                buffers=dict(model.named_buffers()), plain_buffers=dict(plain[role].named_buffers()),
+                tied=hasattr(model, "get_output_embeddings") and tied(model), plain_tied=hasattr(model, "get_output_embeddings") and tied(plain[role]),
+            )  # fmt: skip
+    deberta = os.path.join(root, "deberta")  # an encoder reward model, saved in bfloat16
+    config = P.load_config(deberta, "--reward-model-path", num_labels=1)
+    plain = P.load_model(P.AutoModelForSequenceClassification, deberta, config, "--reward-model-path", "auto")
+    model = P.load_model(P.AutoModelForSequenceClassification, deberta, config, "--reward-model-path", "auto", sharded=True)
+    model = P.shard_model(P.Args(fsdp=True), torch.device("cpu"), model)
+    results["deberta", "reward_model"] = dict(
+        whole=P.get_model_state_dict(model, options=options), plain=plain.state_dict(), buffers=dict(model.named_buffers()),
+        plain_buffers=dict(plain.named_buffers()), tied=False, plain_tied=False,
+    )  # fmt: skip
+    return results
+
+
+def evaluations(root: str) -> dict:
+    """The held-out evaluation (8 prompts, greedy) of the "reward model" set's policy in chunks of 3 prompts, plain
+    and under --fsdp, with the prompts each generate() call answered on this process."""
+    answered, generate = [], P.generate
+
+    def counted(policy, queries, *args):
+        answered.append(len(queries))
+        return generate(policy, queries, *args)
+
+    P.generate, results = counted, {}
+    for sharded in (False, True):
+        models, task, args = loaded_models(root, [*LOAD_FLAGS["reward model"], "--local-rollout-forward-batch-size", "3"], sharded)
+        reward = P.Reward(models["reward_model"], task.reward_tokenizer, task.reward_functions)
+        config = P.sampling_config(args.response_length, args.temperature, task.eos_id, task.pad_id, PAD)
+        answered.clear()
+        results[sharded] = (*P.evaluate(models["policy"], reward, task, config, args, episode=0), list(answered))
+    P.generate = generate
+    return results
+
+
+def worker(case: str, out: str, root: str = "") -> None:
+    """Run under torchrun (2 processes, gloo); rank 0 saves what the tests check into `out` ("load": each process into
+    `out`.RANK, from the models in `root`)."""
     torch.set_num_threads(1)
     P.dist.init_process_group("gloo")
     rank = P.dist.get_rank()
@@ -158,6 +229,8 @@ def worker(case: str, out: str) -> None:
         results["encoder_scores"] = sharded_encoder_scores()
         if rank == 0:
             torch.save(results, out)
+    if case == "load":
+        torch.save(whole_models(root) | {"evaluations": evaluations(root)}, f"{out}.{rank}")
     P.dist.destroy_process_group()
 
 
@@ -215,6 +288,15 @@ def models(tmp_path_factory):
     policy.save_pretrained(root / "policy")
     tokenizer.save_pretrained(root / "policy")
     reward_model.save_pretrained(root / "rm")
+    reward_model.to(torch.bfloat16).save_pretrained(root / "rm_bf16")
+    tiny_deberta().to(torch.bfloat16).save_pretrained(root / "deberta")
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(3)
+    config = Qwen2Config(vocab_size=PAD, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    Qwen2ForCausalLM(config).save_pretrained(root / "qwen")
+    tokenizer.save_pretrained(root / "qwen")
+    (root / "rewards.py").write_text("def length(prompts, completions, completion_ids, **kwargs):\n    return [len(c) / 6 for c in completion_ids]\n")
     rng = np.random.default_rng(0)
     with open(root / "prompts.jsonl", "w") as f:
         for _ in range(40):
@@ -330,6 +412,51 @@ def test_lora_under_fsdp_checkpoints_and_saves_the_merged_policy_and_the_adapter
         logits = merged(input_ids=ids).logits
         torch.testing.assert_close(with_adapter(input_ids=ids).logits, logits, rtol=1e-4, atol=1e-5)
     assert not torch.equal(logits, initial)  # the adapters trained
+
+
+@pytest.fixture(scope="module")
+def load_results(models, tmp_path_factory) -> list[dict]:
+    """What the "load" worker measured on each process (rank 0's, rank 1's), one torchrun launch for the tests that
+    read it."""
+    out = tmp_path_factory.mktemp("load") / "load.pt"
+    proc = subprocess.run([*TORCHRUN, __file__, "load", str(out), str(models)], env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [torch.load(f"{out}.{rank}", weights_only=False) for rank in (0, 1)]
+
+
+def test_sharded_loading_gives_every_process_the_models_a_plain_load_gives(load_results):
+    """--fsdp loads each model whole on rank 0 only; rank 1 builds it on the meta device and receives its shards
+    and buffers. Gathered, every model equals the one loaded without --fsdp exactly (same values and dtypes),
+    for each LOAD_FLAGS set and a bfloat16 DeBERTa-v2 reward model; on both processes the buffers (rotary
+    frequencies, which no checkpoint holds) equal the plain load's, and tied embeddings stay one tensor."""
+    for rank, results in enumerate(load_results):
+        results = {k: v for k, v in results.items() if k != "evaluations"}
+        assert len(results) == 15  # 4 models in 2 sets, 3 without a reward model in 2, the DeBERTa
+        for (name, role), r in results.items():
+            if rank == 0:
+                assert r["whole"].keys() == r["plain"].keys(), (name, role)
+                for key, value in r["plain"].items():
+                    assert r["whole"][key].dtype == value.dtype and torch.equal(r["whole"][key], value), (name, role, key)
+            assert r["buffers"].keys() == r["plain_buffers"].keys(), (name, role)
+            for key, value in r["plain_buffers"].items():
+                assert torch.equal(r["buffers"][key], value), (rank, name, role, key)
+            assert r["tied"] == r["plain_tied"], (rank, name, role)
+        assert results["reward model", "policy"]["tied"] and results["new value head", "ref_policy"]["tied"]
+        assert any("inv_freq" in key for key in results["reward model", "value_model"]["buffers"])
+        if rank == 0:  # the reward model in its saved dtype, as without --fsdp
+            assert {v.dtype for v in results["lora, bf16 reward model", "reward_model"]["whole"].values()} == {torch.bfloat16}
+
+
+def test_under_fsdp_each_process_evaluates_its_own_chunks_and_rank_0_reports_them_all(load_results):
+    """8 held-out prompts in chunks of 3 over 2 processes: rank 0 answers chunks 1 and 3 (3 and 2 prompts), rank 1
+    chunk 2 and, as a sharded forward needs every process, one prompt along whose answer it drops. Rank 0 returns
+    the metrics and sample table of the unsharded evaluation (all 8 prompts, in order); rank 1 returns nothing."""
+    rank0, rank1 = (results["evaluations"] for results in load_results)
+    (plain_metrics, plain_rows, plain_answered), (metrics, rows, answered) = rank0[False], rank0[True]
+    assert plain_answered == [3, 3, 2] and answered == [3, 2] and rank1[True] == ({}, [], [3, 1])
+    assert metrics == pytest.approx(plain_metrics, rel=RTOL, abs=ATOL)
+    assert [r[:3] for r in rows] == [r[:3] for r in plain_rows] and len(rows) == 8
+    assert [r[3] for r in rows] == pytest.approx([r[3] for r in plain_rows], rel=RTOL, abs=ATOL)
 
 
 def test_an_encoder_reward_model_is_sharded_by_its_blocks(update_results):
