@@ -903,7 +903,8 @@ def check_env(env_id: str, env_kwargs: str) -> dict:
     except gym.error.Error:
         atari = False  # gym.make below says what is wrong with the id
     if atari:
-        ours = {"self", "game", "num_envs", "autoreset_mode", "reward_clipping", "episodic_life", "continuous"}  # continuous: a Box action space
+        # continuous: a Box action space; life_loss_info: a termination at every lost life, with no reset
+        ours = {"self", "game", "num_envs", "autoreset_mode", "reward_clipping", "episodic_life", "life_loss_info", "continuous"}
         unknown = sorted(set(kwargs) - set(inspect.signature(AtariVectorEnv.__init__).parameters) - ours)
         if unknown or ours & set(kwargs):
             fail(f"--env-kwargs {env_kwargs}: ale-py's AtariVectorEnv takes no {(unknown or sorted(ours & set(kwargs)))[0]} here")
@@ -961,14 +962,14 @@ def valid_actions(info: dict, num_envs: int, n_actions: Union[int, list[int]], g
     given = info.get("_action_mask", np.ones(num_envs, dtype=bool))
     env_masks = np.asarray(info["action_mask"])[given]
     if env_masks.dtype == object:  # the vector env kept each env's tuple of per-dimension masks as an object
-        env_masks = np.stack([np.concatenate(m) for m in env_masks])
+        env_masks = np.stack([np.hstack(m) for m in env_masks])  # (or a plain list)
     if env_masks.shape[1:] != masks.shape[1:]:
-        fail(f"the env's action_mask has shape {env_masks.shape[1:]} per env; its {nvec.sum()} actions need shape {masks.shape[1:]}")
+        fail(f"the env's action_mask has shape {env_masks.shape[1:]} per env; its {nvec.sum()} actions need shape {masks.shape[1:]} (--no-action-masks ignores it)")
     masks[given] = env_masks != 0
     allowed = np.logical_or.reduceat(masks, np.cumsum(nvec) - nvec, axis=-1)  # [num_envs, dimensions]
     if not allowed.all():
         i, d = np.argwhere(~allowed)[0]
-        fail(f"the env's action_mask allows no action at global step {global_step} (env {i}{f', dimension {d}' if len(nvec) > 1 else ''})")
+        fail(f"the env's action_mask allows no action at global step {global_step} (env {i}{f', dimension {d}' if len(nvec) > 1 else ''}); fix the env or pass --no-action-masks")
     return masks
 
 
@@ -1051,10 +1052,11 @@ class AtariGames(AtariVectorEnv):
     game starts: without this a policy that does not fire waits (Breakout: the ball never relaunched) for the
     27,000-frame truncation."""
 
-    def __init__(self, game: str, num_envs: int, **kwargs):
-        super().__init__(game, num_envs, **kwargs)
+    def __init__(self, game: str, num_envs: int, use_fire_reset: bool = True, **kwargs):
+        super().__init__(game, num_envs, use_fire_reset=use_fire_reset, **kwargs)
         action_set = self.ale.get_action_set()
-        self.fire = action_set.index(ale_py.Action.FIRE) if ale_py.Action.FIRE in action_set else None
+        fires = use_fire_reset and ale_py.Action.FIRE in action_set  # use_fire_reset false: no FIRE of ours either
+        self.fire = action_set.index(ale_py.Action.FIRE) if fires else None
 
     def reset(self, **kwargs) -> tuple[np.ndarray, dict]:
         obs, info = super().reset(**kwargs)
@@ -1103,8 +1105,8 @@ class NumpyPolicy:
     KNOWN = (nn.Linear, nn.Tanh, nn.Sequential, nn.Identity)
 
     def __init__(self, agent: Agent):
-        if len(agent.nvec) > 1:
-            raise ValueError("it knows only Discrete actions (one dimension)")
+        if agent.action_shape:
+            raise ValueError("it knows only Discrete actions")
         for m in agent.modules():
             if m is not agent and type(m) not in self.KNOWN:
                 raise ValueError(f"it does not know {type(m).__name__}")

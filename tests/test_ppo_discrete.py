@@ -264,6 +264,8 @@ class ThreeOutputs(ppo.Agent):
 
 
 def edited_agent(kind):
+    if kind == "multidiscrete-1d":  # MultiDiscrete([3]): actions [B, 1], which the copy does not take
+        return ppo.Agent(gym.spaces.Box(-1, 1, (4,), np.float32), [3], pixels=False)
     agent = perturbed_agent(agent_class={"forward": DoubledLogits, "action-bias": ActionBias, "three-outputs": ThreeOutputs}.get(kind))
     if kind == "relu":
         agent.actor[1] = agent.critic[1] = torch.nn.ReLU()
@@ -281,6 +283,7 @@ def edited_agent(kind):
         ("action-bias", "its log-probs differ from Agent.get_action_and_value's by up to"),
         ("three-outputs", "its log-probs differ from Agent.get_action_and_value's by up to"),
         ("numpy-broken", "AttributeError: "),
+        ("multidiscrete-1d", "it knows only Discrete actions; "),
     ],
 )  # fmt: skip
 def test_numpy_copy_steps_aside_with_one_note_naming_the_cause(kind, cause, monkeypatch, capsys):
@@ -299,7 +302,7 @@ def test_numpy_copy_steps_aside_with_one_note_naming_the_cause(kind, cause, monk
         np.testing.assert_array_equal(values, ref_values.detach().numpy())
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"note: the numpy rollout copy steps aside: {cause}"), lines
-    if kind != "numpy-broken":  # the case means something: the copy alone would act with another policy
+    if kind not in ("numpy-broken", "multidiscrete-1d"):  # the case means something: the copy alone would act with another policy
         copy = ppo.NumpyPolicy(perturbed_agent()) if kind in ("relu", "layernorm") else ppo.NumpyPolicy(agent)
         assert not np.allclose(copy.evaluate(obs, np.ones((5, 3), dtype=bool), actions)[0], agent.get_action_and_value(torch.as_tensor(obs), torch.as_tensor(actions))[1].detach().numpy(), atol=1e-3)
 
@@ -679,6 +682,7 @@ def test_track_offline_leaves_metrics_in_wandb_run(tmp_path):
         (["--env-kwargs", "[1, 2]"], "--env-kwargs [1, 2] is not a JSON object"),
         (["--env-id", "ALE/Breakout-v5", "--env-kwargs", '{"episodic_life": true}'], "AtariVectorEnv takes no episodic_life"),
         (["--env-id", "ALE/Breakout-v5", "--env-kwargs", '{"continuous": true}'], "AtariVectorEnv takes no continuous"),
+        (["--env-id", "ALE/Breakout-v5", "--env-kwargs", '{"life_loss_info": true}'], "AtariVectorEnv takes no life_loss_info"),
         (["--num-minibatches", "3"], "--num-minibatches"),
         (["--num-envs", "0"], "--num-envs"),
         (["--gamma", "1.5"], "--gamma"),
@@ -1052,7 +1056,9 @@ def test_a_mask_that_allows_no_action_is_a_one_line_error(monkeypatch, capsys, t
     with pytest.raises(SystemExit) as failed:
         train_in_process(monkeypatch, env_id="PickEmptyMask-v0", total_timesteps=512, runs_dir=str(tmp_path))
     assert failed.value.code == 2
-    assert capsys.readouterr().err.splitlines() == ["error: the env's action_mask allows no action at global step 20 (env 0)"]
+    assert capsys.readouterr().err.splitlines() == [
+        "error: the env's action_mask allows no action at global step 20 (env 0); fix the env or pass --no-action-masks"
+    ]
 
 
 # ---------------------------------------------------------------- the envs researchers bring
@@ -1309,7 +1315,7 @@ def test_a_multidiscrete_env_learns_evaluates_greedily_and_resumes_exactly(monke
     assert np.mean(returns[:20]) < 3.5 and np.mean(returns[-20:]) > 4.5, (np.mean(returns[:20]), np.mean(returns[-20:]))
     assert [r["eval/episodic_return"] for r in whole if "eval/episodic_return" in r][0] > 6  # greedy: 7.33 measured
     notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
-    assert notes == ["note: the numpy rollout copy steps aside: it knows only Discrete actions (one dimension); "
+    assert notes == ["note: the numpy rollout copy steps aside: it knows only Discrete actions; "
                      "the rollout runs Agent.get_action_and_value in torch"], notes  # fmt: skip
     (ckpt,) = (tmp_path / "whole").glob("*/checkpoint.pt")
     assert torch.load(ckpt, weights_only=True)["n_actions"] == [3, 4]
@@ -1341,7 +1347,10 @@ def test_no_action_masks_ignores_the_env_mask_in_training_and_evaluation(monkeyp
     assert ppo.Args().action_masks and not tyro.cli(ppo.Args, args=["--no-action-masks"]).action_masks
     PickTheLegalAction.ILLEGAL[0] = 0
     flags = dict(total_timesteps=1024, update_epochs=1, num_minibatches=1, eval_episodes=2, runs_dir=str(tmp_path))
+    evaluated_with, evaluate = [], ppo.evaluate
+    monkeypatch.setattr(ppo, "evaluate", lambda *a, **k: evaluated_with.append(a[8] if len(a) > 8 else k.get("use_masks", True)) or evaluate(*a, **k))
     train_in_process(monkeypatch, env_id="PickMasked-v0", action_masks=False, **flags)
+    assert evaluated_with == [False]  # the final evaluation ignores the mask too
     # A near-uniform policy over 4 actions takes the legal one about 1 time in 4 (with the mask: always).
     assert PickTheLegalAction.ILLEGAL[0] > 500, PickTheLegalAction.ILLEGAL[0]
     records = read_metrics(tmp_path)
@@ -1386,6 +1395,8 @@ def test_atari_fires_after_every_lost_life_so_a_noop_policy_does_not_stall(monke
         assert not (term[0] or trunc[0])
     assert info["lives"][0] == 4
     plain.close()
+    # use_fire_reset false (--env-kwargs) turns off ale-py's FIRE at a game's start and ours after a lost life alike.
+    assert ppo.make_envs("ALE/Breakout-v5", 1, {"use_fire_reset": False}).fire is None
 
 
 def test_atari_fire_steps_are_left_out_of_the_update_and_evaluation_fires_too(monkeypatch, tmp_path):
@@ -1441,6 +1452,9 @@ def test_multidiscrete_masks_that_allow_nothing_in_a_dimension_or_have_another_l
     flat = ppo.valid_actions({"action_mask": np.array([[1, 0, 0, 1, 0], [0, 1, 1, 0, 0]])}, 2, [2, 3], 9, True)
     assert flat.tolist() == [[True, False, False, True, False], [False, True, True, False, False]]
     assert ppo.valid_actions({"action_mask": np.zeros((2, 5))}, 2, [2, 3], 9, False).all()  # --no-action-masks: all valid
+    listed = np.empty(2, object)  # an env that gives its mask as a Python list: the vector env keeps objects
+    listed[0], listed[1] = [1, 0, 0, 1, 0], [0, 1, 1, 0, 0]
+    assert (ppo.valid_actions({"action_mask": listed}, 2, [2, 3], 9, True) == flat).all()
     for info, needle in [
         ({"action_mask": np.array([[1, 0, 0, 1, 0], [1, 1, 0, 0, 0]])}, "allows no action at global step 9 (env 1, dimension 1)"),
         ({"action_mask": np.ones((2, 4))}, "the env's action_mask has shape (4,) per env; its 5 actions need shape (5,)"),
