@@ -1,8 +1,9 @@
 """ppo_discrete.py on Taxi-v4 with and without the env's action mask (--no-action-masks), 3 seeds, one run at a time.
 
-    python benchmarks/discrete_taxi_masks.py            # writes results/discrete_taxi_masks.{json,md}
+    python benchmarks/discrete_taxi_masks.py            # writes results/discrete_taxi_masks.{json,md,png}
 
-Per run: the mean return of the last 10 training episodes and the greedy evaluation's mean over 10 episodes."""
+Per run: the mean return of the last 10 training episodes, the greedy evaluation's mean over 10 episodes, and
+the learning curve (the 10-episode moving average, every 20th point) for the plot (with matplotlib installed)."""
 
 import json
 import subprocess
@@ -25,9 +26,31 @@ def run(seed: int, masks: bool) -> dict:
         subprocess.run([sys.executable, str(ROOT / "ppo_discrete.py"), *flags], check=True, capture_output=True)
         (metrics,) = Path(runs_dir).glob("*/metrics.jsonl")
         records = [json.loads(line) for line in metrics.read_text().splitlines()]
-    returns = [r["charts/episodic_return"] for r in records if "charts/episodic_return" in r]
+    episodes = [(r["global_step"], r["charts/episodic_return"]) for r in records if "charts/episodic_return" in r]
+    steps, returns = np.array(episodes).T
     (evaluation,) = [r["eval/episodic_return"] for r in records if "eval/episodic_return" in r]
-    return {"seed": seed, "masks": masks, "last10": float(np.mean(returns[-10:])), "eval": evaluation, "seconds": round(time.time() - start, 1)}
+    smooth = np.convolve(returns, np.ones(10) / 10, mode="valid")
+    curve = [[int(s), round(float(r), 2)] for s, r in zip(steps[9:][::20], smooth[::20])]
+    return {"seed": seed, "masks": masks, "last10": float(np.mean(returns[-10:])), "eval": evaluation,
+            "seconds": round(time.time() - start, 1), "curve": curve}  # fmt: skip
+
+
+def plot(runs: list, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return print("(matplotlib is not installed: no plot)")
+    for r in runs:
+        steps, returns = np.array(r["curve"]).T
+        plt.plot(steps, returns, color="C0" if r["masks"] else "C3", label=("mask on" if r["masks"] else "--no-action-masks") if r["seed"] == 1 else None)
+    plt.xlabel("global step")
+    plt.ylabel("episodic return (10-episode mean)")
+    plt.title("Taxi-v4, seeds 1-3")
+    plt.legend()
+    plt.savefig(path, dpi=100)
 
 
 def main() -> None:
@@ -42,6 +65,7 @@ def main() -> None:
         last, ev = [r["last10"] for r in mine], [r["eval"] for r in mine]
         lines.append(f"| {'on (default)' if masks else 'off (--no-action-masks)'} | {np.mean(last):.1f} +- {np.std(last):.1f} | {np.mean(ev):.1f} +- {np.std(ev):.1f} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    plot(runs, out.with_suffix(".png"))
     print("\n".join(lines))
 
 
