@@ -955,10 +955,11 @@ def valid_actions(info: dict, num_envs: int, n_actions: Union[int, list[int]], g
     where the env gives one and use_masks (--action-masks), else all. MultiDiscrete: the dimensions' masks side by side
     (sb3-contrib's MaskablePPO), or a tuple of one mask per dimension (what MultiDiscrete.sample takes). A mask that
     allows nothing (in some dimension) is a one-line error."""
-    nvec = np.atleast_1d(n_actions)
+    total = n_actions if isinstance(n_actions, int) else sum(n_actions)  # plain Python: this runs at every step
     if not use_masks or "action_mask" not in info:
-        return all_valid(num_envs, int(nvec.sum()))
-    masks = np.ones((num_envs, int(nvec.sum())), dtype=bool)
+        return all_valid(num_envs, total)
+    nvec = np.atleast_1d(n_actions)
+    masks = np.ones((num_envs, total), dtype=bool)
     given = info.get("_action_mask", np.ones(num_envs, dtype=bool))
     env_masks = np.asarray(info["action_mask"])[given]
     if env_masks.dtype == object:  # the vector env kept each env's tuple of per-dimension masks as an object
