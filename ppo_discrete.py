@@ -367,8 +367,7 @@ def train(args: Args) -> None:
     rng = seed_everything(args.seed + rank, args.torch_deterministic)
 
     envs = make_envs(args.env_id, args.num_envs, env_kwargs)
-    obs_space = envs.single_observation_space
-    n_actions = action_counts(envs.single_action_space)
+    obs_space, n_actions = envs.single_observation_space, action_counts(envs.single_action_space)
     agent = Agent(obs_space, n_actions, atari).to(device)
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=device.type in ("cpu", "cuda"))
     if distributed:
@@ -383,8 +382,8 @@ def train(args: Args) -> None:
 
     carry = Carry.start(envs, args.seed + rank * args.num_envs, args.action_masks)
     start_iteration, global_step, carry = restore_checkpoint(ckpt, agent, optimizer, envs, rng, carry, rank, world_size)
-    logger = Logger(args, ckpt, rank)
-    policy, guard = RolloutPolicy(agent, device, rng), NonFiniteGuard(logger.checkpoint_path)
+    policy, logger = RolloutPolicy(agent, device, rng, carry.next_obs, carry.next_mask), Logger(args, ckpt, rank)
+    guard = NonFiniteGuard(logger.checkpoint_path)
     print0(f"{logger.run_name}: {num_iterations} iterations of {batch_size} steps x {world_size} process(es), {args.num_minibatches} "
            f"minibatches of {minibatch_size}, {args.update_epochs} epochs, device {device} ({device_reason}), {torch.get_num_threads()} torch thread(s)")  # fmt: skip
     stop_requested = install_stop_handlers(device)
@@ -395,14 +394,13 @@ def train(args: Args) -> None:
             frac = 1.0 - (iteration - 1.0) / num_iterations
             optimizer.param_groups[0]["lr"] = frac * args.learning_rate
 
-        # 2. Rollout: num_steps steps of num_envs envs with the current policy (Agent.get_action_and_value,
-        # or for the MLP its numpy copy, checked against it on these observations).
+        # 2. Rollout: num_steps steps of num_envs envs with the current policy (Agent.get_action_and_value).
         policy.refresh(carry.next_obs, carry.next_mask)
         for step in range(args.num_steps):
             global_step += args.num_envs * world_size
             obs[step], masks[step] = carry.next_obs, carry.next_mask
             valid[step] = ~carry.next_reset  # an autoreset step (or Atari's FIRE) is no decision of the policy's
-            actions[step], logprobs[step], values[step] = policy.act(carry.next_obs, carry.next_mask)
+            actions[step], logprobs[step], values[step] = policy.act(carry.next_obs, carry.next_mask, global_step)
             carry.next_obs, reward, term, trunc, info = envs.step(actions[step])
             carry.next_mask = valid_actions(info, args.num_envs, n_actions, global_step, args.action_masks)
             ended = term | trunc
@@ -442,7 +440,7 @@ def train(args: Args) -> None:
 
 # Infrastructure: nothing below changes what PPO computes; a research copy can drop what it does not need.
 # Run folder and logging (wandb), checkpoints and resume, signals, device and torchrun helpers, evaluation
-# and video, argument checks, env pickling, the numpy fast path of the rollout.
+# and video, argument checks, env pickling, the rollout's policy derived as numpy code.
 
 
 def print0(*values, file=None) -> None:
@@ -487,16 +485,8 @@ class Logger:
         if args.track:
             import wandb
 
-            self.wandb_run = wandb.init(
-                project=args.wandb_project_name,
-                entity=args.wandb_entity,
-                config=asdict(args),
-                name=self.run_name,
-                id=self.wandb_id,
-                resume="allow",
-                dir=self.run_dir,
-                save_code=True,
-            )
+            self.wandb_run = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args), name=self.run_name,
+                                        id=self.wandb_id, resume="allow", dir=self.run_dir, save_code=True)  # fmt: skip
             self.wandb_run.define_metric("global_step")
             self.wandb_run.define_metric("*", step_metric="global_step")
             self.wandb_id = self.wandb_run.id
@@ -529,11 +519,8 @@ class Logger:
         self.log(global_step, {**metrics, "charts/SPS": sps})
         if iteration % max(1, num_iterations // 100) == 0 or iteration == num_iterations:
             recent = f"{np.mean(self.recent_returns):.1f}" if self.recent_returns else "n/a"
-            print(
-                f"iteration {iteration}/{num_iterations} | global_step {global_step:,} | SPS {sps:,} "
-                f"| episodic_return (last {len(self.recent_returns)}) {recent}",
-                flush=True,
-            )
+            print(f"iteration {iteration}/{num_iterations} | global_step {global_step:,} | SPS {sps:,} "
+                  f"| episodic_return (last {len(self.recent_returns)}) {recent}", flush=True)  # fmt: skip
 
     def finish(self) -> None:
         if self.wandb_run is not None:
@@ -543,12 +530,9 @@ class Logger:
             print(f"done: {self.run_dir} ({', '.join(n for n in names if os.path.exists(os.path.join(self.run_dir, n)))})")
 
 
-# Checkpoints: one checkpoint.pt per run. Everything but "resume_state" loads with weights_only=True
-# (a policy can be evaluated without running pickled code); "resume_state" holds pickled per-rank
-# state (RNGs, envs, Carry) that only --resume of your own run reads.
-CHECKPOINT_KEYS = (
-    "args", "run_name", "iteration", "global_step", "wandb_id", "metrics_offset", "agent", "optimizer", "n_actions", "resume_state"
-)
+# Checkpoints: one checkpoint.pt per run. Everything but "resume_state" loads with weights_only=True (a policy can be evaluated
+# without running pickled code); "resume_state" holds pickled per-rank state (RNGs, envs, Carry) that only --resume reads.
+CHECKPOINT_KEYS = ("args", "run_name", "iteration", "global_step", "wandb_id", "metrics_offset", "agent", "optimizer", "n_actions", "resume_state")
 
 
 def save_checkpoint(
@@ -557,39 +541,27 @@ def save_checkpoint(
 ) -> None:  # fmt: skip
     """Every rank hands in its resume state; rank 0 writes the checkpoint atomically (tmp + rename). Non-finite
     weights or optimizer state stop the run instead (every rank holds the same)."""
-    for name, tensors in (("weight", agent.state_dict().items()), ("optimizer state", optimizer_tensors(optimizer))):
+    for name, tensors in (("weight", agent.state_dict().items()), ("optimizer state", [(f"{i}.{k}", t) for i, st in optimizer.state_dict()["state"].items() for k, t in st.items()])):
         bad = first_nonfinite(tensors)
         if bad is not None:
             stop_nonfinite(f"{name} {bad}", iteration, "at the checkpoint, not written", logger.checkpoint_path)
-    mine = {"carry": vars(carry), "rng": rng.bit_generator.state, "global_rngs": rng_state(), "envs": env_state(envs)}
+    global_rngs = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    mine = {"carry": vars(carry), "rng": rng.bit_generator.state, "global_rngs": global_rngs, "envs": env_state(envs)}
     ranks = [mine]
     if dist.is_initialized():
         ranks = [None] * dist.get_world_size()
         dist.all_gather_object(ranks, mine)
     if logger.rank != 0:
         return
-    state = {
-        "args": asdict(args),
-        "run_name": logger.run_name,
-        "iteration": iteration,
-        "global_step": global_step,
-        "wandb_id": logger.wandb_id,
-        "metrics_offset": logger.file.tell(),
-        "agent": agent.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "n_actions": action_counts(envs.single_action_space),
-        "resume_state": pickle.dumps(ranks),
-    }
+    state = {"args": asdict(args), "run_name": logger.run_name, "iteration": iteration, "global_step": global_step,
+             "wandb_id": logger.wandb_id, "metrics_offset": logger.file.tell(), "agent": agent.state_dict(),
+             "optimizer": optimizer.state_dict(), "n_actions": action_counts(envs.single_action_space), "resume_state": pickle.dumps(ranks)}  # fmt: skip
     tmp = f"{logger.checkpoint_path}.tmp"
     with open(tmp, "wb") as f:  # on disk before the rename, so a crash leaves the old or the new checkpoint whole
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, logger.checkpoint_path)
-
-
-def optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[tuple[str, torch.Tensor]]:
-    return [(f"{i}.{k}", t) for i, state in optimizer.state_dict()["state"].items() for k, t in state.items()]
 
 
 def load_checkpoint(path: str, flag: str, keys: tuple[str, ...] = CHECKPOINT_KEYS) -> dict:
@@ -637,10 +609,12 @@ def restore_checkpoint(
     if mine is None:
         note(f"checkpoint has {len(ranks)} processes, this run {world_size}; RNGs and envs start fresh")
     else:
-        set_rng_state(mine["global_rngs"])
+        random.setstate(mine["global_rngs"]["python"])
+        np.random.set_state(mine["global_rngs"]["numpy"])
+        torch.set_rng_state(mine["global_rngs"]["torch"])
         rng.bit_generator.state = mine["rng"]
     if mine is not None and mine["envs"] is not None:
-        restore_env_state(envs, mine["envs"])
+        vars(envs).update(pickle.loads(mine["envs"]))
         carry = Carry(**mine["carry"])
     else:
         if mine is not None:
@@ -657,16 +631,6 @@ def seed_everything(seed: int, torch_deterministic: bool) -> np.random.Generator
     torch.manual_seed(seed)
     torch.backends.cudnn.deterministic = torch_deterministic
     return np.random.default_rng(seed)
-
-
-def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
 
 
 # Signals.
@@ -704,8 +668,7 @@ def exit_interrupted(logger: Logger, global_step: int, envs: gym.vector.VectorEn
     sys.exit(130)
 
 
-# Device and torchrun. Every collective gets tensors on the training device or objects (sent through
-# the CPU); the process group serves both.
+# Device and torchrun. Every collective gets tensors on the training device or objects (through the CPU): the group serves both.
 
 
 def pick_device(name: str, gpu_pays: bool) -> tuple[torch.device, str]:
@@ -718,10 +681,8 @@ def pick_device(name: str, gpu_pays: bool) -> tuple[torch.device, str]:
     if name == "cuda" and "LOCAL_RANK" in os.environ:
         local_rank = int(os.environ["LOCAL_RANK"])
         if local_rank >= torch.cuda.device_count():
-            fail(
-                f"--device {name}: torchrun started local rank {local_rank} but only {torch.cuda.device_count()} GPU(s)"
-                " are visible; start one process per GPU or pass --device cpu"
-            )
+            fail(f"--device {name}: torchrun started local rank {local_rank} but only {torch.cuda.device_count()} GPU(s)"
+                 " are visible; start one process per GPU or pass --device cpu")  # fmt: skip
         name = f"cuda:{local_rank}"
     try:
         device = torch.device(name)
@@ -837,15 +798,11 @@ def evaluate(
             obs, info = envs.reset()
     envs.close()
     if video_path is not None:
-        write_video(frames, video_path, fps=envs.metadata.get("render_fps", 30) or 30)
+        from moviepy import ImageSequenceClip
+
+        frames = [np.repeat(f[..., None], 3, axis=-1) if f.ndim == 2 else f for f in frames]
+        ImageSequenceClip(frames, fps=envs.metadata.get("render_fps", 30) or 30).write_videofile(video_path, logger=None)
     return returns
-
-
-def write_video(frames: list, path: str, fps: int) -> None:
-    from moviepy import ImageSequenceClip
-
-    frames = [np.repeat(f[..., None], 3, axis=-1) if f.ndim == 2 else f for f in frames]
-    ImageSequenceClip(frames, fps=fps).write_videofile(path, logger=None)
 
 
 def evaluate_and_log(agent: Agent, args: Args, device: torch.device, logger: Logger, global_step: int) -> None:
@@ -855,9 +812,7 @@ def evaluate_and_log(agent: Agent, args: Args, device: torch.device, logger: Log
         os.makedirs(os.path.join(logger.run_dir, "videos"), exist_ok=True)
         video_path = os.path.join(logger.run_dir, "videos", "eval.mp4")
     env_kwargs = json.loads(args.env_kwargs)
-    returns = evaluate(
-        agent, args.env_id, env_kwargs, args.eval_episodes, args.seed + 10_000, device, args.eval_stochastic, video_path, args.action_masks
-    )
+    returns = evaluate(agent, args.env_id, env_kwargs, args.eval_episodes, args.seed + 10_000, device, args.eval_stochastic, video_path, args.action_masks)  # fmt: skip
     logger.log(global_step, {"eval/episodic_return": float(np.mean(returns)), "eval/episodic_return_std": float(np.std(returns))})
     print(f"eval: return {np.mean(returns):.2f} +- {np.std(returns):.2f} over {len(returns)} episodes")
     if logger.wandb_run is not None and video_path is not None:
@@ -993,21 +948,15 @@ def check_args(args: Args, world_size: int) -> tuple[int, int, int]:
     batch_size = args.num_envs * args.num_steps
     if batch_size % args.num_minibatches:
         divisors = [d for d in range(1, min(batch_size, 64) + 1) if batch_size % d == 0]
-        fail(
-            f"--num-minibatches {args.num_minibatches} does not divide the batch "
-            f"--num-envs {args.num_envs} x --num-steps {args.num_steps} = {batch_size}; pick one of {divisors}"
-        )
+        fail(f"--num-minibatches {args.num_minibatches} does not divide the batch "
+             f"--num-envs {args.num_envs} x --num-steps {args.num_steps} = {batch_size}; pick one of {divisors}")  # fmt: skip
     num_iterations = args.total_timesteps // (batch_size * world_size)
     if num_iterations == 0:
-        fail(
-            f"--total-timesteps {args.total_timesteps} is less than one rollout "
-            f"({batch_size * world_size} steps); raise it or lower --num-envs/--num-steps"
-        )
+        fail(f"--total-timesteps {args.total_timesteps} is less than one rollout "
+             f"({batch_size * world_size} steps); raise it or lower --num-envs/--num-steps")  # fmt: skip
     if args.total_timesteps % (batch_size * world_size):
-        note(
-            f"--total-timesteps {args.total_timesteps:,} is not a whole number of batches of {batch_size * world_size:,} "
-            f"steps; training {num_iterations * batch_size * world_size:,} steps ({num_iterations} iterations)"
-        )
+        note(f"--total-timesteps {args.total_timesteps:,} is not a whole number of batches of {batch_size * world_size:,} "
+             f"steps; training {num_iterations * batch_size * world_size:,} steps ({num_iterations} iterations)")  # fmt: skip
     return batch_size, batch_size // args.num_minibatches, num_iterations
 
 
@@ -1086,132 +1035,185 @@ def env_state(envs: gym.vector.VectorEnv) -> Optional[bytes]:
         return None
 
 
-def restore_env_state(envs: gym.vector.VectorEnv, state: bytes) -> None:
-    vars(envs).update(pickle.loads(state))
+# How the rollout acts: Agent.get_action_and_value itself, for the MLP derived as numpy code (torch's per-op overhead
+# dominates at this size): its torch.export graph, once a run, as one numpy call per node, fed the weights and checked.
 
-
-# How the rollout acts: Agent.get_action_and_value, or for the MLP its numpy copy (torch's per-op overhead
-# dominates at this size), checked each time it is built; the on-policy check of every update watches both.
-
-FAST_PATH_ATOL = 1e-5  # float32 numpy against float32 torch: other summation orders leave ~1e-7 relative
-# differences in the logits, ~1e-6 in log-probs, entropies and values; a real edit of the policy moves them more.
+FAST_PATH_ATOL = 1e-5  # float32 numpy vs float32 torch, the same ops in other summation orders: 1e-7 to 1e-6 (relative beyond 1)
+# in CartPole's log-probs, entropies and values, 1e-5 with pre-activations in the hundreds. (forward's .float(): no float64 copy.)
 ON_POLICY_ATOL = 1e-3  # max |log-ratio| of an update's first minibatch, before any step; the same policy in
 # float32 gives ~1e-6 (batch-dependent GPU kernels up to ~1e-4), a policy other than the trained one far more.
 
+# One expression per aten op, from the node's arguments by their schema names (one it does not name keeps its default); shapes
+# are fixed (num_envs rows). numpy has no erf, and one torch kernel on the same memory beats layer_norm's eight numpy calls.
+NUMPY_OF_ATEN = {
+    "linear": "{input} @ {weight}.T + {bias}", "addmm": "{input} + {mat1} @ {mat2}", "matmul": "{input} @ {other}", "tanh": "np.tanh({input})",
+    "relu": "np.maximum({input}, 0)", "sigmoid": "1 / (1 + np.exp(-{input}))", "gelu": "F.gelu(T({input}), approximate={approximate}).numpy()",
+    "layer_norm": "F.layer_norm(T({input}), {normalized_shape}, T({weight}), T({bias}), {eps}).numpy()", "exp": "np.exp({input})",
+    "log_softmax": "np_log_softmax({input}, {dim})", "softmax": "np.exp(np_log_softmax({input}, {dim}))", "log": "np.log({input})",
+    "neg": "-{input}", "abs": "np.abs({input})", "sqrt": "np.sqrt({input})", "clamp": "np.clip({input}, {min}, {max})", "pow": "{input} ** {exponent}",
+    "mul": "{input} * {other}", "div": "{input} / {other}", "add": "{input} + {other}", "sub": "{input} - {other}", "rsub": "{other} - {input}",
+    "bitwise_not": "~{input}", "logical_not": "~{input}", "eq": "{input} == {other}", "masked_fill": "np.where({mask}, {value}, {input})",
+    "where": "np.where({condition}, {input}, {other})", "cat": "np.concatenate({tensors}, {dim})", "gather": "np.take_along_axis({input}, {index}, {dim})",
+    "sum": "{input}.sum({dim}, keepdims={keepdim})", "mean": "{input}.mean({dim}, keepdims={keepdim})", "amax": "{input}.max({dim}, keepdims={keepdim})",
+    "one_hot": "np.eye({num_classes}, dtype=np.int64)[{input}]", "multinomial": "np_sample(rng, {input}, {num_samples})",
+}  # fmt: skip
+RESHAPES, CASTS = {"view", "reshape", "_unsafe_view", "flatten", "squeeze", "unsqueeze"}, {"to", "_to_copy", "clone", "alias", "detach", "detach_", "lift_fresh_copy"}
 
-class NumpyPolicy:
-    """A numpy copy of the MLP agent (Linear layers with tanh between them, softmax of the logits), rebuilt after
-    every update; it samples by the Gumbel-max trick from the run's numpy RNG."""
 
-    KNOWN = (nn.Linear, nn.Tanh, nn.Sequential, nn.Identity)
+def np_log_softmax(x: np.ndarray, dim: int) -> np.ndarray:
+    shifted = x - x.max(dim, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(dim, keepdims=True))
 
-    def __init__(self, agent: Agent):
-        if agent.action_shape:
-            raise ValueError("it knows only Discrete actions")
-        for m in agent.modules():
-            if m is not agent and type(m) not in self.KNOWN:
-                raise ValueError(f"it does not know {type(m).__name__}")
-        for head in (agent.actor, agent.critic):
-            kinds = [type(m) for m in head] if isinstance(head, nn.Sequential) else [type(head)]
-            if kinds != [nn.Linear, nn.Tanh] * (len(kinds) // 2) + [nn.Linear]:
-                raise ValueError("it knows only Linear layers with Tanh between them")
 
-        def layers(seq: nn.Sequential) -> list:
-            linear = [m for m in seq if isinstance(m, nn.Linear)]
-            return [(m.weight.detach().cpu().numpy().T.copy(), m.bias.detach().cpu().numpy().copy()) for m in linear]
+def np_sample(rng: np.random.Generator, probs: np.ndarray, n: int) -> np.ndarray:
+    """torch.multinomial(probs, 1) by the exponential race (Gumbel-max without logs): argmax of probs / Exp(1) noise."""
+    if n != 1:
+        raise NotImplementedError(f"it samples no multinomial of {n} draws")
+    return (probs / -np.log(rng.random(probs.shape, dtype=np.float32))).argmax(-1, keepdims=True)
 
-        self.actor, self.critic, self.obs_onehot = layers(agent.actor), layers(agent.critic), agent.obs_onehot
 
-    @staticmethod
-    def mlp(layers: list, x: np.ndarray) -> np.ndarray:
-        for w, b in layers[:-1]:
-            x = np.tanh(x @ w + b)
-        return x @ layers[-1][0] + layers[-1][1]
-
-    def distribution(self, obs: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Logits [N, A], log pi(.|obs) [N, A] and V(obs) [N], as Agent.distribution computes them."""
-        if self.obs_onehot:
-            x = np.eye(self.obs_onehot, dtype=np.float32)[obs.astype(np.int64)]
+def numpy_source(ep: torch.export.ExportedProgram, name: str, outputs: list[int], constants: dict) -> str:
+    """Source of name(rng, *inputs): the graph's outputs numbered in outputs, one numpy call per node they need; weights
+    and constants (added to constants) are globals named as in the graph. NotImplementedError names what it lacks."""
+    graph_outputs = list(ep.graph.output_node().args[0])
+    needed, lines = {graph_outputs[i] for i in outputs}, []
+    for node in reversed(ep.graph.nodes):  # only what the outputs need (the rollout skips the entropy)
+        if node in needed:
+            needed.update(node.all_input_nodes)
+    for node in (n for n in ep.graph.nodes if n.op == "call_function" and n in needed):
+        x, out = node.args[0], node.meta["val"]
+        if node.target.__name__ == "getitem":
+            lines.append(f"{node.name} = {x}[{node.args[1]}]")
+            continue
+        op, kwargs = node.target._schema.name.split("::")[-1], node.normalized_arguments(ep.graph_module, normalize_to_only_use_kwargs=True).kwargs  # fmt: skip
+        shape = x.meta["val"].shape if isinstance(x, torch.fx.Node) else None
+        if not node.all_input_nodes and torch.Tag.nondeterministic_seeded not in node.target.tags:  # arange, full, ...
+            constants[node.name] = node.target(*node.args, **node.kwargs).cpu().numpy()
+            continue
+        if op in RESHAPES:
+            code = f"{x}" if shape == out.shape else f"{x}.reshape({tuple(out.shape)})"
+        elif op in CASTS:
+            code = f"{x}" if x.meta["val"].dtype == out.dtype else f"{x}.astype(np.{torch.empty(0, dtype=out.dtype).numpy().dtype})"
+        elif op == "split_with_sizes":  # slices: views, no copies
+            ends, colons = np.cumsum([0, *kwargs["split_sizes"]]), ":, " * (kwargs["dim"] % len(shape))
+            code = "(" + "".join(f"{x}[{colons}{a}:{b}], " for a, b in zip(ends, ends[1:])) + ")"
+        elif op == "cat" and len(x) == 1:
+            code = f"{x[0]}"
+        elif op == "sum" and kwargs["dim"] and all(shape[d] == 1 for d in kwargs["dim"]) and kwargs["dtype"] is None:
+            code = f"{x}.reshape({tuple(out.shape)})"  # a sum of one term
+        elif op == "gather" and len(shape) == 2 and kwargs["dim"] % 2 == 1:  # fancy indexing: 6x take_along_axis's speed
+            code, constants[f"rows_{shape[0]}"] = f"{x}[rows_{shape[0]}, {kwargs['index']}]", np.arange(shape[0])[:, None]
+        elif op in NUMPY_OF_ATEN:
+            code = NUMPY_OF_ATEN[op]
+            for arg in node.target._schema.arguments:  # cuDNN's switch aside, one it does not name keeps its default
+                if "{" + arg.name + "}" not in code and arg.name != "cudnn_enable" and arg.has_default_value() and kwargs[arg.name] != arg.default_value:
+                    raise NotImplementedError(f"it has no numpy for aten.{op} with {arg.name}={kwargs[arg.name]}")
+            code = code.format(**{k: f"({', '.join(map(str, v))},)" if isinstance(v, list) else str(v) if isinstance(v, torch.fx.Node) else repr(v) for k, v in kwargs.items()})  # fmt: skip
         else:
-            x = obs.reshape(len(obs), -1).astype(np.float32, copy=False)
-        logits = self.mlp(self.actor, x)
-        if mask is not all_valid(*mask.shape) and not mask.all():
-            logits = np.where(mask, logits, np.float32(MASKED_LOGIT))
-        shifted = logits - logits.max(-1, keepdims=True)
-        return logits, shifted - np.log(np.exp(shifted).sum(-1, keepdims=True)), self.mlp(self.critic, x)[:, 0]
+            raise NotImplementedError(f"it has no numpy for aten.{op}")
+        lines.append(f"{node.name} = {code}".replace(" + None", ""))  # a linear layer without bias
+    inputs = ", ".join(n.name for n in ep.graph.nodes if n.op == "placeholder" and n.name in ep.graph_signature.user_inputs)
+    returned = ", ".join(str(graph_outputs[i]) for i in outputs)
+    return "\n".join([f"def {name}(rng, {inputs}):", *(f"    {line}" for line in lines), f"    return {returned}\n"])
 
-    def act(self, obs: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Sampled actions, their log-probs and the values."""
-        logits, logp, values = self.distribution(obs, mask)
-        actions = (logits - np.log(-np.log(rng.random(logits.shape, dtype=np.float32)))).argmax(-1)
-        return actions, logp[np.arange(len(actions)), actions], values
 
-    def evaluate(self, obs: np.ndarray, mask: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Log-probs of the given actions, entropies and values, as Agent.get_action_and_value returns them."""
-        _, logp, values = self.distribution(obs, mask)
-        return logp[np.arange(len(actions)), actions], -(np.exp(logp) * logp).sum(-1), values
+class DerivedPolicy(nn.Module):
+    """get_action_and_value for one kind of input (with a mask or without) as numpy functions of its exported graph (a
+    module is what torch.export takes): act (action, log-prob, value), value, check (all four); feed() gives the weights."""
 
-    def mismatch(self, agent: Agent, device: torch.device, obs: np.ndarray, mask: np.ndarray) -> Optional[str]:
-        """Where this copy departs from agent's get_action_and_value and get_value on obs (actions drawn by the
-        agent itself), or None."""
+    def __init__(self, agent: Agent, obs: torch.Tensor, *mask: torch.Tensor):
+        super().__init__()
+        self.agent, constants = agent, {}
+        sig = (ep := torch.export.export(self, (obs, *mask))).graph_signature
+        source = "".join(numpy_source(ep, name, outs, constants) for name, outs in (("act", [0, 1, 3]), ("value", [3]), ("check", [0, 1, 2, 3])))
+        where = ((sig.inputs_to_parameters, agent.get_parameter), (sig.inputs_to_buffers, agent.get_buffer), (sig.inputs_to_lifted_tensor_constants, ep.constants.get))  # fmt: skip
+        self.tensors = {name: get(t.removeprefix("agent.")) for names, get in where for name, t in names.items()}
+        self.transposed = [name for name in self.tensors if f"{name}.T" in source]  # a linear layer's weight
+        for name in self.transposed:
+            source = source.replace(f"{name}.T", f"{name}_T")
+        self.source, self.ns = source, {"np": np, "F": F, "T": lambda x: x if x is None else torch.from_numpy(x), "np_log_softmax": np_log_softmax, "np_sample": np_sample, **constants}  # fmt: skip
+        exec(source, self.ns)
+        self.act, self.value, self.check = self.ns["act"], self.ns["value"], self.ns["check"]
+
+    def forward(self, obs: torch.Tensor, *mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.agent.get_action_and_value(obs, None, *mask)
+
+    def feed(self) -> None:
+        """The current weights: numpy views of the tensors, a linear layer's weight transposed once (contiguous)."""
+        for name, t in self.tensors.items():
+            self.ns[name] = t.detach().cpu().numpy()
+        for name in self.transposed:
+            self.ns[f"{name}_T"] = np.ascontiguousarray(self.ns[name].T)
+
+
+class RolloutPolicy:
+    """What the rollout acts with: get_action_and_value derived as numpy code while it reproduces the agent, else
+    the agent's own method in torch. Either way a sampled action the env's mask forbids stops the run."""
+
+    def __init__(self, agent: Agent, device: torch.device, rng: np.random.Generator, obs: np.ndarray, mask: np.ndarray):
+        self.agent, self.device, self.rng, self.noted_plain = agent, device, rng, False
+        self.derived, self.offsets, self.fast = {}, agent.offsets.cpu().numpy(), not agent.pixels  # derived: by input kind (mask?)
+        self.refresh(obs, mask)  # set-up: the first torch.export takes seconds (imports)
+
+    def refresh(self, obs: np.ndarray, mask: np.ndarray) -> None:
+        """Derive get_action_and_value for the kinds of input obs and mask need (the values: the one without a mask)
+        once, feed them the current weights and check them on obs; any failure steps them aside for the run."""
+        masked = mask is not all_valid(*mask.shape)
+        if not self.fast:
+            return
+        try:
+            for kind in {False, masked}:
+                if kind not in self.derived:
+                    x = torch.as_tensor(obs, device=self.device)
+                    self.derived[kind] = DerivedPolicy(self.agent, x, *([torch.as_tensor(mask, device=self.device)] if kind else []))
+                self.derived[kind].feed()
+            cause = self.mismatch(obs, mask, masked)
+        except Exception as e:  # a research edit it cannot follow must never stop the run
+            cause = str(e) if isinstance(e, NotImplementedError) else f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"
+        if cause is not None:
+            self.fast = False
+            note(f"the numpy rollout path steps aside: {cause}; the rollout runs Agent.get_action_and_value in torch")
+
+    def mismatch(self, obs: np.ndarray, mask: np.ndarray, masked: bool) -> Optional[str]:
+        """Where the derived code departs from the agent's get_action_and_value (log-probs of the actions it drew from
+        an RNG of its own, entropies, values) and get_value on obs, or None."""
+        action, *mine = self.derived[masked].check(np.random.default_rng(0), obs, *([mask] if masked else []))
         with torch.no_grad():
-            x = torch.as_tensor(obs, device=device)
-            action, *reference = agent.get_action_and_value(x, None, mask_tensor(mask, device))
-            reference.append(agent.get_value(x))
-        logprob, entropy, values = self.evaluate(obs, mask, action.cpu().numpy())
-        mine = (logprob, entropy, values, values)
-        names = ("log-probs", "entropies", "values", "get_value's values")
-        for name, a, b in zip(names, mine, (r.cpu().numpy() for r in reference)):
+            x = torch.as_tensor(obs, device=self.device)
+            _, *reference = self.agent.get_action_and_value(x, torch.as_tensor(action, device=self.device), mask_tensor(mask, self.device))
+        pairs = zip(("log-probs", "entropies", "values", "get_value's values"), [*mine, self.value(obs)], [*reference, self.agent.get_value(x)])
+        for name, a, b in ((name, a, b.detach().cpu().numpy()) for name, a, b in pairs):
             if a.shape != b.shape:
                 return f"its {name} have shape {a.shape}, Agent.get_action_and_value's {b.shape}"
             if not np.max(np.abs(a - b) / (1 + np.abs(b))) <= FAST_PATH_ATOL:  # absolute near 0, relative beyond 1
                 return f"its {name} differ from Agent.get_action_and_value's by up to {np.abs(a - b).max():.3g}"
         return None
 
-
-class RolloutPolicy:
-    """What the rollout acts with: the numpy copy while it reproduces the agent, else the agent's own methods."""
-
-    def __init__(self, agent: Agent, device: torch.device, rng: np.random.Generator):
-        self.agent, self.device, self.rng = agent, device, rng
-        self.copy: Optional[NumpyPolicy] = None
-        self.fast, self.noted_plain = not agent.pixels, False
-
-    def refresh(self, obs: np.ndarray, mask: np.ndarray) -> None:
-        """Rebuild the numpy copy from the current weights and check it on obs; any failure steps it aside."""
-        self.copy = None
-        if not self.fast:
-            return
-        try:
-            copy = NumpyPolicy(self.agent)
-            cause = copy.mismatch(self.agent, self.device, obs, mask)
-        except Exception as e:  # a research edit the copy cannot follow must never stop the run
-            cause = str(e) if isinstance(e, ValueError) and str(e).startswith("it ") else f"{type(e).__name__}: {e}"
-        if cause is None:
-            self.copy = copy
-        else:
-            self.fast = False
-            note(f"the numpy rollout copy steps aside: {cause}; the rollout runs Agent.get_action_and_value in torch")
-
-    def act(self, obs: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def act(self, obs: np.ndarray, mask: np.ndarray, global_step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Actions sampled from the policy (among those mask allows), their log-probs and the values of obs, in numpy."""
-        if self.copy is not None:
-            return self.copy.act(obs, mask, self.rng)
-        with torch.no_grad():
-            x = torch.as_tensor(obs, device=self.device)
-            action, logprob, _, value = self.agent.get_action_and_value(x, None, mask_tensor(mask, self.device))
-        return action.cpu().numpy(), logprob.cpu().numpy(), value.cpu().numpy()
+        masked = mask is not all_valid(*mask.shape)
+        if self.fast and masked not in self.derived:  # a run's first mask, met mid-rollout
+            self.refresh(obs, mask)
+        if self.fast:
+            action, logprob, value = self.derived[masked].act(self.rng, obs, *([mask] if masked else []))
+        else:
+            with torch.no_grad():
+                out = self.agent.get_action_and_value(torch.as_tensor(obs, device=self.device), None, mask_tensor(mask, self.device))
+            action, logprob, _, value = (t.cpu().numpy() for t in out)
+        if masked and not (allowed := np.take_along_axis(mask, action.reshape(len(mask), -1) + self.offsets, 1).all(-1)).all():  # an edit that undid the mask
+            i = np.flatnonzero(~allowed)[0]
+            fail(f"the policy sampled action {action[i]} that env {i}'s action_mask forbids at global step {global_step}: Agent.distribution must give masked actions no probability (MASKED_LOGIT)")  # fmt: skip
+        return action, logprob, value
 
     def value(self, obs: np.ndarray) -> np.ndarray:
-        if self.copy is not None:
-            return self.copy.distribution(obs, all_valid(len(obs), 1))[2]  # values need no mask
+        if self.fast:
+            return self.derived[False].value(None, obs)
         with torch.no_grad():
             return self.agent.get_value(torch.as_tensor(obs, device=self.device)).cpu().numpy()
 
     def check_on_policy(self, max_logratio: float, iteration: int) -> None:
-        """The update's first minibatch must find the policy that collected it (log-ratio ~0): else the numpy
-        copy is wrong in a way its check missed, and steps aside; or, on the plain path, the policy is not a
-        function of its weights (dropout, batch-dependent layers), which is said once."""
+        """The update's first minibatch must find the policy that collected it (log-ratio ~0): else the derived code is
+        wrong in a way its check missed, and steps aside; or the plain path's policy is no function of its weights."""
         if max_logratio <= ON_POLICY_ATOL:
             return
         figure = f"on-policy check: max |log-ratio| {max_logratio:.3g} at the first minibatch of iteration {iteration}"
@@ -1224,11 +1226,9 @@ class RolloutPolicy:
                  "(dropout? batch-dependent layers?); training goes on")  # fmt: skip
 
 
-# Non-finite numbers: a step on a non-finite loss or gradient is skipped and counted; too many in a row, or a
-# non-finite weight, stop the run before anything non-finite reaches a rollout or a checkpoint. The weights are
-# checked after each update and at each skip, not after every step: a step on a finite loss and a finite clipped
-# gradient cannot make finite weights non-finite, non-finite weights show in the next loss or gradient, and a
-# check per step cost 3% of CartPole's SPS.
+# Non-finite numbers: a step on a non-finite loss or gradient is skipped and counted; too many in a row, or a non-finite
+# weight, stop the run before anything non-finite reaches a rollout or a checkpoint. The weights are checked after each
+# update and at each skip: a step on a finite loss and clipped gradient keeps finite weights finite (a check per step: -3% SPS).
 
 MAX_SKIPPED_STEPS = 10
 
