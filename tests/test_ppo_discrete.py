@@ -438,6 +438,14 @@ def test_an_edited_copy_of_the_script_trains_on_policy(edit, steps_aside, tmp_pa
         assert abs(r["losses/old_approx_kl"]) < 1e-6 and r["losses/clipfrac"] == 0, r
 
 
+def test_a_temperature_edit_starting_at_exactly_1_is_sampled_by_the_run_from_the_first_iteration(tmp_path):
+    # A copy that ignored the temperature would pass its 1e-5 check while the temperature drifts from 1: |old_approx_kl|
+    # up to 9.5e-7 within 10 iterations (issue 23). Rollout and update running the same ops leave rounding only (~4e-9).
+    proc, updates = run_edited_copy(tmp_path, EDITS["temperature"], "--total-timesteps", "10240")
+    assert "note:" not in proc.stdout and len(updates) == 20
+    assert max(abs(r["losses/old_approx_kl"]) for r in updates) < 1e-7, [r["losses/old_approx_kl"] for r in updates]
+
+
 def test_an_edit_that_puts_probability_back_on_masked_actions_stops_the_run_naming_the_step(tmp_path):
     # Epsilon mixed in after the mask: a forbidden action is sampled sooner or later (384 in 20k steps, unchecked).
     proc, _ = run_edited_copy(tmp_path, EDITS["epsilon"], "--env-id", "Taxi-v4", "--total-timesteps", "4096", check=False)
