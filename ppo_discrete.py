@@ -388,52 +388,53 @@ def train(args: Args) -> None:
            f"minibatches of {minibatch_size}, {args.update_epochs} epochs, device {device} ({device_reason}), {torch.get_num_threads()} torch thread(s)")  # fmt: skip
     stop_requested = install_stop_handlers(device)
 
-    for iteration in range(start_iteration, num_iterations + 1):
-        # 1. Anneal the learning rate linearly to 0.
-        if args.anneal_lr:
-            frac = 1.0 - (iteration - 1.0) / num_iterations
-            optimizer.param_groups[0]["lr"] = frac * args.learning_rate
+    with CrashCheckpoint(logger, args, agent, optimizer, carry, rng, envs, guard):  # an exception: the last update kept
+        for iteration in range(start_iteration, num_iterations + 1):
+            # 1. Anneal the learning rate linearly to 0.
+            if args.anneal_lr:
+                frac = 1.0 - (iteration - 1.0) / num_iterations
+                optimizer.param_groups[0]["lr"] = frac * args.learning_rate
 
-        # 2. Rollout: num_steps steps of num_envs envs with the current policy (Agent.get_action_and_value).
-        policy.refresh(carry.next_obs, carry.next_mask)
-        for step in range(args.num_steps):
-            global_step += args.num_envs * world_size
-            obs[step], masks[step] = carry.next_obs, carry.next_mask
-            valid[step] = ~carry.next_reset  # an autoreset step (or Atari's FIRE) is no decision of the policy's
-            actions[step], logprobs[step], values[step] = policy.act(carry.next_obs, carry.next_mask, global_step)
-            carry.next_obs, reward, term, trunc, info = envs.step(actions[step])
-            carry.next_mask = valid_actions(info, args.num_envs, n_actions, global_step, args.action_masks)
-            ended = term | trunc
-            logger.episodes(global_step, carry, reward, ended)
-            carry.next_reset = ended
-            if atari:  # a lost life ends the trace for GAE; the game goes on, relaunched by FIRE (no decision of the policy's)
-                term, reward, carry.next_reset = term | info["life_lost"], np.sign(reward), ended | info["fire_next"]
-            rewards[step], terminated[step], truncated[step] = reward, term, trunc & ~term
+            # 2. Rollout: num_steps steps of num_envs envs with the current policy (Agent.get_action_and_value).
+            policy.refresh(carry.next_obs, carry.next_mask)
+            for step in range(args.num_steps):
+                global_step += args.num_envs * world_size
+                obs[step], masks[step] = carry.next_obs, carry.next_mask
+                valid[step] = ~carry.next_reset  # an autoreset step (or Atari's FIRE) is no decision of the policy's
+                actions[step], logprobs[step], values[step] = policy.act(carry.next_obs, carry.next_mask, global_step)
+                carry.next_obs, reward, term, trunc, info = envs.step(actions[step])
+                carry.next_mask = valid_actions(info, args.num_envs, n_actions, global_step, args.action_masks)
+                ended = term | trunc
+                logger.episodes(global_step, carry, reward, ended)
+                carry.next_reset = ended
+                if atari:  # a lost life ends the trace for GAE; the game goes on, relaunched by FIRE (no decision of the policy's)
+                    term, reward, carry.next_reset = term | info["life_lost"], np.sign(reward), ended | info["fire_next"]
+                rewards[step], terminated[step], truncated[step] = reward, term, trunc & ~term
 
-        check_env_output(args.env_id, obs, rewards, carry.next_obs, global_step, args.num_envs * world_size, logger.checkpoint_path)
+            check_env_output(args.env_id, obs, rewards, carry.next_obs, global_step, args.num_envs * world_size, logger.checkpoint_path)
 
-        # 3. Generalized advantage estimation, bootstrapped from the observation after the rollout.
-        next_value = policy.value(carry.next_obs)
-        advantages, returns = compute_gae(rewards, values, next_value, terminated, truncated, args.gamma, args.gae_lambda)
+            # 3. Generalized advantage estimation, bootstrapped from the observation after the rollout.
+            next_value = policy.value(carry.next_obs)
+            advantages, returns = compute_gae(rewards, values, next_value, terminated, truncated, args.gamma, args.gae_lambda)
 
-        # 4. The clipped update on the batch, without the autoreset and FIRE steps (no decisions of the policy's).
-        keep = np.flatnonzero(valid.reshape(-1))
-        rollout = dict(obs=obs, actions=actions, logprobs=logprobs, values=values, advantages=advantages, returns=returns)
-        if not masks.all():  # only a rollout that met masks pays for masking in the update
-            rollout["action_mask"] = masks
-        batch = {k: torch.as_tensor(x.reshape((-1,) + x.shape[2:])[keep], device=device) for k, x in rollout.items()}
-        stats, first_logratio = ppo_update(agent, optimizer, batch, args, rng, guard.at(iteration))
-        policy.check_on_policy(first_logratio, iteration)
+            # 4. The clipped update on the batch, without the autoreset and FIRE steps (no decisions of the policy's).
+            keep = np.flatnonzero(valid.reshape(-1))
+            rollout = dict(obs=obs, actions=actions, logprobs=logprobs, values=values, advantages=advantages, returns=returns)
+            if not masks.all():  # only a rollout that met masks pays for masking in the update
+                rollout["action_mask"] = masks
+            batch = {k: torch.as_tensor(x.reshape((-1,) + x.shape[2:])[keep], device=device) for k, x in rollout.items()}
+            stats, first_logratio = ppo_update(agent, optimizer, batch, args, rng, guard.at(iteration))
+            policy.check_on_policy(first_logratio, iteration)
 
-        # 5. Log; checkpoint every --save-every iterations, at the end and when asked to stop.
-        stats["losses/explained_variance"] = explained_variance(values.reshape(-1)[keep], returns.reshape(-1)[keep])
-        stats["charts/learning_rate"] = optimizer.param_groups[0]["lr"]
-        logger.iteration(iteration, num_iterations, global_step, stats)
-        stop = stop_requested()
-        if stop or iteration == num_iterations or (args.save_every and iteration % args.save_every == 0):
-            save_checkpoint(logger, args, agent, optimizer, iteration, global_step, carry, rng, envs)
-        if stop:
-            exit_interrupted(logger, global_step, envs)
+            # 5. Log; checkpoint every --save-every iterations, at the end and when asked to stop.
+            stats["losses/explained_variance"] = explained_variance(values.reshape(-1)[keep], returns.reshape(-1)[keep])
+            stats["charts/learning_rate"] = optimizer.param_groups[0]["lr"]
+            logger.iteration(iteration, num_iterations, global_step, stats)
+            stop = stop_requested()
+            if stop or iteration == num_iterations or (args.save_every and iteration % args.save_every == 0):
+                save_checkpoint(logger, args, agent, optimizer, iteration, global_step, carry, rng, envs)
+            if stop:
+                exit_interrupted(logger, global_step, envs)
 
     finish(agent, args, device, logger, envs, global_step)
 
@@ -460,8 +461,7 @@ def note(message: str) -> None:
 
 
 class Logger:
-    """The run folder. Rank 0 writes args.json and metrics.jsonl (and to wandb with --track) and prints
-    the progress line; the other ranks log nothing."""
+    """The run folder. Rank 0 writes args.json and metrics.jsonl (wandb with --track), prints the progress line; others log nothing."""
 
     def __init__(self, args: Args, ckpt: Optional[dict], rank: int):
         if ckpt is not None:  # a resumed run continues in the folder that holds its checkpoint, wherever it moved
@@ -470,7 +470,7 @@ class Logger:
             self.run_name = f"{args.env_id.replace('/', '_').replace(':', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
             self.run_dir = os.path.join(args.runs_dir, self.run_name)
         self.checkpoint_path = os.path.join(self.run_dir, "checkpoint.pt")
-        self.rank, self.recent_returns = rank, deque(maxlen=20)
+        self.rank, self.recent_returns, self.last = rank, deque(maxlen=20), None  # last: the last update's (iteration, step, log size)
         self.wandb_id, self.wandb_run, self.file = (ckpt["wandb_id"] if ckpt else None), None, None
         self.start_time, self.start_step = time.time(), (ckpt["global_step"] if ckpt else 0)
         if rank != 0:
@@ -502,8 +502,7 @@ class Logger:
             self.wandb_run.log(record)
 
     def episodes(self, global_step: int, carry: "Carry", reward: np.ndarray, ended: np.ndarray) -> None:
-        """Count a step into each env's episode (its raw reward; an autoreset step adds no length) and log the
-        episodes that ended with it."""
+        """Count a step into each env's episode (its raw reward; an autoreset step adds no length); log those that ended."""
         carry.episode_return += reward
         carry.episode_length += ~carry.next_reset
         for i in np.flatnonzero(ended):
@@ -517,6 +516,7 @@ class Logger:
             return
         sps = int((global_step - self.start_step) / (time.time() - self.start_time))
         self.log(global_step, {**metrics, "charts/SPS": sps})
+        self.last = (iteration, global_step, self.file.tell())
         if iteration % max(1, num_iterations // 100) == 0 or iteration == num_iterations:
             recent = f"{np.mean(self.recent_returns):.1f}" if self.recent_returns else "n/a"
             print(f"iteration {iteration}/{num_iterations} | global_step {global_step:,} | SPS {sps:,} "
@@ -526,8 +526,7 @@ class Logger:
         if self.wandb_run is not None:
             self.wandb_run.finish()
         if self.rank == 0:
-            names = ("metrics.jsonl", "args.json", "checkpoint.pt", "videos/")
-            print(f"done: {self.run_dir} ({', '.join(n for n in names if os.path.exists(os.path.join(self.run_dir, n)))})")
+            print(f"done: {self.run_dir} ({', '.join(n for n in ('metrics.jsonl', 'args.json', 'checkpoint.pt', 'videos/') if os.path.exists(os.path.join(self.run_dir, n)))})")
 
 
 # Checkpoints: one checkpoint.pt per run. Everything but "resume_state" loads with weights_only=True (a policy can be evaluated
@@ -537,16 +536,15 @@ CHECKPOINT_KEYS = ("args", "run_name", "iteration", "global_step", "wandb_id", "
 
 def save_checkpoint(
     logger: Logger, args: Args, agent: Agent, optimizer: torch.optim.Optimizer, iteration: int, global_step: int,
-    carry: Carry, rng: np.random.Generator, envs: gym.vector.VectorEnv,
+    carry: Carry, rng: np.random.Generator, envs: gym.vector.VectorEnv, crash: bool = False,
 ) -> None:  # fmt: skip
-    """Every rank hands in its resume state; rank 0 writes the checkpoint atomically (tmp + rename). Non-finite
-    weights or optimizer state stop the run instead (every rank holds the same)."""
+    """Every rank hands in its resume state (a crash's: no envs); rank 0 writes it atomically; non-finite tensors stop the run."""
     for name, tensors in (("weight", agent.state_dict().items()), ("optimizer state", [(f"{i}.{k}", t) for i, st in optimizer.state_dict()["state"].items() for k, t in st.items()])):
         bad = first_nonfinite(tensors)
         if bad is not None:
             stop_nonfinite(f"{name} {bad}", iteration, "at the checkpoint, not written", logger.checkpoint_path)
     global_rngs = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    mine = {"carry": vars(carry), "rng": rng.bit_generator.state, "global_rngs": global_rngs, "envs": env_state(envs)}
+    mine = {"carry": vars(carry), "rng": rng.bit_generator.state, "global_rngs": global_rngs, "envs": None if crash else env_state(envs), "crash": crash}
     ranks = [mine]
     if dist.is_initialized():
         ranks = [None] * dist.get_world_size()
@@ -578,8 +576,7 @@ def load_checkpoint(path: str, flag: str, keys: tuple[str, ...] = CHECKPOINT_KEY
 
 
 def load_resume(args: Args) -> tuple[Optional[dict], Args]:
-    """(None, args) for a new run; for --resume, the checkpoint and its hyperparameters, of which only
-    where and how this process runs may change."""
+    """(None, args) for a new run; for --resume, the checkpoint and its hyperparameters (only where and how it runs may change)."""
     if args.resume is None:
         return None, args
     ckpt = load_checkpoint(args.resume, "--resume")
@@ -597,9 +594,8 @@ def restore_checkpoint(
     ckpt: Optional[dict], agent: Agent, optimizer: torch.optim.Optimizer, envs: gym.vector.VectorEnv, rng: np.random.Generator,
     carry: Carry, rank: int, world_size: int,
 ) -> tuple[int, int, Carry]:  # fmt: skip
-    """(start_iteration, global_step, carry) of a new run, or of the checkpoint after loading its weights,
-    optimizer, RNGs and envs. Envs that could not be saved (Atari's) start fresh episodes with seeds derived from
-    the iteration, not the run's opening games again."""
+    """(start_iteration, global_step, carry) of a new run, or of the checkpoint after loading its weights, optimizer,
+    RNGs and envs. Envs not saved (Atari's, a crash's) start fresh episodes seeded from the iteration, not the first games."""
     if ckpt is None:
         return 1, 0, carry
     agent.load_state_dict(ckpt["agent"])
@@ -618,7 +614,7 @@ def restore_checkpoint(
         carry = Carry(**mine["carry"])
     else:
         if mine is not None:
-            note("these envs cannot be saved; resumed training starts fresh episodes")
+            note("the checkpoint of a crash: resumed training starts fresh episodes" if mine.get("crash") else "these envs cannot be saved; resumed training starts fresh episodes")
         seed = int(np.random.SeedSequence([ckpt["args"]["seed"], rank, iteration]).generate_state(1)[0]) % 2**30  # ale: int32
         carry = Carry.start(envs, seed, ckpt["args"]["action_masks"], global_step)
     return iteration + 1, global_step, carry
@@ -637,9 +633,8 @@ def seed_everything(seed: int, torch_deterministic: bool) -> np.random.Generator
 
 
 def install_stop_handlers(device: torch.device) -> Callable[[], bool]:
-    """SIGINT (Ctrl-C) and SIGTERM (what a scheduler sends) ask to stop: the current iteration finishes
-    and checkpoints, then the process exits 130. A second Ctrl-C interrupts at once. Returns
-    stop_requested(), true on every rank once any rank was asked (a collective: call it on all ranks)."""
+    """SIGINT (Ctrl-C) and SIGTERM (what a scheduler sends) ask to stop: the current iteration finishes and checkpoints,
+    then the process exits 130; a second Ctrl-C interrupts at once. stop_requested() is a collective (all ranks call it)."""
     requested = False
 
     def request_stop(signum, frame):
@@ -661,8 +656,7 @@ def install_stop_handlers(device: torch.device) -> Callable[[], bool]:
 
 
 def exit_interrupted(logger: Logger, global_step: int, envs: gym.vector.VectorEnv) -> NoReturn:
-    path = logger.checkpoint_path
-    print0(f"interrupted: checkpoint at global_step {global_step:,} in {path}; continue with --resume {path}")
+    print0(f"interrupted: checkpoint at global_step {global_step:,} in {logger.checkpoint_path}; continue with --resume {logger.checkpoint_path}")
     envs.close()
     leave_process_group()
     sys.exit(130)
@@ -672,9 +666,8 @@ def exit_interrupted(logger: Logger, global_step: int, envs: gym.vector.VectorEn
 
 
 def pick_device(name: str, gpu_pays: bool) -> tuple[torch.device, str]:
-    """The torch device and why it was chosen. `auto` takes a GPU (cuda, then mps) only when gpu_pays: for a small
-    MLP the GPU's per-op launch and copy costs exceed the arithmetic it saves. Under torchrun, `cuda` means the
-    GPU of this process's local rank."""
+    """The torch device and why. `auto` takes a GPU (cuda, then mps) only when gpu_pays: for a small MLP the GPU's per-op
+    launch and copy costs exceed the arithmetic it saves. Under torchrun, `cuda` is the GPU of the local rank."""
     reason = f"--device {name}"
     if name == "auto":
         name, reason = auto_device(gpu_pays, torch.cuda.is_available(), torch.backends.mps.is_available())
@@ -703,14 +696,12 @@ def auto_device(gpu_pays: bool, cuda: bool, mps: bool) -> tuple[str, str]:
 
 
 def set_num_threads(num_threads: int) -> None:
-    """--num-threads, or one thread when 0. More only add overhead to the MLP; the CNN stalls with a second thread
-    beside busy cores (Breakout on 2 cores, 2 threads: 1.9x to 3.5x slower)."""
+    """--num-threads, or 1 when 0: more only slow the MLP, and the CNN beside busy cores (Breakout, 2 cores, 2 threads: 1.9-3.5x)."""
     torch.set_num_threads(num_threads or 1)
 
 
 def init_distributed(device: torch.device) -> tuple[bool, int, int]:
-    """Join torchrun's process group when there is one; return (distributed, rank, world_size).
-    On cuda, nccl serves cuda tensors and gloo CPU tensors and objects."""
+    """Join torchrun's process group if any (on cuda: nccl for cuda tensors, gloo for the rest); (distributed, rank, world_size)."""
     if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
         return False, 0, 1
     if device.type == "cuda":
@@ -726,11 +717,10 @@ def broadcast_parameters(agent: nn.Module) -> None:
 
 def average_gradients(agent: nn.Module) -> None:
     """All-reduce the gradients as one flat tensor (one collective instead of one per parameter)."""
-    world_size = dist.get_world_size()
     grads = [p.grad for p in agent.parameters()]
     flat = torch.cat([g.flatten() for g in grads])
     dist.all_reduce(flat)
-    for g, reduced in zip(grads, torch.split(flat / world_size, [g.numel() for g in grads])):
+    for g, reduced in zip(grads, torch.split(flat / dist.get_world_size(), [g.numel() for g in grads])):
         g.copy_(reduced.view_as(g))
 
 
@@ -753,8 +743,7 @@ def leave_process_group() -> None:
     if dist.is_initialized():
         dist.barrier()  # no rank leaves while rank 0 still evaluates or writes: gloo aborts on a peer gone early
         dist.destroy_process_group()
-        # gloo's worker threads release the last collectives' tensors after they complete, which takes the GIL;
-        # an interpreter that is already shutting down aborts the process instead.
+        # gloo's threads release the last collectives' tensors later, taking the GIL: an interpreter shutting down aborts
         time.sleep(0.1)
 
 
@@ -776,8 +765,7 @@ def evaluate(
     agent: Agent, env_id: str, env_kwargs: dict, episodes: int, seed: int, device: torch.device, stochastic: bool,
     video_path: Optional[str], use_masks: bool = True,
 ) -> list[float]:  # fmt: skip
-    """Play whole episodes (whole games for Atari) and return their undiscounted, unclipped returns.
-    With video_path, the first episode is recorded: rendered frames, or what the agent sees on Atari."""
+    """Returns of whole episodes (games on Atari), undiscounted, unclipped; video_path records the first (Atari: what the agent sees)."""
     envs = make_envs(env_id, 1, env_kwargs, render=video_path is not None and not is_atari(env_id))
     torch.manual_seed(seed)
     obs, info = envs.reset(seed=seed)
@@ -807,10 +795,9 @@ def evaluate(
 
 def evaluate_and_log(agent: Agent, args: Args, device: torch.device, logger: Logger, global_step: int) -> None:
     """The final policy over --eval-episodes whole episodes (the raw game score on Atari)."""
-    video_path = None
-    if args.capture_video:
-        os.makedirs(os.path.join(logger.run_dir, "videos"), exist_ok=True)
-        video_path = os.path.join(logger.run_dir, "videos", "eval.mp4")
+    video_path = os.path.join(logger.run_dir, "videos", "eval.mp4") if args.capture_video else None
+    if video_path is not None:
+        os.makedirs(os.path.dirname(video_path), exist_ok=True)
     env_kwargs = json.loads(args.env_kwargs)
     returns = evaluate(agent, args.env_id, env_kwargs, args.eval_episodes, args.seed + 10_000, device, args.eval_stochastic, video_path, args.action_masks)  # fmt: skip
     logger.log(global_step, {"eval/episodic_return": float(np.mean(returns)), "eval/episodic_return_std": float(np.std(returns))})
@@ -846,8 +833,7 @@ def fail(message: str) -> NoReturn:
 
 
 def check_env(env_id: str, env_kwargs: str) -> dict:
-    """The parsed --env-kwargs, once env_id makes an env with them (gymnasium's own error otherwise) that acts in a
-    Discrete or MultiDiscrete space (numbered from 0) and observes a Box, Discrete, Dict or Tuple one."""
+    """The parsed --env-kwargs, once env_id makes with them an env acting in Discrete/MultiDiscrete (from 0), seeing Box/Discrete/Dict/Tuple."""
     try:
         kwargs = json.loads(env_kwargs)
         assert isinstance(kwargs, dict)
@@ -906,10 +892,9 @@ def action_counts(space: gym.Space) -> Union[int, list[int]]:
 
 
 def valid_actions(info: dict, num_envs: int, n_actions: Union[int, list[int]], global_step: int, use_masks: bool) -> np.ndarray:
-    """The valid actions [num_envs, sum(nvec)] of each env's observation: info["action_mask"] (gymnasium's convention)
-    where the env gives one and use_masks (--action-masks), else all. MultiDiscrete: the dimensions' masks side by side
-    (sb3-contrib's MaskablePPO), or a tuple of one mask per dimension (what MultiDiscrete.sample takes). A mask that
-    allows nothing (in some dimension) is a one-line error."""
+    """The valid actions [num_envs, sum(nvec)] of each env's observation: info["action_mask"] (gymnasium's convention) where
+    the env gives one and use_masks (--action-masks), else all. MultiDiscrete: the dimensions' masks side by side (sb3-contrib's
+    MaskablePPO) or a tuple of one per dimension (MultiDiscrete.sample's); one that allows nothing is a one-line error."""
     total = n_actions if isinstance(n_actions, int) else sum(n_actions)  # plain Python: this runs at every step
     if not use_masks or "action_mask" not in info:
         return all_valid(num_envs, total)
@@ -931,18 +916,13 @@ def valid_actions(info: dict, num_envs: int, n_actions: Union[int, list[int]], g
 
 def check_args(args: Args, world_size: int) -> tuple[int, int, int]:
     """Validate the flags; return (batch_size, minibatch_size, num_iterations) per process."""
-    for name in ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs"):
-        if getattr(args, name) <= 0:
-            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ("eval_episodes", "save_every", "num_threads", "ent_coef", "vf_coef"):
-        if getattr(args, name) < 0:
-            fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    for name in ("learning_rate", "clip_coef", "max_grad_norm"):
-        if not getattr(args, name) > 0:
-            fail(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
-    for name in ("gamma", "gae_lambda"):
-        if not 0 <= getattr(args, name) <= 1:
-            fail(f"--{name.replace('_', '-')} must lie in [0, 1], got {getattr(args, name)}")
+    for names, ok, need in [
+        (("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs"), lambda v: v > 0, "be positive"),
+        (("eval_episodes", "save_every", "num_threads", "ent_coef", "vf_coef"), lambda v: v >= 0, "be >= 0"),
+        (("learning_rate", "clip_coef", "max_grad_norm"), lambda v: v > 0, "be > 0"), (("gamma", "gae_lambda"), lambda v: 0 <= v <= 1, "lie in [0, 1]"),
+    ]:  # fmt: skip
+        for name in (name for name in names if not ok(getattr(args, name))):
+            fail(f"--{name.replace('_', '-')} must {need}, got {getattr(args, name)}")
     if args.target_kl is not None and not args.target_kl > 0:
         fail(f"--target-kl must be > 0 (or left unset), got {args.target_kl}")
     batch_size = args.num_envs * args.num_steps
@@ -969,9 +949,8 @@ def flat_observations(env: gym.Env) -> gym.Env:
 
 
 class FlatObservation(gym.Wrapper):
-    """A Dict or Tuple observation as one vector (gymnasium's flatten: a Discrete part one-hot, a Box part raveled;
-    the rollout stores it as float32); a Dict's "action_mask" key (PettingZoo's convention) goes to info["action_mask"]
-    instead."""
+    """A Dict or Tuple observation as one vector (gymnasium's flatten: a Discrete part one-hot, a Box part raveled; stored as
+    float32); a Dict's "action_mask" key (PettingZoo's convention) goes to info["action_mask"] instead."""
 
     def __init__(self, env: gym.Env):
         super().__init__(env)
@@ -996,11 +975,10 @@ class FlatObservation(gym.Wrapper):
 
 
 class AtariGames(AtariVectorEnv):
-    """ale-py's AtariVectorEnv played as CleanRL's EpisodicLifeEnv under FireResetEnv: info["life_lost"] marks a lost
-    life (an autoreset step starts a new game, none lost), and where the game has FIRE, the next action of a sub-env
-    that lost a life but not its game is replaced by FIRE, announced by info["fire_next"]. ale-py fires only when a
-    game starts: without this a policy that does not fire waits (Breakout: the ball never relaunched) for the
-    27,000-frame truncation."""
+    """ale-py's AtariVectorEnv played as CleanRL's EpisodicLifeEnv under FireResetEnv: info["life_lost"] marks a lost life (an
+    autoreset step starts a new game, none lost), and where the game has FIRE, the next action of a sub-env that lost a
+    life but not its game is replaced by FIRE, announced by info["fire_next"]. ale-py fires only when a game starts:
+    without this a policy that does not fire waits (Breakout: the ball never relaunched) for the 27,000-frame truncation."""
 
     def __init__(self, game: str, num_envs: int, use_fire_reset: bool = True, **kwargs):
         super().__init__(game, num_envs, use_fire_reset=use_fire_reset, **kwargs)
@@ -1024,8 +1002,7 @@ class AtariGames(AtariVectorEnv):
 
 
 def env_state(envs: gym.vector.VectorEnv) -> Optional[bytes]:
-    """A SyncVectorEnv's state pickled (its sub-envs: episodes in progress and their RNGs; which of them reset at
-    the next step), all but the functions that built it; None, after a note, for envs that cannot be pickled."""
+    """A SyncVectorEnv's state pickled (episodes in progress, RNGs, pending resets), not the functions that built it; else None."""
     if not isinstance(envs, gym.vector.SyncVectorEnv):
         return None  # ale-py's C++ envs
     try:
@@ -1055,7 +1032,7 @@ NUMPY_OF_ATEN = {
     "bitwise_not": "~{input}", "logical_not": "~{input}", "eq": "{input} == {other}", "masked_fill": "np.where({mask}, {value}, {input})",
     "where": "np.where({condition}, {input}, {other})", "cat": "np.concatenate({tensors}, {dim})", "gather": "np.take_along_axis({input}, {index}, {dim})",
     "sum": "{input}.sum({dim}, keepdims={keepdim})", "mean": "{input}.mean({dim}, keepdims={keepdim})", "amax": "{input}.max({dim}, keepdims={keepdim})",
-    "one_hot": "np.eye({num_classes}, dtype=np.int64)[{input}]", "multinomial": "np_sample(rng, {input}, {num_samples})",
+    "one_hot": "np.eye({num_classes}, dtype=np.int64)[{input}]", "multinomial": "np_sample(rng, {input})",
 }  # fmt: skip
 RESHAPES, CASTS = {"view", "reshape", "_unsafe_view", "flatten", "squeeze", "unsqueeze"}, {"to", "_to_copy", "clone", "alias", "detach", "detach_", "lift_fresh_copy"}
 
@@ -1065,10 +1042,8 @@ def np_log_softmax(x: np.ndarray, dim: int) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(dim, keepdims=True))
 
 
-def np_sample(rng: np.random.Generator, probs: np.ndarray, n: int) -> np.ndarray:
+def np_sample(rng: np.random.Generator, probs: np.ndarray) -> np.ndarray:
     """torch.multinomial(probs, 1) by the exponential race (Gumbel-max without logs): argmax of probs / Exp(1) noise."""
-    if n != 1:
-        raise NotImplementedError(f"it samples no multinomial of {n} draws")
     return (probs / -np.log(rng.random(probs.shape, dtype=np.float32))).argmax(-1, keepdims=True)
 
 
@@ -1147,8 +1122,7 @@ class DerivedPolicy(nn.Module):
 
 
 class RolloutPolicy:
-    """What the rollout acts with: get_action_and_value derived as numpy code while it reproduces the agent, else
-    the agent's own method in torch. Either way a sampled action the env's mask forbids stops the run."""
+    """get_action_and_value derived as numpy code while it reproduces the agent, else in torch; a forbidden action stops the run."""
 
     def __init__(self, agent: Agent, device: torch.device, rng: np.random.Generator, obs: np.ndarray, mask: np.ndarray):
         self.agent, self.device, self.rng, self.noted_plain = agent, device, rng, False
@@ -1156,16 +1130,14 @@ class RolloutPolicy:
         self.refresh(obs, mask)  # set-up: the first torch.export takes seconds (imports)
 
     def refresh(self, obs: np.ndarray, mask: np.ndarray) -> None:
-        """Derive get_action_and_value for the kinds of input obs and mask need (the values: the one without a mask)
-        once, feed them the current weights and check them on obs; any failure steps them aside for the run."""
+        """Derive (once) the kinds of input obs and mask need (values: no mask), feed the weights, check on obs; failing: aside."""
         masked = mask is not all_valid(*mask.shape)
         if not self.fast:
             return
         try:
             for kind in {False, masked}:
                 if kind not in self.derived:
-                    x = torch.as_tensor(obs, device=self.device)
-                    self.derived[kind] = DerivedPolicy(self.agent, x, *([torch.as_tensor(mask, device=self.device)] if kind else []))
+                    self.derived[kind] = DerivedPolicy(self.agent, *(torch.as_tensor(x, device=self.device) for x in [obs, mask][: 1 + kind]))
                 self.derived[kind].feed()
             cause = self.mismatch(obs, mask, masked)
         except Exception as e:  # a research edit it cannot follow must never stop the run
@@ -1175,8 +1147,7 @@ class RolloutPolicy:
             note(f"the numpy rollout path steps aside: {cause}; the rollout runs Agent.get_action_and_value in torch")
 
     def mismatch(self, obs: np.ndarray, mask: np.ndarray, masked: bool) -> Optional[str]:
-        """Where the derived code departs from the agent's get_action_and_value (log-probs of the actions it drew from
-        an RNG of its own, entropies, values) and get_value on obs, or None."""
+        """Where the derived code departs from get_action_and_value (log-probs of actions it draws, entropies, values), or None."""
         action, *mine = self.derived[masked].check(np.random.default_rng(0), obs, *([mask] if masked else []))
         with torch.no_grad():
             x = torch.as_tensor(obs, device=self.device)
@@ -1226,6 +1197,37 @@ class RolloutPolicy:
                  "(dropout? batch-dependent layers?); training goes on")  # fmt: skip
 
 
+# A crash: an exception (the env's step or reset, out of memory, any other) ends the run after its traceback with one
+# line naming the checkpoint of the last completed update (exit status 1); under torchrun the others wait in a collective.
+
+
+class CrashCheckpoint:
+    """Writes, when an exception leaves the with block, the checkpoint of the last completed update (Logger.last): its
+    weights and optimizer as they are (unless the next update had begun), the RNGs as they are, no envs (fresh episodes)."""
+
+    def __init__(self, logger: Logger, *state):
+        self.logger, self.state = logger, state  # args, agent, optimizer, carry, rng, envs, guard
+
+    def __enter__(self) -> None:
+        pass
+
+    def __exit__(self, kind, e, tb) -> None:
+        if not isinstance(e, Exception) or dist.is_initialized():
+            return  # none; an exit that says what it keeps (a one-line error, Ctrl-C); torchrun's (no checkpoint)
+        (args, agent, optimizer, carry, rng, envs, guard), path = self.state, self.logger.checkpoint_path
+        sys.excepthook(kind, e, tb)
+        kept = f"no update completed, {f'the last checkpoint: {path}' if os.path.exists(path) else 'no checkpoint'}"
+        if self.logger.last is not None:
+            iteration, global_step, log_size = self.logger.last
+            self.logger.file.seek(log_size)
+            self.logger.file.truncate()  # the interrupted rollout's episodes come again
+            save_checkpoint(self.logger, args, agent, optimizer, iteration, global_step, carry, rng, envs, crash=True)
+            how = "exactly its weights" if guard.iteration <= iteration else "the weights the next update had begun to change"
+            kept = f"checkpoint of iteration {iteration} in {path} ({how}); continue with --resume {path}"
+        print(f"error: {type(e).__name__}: {e}; {kept}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
 # Non-finite numbers: a step on a non-finite loss or gradient is skipped and counted; too many in a row, or a non-finite
 # weight, stop the run before anything non-finite reaches a rollout or a checkpoint. The weights are checked after each
 # update and at each skip: a step on a finite loss and clipped gradient keeps finite weights finite (a check per step: -3% SPS).
@@ -1244,8 +1246,7 @@ def check_env_output(
     env_id: str, obs: np.ndarray, rewards: np.ndarray, next_obs: np.ndarray, global_step: int, steps_per_row: int,
     checkpoint_path: str,
 ) -> None:  # fmt: skip
-    """Stop the run with one line when the env returned a NaN or an infinity (observation or reward) in this
-    rollout, naming the global step of the env step that returned it and the env."""
+    """Stop the run with one line naming the env step and env that returned a NaN or an infinity (observation or reward)."""
     if np.issubdtype(obs.dtype, np.floating):  # Atari's uint8 pixels cannot go non-finite
         returned = np.concatenate([obs[1:], next_obs[None]]).reshape(len(rewards), rewards.shape[1], -1)
     else:
@@ -1269,8 +1270,7 @@ class NonFiniteGuard:
         return self
 
     def skip(self, loss: torch.Tensor, grad_norm: torch.Tensor, agent: Agent, epoch: int, minibatch: int) -> bool:
-        """True (gradients zeroed) when the loss or the gradient norm is non-finite; stops the run after
-        MAX_SKIPPED_STEPS in a row."""
+        """True (gradients zeroed) when the loss or the gradient norm is non-finite; MAX_SKIPPED_STEPS in a row stop the run."""
         finite_loss = math.isfinite(loss.item())
         if finite_loss and math.isfinite(grad_norm.item()):
             self.in_a_row = 0

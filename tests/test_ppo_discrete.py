@@ -867,6 +867,50 @@ def test_same_seed_same_metrics_and_interrupted_resume_matches(tmp_path):
     assert comparable(read_metrics(tmp_path / "c")) == a
 
 
+class RaisesOnItsNthStep(gym.Env):
+    """Steps of a random walk; the Nth step of all its copies together raises (a simulator server going away)."""
+
+    observation_space, action_space = gym.spaces.Box(-10, 10, (4,), np.float32), gym.spaces.Discrete(2)
+    RAISE_AT, STEPS = [None], [0]
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return self.np_random.normal(size=4).astype(np.float32), {}
+
+    def step(self, action):
+        RaisesOnItsNthStep.STEPS[0] += 1
+        if RaisesOnItsNthStep.STEPS[0] == RaisesOnItsNthStep.RAISE_AT[0]:
+            raise ConnectionError("the simulator went away")
+        self.t += 1
+        return self.np_random.normal(size=4).astype(np.float32), float(action), self.t == 20, False, {}
+
+
+gym.register("RaisesOnItsNthStep-v0", entry_point=RaisesOnItsNthStep)
+
+
+def test_an_env_that_raises_leaves_the_checkpoint_of_the_last_update_and_resume_continues(monkeypatch, capsys, tmp_path):
+    flags = dict(env_id="RaisesOnItsNthStep-v0", total_timesteps=2048, update_epochs=1)
+    train_in_process(monkeypatch, runs_dir=str(tmp_path / "whole"), **flags)
+    whole = comparable(read_metrics(tmp_path / "whole"))
+    RaisesOnItsNthStep.STEPS[0], RaisesOnItsNthStep.RAISE_AT[0] = 0, 2 * 512 + 100  # in iteration 3's rollout, --save-every 0
+    with pytest.raises(SystemExit) as crashed:
+        train_in_process(monkeypatch, runs_dir=str(tmp_path / "parts"), **flags)
+    (ckpt,) = (tmp_path / "parts").glob("*/checkpoint.pt")
+    assert crashed.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" in err[0] and err[-1] == (f"error: ConnectionError: the simulator went away; checkpoint of iteration 2 in {ckpt} "
+                                                 f"(exactly its weights); continue with --resume {ckpt}")  # fmt: skip
+    saved = torch.load(ckpt, weights_only=True)
+    assert (saved["iteration"], saved["global_step"]) == (2, 1024)
+    assert comparable(read_metrics(tmp_path / "parts")) == [r for r in whole if r["global_step"] <= 1024]  # the rollout's episodes undone
+    RaisesOnItsNthStep.RAISE_AT[0] = None
+    train_in_process(monkeypatch, resume=str(ckpt))
+    assert "note: the checkpoint of a crash: resumed training starts fresh episodes" in capsys.readouterr().out
+    resumed = [r for r in read_metrics(tmp_path / "parts") if "losses/approx_kl" in r]
+    assert [r["global_step"] for r in resumed] == [512, 1024, 1536, 2048]
+
+
 def test_sigterm_checkpoints_exits_130_and_resumes_in_the_moved_run_folder(tmp_path):
     flags = ["--total-timesteps", "40960", "--num-threads", "1", "--eval-episodes", "2", "--device", "cpu"]
     run_script("ppo_discrete.py", *flags, "--runs-dir", str(tmp_path / "a"))
