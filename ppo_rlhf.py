@@ -89,6 +89,8 @@ class Args:
     """total number of completions to train on, summed over processes"""
     learning_rate: Optional[float] = None
     """learning rate of the Adam optimizer (policy and value model); unset: 3e-4 (built-in task), 3e-6 (TRL)"""
+    adam_eps: Optional[float] = None
+    """epsilon in Adam's denominator; unset: 1e-5 (built-in task), 1e-8 (TRL), whose AdamW has weight decay 0: Adam"""
     per_device_train_batch_size: int = 16
     """episodes per micro-batch (one forward/backward) on each process"""
     gradient_accumulation_steps: int = 1
@@ -237,16 +239,21 @@ def first_true_indices(bools: Tensor) -> Tensor:
     return torch.where(bools, idx, row_len).min(-1).values
 
 
-def truncate_after_eos(responses: Tensor, eos_id: int, pad_id: int) -> Tensor:
+def is_eos(tokens: Tensor, eos_ids: int | list[int]) -> Tensor:
+    """Where the tokens are an EOS: any of the checkpoint's EOS ids (Llama 3 and Qwen2.5-Instruct list several)."""
+    return torch.isin(tokens, torch.tensor(eos_ids, device=tokens.device))
+
+
+def truncate_after_eos(responses: Tensor, eos_ids: int | list[int], pad_id: int) -> Tensor:
     """Replace every token after the first EOS of each response by padding (the EOS stays)."""
-    eos_idx = first_true_indices(responses == eos_id)
+    eos_idx = first_true_indices(is_eos(responses, eos_ids))
     after = torch.arange(responses.size(1), device=responses.device) > eos_idx[:, None]
     return responses.masked_fill(after, pad_id)
 
 
-def apply_missing_eos_penalty(scores: Tensor, responses: Tensor, eos_id: int, penalty: float) -> Tensor:
+def apply_missing_eos_penalty(scores: Tensor, responses: Tensor, eos_ids: int | list[int], penalty: float) -> Tensor:
     """Subtract `penalty` from the score of each response that contains no EOS token."""
-    return torch.where((responses == eos_id).any(1), scores, scores - penalty)
+    return torch.where(is_eos(responses, eos_ids).any(1), scores, scores - penalty)
 
 
 def sampler_logits(logits: Tensor, temperature: float, pad_id: int) -> Tensor:
@@ -308,13 +315,13 @@ def sequence_scores(model: nn.Module, query_responses: Tensor, pad_id: int, cont
 
 
 def sampling_config(
-    response_length: int, temperature: float, eos_id: int, pad_id: int, vocab_size: int, output_logits: bool = True
+    response_length: int, temperature: float, eos_ids: int | list[int], pad_id: int, vocab_size: int, output_logits: bool = True
 ) -> GenerationConfig:
     """Pure sampling at `temperature` (nothing else: load_model empties the model's generation_config), stopping at
-    EOS, with logits returned unless output_logits=False (a large vocabulary: log-probs come from a forward pass)."""
+    every EOS id, with logits returned unless output_logits=False (a large vocabulary: log-probs from a forward)."""
     return GenerationConfig(
         max_new_tokens=response_length, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-        eos_token_id=eos_id, pad_token_id=eos_id,  # finished rows are filled with EOS, then made padding
+        eos_token_id=eos_ids, pad_token_id=eos_ids if isinstance(eos_ids, int) else eos_ids[0],  # finished rows: EOS, then padding
         suppress_tokens=[pad_id] if pad_id < vocab_size else None,  # a sampled pad would end the response
         output_logits=output_logits, return_dict_in_generate=True,
     )  # fmt: skip
@@ -395,14 +402,14 @@ def rollout(
             query = queries[i : i + n]
             with gathered(policy):  # --fsdp: the whole policy on each process for the chunk, not per token
                 response, logprob = generate(policy, query, pad_id, gen_config, args.response_length)
-            response = truncate_after_eos(response, task.eos_id, pad_id)
+            response = truncate_after_eos(response, task.eos_ids, pad_id)
             query_response = torch.cat([query, response], 1)
             if logprob is None:  # no logits kept while sampling (a large vocabulary)
                 logprob = lm_response_logprobs(policy, query_response, pad_id, context_length, args.temperature)[0]
             with adapters_disabled(ref_policy):  # LoRA: the reference is the policy without its adapters
                 ref_logprob, _ = lm_response_logprobs(ref_policy, query_response, pad_id, context_length, args.temperature)
             score = score_responses(reward, query, response, records[i : i + n], task)
-            score = apply_missing_eos_penalty(score, response, task.eos_id, args.missing_eos_penalty)
+            score = apply_missing_eos_penalty(score, response, task.eos_ids, args.missing_eos_penalty)
             value = token_scores(value_model, query_response, pad_id)[:, context_length - 1 : -1]
             chunks.append((response, logprob, ref_logprob, score, value))
     responses, logprobs, ref_logprobs, scores, values = (torch.cat(x) for x in zip(*chunks))
@@ -633,12 +640,12 @@ def train(args: Args) -> None:
     vocab_size = policy.get_input_embeddings().num_embeddings
     keep_logits = not large_logits(args.local_rollout_forward_batch_size * args.response_length, vocab_rows(policy))
     gen_config = sampling_config(
-        args.response_length, args.temperature, task.eos_id, task.pad_id, vocab_size, output_logits=keep_logits
+        args.response_length, args.temperature, task.eos_ids, task.pad_id, vocab_size, output_logits=keep_logits
     )
     # One optimizer over policy and value model: one loss, one clip of the global gradient norm.
     trained = [p for m in (policy, value_model) for p in m.parameters() if p.requires_grad]
     flat = ShardedParameters(trained) if args.fsdp else FlatParameters(trained)
-    optimizer = torch.optim.Adam(flat.tensors, lr=args.learning_rate, eps=1e-5, fused=device.type in ("cpu", "cuda"))
+    optimizer = torch.optim.Adam(flat.tensors, lr=args.learning_rate, eps=args.adam_eps, fused=device.type in ("cpu", "cuda"))
     state = LoopState(kl_coef=args.kl_coef)
     run = Run(args, ckpt, task, rank)
     device_line = f"{device} ({device_reason}), {torch.get_num_threads()} torch thread(s)"
@@ -682,7 +689,7 @@ def train(args: Args) -> None:
 
         # 5. Log; adapt the KL coefficient; evaluate; checkpoint; stop after SIGINT/SIGTERM.
         eps = (state.episode - start_episode) / (time.time() - start_time)
-        metrics = batch_metrics(data, kl, non_score_reward, update_stats, task.eos_id)
+        metrics = batch_metrics(data, kl, non_score_reward, update_stats, task.eos_ids)
         metrics |= {"objective/kl_coef": state.kl_coef, "lr": lr, "eps": eps}
         run.log(state.episode, metrics)
         if args.adaptive_kl:
@@ -700,7 +707,7 @@ def train(args: Args) -> None:
 
     final_policy = unsharded_policy(policy, task) if args.fsdp else policy  # --fsdp: gathered on rank 0 only
     if rank == 0:
-        save_policy(run, final_policy, task.tokenizer)
+        save_policy(run, final_policy, task)
     run.finish()
     leave_process_group(distributed)
 
@@ -851,7 +858,7 @@ def size(n_bytes: int) -> str:
 
 @torch.no_grad()
 def batch_metrics(
-    data: Rollout, kl: Tensor, non_score_reward: Tensor, update_stats: dict, eos_id: int
+    data: Rollout, kl: Tensor, non_score_reward: Tensor, update_stats: dict, eos_ids: list[int]
 ) -> dict[str, float]:
     """The iteration's statistics under TRL's names, averaged over processes (val/num_eos_tokens: summed)."""
     world_size = dist.get_world_size() if dist.is_initialized() else 1
@@ -861,22 +868,30 @@ def batch_metrics(
         "objective/non_score_reward": non_score_reward.sum(1).mean(),
         "objective/scores": data.scores.mean(),
         **update_stats,
-        "val/num_eos_tokens": (data.responses == eos_id).sum().float() * world_size,
+        "val/num_eos_tokens": is_eos(data.responses, eos_ids).sum().float() * world_size,
         "objective/response_length": data.mask.sum(1).float().mean(),
-        "objective/eos_fraction": (data.responses == eos_id).any(1).float().mean(),
+        "objective/eos_fraction": is_eos(data.responses, eos_ids).any(1).float().mean(),
     }
     metrics = dict(zip(local, all_reduce_mean(torch.stack(list(local.values()))).tolist()))
     metrics["objective/rlhf_reward"] = metrics["objective/scores"] + metrics["objective/non_score_reward"]
     return metrics
 
 
-def save_policy(run: Run, policy: nn.Module, tokenizer) -> None:
-    """The trained policy as an ordinary Hugging Face model (loads back with from_pretrained, without peft); under
-    LoRA also its adapter alone (adapter/, for peft's PeftModel.from_pretrained on the base model)."""
-    files = "policy/"
+def save_policy(run: Run, policy: nn.Module, task: Task) -> None:
+    """The trained policy as an ordinary Hugging Face model (loads back with from_pretrained, without peft) that
+    deploys as the checkpoint came: its generation_config and tokenizer as shipped, plus the run's [PAD] when it had
+    no pad token, with an embedding row for it beyond the embedding (resize_token_embeddings' mean of the others:
+    the run never looked it up). Under LoRA also its adapter alone (adapter/, for peft's PeftModel.from_pretrained on
+    the base model, resized first when a row was added: peft then saves the embedding too)."""
+    tokenizer, files = AutoTokenizer.from_pretrained(task.policy_path), "policy/"
+    if tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": task.tokenizer.pad_token})
+    if tokenizer.pad_token_id >= policy.get_input_embeddings().num_embeddings:
+        policy.resize_token_embeddings(len(tokenizer))
+    (policy.get_base_model() if is_lora(policy) else policy).generation_config = task.generation_config
     if is_lora(policy):
-        policy.save_pretrained(os.path.join(run.dir, "adapter"))
-        tokenizer.save_pretrained(os.path.join(run.dir, "adapter"))
+        for save in (policy, tokenizer, task.generation_config):
+            save.save_pretrained(os.path.join(run.dir, "adapter"))
         policy, files = policy.merge_and_unload(), "policy/, adapter/"  # the run is over: merged in place
     policy.save_pretrained(os.path.join(run.dir, "policy"))
     tokenizer.save_pretrained(os.path.join(run.dir, "policy"))
@@ -1401,7 +1416,7 @@ def evaluate(
     device = next(policy.parameters()).device
     if not args.eval_stochastic and task.builtin is None:
         gen_config = greedy_config(gen_config)
-    pad_id, eos_id, chunk = task.pad_id, task.eos_id, args.local_rollout_forward_batch_size
+    pad_id, eos_ids, chunk = task.pad_id, task.eos_ids, args.local_rollout_forward_batch_size
     processes, rank = (dist.get_world_size(), dist.get_rank()) if args.fsdp else (1, 0)
     n_eval = len(task.eval_queries)
     policy.eval()
@@ -1414,9 +1429,9 @@ def evaluate(
             queries = left_pad(task.eval_queries[part], pad_id, device)
             with gathered(policy):
                 responses = generate(policy, queries, pad_id, gen_config, args.response_length)[0]
-            responses = truncate_after_eos(responses, eos_id, pad_id)
+            responses = truncate_after_eos(responses, eos_ids, pad_id)
             scores = score_responses(reward, queries, responses, task.eval_records[part], task)
-            scores = apply_missing_eos_penalty(scores, responses, eos_id, args.missing_eos_penalty)
+            scores = apply_missing_eos_penalty(scores, responses, eos_ids, args.missing_eos_penalty)
             if i < n_eval:
                 chunks.append((i, [[t for t in q if t != pad_id] for q in queries.tolist()], responses.tolist(), scores))
     if processes > 1:  # rank 0 takes every process's chunks, in the prompts' order
@@ -1431,7 +1446,7 @@ def evaluate(
     if task.language is not None:
         n_special = len(BUILTIN_SPECIALS)
         gold = [
-            builtin_gold_score(task.language, [t - n_special for t in q], builtin_words(r, eos_id, pad_id))
+            builtin_gold_score(task.language, [t - n_special for t in q], builtin_words(r, eos_ids[0], pad_id))
             for q, r in zip(queries_all, responses_all)
         ]
         metrics["objective/gold_score"] = float(np.mean(gold))
@@ -1448,8 +1463,8 @@ def evaluate(
 # has 4 epochs, kl_coef 0.05 with k1, cliprange 0.2, vf_coef 0.1, cliprange_value 0.2, gamma 1 and lambda 0.95,
 # as both sets do). Args' docstrings show the values in --help.
 
-BUILTIN_DEFAULTS = dict(learning_rate=3e-4, num_minibatches=4, missing_eos_penalty=1.0, response_length=16, temperature=1.0)
-TRL_DEFAULTS = dict(learning_rate=3e-6, num_minibatches=1, missing_eos_penalty=0.0, response_length=53, temperature=0.7)
+BUILTIN_DEFAULTS = dict(learning_rate=3e-4, num_minibatches=4, missing_eos_penalty=1.0, response_length=16, temperature=1.0, adam_eps=1e-5)
+TRL_DEFAULTS = dict(learning_rate=3e-6, num_minibatches=1, missing_eos_penalty=0.0, response_length=53, temperature=0.7, adam_eps=1e-8)
 
 
 def with_defaults(args: Args) -> Args:
@@ -1521,7 +1536,7 @@ def check_args(args: Args, world_size: int, ckpt: Optional[dict], device: torch.
         fail(f"--seed and --task-seed must be below 2**31, got {args.seed} and {args.task_seed}")
     if args.task_prompt_length > 47:  # prompt + 16 response words + EOS in the SFT model's 64 positions
         fail(f"--task-prompt-length must be at most 47, got {args.task_prompt_length}")
-    for name in ("learning_rate", "clip_coef", "vf_clip_coef", "max_grad_norm", "adaptive_kl_target", "temperature", "lora_alpha"):
+    for name in ("learning_rate", "adam_eps", "clip_coef", "vf_clip_coef", "max_grad_norm", "adaptive_kl_target", "temperature", "lora_alpha"):
         if not 0 < getattr(args, name) < math.inf:
             fail(f"{flag_name(name)} must be a positive number, got {getattr(args, name)}")
     if args.target_kl is not None and not 0 < args.target_kl < math.inf:
@@ -1588,7 +1603,7 @@ class Task:
     value_source: tuple  # (path, config, flag) the value model is loaded from
     tokenizer: transformers.PreTrainedTokenizerBase
     pad_id: int
-    eos_id: int
+    eos_ids: list[int]  # the tokenizer's EOS first, then the others of the checkpoint's generation_config
     train_queries: list[list[int]]
     eval_queries: list[list[int]]
     train_records: list[dict]
@@ -1598,6 +1613,7 @@ class Task:
     builtin: Optional[dict] = None  # the built-in task's description (its task.json)
     language: Optional[dict] = None  # the built-in task's hidden language, for the gold score
     lines: list[str] = field(default_factory=list)  # what the first lines of the run say about the task (notes)
+    generation_config: Optional[GenerationConfig] = None  # the checkpoint's, as shipped: the sampler ignores it, policy/ keeps it
 
 
 def load_task(args: Args, rank: int, distributed: bool) -> Task:
@@ -1632,6 +1648,9 @@ def load_task(args: Args, rank: int, distributed: bool) -> Task:
         fail(f"--model-name-or-path: cannot load a tokenizer from {policy_path} ({str(e).splitlines()[0]})")
     if tokenizer.eos_token_id is None:
         fail(f"--model-name-or-path: the tokenizer of {policy_path} has no EOS token; set one and save it again")
+    generation_config = shipped_generation_config(policy_path, policy_config)
+    listed = generation_config.eos_token_id if isinstance(generation_config.eos_token_id, list) else [generation_config.eos_token_id]
+    eos_ids = list(dict.fromkeys([tokenizer.eos_token_id] + [i for i in listed if i is not None]))
     reward_tokenizer = None if reward_path is None else reward_model_tokenizer(reward_path, reward_config, tokenizer, policy_config)
     if args.value_head_on_policy:
         value_source = (policy_path, None, "--value-head-on-policy")
@@ -1643,10 +1662,14 @@ def load_task(args: Args, rank: int, distributed: bool) -> Task:
         value_config = load_config(policy_path, "--model-name-or-path")
         value_config.num_labels = 1
         value_source = (policy_path, value_config, "--model-name-or-path")
-    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        # Padding must differ from EOS, or a real EOS would be masked out. The new id may lie outside the
-        # embedding table; model_inputs never looks it up.
+    lines = [dtypes_line(policy_config, reward_config)]
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id in eos_ids:
+        # Padding must differ from every EOS, or a real EOS would be masked out. The new id may lie outside the
+        # embedding table; model_inputs never looks it up, and save_policy adds a row for it.
+        kept = "keeps its own" if tokenizer.pad_token_id is not None else "gets it too"
         tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+        kept += ", with an embedding row for it" if kept.startswith("gets") and tokenizer.pad_token_id >= getattr(policy_config, "vocab_size", 0) else ""
+        lines.append(f"note: the tokenizer of {policy_path} has no pad token apart from EOS: the run pads with an added [PAD] (id {tokenizer.pad_token_id}, never sampled); policy/'s tokenizer {kept}")
 
     def tokenize(records: list[dict], flag: str) -> list[list[int]]:
         """A chat prompt's text comes from the chat template, special tokens included."""
@@ -1660,13 +1683,12 @@ def load_task(args: Args, rank: int, distributed: bool) -> Task:
         return queries
 
     train_records = read_prompts(prompts_path, "--prompts")
-    lines = [dtypes_line(policy_config, reward_config)]
     if eval_prompts_path is None:
         train_records, eval_records, split_line = held_out_split(train_records, args.eval_episodes)
         lines.append(split_line)
     else:
         eval_records = read_prompts(eval_prompts_path, eval_flag)[: args.eval_episodes]
-    note = generation_config_note(policy_path, tokenizer.eos_token_id, args.temperature)
+    note = generation_config_note(generation_config, eos_ids, args.temperature)
     lines += [note] if note else []
     if builtin is not None and args.eval_stochastic:
         lines.append("note: --eval-stochastic changes nothing on the built-in task: its evaluation always samples")
@@ -1679,8 +1701,8 @@ def load_task(args: Args, rank: int, distributed: bool) -> Task:
             fail(f"--response-length: {longest} prompt tokens + {args.response_length} response tokens exceed the {size}-token context of {flag}; lower --response-length or --max-prompt-length")
     return Task(
         policy_path, reward_path, policy_config, reward_config, reward_tokenizer, value_source, tokenizer, tokenizer.pad_token_id,
-        tokenizer.eos_token_id, train_queries, eval_queries, train_records, eval_records, reward_functions, name,
-        builtin, language, lines,
+        eos_ids, train_queries, eval_queries, train_records, eval_records, reward_functions, name,
+        builtin, language, lines, generation_config,
     )  # fmt: skip
 
 
@@ -1806,8 +1828,8 @@ def load_config(path: str, flag: str, num_labels: Optional[int] = None):
 def load_model(cls, path: str, config, flag: str, dtype="float32", sharded: bool = False) -> nn.Module:
     """A model in float32 whatever dtype it was saved in (small updates would round away in bfloat16), or with
     dtype="auto" in its saved dtype (a frozen reward model). A model that can generate gets an empty
-    generation_config: generate() would fill what sampling_config leaves unset from the checkpoint's (a
-    repetition penalty, top-k, ...), and the sampled distribution would not be the one whose log-probs are stored.
+    generation_config (save_policy restores the checkpoint's): generate() would fill what sampling_config leaves unset
+    from it (a repetition penalty, top-k, ...), and the sampled distribution would not be the one whose log-probs are stored.
     `sharded` (--fsdp): only rank 0 reads the weights; the other processes build the model, in rank 0's dtype, on
     the meta device (no memory), and shard_model fills their shards from rank 0's."""
     if sharded and dist.get_rank() != 0:
@@ -1830,22 +1852,25 @@ def saved_dtype(config) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-IGNORED_GENERATION_KEYS = {"transformers_version", "bos_token_id", "pad_token_id", "_from_model_config", "max_length", "max_new_tokens", "use_cache"}
+IGNORED_GENERATION_KEYS = {"transformers_version", "bos_token_id", "eos_token_id", "pad_token_id", "_from_model_config", "max_length", "max_new_tokens", "use_cache"}
 
 
-def generation_config_note(path: str, eos_id: int, temperature: float) -> Optional[str]:
-    """A note naming what the checkpoint's generation_config asks for that the sampler ignores, if anything."""
+def shipped_generation_config(path: str, config) -> GenerationConfig:
+    """The generation_config the checkpoint loads with: its own, or (none saved) the one transformers makes of its config."""
     try:
-        saved = GenerationConfig.from_pretrained(path).to_diff_dict()
-    except (OSError, ValueError):  # none saved
-        return None
-    asked = {k: v for k, v in saved.items() if k not in IGNORED_GENERATION_KEYS and not k.startswith(("output_", "return_"))}
-    if asked.get("eos_token_id") in (eos_id, [eos_id]):  # stops where the sampler stops
-        del asked["eos_token_id"]
+        return GenerationConfig.from_pretrained(path)
+    except (OSError, ValueError):
+        return GenerationConfig.from_model_config(config)
+
+
+def generation_config_note(shipped: GenerationConfig, eos_ids: list[int], temperature: float) -> Optional[str]:
+    """A note naming what the checkpoint's generation_config asks for that the sampler ignores, if anything (its EOS
+    ids end responses)."""
+    asked = {k: v for k, v in shipped.to_diff_dict().items() if k not in IGNORED_GENERATION_KEYS and not k.startswith(("output_", "return_"))}
     if not asked:
         return None
     settings = ", ".join(f"{k}={v}" for k, v in sorted(asked.items()))
-    return f"note: the checkpoint's generation_config asks for {settings}; ignored: responses are sampled at --temperature {temperature:g} with nothing else (stopping at the tokenizer's EOS), the distribution whose log-probs PPO stores"
+    return f"note: the checkpoint's generation_config asks for {settings}; ignored: responses are sampled at --temperature {temperature:g} with nothing else (stopping at EOS ids {' '.join(map(str, eos_ids))}), the distribution whose log-probs PPO stores; policy/ keeps it as shipped"
 
 
 def context_size(config) -> Optional[int]:
@@ -1982,7 +2007,7 @@ def retokenized_scores(model: nn.Module, tokenizer, episodes: Episodes, task: Ta
     an encoder's (BERT, RoBERTa, DeBERTa, ModernBERT) own forward and pooling, logits[:, 0]. A text longer than the
     model reads loses its start (the completion is at its end), with a note the first time."""
     texts = [
-        reward_model_text(tokenizer, prompt, completion, task.eos_id in ids, task.tokenizer)
+        reward_model_text(tokenizer, prompt, completion, not set(task.eos_ids).isdisjoint(ids), task.tokenizer)
         for prompt, completion, ids in zip(episodes.prompts, episodes.completions, episodes.completion_ids)
     ]
     size, special = max_text_tokens(model, tokenizer), tokenizer.chat_template is None
