@@ -2004,25 +2004,26 @@ def reward_model_tokenizer(path: str, config, policy_tokenizer, policy_config) -
 
 def retokenized_scores(model: nn.Module, tokenizer, episodes: Episodes, task: Task) -> Tensor:
     """The reward model's scores of the decoded episodes in its own tokens: a decoder's head read at the last one,
-    an encoder's (BERT, RoBERTa, DeBERTa, ModernBERT) own forward and pooling, logits[:, 0]. A text longer than the
-    model reads loses its start (the completion is at its end), with a note the first time."""
+    an encoder's (BERT, RoBERTa, DeBERTa, ModernBERT) own forward and pooling, logits[:, 0], on the prompt and the
+    response as a text pair (token type ids too). A text longer than the model reads loses its start (a pair: its
+    longer part's), with a note the first time."""
+    encoder = not reads_last_token(model)
     texts = [
-        reward_model_text(tokenizer, prompt, completion, not set(task.eos_ids).isdisjoint(ids), task.tokenizer)
+        reward_model_text(tokenizer, prompt, completion, not set(task.eos_ids).isdisjoint(ids), encoder)
         for prompt, completion, ids in zip(episodes.prompts, episodes.completions, episodes.completion_ids)
     ]
-    size, special = max_text_tokens(model, tokenizer), tokenizer.chat_template is None
-    ids = tokenizer(texts, add_special_tokens=special)["input_ids"]
-    if size is not None and max(map(len, ids)) > size:
+    size, special, columns = max_text_tokens(model, tokenizer), tokenizer.chat_template is None, list(zip(*texts)) if isinstance(texts[0], tuple) else [texts]
+    encoded = tokenizer(*columns, add_special_tokens=special)
+    if size is not None and max(map(len, encoded["input_ids"])) > size:
         if not getattr(model, "truncation_noted", False):
-            print(f"note: --reward-model-path: a text of {max(map(len, ids))} tokens is longer than the {size} the reward model reads; it reads the text's end (every such text is cut so)")
+            print(f"note: --reward-model-path: a text of {max(map(len, encoded['input_ids']))} tokens is longer than the {size} the reward model reads; it reads the text's end (every such text is cut so)")
             model.truncation_noted = True
-        ids = tokenizer(texts, add_special_tokens=special, truncation=True, max_length=size)["input_ids"]
-    device = next(model.parameters()).device
-    if reads_last_token(model):
-        return token_scores(model, left_pad(ids, -1, device), -1)[:, -1]  # -1: never a token
-    input_ids = torch.tensor([s + [0] * (max(map(len, ids)) - len(s)) for s in ids], device=device)
-    attention_mask = torch.tensor([[1] * len(s) + [0] * (input_ids.size(1) - len(s)) for s in ids], device=device)
-    return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
+        encoded = tokenizer(*columns, add_special_tokens=special, truncation=True, max_length=size)
+    device, width = next(model.parameters()).device, max(map(len, encoded["input_ids"]))
+    if not encoder:
+        return token_scores(model, left_pad(encoded["input_ids"], -1, device), -1)[:, -1]  # -1: never a token
+    inputs = {k: torch.tensor([s + [0] * (width - len(s)) for s in v], device=device) for k, v in encoded.items()}  # right-padded
+    return model(**inputs).logits[:, 0].float()
 
 
 def reads_last_token(model: nn.Module) -> bool:
@@ -2038,9 +2039,11 @@ def max_text_tokens(model: nn.Module, tokenizer) -> Optional[int]:
     return min(sizes, default=None)
 
 
-def reward_model_text(tokenizer, prompt, completion, ended: bool, policy_tokenizer) -> str:
-    """Prompt and completion as the reward model reads them: its chat template's conversation, or the prompt's text
-    followed by the completion's (and its EOS when the response ended with one)."""
+def reward_model_text(tokenizer, prompt, completion, ended: bool, encoder: bool) -> str | tuple[str, str]:
+    """Prompt and completion as the reward model reads them: its chat template's conversation; else, without the
+    policy's chat markup (a chat prompt's text: its messages' contents, a line each), an encoder's text pair (its
+    tokenizer puts its separator between them) or, for a decoder, the prompt's text followed by the completion's
+    and its EOS when the response ended with one."""
     text = completion[0]["content"] if isinstance(completion, list) else completion
     if tokenizer.chat_template is not None:
         messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
@@ -2048,9 +2051,8 @@ def reward_model_text(tokenizer, prompt, completion, ended: bool, policy_tokeniz
             return tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": text}], tokenize=False)
         except Exception as e:  # the template's own checks
             fail(f"--reward-model-path: its chat template refuses a conversation ({exception_line(e)})")
-    if isinstance(prompt, list):
-        prompt = policy_tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-    return prompt + text + (tokenizer.eos_token if ended and tokenizer.eos_token else "")
+    prompt = "\n".join(m["content"] for m in prompt) if isinstance(prompt, list) else prompt
+    return (prompt, text) if encoder else prompt + text + (tokenizer.eos_token if ended and tokenizer.eos_token else "")
 
 
 # LoRA through peft: adapters on the policy (wrapped in peft's PeftModel, which disables them for the reference

@@ -1501,7 +1501,7 @@ def other_reward_models(tmp_path_factory, qwen_models):
 
 
 def wordpiece_tokenizer(model_max_length):
-    """A BERT-style WordPiece tokenizer ([CLS] text [SEP], lower case), built offline."""
+    """A BERT-style WordPiece tokenizer ([CLS] text [SEP], a pair [CLS] A [SEP] B [SEP], lower case), built offline."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -1511,10 +1511,10 @@ def wordpiece_tokenizer(model_max_length):
     backend = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
     backend.normalizer = normalizers.BertNormalizer(lowercase=True)
     backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    backend.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    backend.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
-        mask_token="[MASK]", model_max_length=model_max_length,
+        mask_token="[MASK]", model_max_length=model_max_length, model_input_names=["input_ids", "token_type_ids", "attention_mask"],
     )  # fmt: skip
 
 
@@ -1542,8 +1542,8 @@ def test_reward_model_with_its_own_tokenizer_reads_the_decoded_text(qwen_models,
     policy's, which samples ids beyond it) scores the decoded text re-tokenised for it, through its chat template
     when it has one: the first evaluation's score equals the reward model's own forward on that text, one
     conversation at a time; encoders (BERT, DeBERTa-v2) through their own pooling, a text longer than the
-    DeBERTa's tokenizer reads cut at its start, with a note. The value model is then the policy's weights with a
-    new head."""
+    DeBERTa's tokenizer reads cut at its start, with a note; an encoder reads the prompt and the completion as a
+    text pair. The value model is then the policy's weights with a new head."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     log = qwen_models / "calls.jsonl"
@@ -1554,7 +1554,7 @@ def test_reward_model_with_its_own_tokenizer_reads_the_decoded_text(qwen_models,
     assert "(reads the decoded text in its own tokens)" in proc.stdout
     assert "value model: the policy's weights with a new scalar head" in proc.stdout
     model = AutoModelForSequenceClassification.from_pretrained(other_reward_models / rm).eval()
-    tokenizer = AutoTokenizer.from_pretrained(other_reward_models / rm)
+    tokenizer = AutoTokenizer.from_pretrained(other_reward_models / rm, truncation_side="left")
     calls = [json.loads(line) for line in open(log)]
     expected = []
     for call in calls[:2]:  # the evaluation at episode 0
@@ -1563,9 +1563,10 @@ def test_reward_model_with_its_own_tokenizer_reads_the_decoded_text(qwen_models,
                 text = f"<|sep|>user: {prompt}<|sep|>assistant: {completion}<|endoftext|>"
             elif rm == "small_rm":  # the policy's tokenizer, chat template included
                 text = f"user: {prompt} assistant: {completion} "
-            else:
-                text = prompt + completion + ((tokenizer.eos_token or "") if 256 in ids else "")  # 256: the policy's EOS
-            encoded = tokenizer(text, truncation=rm == "deberta_rm", max_length=10)  # its start cut, [CLS] kept
+            elif rm == "gpt2_rm":
+                text = prompt + completion + (tokenizer.eos_token if 256 in ids else "")  # 256: the policy's EOS
+            text = (prompt, completion) if rm in ("bert_rm", "deberta_rm") else (text,)
+            encoded = tokenizer(*text, truncation=rm == "deberta_rm", max_length=10)  # its start cut, [CLS] kept
             with torch.no_grad():
                 score = model(**{k: torch.tensor([v]) for k, v in encoded.items()}).logits[0, 0].item()
             expected.append(score + len(ids) / 10)
@@ -1574,6 +1575,44 @@ def test_reward_model_with_its_own_tokenizer_reads_the_decoded_text(qwen_models,
     if rm == "small_rm":  # the policy did sample ids its tokenizer and the reward model do not know
         assert any(max(ids) >= 258 for call in calls for ids in call["completion_ids"])
     assert ("note: --reward-model-path: a text of" in proc.stdout) == (rm == "deberta_rm")
+
+
+def test_an_encoder_reward_model_reads_chat_prompts_without_the_policys_markup():
+    """A BERT reward model scoring a chat prompt's answer from a policy whose chat template spells <|im_start|> and
+    <|im_end|>: it reads the messages' contents (a line each) and the response as a text pair, [CLS] prompt [SEP]
+    response [SEP] with token type 1 on the response: none of the policy's chat markup or special tokens (which its
+    WordPiece vocabulary would read as [UNK]s)."""
+    from types import SimpleNamespace
+
+    from transformers import BertConfig, BertForSequenceClassification
+
+    policy_tokenizer = byte_tokenizer(specials=["<|im_start|>", "<|im_end|>"])
+    policy_tokenizer.add_special_tokens({"eos_token": "<|im_end|>", "additional_special_tokens": ["<|im_start|>"]})
+    policy_tokenizer.chat_template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    task = SimpleNamespace(tokenizer=policy_tokenizer, pad_id=len(policy_tokenizer), eos_ids=[1])
+    records = [{"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "abc, def?"}]}, {"prompt": "xyz"}]
+    answers = [policy_tokenizer("ghi jk")["input_ids"] + [1], policy_tokenizer("no")["input_ids"]]
+    width = max(map(len, answers))
+    responses = torch.tensor([a + [task.pad_id] * (width - len(a)) for a in answers])
+    episodes = P.decode_episodes(records, responses, task)
+    tokenizer = wordpiece_tokenizer(512)
+    torch.manual_seed(3)
+    size = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, max_position_embeddings=64)
+    model = BertForSequenceClassification(BertConfig(vocab_size=len(tokenizer), num_labels=1, **size)).eval()
+    seen = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs), with_kwargs=True)
+    scores = P.retokenized_scores(model, tokenizer, episodes, task)
+    pairs = [("be brief\nabc, def?", "ghi jk"), ("xyz", "no")]
+    assert [P.reward_model_text(tokenizer, p, c, True, encoder=True) for p, c in zip(episodes.prompts, episodes.completions)] == pairs
+    (inputs,) = seen
+    for i, (prompt, response) in enumerate(pairs):
+        n = inputs["attention_mask"][i].sum().item()
+        ids, types = inputs["input_ids"][i, :n].tolist(), inputs["token_type_ids"][i, :n].tolist()
+        assert tokenizer.convert_ids_to_tokens(ids) == ["[CLS]", *tokenizer.tokenize(prompt), "[SEP]", *tokenizer.tokenize(response), "[SEP]"]
+        assert "[UNK]" not in tokenizer.convert_ids_to_tokens(ids) and types == [0] * (len(ids) - len(tokenizer.tokenize(response)) - 1) + [1] * (len(tokenizer.tokenize(response)) + 1)
+        with torch.no_grad():
+            alone = model(**tokenizer(prompt, response, return_tensors="pt")).logits[0, 0]
+        torch.testing.assert_close(scores[i], alone)
 
 
 def test_value_model_path(qwen_models, other_reward_models, tmp_path, capsys):
