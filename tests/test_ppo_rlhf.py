@@ -1294,7 +1294,7 @@ def test_the_sampler_is_the_distribution_of_the_stored_logprobs(tmp_path, monkey
     model.generation_config = GenerationConfig(repetition_penalty=5.0, top_k=3, min_new_tokens=1, no_repeat_ngram_size=1, temperature=0.2, do_sample=True)
     model.save_pretrained(tmp_path / "policy")
     policy = P.load_model(AutoModelForCausalLM, str(tmp_path / "policy"), AutoConfig.from_pretrained(tmp_path / "policy"), "--model-name-or-path")
-    note = P.generation_config_note(P.shipped_generation_config(str(tmp_path / "policy"), None), [eos_id], 1.0)
+    note = P.generation_config_note(GenerationConfig.from_pretrained(tmp_path / "policy"), [eos_id], 1.0)
     assert note.startswith("note: the checkpoint's generation_config asks for do_sample=True, min_new_tokens=1, no_repeat_ngram_size=1, repetition_penalty=5.0, temperature=0.2, top_k=3; ignored")
     n, temperature = 6000, 0.8
     queries = torch.tensor([[5, 6, 7, 8]]).repeat(n, 1)
