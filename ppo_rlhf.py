@@ -69,11 +69,10 @@ class Args:
     """policy and reference: an AutoModelForCausalLM directory or hub name; None runs the built-in task"""
     reward_model_path: Optional[str] = None
     """reward model: an AutoModelForSequenceClassification with one label; optional with --reward-fn. With a
-    tokenizer of its own it reads the decoded text (through its chat template when it has one)"""
+    tokenizer of its own it reads the decoded text: its chat template's, or prompt and response (an encoder's pair)"""
     reward_fn: Annotated[tuple[str, ...], tyro.conf.UseAppendAction] = ()
-    """a reward function FILE.py:NAME, called as NAME(prompts, completions, completion_ids, **fields) -> list of
-    floats (TRL's GRPO signature; fields: the prompt line's other fields); None scores 0. Repeat for several:
-    the scores add up, with the reward model's"""
+    """a reward function FILE.py:NAME, called as NAME(prompts, completions, completion_ids, **fields) -> a float (or
+    None: 0) per completion, TRL's GRPO signature (fields: the prompt line's others); repeat for several: scores add up"""
     reward_fn_weights: Optional[tuple[float, ...]] = None
     """one weight per --reward-fn (default 1 each); the reward model's score weighs 1"""
     value_model_path: Optional[str] = None
@@ -89,6 +88,8 @@ class Args:
     """total number of completions to train on, summed over processes"""
     learning_rate: Optional[float] = None
     """learning rate of the Adam optimizer (policy and value model); unset: 3e-4 (built-in task), 3e-6 (TRL)"""
+    adam_eps: Optional[float] = None
+    """epsilon in Adam's denominator; unset: 1e-5 (built-in task), 1e-8 (TRL), whose AdamW has weight decay 0: Adam"""
     per_device_train_batch_size: int = 16
     """episodes per micro-batch (one forward/backward) on each process"""
     gradient_accumulation_steps: int = 1
@@ -145,8 +146,7 @@ class Args:
     lora_alpha: float = 16.0
     """LoRA scaling: the adapters' update is multiplied by lora_alpha / lora_r"""
     lora_target_modules: Optional[tuple[str, ...]] = None
-    """names of the modules that get adapters, e.g. q_proj v_proj, or all-linear; None: peft's default for the
-    architecture"""
+    """names of the modules that get adapters, e.g. q_proj v_proj, or all-linear; None: peft's default for the model"""
 
     # Run settings: where and how the run executes, what it writes, how it is evaluated.
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
@@ -158,8 +158,7 @@ class Args:
     device: str = "auto"
     """torch device: auto (cuda, then mps, then cpu) or an explicit device string such as cuda:1"""
     num_threads: int = 0
-    """torch CPU threads per process; 0 picks from the work: 1 for the built-in task's tiny models, torch's default
-    (a thread per core) for real models"""
+    """torch CPU threads per process; 0: 1 for the built-in task's tiny models, a thread per core for real models"""
     bf16: bool = False
     """run forward passes in bfloat16 autocast (CUDA only)"""
     gradient_checkpointing: bool = False
@@ -192,8 +191,7 @@ class Args:
 
     # Built-in task: its reward, its definition (the task_* flags: the cache key) and where it is cached.
     builtin_reward: Literal["model", "gold"] = "model"
-    """built-in task: train on the learned reward model, or on the hidden gold reward as a reward function (a
-    verifiable reward: nothing to over-optimise)"""
+    """built-in task: train on the learned reward model, or on the hidden gold reward (a verifiable reward function)"""
     cache_dir: Optional[str] = None
     """built-in task: where its models and prompts are cached; None means {runs_dir}/builtin_task"""
     task_seed: int = 0
@@ -208,17 +206,15 @@ class Args:
     """built-in task: labelled response pairs the reward model is trained on (10% held out)"""
 
 
-# The task: prompts in, responses out, and the model passes that score them. Shapes: B episodes, T response
-# tokens. Queries are left-padded, responses right-padded; `mask` is True on valid response tokens (up to and
-# including the first EOS). Padding is replaced by token 0 before any embedding lookup, so a pad id outside the
-# model's vocabulary (an added [PAD]) is never looked up.
+# The task: prompts in, responses out, and the model passes that score them. Shapes: B episodes, T response tokens.
+# Queries are left-padded, responses right-padded; `mask` is True on valid response tokens (up to the first EOS, any
+# of the checkpoint's). Padding becomes token 0 before any embedding lookup: an added [PAD] is never looked up.
 
 
 def iteration_prompts(
     n: int, iteration: int, batch_size: int, local_batch_size: int, rank: int, seed: int
 ) -> list[int]:
-    """This process's share of the iteration's prompts (indices into the n prompts), drawn without replacement
-    from a fresh permutation of the prompts on each pass over them."""
+    """This process's share of the iteration's prompts (indices), without replacement from a new permutation a pass."""
     first = (iteration - 1) * batch_size + rank * local_batch_size
     positions = range(first, first + local_batch_size)
     perms = {e: np.random.default_rng([seed, e]).permutation(n) for e in {p // n for p in positions}}
@@ -237,16 +233,21 @@ def first_true_indices(bools: Tensor) -> Tensor:
     return torch.where(bools, idx, row_len).min(-1).values
 
 
-def truncate_after_eos(responses: Tensor, eos_id: int, pad_id: int) -> Tensor:
+def is_eos(tokens: Tensor, eos_ids: int | list[int]) -> Tensor:
+    """Where the tokens are an EOS: any of the checkpoint's EOS ids (Llama 3 and Qwen2.5-Instruct list several)."""
+    return torch.isin(tokens, torch.tensor(eos_ids, device=tokens.device))
+
+
+def truncate_after_eos(responses: Tensor, eos_ids: int | list[int], pad_id: int) -> Tensor:
     """Replace every token after the first EOS of each response by padding (the EOS stays)."""
-    eos_idx = first_true_indices(responses == eos_id)
+    eos_idx = first_true_indices(is_eos(responses, eos_ids))
     after = torch.arange(responses.size(1), device=responses.device) > eos_idx[:, None]
     return responses.masked_fill(after, pad_id)
 
 
-def apply_missing_eos_penalty(scores: Tensor, responses: Tensor, eos_id: int, penalty: float) -> Tensor:
+def apply_missing_eos_penalty(scores: Tensor, responses: Tensor, eos_ids: int | list[int], penalty: float) -> Tensor:
     """Subtract `penalty` from the score of each response that contains no EOS token."""
-    return torch.where((responses == eos_id).any(1), scores, scores - penalty)
+    return torch.where(is_eos(responses, eos_ids).any(1), scores, scores - penalty)
 
 
 def sampler_logits(logits: Tensor, temperature: float, pad_id: int) -> Tensor:
@@ -282,8 +283,7 @@ def lm_response_logprobs(
     model: nn.Module, query_responses: Tensor, pad_id: int, context_length: int, temperature: float
 ) -> tuple[Tensor, Tensor]:
     """Log-probs of the response tokens and the entropies of their distributions, under the logits divided by the
-    temperature. When those fp32 logits would be large (150k-token vocabularies) they are computed from the
-    final hidden states a chunk of positions at a time and never held whole (below the fence)."""
+    temperature; large fp32 logits (150k-token vocabularies) a chunk of positions at a time (below the fence)."""
     inputs = model_inputs(query_responses, pad_id)
     tokens = inputs["input_ids"][:, context_length:]
     if large_logits(query_responses.numel(), vocab_rows(model)) and getattr(model, "logits_from_hidden", False):
@@ -308,13 +308,13 @@ def sequence_scores(model: nn.Module, query_responses: Tensor, pad_id: int, cont
 
 
 def sampling_config(
-    response_length: int, temperature: float, eos_id: int, pad_id: int, vocab_size: int, output_logits: bool = True
+    response_length: int, temperature: float, eos_ids: int | list[int], pad_id: int, vocab_size: int, output_logits: bool = True
 ) -> GenerationConfig:
     """Pure sampling at `temperature` (nothing else: load_model empties the model's generation_config), stopping at
-    EOS, with logits returned unless output_logits=False (a large vocabulary: log-probs come from a forward pass)."""
+    every EOS id, with logits returned unless output_logits=False (a large vocabulary: log-probs from a forward)."""
     return GenerationConfig(
         max_new_tokens=response_length, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-        eos_token_id=eos_id, pad_token_id=eos_id,  # finished rows are filled with EOS, then made padding
+        eos_token_id=eos_ids, pad_token_id=eos_ids if isinstance(eos_ids, int) else eos_ids[0],  # finished rows: EOS, then padding
         suppress_tokens=[pad_id] if pad_id < vocab_size else None,  # a sampled pad would end the response
         output_logits=output_logits, return_dict_in_generate=True,
     )  # fmt: skip
@@ -324,8 +324,8 @@ def sampling_config(
 def generate(
     policy: nn.Module, queries: Tensor, pad_id: int, gen_config: GenerationConfig, response_length: int
 ) -> tuple[Tensor, Optional[Tensor]]:
-    """Sample responses with the KV cache. Returns (responses right-padded to response_length,
-    their log-probs taken from the generation pass itself, which saves a forward; None without its logits)."""
+    """Sample responses with the KV cache. Returns (responses right-padded to response_length, their log-probs from
+    the generation pass itself, which saves a forward; None without its logits)."""
     inputs = model_inputs(queries, pad_id)
     out = policy.generate(
         input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], generation_config=gen_config
@@ -341,8 +341,7 @@ def generate(
 
 @dataclass
 class Reward:
-    """What scores a response: a reward model, read at the last real token, and reward functions called on the
-    decoded text (below the fence: their loading, calling and checking). The scores add up."""
+    """What scores a response, the scores added up: a reward model and reward functions on the decoded text."""
 
     model: Optional[nn.Module]
     tokenizer: Optional[transformers.PreTrainedTokenizerBase]  # its own; None: it reads the policy's tokens
@@ -351,8 +350,8 @@ class Reward:
 
 @torch.no_grad()
 def score_responses(reward: Reward, queries: Tensor, responses: Tensor, records: list[dict], task: Task) -> Tensor:
-    """Scores [B] of the responses to the queries (whose prompt lines are `records`), before the missing-EOS
-    penalty. A reward model that shares the policy's tokenizer reads its tokens; nothing is decoded then."""
+    """Scores [B] of the responses to the queries (prompt lines `records`), before the missing-EOS penalty; a reward
+    model that shares the policy's tokenizer reads its tokens (nothing decoded)."""
     scores = torch.zeros(len(queries), device=queries.device)
     if reward.model is not None and reward.tokenizer is None:
         scores += sequence_scores(reward.model, torch.cat([queries, responses], 1), task.pad_id, queries.size(1))
@@ -395,14 +394,14 @@ def rollout(
             query = queries[i : i + n]
             with gathered(policy):  # --fsdp: the whole policy on each process for the chunk, not per token
                 response, logprob = generate(policy, query, pad_id, gen_config, args.response_length)
-            response = truncate_after_eos(response, task.eos_id, pad_id)
+            response = truncate_after_eos(response, task.eos_ids, pad_id)
             query_response = torch.cat([query, response], 1)
             if logprob is None:  # no logits kept while sampling (a large vocabulary)
                 logprob = lm_response_logprobs(policy, query_response, pad_id, context_length, args.temperature)[0]
             with adapters_disabled(ref_policy):  # LoRA: the reference is the policy without its adapters
                 ref_logprob, _ = lm_response_logprobs(ref_policy, query_response, pad_id, context_length, args.temperature)
             score = score_responses(reward, query, response, records[i : i + n], task)
-            score = apply_missing_eos_penalty(score, response, task.eos_id, args.missing_eos_penalty)
+            score = apply_missing_eos_penalty(score, response, task.eos_ids, args.missing_eos_penalty)
             value = token_scores(value_model, query_response, pad_id)[:, context_length - 1 : -1]
             chunks.append((response, logprob, ref_logprob, score, value))
     responses, logprobs, ref_logprobs, scores, values = (torch.cat(x) for x in zip(*chunks))
@@ -452,9 +451,8 @@ def load_models(task: Task, args: Args, device: torch.device) -> tuple[nn.Module
 
 
 class PolicyValueHead(nn.Module):
-    """--value-head-on-policy: the value model as a scalar head (initialised at 0) on the policy's own backbone, read
-    by token_scores as any value model is. The backbone is not registered here: its parameters stay the policy's
-    alone (trained by both losses, in the policy's checkpoint entry); this module holds only the head."""
+    """--value-head-on-policy: a scalar head (initialised at 0) on the policy's own backbone, read by token_scores as
+    any value model is. It holds only the head: the backbone's parameters stay the policy's (in its checkpoint entry)."""
 
     base_model_prefix = "backbone"
 
@@ -633,12 +631,12 @@ def train(args: Args) -> None:
     vocab_size = policy.get_input_embeddings().num_embeddings
     keep_logits = not large_logits(args.local_rollout_forward_batch_size * args.response_length, vocab_rows(policy))
     gen_config = sampling_config(
-        args.response_length, args.temperature, task.eos_id, task.pad_id, vocab_size, output_logits=keep_logits
+        args.response_length, args.temperature, task.eos_ids, task.pad_id, vocab_size, output_logits=keep_logits
     )
     # One optimizer over policy and value model: one loss, one clip of the global gradient norm.
     trained = [p for m in (policy, value_model) for p in m.parameters() if p.requires_grad]
     flat = ShardedParameters(trained) if args.fsdp else FlatParameters(trained)
-    optimizer = torch.optim.Adam(flat.tensors, lr=args.learning_rate, eps=1e-5, fused=device.type in ("cpu", "cuda"))
+    optimizer = torch.optim.Adam(flat.tensors, lr=args.learning_rate, eps=args.adam_eps, fused=device.type in ("cpu", "cuda"))
     state = LoopState(kl_coef=args.kl_coef)
     run = Run(args, ckpt, task, rank)
     device_line = f"{device} ({device_reason}), {torch.get_num_threads()} torch thread(s)"
@@ -682,7 +680,7 @@ def train(args: Args) -> None:
 
         # 5. Log; adapt the KL coefficient; evaluate; checkpoint; stop after SIGINT/SIGTERM.
         eps = (state.episode - start_episode) / (time.time() - start_time)
-        metrics = batch_metrics(data, kl, non_score_reward, update_stats, task.eos_id)
+        metrics = batch_metrics(data, kl, non_score_reward, update_stats, task.eos_ids)
         metrics |= {"objective/kl_coef": state.kl_coef, "lr": lr, "eps": eps}
         run.log(state.episode, metrics)
         if args.adaptive_kl:
@@ -700,7 +698,7 @@ def train(args: Args) -> None:
 
     final_policy = unsharded_policy(policy, task) if args.fsdp else policy  # --fsdp: gathered on rank 0 only
     if rank == 0:
-        save_policy(run, final_policy, task.tokenizer)
+        save_policy(run, final_policy, task)
     run.finish()
     leave_process_group(distributed)
 
@@ -712,9 +710,8 @@ def train(args: Args) -> None:
 
 class Run:
     """The run's folder, written by rank 0: args.json, metrics.jsonl (a JSON object per line, x-axis `episode`),
-    checkpoint.pt and, with --track, the same metrics in wandb. A resumed run continues in the folder that holds
-    its checkpoint and cuts metrics.jsonl back to what it held at the checkpoint. The folder is made at the
-    first record, so that a run that fails at its first evaluation (a reward function's error) leaves nothing."""
+    checkpoint.pt and, with --track, wandb. A resumed run continues in its checkpoint's folder, metrics.jsonl cut back
+    to the checkpoint. Made at the first record: a run that fails at its first evaluation leaves nothing."""
 
     def __init__(self, args: Args, ckpt: Optional[dict], task: Task, rank: int):
         self.rank0, self.metrics, self.wandb = rank == 0, None, None
@@ -851,7 +848,7 @@ def size(n_bytes: int) -> str:
 
 @torch.no_grad()
 def batch_metrics(
-    data: Rollout, kl: Tensor, non_score_reward: Tensor, update_stats: dict, eos_id: int
+    data: Rollout, kl: Tensor, non_score_reward: Tensor, update_stats: dict, eos_ids: list[int]
 ) -> dict[str, float]:
     """The iteration's statistics under TRL's names, averaged over processes (val/num_eos_tokens: summed)."""
     world_size = dist.get_world_size() if dist.is_initialized() else 1
@@ -861,22 +858,28 @@ def batch_metrics(
         "objective/non_score_reward": non_score_reward.sum(1).mean(),
         "objective/scores": data.scores.mean(),
         **update_stats,
-        "val/num_eos_tokens": (data.responses == eos_id).sum().float() * world_size,
+        "val/num_eos_tokens": is_eos(data.responses, eos_ids).sum().float() * world_size,
         "objective/response_length": data.mask.sum(1).float().mean(),
-        "objective/eos_fraction": (data.responses == eos_id).any(1).float().mean(),
+        "objective/eos_fraction": is_eos(data.responses, eos_ids).any(1).float().mean(),
     }
     metrics = dict(zip(local, all_reduce_mean(torch.stack(list(local.values()))).tolist()))
     metrics["objective/rlhf_reward"] = metrics["objective/scores"] + metrics["objective/non_score_reward"]
     return metrics
 
 
-def save_policy(run: Run, policy: nn.Module, tokenizer) -> None:
-    """The trained policy as an ordinary Hugging Face model (loads back with from_pretrained, without peft); under
-    LoRA also its adapter alone (adapter/, for peft's PeftModel.from_pretrained on the base model)."""
-    files = "policy/"
+def save_policy(run: Run, policy: nn.Module, task: Task) -> None:
+    """The trained policy as a Hugging Face model (from_pretrained loads it without peft) with the checkpoint's own
+    generation_config and tokenizer, plus the run's [PAD] if it had no pad token, and a row for it beyond the embedding
+    (resize_token_embeddings' mean of the others). Under LoRA also the adapter alone (with the embedding if resized)."""
+    tokenizer, files = AutoTokenizer.from_pretrained(task.policy_path), "policy/"
+    if tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": task.tokenizer.pad_token})
+    if tokenizer.pad_token_id >= policy.get_input_embeddings().num_embeddings:
+        policy.resize_token_embeddings(len(tokenizer))
+    (policy.get_base_model() if is_lora(policy) else policy).generation_config = task.generation_config
     if is_lora(policy):
-        policy.save_pretrained(os.path.join(run.dir, "adapter"))
-        tokenizer.save_pretrained(os.path.join(run.dir, "adapter"))
+        for save in (policy, tokenizer, task.generation_config):
+            save.save_pretrained(os.path.join(run.dir, "adapter"))
         policy, files = policy.merge_and_unload(), "policy/, adapter/"  # the run is over: merged in place
     policy.save_pretrained(os.path.join(run.dir, "policy"))
     tokenizer.save_pretrained(os.path.join(run.dir, "policy"))
@@ -1013,12 +1016,9 @@ def restore(ckpt: dict, rank: int, device: torch.device, policy: nn.Module, valu
 # the run with one line, and no checkpoint is written after it.
 
 MAX_SKIPPED_STEPS = 10
-ON_POLICY_ATOL = 1e-3  # max |log-ratio| of an update's first micro-batch, before any step. The rollout's log-probs come
-# from sampling (a token at a time, KV cache), the update's from one forward: in float32 they differ by ~1e-6 (1.6e-6
-# measured on the built-in task), a policy that is not the trained one (dropout on) by far more.
-ON_POLICY_ATOL_BF16 = 0.25  # --bf16: logits keep 8 significant bits, a step of 0.06-0.125 at the magnitudes (10-30) of
-# a trained LM's logits, and the two passes round differently through every layer: 0.03 measured on the built-in
-# task (CPU autocast), more expected from deep models; dropout moves log-probs by O(1). Not measured on a GPU.
+ON_POLICY_ATOL = 1e-3  # max |log-ratio| of an update's first micro-batch, before any step: sampling and one forward
+# differ by 1.6e-6 in float32 on the built-in task, a policy that is not the trained one (dropout on) by far more.
+ON_POLICY_ATOL_BF16 = 0.25  # --bf16: 8-bit mantissas, 0.03 measured on the built-in task (CPU autocast); see the README
 
 
 def stop_nonfinite(run: Optional[Run], what: str, iteration: int, where: str) -> NoReturn:
@@ -1043,9 +1043,8 @@ class NonFiniteGuard:
         self.noted_off_policy = False
 
     def check_on_policy(self, logratio: Tensor, mask: Tensor, first: bool) -> None:
-        """At an update's first micro-batch (`first`), before any step, the policy being trained must give the batch
-        the log-probs it was sampled with: one note, the first time max |log-ratio| over every process's valid
-        tokens passes the tolerance (nothing else can tell that the policy is not a function of its weights)."""
+        """At an update's first micro-batch (`first`), before any step, the trained policy must give the batch the
+        log-probs it was sampled with: one note, the first time max |log-ratio| (all processes) passes the tolerance."""
         if not first:
             return
         largest = torch.where(mask, logratio.detach().abs(), 0.0).max()
@@ -1265,9 +1264,8 @@ def shard_model(args: Args, device: torch.device, model: nn.Module) -> nn.Module
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The model's repeated blocks: the modules of the classes its _no_split_modules names (transformers' list of
-    what must stay whole on one device: Qwen2DecoderLayer, GPT2Block, ...), innermost first; for a model without
-    that list (DeBERTa-v2, a reward model), the blocks of its longest nn.ModuleList of one class."""
+    """The model's repeated blocks, innermost first: the classes its _no_split_modules names (Qwen2DecoderLayer,
+    GPT2Block, ...), or without that list (DeBERTa-v2) the blocks of its longest nn.ModuleList of one class."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     names = set(getattr(base, "_no_split_modules", None) or ())
     if not names:
@@ -1372,8 +1370,7 @@ def load_shards(path: str, policy: nn.Module, value_model: nn.Module, optimizer)
 
 
 def unsharded_policy(policy: nn.Module, task: Task) -> Optional[nn.Module]:
-    """--fsdp, at the end: the policy's weights gathered into rank 0's memory (CPU) and loaded into an ordinary copy
-    of the model, for save_policy; None on the other processes."""
+    """--fsdp, at the end: the policy's weights gathered into an ordinary copy in rank 0's memory (CPU); None elsewhere."""
     weights = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() != 0:
         return None
@@ -1393,15 +1390,13 @@ def unsharded_policy(policy: nn.Module, task: Task) -> Optional[nn.Module]:
 def evaluate(
     policy: nn.Module, reward: Reward, task: Task, gen_config: GenerationConfig, args: Args, episode: int
 ) -> tuple[dict, list]:
-    """Answer the held-out prompts, greedily or (--eval-stochastic, and on the built-in task) sampled with a fixed
-    seed (the same noise at every evaluation), and score them; on the built-in task also with the hidden gold
-    reward. Returns the metrics and the first rows of the sample table. Under --fsdp every process takes part (a
-    sharded forward needs them all) with its own chunks of the prompts and noise; rank 0 gathers the answers and
-    returns them (the others: nothing)."""
+    """Answer the held-out prompts, greedily or (--eval-stochastic, the built-in task) sampled with a fixed seed, and
+    score them (the built-in task: also the gold reward). Returns the metrics and the sample table's first rows. Under
+    --fsdp every process answers its own chunks (a sharded forward needs them all); rank 0 gathers and returns them."""
     device = next(policy.parameters()).device
     if not args.eval_stochastic and task.builtin is None:
         gen_config = greedy_config(gen_config)
-    pad_id, eos_id, chunk = task.pad_id, task.eos_id, args.local_rollout_forward_batch_size
+    pad_id, eos_ids, chunk = task.pad_id, task.eos_ids, args.local_rollout_forward_batch_size
     processes, rank = (dist.get_world_size(), dist.get_rank()) if args.fsdp else (1, 0)
     n_eval = len(task.eval_queries)
     policy.eval()
@@ -1414,9 +1409,9 @@ def evaluate(
             queries = left_pad(task.eval_queries[part], pad_id, device)
             with gathered(policy):
                 responses = generate(policy, queries, pad_id, gen_config, args.response_length)[0]
-            responses = truncate_after_eos(responses, eos_id, pad_id)
+            responses = truncate_after_eos(responses, eos_ids, pad_id)
             scores = score_responses(reward, queries, responses, task.eval_records[part], task)
-            scores = apply_missing_eos_penalty(scores, responses, eos_id, args.missing_eos_penalty)
+            scores = apply_missing_eos_penalty(scores, responses, eos_ids, args.missing_eos_penalty)
             if i < n_eval:
                 chunks.append((i, [[t for t in q if t != pad_id] for q in queries.tolist()], responses.tolist(), scores))
     if processes > 1:  # rank 0 takes every process's chunks, in the prompts' order
@@ -1431,7 +1426,7 @@ def evaluate(
     if task.language is not None:
         n_special = len(BUILTIN_SPECIALS)
         gold = [
-            builtin_gold_score(task.language, [t - n_special for t in q], builtin_words(r, eos_id, pad_id))
+            builtin_gold_score(task.language, [t - n_special for t in q], builtin_words(r, eos_ids[0], pad_id))
             for q, r in zip(queries_all, responses_all)
         ]
         metrics["objective/gold_score"] = float(np.mean(gold))
@@ -1444,12 +1439,11 @@ def evaluate(
     return metrics, rows
 
 
-# The two default sets: the flags whose defaults differ between the built-in task and TRL 1.12 PPOConfig (which also
-# has 4 epochs, kl_coef 0.05 with k1, cliprange 0.2, vf_coef 0.1, cliprange_value 0.2, gamma 1 and lambda 0.95,
-# as both sets do). Args' docstrings show the values in --help.
+# The two default sets: the flags whose defaults differ between the built-in task and TRL 1.12 PPOConfig (both have
+# its 4 epochs, kl_coef 0.05 k1, clipranges 0.2, vf_coef 0.1, gamma 1, lambda 0.95); Args' docstrings show them.
 
-BUILTIN_DEFAULTS = dict(learning_rate=3e-4, num_minibatches=4, missing_eos_penalty=1.0, response_length=16, temperature=1.0)
-TRL_DEFAULTS = dict(learning_rate=3e-6, num_minibatches=1, missing_eos_penalty=0.0, response_length=53, temperature=0.7)
+BUILTIN_DEFAULTS = dict(learning_rate=3e-4, num_minibatches=4, missing_eos_penalty=1.0, response_length=16, temperature=1.0, adam_eps=1e-5)
+TRL_DEFAULTS = dict(learning_rate=3e-6, num_minibatches=1, missing_eos_penalty=0.0, response_length=53, temperature=0.7, adam_eps=1e-8)
 
 
 def with_defaults(args: Args) -> Args:
@@ -1490,8 +1484,7 @@ def flag_name(field: str) -> str:
 
 
 def kl_flag_notes(args: Args) -> list[str]:
-    """One note per KL flag that does not do what its value suggests (--target-kl once named the controller's
-    target, so an old command line `--adaptive-kl --target-kl 6` now also stops the epochs early)."""
+    """One note per KL flag that does not do what its value suggests (--target-kl once named the controller's target)."""
     notes = []
     if args.adaptive_kl and args.target_kl is not None:
         notes.append(f"note: --target-kl {args.target_kl:g} stops the update epochs early (as in CleanRL); the adaptive controller aims at --adaptive-kl-target {args.adaptive_kl_target:g}")
@@ -1521,7 +1514,7 @@ def check_args(args: Args, world_size: int, ckpt: Optional[dict], device: torch.
         fail(f"--seed and --task-seed must be below 2**31, got {args.seed} and {args.task_seed}")
     if args.task_prompt_length > 47:  # prompt + 16 response words + EOS in the SFT model's 64 positions
         fail(f"--task-prompt-length must be at most 47, got {args.task_prompt_length}")
-    for name in ("learning_rate", "clip_coef", "vf_clip_coef", "max_grad_norm", "adaptive_kl_target", "temperature", "lora_alpha"):
+    for name in ("learning_rate", "adam_eps", "clip_coef", "vf_clip_coef", "max_grad_norm", "adaptive_kl_target", "temperature", "lora_alpha"):
         if not 0 < getattr(args, name) < math.inf:
             fail(f"{flag_name(name)} must be a positive number, got {getattr(args, name)}")
     if args.target_kl is not None and not 0 < args.target_kl < math.inf:
@@ -1588,7 +1581,7 @@ class Task:
     value_source: tuple  # (path, config, flag) the value model is loaded from
     tokenizer: transformers.PreTrainedTokenizerBase
     pad_id: int
-    eos_id: int
+    eos_ids: list[int]  # the tokenizer's EOS first, then the others of the checkpoint's generation_config
     train_queries: list[list[int]]
     eval_queries: list[list[int]]
     train_records: list[dict]
@@ -1598,6 +1591,7 @@ class Task:
     builtin: Optional[dict] = None  # the built-in task's description (its task.json)
     language: Optional[dict] = None  # the built-in task's hidden language, for the gold score
     lines: list[str] = field(default_factory=list)  # what the first lines of the run say about the task (notes)
+    generation_config: Optional[GenerationConfig] = None  # the checkpoint's, as shipped: the sampler ignores it, policy/ keeps it
 
 
 def load_task(args: Args, rank: int, distributed: bool) -> Task:
@@ -1632,6 +1626,12 @@ def load_task(args: Args, rank: int, distributed: bool) -> Task:
         fail(f"--model-name-or-path: cannot load a tokenizer from {policy_path} ({str(e).splitlines()[0]})")
     if tokenizer.eos_token_id is None:
         fail(f"--model-name-or-path: the tokenizer of {policy_path} has no EOS token; set one and save it again")
+    try:  # the generation_config the checkpoint loads with: its own, or the one transformers makes of its config
+        generation_config = GenerationConfig.from_pretrained(policy_path)
+    except (OSError, ValueError):
+        generation_config = GenerationConfig.from_model_config(policy_config)
+    listed = generation_config.eos_token_id if isinstance(generation_config.eos_token_id, list) else [generation_config.eos_token_id]
+    eos_ids = list(dict.fromkeys([tokenizer.eos_token_id] + [i for i in listed if i is not None]))
     reward_tokenizer = None if reward_path is None else reward_model_tokenizer(reward_path, reward_config, tokenizer, policy_config)
     if args.value_head_on_policy:
         value_source = (policy_path, None, "--value-head-on-policy")
@@ -1643,10 +1643,14 @@ def load_task(args: Args, rank: int, distributed: bool) -> Task:
         value_config = load_config(policy_path, "--model-name-or-path")
         value_config.num_labels = 1
         value_source = (policy_path, value_config, "--model-name-or-path")
-    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        # Padding must differ from EOS, or a real EOS would be masked out. The new id may lie outside the
-        # embedding table; model_inputs never looks it up.
+    lines = [dtypes_line(policy_config, reward_config)]
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id in eos_ids:
+        # Padding must differ from every EOS, or a real EOS would be masked out. The new id may lie outside the
+        # embedding table; model_inputs never looks it up, and save_policy adds a row for it.
+        kept, row = ("keeps its own", "") if tokenizer.pad_token_id is not None else ("gets it too", ", with an embedding row for it")
         tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+        kept += row if tokenizer.pad_token_id >= getattr(policy_config, "vocab_size", 0) else ""
+        lines.append(f"note: the tokenizer of {policy_path} has no pad token apart from EOS: the run pads with an added [PAD] (id {tokenizer.pad_token_id}, never sampled); policy/'s tokenizer {kept}")
 
     def tokenize(records: list[dict], flag: str) -> list[list[int]]:
         """A chat prompt's text comes from the chat template, special tokens included."""
@@ -1660,13 +1664,12 @@ def load_task(args: Args, rank: int, distributed: bool) -> Task:
         return queries
 
     train_records = read_prompts(prompts_path, "--prompts")
-    lines = [dtypes_line(policy_config, reward_config)]
     if eval_prompts_path is None:
         train_records, eval_records, split_line = held_out_split(train_records, args.eval_episodes)
         lines.append(split_line)
     else:
         eval_records = read_prompts(eval_prompts_path, eval_flag)[: args.eval_episodes]
-    note = generation_config_note(policy_path, tokenizer.eos_token_id, args.temperature)
+    note = generation_config_note(generation_config, eos_ids, args.temperature)
     lines += [note] if note else []
     if builtin is not None and args.eval_stochastic:
         lines.append("note: --eval-stochastic changes nothing on the built-in task: its evaluation always samples")
@@ -1679,8 +1682,8 @@ def load_task(args: Args, rank: int, distributed: bool) -> Task:
             fail(f"--response-length: {longest} prompt tokens + {args.response_length} response tokens exceed the {size}-token context of {flag}; lower --response-length or --max-prompt-length")
     return Task(
         policy_path, reward_path, policy_config, reward_config, reward_tokenizer, value_source, tokenizer, tokenizer.pad_token_id,
-        tokenizer.eos_token_id, train_queries, eval_queries, train_records, eval_records, reward_functions, name,
-        builtin, language, lines,
+        eos_ids, train_queries, eval_queries, train_records, eval_records, reward_functions, name,
+        builtin, language, lines, generation_config,
     )  # fmt: skip
 
 
@@ -1690,9 +1693,8 @@ def dtypes_line(policy_config, reward_config) -> str:
 
 
 def held_out_split(records: list[dict], eval_episodes: int) -> tuple[list[dict], list[dict], str]:
-    """(training, evaluation prompts, a line that says so): a fixed split of the prompts (the same for every seed),
-    at most --eval-episodes and a fifth of them held out, each part in the file's order. Fewer than 5 prompts are
-    not split: evaluation reuses training prompts."""
+    """(training, evaluation prompts, a line that says so): a fixed split (the same for every seed), at most
+    --eval-episodes and a fifth held out, each part in the file's order; fewer than 5 prompts are not split."""
     n_eval = min(eval_episodes, len(records) // 5)
     if n_eval == 0:
         return records, records[:eval_episodes], f"note: --prompts holds {len(records)} prompts, too few to hold out a fifth; evaluation reuses training prompts (give --eval-prompts)"
@@ -1703,8 +1705,7 @@ def held_out_split(records: list[dict], eval_episodes: int) -> tuple[list[dict],
 
 
 def check_scorer(task: Task, model: nn.Module, flag: str, policy: nn.Module) -> None:
-    """A reward or value model that reads the policy's tokens: a scalar `score` head on a backbone, and an embedding
-    with a row for every token the policy can sample."""
+    """A reward or value model that reads the policy's tokens: a `score` head on a backbone, a row per policy token."""
     if not reads_last_token(model):  # a value model reads the policy's tokens: its own tokenizer is no way out
         own = ", or a reward model with a tokenizer of its own" if flag == "--reward-model-path" else ""
         fail(f"{flag}: {type(model).__name__} has no `score` head on a backbone; pass a decoder model for sequence classification{own}")
@@ -1714,8 +1715,8 @@ def check_scorer(task: Task, model: nn.Module, flag: str, policy: nn.Module) -> 
 
 
 def read_prompts(source: str, flag: str) -> list[dict]:
-    """The prompt lines (records) of a JSONL file or a `datasets` dataset: a "prompt" string or "messages" each
-    (or TRL's conversational "prompt", a list of messages), and any other fields (passed on to reward functions)."""
+    """The prompt lines (records) of a JSONL file or a `datasets` dataset: a "prompt" string or "messages" each (or
+    TRL's conversational "prompt"), and any other fields (for reward functions)."""
     if os.path.isfile(source):
         records = []
         with open(source) as f:
@@ -1787,8 +1788,7 @@ def chat_prompt_text(tokenizer, record: dict, flag: str) -> str:
 
 
 def load_config(path: str, flag: str, num_labels: Optional[int] = None):
-    """The model's config with dropout off (set before the model is built, as some models copy it); a scorer's
-    config must have `num_labels` labels."""
+    """The model's config with dropout off (before the model is built: some copy it), with `num_labels` for a scorer."""
     if not os.path.exists(path) and (os.path.isabs(path) or path.startswith(".") or path.count("/") > 1):
         fail(f"{flag}: {path} does not exist; pass a directory saved with save_pretrained or a hub name")
     try:
@@ -1805,11 +1805,10 @@ def load_config(path: str, flag: str, num_labels: Optional[int] = None):
 
 def load_model(cls, path: str, config, flag: str, dtype="float32", sharded: bool = False) -> nn.Module:
     """A model in float32 whatever dtype it was saved in (small updates would round away in bfloat16), or with
-    dtype="auto" in its saved dtype (a frozen reward model). A model that can generate gets an empty
-    generation_config: generate() would fill what sampling_config leaves unset from the checkpoint's (a
-    repetition penalty, top-k, ...), and the sampled distribution would not be the one whose log-probs are stored.
-    `sharded` (--fsdp): only rank 0 reads the weights; the other processes build the model, in rank 0's dtype, on
-    the meta device (no memory), and shard_model fills their shards from rank 0's."""
+    dtype="auto" in its saved dtype (a frozen reward model). One that can generate gets an empty generation_config
+    (save_policy restores it): generate() would fill what sampling_config leaves unset from it (top-k, ...), and the
+    distribution sampled would not be the one whose log-probs are stored. `sharded` (--fsdp): only rank 0 reads the
+    weights; the others build the model on the meta device, in rank 0's dtype, and shard_model fills their shards."""
     if sharded and dist.get_rank() != 0:
         with torch.device("meta"):
             model = cls.from_config(config, dtype=broadcast_object(None))
@@ -1830,31 +1829,24 @@ def saved_dtype(config) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-IGNORED_GENERATION_KEYS = {"transformers_version", "bos_token_id", "pad_token_id", "_from_model_config", "max_length", "max_new_tokens", "use_cache"}
+IGNORED_GENERATION_KEYS = {"transformers_version", "bos_token_id", "eos_token_id", "pad_token_id", "_from_model_config", "max_length", "max_new_tokens", "use_cache"}
 
 
-def generation_config_note(path: str, eos_id: int, temperature: float) -> Optional[str]:
-    """A note naming what the checkpoint's generation_config asks for that the sampler ignores, if anything."""
-    try:
-        saved = GenerationConfig.from_pretrained(path).to_diff_dict()
-    except (OSError, ValueError):  # none saved
-        return None
-    asked = {k: v for k, v in saved.items() if k not in IGNORED_GENERATION_KEYS and not k.startswith(("output_", "return_"))}
-    if asked.get("eos_token_id") in (eos_id, [eos_id]):  # stops where the sampler stops
-        del asked["eos_token_id"]
+def generation_config_note(shipped: GenerationConfig, eos_ids: list[int], temperature: float) -> Optional[str]:
+    """A note naming what the checkpoint's generation_config asks for that the sampler ignores (its EOS ids it uses)."""
+    asked = {k: v for k, v in shipped.to_diff_dict().items() if k not in IGNORED_GENERATION_KEYS and not k.startswith(("output_", "return_"))}
     if not asked:
         return None
     settings = ", ".join(f"{k}={v}" for k, v in sorted(asked.items()))
-    return f"note: the checkpoint's generation_config asks for {settings}; ignored: responses are sampled at --temperature {temperature:g} with nothing else (stopping at the tokenizer's EOS), the distribution whose log-probs PPO stores"
+    return f"note: the checkpoint's generation_config asks for {settings}; ignored: responses are sampled at --temperature {temperature:g} with nothing else (stopping at EOS ids {' '.join(map(str, eos_ids))}), the distribution whose log-probs PPO stores; policy/ keeps it as shipped"
 
 
 def context_size(config) -> Optional[int]:
     return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
 
 
-# Reward functions: plain Python functions with the signature of TRL's GRPO reward functions, imported from the
-# files --reward-fn names. A mistake in one (a missing file or function, a wrong signature, an exception, a wrong
-# return value) is one line naming it.
+# Reward functions: plain Python functions with TRL's GRPO reward functions' signature, from the files --reward-fn
+# names. A mistake in one (a missing file or function, a wrong signature, an exception, a bad return) is one line.
 
 REWARD_FN_ARGUMENTS = {"prompts", "completions", "completion_ids"}
 
@@ -1950,8 +1942,7 @@ def exception_line(e: Exception) -> str:
 
 
 def decode(tokenizer, sequences: list[list[int]], skip_special_tokens: bool = False) -> list[str]:
-    """The text of token id lists. Ids the tokenizer does not know decode to nothing: a model's embedding is often
-    larger than its tokenizer, and a policy can sample the padded rows."""
+    """The text of token id lists; ids the tokenizer does not know (an embedding's extra rows, sampled) decode to nothing."""
     known = len(tokenizer)
     return tokenizer.batch_decode([[t for t in s if 0 <= t < known] for s in sequences], skip_special_tokens=skip_special_tokens)
 
@@ -1961,9 +1952,8 @@ def decode(tokenizer, sequences: list[list[int]], skip_special_tokens: bool = Fa
 
 
 def reward_model_tokenizer(path: str, config, policy_tokenizer, policy_config) -> Optional[transformers.PreTrainedTokenizerBase]:
-    """The reward model's tokenizer when it must read text: its vocabulary gives some of the policy's tokens other
-    ids, or its embedding is smaller than the policy's (whose extra rows a policy can sample). None when it reads
-    the policy's tokens: it shares the tokenizer, or has none saved with it."""
+    """The reward model's tokenizer when it must read text (its vocabulary gives some policy tokens other ids, or its
+    embedding is smaller than the policy's, which can sample its extra rows); None when it reads the policy's tokens."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, truncation_side="left")
     except (OSError, ValueError, TypeError):  # no tokenizer files beside the model
@@ -1978,26 +1968,26 @@ def reward_model_tokenizer(path: str, config, policy_tokenizer, policy_config) -
 
 
 def retokenized_scores(model: nn.Module, tokenizer, episodes: Episodes, task: Task) -> Tensor:
-    """The reward model's scores of the decoded episodes in its own tokens: a decoder's head read at the last one,
-    an encoder's (BERT, RoBERTa, DeBERTa, ModernBERT) own forward and pooling, logits[:, 0]. A text longer than the
-    model reads loses its start (the completion is at its end), with a note the first time."""
+    """The reward model's scores of the decoded episodes in its own tokens: a decoder's head read at the last one, an
+    encoder's (BERT, RoBERTa, DeBERTa, ModernBERT) own forward and pooling on a text pair, logits[:, 0]. A text longer
+    than the model reads loses its start (a pair: its longer part's), with a note the first time."""
+    encoder = not reads_last_token(model)
     texts = [
-        reward_model_text(tokenizer, prompt, completion, task.eos_id in ids, task.tokenizer)
+        reward_model_text(tokenizer, prompt, completion, not set(task.eos_ids).isdisjoint(ids), encoder)
         for prompt, completion, ids in zip(episodes.prompts, episodes.completions, episodes.completion_ids)
     ]
-    size, special = max_text_tokens(model, tokenizer), tokenizer.chat_template is None
-    ids = tokenizer(texts, add_special_tokens=special)["input_ids"]
-    if size is not None and max(map(len, ids)) > size:
+    size, special, columns = max_text_tokens(model, tokenizer), tokenizer.chat_template is None, list(zip(*texts)) if isinstance(texts[0], tuple) else [texts]
+    encoded = tokenizer(*columns, add_special_tokens=special)
+    if size is not None and max(map(len, encoded["input_ids"])) > size:
         if not getattr(model, "truncation_noted", False):
-            print(f"note: --reward-model-path: a text of {max(map(len, ids))} tokens is longer than the {size} the reward model reads; it reads the text's end (every such text is cut so)")
+            print(f"note: --reward-model-path: a text of {max(map(len, encoded['input_ids']))} tokens is longer than the {size} the reward model reads; it reads the text's end (every such text is cut so)")
             model.truncation_noted = True
-        ids = tokenizer(texts, add_special_tokens=special, truncation=True, max_length=size)["input_ids"]
-    device = next(model.parameters()).device
-    if reads_last_token(model):
-        return token_scores(model, left_pad(ids, -1, device), -1)[:, -1]  # -1: never a token
-    input_ids = torch.tensor([s + [0] * (max(map(len, ids)) - len(s)) for s in ids], device=device)
-    attention_mask = torch.tensor([[1] * len(s) + [0] * (input_ids.size(1) - len(s)) for s in ids], device=device)
-    return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
+        encoded = tokenizer(*columns, add_special_tokens=special, truncation=True, max_length=size)
+    device, width = next(model.parameters()).device, max(map(len, encoded["input_ids"]))
+    if not encoder:
+        return token_scores(model, left_pad(encoded["input_ids"], -1, device), -1)[:, -1]  # -1: never a token
+    inputs = {k: torch.tensor([s + [0] * (width - len(s)) for s in v], device=device) for k, v in encoded.items()}  # right-padded
+    return model(**inputs).logits[:, 0].float()
 
 
 def reads_last_token(model: nn.Module) -> bool:
@@ -2013,9 +2003,10 @@ def max_text_tokens(model: nn.Module, tokenizer) -> Optional[int]:
     return min(sizes, default=None)
 
 
-def reward_model_text(tokenizer, prompt, completion, ended: bool, policy_tokenizer) -> str:
-    """Prompt and completion as the reward model reads them: its chat template's conversation, or the prompt's text
-    followed by the completion's (and its EOS when the response ended with one)."""
+def reward_model_text(tokenizer, prompt, completion, ended: bool, encoder: bool) -> str | tuple[str, str]:
+    """Prompt and completion as the reward model reads them: its chat template's conversation; else without the policy's
+    chat markup (a chat prompt: its messages' contents, a line each), an encoder's text pair (its tokenizer separates
+    them) or a decoder's text, the prompt's then the completion's and its EOS when the response ended with one."""
     text = completion[0]["content"] if isinstance(completion, list) else completion
     if tokenizer.chat_template is not None:
         messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
@@ -2023,9 +2014,8 @@ def reward_model_text(tokenizer, prompt, completion, ended: bool, policy_tokeniz
             return tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": text}], tokenize=False)
         except Exception as e:  # the template's own checks
             fail(f"--reward-model-path: its chat template refuses a conversation ({exception_line(e)})")
-    if isinstance(prompt, list):
-        prompt = policy_tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-    return prompt + text + (tokenizer.eos_token if ended and tokenizer.eos_token else "")
+    prompt = "\n".join(m["content"] for m in prompt) if isinstance(prompt, list) else prompt
+    return (prompt, text) if encoder else prompt + text + (tokenizer.eos_token if ended and tokenizer.eos_token else "")
 
 
 # LoRA through peft: adapters on the policy (wrapped in peft's PeftModel, which disables them for the reference
@@ -2079,9 +2069,8 @@ def adapters_disabled(model: nn.Module):
     return model.disable_adapter() if is_lora(model) else contextlib.nullcontext()
 
 
-# Large vocabularies: fp32 logits of a whole batch (batch x positions x 151,936 for Qwen2.5) would be the memory
-# peak, so above LOGITS_CHUNK_BYTES they are computed from the final hidden states a chunk of positions at a time,
-# recomputed in the backward pass rather than kept, and sampling keeps no logits.
+# Large vocabularies: fp32 logits of a batch (x 151,936 for Qwen2.5) would be the memory peak, so above LOGITS_CHUNK_BYTES
+# they come from the final hidden states a chunk of positions at a time, recomputed in the backward pass, not kept.
 
 LOGITS_CHUNK_BYTES = 2**26
 
@@ -2102,9 +2091,8 @@ def lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
 
 @torch.no_grad()
 def check_logits_from_hidden(*models: nn.Module) -> None:
-    """Marks each model whose logits are its output layer applied to its backbone's last hidden state, checked on a
-    few tokens, so that chunked_response_logprobs reproduces them; a model that post-processes its logits (e.g.
-    Gemma's soft-capping) keeps the full logits, with a note when they are large."""
+    """Marks each model whose logits are its output layer on its backbone's last hidden state (checked on a few tokens),
+    which chunked_response_logprobs reproduces; one that post-processes them (Gemma's soft-capping) keeps full logits."""
     for model in models:
         backbone, head = lm_parts(model)
         ids = torch.arange(8, device=head.weight.device)[None] % vocab_rows(model)
@@ -2118,8 +2106,8 @@ def check_logits_from_hidden(*models: nn.Module) -> None:
 def chunked_response_logprobs(
     model: nn.Module, inputs: dict, tokens: Tensor, context_length: int, temperature: float, pad_id: int
 ) -> tuple[Tensor, Tensor]:
-    """lm_response_logprobs from the backbone's hidden states, the output layer applied to LOGITS_CHUNK_BYTES of
-    logits at a time; under autograd each chunk's logits are recomputed in the backward pass instead of kept."""
+    """lm_response_logprobs from the backbone's hidden states, LOGITS_CHUNK_BYTES of logits at a time (under autograd
+    each chunk recomputed in the backward pass instead of kept)."""
     backbone, head = lm_parts(model)
     hidden = backbone(**inputs, use_cache=False).last_hidden_state[:, context_length - 1 : -1]
     rows = max(1, LOGITS_CHUNK_BYTES // (4 * vocab_rows(model)))
@@ -2146,11 +2134,9 @@ def head_logprobs(head: nn.Module, hidden: Tensor, tokens: Tensor, temperature: 
 
 
 class FlatParameters:
-    """`param` holds every given parameter; each parameter's .data is a view into `param` and its .grad a view
-    into `param.grad`, so backward accumulates into the flat gradient in place. The usual idioms keep their
-    meaning: after optimizer.zero_grad() (param.grad set to None) or model.zero_grad() (a parameter's .grad set
-    to None) a hook on each parameter restores the views, zeroed, before the next gradient lands in them.
-    check_grads(), before the clip, copies back a .grad replaced by another tensor and notes one left None."""
+    """`param` holds every given parameter: each one's .data is a view into `param`, its .grad a view into `param.grad`
+    (backward accumulates in place). After optimizer.zero_grad() or model.zero_grad() (.grad set to None) a hook on each
+    parameter restores the views, zeroed; check_grads() copies back a .grad replaced by another tensor, notes one None."""
 
     def __init__(self, params: list[nn.Parameter]):
         if len({p.dtype for p in params}) > 1:  # torch.cat would silently promote them to one
@@ -2222,8 +2208,8 @@ def builtin_cache_dir(args: Args) -> str:
 
 
 def builtin_language(vocab_size: int, seed: int) -> dict[str, np.ndarray]:
-    """Hidden language: sparse word transitions without self-loops (so SFT samples never repeat
-    a word right after itself), a per-word stop probability, and a hidden per-word quality."""
+    """Hidden language: sparse word transitions without self-loops (SFT samples never repeat a word right after
+    itself), a per-word stop probability, and a hidden per-word quality."""
     rng = np.random.default_rng(seed)
     transition = np.zeros((vocab_size, vocab_size))
     for w in range(vocab_size):
@@ -2254,10 +2240,9 @@ def builtin_sample(lang: dict, n: int, prompt_length: int, rng: np.random.Genera
 
 
 def builtin_gold_score(lang: dict, prompt: list[int], response: list[Optional[int]]) -> float:
-    """Hidden gold reward of a response (words, None for EOS): mean word quality, plus relevance
-    (share of words taken from the prompt), minus a penalty for words repeated right after
-    themselves (which SFT samples never show, so the reward model cannot learn it: the policy
-    exploits it when the KL budget is loose) and a missing-EOS penalty."""
+    """Hidden gold reward of a response (words, None for EOS): mean word quality, plus relevance (share of words from
+    the prompt), minus a penalty for words repeated right after themselves (which SFT samples never show, so the
+    reward model cannot learn it: the policy exploits it when the KL budget is loose) and a missing-EOS penalty."""
     ended = None in response
     words = response[: response.index(None)] if ended else response
     if not words:  # an empty answer

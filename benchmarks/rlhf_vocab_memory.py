@@ -80,7 +80,7 @@ def run_phase(args: Args) -> dict:
         ppo = P.with_defaults(ppo)
     g = torch.Generator().manual_seed(0)
     if args.phase == "rollout":
-        task = types.SimpleNamespace(pad_id=pad_id, eos_id=eos_id, tokenizer=None)
+        task = types.SimpleNamespace(pad_id=pad_id, eos_ids=[eos_id], tokenizer=None)
         reward = P.Reward(model=None, tokenizer=None, functions=[])  # scores 0: the reward is not measured
         gen_config = P.sampling_config(args.response_length, 1.0, eos_id, pad_id, args.vocab)
         if hasattr(P, "large_logits"):

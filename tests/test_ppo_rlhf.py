@@ -45,12 +45,15 @@ def test_truncate_after_eos_and_first_true_indices():
     out = P.truncate_after_eos(responses, EOS, PAD)
     assert out.tolist() == [[5, 2, 0, 0], [5, 6, 7, 8], [2, 0, 0, 0], [4, 5, 6, 2]]
     assert P.first_true_indices(out == PAD).tolist() == [2, 4, 1, 4]
+    # several EOS ids (eos_token_id [4, 2]): the first of any ends the response
+    assert P.truncate_after_eos(responses, [4, 2], PAD).tolist() == [[5, 2, 0, 0], [5, 6, 7, 8], [2, 0, 0, 0], [4, 0, 0, 0]]
 
 
 def test_missing_eos_penalty():
     responses = torch.tensor([[5, 2, 0], [5, 6, 7], [2, 0, 0]])
     scores = torch.tensor([1.0, 1.0, -0.5])
     assert P.apply_missing_eos_penalty(scores, responses, 2, 0.75).tolist() == [1.0, 0.25, -0.5]
+    assert P.apply_missing_eos_penalty(scores, responses, [7, 2], 0.75).tolist() == [1.0, 1.0, -0.5]
 
 
 @pytest.mark.parametrize("estimator", ["k1", "k3"])
@@ -246,7 +249,7 @@ def test_rollout_and_update_with_a_large_vocabulary_match_the_full_logits(monkey
     PAD_ID, EOS = 299, 1
     queries = torch.randint(2, 200, (8, 4), generator=torch.Generator().manual_seed(0))
     queries[0, :2] = PAD_ID
-    task = SimpleNamespace(pad_id=PAD_ID, eos_id=EOS, tokenizer=None)
+    task = SimpleNamespace(pad_id=PAD_ID, eos_ids=[EOS], tokenizer=None)
     args = P.with_defaults(P.Args(response_length=5, local_rollout_forward_batch_size=4, **UPDATE_ARGS))
     results = []
     for budget in (10**12, 6 * 4 * 300):
@@ -1013,7 +1016,7 @@ def test_bad_inputs_one_line_exit_2(real_models, tmp_path, capsys, case, flag):
 
 
 NUMERIC_FLAG_CASES = [
-    ("--learning-rate", "-1"), ("--learning-rate", "nan"), ("--per-device-train-batch-size", "0"),
+    ("--learning-rate", "-1"), ("--learning-rate", "nan"), ("--adam-eps", "0"), ("--per-device-train-batch-size", "0"),
     ("--gradient-accumulation-steps", "0"), ("--num-minibatches", "0"), ("--update-epochs", "0"),
     ("--total-episodes", "0"), ("--gamma", "1.5"), ("--gae-lambda", "-0.1"), ("--clip-coef", "0"),
     ("--vf-clip-coef", "-1"), ("--vf-coef", "-1"), ("--max-grad-norm", "0"), ("--target-kl", "0"), ("--adaptive-kl-target", "0"),
@@ -1228,12 +1231,13 @@ def test_two_default_sets_and_flags_given_win():
     builtin, trl = parse(), parse("--model-name-or-path", "m")
     assert {k: getattr(builtin, k) for k in P.BUILTIN_DEFAULTS} == P.BUILTIN_DEFAULTS
     assert {k: getattr(trl, k) for k in P.TRL_DEFAULTS} == P.TRL_DEFAULTS
-    assert P.TRL_DEFAULTS == dict(learning_rate=3e-6, num_minibatches=1, missing_eos_penalty=0.0, response_length=53, temperature=0.7)
+    assert P.TRL_DEFAULTS == dict(learning_rate=3e-6, num_minibatches=1, missing_eos_penalty=0.0, response_length=53, temperature=0.7, adam_eps=1e-8)
+    assert P.BUILTIN_DEFAULTS["adam_eps"] == 1e-5  # the value the built-in task was tuned with
     assert (trl.update_epochs, trl.kl_coef, trl.kl_estimator, trl.clip_coef, trl.vf_coef, trl.vf_clip_coef, trl.gamma, trl.gae_lambda) == (4, 0.05, "k1", 0.2, 0.1, 0.2, 1.0, 0.95)
     given = parse("--model-name-or-path", "m", "--learning-rate", "1e-5", "--num-minibatches", "4")
     assert (given.learning_rate, given.num_minibatches, given.temperature) == (1e-5, 4, 0.7)
     # the first line names only the values in use, not those of the flags given
-    assert P.defaults_in_use(given) == "defaults: TRL 1.12 PPOConfig's, --missing-eos-penalty 0 --response-length 53 --temperature 0.7"
+    assert P.defaults_in_use(given) == "defaults: TRL 1.12 PPOConfig's, --missing-eos-penalty 0 --response-length 53 --temperature 0.7 --adam-eps 1e-08"
     source = inspect.getsource(P.Args)
     for name in P.TRL_DEFAULTS:
         doc = source.split(f"    {name}: ")[1].splitlines()[1]
@@ -1275,6 +1279,7 @@ def test_a_bfloat16_checkpoint_trains_in_float32(qwen_models, tmp_path):
     assert len(norms) == 5 and all(p.dtype == torch.float32 and (p != 1).float().mean() > 0.9 for p in norms)
     ckpt = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
     assert {v.dtype for v in ckpt["value_model"].values()} == {torch.float32}
+    assert ckpt["optimizer"]["param_groups"][0]["eps"] == 1e-8  # TRL's AdamW's
 
 
 def test_the_sampler_is_the_distribution_of_the_stored_logprobs(tmp_path, monkeypatch):
@@ -1289,7 +1294,7 @@ def test_the_sampler_is_the_distribution_of_the_stored_logprobs(tmp_path, monkey
     model.generation_config = GenerationConfig(repetition_penalty=5.0, top_k=3, min_new_tokens=1, no_repeat_ngram_size=1, temperature=0.2, do_sample=True)
     model.save_pretrained(tmp_path / "policy")
     policy = P.load_model(AutoModelForCausalLM, str(tmp_path / "policy"), AutoConfig.from_pretrained(tmp_path / "policy"), "--model-name-or-path")
-    note = P.generation_config_note(str(tmp_path / "policy"), eos_id, 1.0)
+    note = P.generation_config_note(GenerationConfig.from_pretrained(tmp_path / "policy"), [eos_id], 1.0)
     assert note.startswith("note: the checkpoint's generation_config asks for do_sample=True, min_new_tokens=1, no_repeat_ngram_size=1, repetition_penalty=5.0, temperature=0.2, top_k=3; ignored")
     n, temperature = 6000, 0.8
     queries = torch.tensor([[5, 6, 7, 8]]).repeat(n, 1)
@@ -1310,6 +1315,104 @@ def test_the_sampler_is_the_distribution_of_the_stored_logprobs(tmp_path, monkey
     policy.logits_from_hidden = True
     chunked = P.lm_response_logprobs(policy, every, pad_id, 4, temperature)[0][:, 0].exp()
     torch.testing.assert_close(chunked, probs[1:])
+
+
+def bigram_qwen2(tokenizer, next_token: dict, default: int):
+    """An untied tiny Qwen2 whose next token depends on the last token only, by a margin of 40 logits: its attention
+    and MLP outputs are zeroed, so the final hidden state is the normalised embedding, one of three directions."""
+    model = tiny_qwen2(vocab=len(tokenizer))
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(torch.zeros_like(model.lm_head.weight))
+    force_bigram(model, next_token, default)
+    return model
+
+
+@torch.no_grad()
+def force_bigram(model, next_token: dict, default: int):
+    """next_token: {token id: the token it is followed by}; every other token is followed by `default`."""
+    for layer in model.model.layers:
+        layer.self_attn.o_proj.weight.zero_()
+        layer.mlp.down_proj.weight.zero_()
+    embed, head = model.get_input_embeddings().weight, model.lm_head.weight
+    directions = {nxt: torch.eye(embed.size(1))[i] for i, nxt in enumerate(sorted({default, *next_token.values()}))}
+    embed.copy_(directions[default].expand_as(embed))
+    head.zero_()
+    for token, nxt in next_token.items():
+        embed[token] = directions[nxt]
+    for nxt, direction in directions.items():
+        head[nxt] = 10.0 * direction
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_the_saved_policy_deploys_as_the_checkpoint_came(qwen_models, tmp_path, lora):
+    """A checkpoint with eos_token_id [4, 2] in its generation_config (and its own sampling settings), a tokenizer
+    with no pad token (the run's [PAD] lies beyond its embedding) and right-side padding and truncation, whose next
+    token is forced by its weights: after a prompt ending in a-g the response is [4], in h-n it is [2] (the
+    second EOS id ends it), else ["z", 4]. Every response ends at an EOS, so no missing-EOS penalty is paid. The saved
+    policy, loaded with AutoModelForCausalLM and AutoTokenizer, has the original generation_config and tokenizer
+    settings and a pad token it can look up, and generate() on a padded batch stops where the original model (with
+    the saved weights) stops."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    tokenizer = byte_tokenizer(specials=["<|endoftext|>", "<|im_start|>", "<|end|>", "<|x|>", "<|im_end|>"])
+    tokenizer.add_special_tokens({"eos_token": "<|im_end|>", "additional_special_tokens": ["<|end|>"]})
+    tokenizer.chat_template = CHAT_TEMPLATE
+    letter = lambda c: tokenizer.convert_tokens_to_ids(c)  # noqa: E731
+    forced = {letter(c): 4 if c < "h" else 2 if c < "o" else letter("z") for c in WORDS} | {letter("z"): 4}
+    model = bigram_qwen2(tokenizer, forced, default=letter("z"))
+    model.generation_config = GenerationConfig(eos_token_id=[4, 2], do_sample=True, temperature=0.6, top_p=0.9, top_k=20)
+    model.save_pretrained(tmp_path / "policy")
+    tokenizer.save_pretrained(tmp_path / "policy")
+    log = qwen_models / "calls.jsonl"
+    log.unlink(missing_ok=True)
+    extra = ["--lora-r", "4", "--lora-target-modules", "q_proj", "v_proj"] if lora else []
+    flags = qwen_flags(qwen_models, tmp_path / "runs", "--reward-fn", f"{qwen_models / 'rewards.py'}:length", "--missing-eos-penalty", "5", *extra)
+    flags[flags.index("--model-name-or-path") + 1] = str(tmp_path / "policy")
+    proc = run_script(flags)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"note: the tokenizer of {tmp_path / 'policy'} has no pad token apart from EOS: the run pads with an added [PAD] (id 261, never sampled); policy/'s tokenizer gets it too, with an embedding row for it" in proc.stdout
+    assert "do_sample=True, temperature=0.6, top_k=20, top_p=0.9; ignored: responses are sampled at --temperature 0.7 with nothing else (stopping at EOS ids 4 2)" in proc.stdout
+    expected = lambda prompt: [4] if prompt[-1] < "h" else [2] if prompt[-1] < "o" else [letter("z"), 4]  # noqa: E731
+    calls = [json.loads(line) for line in open(log)]
+    assert [ids for c in calls for ids in c["completion_ids"]] == [expected(p) for c in calls for p in c["prompts"]]
+    run_dir, metrics = read_metrics(tmp_path / "runs")
+    train = [m for m in metrics if "objective/kl" in m]
+    assert all(m["objective/eos_fraction"] == 1.0 and m["val/num_eos_tokens"] == 8 for m in train)
+    rollouts = [calls[2 + 2 * i]["prompts"] + calls[3 + 2 * i]["prompts"] for i in range(2)]  # after evaluation's two
+    assert [m["objective/scores"] for m in train] == pytest.approx([np.mean([len(expected(p)) / 10 for p in r]) for r in rollouts])
+
+    saved_dir = os.path.join(run_dir, "policy")
+    saved, saved_tokenizer = AutoModelForCausalLM.from_pretrained(saved_dir).eval(), AutoTokenizer.from_pretrained(saved_dir)
+    drop_version = lambda config: {k: v for k, v in config.to_dict().items() if k != "transformers_version"}  # noqa: E731
+    assert drop_version(saved.generation_config) == drop_version(GenerationConfig.from_pretrained(tmp_path / "policy"))
+    original_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "policy")
+    for setting in ("padding_side", "truncation_side", "chat_template", "eos_token"):
+        assert getattr(saved_tokenizer, setting) == getattr(original_tokenizer, setting), setting
+    assert saved_tokenizer.all_special_tokens == ["<|im_end|>", "[PAD]", "<|end|>"]
+    assert saved_tokenizer.padding_side == "right" and saved_tokenizer.pad_token == "[PAD]"
+    assert saved_tokenizer.pad_token_id == 261 < saved.get_input_embeddings().num_embeddings == 262
+    if lora:  # the adapter carries the same; on the base model resized for the [PAD], it gives the merged policy
+        from peft import PeftModel
+
+        adapter_dir = os.path.join(run_dir, "adapter")
+        assert drop_version(GenerationConfig.from_pretrained(adapter_dir)) == drop_version(saved.generation_config)
+        assert AutoTokenizer.from_pretrained(adapter_dir).get_vocab() == saved_tokenizer.get_vocab()
+        base = AutoModelForCausalLM.from_pretrained(tmp_path / "policy")
+        base.resize_token_embeddings(len(saved_tokenizer))
+        adapted = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+        for k, v in saved.state_dict().items():
+            torch.testing.assert_close(adapted.state_dict()[k], v, rtol=1e-5, atol=1e-6)
+    prompts = ["a b c", "d e h", "k", "p q r s t", "b a", "n o"]
+    original = AutoModelForCausalLM.from_pretrained(tmp_path / "policy").eval()
+    original.resize_token_embeddings(len(saved_tokenizer))
+    original.load_state_dict(saved.state_dict())
+    torch.manual_seed(0)
+    batch = saved_tokenizer(prompts, padding=True, padding_side="left", return_tensors="pt")
+    with torch.no_grad():
+        out = saved.generate(**batch, max_new_tokens=6)[:, batch["input_ids"].size(1) :].tolist()
+        alone = [original.generate(**original_tokenizer(p, return_tensors="pt"), max_new_tokens=6)[0, len(p.split()) * 2 - 1 :].tolist() for p in prompts]
+    for prompt, row, own in zip(prompts, out, alone):
+        assert own == expected(prompt) and row[: len(own)] == own and set(row[len(own) :]) <= {4, 261}, (prompt, row, own)
 
 
 def test_reward_functions_add_to_the_reward_model(real_models, tmp_path):
@@ -1398,7 +1501,7 @@ def other_reward_models(tmp_path_factory, qwen_models):
 
 
 def wordpiece_tokenizer(model_max_length):
-    """A BERT-style WordPiece tokenizer ([CLS] text [SEP], lower case), built offline."""
+    """A BERT-style WordPiece tokenizer ([CLS] text [SEP], a pair [CLS] A [SEP] B [SEP], lower case), built offline."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -1408,10 +1511,10 @@ def wordpiece_tokenizer(model_max_length):
     backend = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
     backend.normalizer = normalizers.BertNormalizer(lowercase=True)
     backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    backend.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    backend.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
-        mask_token="[MASK]", model_max_length=model_max_length,
+        mask_token="[MASK]", model_max_length=model_max_length, model_input_names=["input_ids", "token_type_ids", "attention_mask"],
     )  # fmt: skip
 
 
@@ -1439,8 +1542,8 @@ def test_reward_model_with_its_own_tokenizer_reads_the_decoded_text(qwen_models,
     policy's, which samples ids beyond it) scores the decoded text re-tokenised for it, through its chat template
     when it has one: the first evaluation's score equals the reward model's own forward on that text, one
     conversation at a time; encoders (BERT, DeBERTa-v2) through their own pooling, a text longer than the
-    DeBERTa's tokenizer reads cut at its start, with a note. The value model is then the policy's weights with a
-    new head."""
+    DeBERTa's tokenizer reads cut at its start, with a note; an encoder reads the prompt and the completion as a
+    text pair. The value model is then the policy's weights with a new head."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     log = qwen_models / "calls.jsonl"
@@ -1451,7 +1554,7 @@ def test_reward_model_with_its_own_tokenizer_reads_the_decoded_text(qwen_models,
     assert "(reads the decoded text in its own tokens)" in proc.stdout
     assert "value model: the policy's weights with a new scalar head" in proc.stdout
     model = AutoModelForSequenceClassification.from_pretrained(other_reward_models / rm).eval()
-    tokenizer = AutoTokenizer.from_pretrained(other_reward_models / rm)
+    tokenizer = AutoTokenizer.from_pretrained(other_reward_models / rm, truncation_side="left")
     calls = [json.loads(line) for line in open(log)]
     expected = []
     for call in calls[:2]:  # the evaluation at episode 0
@@ -1460,9 +1563,10 @@ def test_reward_model_with_its_own_tokenizer_reads_the_decoded_text(qwen_models,
                 text = f"<|sep|>user: {prompt}<|sep|>assistant: {completion}<|endoftext|>"
             elif rm == "small_rm":  # the policy's tokenizer, chat template included
                 text = f"user: {prompt} assistant: {completion} "
-            else:
-                text = prompt + completion + ((tokenizer.eos_token or "") if 256 in ids else "")  # 256: the policy's EOS
-            encoded = tokenizer(text, truncation=rm == "deberta_rm", max_length=10)  # its start cut, [CLS] kept
+            elif rm == "gpt2_rm":
+                text = prompt + completion + (tokenizer.eos_token if 256 in ids else "")  # 256: the policy's EOS
+            text = (prompt, completion) if rm in ("bert_rm", "deberta_rm") else (text,)
+            encoded = tokenizer(*text, truncation=rm == "deberta_rm", max_length=10)  # its start cut, [CLS] kept
             with torch.no_grad():
                 score = model(**{k: torch.tensor([v]) for k, v in encoded.items()}).logits[0, 0].item()
             expected.append(score + len(ids) / 10)
@@ -1471,6 +1575,44 @@ def test_reward_model_with_its_own_tokenizer_reads_the_decoded_text(qwen_models,
     if rm == "small_rm":  # the policy did sample ids its tokenizer and the reward model do not know
         assert any(max(ids) >= 258 for call in calls for ids in call["completion_ids"])
     assert ("note: --reward-model-path: a text of" in proc.stdout) == (rm == "deberta_rm")
+
+
+def test_an_encoder_reward_model_reads_chat_prompts_without_the_policys_markup():
+    """A BERT reward model scoring a chat prompt's answer from a policy whose chat template spells <|im_start|> and
+    <|im_end|>: it reads the messages' contents (a line each) and the response as a text pair, [CLS] prompt [SEP]
+    response [SEP] with token type 1 on the response: none of the policy's chat markup or special tokens (which its
+    WordPiece vocabulary would read as [UNK]s)."""
+    from types import SimpleNamespace
+
+    from transformers import BertConfig, BertForSequenceClassification
+
+    policy_tokenizer = byte_tokenizer(specials=["<|im_start|>", "<|im_end|>"])
+    policy_tokenizer.add_special_tokens({"eos_token": "<|im_end|>", "additional_special_tokens": ["<|im_start|>"]})
+    policy_tokenizer.chat_template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    task = SimpleNamespace(tokenizer=policy_tokenizer, pad_id=len(policy_tokenizer), eos_ids=[1])
+    records = [{"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "abc, def?"}]}, {"prompt": "xyz"}]
+    answers = [policy_tokenizer("ghi jk")["input_ids"] + [1], policy_tokenizer("no")["input_ids"]]
+    width = max(map(len, answers))
+    responses = torch.tensor([a + [task.pad_id] * (width - len(a)) for a in answers])
+    episodes = P.decode_episodes(records, responses, task)
+    tokenizer = wordpiece_tokenizer(512)
+    torch.manual_seed(3)
+    size = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, max_position_embeddings=64)
+    model = BertForSequenceClassification(BertConfig(vocab_size=len(tokenizer), num_labels=1, **size)).eval()
+    seen = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs), with_kwargs=True)
+    scores = P.retokenized_scores(model, tokenizer, episodes, task)
+    pairs = [("be brief\nabc, def?", "ghi jk"), ("xyz", "no")]
+    assert [P.reward_model_text(tokenizer, p, c, True, encoder=True) for p, c in zip(episodes.prompts, episodes.completions)] == pairs
+    (inputs,) = seen
+    for i, (prompt, response) in enumerate(pairs):
+        n = inputs["attention_mask"][i].sum().item()
+        ids, types = inputs["input_ids"][i, :n].tolist(), inputs["token_type_ids"][i, :n].tolist()
+        assert tokenizer.convert_ids_to_tokens(ids) == ["[CLS]", *tokenizer.tokenize(prompt), "[SEP]", *tokenizer.tokenize(response), "[SEP]"]
+        assert "[UNK]" not in tokenizer.convert_ids_to_tokens(ids) and types == [0] * (len(ids) - len(tokenizer.tokenize(response)) - 1) + [1] * (len(tokenizer.tokenize(response)) + 1)
+        with torch.no_grad():
+            alone = model(**tokenizer(prompt, response, return_tensors="pt")).logits[0, 0]
+        torch.testing.assert_close(scores[i], alone)
 
 
 def test_value_model_path(qwen_models, other_reward_models, tmp_path, capsys):
@@ -1510,7 +1652,7 @@ def test_a_reward_model_sharing_the_tokenizer_reads_tokens_without_decoding(monk
     rm = tiny_llama_rm()
     queries = torch.tensor([[22, 5, 6], [7, 8, 9]])
     responses = torch.tensor([[3, 1, 22], [4, 5, 1]])
-    task = P.Task(*[None] * 7, pad_id=22, eos_id=1, train_queries=[], eval_queries=[], train_records=[], eval_records=[], reward_functions=[], name="t")
+    task = P.Task(*[None] * 7, pad_id=22, eos_ids=[1], train_queries=[], eval_queries=[], train_records=[], eval_records=[], reward_functions=[], name="t")
     scores = P.score_responses(P.Reward(rm, None, []), queries, responses, [{}, {}], task)
     torch.testing.assert_close(scores, P.sequence_scores(rm, torch.cat([queries, responses], 1), 22, 3))
 
@@ -1759,6 +1901,8 @@ def test_builtin_task_learns_gold_reward_and_kl_coef_limits_kl(builtin_cache, tm
     assert "SFT model trained" not in stdout
     tight_kl = [m["objective/kl"] for m in tight if "objective/kl" in m][-1]
     assert tight_kl < loose_kl / 2, (tight_kl, loose_kl)
+    ckpt = torch.load(os.path.join(read_metrics(tmp_path / "tight")[0], "checkpoint.pt"), weights_only=True)
+    assert ckpt["optimizer"]["param_groups"][0]["eps"] == 1e-5  # the built-in task's own default
 
 
 def test_builtin_gold_reward_is_a_reward_function_the_policy_learns(builtin_cache, tmp_path):

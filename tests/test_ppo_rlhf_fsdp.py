@@ -206,7 +206,7 @@ def evaluations(root: str) -> dict:
     for sharded in (False, True):
         models, task, args = loaded_models(root, [*LOAD_FLAGS["reward model"], "--local-rollout-forward-batch-size", "3"], sharded)
         reward = P.Reward(models["reward_model"], task.reward_tokenizer, task.reward_functions)
-        config = P.sampling_config(args.response_length, args.temperature, task.eos_id, task.pad_id, PAD)
+        config = P.sampling_config(args.response_length, args.temperature, task.eos_ids, task.pad_id, PAD)
         answered.clear()
         results[sharded] = (*P.evaluate(models["policy"], reward, task, config, args, episode=0), list(answered))
     P.generate = generate
