@@ -8,7 +8,7 @@ an existing finished run is reused, so a cut-off benchmark continues where it st
     python benchmarks/continuous_returns.py --compare cleanrl no-bootstrap --envs HalfCheetah-v5 Hopper-v5
 
 Final return of a seed: the mean of its last 10 training episodes; the table shows the mean and
-standard deviation of that over seeds (CleanRL's figures are reported the same way). SPS is not
+sample standard deviation (ddof 1) of that over seeds. SPS is not
 reported here: runs share the machine (--jobs); benchmarks/continuous_sps.py measures speed.
 """
 
@@ -91,7 +91,7 @@ def launch(cmd: list, run_dir: Path) -> None:
 def summarize(out: Path, envs: list, seeds: list) -> None:
     import numpy as np
 
-    lines = ["| env | final return (mean ± std over seeds) | per seed | eval (mean action) |", "|---|---|---|---|"]
+    lines = ["| env | final return (mean ± sample std over seeds, ddof 1) | per seed | eval (mean action) |", "|---|---|---|---|"]
     curves = {}
     for env_id in envs:
         finals, evals = [], []
@@ -105,7 +105,7 @@ def summarize(out: Path, envs: list, seeds: list) -> None:
         if finals:
             per_seed = ", ".join(f"{f:.0f}" for f in finals)
             evaluation = f"{np.mean(evals):.0f}" if evals else "-"
-            lines.append(f"| {env_id} | {np.mean(finals):.0f} ± {np.std(finals):.0f} | {per_seed} | {evaluation} |")
+            lines.append(f"| {env_id} | {np.mean(finals):.0f} ± {np.std(finals, ddof=1) if len(finals) > 1 else float('nan'):.0f} | {per_seed} | {evaluation} |")
     write_table(lines, out / "summary.md")
     plt = pyplot()
     if plt is None:
@@ -141,7 +141,7 @@ def compare(root: Path, labels: list, envs: list, seeds: list) -> None:
     for env_id in envs:
         fa, fb = final_returns(root / a, env_id, seeds), final_returns(root / b, env_id, seeds)
         if fa and fb:
-            cells = [f"{np.mean(f):.0f} ± {np.std(f):.0f} ({', '.join(f'{x:.0f}' for x in f)})" for f in (fa, fb)]
+            cells = [f"{np.mean(f):.0f} ± {np.std(f, ddof=1):.0f} ({', '.join(f'{x:.0f}' for x in f)})" for f in (fa, fb)]
             lines.append(f"| {env_id} | {cells[0]} | {cells[1]} | {np.mean(fa) - np.mean(fb):+.0f} |")
     name = f"{a}_vs_{b}"
     write_table(lines, root / f"{name}.md")
