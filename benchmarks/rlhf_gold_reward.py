@@ -78,7 +78,7 @@ def main(args: Args) -> None:
 
     def cell(rs, key, digits=3):
         values = [r[key] for r in rs]
-        return f"{np.mean(values):.{digits}f} +- {np.std(values):.{digits}f}" if values else "-"
+        return f"{np.mean(values):.{digits}f} +- {np.std(values, ddof=1):.{digits}f}" if values else "-"
 
     lines = [
         "| kl_coef | reward trained on | final gold score | peak gold score (evaluations) | KL (nats, last 5 updates) |",
@@ -93,7 +93,7 @@ def main(args: Args) -> None:
             lines.append(f"| {kl_coef} | {name} | {cell(rs, 'gold')} | {cell(rs, 'peak')} | {cell(rs, 'kl', 2)} |")
     sft = np.mean([r["sft_gold"] for r in records])
     lines.append(
-        f"\n{len(args.seeds)} seeds ({', '.join(map(str, args.seeds))}), {args.total_episodes} episodes each, mean +- std over "
+        f"\n{len(args.seeds)} seeds ({', '.join(map(str, args.seeds))}), {args.total_episodes} episodes each, mean +- sample std (ddof 1) over "
         f"seeds; SFT policy's gold score {sft:.3f}. Learned-reward rows: the kl-coef sweep's results.json."
     )
     with open(os.path.join(args.out, "gold_reward.md"), "w") as f:

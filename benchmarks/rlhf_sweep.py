@@ -99,10 +99,10 @@ def main(args: Args) -> None:
 
         def cell(key, digits=3):
             values = [r[key] for r in rs]
-            return f"{np.mean(values):.{digits}f} +- {np.std(values):.{digits}f}"
+            return f"{np.mean(values):.{digits}f} +- {np.std(values, ddof=1):.{digits}f}"
 
         lines.append(f"| {kl_coef} | {cell('gold')} | {cell('proxy')} | {cell('kl', 2)} | {cell('wall_s', 0)} | {cell('eps', 0)} |")
-    lines.append(f"\n{len(args.seeds)} seeds ({', '.join(map(str, args.seeds))}), {args.total_episodes} episodes each, mean +- std over seeds; run wall time is the whole process (the first run also built the task).")
+    lines.append(f"\n{len(args.seeds)} seeds ({', '.join(map(str, args.seeds))}), {args.total_episodes} episodes each, mean +- sample std (ddof 1) over seeds; run wall time is the whole process (the first run also built the task).")
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
