@@ -20,7 +20,7 @@ OUT = RESULTS / "stamps_recovered.json"
 
 # result (path under results/, a prefix for a group) -> (benchmark script, scripts it measures)
 MAKERS = [
-    ("cleanrl_sps.", "cleanrl_sps.py", ["ppo_discrete.py", "ppo_continuous.py"]),
+    ("cleanrl_sps", "cleanrl_sps.py", ["ppo_discrete.py", "ppo_continuous.py"]),
     ("continuous_sps.json", "continuous_sps.py", ["ppo_continuous.py"]),
     ("discrete_breakout_fire.json", None, ["ppo_discrete.py"]),
     ("discrete_taxi_masks.", "discrete_taxi_masks.py", ["ppo_discrete.py"]),
@@ -41,6 +41,7 @@ MAKERS = [
 MOVED = [
     ("continuous/cleanrl-2026-11-25/", "continuous/cleanrl/", "7707410~1"),
     ("continuous/zoo-halfcheetah-2026-11-25/", "continuous/zoo-halfcheetah/", "5488d5b~1"),
+    ("cleanrl_sps_before_per_op_work.json", "cleanrl_sps.json", "5bf55ae~1"),  # overwritten by 5bf55ae's rerun
 ]
 
 
@@ -79,7 +80,7 @@ def recovered(name: str, written_by: Path) -> dict:
     for c in reformats:
         entry[f"rewritten_in_{c}"] = REFORMATS[c]
     if moved:
-        entry["restored"] = moved
+        entry["restored"] = moved.replace("deleted", "deleted or overwritten")
     if script:
         entry["benchmark_script"] = f"benchmarks/{script}"
         entry["benchmark_script_commit_then"] = last_commit(f"benchmarks/{script}", commit) or "not yet committed"
