@@ -114,3 +114,12 @@ def test_registered_sources_exist():
     bad = [f.source for f in figures.FIGURES for s in (f.source if isinstance(f.source, tuple) else (f.source,))
            if not s.startswith(kinds) and not (figures.RESULTS / s).exists()]
     assert not bad, f"sources not in benchmarks/results/: {bad}"
+
+
+def test_every_plot_the_readmes_show_exists():
+    missing = []
+    for doc in (figures.README, figures.BENCH):
+        for path in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", (ROOT / doc).read_text()):
+            if not ((ROOT / doc).parent / path).exists():
+                missing.append(f"{doc}: {path}")
+    assert not missing, f"plots the READMEs show that are not there: {missing}"
