@@ -1,6 +1,7 @@
 """Learning benchmark of ppo_continuous.py: several envs x seeds, then a table of final returns and
 SPS and (with matplotlib installed) learning-curve plots. Runs go to --out/{label}/{env}/seed{seed}/;
-an existing finished run is reused, so a cut-off benchmark continues where it stopped.
+an existing finished run is reused, so a cut-off benchmark continues where it stopped. Each run's folder gets
+stamp.json (benchmarks/stamp.py, for ppo_continuous.py: its commit, the machine, the load, the command) at each start.
 
     python benchmarks/continuous_returns.py --jobs 6                             # cleanrl preset, 1M steps
     python benchmarks/continuous_returns.py --label no-bootstrap --jobs 6 -- --no-bootstrap-truncation
@@ -20,6 +21,8 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from stamp import stamp
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -78,6 +81,9 @@ def launch(cmd: list, run_dir: Path) -> None:
     if checkpoints:  # cut off earlier: continue it (the script saves every 50 iterations here)
         cmd = [sys.executable, "ppo_continuous.py", "--resume", str(checkpoints[0]), "--num-threads", "1"]
     run_dir.mkdir(parents=True, exist_ok=True)
+    stamp_path = run_dir / "stamp.json"  # one stamp per start: a resumed run adds one
+    starts = json.loads(stamp_path.read_text()) if stamp_path.exists() else []
+    stamp_path.write_text(json.dumps([*starts, stamp(str(ROOT / "ppo_continuous.py"), cmd)], indent=1) + "\n")
     with open(run_dir / "stdout.log", "a") as log:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
         proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)

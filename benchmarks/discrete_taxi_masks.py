@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from stamp import stamp
+
 ROOT = Path(__file__).resolve().parent.parent
 FLAGS = ["--env-id", "Taxi-v4", "--learning-rate", "1e-3", "--total-timesteps", "200000", "--num-threads", "1", "--device", "cpu"]
 SEEDS = (1, 2, 3)
@@ -54,10 +56,11 @@ def plot(runs: list, path: Path) -> None:
 
 
 def main() -> None:
+    started = stamp(__file__)
     runs = [run(seed, masks) for masks in (True, False) for seed in SEEDS]
     command = "python ppo_discrete.py " + " ".join(FLAGS) + " --seed S [--no-action-masks]"
     out = ROOT / "benchmarks" / "results" / "discrete_taxi_masks"
-    out.with_suffix(".json").write_text(json.dumps({"command": command, "runs": runs}, indent=2) + "\n")
+    out.with_suffix(".json").write_text(json.dumps({"stamp": started, "command": command, "runs": runs}, indent=2) + "\n")
     lines = [f"`{command}`, seeds {', '.join(map(str, SEEDS))}", "",
              "| action mask | last 10 training episodes (mean +- sample std over seeds, ddof 1) | greedy evaluation, 10 episodes (mean +- sample std over seeds) |", "|---|---|---|"]  # fmt: skip
     for masks in (True, False):

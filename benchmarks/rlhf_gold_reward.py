@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import tyro
 
+from stamp import stamp
+
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ppo_rlhf.py")
 
 
@@ -45,7 +47,7 @@ def main(args: Args) -> None:
     with open(os.path.join(args.out, "results.json")) as f:
         sweep = json.load(f)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    records = []
+    started, records = stamp(__file__), []
     for kl_coef in args.kl_coefs:
         for seed in args.seeds:
             runs_dir = os.path.join(args.out, "runs", f"gold_kl{kl_coef}_seed{seed}")
@@ -74,7 +76,7 @@ def main(args: Args) -> None:
             r = records[-1]
             print(f"gold reward, kl_coef {kl_coef} seed {seed}: gold {r['gold']:.3f} (SFT {r['sft_gold']:.3f}) KL {r['kl']:.2f} in {wall:.0f}s")
     with open(os.path.join(args.out, "gold_reward.json"), "w") as f:
-        json.dump(dict(settings=vars(args) | {"python": os.path.basename(args.python)}, runs=records), f)
+        json.dump(dict(stamp=started, settings=vars(args) | {"python": os.path.basename(args.python)}, runs=records), f)
 
     def cell(rs, key, digits=3):
         values = [r[key] for r in rs]

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import tyro
 
+from stamp import stamp
+
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ppo_rlhf.py")
 
 
@@ -50,6 +52,7 @@ def compact_json(obj) -> str:
 
 def main(args: Args) -> None:
     os.makedirs(args.out, exist_ok=True)
+    started = stamp(__file__)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     records = []
     for kl_coef in args.kl_coefs:
@@ -85,7 +88,7 @@ def main(args: Args) -> None:
     with open(os.path.join(cache, task_dir, "task.json")) as f:
         task = json.load(f)
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        f.write(compact_json(dict(task=task, runs=records)))
+        f.write(compact_json(dict(stamp=started, task=task, runs=records)))
 
     lines = [
         f"Built-in task: reward model held-out accuracy {task['rm_accuracy']:.3f}; SFT stage {task['times']['sft_s']:.0f}s, "

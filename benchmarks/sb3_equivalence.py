@@ -21,6 +21,8 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from stamp import stamp
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import ppo_continuous as ours  # noqa: E402
@@ -125,7 +127,7 @@ def compare_normalisation(steps: int = 3500) -> dict:
 
 def main() -> None:
     torch.set_num_threads(1)
-    results = {"update": [compare_update(1), compare_update(20)], "normalisation": compare_normalisation()}
+    results = {"stamp": stamp(__file__), "update": [compare_update(1), compare_update(20)], "normalisation": compare_normalisation()}
     print(json.dumps(results, indent=1))
     path = ROOT / "benchmarks" / "results" / "continuous" / "sb3_equivalence.json"
     path.write_text(json.dumps(results, indent=1) + "\n")

@@ -91,6 +91,12 @@ def test_no_unregistered_measurement_in_the_readmes():
     assert not unregistered, "\n".join(lines) + f"\n{HOW}"
 
 
+def stamped_file(data: dict) -> bool:
+    """A stamp of its own: at the top, or on each run (a file whose runs are kept across invocations)."""
+    runs = data.get("runs") or list(data.values())
+    return "stamp" in data or bool(runs) and all(isinstance(r, dict) and "stamp" in r for r in runs)
+
+
 def test_every_source_is_stamped():
     """A results file carries its stamp (benchmarks/stamp.py), or one recovered from git history."""
     recovered = figures.load("stamps_recovered.json")
@@ -102,9 +108,9 @@ def test_every_source_is_stamped():
                 continue
             if path.is_dir():
                 runs = [p.parent for p in path.glob("*/seed*/*/metrics.jsonl.gz")]
-                stamped = lambda run: (run / "stamp.json").exists() or str(run.relative_to(figures.RESULTS)) in recovered
+                stamped = lambda run: any((d / "stamp.json").exists() for d in (run, run.parent)) or str(run.relative_to(figures.RESULTS)) in recovered
                 unstamped |= {str(run) for run in runs if not stamped(run)}
-            elif source not in recovered and not (path.suffix == ".json" and "stamp" in figures.load(source)):
+            elif source not in recovered and not (path.suffix == ".json" and stamped_file(figures.load(source))):
                 unstamped.add(source)
     assert not unstamped, f"results without a stamp: {sorted(unstamped)}"
 
