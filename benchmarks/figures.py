@@ -214,6 +214,8 @@ fig(README, "(2.86 GiB, of\nwhich 2.16 of shards), and a bfloat16 checkpoint's l
     lambda d: [float(loading(d, "bfloat16", "MALLOC_MMAP_THRESHOLD_=1048576", s).split()[0]) for s in (False, True)])
 
 vocab = lambda d, when, part: d[when]["results"][part]
+fig(README, "`results/rlhf/vocab_memory.json`, measured {} at {}", "rlhf/vocab_memory.json",
+    lambda d: (stamp_of("rlhf/vocab_memory.json")["commit_date"][:10], stamp_of("rlhf/vocab_memory.json")["measured_scripts_commit_then"]["ppo_rlhf.py"]))
 fig(README, "| rollout: sampling, policy and reference log-probs, values | {:,.0f} MiB ({:.1f} s) | {:,.0f} MiB ({:.1f} s) |", "rlhf/vocab_memory.json",
     lambda d: [x for w in ("before", "after") for x in (vocab(d, w, "rollout")["peak_above_mib"], vocab(d, w, "rollout")["seconds"])])
 fig(README, "| one PPO micro-batch: forward, entropy, backward | {:,.0f} MiB ({:.1f} s) | {:,.0f} MiB ({:.1f} s) |", "rlhf/vocab_memory.json",
@@ -426,9 +428,10 @@ def gpu(tsv, run):
     return float(row[3])
 
 
+fig(BENCH, "Measured {} at {}, on one NVIDIA H100 80GB", "gpu/sps.tsv",
+    lambda t: (stamp_of("gpu/sps.tsv")["commit_date"][:10], stamp_of("gpu/sps.tsv")["measured_scripts_commit_then"]["ppo_discrete.py"]))
 fig(BENCH, "Breakout (8 envs, Nature CNN) at {:,.0f} SPS against {:,.0f} on the same machine's\n16 CPU cores; CartPole at {:,.0f} SPS", "gpu/sps.tsv",
     lambda t: (gpu(t, "breakout-cuda"), gpu(t, "breakout-cpu"), gpu(t, "cartpole-cuda")))
 fig(BENCH, "the built-in RLHF task at {:.0f}\nepisodes/s in fp32, 94-98 with `--bf16`", "gpu/sps.tsv", lambda t: gpu(t, "rlhf-cuda-fp32"))
 fig(BENCH, "and {:.0f} with `--bf16 --gradient-checkpointing`", "gpu/sps.tsv", lambda t: gpu(t, "rlhf-cuda-bf16-gc"))
 quoted(BENCH, "94-98 with `--bf16`", "results/gpu/device_check.md (the progress lines of a run cut at 100 s; sps.tsv keeps the last, 97.6)")
-not_measured(BENCH, "NVIDIA H100 80GB", "the machine")
