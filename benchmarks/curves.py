@@ -53,7 +53,7 @@ def draw(plt, title: str, series: list, total: int, ylabel: str, path: Path) -> 
             continue
         x, mean, low, high = band(curves, total)
         final = f"{statistics.mean(finals):.0f} ± {statistics.stdev(finals):.0f}" if len(finals) > 1 else f"{finals[0]:.0f}"
-        ax.plot(x, mean, color=colour, lw=1.8, label=f"{label}: {final} ({len(curves)} seeds)")
+        ax.plot(x, mean, color=colour, lw=1.8, label=f"{label}: {final} ({len(curves)} seed{'s' if len(curves) > 1 else ''})")
         ax.fill_between(x, low, high, color=colour, alpha=0.2, lw=0)
     ax.set_title(f"{title}\nline: mean of seeds; band: lowest to highest seed", fontsize=10)
     ax.set(xlabel="environment steps", ylabel=ylabel, xlim=(0, total))

@@ -146,6 +146,12 @@ def stamp_of(source: str) -> dict:
     return runs[min(runs)] if runs else {}
 
 
+def when(source: str, script: str) -> tuple:
+    """(date, commit of the measured script) of a result, for the "measured DATE at COMMIT" labels."""
+    found = stamp_of(source)
+    return found["commit_date"][:10], found["measured_scripts_commit_then"][script]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # README.md
 # ---------------------------------------------------------------------------------------------------------------
@@ -173,7 +179,7 @@ fig(README, "| full fine-tuning | 0.77B (policy and value model) | {:.1f} GiB | 
     lambda d: (lora("full")(d)["peak_rss_gib"], lora("full")(d)["seconds_per_iteration"]))
 fig(README, "| `--lora-r 16 --lora-alpha 32 --lora-target-modules all-linear` | {:.1f}M | {:.1f} GiB | {:.1f} |", "rlhf/lora_memory.json",
     lambda d: (int(lora("lora")(d)["trained_parameters"].replace(",", "")) / 1e6, lora("lora")(d)["peak_rss_gib"], lora("lora")(d)["seconds_per_iteration"]))
-fig(README, "measured {} at {}", "rlhf/lora_memory.json", lambda d: (stamp_of("rlhf/lora_memory.json")["commit_date"][:10], stamp_of("rlhf/lora_memory.json")["measured_scripts_commit_then"]["ppo_rlhf.py"]))
+fig(README, "measured {} at {}", "rlhf/lora_memory.json", lambda d: when("rlhf/lora_memory.json", "ppo_rlhf.py"))
 
 fsdp = lambda d, setting, script="ppo_rlhf.py": next(r for r in d["runs"] if r["setting"] == setting and r.get("script", "ppo_rlhf.py") == script)
 fig(README, "| unsharded, 1 process | {} | {:.1f} GiB | {:.0f} ({}) |", "rlhf/fsdp_memory.json",
@@ -215,7 +221,7 @@ fig(README, "(2.86 GiB, of\nwhich 2.16 of shards), and a bfloat16 checkpoint's l
 
 vocab = lambda d, when, part: d[when]["results"][part]
 fig(README, "`results/rlhf/vocab_memory.json`, measured {} at {}", "rlhf/vocab_memory.json",
-    lambda d: (stamp_of("rlhf/vocab_memory.json")["commit_date"][:10], stamp_of("rlhf/vocab_memory.json")["measured_scripts_commit_then"]["ppo_rlhf.py"]))
+    lambda d: when("rlhf/vocab_memory.json", "ppo_rlhf.py"))
 fig(README, "| rollout: sampling, policy and reference log-probs, values | {:,.0f} MiB ({:.1f} s) | {:,.0f} MiB ({:.1f} s) |", "rlhf/vocab_memory.json",
     lambda d: [x for w in ("before", "after") for x in (vocab(d, w, "rollout")["peak_above_mib"], vocab(d, w, "rollout")["seconds"])])
 fig(README, "| one PPO micro-batch: forward, entropy, backward | {:,.0f} MiB ({:.1f} s) | {:,.0f} MiB ({:.1f} s) |", "rlhf/vocab_memory.json",
@@ -240,25 +246,25 @@ unsourced(README, "(0.03 measured on the built-in task under CPU autocast, by ha
 cleanrl_sps = "cleanrl_sps.json"
 fig(README, "| CartPole-v1 speed, CleanRL's defaults | {:.2f}x CleanRL's `ppo.py` SPS (median of 5 alternated pairs, measured {} at {}); {:.2f}x SB3's (3 pairs, measured {} at {}) | CleanRL (gymnasium 0.29.1), SB3 2.9.2 |",
     (cleanrl_sps, "discrete_speed.json"),
-    lambda c, s: (c["envs"]["CartPole-v1"]["median_ratio"], stamp_of(cleanrl_sps)["commit_date"][:10], stamp_of(cleanrl_sps)["measured_scripts_commit_then"]["ppo_discrete.py"],
-                  s["median_ratio"], stamp_of("discrete_speed.json")["commit_date"][:10], stamp_of("discrete_speed.json")["measured_scripts_commit_then"]["ppo_discrete.py"]))
+    lambda c, s: (c["envs"]["CartPole-v1"]["median_ratio"], *when(cleanrl_sps, "ppo_discrete.py"),
+                  s["median_ratio"], *when("discrete_speed.json", "ppo_discrete.py")))
 fig(README, "| HalfCheetah speed, CleanRL's defaults | {:.2f}x CleanRL's `ppo_continuous_action.py` SPS (median of 5 pairs; v5 against CleanRL's v4; measured {} at {})",
-    cleanrl_sps, lambda c: (c["envs"]["HalfCheetah"]["median_ratio"], stamp_of(cleanrl_sps)["commit_date"][:10], stamp_of(cleanrl_sps)["measured_scripts_commit_then"]["ppo_continuous.py"]))
+    cleanrl_sps, lambda c: (c["envs"]["HalfCheetah"]["median_ratio"], *when(cleanrl_sps, "ppo_continuous.py")))
 unsourced(README, "those cost 6% (whole-process wall, 40,960 steps, 5 alternated pairs against the previous version on the idle machine: 11.96 vs 11.21 s; timed by hand, no results file): about 3.0x")
 fig(README, "| default threads beside a busy core, CartPole / InvertedPendulum | {:.1f}x / {:.1f}x the SPS of the previous default (torch's 2 threads; measured {} at {}) | |", "thread_trap.json",
     lambda d: (d["cases"]["CartPole-v1"]["median_ratio"], d["cases"]["InvertedPendulum-v5"]["median_ratio"], d["date"][:10], stamp_of("thread_trap.json")["measured_scripts_commit_then"]["ppo_discrete.py"]))
 fig(README, "| CartPole / Acrobot, steps to 475 / -100 (3 seeds, measured {} at {}) | {} / {} | SB3: {} / {} |", "discrete_classic.json",
-    lambda d: (stamp_of("discrete_classic.json")["commit_date"][:10], stamp_of("discrete_classic.json")["measured_scripts_commit_then"]["ppo_discrete.py"],
+    lambda d: (*when("discrete_classic.json", "ppo_discrete.py"),
                *[k(statistics.mean(r["steps_to_threshold"] for r in d["envs"][e][who])) for who in ("ours", "sb3") for e in ("CartPole-v1", "Acrobot-v1")]))
 fig(README, "| HalfCheetah-v5 speed | {:.2f}x SB3's SPS (median of 3, measured {} at {}) | SB3 2.9.2 |", "continuous_sps.json",
-    lambda d: (med(d["ratio"]), stamp_of("continuous_sps.json")["commit_date"][:10], stamp_of("continuous_sps.json")["measured_scripts_commit_then"]["ppo_continuous.py"]))
+    lambda d: (med(d["ratio"]), *when("continuous_sps.json", "ppo_continuous.py")))
 fig(README, "| 1M steps, `cleanrl` preset: HalfCheetah / Hopper / Walker2d / InvertedPendulum / Ant (v5, 3 seeds, mean ± sample std) | {} | CleanRL (v4, its published figures): 1443 ± 46 / 2383 ± 272 / 2288 ± 572 / 963 / - |",
     "continuous/cleanrl", lambda r: " / ".join(pm(r.finals(e)) for e in ENVS))
 fig(README, "| 1M steps, `zoo-*` presets (rl-zoo's tuned settings): HalfCheetah / Hopper / Walker2d / Ant (v5, 3 seeds, mean ± sample std) | {} | SB3 2.9.2, same settings, v5, this machine: {}; rl-zoo published (v3, one agent each): 5819 / 2410 / 3479 / 1327 |",
     tuple(f"continuous/{ZOO[e]}" for e in ZOO) + ("continuous/sb3-zoo",),
-    lambda *rs: (" / ".join(pm(r.finals(e)) for r, e in zip(rs, ZOO)), " / ".join(pm(rs[-1].finals(e)) if len(rs[-1].finals(e)) == 3 else "-" for e in ZOO)))
+    lambda *rs: (" / ".join(pm(r.finals(e)) for r, e in zip(rs, ZOO)), " / ".join(sb3_cell(rs[-1], e, short=True) for e in ZOO)))
 fig(README, "| RLHF built-in task, episodes/s at an equal gold score | {:.2f}x TRL 1.12's PPOTrainer (ratio of the means of 3 pairs; measured {} at {}, before the pad token left the log-softmax) | TRL 1.12.0 |",
-    "rlhf_vs_trl.json", lambda d: (d["summary"]["eps_ratio"], stamp_of("rlhf_vs_trl.json")["commit_date"][:10], stamp_of("rlhf_vs_trl.json")["measured_scripts_commit_then"]["ppo_rlhf.py"]))
+    "rlhf_vs_trl.json", lambda d: (d["summary"]["eps_ratio"], *when("rlhf_vs_trl.json", "ppo_rlhf.py")))
 quoted(README, "CleanRL (v4, its published figures): 1443 ± 46 / 2383 ± 272 / 2288 ± 572 / 963", "CleanRL's documentation, ppo_continuous_action.py benchmark table")
 quoted(README, "rl-zoo published (v3, one agent each): 5819 / 2410 / 3479 / 1327", "rl-baselines3-zoo benchmark.md")
 
@@ -271,7 +277,7 @@ for env, label in (("CartPole-v1", "CartPole-v1"), ("Acrobot-v1", "Acrobot-v1"))
         fig(BENCH, f"| {label} | {name} | {{}} | {{}} | {{}} |", classic,
             lambda d, e=env, w=who: (", ".join(k(r["steps_to_threshold"]) for r in d["envs"][e][w]), k(statistics.mean(r["steps_to_threshold"] for r in d["envs"][e][w])),
                                      pm([r["final_return"] for r in d["envs"][e][w]], 1, "+-")))
-fig(BENCH, "measured {} at {}", classic, lambda d: (stamp_of(classic)["commit_date"][:10], stamp_of(classic)["measured_scripts_commit_then"]["ppo_discrete.py"]))
+fig(BENCH, "measured {} at {}", classic, lambda d: when(classic, "ppo_discrete.py"))
 fig(BENCH, "{:.0f}% fewer steps to -100 on Acrobot", classic,
     lambda d: 100 * (1 - statistics.mean(r["steps_to_threshold"] for r in d["envs"]["Acrobot-v1"]["ours"]) / statistics.mean(r["steps_to_threshold"] for r in d["envs"]["Acrobot-v1"]["sb3"])))
 unsourced(BENCH, """With `--learning-rate 1e-3` CartPole's 20-episode mean
@@ -284,11 +290,11 @@ fig(BENCH, "the per-seed ratios were {} on CartPole and {} on Acrobot", classic,
 fig(BENCH, "steps {:,.0f} agent steps/s, gymnasium's Python `AtariPreprocessing` + `FrameStackObservation` in a\n`SyncVectorEnv` {:,.0f}", "discrete_atari_envs.json",
     lambda d: (d["AtariVectorEnv (C++)"], d["gymnasium wrappers, SyncVectorEnv"]))
 fig(BENCH, "at {} SPS while that env alone gave\n{:,.0f} steps/s in the same session", "discrete_atari.json", lambda d: (d["ours_sps"], d["env_limit_sps"]))
-fig(BENCH, "(both measured {} at {})", "discrete_atari.json", lambda d: (stamp_of("discrete_atari.json")["commit_date"][:10], stamp_of("discrete_atari.json")["measured_scripts_commit_then"]["ppo_discrete.py"]))
+fig(BENCH, "(both measured {} at {})", "discrete_atari.json", lambda d: when("discrete_atari.json", "ppo_discrete.py"))
 
 fig(BENCH, "core: ppo_continuous.py {} SPS, SB3 {}, ratio {}\n(median **{:.2f}x**); the env alone with random actions {:,.0f}-{:,.0f} SPS; measured {} at {}", "continuous_sps.json",
     lambda d: (per(d["ppo_continuous.py"], sep=" / ", comma=True), per(d["stable-baselines3"], sep=" / ", comma=True), per(d["ratio"], 2, " / "), med(d["ratio"]),
-               min(d["random actions"]), max(d["random actions"]), stamp_of("continuous_sps.json")["commit_date"][:10], stamp_of("continuous_sps.json")["measured_scripts_commit_then"]["ppo_continuous.py"]))
+               min(d["random actions"]), max(d["random actions"]), *when("continuous_sps.json", "ppo_continuous.py")))
 
 for env in ENVS:
     fig(BENCH, f"| {env} | {{}} | {{}} | {{:.0f}} | {CLEANRL_V4[env]} |", "continuous/cleanrl",
@@ -300,11 +306,20 @@ fig(BENCH, "One of\nthree HalfCheetah seeds (3) climbs slowly, to {:,.0f} at 1M 
 unsourced(BENCH, "every seed's 20-episode mean reached the 1,000 cap by 39k-44k steps and stayed\nthere (read off the curves by hand, no results file)")
 
 
+def sb3_cell(sb3: Runs, env: str, short: bool = False) -> str:
+    """SB3's final return on env: mean ± std over 3 seeds, the seeds finished so far, or "not run"."""
+    s = sb3.finals(env)
+    if not s:
+        return "-" if short else "not run"
+    if len(s) < 3:
+        return f"{per(s)} ({len(s)} of 3 seeds)" if short else f"{per(s)} ({len(s)} of 3 seeds so far; eval {sb3.eval(env):.0f})"
+    return pm(s) if short else f"{pm(s)} ({per(s)}; eval {sb3.eval(env):.0f})"
+
+
 def zoo_row(env):
     def row(cleanrl, ours, sb3):
-        o, s = ours.finals(env), sb3.finals(env)
-        sb3_cell = f"{pm(s)} ({per(s)}; eval {sb3.eval(env):.0f})" if len(s) == 3 else "not run"
-        return pm(cleanrl.finals(env)), pm(o), per(o), ours.eval(env), sb3_cell
+        o = ours.finals(env)
+        return pm(cleanrl.finals(env)), pm(o), per(o), ours.eval(env), sb3_cell(sb3, env)
     return row
 
 
@@ -390,7 +405,7 @@ took 4.05 s median against 9.95 s on CartPole and 3.37 s against 17.3 s on Inver
 
 sweep = "rlhf/results.json"
 fig(BENCH, "reward-model held-out accuracy {:.3f} against the gold order; SFT gold\nscore {:.2f} (gold std over SFT samples {:.2f}). Mean +- sample std (ddof 1) over 3 seeds at 4,800 episodes, measured {} at {}", sweep,
-    lambda d: (d["task"]["rm_accuracy"], statistics.mean(r["sft_gold"] for r in d["runs"]), d["task"]["sft_gold_std"], stamp_of(sweep)["commit_date"][:10], stamp_of(sweep)["measured_scripts_commit_then"]["ppo_rlhf.py"]))
+    lambda d: (d["task"]["rm_accuracy"], statistics.mean(r["sft_gold"] for r in d["runs"]), d["task"]["sft_gold_std"], *when(sweep, "ppo_rlhf.py")))
 
 
 def sweep_row(d, kl):
@@ -420,7 +435,7 @@ fig(BENCH, "| one ppo_continuous.py training run on the second core (`--results 
 fig(BENCH, "(ours ahead by {:.3f}, {:.2f} of the SFT gold std)", "rlhf_vs_trl.json",
     lambda d: (d["summary"]["ours"]["gold_mean"] - d["summary"]["trl"]["gold_mean"], (d["summary"]["ours"]["gold_mean"] - d["summary"]["trl"]["gold_mean"]) / d["task"]["sft_gold_std"]))
 fig(BENCH, "9,600 episodes, 3 alternated pairs, one torch thread per process, measured {} at {}", "rlhf_vs_trl.json",
-    lambda d: (stamp_of("rlhf_vs_trl.json")["commit_date"][:10], stamp_of("rlhf_vs_trl.json")["measured_scripts_commit_then"]["ppo_rlhf.py"]))
+    lambda d: when("rlhf_vs_trl.json", "ppo_rlhf.py"))
 
 
 def gpu(tsv, run):
@@ -429,7 +444,7 @@ def gpu(tsv, run):
 
 
 fig(BENCH, "Measured {} at {}, on one NVIDIA H100 80GB", "gpu/sps.tsv",
-    lambda t: (stamp_of("gpu/sps.tsv")["commit_date"][:10], stamp_of("gpu/sps.tsv")["measured_scripts_commit_then"]["ppo_discrete.py"]))
+    lambda t: when("gpu/sps.tsv", "ppo_discrete.py"))
 fig(BENCH, "Breakout (8 envs, Nature CNN) at {:,.0f} SPS against {:,.0f} on the same machine's\n16 CPU cores; CartPole at {:,.0f} SPS", "gpu/sps.tsv",
     lambda t: (gpu(t, "breakout-cuda"), gpu(t, "breakout-cpu"), gpu(t, "cartpole-cuda")))
 fig(BENCH, "the built-in RLHF task at {:.0f}\nepisodes/s in fp32, 94-98 with `--bf16`", "gpu/sps.tsv", lambda t: gpu(t, "rlhf-cuda-fp32"))
