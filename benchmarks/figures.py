@@ -149,6 +149,8 @@ def stamp_of(source: str) -> dict:
 def when(source: str, script: str) -> tuple:
     """(date, commit of the measured script) of a result, for the "measured DATE at COMMIT" labels."""
     found = stamp_of(source)
+    if "commit_date" not in found:
+        raise LookupError(f"{source} has no stamp to date it: run benchmarks/recover_stamps.py, or rerun it stamped")
     return found["commit_date"][:10], found["measured_scripts_commit_then"][script]
 
 
