@@ -12,6 +12,7 @@ that carries its own stamp (a "stamp" key, or stamp.json in a run folder) is lef
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,6 +44,10 @@ MOVED = [
     ("continuous/zoo-halfcheetah-2026-11-25/", "continuous/zoo-halfcheetah/", "5488d5b~1"),
     ("cleanrl_sps_before_per_op_work.json", "cleanrl_sps.json", "5bf55ae~1"),  # overwritten by 5bf55ae's rerun
 ]
+
+
+NOTE = ("the checkout a result was measured in is not recorded: the scripts' commits are the last ones on this "
+        "branch at or before the commit that added the result (the run may have used an earlier one, or uncommitted edits)")
 
 
 def git(*args: str) -> str:
@@ -87,6 +92,10 @@ def recovered(name: str, written_by: Path) -> dict:
     else:
         entry["benchmark_script"] = "none (run by hand; the command is in the file)"
     entry["measured_scripts_commit_then"] = {s: last_commit(s, commit) for s in measured}
+    started = name.rsplit("__", 1)[-1]
+    if name.startswith("continuous/") and started.isdigit():  # a run folder's name ends with its start time
+        entry["run_started"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(started)))
+    entry["note"] = NOTE
     return entry
 
 
