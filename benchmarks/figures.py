@@ -142,12 +142,16 @@ def stamp_of(source: str) -> dict:
     recovered = load("stamps_recovered.json")
     if source in recovered:
         return recovered[source]
-    runs = {k: v for k, v in recovered.items() if k.startswith(source.rstrip("/") + "/")}
+    runs = {name: v for name, v in recovered.items() if name.startswith(source.rstrip("/") + "/")}
     return runs[min(runs)] if runs else {}
 
 
 def when(source: str, script: str) -> tuple:
-    """(date, commit of the measured script) of a result, for the "measured DATE at COMMIT" labels."""
+    """(date, commit) of a result, for the "measured DATE at COMMIT" labels: its own stamp's date and checkout
+    (`git describe`), else the commit of the measured script recovered from history."""
+    data = load(source) if source.endswith(".json") else None
+    if isinstance(data, dict) and "stamp" in data:
+        return data["stamp"]["date"][:10], data["stamp"]["commit"]
     found = stamp_of(source)
     if "commit_date" not in found:
         raise LookupError(f"{source} has no stamp to date it: run benchmarks/recover_stamps.py, or rerun it stamped")
