@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import tyro
 
+from stamp import stamp
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 THREADS = 1
@@ -148,7 +150,7 @@ def compact_json(obj) -> str:
 
 def save(results: dict, name: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(compact_json(results))
+    (RESULTS / f"{name}.json").write_text(compact_json({"stamp": STARTED, **results}))
 
 
 def plot(results: dict) -> None:
@@ -232,4 +234,5 @@ def atari(args: Args) -> None:
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    STARTED = stamp(__file__)  # the stamp save() writes: taken before the suite runs
     {"classic": classic, "speed": speed, "atari": atari, "atari-envs": atari_envs}[args.suite](args)

@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from stamp import stamp
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -202,6 +204,7 @@ def main() -> None:
             sys.exit(f"--cleanrl-dir {args.cleanrl_dir}: no {suite['cleanrl']} there; pass a checkout of github.com/vwxyzjn/cleanrl")
 
     results = {
+        "stamp": stamp(__file__),
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, {platform.system()}",
         "threads": 1,

@@ -1,6 +1,7 @@
 """Learning benchmark of ppo_continuous.py: several envs x seeds, then a table of final returns and
 SPS and (with matplotlib installed) learning-curve plots. Runs go to --out/{label}/{env}/seed{seed}/;
-an existing finished run is reused, so a cut-off benchmark continues where it stopped.
+an existing finished run is reused, so a cut-off benchmark continues where it stopped. Each run's folder gets
+stamp.json (benchmarks/stamp.py, for ppo_continuous.py: its commit, the machine, the load, the command) at each start.
 
     python benchmarks/continuous_returns.py --jobs 6                             # cleanrl preset, 1M steps
     python benchmarks/continuous_returns.py --label no-bootstrap --jobs 6 -- --no-bootstrap-truncation
@@ -8,7 +9,7 @@ an existing finished run is reused, so a cut-off benchmark continues where it st
     python benchmarks/continuous_returns.py --compare cleanrl no-bootstrap --envs HalfCheetah-v5 Hopper-v5
 
 Final return of a seed: the mean of its last 10 training episodes; the table shows the mean and
-standard deviation of that over seeds (CleanRL's figures are reported the same way). SPS is not
+sample standard deviation (ddof 1) of that over seeds. SPS is not
 reported here: runs share the machine (--jobs); benchmarks/continuous_sps.py measures speed.
 """
 
@@ -20,6 +21,8 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from stamp import stamp
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -78,6 +81,9 @@ def launch(cmd: list, run_dir: Path) -> None:
     if checkpoints:  # cut off earlier: continue it (the script saves every 50 iterations here)
         cmd = [sys.executable, "ppo_continuous.py", "--resume", str(checkpoints[0]), "--num-threads", "1"]
     run_dir.mkdir(parents=True, exist_ok=True)
+    stamp_path = run_dir / "stamp.json"  # one stamp per start: a resumed run adds one
+    starts = json.loads(stamp_path.read_text()) if stamp_path.exists() else []
+    stamp_path.write_text(json.dumps([*starts, stamp(str(ROOT / "ppo_continuous.py"), cmd)], indent=1) + "\n")
     with open(run_dir / "stdout.log", "a") as log:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
         proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -91,7 +97,7 @@ def launch(cmd: list, run_dir: Path) -> None:
 def summarize(out: Path, envs: list, seeds: list) -> None:
     import numpy as np
 
-    lines = ["| env | final return (mean ± std over seeds) | per seed | eval (mean action) |", "|---|---|---|---|"]
+    lines = ["| env | final return (mean ± sample std over seeds, ddof 1) | per seed | eval (mean action) |", "|---|---|---|---|"]
     curves = {}
     for env_id in envs:
         finals, evals = [], []
@@ -105,7 +111,7 @@ def summarize(out: Path, envs: list, seeds: list) -> None:
         if finals:
             per_seed = ", ".join(f"{f:.0f}" for f in finals)
             evaluation = f"{np.mean(evals):.0f}" if evals else "-"
-            lines.append(f"| {env_id} | {np.mean(finals):.0f} ± {np.std(finals):.0f} | {per_seed} | {evaluation} |")
+            lines.append(f"| {env_id} | {np.mean(finals):.0f} ± {np.std(finals, ddof=1) if len(finals) > 1 else float('nan'):.0f} | {per_seed} | {evaluation} |")
     write_table(lines, out / "summary.md")
     plt = pyplot()
     if plt is None:
@@ -141,7 +147,7 @@ def compare(root: Path, labels: list, envs: list, seeds: list) -> None:
     for env_id in envs:
         fa, fb = final_returns(root / a, env_id, seeds), final_returns(root / b, env_id, seeds)
         if fa and fb:
-            cells = [f"{np.mean(f):.0f} ± {np.std(f):.0f} ({', '.join(f'{x:.0f}' for x in f)})" for f in (fa, fb)]
+            cells = [f"{np.mean(f):.0f} ± {np.std(f, ddof=1):.0f} ({', '.join(f'{x:.0f}' for x in f)})" for f in (fa, fb)]
             lines.append(f"| {env_id} | {cells[0]} | {cells[1]} | {np.mean(fa) - np.mean(fb):+.0f} |")
     name = f"{a}_vs_{b}"
     write_table(lines, root / f"{name}.md")

@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from stamp import stamp
+
 ROOT = Path(__file__).resolve().parent.parent
 
 SB3 = """
@@ -70,6 +72,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20480, help="env steps per measurement (multiple of 2048)")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+    started = stamp(__file__)
     results = {"ppo_continuous.py": [], "stable-baselines3": [], "random actions": []}
     for r in range(args.rounds):
         results["ppo_continuous.py"].append(ours(args.env_id, args.steps))
@@ -83,7 +86,7 @@ def main() -> None:
     print(f"  ours / SB3 per round: {' '.join(f'{x:.2f}' for x in ratio)}")
     out = ROOT / "benchmarks" / "results" / "continuous_sps.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"env_id": args.env_id, "steps": args.steps, "threads": 1, **results, "ratio": ratio}, indent=1))
+    out.write_text(json.dumps({"stamp": started, "env_id": args.env_id, "steps": args.steps, "threads": 1, **results, "ratio": ratio}, indent=1))
 
 
 if __name__ == "__main__":

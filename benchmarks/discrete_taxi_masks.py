@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from stamp import stamp
+
 ROOT = Path(__file__).resolve().parent.parent
 FLAGS = ["--env-id", "Taxi-v4", "--learning-rate", "1e-3", "--total-timesteps", "200000", "--num-threads", "1", "--device", "cpu"]
 SEEDS = (1, 2, 3)
@@ -54,16 +56,17 @@ def plot(runs: list, path: Path) -> None:
 
 
 def main() -> None:
+    started = stamp(__file__)
     runs = [run(seed, masks) for masks in (True, False) for seed in SEEDS]
     command = "python ppo_discrete.py " + " ".join(FLAGS) + " --seed S [--no-action-masks]"
     out = ROOT / "benchmarks" / "results" / "discrete_taxi_masks"
-    out.with_suffix(".json").write_text(json.dumps({"command": command, "runs": runs}, indent=2) + "\n")
+    out.with_suffix(".json").write_text(json.dumps({"stamp": started, "command": command, "runs": runs}, indent=2) + "\n")
     lines = [f"`{command}`, seeds {', '.join(map(str, SEEDS))}", "",
-             "| action mask | last 10 training episodes (mean +- std over seeds) | greedy evaluation, 10 episodes (mean +- std) |", "|---|---|---|"]  # fmt: skip
+             "| action mask | last 10 training episodes (mean +- sample std over seeds, ddof 1) | greedy evaluation, 10 episodes (mean +- sample std over seeds) |", "|---|---|---|"]  # fmt: skip
     for masks in (True, False):
         mine = [r for r in runs if r["masks"] == masks]
         last, ev = [r["last10"] for r in mine], [r["eval"] for r in mine]
-        lines.append(f"| {'on (default)' if masks else 'off (--no-action-masks)'} | {np.mean(last):.1f} +- {np.std(last):.1f} | {np.mean(ev):.1f} +- {np.std(ev):.1f} |")
+        lines.append(f"| {'on (default)' if masks else 'off (--no-action-masks)'} | {np.mean(last):.1f} +- {np.std(last, ddof=1):.1f} | {np.mean(ev):.1f} +- {np.std(ev, ddof=1):.1f} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     plot(runs, out.with_suffix(".png"))
     print("\n".join(lines))

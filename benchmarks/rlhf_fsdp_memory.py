@@ -33,6 +33,8 @@ from dataclasses import dataclass
 import psutil
 import tyro
 
+from stamp import stamp
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from rlhf_lora_memory import SCRIPT, build, measure, ppo_flags  # noqa: E402
 
@@ -143,7 +145,8 @@ def main(args: Args) -> None:
     if not os.path.exists(os.path.join(args.model_dir, "rewards.py")):
         build(args.model_dir, args.saved_dtype)
     runs = dict(unsharded=(1, False), fsdp=(args.fsdp_processes, True))
-    records = [run(args, name, *runs[name]) for name in args.settings]
+    started = stamp(__file__)
+    records = [run(args, name, *runs[name]) | {"stamp": started} for name in args.settings]  # kept runs keep their own
     if os.path.exists(args.out):  # the runs of settings not made this time are kept
         with open(args.out) as f:
             records = [r for r in json.load(f)["runs"] if r["setting"] not in args.settings] + records

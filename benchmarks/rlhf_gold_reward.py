@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import tyro
 
+from stamp import stamp
+
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ppo_rlhf.py")
 
 
@@ -45,7 +47,7 @@ def main(args: Args) -> None:
     with open(os.path.join(args.out, "results.json")) as f:
         sweep = json.load(f)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    records = []
+    started, records = stamp(__file__), []
     for kl_coef in args.kl_coefs:
         for seed in args.seeds:
             runs_dir = os.path.join(args.out, "runs", f"gold_kl{kl_coef}_seed{seed}")
@@ -74,11 +76,11 @@ def main(args: Args) -> None:
             r = records[-1]
             print(f"gold reward, kl_coef {kl_coef} seed {seed}: gold {r['gold']:.3f} (SFT {r['sft_gold']:.3f}) KL {r['kl']:.2f} in {wall:.0f}s")
     with open(os.path.join(args.out, "gold_reward.json"), "w") as f:
-        json.dump(dict(settings=vars(args) | {"python": os.path.basename(args.python)}, runs=records), f)
+        json.dump(dict(stamp=started, settings=vars(args) | {"python": os.path.basename(args.python)}, runs=records), f)
 
     def cell(rs, key, digits=3):
         values = [r[key] for r in rs]
-        return f"{np.mean(values):.{digits}f} +- {np.std(values):.{digits}f}" if values else "-"
+        return f"{np.mean(values):.{digits}f} +- {np.std(values, ddof=1):.{digits}f}" if values else "-"
 
     lines = [
         "| kl_coef | reward trained on | final gold score | peak gold score (evaluations) | KL (nats, last 5 updates) |",
@@ -93,7 +95,7 @@ def main(args: Args) -> None:
             lines.append(f"| {kl_coef} | {name} | {cell(rs, 'gold')} | {cell(rs, 'peak')} | {cell(rs, 'kl', 2)} |")
     sft = np.mean([r["sft_gold"] for r in records])
     lines.append(
-        f"\n{len(args.seeds)} seeds ({', '.join(map(str, args.seeds))}), {args.total_episodes} episodes each, mean +- std over "
+        f"\n{len(args.seeds)} seeds ({', '.join(map(str, args.seeds))}), {args.total_episodes} episodes each, mean +- sample std (ddof 1) over "
         f"seeds; SFT policy's gold score {sft:.3f}. Learned-reward rows: the kl-coef sweep's results.json."
     )
     with open(os.path.join(args.out, "gold_reward.md"), "w") as f:

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import tyro
 
+from stamp import stamp
+
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ppo_rlhf.py")
 REWARD_FN = "def length(prompts, completions, completion_ids, **kwargs):\n    return [len(ids) / 16 for ids in completion_ids]\n"
 
@@ -120,10 +122,11 @@ def main(args: Args) -> None:
     if not os.path.exists(os.path.join(args.model_dir, "rewards.py")):
         build(args.model_dir)
     lora = ["--lora-r", str(args.lora_r), "--lora-alpha", str(args.lora_alpha), "--lora-target-modules", args.lora_target_modules]
+    started = stamp(__file__)
     records = [run(args, "lora", lora), run(args, "full", [])]
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "model_dir")}
     with open(args.out, "w") as f:
-        json.dump(dict(settings=settings, runs=records), f, indent=1)
+        json.dump(dict(stamp=started, settings=settings, runs=records), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import tyro
 
+from stamp import stamp
+
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ppo_rlhf.py")
 
 
@@ -50,6 +52,7 @@ def compact_json(obj) -> str:
 
 def main(args: Args) -> None:
     os.makedirs(args.out, exist_ok=True)
+    started = stamp(__file__)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     records = []
     for kl_coef in args.kl_coefs:
@@ -85,7 +88,7 @@ def main(args: Args) -> None:
     with open(os.path.join(cache, task_dir, "task.json")) as f:
         task = json.load(f)
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        f.write(compact_json(dict(task=task, runs=records)))
+        f.write(compact_json(dict(stamp=started, task=task, runs=records)))
 
     lines = [
         f"Built-in task: reward model held-out accuracy {task['rm_accuracy']:.3f}; SFT stage {task['times']['sft_s']:.0f}s, "
@@ -99,10 +102,10 @@ def main(args: Args) -> None:
 
         def cell(key, digits=3):
             values = [r[key] for r in rs]
-            return f"{np.mean(values):.{digits}f} +- {np.std(values):.{digits}f}"
+            return f"{np.mean(values):.{digits}f} +- {np.std(values, ddof=1):.{digits}f}"
 
         lines.append(f"| {kl_coef} | {cell('gold')} | {cell('proxy')} | {cell('kl', 2)} | {cell('wall_s', 0)} | {cell('eps', 0)} |")
-    lines.append(f"\n{len(args.seeds)} seeds ({', '.join(map(str, args.seeds))}), {args.total_episodes} episodes each, mean +- std over seeds; run wall time is the whole process (the first run also built the task).")
+    lines.append(f"\n{len(args.seeds)} seeds ({', '.join(map(str, args.seeds))}), {args.total_episodes} episodes each, mean +- sample std (ddof 1) over seeds; run wall time is the whole process (the first run also built the task).")
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

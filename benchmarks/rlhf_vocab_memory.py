@@ -25,6 +25,8 @@ from typing import Optional
 
 import tyro
 
+from stamp import stamp
+
 
 @dataclass
 class Args:
@@ -117,14 +119,14 @@ def main(args: Args) -> None:
     if args.phase is not None:
         print(json.dumps(run_phase(args)))
         return
-    results = {}
+    started, results = stamp(__file__), {}
     for phase in ("rollout", "update"):
         cmd = [sys.executable, __file__, *sys.argv[1:], "--phase", phase]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         results[phase] = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"{args.label} {phase}: {results[phase]}")
     stored = json.load(open(args.out)) if os.path.exists(args.out) else {}
-    stored[args.label] = dict(results=results, settings={k: v for k, v in vars(args).items() if k not in ("phase", "out")})
+    stored[args.label] = dict(stamp=started, results=results, settings={k: v for k, v in vars(args).items() if k not in ("phase", "out")})
     with open(args.out, "w") as f:
         json.dump(stored, f, indent=1)
 

@@ -27,6 +27,8 @@ import subprocess
 import sys
 import time
 
+from stamp import stamp
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -326,7 +328,7 @@ def driver(args) -> None:
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     torch.set_num_threads(args.num_threads)
-    load_avg_at_start = os.getloadavg()
+    load_avg_at_start, started = os.getloadavg(), stamp(__file__)
     a = ppo_rlhf.with_defaults(ppo_rlhf.Args(total_episodes=args.total_episodes, num_threads=args.num_threads))
     batch = a.per_device_train_batch_size * a.gradient_accumulation_steps * a.num_minibatches
     if args.total_episodes % batch:
@@ -422,7 +424,7 @@ def driver(args) -> None:
     command = " ".join([os.path.relpath(sys.executable) if not os.path.isabs(sys.executable) else sys.executable] + sys.argv)
     result = dict(
         command=command, total_episodes=args.total_episodes, pairs=args.pairs, num_threads=args.num_threads,
-        machine=dict(cpus=os.cpu_count(), load_avg_at_start=load_avg_at_start, load_avg_at_end=os.getloadavg()),
+        stamp=started, machine=dict(cpus=os.cpu_count(), load_avg_at_start=load_avg_at_start, load_avg_at_end=os.getloadavg()),
         versions=dict(ours=ours_versions, trl_env=trl_versions), task_dir=task_dir,
         task=dict(rm_accuracy=task["rm_accuracy"], sft_gold_mean=task["sft_gold_mean"], sft_gold_std=task["sft_gold_std"]),
         sft_eval=sft_eval, eval_prompts=args.eval_prompts, eval_seed=args.seed + 10_000,

@@ -7,7 +7,8 @@ that need no training, run in the benchmark environment (stable-baselines3 2.9.2
    (observations, actions from the policy, rewards and an episode end drawn at random), one minibatch so
    that the shuffling plays no part, 1 and 20 epochs: GAE and returns, the losses and the weights after.
 2. The normalisation: SB3's VecNormalize and our Normalizer fed the same HalfCheetah-v5 stream (random
-   actions, 3 episodes): normalised observations and scaled rewards step by step.
+   actions, 3 episodes): normalised observations and scaled rewards step by step; then the same on Walker2d-v5
+   and Ant-v5 with their presets' gamma, whose random episodes end by terminations (many of them).
 
 Writes benchmarks/results/continuous/sb3_equivalence.json.
 """
@@ -20,6 +21,8 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 import torch
+
+from stamp import stamp
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -95,37 +98,44 @@ def compare_update(epochs: int) -> dict:
     }
 
 
-def compare_normalisation(steps: int = 3500) -> dict:
+def compare_normalisation(preset: str = "zoo-halfcheetah", steps: int = 3500) -> dict:
     from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
 
-    theirs = VecNormalize(DummyVecEnv([lambda: gym.make("HalfCheetah-v5")]), gamma=0.98)
+    args = ours.PRESETS[preset][1]
+    theirs = VecNormalize(DummyVecEnv([lambda: gym.make(args.env_id)]), gamma=args.gamma)
     theirs.seed(5)
     their_obs = theirs.reset()
-    envs, norm = ours.make_envs("HalfCheetah-v5", 1), ours.Normalizer(17, 1, ours.PRESETS["zoo-halfcheetah"][1])
+    envs = ours.make_envs(args.env_id, 1)
+    norm = ours.Normalizer(envs.single_observation_space.shape[0], 1, args)
+    act_dim, episodes = envs.single_action_space.shape[0], 0
     raw, _ = envs.reset(seed=5)
     norm.update(ours.flat_obs(raw))
     obs_diffs = [np.abs(their_obs - norm.normalize_obs(ours.flat_obs(raw))).max()]
     reward_diffs = []
     rng = np.random.default_rng(0)
     for _ in range(steps):
-        action = rng.uniform(-1, 1, (1, 6)).astype(np.float32)
+        action = rng.uniform(-1, 1, (1, act_dim)).astype(np.float32)
         their_obs, their_reward, done, info = theirs.step(action)
         raw, reward, term, trunc, _ = envs.step(action)
         norm.update(ours.flat_obs(raw), reward, np.ones(1, bool), term | trunc)
         my_obs, my_reward = norm.normalize_obs(ours.flat_obs(raw)), norm.scale_reward(reward)
         reward_diffs.append(abs(their_reward[0] - my_reward[0]))
         if done[0]:  # SB3 returns the next episode's first observation, the final one in info; ours steps once more
+            episodes += 1
             obs_diffs.append(np.abs(info[0]["terminal_observation"] - my_obs).max())
             raw, reward, term, trunc, _ = envs.step(action)
             norm.update(ours.flat_obs(raw), reward, np.zeros(1, bool), term | trunc)
             my_obs = norm.normalize_obs(ours.flat_obs(raw))
         obs_diffs.append(np.abs(their_obs - my_obs).max())
-    return {"steps": steps, "obs_max_abs_diff": float(max(obs_diffs)), "reward_max_abs_diff": float(max(reward_diffs))}
+    return {"env_id": args.env_id, "preset": preset, "steps": steps, "episodes": episodes,
+            "obs_max_abs_diff": float(max(obs_diffs)), "reward_max_abs_diff": float(max(reward_diffs))}  # fmt: skip
 
 
 def main() -> None:
     torch.set_num_threads(1)
-    results = {"update": [compare_update(1), compare_update(20)], "normalisation": compare_normalisation()}
+    results = {"stamp": stamp(__file__), "update": [compare_update(1), compare_update(20)], "normalisation": compare_normalisation(),
+               # Walker2d and Ant terminate (HalfCheetah never does): the reward scaling across terminations
+               "normalisation_terminating": [compare_normalisation(p) for p in ("zoo-walker2d", "zoo-ant")]}  # fmt: skip
     print(json.dumps(results, indent=1))
     path = ROOT / "benchmarks" / "results" / "continuous" / "sb3_equivalence.json"
     path.write_text(json.dumps(results, indent=1) + "\n")

@@ -10,6 +10,7 @@ VecNormalize on observations and rewards with the zoo's rule (its discount is th
 Each finished episode goes to metrics.jsonl as `charts/episodic_return` at `global_step` (the names ours use);
 at the end, 10 evaluation episodes with the mean action and frozen statistics give `eval/episodic_return`.
 A run checkpoints every 100k steps (model and VecNormalize) and a cut-off run continues from there.
+Each run folder gets stamp.json (benchmarks/stamp.py) when it starts, and one more stamp per resumed start.
 """
 
 import argparse
@@ -20,6 +21,8 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from stamp import stamp
 
 ROOT = Path(__file__).resolve().parent.parent
 SAVE_EVERY = 100_000
@@ -120,6 +123,9 @@ def launch(env_id: str, seed: int, total_timesteps: int, out: Path) -> None:
         print(f"skipped (another process trains it): {run_dir}", flush=True)
         return
     cmd = [sys.executable, __file__, "--worker", env_id, str(seed), str(total_timesteps), str(run_dir)]
+    stamp_path = run_dir / "stamp.json"
+    starts = json.loads(stamp_path.read_text()) if stamp_path.exists() else []
+    stamp_path.write_text(json.dumps([*starts, stamp(__file__)], indent=1) + "\n")  # a resumed run adds one
     with open(run_dir.parent / "stdout.log", "a") as log:
         proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log, stderr=subprocess.STDOUT)
         (run_dir / "worker.pid").write_text(str(proc.pid))
@@ -144,7 +150,7 @@ def main() -> None:
         list(pool.map(lambda job: launch(*job, args.total_timesteps, Path(args.out)), jobs))
     out = Path(args.out)
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "continuous_returns.py"), "--summary-only", "--out",
-                    str(out.parent), "--label", out.name, "--envs", *args.envs, "--seeds", *map(str, args.seeds)], check=True)  # fmt: skip
+                    str(out.parent), "--label", out.name, "--envs", *ZOO, "--seeds", *map(str, args.seeds)], check=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from stamp import stamp
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from cleanrl_sps import busy_seconds  # noqa: E402  (CPU the machine spent busy, from /proc/stat)
@@ -49,6 +51,7 @@ def run(script: Path, flags: list[str]) -> dict:
 
 
 def main() -> None:
+    started = stamp(__file__)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--old-commit", default="12ddd4d", help="commit whose --num-threads 0 meant torch's default")
     parser.add_argument("--rounds", type=int, default=5)
@@ -63,7 +66,7 @@ def main() -> None:
     default_threads = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"], capture_output=True,
                                      text=True, env={k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}).stdout.strip()  # fmt: skip
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if args.busy else None
-    results = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(), "torch_default_threads": int(default_threads),
+    results = {"stamp": started, "date": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(), "torch_default_threads": int(default_threads),
                "busy_loop_beside": args.busy, "old_commit": args.old_commit, "cases": {}}  # fmt: skip
     try:
         for case in args.cases:
