@@ -196,42 +196,63 @@ def mlp(in_dim: int, out_dim: int, hidden_sizes: Sequence[int], activation: str,
     return nn.Sequential(*layers, linear(width, out_dim, std=out_std))
 
 
+class Gaussian(torch.distributions.Distribution):
+    """Diagonal Gaussian over the action vector (batch [B], event [A]) from means and log stds, its log-probs and
+    entropies gaussian_logprob's and gaussian_entropy's. Any torch.distributions object may stand in its place."""
+
+    def __init__(self, mean: torch.Tensor, log_std: torch.Tensor):
+        self.loc, self.log_std = mean, log_std
+        super().__init__(mean.shape[:-1], mean.shape[-1:], validate_args=False)
+
+    def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
+        return self.loc + self.log_std.exp() * torch.randn_like(self.loc)
+
+    def log_prob(self, actions: torch.Tensor) -> torch.Tensor:
+        return gaussian_logprob(self.loc, self.log_std, actions)
+
+    def entropy(self) -> torch.Tensor:
+        return gaussian_entropy(self.log_std.expand_as(self.loc))
+
+    @property
+    def mode(self) -> torch.Tensor:
+        return self.loc
+
+
 class Agent(nn.Module):
-    def __init__(
-        self, obs_dim: int, act_dim: int, hidden_sizes: Sequence[int], activation: str, log_std_init: float, ortho_init: bool = True
-    ):
+    def __init__(self, obs_dim: int, action_space: gym.spaces.Box, hidden_sizes: Sequence[int], activation: str, log_std_init: float, ortho_init: bool = True):  # fmt: skip
         super().__init__()
+        act_dim = action_space.shape[0]
+        for bound in ("low", "high"):  # the action bounds, for a bounded distribution
+            self.register_buffer(bound, torch.as_tensor(getattr(action_space, bound), dtype=torch.float32), persistent=False)
         self.actor_mean = mlp(obs_dim, act_dim, hidden_sizes, activation, 0.01, ortho_init)
         self.actor_logstd = nn.Parameter(torch.full((1, act_dim), float(log_std_init)))
         self.critic = mlp(obs_dim, 1, hidden_sizes, activation, 1.0, ortho_init)
 
-    def distribution(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The policy's one definition: action means [B, A], log stds ([1, A]: state-independent) and values [B].
-        The rollout, the update and evaluation all go through it (by the three methods below)."""
-        return self.actor_mean(obs), self.actor_logstd, self.critic(obs).squeeze(-1)
-
-    def get_value(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.distribution(obs)[2]
+    def distribution(self, obs: torch.Tensor) -> tuple[torch.distributions.Distribution, torch.Tensor]:
+        """The policy's one definition: the distribution of the actions [B, A] (a torch.distributions object whose
+        log_prob and entropy sum over the action dimensions) and the values [B]. The rollout, the update and the
+        evaluation all ask it, through the two methods below, for samples, log-probs, entropies and its mode."""
+        mean = self.actor_mean(obs)
+        return Gaussian(mean, self.actor_logstd), self.critic(obs).squeeze(-1)
 
     def get_action_and_value(
         self, obs: torch.Tensor, action: Optional[torch.Tensor] = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(action, its log-prob [B], entropy [B], value [B]); samples the action when none is given."""
-        mean, log_std, value = self.distribution(obs)
-        if action is None:
-            action = mean + log_std.exp() * torch.randn_like(mean)
-        return action, gaussian_logprob(mean, log_std, action), gaussian_entropy(log_std.expand_as(mean)), value
+        dist, value = self.distribution(obs)
+        action = dist.sample() if action is None else action
+        return action, dist.log_prob(action), dist.entropy(), value
 
     def greedy_action(self, obs: torch.Tensor) -> torch.Tensor:
-        """The mean action, for evaluation."""
-        return self.distribution(obs)[0]
+        """The distribution's mode, for evaluation."""
+        return self.distribution(obs)[0].mode
 
 
 def build_agent(args: Args, device: torch.device) -> tuple[Agent, int, gym.spaces.Box]:
     """The agent for args.env_id; also the flat observation size and the action space."""
     obs_space, action_space = resolve_env(args.env_id, args.env_kwargs)
     obs_dim = int(np.prod(obs_space.shape))
-    agent = Agent(obs_dim, action_space.shape[0], args.hidden_sizes, args.activation, args.log_std_init, args.ortho_init)
+    agent = Agent(obs_dim, action_space, args.hidden_sizes, args.activation, args.log_std_init, args.ortho_init)
     return agent.to(device), obs_dim, action_space
 
 
@@ -481,9 +502,9 @@ def train(args: Args) -> None:
             frac = 1.0 - (iteration - 1.0) / num_iterations
             optimizer.param_groups[0]["lr"] = frac * args.learning_rate
 
-        # 2. Rollout: num_steps steps of num_envs envs with the current policy. The sampled action is stored
-        # and trained on; the env gets it clipped to the action bounds.
-        policy = rollout_policies.pick(carry.next_obs)  # a numpy copy of the agent (checked on it), or the agent
+        # 2. Rollout: num_steps steps of num_envs envs with the current policy. The sampled action is stored and
+        # trained on; the env gets it clipped to the action bounds (a bounded distribution's actions pass unchanged).
+        policy = rollout_policies.pick(carry.next_obs)  # numpy source derived from the agent (checked on it), or the agent
         for step in range(args.num_steps):
             global_step += args.num_envs * world_size
             obs[step] = carry.next_obs
@@ -1138,72 +1159,196 @@ class WithoutStepInfo(gym.Wrapper):
         return obs, reward, terminated, truncated, {}
 
 
-NUMPY_ACTIVATIONS = {nn.Tanh: np.tanh, nn.ReLU: lambda x: np.maximum(x, 0), nn.ELU: lambda x: np.where(x > 0, x, np.expm1(np.minimum(x, 0)))}  # fmt: skip
+# The rollout's fast path, derived from the one definition. Stepping one MuJoCo env at a time makes the policy a chain
+# of tiny ops, each costing several microseconds of dispatch in torch and about one in numpy. So get_action_and_value
+# is exported once (torch.export, for a batch of num_envs observations) and its aten graph written out as Python
+# source, one numpy line per node, by this table (it gets each argument as source text: v_name for a node, else its
+# repr; an argument it does not take refuses the op). The nodes that depend on the weights alone run once per refresh,
+# after each update; random ops draw from the run's numpy rng. An op the table lacks: get_action_and_value, one note.
+UNARY = {**dict.fromkeys(["clone", "detach", "alias", "contiguous", "lift_fresh_copy", "to", "_to_copy"], ""), "neg": "np.negative",
+         "atanh": "np.arctanh", "lgamma": "lgamma", "erf": "erf", "sigmoid": "sigmoid", "silu": "silu",
+         **{op: f"np.{op}" for op in ("tanh", "exp", "log", "log1p", "expm1", "sqrt", "abs", "square", "reciprocal")}}  # fmt: skip
+RESHAPES, BROADCASTS = {"view", "reshape", "_unsafe_view", "squeeze", "unsqueeze", "flatten", "view_as", "reshape_as"}, {"expand", "expand_as"}
+RANDOM = {"randn_like", "normal", "_standard_gamma", "_sample_dirichlet"}  # their nodes are computed at each call, never once
+IGNORED = {"device", "layout", "pin_memory", "memory_format", "non_blocking"}  # keyword arguments that change no number
+NOISE = "rng.standard_normal({}, dtype=np.float32).astype(DT, copy=False)"  # the draw CleanRL's and the old copy's noise took
+NUMPY_OPS: dict[str, Callable[..., str]] = {
+    **{op: lambda x, dtype="DT", f=f: f"{f}({x})" if dtype == "DT" else None for op, f in UNARY.items()},
+    "linear": lambda x, w, b="None": f"{x} @ {w}_T" + (f" + {b}" if b != "None" else ""),  # w_T: w.T as a C-order copy
+    "t": lambda x: f"{x}.T", "mm": lambda a, b: f"{a} @ {b}", "matmul": lambda a, b: f"{a} @ {b}", "addmm": lambda c, a, b: f"{c} + {a} @ {b}",
+    "add": lambda a, b, alpha="1": f"{a} + {b}" if alpha == "1" else None, "sub": lambda a, b, alpha="1": f"{a} - {b}" if alpha == "1" else None,
+    "rsub": lambda a, b, alpha="1": f"{b} - {a}" if alpha == "1" else None, "mul": lambda a, b: f"{a} * {b}", "div": lambda a, b: f"{a} / {b}",
+    "pow": lambda a, b: f"{a} ** {b}", "maximum": lambda a, b: f"np.maximum({a}, {b})", "minimum": lambda a, b: f"np.minimum({a}, {b})",
+    "where": lambda c, a, b: f"np.where({c}, {a}, {b})", "gt": lambda a, b: f"{a} > {b}", "lt": lambda a, b: f"{a} < {b}",
+    "xlogy": lambda a, b: f"xlogy({a}, {b})", "clamp": lambda x, lo="None", hi="None": f"np.clip({x}, {lo}, {hi})",
+    "clamp_min": lambda x, lo: f"np.maximum({x}, {lo})", "clamp_max": lambda x, hi: f"np.minimum({x}, {hi})",
+    "relu": lambda x: f"np.maximum({x}, 0)", "gelu": lambda x, approximate="'none'": f"gelu_{approximate[1:-1]}({x})",
+    "elu": lambda x, alpha="1", scale="1", input_scale="1": f"np.where({x} > 0, {x}, {'' if alpha in ('1', '1.0') else alpha + ' * '}np.expm1(np.minimum({x}, 0)))" if scale == input_scale == "1" else None,
+    "leaky_relu": lambda x, slope="0.01": f"np.where({x} > 0, {x}, {slope} * {x})", "softplus": lambda x, beta="1", threshold="20": f"softplus({x}, {beta}, {threshold})",
+    "layer_norm": lambda x, shape, w="None", b="None", eps="1e-05", cudnn_enable="True": f"layer_norm({x}, {len(eval(shape))}, {w}, {b}, {eps})",
+    "sum": lambda x, dim="None", keepdim="False": f"{x}.sum({dim}, keepdims={keepdim})", "mean": lambda x, dim="None", keepdim="False": f"{x}.mean({dim}, keepdims={keepdim})",
+    "cat": lambda xs, dim="0": f"np.concatenate({xs}, {dim})", "broadcast_tensors": lambda xs: f"np.broadcast_arrays(*{xs})", "stack": lambda xs, dim="0": f"np.stack({xs}, {dim})",
+    "split": lambda x, size, dim="0": f"np.split({x}, range({size}, {x}.shape[{dim}], {size}), {dim})", "chunk": lambda x, n, dim="0": f"chunk({x}, {n}, {dim})",
+    "getitem": lambda x, i: f"{x}[{i}]", "select": lambda x, dim, i: f"np.take({x}, {i}, {dim})",
+    "slice": lambda x, dim="0", start="None", end="None", step="1": f"{x}[{':, ' * int(dim)}{start}:{end}:{step}]",
+    "full": lambda shape, value, dtype="DT", **_: f"np.full({shape}, {value}, {dtype})", "scalar_tensor": lambda v, dtype="DT", **_: f"np.asarray({v}, {dtype})",
+    "zeros_like": lambda x, dtype="DT", **_: f"np.zeros_like({x})", "ones_like": lambda x, dtype="DT", **_: f"np.ones_like({x})",
+    "randn_like": lambda x, dtype="DT", **_: NOISE.format(f"{x}.shape"), "normal": lambda m, s: f"{m} + {s} * " + NOISE.format(f"np.broadcast_shapes({m}.shape, {s}.shape)"),
+    "_standard_gamma": lambda c: f"rng.standard_gamma({c}).astype(DT)", "_sample_dirichlet": lambda c: f"dirichlet(rng.standard_gamma({c}).astype(DT))",
+}  # fmt: skip
 
-# The numpy copy is checked in float64 against a float64 copy of the agent: the two differ only in the order of
-# their sums (about 1e-13), while float32 rounding, divided by a small std, reaches 1e-5 in a log-prob. 1e-6,
-# relative beyond magnitude 1, lies far above the first and far below any change of the policy that matters.
-FAST_PATH_ATOL = 1e-6
+
+def vectorize(f: Callable[[float], float]) -> Callable[[np.ndarray], np.ndarray]:
+    """A float function of the math module over arrays (numpy has no lgamma or erf), in float64, cast back."""
+    return lambda x: np.vectorize(f, otypes=[np.float64])(x).astype(x.dtype)
+
+
+def layer_norm(x: np.ndarray, dims: int, w: Optional[np.ndarray], b: Optional[np.ndarray], eps: float) -> np.ndarray:
+    centred = x - x.mean(axis := tuple(range(-dims, 0)), keepdims=True)
+    y = centred / np.sqrt((centred * centred).mean(axis, keepdims=True) + eps)
+    return (y if w is None else y * w) + (0 if b is None else b)
+
+
+NUMPY_HELPERS = dict(
+    np=np, lgamma=vectorize(math.lgamma), erf=vectorize(math.erf), layer_norm=layer_norm, sigmoid=lambda x: 1 / (1 + np.exp(-x)),
+    silu=lambda x: x / (1 + np.exp(-x)), gelu_none=lambda x: x * 0.5 * (1 + vectorize(math.erf)(x * math.sqrt(0.5))),
+    gelu_tanh=lambda x: 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x * x * x))),
+    softplus=lambda x, beta, threshold: np.where(x * beta > threshold, x, np.log1p(np.exp(np.minimum(x * beta, threshold))) / beta),
+    xlogy=lambda a, b: np.where(a == 0, 0, a * np.log(np.where(a == 0, 1, b))).astype(np.result_type(a, b)),
+    chunk=lambda x, n, dim: np.split(x, range(-(-x.shape[dim] // n), x.shape[dim], -(-x.shape[dim] // n)), dim),
+    dirichlet=lambda g: g / g.sum(-1, keepdims=True),
+)  # fmt: skip
+
+# The derived source is checked in float64 against a float64 copy of the agent: the two run the same ops and differ
+# only in the order of their sums and libm's last bits, about 1e-13 relative for these networks, while float32 rounding,
+# divided by a small std, reaches 1e-5 in a log-prob. 1e-9, relative beyond magnitude 1, leaves rounding four orders
+# of magnitude and lies far below any change of the policy that matters.
+FAST_PATH_ATOL = 1e-9
 # |new - old log-prob| at the first minibatch, before any step: 1e-7 to 3e-6 (float32 rounding) when the rollout's
 # policy is the trained one (InvertedPendulum, HalfCheetah with the cleanrl and zoo-halfcheetah presets).
 ON_POLICY_ATOL = 1e-3
 
 
-def numpy_layers(seq: nn.Module, dtype: type) -> list[Callable[[np.ndarray], np.ndarray]]:
-    """A numpy function per layer of an nn.Sequential of Linear layers and known activations; else ValueError."""
-    if type(seq) is not nn.Sequential:
-        raise ValueError(f"{type(seq).__name__} is not an nn.Sequential")
-    layers = []
-    for m in seq:
-        if type(m) is nn.Linear and m.bias is not None:
-            w = m.weight.detach().cpu().numpy().T.astype(dtype, order="C")  # the layout fixes the matmul's sums
-            b = m.bias.detach().cpu().numpy().astype(dtype)
-            layers.append(lambda x, w=w, b=b: x @ w + b)
-        elif type(m) in NUMPY_ACTIVATIONS and getattr(m, "alpha", 1.0) == 1.0:
-            layers.append(NUMPY_ACTIVATIONS[type(m)])
-        else:
-            raise ValueError(f"it has no copy of {m}")
-    return layers
+class PolicyFunction(nn.Module):
+    """What torch.export traces: the agent's get_action_and_value, sampling."""
+
+    def __init__(self, agent: Agent):
+        super().__init__()
+        self.agent = agent
+
+    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.agent.get_action_and_value(obs)
 
 
-class NumpyPolicy:
-    """A frozen numpy copy of Agent.get_action_and_value for the rollout (actor_mean and critic MLPs, the log std
-    actor_logstd), rebuilt and checked against it every iteration. Stepping one MuJoCo env at a time makes the
-    forward pass a chain of tiny ops, each of which costs several microseconds of dispatch in torch and about one in
-    numpy. Actions are sampled from rng; their log-probabilities come from the noise."""
+def source_text(value) -> str:
+    """An argument of an aten node as source text: v_name for a node, a tuple of them for a list, DT for a float dtype."""
+    if isinstance(value, torch.fx.Node):
+        return f"v_{value.name}"
+    if isinstance(value, (list, tuple)):
+        return f"({''.join(source_text(v) + ', ' for v in value)})"
+    if isinstance(value, torch.dtype):
+        return "DT" if value.is_floating_point else f"np.{str(value).split('.')[-1]}"
+    return repr(value)
 
-    def __init__(self, agent: Agent, dtype: type = np.float32):
-        self.actor, self.critic = numpy_layers(agent.actor_mean, dtype), numpy_layers(agent.critic, dtype)
-        self.log_std = agent.actor_logstd.detach().cpu().numpy()[0].astype(dtype)
-        self.std = np.exp(self.log_std)
 
-    @staticmethod
-    def mlp(layers: list, x: np.ndarray) -> np.ndarray:
-        for layer in layers:
-            x = layer(x)
-        return x
+def numpy_line(node: torch.fx.Node) -> str:
+    """One aten node as numpy source; NotImplementedError names an op (or its arguments) the table cannot translate."""
+    op, args = getattr(node.target, "__name__", str(node.target)).split(".")[0], [source_text(a) for a in node.args]
+    kwargs = {k: source_text(v) for k, v in node.kwargs.items() if k not in IGNORED}
+    if op in RESHAPES | BROADCASTS and isinstance(node.meta.get("val"), torch.Tensor):  # to the node's (fixed) shape
+        return f"v_{node.name} = np.{'reshape' if op in RESHAPES else 'broadcast_to'}({args[0]}, {tuple(node.meta['val'].shape)})"
+    try:
+        line = NUMPY_OPS[op](*args, **kwargs) if node.op == "call_function" else None
+    except (KeyError, TypeError):
+        line = None
+    if line is None:
+        raise NotImplementedError(f"it has no numpy translation of {node.target}({', '.join(args + [f'{k}={v}' for k, v in kwargs.items()])})")
+    return f"v_{node.name} = {line}"
 
-    def value(self, obs: np.ndarray) -> np.ndarray:
-        return self.mlp(self.critic, obs)[:, 0]
+
+def numpy_source(graph: torch.fx.Graph, functions: dict[str, Sequence[int]]) -> tuple[str, dict[str, NotImplementedError]]:
+    """Source of def name(v_obs, rng) for each of functions (the graph's outputs it returns, by index), the nodes
+    they need one line each, and of setup(), the nodes that depend on the weights alone; and the functions that the
+    table cannot translate, with the cause."""
+    nodes, varying, lines = list(graph.nodes), set(), {}
+    for node in nodes[:-1]:
+        if node.name == "obs" or node.op == "call_function" and node.target.__name__.split(".")[0] in RANDOM or varying & set(node.all_input_nodes):
+            varying.add(node)
+        if node.op != "placeholder":
+            try:
+                lines[node] = numpy_line(node)
+            except NotImplementedError as e:
+                lines[node] = e
+    sources, failed, once = [], {}, set()
+    for name, outputs in functions.items():
+        needed, todo = set(), [nodes[-1].args[0][i] for i in outputs]
+        while todo:
+            needed |= {todo[-1]}
+            todo += [n for n in todo.pop().all_input_nodes if n not in needed]
+        body = [lines[n] for n in nodes if n in needed and n in lines]
+        if any(isinstance(line, NotImplementedError) for line in body):
+            failed[name] = next(line for line in body if isinstance(line, NotImplementedError))
+            continue
+        once |= {n for n in needed - varying if n in lines}
+        returned = ", ".join(f"v_{nodes[-1].args[0][i].name}" for i in outputs)
+        sources.append(f"def {name}(v_obs, rng=None):\n" + "".join(f"    {lines[n]}\n" for n in nodes if n in needed & varying and n in lines) + f"    return {returned}\n")
+    setup = "".join(f"    global v_{n.name}\n    {lines[n]}\n" for n in nodes if n in once)
+    return f"def setup():\n    pass\n{setup}" + "".join(sources), failed
+
+
+class DerivedPolicy:
+    """The rollout's policy derived from Agent.get_action_and_value: act(obs, rng) -> (actions, log-probs, values) and
+    value(obs), numpy source from its exported graph, run on numpy copies of the weights (refresh() after an update).
+    Entropies are the update's: checked where the table translates them, never computed in the rollout."""
+
+    def __init__(self, agent: Agent, obs: np.ndarray):
+        # Under no_grad (a sample() under no_grad would otherwise come as a submodule) and without the distributions'
+        # argument checks (data-dependent, they cannot be traced; the update and the float64 check still run them).
+        torch.distributions.Distribution.set_default_validate_args(False)
+        try:
+            with torch.no_grad():
+                program = torch.export.export(PolicyFunction(copy.deepcopy(agent).cpu()), (torch.as_tensor(obs),))
+        finally:
+            torch.distributions.Distribution.set_default_validate_args(__debug__)  # torch's default
+        self.agent, self.constants = agent, program.constants
+        self.inputs = {s.arg.name: s.target for s in program.graph_signature.input_specs if s.target is not None}
+        self.source, failed = numpy_source(program.graph, {"act": (0, 1, 3), "value": (3,), "entropy": (2,)})
+        if "act" in failed or "value" in failed:
+            raise failed.get("act", failed.get("value"))
+        self.code = compile(self.source, "<numpy source derived from get_action_and_value>", "exec")
+        self.refresh()
+
+    def namespace(self, agent: Agent, dtype: type) -> dict:
+        """The generated functions over numpy copies of agent's weights (2-D ones also as C-order transposes)."""
+        namespace, tensors = dict(NUMPY_HELPERS, DT=dtype), {**dict(agent.named_parameters()), **dict(agent.named_buffers())}
+        for name, target in self.inputs.items():
+            array = tensors.get(target.removeprefix("agent."), self.constants.get(target)).detach().cpu().numpy().astype(dtype)
+            namespace[f"v_{name}"], namespace[f"v_{name}_T"] = array, np.ascontiguousarray(array.T)  # the layout fixes the matmul's sums
+        exec(self.code, namespace)
+        namespace["setup"]()
+        return namespace
+
+    def refresh(self) -> "DerivedPolicy":
+        self.float32 = self.namespace(self.agent, np.float32)
+        return self
 
     def act(self, obs: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Sampled actions [N, A], their log-probabilities [N] and the state values [N]."""
-        mean = self.mlp(self.actor, obs)
-        noise = rng.standard_normal(mean.shape, dtype=np.float32).astype(mean.dtype, copy=False)  # float64 when checked
-        logprob = (-0.5 * noise * noise - self.log_std - LOG_SQRT_2PI).sum(-1)
-        return mean + self.std * noise, logprob, self.value(obs)
+        return self.float32["act"](obs, rng)
 
-    @classmethod
-    def mismatch(cls, agent: Agent, obs: np.ndarray, device: torch.device) -> Optional[str]:
-        """None if the copy's act, in float64, samples actions whose log-probs and values get_action_and_value gives
-        too (on a float64 copy of the agent, on obs), and the entropy of the copy's std is the agent's, to
-        FAST_PATH_ATOL; else what differs. Draws from no shared RNG and leaves the agent as it was."""
-        mine, agent, obs = cls(agent, np.float64), copy.deepcopy(agent).double(), obs.astype(np.float64)
-        actions, logprobs, values = mine.act(obs, np.random.default_rng(0))
-        mine = (logprobs, np.full(len(obs), gaussian_entropy(torch.from_numpy(mine.log_std)).item()), values)
+    def value(self, obs: np.ndarray) -> np.ndarray:
+        return self.float32["value"](obs)
+
+    def mismatch(self, obs: np.ndarray, device: torch.device) -> Optional[str]:
+        """None if the source, run in float64 on obs, samples actions whose log-probs and values get_action_and_value
+        gives too (on a float64 copy of the agent), and its entropies are the agent's, to FAST_PATH_ATOL; else what
+        differs. Draws from no shared RNG and leaves the agent as it was."""
+        agent, obs = copy.deepcopy(self.agent).double(), obs.astype(np.float64)
+        mine = self.namespace(agent, np.float64)
+        actions, logprobs, values = mine["act"](obs, np.random.default_rng(0))
+        ours = {"log-probs": logprobs, "entropies": mine["entropy"](obs) if "entropy" in mine else None, "values": values}
         with torch.no_grad():
             theirs = agent.get_action_and_value(torch.as_tensor(obs, device=device), torch.as_tensor(actions, device=device))[1:]
-        gaps = {name: np.max(np.abs(a - b.cpu().numpy()) / np.maximum(1, np.abs(b.cpu().numpy()))) for name, a, b in zip(("log-probs", "entropies", "values"), mine, theirs)}  # fmt: skip
+        gaps = {k: np.max(np.abs(a - b.cpu().numpy()) / np.maximum(1, np.abs(b.cpu().numpy()))) for (k, a), b in zip(ours.items(), theirs) if a is not None}  # fmt: skip
         differ = [f"{name} by {gap:.1e}" for name, gap in gaps.items() if not gap <= FAST_PATH_ATOL]
         return f"its {', '.join(differ)} differ from get_action_and_value's (tolerance {FAST_PATH_ATOL})" if differ else None
 
@@ -1216,7 +1361,7 @@ class TorchPolicy:
 
     @torch.no_grad()
     def value(self, obs: np.ndarray) -> np.ndarray:
-        return self.agent.get_value(torch.as_tensor(obs, device=self.device)).cpu().numpy()
+        return self.agent.distribution(torch.as_tensor(obs, device=self.device))[1].cpu().numpy()
 
     @torch.no_grad()
     def act(self, obs: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -1225,34 +1370,36 @@ class TorchPolicy:
 
 
 class RolloutPolicies:
-    """The rollout's policy, each iteration: the agent's numpy copy while it reproduces get_action_and_value on the
-    current observations and the data it collects passes the on-policy check; after either fails, the agent itself
-    for the rest of the run, with one note naming the cause."""
+    """The rollout's policy, each iteration: the derived numpy source while it reproduces get_action_and_value on the
+    current observations and the data it collects passes the on-policy check; after either fails (or the export or
+    the table cannot follow the agent), the agent itself for the rest of the run, with one note naming the cause."""
 
     def __init__(self, agent: Agent, device: torch.device):
-        self.agent, self.device, self.numpy_copy, self.warned = agent, device, True, False
+        self.agent, self.device, self.derived, self.warned = agent, device, None, False
+        self.fast = True
 
-    def pick(self, obs: np.ndarray) -> Union[NumpyPolicy, TorchPolicy]:
-        if self.numpy_copy:
+    def pick(self, obs: np.ndarray) -> Union[DerivedPolicy, TorchPolicy]:
+        if self.fast:
             try:
-                policy, cause = NumpyPolicy(self.agent), NumpyPolicy.mismatch(self.agent, obs, self.device)
-            except Exception as e:  # an edit the copy cannot follow must not stop a run the agent can do
-                cause = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+                self.derived = self.derived.refresh() if self.derived else DerivedPolicy(self.agent, obs)
+                cause = self.derived.mismatch(obs, self.device)
+            except Exception as e:  # an edit the derived path cannot follow must not stop a run the agent can do
+                cause = str(e).splitlines()[0] if isinstance(e, NotImplementedError) else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             if cause is None:
-                return policy
-            self.numpy_copy = False
-            print(f"note: the numpy rollout copy steps aside: {cause}; the rollout runs get_action_and_value", flush=True)
+                return self.derived
+            self.fast = False
+            print(f"note: the derived numpy rollout steps aside: {cause}; the rollout runs get_action_and_value", flush=True)
         return TorchPolicy(self.agent, self.device)
 
     def check_on_policy(self, max_logratio: float, iteration: int) -> None:
         """The data was collected by the policy being trained: max |log-ratio| of the update's first minibatch, before
-        its first step, within ON_POLICY_ATOL. A numpy copy that fails it steps aside; the agent's own method
+        its first step, within ON_POLICY_ATOL. The derived path failing it steps aside; the agent's own method
         failing it (a policy random given its input, e.g. dropout) gets one note and training goes on."""
         if not max_logratio > ON_POLICY_ATOL:
             return
         figure = f"on-policy check: max |log-ratio| {max_logratio:.1e} at the first minibatch of iteration {iteration}"
-        if self.numpy_copy:
-            self.numpy_copy = False
+        if self.fast:
+            self.fast = False
             print(f"note: {figure}; the rollout switches to the plain get_action_and_value for the rest of the run", flush=True)
         elif not self.warned:
             self.warned = True
