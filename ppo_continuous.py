@@ -102,8 +102,7 @@ class Args:
     torch_deterministic: bool = True
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     device: str = "auto"
-    """torch device: `auto` (the CPU: an MLP on vector observations runs faster there than on a GPU) or a device
-    string such as `cuda` or `cuda:1`"""
+    """torch device: `auto` (the CPU: an MLP on vector observations runs faster there than on a GPU), `cuda`, `cuda:1`..."""
     num_threads: int = 0
     """torch CPU threads per process; 0 picks from the work: 1 for an MLP (more threads only add overhead, and
     slow down badly when another job holds a core)"""
@@ -114,8 +113,7 @@ class Args:
     wandb_entity: Optional[str] = None
     """the wandb entity (team or user)"""
     capture_video: bool = False
-    """if toggled, record the first evaluation episode to runs/{run_name}/videos/ (without a display:
-    offscreen through EGL, MUJOCO_GL=egl)"""
+    """if toggled, record the first evaluation episode to runs/{run_name}/videos/ (no display: EGL, MUJOCO_GL=egl)"""
     runs_dir: str = "runs"
     """folder that holds runs/{run_name}/ (metrics, args, checkpoints, videos)"""
     save_every: int = 0
@@ -173,7 +171,8 @@ def flat_obs(obs: np.ndarray) -> np.ndarray:
     return obs.reshape(obs.shape[0], -1).astype(np.float64)
 
 
-# Network: separate actor and critic MLPs, a diagonal Gaussian policy with a state-independent log std.
+# Network: separate actor and critic MLPs, a diagonal Gaussian policy with a state-independent log std (Gaussian,
+# with the PPO maths below).
 
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU}
 
@@ -196,28 +195,6 @@ def mlp(in_dim: int, out_dim: int, hidden_sizes: Sequence[int], activation: str,
     return nn.Sequential(*layers, linear(width, out_dim, std=out_std))
 
 
-class Gaussian(torch.distributions.Distribution):
-    """Diagonal Gaussian over the action vector (batch [B], event [A]) from means and log stds, its log-probs and
-    entropies gaussian_logprob's and gaussian_entropy's. Any torch.distributions object may stand in its place."""
-
-    def __init__(self, mean: torch.Tensor, log_std: torch.Tensor):
-        self.loc, self.log_std = mean, log_std
-        super().__init__(mean.shape[:-1], mean.shape[-1:], validate_args=False)
-
-    def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
-        return self.loc + self.log_std.exp() * torch.randn_like(self.loc)
-
-    def log_prob(self, actions: torch.Tensor) -> torch.Tensor:
-        return gaussian_logprob(self.loc, self.log_std, actions)
-
-    def entropy(self) -> torch.Tensor:
-        return gaussian_entropy(self.log_std.expand_as(self.loc))
-
-    @property
-    def mode(self) -> torch.Tensor:
-        return self.loc
-
-
 class Agent(nn.Module):
     def __init__(self, obs_dim: int, action_space: gym.spaces.Box, hidden_sizes: Sequence[int], activation: str, log_std_init: float, ortho_init: bool = True):  # fmt: skip
         super().__init__()
@@ -229,15 +206,12 @@ class Agent(nn.Module):
         self.critic = mlp(obs_dim, 1, hidden_sizes, activation, 1.0, ortho_init)
 
     def distribution(self, obs: torch.Tensor) -> tuple[torch.distributions.Distribution, torch.Tensor]:
-        """The policy's one definition: the distribution of the actions [B, A] (a torch.distributions object whose
-        log_prob and entropy sum over the action dimensions) and the values [B]. The rollout, the update and the
-        evaluation all ask it, through the two methods below, for samples, log-probs, entropies and its mode."""
+        """The policy's one definition: the actions' distribution [B, A] (a torch.distributions object, log_prob and entropy
+        summed over the action dimensions) and the values [B]. Rollout, update and evaluation ask it, by the methods below."""
         mean = self.actor_mean(obs)
         return Gaussian(mean, self.actor_logstd), self.critic(obs).squeeze(-1)
 
-    def get_action_and_value(
-        self, obs: torch.Tensor, action: Optional[torch.Tensor] = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def get_action_and_value(self, obs: torch.Tensor, action: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, ...]:
         """(action, its log-prob [B], entropy [B], value [B]); samples the action when none is given."""
         dist, value = self.distribution(obs)
         action = dist.sample() if action is None else action
@@ -261,14 +235,26 @@ def build_agent(args: Args, device: torch.device) -> tuple[Agent, int, gym.space
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 
-def gaussian_logprob(mean: torch.Tensor, log_std: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-    """log N(actions; mean, diag(exp(log_std)^2)), summed over the action dimensions."""
-    return (-0.5 * ((actions - mean) * torch.exp(-log_std)) ** 2 - log_std - LOG_SQRT_2PI).sum(-1)
+class Gaussian(torch.distributions.Distribution):
+    """Diagonal Gaussian over the action vector (batch [B], event [A]) from means and log stds, its log-probs and
+    entropies summed over the action dimensions. Any torch.distributions object may stand in its place."""
 
+    def __init__(self, mean: torch.Tensor, log_std: torch.Tensor):
+        self.loc, self.log_std = mean, log_std
+        super().__init__(mean.shape[:-1], mean.shape[-1:], validate_args=False)
 
-def gaussian_entropy(log_std: torch.Tensor) -> torch.Tensor:
-    """Entropy of a diagonal Gaussian, summed over the action dimensions (the mean plays no part)."""
-    return (0.5 + LOG_SQRT_2PI + log_std).sum(-1)
+    def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
+        return self.loc + self.log_std.exp() * torch.randn_like(self.loc)
+
+    def log_prob(self, actions: torch.Tensor) -> torch.Tensor:
+        return (-0.5 * ((actions - self.loc) * torch.exp(-self.log_std)) ** 2 - self.log_std - LOG_SQRT_2PI).sum(-1)
+
+    def entropy(self) -> torch.Tensor:  # the mean plays no part
+        return (0.5 + LOG_SQRT_2PI + self.log_std.expand_as(self.loc)).sum(-1)
+
+    @property
+    def mode(self) -> torch.Tensor:
+        return self.loc
 
 
 def compute_gae(
@@ -297,9 +283,7 @@ def policy_loss(ratio: torch.Tensor, advantages: torch.Tensor, clip_coef: float)
     return torch.max(-advantages * ratio, -advantages * torch.clamp(ratio, 1 - clip_coef, 1 + clip_coef))
 
 
-def value_loss(
-    new_values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, clip_coef: Optional[float]
-) -> torch.Tensor:
+def value_loss(new_values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, clip_coef: Optional[float]) -> torch.Tensor:
     """Per-sample 0.5 * squared error; with clip_coef, the max of the plain and clipped errors."""
     unclipped = (new_values - returns) ** 2
     if clip_coef is None:
@@ -322,8 +306,8 @@ def explained_variance(values: np.ndarray, returns: np.ndarray) -> float:
 
 
 class RunningMeanStd:
-    """Mean and variance of a stream of rows, merged batch by batch (Chan et al., 1979). Starts as
-    gymnasium's and SB3's: mean 0, variance 1, count 1e-4. Shape () holds numpy scalars (cheaper than arrays)."""
+    """Mean and variance of a stream of rows, merged batch by batch (Chan et al., 1979), from gymnasium's and SB3's
+    start: mean 0, variance 1, count 1e-4. Shape () holds numpy scalars (cheaper than arrays)."""
 
     def __init__(self, shape: tuple = (), epsilon: float = 1e-4):
         self.mean = np.zeros(shape, np.float64)[()]
@@ -353,11 +337,8 @@ class Normalizer:
         self.ret_rms = RunningMeanStd()
         self.returns = np.zeros(num_envs)  # this process's discounted returns G
 
-    def update(
-        self, obs: np.ndarray, reward: Optional[np.ndarray] = None, valid: Optional[np.ndarray] = None, ended=None
-    ) -> None:
-        """Add one step of the envs: obs [N, obs_dim] returned by reset or step; with reward, the step's
-        rewards, valid (False on reset steps) and ended (terminated or truncated)."""
+    def update(self, obs: np.ndarray, reward: Optional[np.ndarray] = None, valid: Optional[np.ndarray] = None, ended=None) -> None:
+        """Add one step: obs [N, obs_dim] from reset or step; with reward, its rewards, valid (no reset step), ended."""
         batches = []
         if self.norm_obs:
             batches.append((self.obs_rms, obs))
@@ -396,10 +377,9 @@ def ppo_update(
     agent: Agent, optimizer: torch.optim.Optimizer, params: list[torch.Tensor], batch: dict[str, torch.Tensor], args: Args,
     rng: np.random.Generator, world_size: int = 1, guard: Optional["NonFiniteGuard"] = None,
 ) -> dict[str, float]:  # fmt: skip
-    """args.update_epochs epochs over the batch (keys obs, actions, logprobs, values, advantages, returns, valid)
-    in shuffled minibatches; steps with valid 0 weigh nothing. Returns the losses and diagnostics, each the mean over
-    all minibatches, skipped_steps (minibatches not stepped: non-finite) and first_max_logratio, max |log-ratio| of
-    the first minibatch before any step (~0: the data is on-policy)."""
+    """args.update_epochs epochs over the batch (keys obs, actions, logprobs, values, advantages, returns, valid) in
+    shuffled minibatches; steps with valid 0 weigh nothing. Returns the losses and diagnostics, each the mean over all
+    minibatches, skipped_steps (not stepped: non-finite), first_max_logratio (first minibatch, before any step: ~0)."""
     batch_size, guard = len(batch["obs"]), guard or NonFiniteGuard()
     stats = {k: [] for k in ("policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac")}
     for epoch in range(args.update_epochs):
@@ -457,8 +437,7 @@ def train(args: Args) -> None:
     if args.eval_checkpoint is not None:
         return evaluate_checkpoint(args, device)
     ckpt = load_checkpoint(args.resume, "--resume") if args.resume is not None else None
-    if ckpt is not None:
-        args = resumed_args(args, ckpt)
+    args = resumed_args(args, ckpt) if ckpt is not None else args
     use_offscreen_rendering(args.capture_video)
     batch_size, minibatch_size, num_iterations = check_args(args, world_size)
 
@@ -543,9 +522,9 @@ def train(args: Args) -> None:
         metrics["charts/SPS"] = int((global_step - start_step) / (time.time() - start_time))
         run.log(global_step, metrics)
         run.print_progress(iteration, num_iterations, global_step, metrics["charts/SPS"])
-        stop = stop_requested()
-        if stop or iteration == num_iterations or (args.save_every and iteration % args.save_every == 0):
-            save_checkpoint(run, iteration, global_step, agent, optimizer, normalizer, carry, rng, envs, distributed)
+        stop = stop_requested()  # a checkpoint each iteration, in memory: on disk when asked, at the end, or on a crash
+        write = stop or iteration == num_iterations or (args.save_every and iteration % args.save_every == 0)
+        save_checkpoint(run, iteration, global_step, agent, optimizer, normalizer, carry, rng, envs, distributed, write)
         if stop:
             envs.close()
             exit_interrupted(run, global_step, distributed)
@@ -560,8 +539,8 @@ def train(args: Args) -> None:
 
 # Infrastructure: nothing below changes what PPO computes; a research copy can drop what it does not need.
 # Run folder, logging and wandb; checkpoints and resume; signals; torchrun; evaluation and video; argument
-# checks; env pickling; the rollout's numpy copy of the policy (checked on Agent.get_action_and_value); flat
-# parameters; the non-finite guard.
+# checks; env pickling; the rollout's numpy source derived from Agent.get_action_and_value; flat parameters; the
+# non-finite guard.
 
 
 class Run:
@@ -577,10 +556,11 @@ class Run:
         else:
             self.run_name, self.run_dir = ckpt["run_name"], os.path.dirname(os.path.abspath(args.resume))
         self.wandb_id = ckpt["wandb_id"] if ckpt else None
-        self.file = self.wandb_run = None
+        self.file = self.wandb_run = self.last_checkpoint = None
         self.recent_returns = deque(maxlen=20)
         if rank != 0:
             return
+        sys.excepthook = self.checkpoint_on_crash
         os.makedirs(self.run_dir, exist_ok=True)
         with open(os.path.join(self.run_dir, "args.json"), "w") as f:
             json.dump(asdict(args), f, indent=2)
@@ -591,16 +571,8 @@ class Run:
         if args.track:
             import wandb
 
-            self.wandb_run = wandb.init(
-                project=args.wandb_project_name,
-                entity=args.wandb_entity,
-                config=asdict(args),
-                name=self.run_name,
-                id=self.wandb_id,
-                resume="allow",
-                dir=self.run_dir,
-                save_code=True,
-            )
+            self.wandb_run = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args), name=self.run_name,
+                                        id=self.wandb_id, resume="allow", dir=self.run_dir, save_code=True)  # fmt: skip
             self.wandb_run.define_metric("global_step")
             self.wandb_run.define_metric("*", step_metric="global_step")
             self.wandb_id = self.wandb_run.id
@@ -623,15 +595,23 @@ class Run:
         if self.file is None or (iteration % max(1, num_iterations // 100) and iteration != num_iterations):
             return
         recent = f"{np.mean(self.recent_returns):.1f}" if self.recent_returns else "n/a"
-        print(
-            f"iteration {iteration}/{num_iterations} | global_step {global_step:,} | SPS {sps:,} "
-            f"| episodic_return (last {len(self.recent_returns)}) {recent}",
-            flush=True,
-        )
+        print(f"iteration {iteration}/{num_iterations} | global_step {global_step:,} | SPS {sps:,} "
+              f"| episodic_return (last {len(self.recent_returns)}) {recent}", flush=True)  # fmt: skip
+
+    def checkpoint_on_crash(self, kind: type, error: BaseException, traceback) -> None:
+        """An exception out of train() (the env's step or reset, an out-of-memory error, a bug): its traceback, then
+        the checkpoint of the last completed iteration written, and named on the last line (exit status 1)."""
+        sys.__excepthook__(kind, error, traceback)
+        if self.last_checkpoint is None:
+            return print(f"error: {kind.__name__} before the first iteration completed; no checkpoint written", file=sys.stderr)
+        iteration, global_step, path = self.last_checkpoint[0], self.last_checkpoint[1], write_checkpoint(self)
+        print(f"error: {kind.__name__}: {str(error).splitlines()[0] if str(error) else ''}; checkpoint of iteration {iteration} "
+              f"(global_step {global_step:,}) in {path}; continue with --resume {path}", file=sys.stderr, flush=True)  # fmt: skip
 
     def finish(self) -> None:
         if self.file is None:
             return
+        sys.excepthook = sys.__excepthook__
         if self.wandb_run is not None:
             self.wandb_run.finish()
         files = ["metrics.jsonl", "args.json", "checkpoint.pt"] + ["videos/"] * os.path.isdir(os.path.join(self.run_dir, "videos"))
@@ -643,15 +623,11 @@ def print_plan(run: Run, device: str, world_size: int, batch_size: int, minibatc
     args, steps = run.args, num_iterations * batch_size * world_size
     if run.rank != 0:
         return
-    print(
-        f"{run.run_name}: {num_iterations} iterations of {batch_size} steps x {world_size} process(es), "
-        f"{args.num_minibatches} minibatches of {minibatch_size}, {args.update_epochs} epochs, device {device}"
-    )
+    print(f"{run.run_name}: {num_iterations} iterations of {batch_size} steps x {world_size} process(es), "
+          f"{args.num_minibatches} minibatches of {minibatch_size}, {args.update_epochs} epochs, device {device}")  # fmt: skip
     if steps != args.total_timesteps:
-        print(
-            f"note: --total-timesteps {args.total_timesteps:,} is not a whole number of batches of "
-            f"{batch_size * world_size:,} steps; training {steps:,} steps ({num_iterations} iterations)"
-        )
+        print(f"note: --total-timesteps {args.total_timesteps:,} is not a whole number of batches of "
+              f"{batch_size * world_size:,} steps; training {steps:,} steps ({num_iterations} iterations)")  # fmt: skip
 
 
 @dataclass
@@ -673,27 +649,13 @@ CHECKPOINT_KEYS = {"args", "run_name", "iteration", "global_step", "wandb_id", "
 
 
 def save_checkpoint(
-    run: Run,
-    iteration: int,
-    global_step: int,
-    agent: Agent,
-    optimizer: torch.optim.Optimizer,
-    normalizer: Normalizer,
-    carry: Carry,
-    rng: np.random.Generator,
-    envs: gym.vector.SyncVectorEnv,
-    distributed: bool,
-) -> None:
-    """Rank 0 writes run_dir/checkpoint.pt atomically (tmp + fsync + rename), never with a non-finite tensor.
-    Everything but "resume_state" is tensors and plain values; "resume_state" holds each process's carried state,
-    RNGs and pickled envs."""
-    mine = {
-        "carry": asdict(carry),
-        "rng": rng.bit_generator.state,
-        "global_rngs": global_rng_state(),
-        "envs": env_state(envs),
-        "returns": normalizer.returns,
-    }
+    run: Run, iteration: int, global_step: int, agent: Agent, optimizer: torch.optim.Optimizer, normalizer: Normalizer,
+    carry: Carry, rng: np.random.Generator, envs: gym.vector.SyncVectorEnv, distributed: bool, write: bool = True,
+) -> None:  # fmt: skip
+    """Rank 0 serialises the checkpoint, never with a non-finite tensor, keeps it (run.last_checkpoint: a crash writes
+    it) and with write writes it to run_dir/checkpoint.pt. Everything but "resume_state" is tensors and plain values;
+    "resume_state" holds each process's carried state, RNGs and pickled envs."""
+    mine = {"carry": asdict(carry), "rng": rng.bit_generator.state, "global_rngs": global_rng_state(), "envs": env_state(envs), "returns": normalizer.returns}  # fmt: skip
     ranks = [mine]
     if distributed:
         ranks = [None] * dist.get_world_size()
@@ -701,25 +663,28 @@ def save_checkpoint(
     if run.rank != 0:
         return
     state = {
-        "args": asdict(run.args),
-        "run_name": run.run_name,
-        "iteration": iteration,
-        "global_step": global_step,
-        "wandb_id": run.wandb_id,
-        "metrics_offset": run.file.tell(),
-        "agent": agent.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "normalizer": normalizer_state(normalizer),  # the same on every process
-        "resume_state": pickle.dumps(ranks),
-    }
+        "args": asdict(run.args), "run_name": run.run_name, "iteration": iteration, "global_step": global_step, "wandb_id": run.wandb_id,
+        "metrics_offset": run.file.tell(), "agent": agent.state_dict(), "optimizer": optimizer.state_dict(),
+        "normalizer": normalizer_state(normalizer), "resume_state": pickle.dumps(ranks),  # normalizer: the same on every process
+    }  # fmt: skip
     for name in non_finite_entries(state)[:1]:
         stop_non_finite(run, name, f"iteration {iteration} (the checkpoint it would write)")
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    run.last_checkpoint = (iteration, global_step, buffer.getvalue())
+    if write:
+        write_checkpoint(run)
+
+
+def write_checkpoint(run: Run) -> str:
+    """run.last_checkpoint to run_dir/checkpoint.pt atomically (tmp + fsync + rename); returns the path."""
     path = os.path.join(run.run_dir, "checkpoint.pt")
     with open(f"{path}.tmp", "wb") as f:
-        torch.save(state, f)
+        f.write(run.last_checkpoint[2])
         f.flush()
         os.fsync(f.fileno())  # on disk before the rename: a crash leaves the old checkpoint or the new one whole
     os.replace(f"{path}.tmp", path)
+    return path
 
 
 def normalizer_state(normalizer: Normalizer) -> dict:
@@ -762,16 +727,9 @@ def resumed_args(args: Args, ckpt: dict) -> Args:
 
 
 def restore(
-    ckpt: dict,
-    agent: Agent,
-    optimizer: torch.optim.Optimizer,
-    normalizer: Normalizer,
-    envs: gym.vector.SyncVectorEnv,
-    rng: np.random.Generator,
-    raw_obs: np.ndarray,
-    rank: int,
-    world_size: int,
-) -> tuple[int, int, Carry]:
+    ckpt: dict, agent: Agent, optimizer: torch.optim.Optimizer, normalizer: Normalizer, envs: gym.vector.SyncVectorEnv,
+    rng: np.random.Generator, raw_obs: np.ndarray, rank: int, world_size: int,
+) -> tuple[int, int, Carry]:  # fmt: skip
     """Load a --resume checkpoint; returns (start_iteration, global_step, carry). With another number of
     processes the RNGs and envs start fresh (the episodes just reset, raw_obs)."""
     try:
@@ -957,18 +915,11 @@ def use_offscreen_rendering(capture_video: bool) -> None:
 
 @torch.no_grad()
 def evaluate(
-    agent: Agent,
-    normalizer: Normalizer,
-    env_id: str,
-    env_kwargs: str,
-    episodes: int,
-    seed: int,
-    device: torch.device,
-    stochastic: bool,
-    video_path: Optional[str],
-) -> list[float]:
+    agent: Agent, normalizer: Normalizer, env_id: str, env_kwargs: str, episodes: int, seed: int, device: torch.device,
+    stochastic: bool, video_path: Optional[str],
+) -> list[float]:  # fmt: skip
     """Play whole episodes with the observation statistics frozen and return their raw returns; the policy
-    acts with its mean unless stochastic. With video_path, the first episode is recorded."""
+    acts with its distribution's mode (greedy_action) unless stochastic. With video_path, the first episode is recorded."""
     envs = make_envs(env_id, 1, env_kwargs, render=video_path is not None)
     low, high = envs.single_action_space.low, envs.single_action_space.high
     obs, _ = envs.reset(seed=seed)
@@ -1162,17 +1113,16 @@ class WithoutStepInfo(gym.Wrapper):
 # The rollout's fast path, derived from the one definition. Stepping one MuJoCo env at a time makes the policy a chain
 # of tiny ops, each costing several microseconds of dispatch in torch and about one in numpy. So get_action_and_value
 # is exported once (torch.export, for a batch of num_envs observations) and its aten graph written out as Python
-# source, one numpy line per node, by this table (it gets each argument as source text: v_name for a node, else its
+# source, one numpy line per node, by this table (it gets the arguments as source text: v_name for a node, else the
 # repr; an argument it does not take refuses the op). The nodes that depend on the weights alone run once per refresh,
 # after each update; random ops draw from the run's numpy rng. An op the table lacks: get_action_and_value, one note.
 UNARY = {**dict.fromkeys(["clone", "detach", "alias", "contiguous", "lift_fresh_copy", "to", "_to_copy"], ""), "neg": "np.negative",
-         "atanh": "np.arctanh", "lgamma": "lgamma", "erf": "erf", "sigmoid": "sigmoid", "silu": "silu",
+         "atanh": "np.arctanh", "lgamma": "lgamma", "erf": "erf", "sigmoid": "sigmoid", "silu": "silu", "relu": "relu",
          **{op: f"np.{op}" for op in ("tanh", "exp", "log", "log1p", "expm1", "sqrt", "abs", "square", "reciprocal")}}  # fmt: skip
 RESHAPES, BROADCASTS = {"view", "reshape", "_unsafe_view", "squeeze", "unsqueeze", "flatten", "view_as", "reshape_as"}, {"expand", "expand_as"}
-RANDOM = {"randn_like", "normal", "_standard_gamma", "_sample_dirichlet"}  # their nodes are computed at each call, never once
-IGNORED = {"device", "layout", "pin_memory", "memory_format", "non_blocking"}  # keyword arguments that change no number
+RANDOM, IGNORED = {"randn_like", "normal", "_standard_gamma", "_sample_dirichlet"}, {"device", "layout", "pin_memory", "memory_format"}
 NOISE = "rng.standard_normal({}, dtype=np.float32).astype(DT, copy=False)"  # the draw CleanRL's and the old copy's noise took
-NUMPY_OPS: dict[str, Callable[..., str]] = {
+NUMPY_OPS: dict[str, Callable[..., Optional[str]]] = {
     **{op: lambda x, dtype="DT", f=f: f"{f}({x})" if dtype == "DT" else None for op, f in UNARY.items()},
     "linear": lambda x, w, b="None": f"{x} @ {w}_T" + (f" + {b}" if b != "None" else ""),  # w_T: w.T as a C-order copy
     "t": lambda x: f"{x}.T", "mm": lambda a, b: f"{a} @ {b}", "matmul": lambda a, b: f"{a} @ {b}", "addmm": lambda c, a, b: f"{c} + {a} @ {b}",
@@ -1182,41 +1132,31 @@ NUMPY_OPS: dict[str, Callable[..., str]] = {
     "where": lambda c, a, b: f"np.where({c}, {a}, {b})", "gt": lambda a, b: f"{a} > {b}", "lt": lambda a, b: f"{a} < {b}",
     "xlogy": lambda a, b: f"xlogy({a}, {b})", "clamp": lambda x, lo="None", hi="None": f"np.clip({x}, {lo}, {hi})",
     "clamp_min": lambda x, lo: f"np.maximum({x}, {lo})", "clamp_max": lambda x, hi: f"np.minimum({x}, {hi})",
-    "relu": lambda x: f"np.maximum({x}, 0)", "gelu": lambda x, approximate="'none'": f"gelu_{approximate[1:-1]}({x})",
-    "elu": lambda x, alpha="1", scale="1", input_scale="1": f"np.where({x} > 0, {x}, {'' if alpha in ('1', '1.0') else alpha + ' * '}np.expm1(np.minimum({x}, 0)))" if scale == input_scale == "1" else None,
-    "leaky_relu": lambda x, slope="0.01": f"np.where({x} > 0, {x}, {slope} * {x})", "softplus": lambda x, beta="1", threshold="20": f"softplus({x}, {beta}, {threshold})",
+    "gelu": lambda x, approximate="'none'": f"gelu_{approximate[1:-1]}({x})", "leaky_relu": lambda x, s="0.01": f"np.where({x} > 0, {x}, {s} * {x})",
+    "elu": lambda x, alpha="1", scale="1", input_scale="1": f"elu({x}, {alpha})" if scale == input_scale == "1" else None,
+    "softplus": lambda x, beta="1", threshold="20": f"softplus({x}, {beta}, {threshold})",
     "layer_norm": lambda x, shape, w="None", b="None", eps="1e-05", cudnn_enable="True": f"layer_norm({x}, {len(eval(shape))}, {w}, {b}, {eps})",
     "sum": lambda x, dim="None", keepdim="False": f"{x}.sum({dim}, keepdims={keepdim})", "mean": lambda x, dim="None", keepdim="False": f"{x}.mean({dim}, keepdims={keepdim})",
-    "cat": lambda xs, dim="0": f"np.concatenate({xs}, {dim})", "broadcast_tensors": lambda xs: f"np.broadcast_arrays(*{xs})", "stack": lambda xs, dim="0": f"np.stack({xs}, {dim})",
-    "split": lambda x, size, dim="0": f"np.split({x}, range({size}, {x}.shape[{dim}], {size}), {dim})", "chunk": lambda x, n, dim="0": f"chunk({x}, {n}, {dim})",
+    "cat": lambda xs, dim="0": f"np.concatenate({xs}, {dim})", "stack": lambda xs, dim="0": f"np.stack({xs}, {dim})",
+    "broadcast_tensors": lambda xs: f"np.broadcast_arrays(*{xs})", "chunk": lambda x, n, dim="0": f"chunk({x}, {n}, {dim})",
+    "split": lambda x, size, dim="0": f"np.split({x}, range({size}, {x}.shape[{dim}], {size}), {dim})",
     "getitem": lambda x, i: f"{x}[{i}]", "select": lambda x, dim, i: f"np.take({x}, {i}, {dim})",
     "slice": lambda x, dim="0", start="None", end="None", step="1": f"{x}[{':, ' * int(dim)}{start}:{end}:{step}]",
-    "full": lambda shape, value, dtype="DT", **_: f"np.full({shape}, {value}, {dtype})", "scalar_tensor": lambda v, dtype="DT", **_: f"np.asarray({v}, {dtype})",
-    "zeros_like": lambda x, dtype="DT", **_: f"np.zeros_like({x})", "ones_like": lambda x, dtype="DT", **_: f"np.ones_like({x})",
-    "randn_like": lambda x, dtype="DT", **_: NOISE.format(f"{x}.shape"), "normal": lambda m, s: f"{m} + {s} * " + NOISE.format(f"np.broadcast_shapes({m}.shape, {s}.shape)"),
+    "full": lambda shape, value, dtype="DT": f"np.full({shape}, {value}, {dtype})", "scalar_tensor": lambda v, dtype="DT": f"np.asarray({v}, {dtype})",
+    "zeros_like": lambda x, dtype="DT": f"np.zeros_like({x})" if dtype == "DT" else None, "ones_like": lambda x, dtype="DT": f"np.ones_like({x})" if dtype == "DT" else None,
+    "randn_like": lambda x, dtype="DT": NOISE.format(f"{x}.shape"), "normal": lambda m, s: f"{m} + {s} * " + NOISE.format(f"np.broadcast_shapes({m}.shape, {s}.shape)"),
     "_standard_gamma": lambda c: f"rng.standard_gamma({c}).astype(DT)", "_sample_dirichlet": lambda c: f"dirichlet(rng.standard_gamma({c}).astype(DT))",
 }  # fmt: skip
-
-
-def vectorize(f: Callable[[float], float]) -> Callable[[np.ndarray], np.ndarray]:
-    """A float function of the math module over arrays (numpy has no lgamma or erf), in float64, cast back."""
-    return lambda x: np.vectorize(f, otypes=[np.float64])(x).astype(x.dtype)
-
-
-def layer_norm(x: np.ndarray, dims: int, w: Optional[np.ndarray], b: Optional[np.ndarray], eps: float) -> np.ndarray:
-    centred = x - x.mean(axis := tuple(range(-dims, 0)), keepdims=True)
-    y = centred / np.sqrt((centred * centred).mean(axis, keepdims=True) + eps)
-    return (y if w is None else y * w) + (0 if b is None else b)
-
-
 NUMPY_HELPERS = dict(
-    np=np, lgamma=vectorize(math.lgamma), erf=vectorize(math.erf), layer_norm=layer_norm, sigmoid=lambda x: 1 / (1 + np.exp(-x)),
-    silu=lambda x: x / (1 + np.exp(-x)), gelu_none=lambda x: x * 0.5 * (1 + vectorize(math.erf)(x * math.sqrt(0.5))),
+    np=np, relu=lambda x: np.maximum(x, 0), sigmoid=lambda x: 1 / (1 + np.exp(-x)), silu=lambda x: x / (1 + np.exp(-x)),
+    elu=lambda x, alpha: np.where(x > 0, x, np.expm1(np.minimum(x, 0)) * alpha if alpha != 1 else np.expm1(np.minimum(x, 0))),
+    lgamma=lambda x: np.vectorize(math.lgamma, otypes=[np.float64])(x).astype(x.dtype),  # numpy has no lgamma and no erf
+    erf=lambda x: np.vectorize(math.erf, otypes=[np.float64])(x).astype(x.dtype), gelu_none=lambda x: x * 0.5 * (1 + NUMPY_HELPERS["erf"](x * math.sqrt(0.5))),
     gelu_tanh=lambda x: 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x * x * x))),
     softplus=lambda x, beta, threshold: np.where(x * beta > threshold, x, np.log1p(np.exp(np.minimum(x * beta, threshold))) / beta),
+    layer_norm=lambda x, dims, w, b, eps: (lambda c: c / np.sqrt((c * c).mean(tuple(range(-dims, 0)), keepdims=True) + eps))(x - x.mean(tuple(range(-dims, 0)), keepdims=True)) * (1 if w is None else w) + (0 if b is None else b),
     xlogy=lambda a, b: np.where(a == 0, 0, a * np.log(np.where(a == 0, 1, b))).astype(np.result_type(a, b)),
-    chunk=lambda x, n, dim: np.split(x, range(-(-x.shape[dim] // n), x.shape[dim], -(-x.shape[dim] // n)), dim),
-    dirichlet=lambda g: g / g.sum(-1, keepdims=True),
+    chunk=lambda x, n, dim: np.split(x, range(-(-x.shape[dim] // n), x.shape[dim], -(-x.shape[dim] // n)), dim), dirichlet=lambda g: g / g.sum(-1, keepdims=True),
 )  # fmt: skip
 
 # The derived source is checked in float64 against a float64 copy of the agent: the two run the same ops and differ
@@ -1229,7 +1169,7 @@ FAST_PATH_ATOL = 1e-9
 ON_POLICY_ATOL = 1e-3
 
 
-class PolicyFunction(nn.Module):
+class Sampling(nn.Module):
     """What torch.export traces: the agent's get_action_and_value, sampling."""
 
     def __init__(self, agent: Agent):
@@ -1242,57 +1182,49 @@ class PolicyFunction(nn.Module):
 
 def source_text(value) -> str:
     """An argument of an aten node as source text: v_name for a node, a tuple of them for a list, DT for a float dtype."""
-    if isinstance(value, torch.fx.Node):
-        return f"v_{value.name}"
     if isinstance(value, (list, tuple)):
         return f"({''.join(source_text(v) + ', ' for v in value)})"
     if isinstance(value, torch.dtype):
         return "DT" if value.is_floating_point else f"np.{str(value).split('.')[-1]}"
-    return repr(value)
+    return f"v_{value.name}" if isinstance(value, torch.fx.Node) else repr(value)
 
 
-def numpy_line(node: torch.fx.Node) -> str:
-    """One aten node as numpy source; NotImplementedError names an op (or its arguments) the table cannot translate."""
+def numpy_line(node: torch.fx.Node) -> Union[str, NotImplementedError]:
+    """`v_name = ...`, one aten node as numpy source, or the error naming what the table cannot translate."""
     op, args = getattr(node.target, "__name__", str(node.target)).split(".")[0], [source_text(a) for a in node.args]
     kwargs = {k: source_text(v) for k, v in node.kwargs.items() if k not in IGNORED}
-    if op in RESHAPES | BROADCASTS and isinstance(node.meta.get("val"), torch.Tensor):  # to the node's (fixed) shape
-        return f"v_{node.name} = np.{'reshape' if op in RESHAPES else 'broadcast_to'}({args[0]}, {tuple(node.meta['val'].shape)})"
+    shape = tuple(node.meta["val"].shape) if isinstance(node.meta.get("val"), torch.Tensor) else None  # fixed: one batch size
     try:
-        line = NUMPY_OPS[op](*args, **kwargs) if node.op == "call_function" else None
+        line = f"np.{'reshape' if op in RESHAPES else 'broadcast_to'}({args[0]}, {shape})" if op in RESHAPES | BROADCASTS and shape else NUMPY_OPS[op](*args, **kwargs)
     except (KeyError, TypeError):
         line = None
-    if line is None:
-        raise NotImplementedError(f"it has no numpy translation of {node.target}({', '.join(args + [f'{k}={v}' for k, v in kwargs.items()])})")
+    if line is None or node.op != "call_function":
+        return NotImplementedError(f"it has no numpy translation of {node.target}({', '.join(args + [f'{k}={v}' for k, v in kwargs.items()])})")
     return f"v_{node.name} = {line}"
 
 
 def numpy_source(graph: torch.fx.Graph, functions: dict[str, Sequence[int]]) -> tuple[str, dict[str, NotImplementedError]]:
-    """Source of def name(v_obs, rng) for each of functions (the graph's outputs it returns, by index), the nodes
-    they need one line each, and of setup(), the nodes that depend on the weights alone; and the functions that the
-    table cannot translate, with the cause."""
-    nodes, varying, lines = list(graph.nodes), set(), {}
-    for node in nodes[:-1]:
-        if node.name == "obs" or node.op == "call_function" and node.target.__name__.split(".")[0] in RANDOM or varying & set(node.all_input_nodes):
+    """Source of def name(v_obs, rng) for each entry of functions (the graph's outputs it returns, by index), the
+    nodes it needs one line each, and of setup(), the nodes that depend on the weights alone; and the functions the
+    table cannot translate, each with the first error."""
+    nodes, varying, sources, failed, once = list(graph.nodes), set(), [], {}, []
+    lines = {node: numpy_line(node) for node in nodes[:-1] if node.op != "placeholder"}
+    for node in nodes:  # what depends on the observations or on a random draw
+        if node.name == "obs" or getattr(node.target, "__name__", "").split(".")[0] in RANDOM or varying & set(node.all_input_nodes):
             varying.add(node)
-        if node.op != "placeholder":
-            try:
-                lines[node] = numpy_line(node)
-            except NotImplementedError as e:
-                lines[node] = e
-    sources, failed, once = [], {}, set()
     for name, outputs in functions.items():
         needed, todo = set(), [nodes[-1].args[0][i] for i in outputs]
         while todo:
-            needed |= {todo[-1]}
+            needed.add(todo[-1])
             todo += [n for n in todo.pop().all_input_nodes if n not in needed]
-        body = [lines[n] for n in nodes if n in needed and n in lines]
-        if any(isinstance(line, NotImplementedError) for line in body):
-            failed[name] = next(line for line in body if isinstance(line, NotImplementedError))
+        errors = [lines[n] for n in nodes if n in needed and isinstance(lines.get(n), NotImplementedError)]
+        if errors:
+            failed[name] = errors[0]
             continue
-        once |= {n for n in needed - varying if n in lines}
-        returned = ", ".join(f"v_{nodes[-1].args[0][i].name}" for i in outputs)
-        sources.append(f"def {name}(v_obs, rng=None):\n" + "".join(f"    {lines[n]}\n" for n in nodes if n in needed & varying and n in lines) + f"    return {returned}\n")
-    setup = "".join(f"    global v_{n.name}\n    {lines[n]}\n" for n in nodes if n in once)
+        once += [n for n in nodes if n in needed and n in lines and n not in varying and n not in once]
+        body = "".join(f"    {lines[n]}\n" for n in nodes if n in needed & varying and n in lines)
+        sources.append(f"def {name}(v_obs, rng=None):\n{body}    return {', '.join(f'v_{nodes[-1].args[0][i].name}' for i in outputs)}\n")
+    setup = "".join(f"    global v_{n.name}\n    {lines[n]}\n" for n in once)
     return f"def setup():\n    pass\n{setup}" + "".join(sources), failed
 
 
@@ -1307,7 +1239,7 @@ class DerivedPolicy:
         torch.distributions.Distribution.set_default_validate_args(False)
         try:
             with torch.no_grad():
-                program = torch.export.export(PolicyFunction(copy.deepcopy(agent).cpu()), (torch.as_tensor(obs),))
+                program = torch.export.export(Sampling(copy.deepcopy(agent).cpu()), (torch.as_tensor(obs),))
         finally:
             torch.distributions.Distribution.set_default_validate_args(__debug__)  # torch's default
         self.agent, self.constants = agent, program.constants

@@ -1489,3 +1489,57 @@ def test_a_checkpoint_of_another_version_is_a_one_line_error(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert stop.value.code == 2 and len(err) == 1 and "another version of ppo_continuous.py" in err[0], err
     assert ppo.resumed_args(ppo.Args(), {"args": dataclasses.asdict(ppo.Args(seed=5))}).seed == 5
+
+
+FLAKY_ENV = '''
+import os
+
+import gymnasium as gym
+import numpy as np
+
+
+class Flaky(gym.Env):
+    """Random observations; raises FLAKY_ERROR on the process's FLAKY_AT-th step (a simulator server going away)."""
+
+    observation_space = gym.spaces.Box(-1, 1, (3,), np.float32)
+    action_space = gym.spaces.Box(-1, 1, (1,), np.float32)
+    steps = 0  # the process's count, which no checkpoint carries
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return self.np_random.uniform(-1, 1, 3).astype(np.float32), {}
+
+    def step(self, action):
+        Flaky.steps, self.t = Flaky.steps + 1, self.t + 1
+        if Flaky.steps == int(os.environ.get("FLAKY_AT", 0)):
+            raise {"ConnectionError": ConnectionError, "MemoryError": MemoryError}[os.environ["FLAKY_ERROR"]]("the server went away")
+        return self.np_random.uniform(-1, 1, 3).astype(np.float32), float(action[0]), False, self.t >= 20, {}
+
+
+gym.register("Flaky-v0", entry_point=Flaky)
+'''
+
+
+@pytest.mark.parametrize("error", ["ConnectionError", "MemoryError"])
+def test_an_exception_in_the_env_leaves_the_last_iteration_s_checkpoint_and_resume_continues_exactly(error, tmp_path, monkeypatch):
+    (tmp_path / "flaky_env.py").write_text(FLAKY_ENV)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    flags = ["--env-id", "flaky_env:Flaky-v0", "--num-steps", "64", "--num-minibatches", "2", "--update-epochs", "2",
+             "--total-timesteps", "512", "--eval-episodes", "0"]  # fmt: skip
+    monkeypatch.setenv("FLAKY_AT", "300")  # in iteration 5: four iterations completed, the default --save-every 0
+    monkeypatch.setenv("FLAKY_ERROR", error)
+    proc = run_script("ppo_continuous.py", *flags, "--runs-dir", str(tmp_path / "crashed"), check=False)
+    (checkpoint,) = (tmp_path / "crashed").glob("*/checkpoint.pt")
+    assert proc.returncode == 1 and "Traceback" in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: {error}: the server went away; checkpoint of iteration 4 (global_step 256) in {checkpoint.resolve()}; "
+        f"continue with --resume {checkpoint.resolve()}"
+    )
+    assert torch.load(checkpoint, weights_only=True)["iteration"] == 4
+    if error == "MemoryError":
+        return
+    monkeypatch.delenv("FLAKY_AT")
+    run_script("ppo_continuous.py", "--resume", str(checkpoint))
+    run_script("ppo_continuous.py", *flags, "--runs-dir", str(tmp_path / "whole"))
+    assert comparable(read_metrics(tmp_path / "crashed")) == comparable(read_metrics(tmp_path / "whole"))
