@@ -462,7 +462,7 @@ def train(args: Args) -> None:
     if ckpt is not None:
         start_iteration, global_step, carry = restore(ckpt, agent, optimizer, normalizer, envs, rng, raw_obs, rank, world_size)
     run = Run(args, ckpt, rank)
-    rollout_policies, guard = RolloutPolicies(agent, device), NonFiniteGuard(run, start_iteration)
+    rollout_policies, guard = RolloutPolicies(agent, device, carry.next_obs), NonFiniteGuard(run, start_iteration)
     guard.check_env_step(flat_obs(raw_obs), np.zeros(0), global_step)  # the reset's observations too
     print_plan(run, f"{device} ({device_reason}), {torch.get_num_threads()} torch thread(s)", world_size, batch_size, minibatch_size, num_iterations)
     stop_requested = install_stop_handlers()
@@ -1306,22 +1306,24 @@ class RolloutPolicies:
     current observations and the data it collects passes the on-policy check; after either fails (or the export or
     the table cannot follow the agent), the agent itself for the rest of the run, with one note naming the cause."""
 
-    def __init__(self, agent: Agent, device: torch.device):
-        self.agent, self.device, self.derived, self.warned = agent, device, None, False
-        self.fast = True
+    def __init__(self, agent: Agent, device: torch.device, obs: np.ndarray):
+        self.agent, self.device, self.warned = agent, device, False
+        self.derived = self.follow(lambda: DerivedPolicy(agent, obs))  # exported once, before the run's clock starts
+
+    def follow(self, build: Callable[[], DerivedPolicy], obs: Optional[np.ndarray] = None) -> Optional[DerivedPolicy]:
+        """build(), checked on obs when given; None, with one note naming the cause, when it cannot follow the agent."""
+        try:
+            policy = build()
+            cause = None if obs is None else policy.mismatch(obs, self.device)
+        except Exception as e:  # an edit the derived path cannot follow must not stop a run the agent can do
+            cause = str(e).splitlines()[0] if isinstance(e, NotImplementedError) else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if cause is None:
+            return policy
+        print(f"note: the derived numpy rollout steps aside: {cause}; the rollout runs get_action_and_value", flush=True)
 
     def pick(self, obs: np.ndarray) -> Union[DerivedPolicy, TorchPolicy]:
-        if self.fast:
-            try:
-                self.derived = self.derived.refresh() if self.derived else DerivedPolicy(self.agent, obs)
-                cause = self.derived.mismatch(obs, self.device)
-            except Exception as e:  # an edit the derived path cannot follow must not stop a run the agent can do
-                cause = str(e).splitlines()[0] if isinstance(e, NotImplementedError) else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            if cause is None:
-                return self.derived
-            self.fast = False
-            print(f"note: the derived numpy rollout steps aside: {cause}; the rollout runs get_action_and_value", flush=True)
-        return TorchPolicy(self.agent, self.device)
+        self.derived = self.derived and self.follow(self.derived.refresh, obs)
+        return self.derived or TorchPolicy(self.agent, self.device)
 
     def check_on_policy(self, max_logratio: float, iteration: int) -> None:
         """The data was collected by the policy being trained: max |log-ratio| of the update's first minibatch, before
@@ -1330,8 +1332,8 @@ class RolloutPolicies:
         if not max_logratio > ON_POLICY_ATOL:
             return
         figure = f"on-policy check: max |log-ratio| {max_logratio:.1e} at the first minibatch of iteration {iteration}"
-        if self.fast:
-            self.fast = False
+        if self.derived is not None:
+            self.derived = None
             print(f"note: {figure}; the rollout switches to the plain get_action_and_value for the rest of the run", flush=True)
         elif not self.warned:
             self.warned = True

@@ -897,7 +897,7 @@ def test_derived_rollout_is_used_for_the_unmodified_network_without_side_effects
     obs = np.random.default_rng(0).normal(size=(64, 5)).astype(np.float32) * 3
     torch_state = torch.get_rng_state()
     params = [p.detach().clone() for p in agent.parameters()]
-    policy = ppo.RolloutPolicies(agent, torch.device("cpu")).pick(obs)
+    policy = ppo.RolloutPolicies(agent, torch.device("cpu"), obs).pick(obs)
     assert isinstance(policy, ppo.DerivedPolicy) and capsys.readouterr().out == ""
     assert torch.equal(torch.get_rng_state(), torch_state)
     assert all(torch.equal(p, q) for p, q in zip(params, agent.parameters()))
@@ -908,7 +908,7 @@ def test_derived_rollout_is_used_for_the_unmodified_network_without_side_effects
         for p in agent.parameters():
             p.add_(0.3 * torch.randn_like(p))
     obs = np.random.default_rng(1).normal(size=(256, 17)).astype(np.float32) * 3
-    policy = ppo.RolloutPolicies(agent, torch.device("cpu")).pick(obs)
+    policy = ppo.RolloutPolicies(agent, torch.device("cpu"), obs).pick(obs)
     assert isinstance(policy, ppo.DerivedPolicy) and policy.mismatch(obs, torch.device("cpu")) is None
     # The check's margin: the float64 source and the float64 agent agree far inside FAST_PATH_ATOL.
     mine = policy.namespace(copy.deepcopy(agent).double(), np.float64)
@@ -923,7 +923,7 @@ def test_derived_rollout_is_used_for_the_unmodified_network_without_side_effects
 def test_an_edited_network_stays_on_the_derived_path_and_follows_the_edit(change, capsys):
     agent = modified_agent(change)
     obs = np.random.default_rng(0).normal(size=(4, 5)).astype(np.float32)
-    policies = ppo.RolloutPolicies(agent, torch.device("cpu"))
+    policies = ppo.RolloutPolicies(agent, torch.device("cpu"), obs)
     policy = policies.pick(obs)
     assert isinstance(policy, ppo.DerivedPolicy) and isinstance(policies.pick(obs), ppo.DerivedPolicy)
     assert capsys.readouterr().out == ""
@@ -945,7 +945,7 @@ def test_an_edited_network_stays_on_the_derived_path_and_follows_the_edit(change
 def test_an_op_the_table_lacks_steps_aside_with_a_one_line_note_naming_it(capsys):
     agent = modified_agent("mish")
     obs = np.random.default_rng(0).normal(size=(4, 5)).astype(np.float32)
-    policies = ppo.RolloutPolicies(agent, torch.device("cpu"))
+    policies = ppo.RolloutPolicies(agent, torch.device("cpu"), obs)
     policy = policies.pick(obs)
     assert isinstance(policy, ppo.TorchPolicy) and isinstance(policies.pick(obs), ppo.TorchPolicy)
     lines = capsys.readouterr().out.strip().splitlines()  # the next iteration says nothing more
@@ -963,7 +963,7 @@ def test_the_derived_source_is_checked_on_what_it_returns(monkeypatch, capsys):
     obs = np.random.default_rng(0).normal(size=(4, 5)).astype(np.float32)
     # A slip in the table (exp read as 2 ** x): the actions come from another std, their log-probs too.
     monkeypatch.setitem(ppo.NUMPY_OPS, "exp", lambda x, dtype="DT": f"np.exp2({x})")
-    assert isinstance(ppo.RolloutPolicies(agent, torch.device("cpu")).pick(obs), ppo.TorchPolicy)
+    assert isinstance(ppo.RolloutPolicies(agent, torch.device("cpu"), obs).pick(obs), ppo.TorchPolicy)
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("note: the derived numpy rollout steps aside: its log-probs by "), lines
     assert "entropies" not in lines[0] and "values" not in lines[0], lines
