@@ -30,7 +30,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.optim.optimizer as optimizer_lib
 import tyro
 from gymnasium.vector import AutoresetMode
 
@@ -451,7 +450,7 @@ def train(args: Args) -> None:
     agent, obs_dim, action_space = build_agent(args, device)
     act_dim, low, high = action_space.shape[0], action_space.low, action_space.high
     params = [flatten_parameters(agent)]  # one tensor: Adam, the gradient clip and the all-reduce act once each
-    optimizer = FlatAdam(params, lr=args.learning_rate, eps=1e-5)  # torch's fused Adam, called straight (checked)
+    optimizer = torch.optim.Adam(params, lr=args.learning_rate, eps=1e-5, fused=device.type in ("cpu", "cuda"))
     broadcast_from_rank0(params, distributed)
     envs = make_envs(args.env_id, args.num_envs, args.env_kwargs)
     normalizer = Normalizer(obs_dim, args.num_envs, args, distributed)
@@ -544,9 +543,8 @@ def train(args: Args) -> None:
 
 
 class Run:
-    """The run folder, metrics.jsonl and wandb (with --track), written by rank 0; on other ranks the methods
-    do nothing. A new run writes to {runs_dir}/{run_name}/; a resumed run continues in the folder that holds
-    its checkpoint, its metrics cut back to what they held at the checkpoint."""
+    """The run folder, metrics.jsonl and wandb (--track), by rank 0 (elsewhere the methods do nothing): {runs_dir}/{run_name}/, or
+    for a resumed run the folder of its checkpoint, its metrics cut back to what they held at the checkpoint."""
 
     def __init__(self, args: Args, ckpt: Optional[dict], rank: int):
         self.args, self.rank = args, rank
@@ -599,14 +597,12 @@ class Run:
               f"| episodic_return (last {len(self.recent_returns)}) {recent}", flush=True)  # fmt: skip
 
     def checkpoint_on_crash(self, kind: type, error: BaseException, traceback) -> None:
-        """An exception out of train() (the env's step or reset, an out-of-memory error, a bug): its traceback, then
-        the checkpoint of the last completed iteration written, and named on the last line (exit status 1)."""
+        """An exception out of train() (the env's step or reset, out of memory, a bug): its traceback, then the last
+        completed iteration's checkpoint written and named on the last line (exit status 1)."""
         sys.__excepthook__(kind, error, traceback)
-        if self.last_checkpoint is None:
-            return print(f"error: {kind.__name__} before the first iteration completed; no checkpoint written", file=sys.stderr)
-        iteration, global_step, path = self.last_checkpoint[0], self.last_checkpoint[1], write_checkpoint(self)
-        print(f"error: {kind.__name__}: {str(error).splitlines()[0] if str(error) else ''}; checkpoint of iteration {iteration} "
-              f"(global_step {global_step:,}) in {path}; continue with --resume {path}", file=sys.stderr, flush=True)  # fmt: skip
+        iteration, global_step, path = (self.last_checkpoint or (0, 0, None))[:2] + (self.last_checkpoint and write_checkpoint(self),)
+        kept = f"checkpoint of iteration {iteration} (global_step {global_step:,}) in {path}; continue with --resume {path}" if path else "no iteration completed, no checkpoint"
+        print(f"error: {kind.__name__}: {str(error).splitlines()[0] if str(error) else ''}; {kept}", file=sys.stderr, flush=True)
 
     def finish(self) -> None:
         if self.file is None:
@@ -730,8 +726,7 @@ def restore(
     ckpt: dict, agent: Agent, optimizer: torch.optim.Optimizer, normalizer: Normalizer, envs: gym.vector.SyncVectorEnv,
     rng: np.random.Generator, raw_obs: np.ndarray, rank: int, world_size: int,
 ) -> tuple[int, int, Carry]:  # fmt: skip
-    """Load a --resume checkpoint; returns (start_iteration, global_step, carry). With another number of
-    processes the RNGs and envs start fresh (the episodes just reset, raw_obs)."""
+    """Load a --resume checkpoint: (start_iteration, global_step, carry); another number of processes starts RNGs and envs afresh."""
     try:
         agent.load_state_dict(ckpt["agent"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -764,9 +759,8 @@ def set_global_rng_state(state: dict) -> None:
 
 
 def install_stop_handlers() -> Callable[[], bool]:
-    """SIGINT (Ctrl-C) and SIGTERM (a scheduler) ask to stop: the iteration finishes, a checkpoint is written and
-    the process exits 130; a second Ctrl-C interrupts at once. Returns stop_requested(): whether any process was
-    asked (a collective under torchrun: every process calls it)."""
+    """SIGINT (Ctrl-C) and SIGTERM ask to stop: the iteration finishes, a checkpoint is written, exit 130; a second Ctrl-C
+    interrupts at once. Returns stop_requested(): whether any process was asked (a collective under torchrun)."""
     requested = False
 
     def request_stop(signum, frame):
@@ -796,9 +790,8 @@ def exit_interrupted(run: Run, global_step: int, distributed: bool) -> NoReturn:
 
 
 def pick_device(name: str, gpu_pays: bool) -> tuple[torch.device, str]:
-    """The torch device and why it was chosen. `auto` takes a GPU (cuda, then mps) only when gpu_pays: for a small
-    MLP the GPU's per-op launch and copy costs exceed the arithmetic it saves. Under torchrun, `cuda` means the
-    GPU of this process's local rank."""
+    """The torch device and why. `auto` takes a GPU (cuda, then mps) only when gpu_pays (a small MLP's launches and copies cost
+    more than it saves). Under torchrun, `cuda` means the GPU of this process's local rank."""
     reason = f"--device {name}"
     if name == "auto":
         name, reason = auto_device(gpu_pays, torch.cuda.is_available(), torch.backends.mps.is_available())
@@ -829,8 +822,7 @@ def auto_device(gpu_pays: bool, cuda: bool, mps: bool) -> tuple[str, str]:
 
 
 def set_num_threads(num_threads: int, small_network: bool) -> None:
-    """--num-threads, or from the work when 0: one thread for a small network (more only add overhead, and stall
-    when another job holds a core), torch's default (a thread per core) for networks big enough to split."""
+    """--num-threads, or when 0 one thread for a small network (more add overhead, and stall when a core is busy)."""
     if num_threads or small_network:
         torch.set_num_threads(num_threads or 1)
 
@@ -904,8 +896,7 @@ def check_same_on_all_ranks(params: list[torch.Tensor], normalizer: Normalizer, 
 
 
 def use_offscreen_rendering(capture_video: bool) -> None:
-    """Headless Linux has no window system for MuJoCo's default GL backend; EGL renders offscreen (through Mesa
-    when there is no GPU). It must be chosen before mujoco is first imported."""
+    """Headless Linux has no window system for MuJoCo's GL: EGL renders offscreen (Mesa without a GPU); set before mujoco imports."""
     headless = sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
     if capture_video and headless and "MUJOCO_GL" not in os.environ:
         if ctypes.util.find_library("EGL") is None:
@@ -1011,22 +1002,17 @@ def check_args(args: Args, world_size: int) -> tuple[int, int, int]:
     batch_size = args.num_envs * args.num_steps
     if batch_size % args.num_minibatches:
         divisors = [d for d in range(1, min(batch_size, 64) + 1) if batch_size % d == 0]
-        fail(
-            f"--num-minibatches {args.num_minibatches} does not divide the batch "
-            f"--num-envs {args.num_envs} x --num-steps {args.num_steps} = {batch_size}; pick one of {divisors}"
-        )
+        fail(f"--num-minibatches {args.num_minibatches} does not divide the batch "
+             f"--num-envs {args.num_envs} x --num-steps {args.num_steps} = {batch_size}; pick one of {divisors}")  # fmt: skip
     num_iterations = args.total_timesteps // (batch_size * world_size)
     if num_iterations == 0:
-        fail(
-            f"--total-timesteps {args.total_timesteps} is less than one rollout "
-            f"({batch_size * world_size} steps); raise it or lower --num-envs/--num-steps"
-        )
+        fail(f"--total-timesteps {args.total_timesteps} is less than one rollout "
+             f"({batch_size * world_size} steps); raise it or lower --num-envs/--num-steps")  # fmt: skip
     return batch_size, batch_size // args.num_minibatches, num_iterations
 
 
 def resolve_env(env_id: str, env_kwargs: str = "{}") -> tuple[gym.spaces.Box, gym.spaces.Box]:
-    """Check that env_id makes an env with a bounded 1-D Box action space and a Box observation space (Dict and
-    Tuple ones arrive flattened); return (observation space, action space). gymnasium's own error otherwise."""
+    """(observation space, action space) of env_id, checked: a bounded 1-D Box of actions, Box (or flattened) observations."""
     if env_id.startswith("ALE/") or "NoFrameskip" in env_id:
         fail(f"--env-id {env_id} is an Atari game with a Discrete action space; use ppo_discrete.py")
     try:
@@ -1050,8 +1036,7 @@ def resolve_env(env_id: str, env_kwargs: str = "{}") -> tuple[gym.spaces.Box, gy
 
 
 class EnvPickler(pickle.Pickler):
-    """Pickles MuJoCo envs whole: the full simulation state (MjData) and the RNG. By themselves they pickle as
-    their constructor arguments (EzPickle) and would come back with a fresh episode."""
+    """Pickles MuJoCo envs whole, simulation state (MjData) and RNG: by themselves (EzPickle) they restart an episode."""
 
     def reducer_override(self, obj):
         mujoco_env = sys.modules.get("gymnasium.envs.mujoco.mujoco_env")  # not imported: no MuJoCo env
@@ -1071,8 +1056,7 @@ def rebuild_mujoco_env(cls: type, args: tuple, kwargs: dict, data, rng_state: di
 
 
 def env_state(envs: gym.vector.SyncVectorEnv) -> bytes:
-    """Pickled sub-envs (MuJoCo state of the episodes in progress, their RNGs, time limits), so a resumed run
-    continues the very same episodes."""
+    """Pickled sub-envs (MuJoCo states, RNGs, time limits): a resumed run continues the very same episodes."""
     buffer = io.BytesIO()
     EnvPickler(buffer).dump((envs.envs, envs._autoreset_envs))
     return buffer.getvalue()
@@ -1083,8 +1067,7 @@ def restore_env_state(envs: gym.vector.SyncVectorEnv, state: bytes) -> None:
 
 
 class FlattenObservation(gym.ObservationWrapper):
-    """gymnasium's FlattenObservation (flatten_space and flatten) as a class: gymnasium's holds a lambda, which
-    cannot be pickled into a checkpoint."""
+    """gymnasium's FlattenObservation as a class: gymnasium's holds a lambda, which a checkpoint cannot pickle."""
 
     def __init__(self, env: gym.Env):
         super().__init__(env)
@@ -1102,8 +1085,7 @@ def adapt_env(env: gym.Env) -> gym.Env:
 
 
 class WithoutStepInfo(gym.Wrapper):
-    """Drops the info dict of step(), which nothing here reads: SyncVectorEnv merges it into arrays every step, a
-    sixth of a MuJoCo step's cost."""
+    """Drops step()'s info dict, which nothing reads: SyncVectorEnv merges it every step, a sixth of a MuJoCo step."""
 
     def step(self, action):
         obs, reward, terminated, truncated, _ = self.env.step(action)
@@ -1124,23 +1106,20 @@ RANDOM, IGNORED = {"randn_like", "normal", "_standard_gamma", "_sample_dirichlet
 NOISE = "rng.standard_normal({}, dtype=np.float32).astype(DT, copy=False)"  # the draw CleanRL's and the old copy's noise took
 NUMPY_OPS: dict[str, Callable[..., Optional[str]]] = {
     **{op: lambda x, dtype="DT", f=f: f"{f}({x})" if dtype == "DT" else None for op, f in UNARY.items()},
-    "linear": lambda x, w, b="None": f"{x} @ {w}_T" + (f" + {b}" if b != "None" else ""),  # w_T: w.T as a C-order copy
-    "t": lambda x: f"{x}.T", "mm": lambda a, b: f"{a} @ {b}", "matmul": lambda a, b: f"{a} @ {b}", "addmm": lambda c, a, b: f"{c} + {a} @ {b}",
+    "linear": lambda x, w, b="None": f"{x} @ {w}_T" + (f" + {b}" if b != "None" else ""), "t": lambda x: f"{x}.T",  # w_T: w.T, C order
+    "mm": lambda a, b: f"{a} @ {b}", "matmul": lambda a, b: f"{a} @ {b}", "addmm": lambda c, a, b: f"{c} + {a} @ {b}", "mul": lambda a, b: f"{a} * {b}",
     "add": lambda a, b, alpha="1": f"{a} + {b}" if alpha == "1" else None, "sub": lambda a, b, alpha="1": f"{a} - {b}" if alpha == "1" else None,
-    "rsub": lambda a, b, alpha="1": f"{b} - {a}" if alpha == "1" else None, "mul": lambda a, b: f"{a} * {b}", "div": lambda a, b: f"{a} / {b}",
-    "pow": lambda a, b: f"{a} ** {b}", "maximum": lambda a, b: f"np.maximum({a}, {b})", "minimum": lambda a, b: f"np.minimum({a}, {b})",
-    "where": lambda c, a, b: f"np.where({c}, {a}, {b})", "gt": lambda a, b: f"{a} > {b}", "lt": lambda a, b: f"{a} < {b}",
-    "xlogy": lambda a, b: f"xlogy({a}, {b})", "clamp": lambda x, lo="None", hi="None": f"np.clip({x}, {lo}, {hi})",
-    "clamp_min": lambda x, lo: f"np.maximum({x}, {lo})", "clamp_max": lambda x, hi: f"np.minimum({x}, {hi})",
-    "gelu": lambda x, approximate="'none'": f"gelu_{approximate[1:-1]}({x})", "leaky_relu": lambda x, s="0.01": f"np.where({x} > 0, {x}, {s} * {x})",
+    "rsub": lambda a, b, alpha="1": f"{b} - {a}" if alpha == "1" else None, "div": lambda a, b: f"{a} / {b}", "pow": lambda a, b: f"{a} ** {b}",
+    "maximum": lambda a, b: f"np.maximum({a}, {b})", "minimum": lambda a, b: f"np.minimum({a}, {b})", "where": lambda c, a, b: f"np.where({c}, {a}, {b})",
+    "gt": lambda a, b: f"{a} > {b}", "lt": lambda a, b: f"{a} < {b}", "xlogy": lambda a, b: f"xlogy({a}, {b})", "clamp": lambda x, lo="None", hi="None": f"np.clip({x}, {lo}, {hi})",
+    "clamp_min": lambda x, lo: f"np.maximum({x}, {lo})", "clamp_max": lambda x, hi: f"np.minimum({x}, {hi})", "gelu": lambda x, approximate="'none'": f"gelu_{approximate[1:-1]}({x})",
+    "leaky_relu": lambda x, s="0.01": f"np.where({x} > 0, {x}, {s} * {x})", "softplus": lambda x, beta="1", threshold="20": f"softplus({x}, {beta}, {threshold})",
     "elu": lambda x, alpha="1", scale="1", input_scale="1": f"elu({x}, {alpha})" if scale == input_scale == "1" else None,
-    "softplus": lambda x, beta="1", threshold="20": f"softplus({x}, {beta}, {threshold})",
     "layer_norm": lambda x, shape, w="None", b="None", eps="1e-05", cudnn_enable="True": f"layer_norm({x}, {len(eval(shape))}, {w}, {b}, {eps})",
     "sum": lambda x, dim="None", keepdim="False": f"{x}.sum({dim}, keepdims={keepdim})", "mean": lambda x, dim="None", keepdim="False": f"{x}.mean({dim}, keepdims={keepdim})",
-    "cat": lambda xs, dim="0": f"np.concatenate({xs}, {dim})", "stack": lambda xs, dim="0": f"np.stack({xs}, {dim})",
-    "broadcast_tensors": lambda xs: f"np.broadcast_arrays(*{xs})", "chunk": lambda x, n, dim="0": f"chunk({x}, {n}, {dim})",
+    "cat": lambda xs, dim="0": f"np.concatenate({xs}, {dim})", "stack": lambda xs, dim="0": f"np.stack({xs}, {dim})", "getitem": lambda x, i: f"{x}[{i}]",
+    "broadcast_tensors": lambda xs: f"np.broadcast_arrays(*{xs})", "chunk": lambda x, n, dim="0": f"chunk({x}, {n}, {dim})", "select": lambda x, d, i: f"np.take({x}, {i}, {d})",
     "split": lambda x, size, dim="0": f"np.split({x}, range({size}, {x}.shape[{dim}], {size}), {dim})",
-    "getitem": lambda x, i: f"{x}[{i}]", "select": lambda x, dim, i: f"np.take({x}, {i}, {dim})",
     "slice": lambda x, dim="0", start="None", end="None", step="1": f"{x}[{':, ' * int(dim)}{start}:{end}:{step}]",
     "full": lambda shape, value, dtype="DT": f"np.full({shape}, {value}, {dtype})", "scalar_tensor": lambda v, dtype="DT": f"np.asarray({v}, {dtype})",
     "zeros_like": lambda x, dtype="DT": f"np.zeros_like({x})" if dtype == "DT" else None, "ones_like": lambda x, dtype="DT": f"np.ones_like({x})" if dtype == "DT" else None,
@@ -1176,7 +1155,7 @@ class Sampling(nn.Module):
         super().__init__()
         self.agent = agent
 
-    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.agent.get_action_and_value(obs)
 
 
@@ -1204,9 +1183,8 @@ def numpy_line(node: torch.fx.Node) -> Union[str, NotImplementedError]:
 
 
 def numpy_source(graph: torch.fx.Graph, functions: dict[str, Sequence[int]]) -> tuple[str, dict[str, NotImplementedError]]:
-    """Source of def name(v_obs, rng) for each entry of functions (the graph's outputs it returns, by index), the
-    nodes it needs one line each, and of setup(), the nodes that depend on the weights alone; and the functions the
-    table cannot translate, each with the first error."""
+    """Source of def name(v_obs, rng) for each of functions (the graph outputs it returns), the nodes it needs one line
+    each, and of setup(), the nodes on the weights alone; and the functions the table cannot translate, with why."""
     nodes, varying, sources, failed, once = list(graph.nodes), set(), [], {}, []
     lines = {node: numpy_line(node) for node in nodes[:-1] if node.op != "placeholder"}
     for node in nodes:  # what depends on the observations or on a random draw
@@ -1229,9 +1207,8 @@ def numpy_source(graph: torch.fx.Graph, functions: dict[str, Sequence[int]]) -> 
 
 
 class DerivedPolicy:
-    """The rollout's policy derived from Agent.get_action_and_value: act(obs, rng) -> (actions, log-probs, values) and
-    value(obs), numpy source from its exported graph, run on numpy copies of the weights (refresh() after an update).
-    Entropies are the update's: checked where the table translates them, never computed in the rollout."""
+    """The rollout's policy, numpy source from get_action_and_value's exported graph on copies of the weights (refresh()
+    after an update). Entropies are the update's: checked where the table translates them, never run in the rollout."""
 
     def __init__(self, agent: Agent, obs: np.ndarray):
         # Under no_grad (a sample() under no_grad would otherwise come as a submodule) and without the distributions'
@@ -1245,7 +1222,7 @@ class DerivedPolicy:
         self.agent, self.constants = agent, program.constants
         self.inputs = {s.arg.name: s.target for s in program.graph_signature.input_specs if s.target is not None}
         self.source, failed = numpy_source(program.graph, {"act": (0, 1, 3), "value": (3,), "entropy": (2,)})
-        if "act" in failed or "value" in failed:
+        if {"act", "value"} & failed.keys():
             raise failed.get("act", failed.get("value"))
         self.code = compile(self.source, "<numpy source derived from get_action_and_value>", "exec")
         self.refresh()
@@ -1271,9 +1248,8 @@ class DerivedPolicy:
         return self.float32["value"](obs)
 
     def mismatch(self, obs: np.ndarray, device: torch.device) -> Optional[str]:
-        """None if the source, run in float64 on obs, samples actions whose log-probs and values get_action_and_value
-        gives too (on a float64 copy of the agent), and its entropies are the agent's, to FAST_PATH_ATOL; else what
-        differs. Draws from no shared RNG and leaves the agent as it was."""
+        """None if the source, run in float64 on obs, samples actions whose log-probs, entropies and values are those of
+        get_action_and_value on a float64 copy of the agent, to FAST_PATH_ATOL; else what differs. Draws on no shared RNG."""
         agent, obs = copy.deepcopy(self.agent).double(), obs.astype(np.float64)
         mine = self.namespace(agent, np.float64)
         actions, logprobs, values = mine["act"](obs, np.random.default_rng(0))
@@ -1285,26 +1261,9 @@ class DerivedPolicy:
         return f"its {', '.join(differ)} differ from get_action_and_value's (tolerance {FAST_PATH_ATOL})" if differ else None
 
 
-class TorchPolicy:
-    """The rollout through the agent's own get_action_and_value, sampling with torch."""
-
-    def __init__(self, agent: Agent, device: torch.device):
-        self.agent, self.device = agent, device
-
-    @torch.no_grad()
-    def value(self, obs: np.ndarray) -> np.ndarray:
-        return self.agent.distribution(torch.as_tensor(obs, device=self.device))[1].cpu().numpy()
-
-    @torch.no_grad()
-    def act(self, obs: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        action, logprob, _, value = self.agent.get_action_and_value(torch.as_tensor(obs, device=self.device))
-        return action.cpu().numpy(), logprob.cpu().numpy(), value.cpu().numpy()
-
-
 class RolloutPolicies:
-    """The rollout's policy, each iteration: the derived numpy source while it reproduces get_action_and_value on the
-    current observations and the data it collects passes the on-policy check; after either fails (or the export or
-    the table cannot follow the agent), the agent itself for the rest of the run, with one note naming the cause."""
+    """The rollout's policy each iteration: the derived source while it reproduces get_action_and_value and passes the on-policy
+    check; once either fails (or the export or the table cannot follow), itself, the agent's own method, with one note."""
 
     def __init__(self, agent: Agent, device: torch.device, obs: np.ndarray):
         self.agent, self.device, self.warned = agent, device, False
@@ -1321,14 +1280,22 @@ class RolloutPolicies:
             return policy
         print(f"note: the derived numpy rollout steps aside: {cause}; the rollout runs get_action_and_value", flush=True)
 
-    def pick(self, obs: np.ndarray) -> Union[DerivedPolicy, TorchPolicy]:
+    def pick(self, obs: np.ndarray) -> Union[DerivedPolicy, "RolloutPolicies"]:
         self.derived = self.derived and self.follow(self.derived.refresh, obs)
-        return self.derived or TorchPolicy(self.agent, self.device)
+        return self.derived or self
+
+    @torch.no_grad()
+    def act(self, obs: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        action, logprob, _, value = self.agent.get_action_and_value(torch.as_tensor(obs, device=self.device))
+        return action.cpu().numpy(), logprob.cpu().numpy(), value.cpu().numpy()
+
+    @torch.no_grad()
+    def value(self, obs: np.ndarray) -> np.ndarray:
+        return self.agent.distribution(torch.as_tensor(obs, device=self.device))[1].cpu().numpy()
 
     def check_on_policy(self, max_logratio: float, iteration: int) -> None:
-        """The data was collected by the policy being trained: max |log-ratio| of the update's first minibatch, before
-        its first step, within ON_POLICY_ATOL. The derived path failing it steps aside; the agent's own method
-        failing it (a policy random given its input, e.g. dropout) gets one note and training goes on."""
+        """The data came from the policy being trained: the first minibatch's max |log-ratio| before any step within ON_POLICY_ATOL.
+        The derived path failing it steps aside; the agent's own (random given its input, e.g. dropout) gets one note."""
         if not max_logratio > ON_POLICY_ATOL:
             return
         figure = f"on-policy check: max |log-ratio| {max_logratio:.1e} at the first minibatch of iteration {iteration}"
@@ -1345,9 +1312,8 @@ MAX_SKIPPED_STEPS = 10
 
 
 class NonFiniteGuard:
-    """Keeps non-finite numbers out of the weights: a minibatch whose loss or gradient norm is not finite is not
-    stepped, and counted (losses/skipped_steps); MAX_SKIPPED_STEPS in a row, or a non-finite weight after a step,
-    stop the run with one line and exit status 1, the last checkpoint left as it was."""
+    """Keeps non-finite numbers out of the weights: a minibatch with a non-finite loss or gradient norm is not stepped, and counted
+    (losses/skipped_steps); MAX_SKIPPED_STEPS in a row or a non-finite weight stop the run, one line, exit 1, checkpoint kept."""
 
     def __init__(self, run: Optional[Run] = None, iteration: int = 0):
         self.run, self.iteration, self.count, self.in_a_row = run, iteration, 0, 0
@@ -1365,8 +1331,7 @@ class NonFiniteGuard:
         return True
 
     def check_weights(self, params: list[torch.Tensor], epoch: int) -> None:
-        """After each epoch: a step with a finite, clipped gradient moves an Adam weight by about the learning rate
-        at most, so a weight can only turn non-finite by way of the numbers checked at every step."""
+        """After each epoch (a finite, clipped step moves an Adam weight by about the learning rate at most)."""
         if not all(bool(torch.isfinite(p).all()) for p in params):
             stop_non_finite(self.run, "weights", f"iteration {self.iteration} (epoch {epoch + 1}, after its last minibatch)")
 
@@ -1433,88 +1398,14 @@ def flatten_parameters(module: nn.Module) -> nn.Parameter:
 
 
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """nn.utils.clip_grad_norm_(params, max_norm), returning the norm before clipping: for one flat parameter the
-    same arithmetic written straight (the same numbers to the bit, tested), without the grouping by device and dtype
-    around it, which costs twice the arithmetic of a small MLP's gradient."""
+    """nn.utils.clip_grad_norm_(params, max_norm), the norm before clipping: for one flat parameter its arithmetic written straight
+    (the same numbers to the bit, tested), without the grouping by device and dtype that costs twice a small MLP's clip."""
     if len(params) != 1:
         return nn.utils.clip_grad_norm_(params, max_norm)
     grad = params[0].grad
     total_norm = torch.linalg.vector_norm(grad)
     grad.mul_(torch.clamp(max_norm / (total_norm + 1e-6), max=1.0))
     return total_norm
-
-
-class FlatAdam(torch.optim.Adam):
-    """torch.optim.Adam (fused on CPU and CUDA) whose step() and zero_grad() go straight to their kernels when it
-    holds the one flat parameter of flatten_parameters: Optimizer.step's Python (grouping, hooks, profiling) costs
-    more than the fused update of a small MLP (22 against 59 us a step: 2% of a HalfCheetah run). The direct step
-    uses private torch names (torch._fused_adam_, torch._foreach_add_, the step hook registries). Checked when
-    built: three steps on a scratch parameter against torch.optim.Adam, bit for bit; a missing name or another
-    result makes it plain Adam, with a note naming the cause; several parameters or step hooks, plain Adam too."""
-
-    def __init__(self, params: list[torch.Tensor], lr: float, eps: float):
-        super().__init__(params, lr=lr, eps=eps, fused=params[0].device.type in ("cpu", "cuda"))
-        group = self.param_groups[0]
-        plain = ("amsgrad", "maximize", "capturable", "differentiable", "decoupled_weight_decay", "foreach")
-        self.fast = len(self.param_groups) == 1 and len(group["params"]) == 1 and group["fused"] and not any(group.get(k) for k in plain)
-        if self.fast:
-            try:
-                cause = None if self.reproduces_adam(group["params"][0]) else "its steps differ from torch.optim.Adam's"
-            except Exception as e:  # another torch: a private name gone or changed
-                cause = f"{type(e).__name__}: {e}"
-            if cause is not None:
-                print(f"note: the direct Adam step steps aside: {cause}; the update calls torch.optim.Adam.step", flush=True)
-                self.fast = False
-
-    def direct_step(self) -> bool:
-        """The fused Adam step as Adam.step makes it for one parameter (on its detached alias: no grad mode to switch
-        off); False when that does not apply (no state yet, no gradient, a tensor learning rate, step hooks)."""
-        group = self.param_groups[0]
-        p = group["params"][0]
-        state = self.state.get(p)
-        hooks = self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks or optimizer_lib._global_optimizer_pre_hooks
-        if not state or p.grad is None or hooks or optimizer_lib._global_optimizer_post_hooks or isinstance(group["lr"], torch.Tensor):
-            return False
-        beta1, beta2 = group["betas"]
-        torch._foreach_add_([state["step"]], 1)
-        torch._fused_adam_(
-            [p.detach()], [p.grad], [state["exp_avg"]], [state["exp_avg_sq"]], [], [state["step"]], amsgrad=False, lr=group["lr"],
-            beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
-            grad_scale=None, found_inf=None,
-        )  # fmt: skip
-        return True
-
-    def step(self, closure=None):
-        if self.fast and closure is None and self.direct_step():
-            return None
-        adam_step = torch.optim.Adam.step  # with the step hooks and profiling that Optimizer wraps around it
-        return (adam_step if getattr(adam_step, "hooked", False) else self.profile_hook_step(adam_step))(self, closure)
-
-    step.hooked = True  # Optimizer leaves this step() unwrapped: the direct path skips the wrapper's cost
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        grad = self.param_groups[0]["params"][0].grad if self.fast else None
-        if grad is None:
-            return super().zero_grad(set_to_none)
-        grad.zero_()
-
-    def reproduces_adam(self, like: torch.Tensor) -> bool:
-        group = self.param_groups[0]
-        hyper = dict(lr=group["lr"], betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"], fused=True)
-        generator = torch.Generator().manual_seed(0)
-        start = torch.randn(257, generator=generator).to(like)
-        grads = [torch.randn(257, generator=generator).to(like) for _ in range(3)]
-        plain, direct = nn.Parameter(start.clone()), nn.Parameter(start.clone())
-        reference = torch.optim.Adam([plain], **hyper)
-        candidate = FlatAdam.__new__(FlatAdam)
-        torch.optim.Adam.__init__(candidate, [direct], **hyper)
-        for i, g in enumerate(grads):
-            plain.grad, direct.grad = g.clone(), g.clone()
-            reference.step()
-            if not (i > 0 and candidate.direct_step()):
-                torch.optim.Adam.step(candidate)  # the first step creates the state
-        a, b = reference.state[plain], candidate.state[direct]
-        return all(torch.equal(x, y) for x, y in zip([plain, a["step"], a["exp_avg"], a["exp_avg_sq"]], [direct, b["step"], b["exp_avg"], b["exp_avg_sq"]]))
 
 
 if __name__ == "__main__":

@@ -38,18 +38,18 @@ def restore_signals():
 # ---------------------------------------------------------------- the Gaussian policy
 
 
-def test_gaussian_logprob_and_entropy_match_torch_distributions():
+def test_gaussian_log_prob_and_entropy_match_torch_distributions():
     gen = torch.Generator().manual_seed(0)
     mean = torch.randn(7, 4, generator=gen, dtype=torch.float64)
     log_std = torch.randn(1, 4, generator=gen, dtype=torch.float64)
     actions = mean + 3 * torch.randn(7, 4, generator=gen, dtype=torch.float64)
     ref = torch.distributions.Normal(mean, log_std.exp())
-    logp = ppo.gaussian_logprob(mean, log_std, actions)
+    logp = ppo.Gaussian(mean, log_std).log_prob(actions)
     np.testing.assert_allclose(logp.numpy(), ref.log_prob(actions).sum(-1).numpy(), rtol=1e-12)
-    np.testing.assert_allclose(ppo.gaussian_entropy(log_std).numpy(), ref.entropy()[:1].sum(-1).numpy(), rtol=1e-12)
+    np.testing.assert_allclose(ppo.Gaussian(mean, log_std).entropy().numpy(), ref.entropy().sum(-1).numpy(), rtol=1e-12)
     # Gradients flow to the mean and to the log std as through torch.distributions.
     mean.requires_grad_(True), log_std.requires_grad_(True)
-    g_mine = torch.autograd.grad(ppo.gaussian_logprob(mean, log_std, actions).sum(), (mean, log_std))
+    g_mine = torch.autograd.grad(ppo.Gaussian(mean, log_std).log_prob(actions).sum(), (mean, log_std))
     g_ref = torch.autograd.grad(torch.distributions.Normal(mean, log_std.exp()).log_prob(actions).sum(), (mean, log_std))
     for a, b in zip(g_mine, g_ref):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-10)
@@ -313,20 +313,20 @@ def test_truncation_bootstraps_from_final_observation_by_hand():
 
 def test_env_gets_clipped_action_while_the_sampled_one_is_stored_and_trained_on(tmp_path, monkeypatch):
     sampled, trained = [], []
-    act, logprob = ppo.DerivedPolicy.act, ppo.gaussian_logprob
+    act, logprob = ppo.DerivedPolicy.act, ppo.Gaussian.log_prob
 
     def spy_act(self, obs, rng):  # the rollout's calls (the float64 check calls the source itself)
         out = act(self, obs, rng)
         sampled.append(out[0].copy())
         return out
 
-    def spy_logprob(mean, log_std, actions):
+    def spy_logprob(self, actions):
         if torch.is_grad_enabled():
             trained.append(actions.detach().cpu().numpy().copy())
-        return logprob(mean, log_std, actions)
+        return logprob(self, actions)
 
     monkeypatch.setattr(ppo.DerivedPolicy, "act", spy_act)
-    monkeypatch.setattr(ppo, "gaussian_logprob", spy_logprob)
+    monkeypatch.setattr(ppo.Gaussian, "log_prob", spy_logprob)
     RecordActionEnv.received.clear()
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     try:
@@ -419,8 +419,8 @@ def test_flat_parameters_give_the_same_outputs_gradients_and_adam_steps(reset):
                 agent.zero_grad()
             if reset == "optimizer.zero_grad(set_to_none=False)":
                 optimizer.zero_grad(set_to_none=False)
-            mean, log_std, value = agent.distribution(obs)
-            losses.append((mean**2).sum() + value.sum() + log_std.sum())
+            dist, value = agent.distribution(obs)
+            losses.append((dist.loc**2).sum() + value.sum() + dist.log_std.sum())
             losses[-1].backward()
         torch.testing.assert_close(losses[0], losses[1])
         # every parameter's gradient landed in its slice of the flat gradient, and is a view into it
@@ -717,7 +717,7 @@ def test_ppo_update_matches_naive_reference_update():
     }  # fmt: skip
     args = ppo.Args(learning_rate=3e-3, num_minibatches=3, update_epochs=3, ent_coef=0.01, max_grad_norm=0.5)
     params = [ppo.flatten_parameters(agent)]
-    optimizer = ppo.FlatAdam(params, lr=args.learning_rate, eps=1e-5)  # as train() builds it
+    optimizer = torch.optim.Adam(params, lr=args.learning_rate, eps=1e-5, fused=True)  # as train() builds it
     stats = ppo.ppo_update(agent, optimizer, params, batch, args, np.random.default_rng(7))
     naive_ppo_update(reference, batch, args, np.random.default_rng(7))
     for p, q in zip(agent.parameters(), reference.parameters(), strict=True):
@@ -725,90 +725,13 @@ def test_ppo_update_matches_naive_reference_update():
     assert stats["clipfrac"] > 0.05, "the ratio clip should be active"
 
 
-# ---------------------------------------------------------------- the update's fast paths: the same numbers to the bit
+# ---------------------------------------------------------------- the update's fast path: the same numbers to the bit
 
 
 def flat_agent(seed=0, hidden=(64, 64), activation="tanh"):
     torch.manual_seed(seed)
     agent = ppo.Agent(17, box(6), hidden, activation, 0.0)
     return agent, [ppo.flatten_parameters(agent)]
-
-
-def test_flat_adam_steps_like_adam_and_round_trips_through_a_checkpoint():
-    agent, params = flat_agent()
-    optimizer = ppo.FlatAdam(params, lr=1e-3, eps=1e-5)
-    reference = torch.optim.Adam([torch.nn.Parameter(params[0].detach().clone())], lr=1e-3, eps=1e-5, fused=True)
-    assert optimizer.fast
-    for _ in range(3):
-        optimizer.zero_grad()
-        agent.distribution(torch.randn(8, 17))[0].square().sum().backward()
-        reference.param_groups[0]["params"][0].grad = params[0].grad.clone()
-        optimizer.step(), reference.step()
-    assert torch.equal(params[0], reference.param_groups[0]["params"][0])
-    resumed_agent, resumed_params = flat_agent(seed=5)
-    resumed_agent.load_state_dict(agent.state_dict())
-    resumed = ppo.FlatAdam(resumed_params, lr=1e-3, eps=1e-5)
-    resumed.load_state_dict(copy.deepcopy(optimizer.state_dict()))  # as through torch.save and torch.load
-    grad = torch.randn_like(params[0])
-    for opt, p in ((optimizer, params[0]), (resumed, resumed_params[0]), (reference, reference.param_groups[0]["params"][0])):
-        p.grad = grad.clone()
-        opt.step()
-    assert torch.equal(params[0], resumed_params[0]) and torch.equal(params[0], reference.param_groups[0]["params"][0])
-
-
-class TorchWithout:
-    """torch as another version might have it: one private name missing."""
-
-    def __init__(self, missing):
-        self.missing = missing
-
-    def __getattr__(self, name):
-        if name == self.missing:
-            raise AttributeError(f"module 'torch' has no attribute '{name}'")
-        return getattr(torch, name)
-
-
-@pytest.mark.parametrize("change", ["_fused_adam_", "_foreach_add_", "hook registry", "different result"])
-def test_flat_adam_steps_aside_with_a_note_naming_the_cause(change, monkeypatch, capsys):
-    if change == "hook registry":
-        monkeypatch.setattr(ppo, "optimizer_lib", object())
-    elif change == "different result":
-        direct_step = ppo.FlatAdam.direct_step
-
-        def off_by_a_little(self):
-            stepped = direct_step(self)
-            self.param_groups[0]["params"][0].data.add_(1e-7)
-            return stepped
-
-        monkeypatch.setattr(ppo.FlatAdam, "direct_step", off_by_a_little)
-    else:
-        monkeypatch.setattr(ppo, "torch", TorchWithout(change))
-    agent, params = flat_agent()
-    optimizer = ppo.FlatAdam(params, lr=1e-3, eps=1e-5)
-    assert not optimizer.fast
-    lines = capsys.readouterr().out.strip().splitlines()
-    cause = {"hook registry": "_global_optimizer_pre_hooks", "different result": "differ from torch.optim.Adam"}.get(change, change)
-    assert len(lines) == 1 and lines[0].startswith("note: the direct Adam step steps aside: ") and cause in lines[0], lines
-    # The plain path takes over: torch.optim.Adam's own step.
-    reference = torch.optim.Adam([torch.nn.Parameter(params[0].detach().clone())], lr=1e-3, eps=1e-5, fused=True)
-    for _ in range(2):
-        optimizer.zero_grad()
-        agent.distribution(torch.randn(8, 17))[0].sum().backward()
-        reference.param_groups[0]["params"][0].grad = params[0].grad.clone()
-        optimizer.step(), reference.step()
-    assert torch.equal(params[0], reference.param_groups[0]["params"][0])
-
-
-def test_flat_adam_honours_step_hooks():
-    agent, params = flat_agent()
-    optimizer = ppo.FlatAdam(params, lr=1e-3, eps=1e-5)
-    calls = []
-    optimizer.register_step_post_hook(lambda opt, args, kwargs: calls.append(1))
-    for _ in range(2):
-        optimizer.zero_grad()
-        agent.distribution(torch.randn(8, 17))[0].sum().backward()
-        optimizer.step()
-    assert calls == [1, 1]
 
 
 @pytest.mark.parametrize("scale", [1e-4, 1.0, 1e4])  # clipping, and not
@@ -947,7 +870,7 @@ def test_an_op_the_table_lacks_steps_aside_with_a_one_line_note_naming_it(capsys
     obs = np.random.default_rng(0).normal(size=(4, 5)).astype(np.float32)
     policies = ppo.RolloutPolicies(agent, torch.device("cpu"), obs)
     policy = policies.pick(obs)
-    assert isinstance(policy, ppo.TorchPolicy) and isinstance(policies.pick(obs), ppo.TorchPolicy)
+    assert isinstance(policy, ppo.RolloutPolicies) and isinstance(policies.pick(obs), ppo.RolloutPolicies)
     lines = capsys.readouterr().out.strip().splitlines()  # the next iteration says nothing more
     assert lines == ["note: the derived numpy rollout steps aside: it has no numpy translation of aten.mish.default(v_linear_3); "
                      "the rollout runs get_action_and_value"], lines  # fmt: skip
@@ -963,7 +886,7 @@ def test_the_derived_source_is_checked_on_what_it_returns(monkeypatch, capsys):
     obs = np.random.default_rng(0).normal(size=(4, 5)).astype(np.float32)
     # A slip in the table (exp read as 2 ** x): the actions come from another std, their log-probs too.
     monkeypatch.setitem(ppo.NUMPY_OPS, "exp", lambda x, dtype="DT": f"np.exp2({x})")
-    assert isinstance(ppo.RolloutPolicies(agent, torch.device("cpu"), obs).pick(obs), ppo.TorchPolicy)
+    assert isinstance(ppo.RolloutPolicies(agent, torch.device("cpu"), obs).pick(obs), ppo.RolloutPolicies)
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("note: the derived numpy rollout steps aside: its log-probs by "), lines
     assert "entropies" not in lines[0] and "values" not in lines[0], lines
@@ -1103,7 +1026,7 @@ def test_an_edited_policy_trains_on_policy_through_the_cli(edit, tmp_path):
 def test_on_policy_check_catches_a_rollout_fed_another_policy(path, tmp_path, monkeypatch, capsys, restore_signals):
     if path == "plain":  # no derived path: the agent's own method is the one that disagrees (as dropout would)
         monkeypatch.setitem(ppo.ACTIVATIONS, "tanh", torch.nn.Mish)
-    policy_class = ppo.DerivedPolicy if path == "derived" else ppo.TorchPolicy
+    policy_class = ppo.DerivedPolicy if path == "derived" else ppo.RolloutPolicies
     act, calls = policy_class.act, []
 
     def another_policy(self, obs, rng):
@@ -1121,7 +1044,7 @@ def test_on_policy_check_catches_a_rollout_fed_another_policy(path, tmp_path, mo
         assert calls == [ppo.DerivedPolicy] * 64  # iterations 2 to 4 sampled with the agent itself
     else:
         assert len(notes) == 1 and "iteration 1, with the plain get_action_and_value" in notes[0], notes
-        assert calls == [ppo.TorchPolicy] * 256  # the run went on
+        assert calls == [ppo.RolloutPolicies] * 256  # the run went on
     kls = [r["losses/old_approx_kl"] for r in read_metrics(tmp_path) if "losses/old_approx_kl" in r]
     assert kls[0] == pytest.approx(0.01, abs=1e-5)
 
