@@ -981,7 +981,7 @@ EDITS = {  # a researcher's edits of a copy of the script, each in the policy's 
     "squashed mean": [(MEAN, "        mean = self.high * torch.tanh(self.actor_mean(obs))\n")],
     "layer norm and GELU in the MLP": [(LAYER, "        layers += [linear(width, hidden), nn.LayerNorm(hidden), nn.GELU()]\n")],
     "tanh-squashed Gaussian": [
-        (CLASSES, SQUASHED + CLASSES),
+        ("def compute_gae(\n", SQUASHED + "def compute_gae(\n"),  # after the script's Gaussian, which it extends
         (DEFINITION, "        return SquashedGaussian(mean, self.actor_logstd, self.low, self.high), self.critic(obs).squeeze(-1)\n"),
     ],
     "Beta": [
