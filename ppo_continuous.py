@@ -30,7 +30,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.optim.optimizer as optimizer_lib
 import tyro
 from gymnasium.vector import AutoresetMode
 
@@ -102,8 +101,7 @@ class Args:
     torch_deterministic: bool = True
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     device: str = "auto"
-    """torch device: `auto` (the CPU: an MLP on vector observations runs faster there than on a GPU) or a device
-    string such as `cuda` or `cuda:1`"""
+    """torch device: `auto` (the CPU: an MLP on vector observations runs faster there than on a GPU), `cuda`, `cuda:1`..."""
     num_threads: int = 0
     """torch CPU threads per process; 0 picks from the work: 1 for an MLP (more threads only add overhead, and
     slow down badly when another job holds a core)"""
@@ -114,8 +112,7 @@ class Args:
     wandb_entity: Optional[str] = None
     """the wandb entity (team or user)"""
     capture_video: bool = False
-    """if toggled, record the first evaluation episode to runs/{run_name}/videos/ (without a display:
-    offscreen through EGL, MUJOCO_GL=egl)"""
+    """if toggled, record the first evaluation episode to runs/{run_name}/videos/ (no display: EGL, MUJOCO_GL=egl)"""
     runs_dir: str = "runs"
     """folder that holds runs/{run_name}/ (metrics, args, checkpoints, videos)"""
     save_every: int = 0
@@ -173,7 +170,8 @@ def flat_obs(obs: np.ndarray) -> np.ndarray:
     return obs.reshape(obs.shape[0], -1).astype(np.float64)
 
 
-# Network: separate actor and critic MLPs, a diagonal Gaussian policy with a state-independent log std.
+# Network: separate actor and critic MLPs, a diagonal Gaussian policy with a state-independent log std (Gaussian,
+# with the PPO maths below).
 
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU}
 
@@ -197,41 +195,37 @@ def mlp(in_dim: int, out_dim: int, hidden_sizes: Sequence[int], activation: str,
 
 
 class Agent(nn.Module):
-    def __init__(
-        self, obs_dim: int, act_dim: int, hidden_sizes: Sequence[int], activation: str, log_std_init: float, ortho_init: bool = True
-    ):
+    def __init__(self, obs_dim: int, action_space: gym.spaces.Box, hidden_sizes: Sequence[int], activation: str, log_std_init: float, ortho_init: bool = True):  # fmt: skip
         super().__init__()
+        act_dim = action_space.shape[0]
+        for bound in ("low", "high"):  # the action bounds, for a bounded distribution
+            self.register_buffer(bound, torch.as_tensor(getattr(action_space, bound), dtype=torch.float32), persistent=False)
         self.actor_mean = mlp(obs_dim, act_dim, hidden_sizes, activation, 0.01, ortho_init)
         self.actor_logstd = nn.Parameter(torch.full((1, act_dim), float(log_std_init)))
         self.critic = mlp(obs_dim, 1, hidden_sizes, activation, 1.0, ortho_init)
 
-    def distribution(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The policy's one definition: action means [B, A], log stds ([1, A]: state-independent) and values [B].
-        The rollout, the update and evaluation all go through it (by the three methods below)."""
-        return self.actor_mean(obs), self.actor_logstd, self.critic(obs).squeeze(-1)
+    def distribution(self, obs: torch.Tensor) -> tuple[torch.distributions.Distribution, torch.Tensor]:
+        """The policy's one definition: the actions' distribution [B, A] (a torch.distributions object, log_prob and entropy
+        summed over the action dimensions) and the values [B]. Rollout, update and evaluation ask it, by the methods below."""
+        mean = self.actor_mean(obs)
+        return Gaussian(mean, self.actor_logstd), self.critic(obs).squeeze(-1)
 
-    def get_value(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.distribution(obs)[2]
-
-    def get_action_and_value(
-        self, obs: torch.Tensor, action: Optional[torch.Tensor] = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def get_action_and_value(self, obs: torch.Tensor, action: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, ...]:
         """(action, its log-prob [B], entropy [B], value [B]); samples the action when none is given."""
-        mean, log_std, value = self.distribution(obs)
-        if action is None:
-            action = mean + log_std.exp() * torch.randn_like(mean)
-        return action, gaussian_logprob(mean, log_std, action), gaussian_entropy(log_std.expand_as(mean)), value
+        dist, value = self.distribution(obs)
+        action = dist.sample() if action is None else action
+        return action, dist.log_prob(action), dist.entropy(), value
 
     def greedy_action(self, obs: torch.Tensor) -> torch.Tensor:
-        """The mean action, for evaluation."""
-        return self.distribution(obs)[0]
+        """The distribution's mode, for evaluation."""
+        return self.distribution(obs)[0].mode
 
 
 def build_agent(args: Args, device: torch.device) -> tuple[Agent, int, gym.spaces.Box]:
     """The agent for args.env_id; also the flat observation size and the action space."""
     obs_space, action_space = resolve_env(args.env_id, args.env_kwargs)
     obs_dim = int(np.prod(obs_space.shape))
-    agent = Agent(obs_dim, action_space.shape[0], args.hidden_sizes, args.activation, args.log_std_init, args.ortho_init)
+    agent = Agent(obs_dim, action_space, args.hidden_sizes, args.activation, args.log_std_init, args.ortho_init)
     return agent.to(device), obs_dim, action_space
 
 
@@ -240,14 +234,26 @@ def build_agent(args: Args, device: torch.device) -> tuple[Agent, int, gym.space
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 
-def gaussian_logprob(mean: torch.Tensor, log_std: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-    """log N(actions; mean, diag(exp(log_std)^2)), summed over the action dimensions."""
-    return (-0.5 * ((actions - mean) * torch.exp(-log_std)) ** 2 - log_std - LOG_SQRT_2PI).sum(-1)
+class Gaussian(torch.distributions.Distribution):
+    """Diagonal Gaussian over the action vector (batch [B], event [A]) from means and log stds, its log-probs and
+    entropies summed over the action dimensions. Any torch.distributions object may stand in its place."""
 
+    def __init__(self, mean: torch.Tensor, log_std: torch.Tensor):
+        self.loc, self.log_std = mean, log_std
+        super().__init__(mean.shape[:-1], mean.shape[-1:], validate_args=False)
 
-def gaussian_entropy(log_std: torch.Tensor) -> torch.Tensor:
-    """Entropy of a diagonal Gaussian, summed over the action dimensions (the mean plays no part)."""
-    return (0.5 + LOG_SQRT_2PI + log_std).sum(-1)
+    def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
+        return self.loc + self.log_std.exp() * torch.randn_like(self.loc)
+
+    def log_prob(self, actions: torch.Tensor) -> torch.Tensor:
+        return (-0.5 * ((actions - self.loc) * torch.exp(-self.log_std)) ** 2 - self.log_std - LOG_SQRT_2PI).sum(-1)
+
+    def entropy(self) -> torch.Tensor:  # the mean plays no part
+        return (0.5 + LOG_SQRT_2PI + self.log_std.expand_as(self.loc)).sum(-1)
+
+    @property
+    def mode(self) -> torch.Tensor:
+        return self.loc
 
 
 def compute_gae(
@@ -276,9 +282,7 @@ def policy_loss(ratio: torch.Tensor, advantages: torch.Tensor, clip_coef: float)
     return torch.max(-advantages * ratio, -advantages * torch.clamp(ratio, 1 - clip_coef, 1 + clip_coef))
 
 
-def value_loss(
-    new_values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, clip_coef: Optional[float]
-) -> torch.Tensor:
+def value_loss(new_values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, clip_coef: Optional[float]) -> torch.Tensor:
     """Per-sample 0.5 * squared error; with clip_coef, the max of the plain and clipped errors."""
     unclipped = (new_values - returns) ** 2
     if clip_coef is None:
@@ -301,8 +305,8 @@ def explained_variance(values: np.ndarray, returns: np.ndarray) -> float:
 
 
 class RunningMeanStd:
-    """Mean and variance of a stream of rows, merged batch by batch (Chan et al., 1979). Starts as
-    gymnasium's and SB3's: mean 0, variance 1, count 1e-4. Shape () holds numpy scalars (cheaper than arrays)."""
+    """Mean and variance of a stream of rows, merged batch by batch (Chan et al., 1979), from gymnasium's and SB3's
+    start: mean 0, variance 1, count 1e-4. Shape () holds numpy scalars (cheaper than arrays)."""
 
     def __init__(self, shape: tuple = (), epsilon: float = 1e-4):
         self.mean = np.zeros(shape, np.float64)[()]
@@ -332,11 +336,8 @@ class Normalizer:
         self.ret_rms = RunningMeanStd()
         self.returns = np.zeros(num_envs)  # this process's discounted returns G
 
-    def update(
-        self, obs: np.ndarray, reward: Optional[np.ndarray] = None, valid: Optional[np.ndarray] = None, ended=None
-    ) -> None:
-        """Add one step of the envs: obs [N, obs_dim] returned by reset or step; with reward, the step's
-        rewards, valid (False on reset steps) and ended (terminated or truncated)."""
+    def update(self, obs: np.ndarray, reward: Optional[np.ndarray] = None, valid: Optional[np.ndarray] = None, ended=None) -> None:
+        """Add one step: obs [N, obs_dim] from reset or step; with reward, its rewards, valid (no reset step), ended."""
         batches = []
         if self.norm_obs:
             batches.append((self.obs_rms, obs))
@@ -375,10 +376,9 @@ def ppo_update(
     agent: Agent, optimizer: torch.optim.Optimizer, params: list[torch.Tensor], batch: dict[str, torch.Tensor], args: Args,
     rng: np.random.Generator, world_size: int = 1, guard: Optional["NonFiniteGuard"] = None,
 ) -> dict[str, float]:  # fmt: skip
-    """args.update_epochs epochs over the batch (keys obs, actions, logprobs, values, advantages, returns, valid)
-    in shuffled minibatches; steps with valid 0 weigh nothing. Returns the losses and diagnostics, each the mean over
-    all minibatches, skipped_steps (minibatches not stepped: non-finite) and first_max_logratio, max |log-ratio| of
-    the first minibatch before any step (~0: the data is on-policy)."""
+    """args.update_epochs epochs over the batch (keys obs, actions, logprobs, values, advantages, returns, valid) in
+    shuffled minibatches; steps with valid 0 weigh nothing. Returns the losses and diagnostics, each the mean over all
+    minibatches, skipped_steps (not stepped: non-finite), first_max_logratio (first minibatch, before any step: ~0)."""
     batch_size, guard = len(batch["obs"]), guard or NonFiniteGuard()
     stats = {k: [] for k in ("policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac")}
     for epoch in range(args.update_epochs):
@@ -436,8 +436,7 @@ def train(args: Args) -> None:
     if args.eval_checkpoint is not None:
         return evaluate_checkpoint(args, device)
     ckpt = load_checkpoint(args.resume, "--resume") if args.resume is not None else None
-    if ckpt is not None:
-        args = resumed_args(args, ckpt)
+    args = resumed_args(args, ckpt) if ckpt is not None else args
     use_offscreen_rendering(args.capture_video)
     batch_size, minibatch_size, num_iterations = check_args(args, world_size)
 
@@ -451,7 +450,7 @@ def train(args: Args) -> None:
     agent, obs_dim, action_space = build_agent(args, device)
     act_dim, low, high = action_space.shape[0], action_space.low, action_space.high
     params = [flatten_parameters(agent)]  # one tensor: Adam, the gradient clip and the all-reduce act once each
-    optimizer = FlatAdam(params, lr=args.learning_rate, eps=1e-5)  # torch's fused Adam, called straight (checked)
+    optimizer = torch.optim.Adam(params, lr=args.learning_rate, eps=1e-5, fused=device.type in ("cpu", "cuda"))
     broadcast_from_rank0(params, distributed)
     envs = make_envs(args.env_id, args.num_envs, args.env_kwargs)
     normalizer = Normalizer(obs_dim, args.num_envs, args, distributed)
@@ -462,7 +461,7 @@ def train(args: Args) -> None:
     if ckpt is not None:
         start_iteration, global_step, carry = restore(ckpt, agent, optimizer, normalizer, envs, rng, raw_obs, rank, world_size)
     run = Run(args, ckpt, rank)
-    rollout_policies, guard = RolloutPolicies(agent, device), NonFiniteGuard(run, start_iteration)
+    rollout_policies, guard = RolloutPolicies(agent, device, carry.next_obs), NonFiniteGuard(run, start_iteration)
     guard.check_env_step(flat_obs(raw_obs), np.zeros(0), global_step)  # the reset's observations too
     print_plan(run, f"{device} ({device_reason}), {torch.get_num_threads()} torch thread(s)", world_size, batch_size, minibatch_size, num_iterations)
     stop_requested = install_stop_handlers()
@@ -481,9 +480,9 @@ def train(args: Args) -> None:
             frac = 1.0 - (iteration - 1.0) / num_iterations
             optimizer.param_groups[0]["lr"] = frac * args.learning_rate
 
-        # 2. Rollout: num_steps steps of num_envs envs with the current policy. The sampled action is stored
-        # and trained on; the env gets it clipped to the action bounds.
-        policy = rollout_policies.pick(carry.next_obs)  # a numpy copy of the agent (checked on it), or the agent
+        # 2. Rollout: num_steps steps of num_envs envs with the current policy. The sampled action is stored and
+        # trained on; the env gets it clipped to the action bounds (a bounded distribution's actions pass unchanged).
+        policy = rollout_policies.pick(carry.next_obs)  # numpy source derived from the agent (checked on it), or the agent
         for step in range(args.num_steps):
             global_step += args.num_envs * world_size
             obs[step] = carry.next_obs
@@ -522,9 +521,9 @@ def train(args: Args) -> None:
         metrics["charts/SPS"] = int((global_step - start_step) / (time.time() - start_time))
         run.log(global_step, metrics)
         run.print_progress(iteration, num_iterations, global_step, metrics["charts/SPS"])
-        stop = stop_requested()
-        if stop or iteration == num_iterations or (args.save_every and iteration % args.save_every == 0):
-            save_checkpoint(run, iteration, global_step, agent, optimizer, normalizer, carry, rng, envs, distributed)
+        stop = stop_requested()  # a checkpoint each iteration, in memory: on disk when asked, at the end, or on a crash
+        write = stop or iteration == num_iterations or (args.save_every and iteration % args.save_every == 0)
+        save_checkpoint(run, iteration, global_step, agent, optimizer, normalizer, carry, rng, envs, distributed, write)
         if stop:
             envs.close()
             exit_interrupted(run, global_step, distributed)
@@ -539,14 +538,13 @@ def train(args: Args) -> None:
 
 # Infrastructure: nothing below changes what PPO computes; a research copy can drop what it does not need.
 # Run folder, logging and wandb; checkpoints and resume; signals; torchrun; evaluation and video; argument
-# checks; env pickling; the rollout's numpy copy of the policy (checked on Agent.get_action_and_value); flat
-# parameters; the non-finite guard.
+# checks; env pickling; the rollout's numpy source derived from Agent.get_action_and_value; flat parameters; the
+# non-finite guard.
 
 
 class Run:
-    """The run folder, metrics.jsonl and wandb (with --track), written by rank 0; on other ranks the methods
-    do nothing. A new run writes to {runs_dir}/{run_name}/; a resumed run continues in the folder that holds
-    its checkpoint, its metrics cut back to what they held at the checkpoint."""
+    """The run folder, metrics.jsonl and wandb (--track), by rank 0 (elsewhere the methods do nothing): {runs_dir}/{run_name}/, or
+    for a resumed run the folder of its checkpoint, its metrics cut back to what they held at the checkpoint."""
 
     def __init__(self, args: Args, ckpt: Optional[dict], rank: int):
         self.args, self.rank = args, rank
@@ -556,10 +554,11 @@ class Run:
         else:
             self.run_name, self.run_dir = ckpt["run_name"], os.path.dirname(os.path.abspath(args.resume))
         self.wandb_id = ckpt["wandb_id"] if ckpt else None
-        self.file = self.wandb_run = None
+        self.file = self.wandb_run = self.last_checkpoint = None
         self.recent_returns = deque(maxlen=20)
         if rank != 0:
             return
+        sys.excepthook = self.checkpoint_on_crash
         os.makedirs(self.run_dir, exist_ok=True)
         with open(os.path.join(self.run_dir, "args.json"), "w") as f:
             json.dump(asdict(args), f, indent=2)
@@ -570,16 +569,8 @@ class Run:
         if args.track:
             import wandb
 
-            self.wandb_run = wandb.init(
-                project=args.wandb_project_name,
-                entity=args.wandb_entity,
-                config=asdict(args),
-                name=self.run_name,
-                id=self.wandb_id,
-                resume="allow",
-                dir=self.run_dir,
-                save_code=True,
-            )
+            self.wandb_run = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args), name=self.run_name,
+                                        id=self.wandb_id, resume="allow", dir=self.run_dir, save_code=True)  # fmt: skip
             self.wandb_run.define_metric("global_step")
             self.wandb_run.define_metric("*", step_metric="global_step")
             self.wandb_id = self.wandb_run.id
@@ -602,15 +593,21 @@ class Run:
         if self.file is None or (iteration % max(1, num_iterations // 100) and iteration != num_iterations):
             return
         recent = f"{np.mean(self.recent_returns):.1f}" if self.recent_returns else "n/a"
-        print(
-            f"iteration {iteration}/{num_iterations} | global_step {global_step:,} | SPS {sps:,} "
-            f"| episodic_return (last {len(self.recent_returns)}) {recent}",
-            flush=True,
-        )
+        print(f"iteration {iteration}/{num_iterations} | global_step {global_step:,} | SPS {sps:,} "
+              f"| episodic_return (last {len(self.recent_returns)}) {recent}", flush=True)  # fmt: skip
+
+    def checkpoint_on_crash(self, kind: type, error: BaseException, traceback) -> None:
+        """An exception out of train() (the env's step or reset, out of memory, a bug): its traceback, then the last
+        completed iteration's checkpoint written and named on the last line (exit status 1)."""
+        sys.__excepthook__(kind, error, traceback)
+        iteration, global_step, path = (self.last_checkpoint or (0, 0, None))[:2] + (self.last_checkpoint and write_checkpoint(self),)
+        kept = f"checkpoint of iteration {iteration} (global_step {global_step:,}) in {path}; continue with --resume {path}" if path else "no iteration completed, no checkpoint"
+        print(f"error: {kind.__name__}: {str(error).splitlines()[0] if str(error) else ''}; {kept}", file=sys.stderr, flush=True)
 
     def finish(self) -> None:
         if self.file is None:
             return
+        sys.excepthook = sys.__excepthook__
         if self.wandb_run is not None:
             self.wandb_run.finish()
         files = ["metrics.jsonl", "args.json", "checkpoint.pt"] + ["videos/"] * os.path.isdir(os.path.join(self.run_dir, "videos"))
@@ -622,15 +619,11 @@ def print_plan(run: Run, device: str, world_size: int, batch_size: int, minibatc
     args, steps = run.args, num_iterations * batch_size * world_size
     if run.rank != 0:
         return
-    print(
-        f"{run.run_name}: {num_iterations} iterations of {batch_size} steps x {world_size} process(es), "
-        f"{args.num_minibatches} minibatches of {minibatch_size}, {args.update_epochs} epochs, device {device}"
-    )
+    print(f"{run.run_name}: {num_iterations} iterations of {batch_size} steps x {world_size} process(es), "
+          f"{args.num_minibatches} minibatches of {minibatch_size}, {args.update_epochs} epochs, device {device}")  # fmt: skip
     if steps != args.total_timesteps:
-        print(
-            f"note: --total-timesteps {args.total_timesteps:,} is not a whole number of batches of "
-            f"{batch_size * world_size:,} steps; training {steps:,} steps ({num_iterations} iterations)"
-        )
+        print(f"note: --total-timesteps {args.total_timesteps:,} is not a whole number of batches of "
+              f"{batch_size * world_size:,} steps; training {steps:,} steps ({num_iterations} iterations)")  # fmt: skip
 
 
 @dataclass
@@ -652,27 +645,13 @@ CHECKPOINT_KEYS = {"args", "run_name", "iteration", "global_step", "wandb_id", "
 
 
 def save_checkpoint(
-    run: Run,
-    iteration: int,
-    global_step: int,
-    agent: Agent,
-    optimizer: torch.optim.Optimizer,
-    normalizer: Normalizer,
-    carry: Carry,
-    rng: np.random.Generator,
-    envs: gym.vector.SyncVectorEnv,
-    distributed: bool,
-) -> None:
-    """Rank 0 writes run_dir/checkpoint.pt atomically (tmp + fsync + rename), never with a non-finite tensor.
-    Everything but "resume_state" is tensors and plain values; "resume_state" holds each process's carried state,
-    RNGs and pickled envs."""
-    mine = {
-        "carry": asdict(carry),
-        "rng": rng.bit_generator.state,
-        "global_rngs": global_rng_state(),
-        "envs": env_state(envs),
-        "returns": normalizer.returns,
-    }
+    run: Run, iteration: int, global_step: int, agent: Agent, optimizer: torch.optim.Optimizer, normalizer: Normalizer,
+    carry: Carry, rng: np.random.Generator, envs: gym.vector.SyncVectorEnv, distributed: bool, write: bool = True,
+) -> None:  # fmt: skip
+    """Rank 0 serialises the checkpoint, never with a non-finite tensor, keeps it (run.last_checkpoint: a crash writes
+    it) and with write writes it to run_dir/checkpoint.pt. Everything but "resume_state" is tensors and plain values;
+    "resume_state" holds each process's carried state, RNGs and pickled envs."""
+    mine = {"carry": asdict(carry), "rng": rng.bit_generator.state, "global_rngs": global_rng_state(), "envs": env_state(envs), "returns": normalizer.returns}  # fmt: skip
     ranks = [mine]
     if distributed:
         ranks = [None] * dist.get_world_size()
@@ -680,25 +659,28 @@ def save_checkpoint(
     if run.rank != 0:
         return
     state = {
-        "args": asdict(run.args),
-        "run_name": run.run_name,
-        "iteration": iteration,
-        "global_step": global_step,
-        "wandb_id": run.wandb_id,
-        "metrics_offset": run.file.tell(),
-        "agent": agent.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "normalizer": normalizer_state(normalizer),  # the same on every process
-        "resume_state": pickle.dumps(ranks),
-    }
+        "args": asdict(run.args), "run_name": run.run_name, "iteration": iteration, "global_step": global_step, "wandb_id": run.wandb_id,
+        "metrics_offset": run.file.tell(), "agent": agent.state_dict(), "optimizer": optimizer.state_dict(),
+        "normalizer": normalizer_state(normalizer), "resume_state": pickle.dumps(ranks),  # normalizer: the same on every process
+    }  # fmt: skip
     for name in non_finite_entries(state)[:1]:
         stop_non_finite(run, name, f"iteration {iteration} (the checkpoint it would write)")
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    run.last_checkpoint = (iteration, global_step, buffer.getvalue())
+    if write:
+        write_checkpoint(run)
+
+
+def write_checkpoint(run: Run) -> str:
+    """run.last_checkpoint to run_dir/checkpoint.pt atomically (tmp + fsync + rename); returns the path."""
     path = os.path.join(run.run_dir, "checkpoint.pt")
     with open(f"{path}.tmp", "wb") as f:
-        torch.save(state, f)
+        f.write(run.last_checkpoint[2])
         f.flush()
         os.fsync(f.fileno())  # on disk before the rename: a crash leaves the old checkpoint or the new one whole
     os.replace(f"{path}.tmp", path)
+    return path
 
 
 def normalizer_state(normalizer: Normalizer) -> dict:
@@ -741,18 +723,10 @@ def resumed_args(args: Args, ckpt: dict) -> Args:
 
 
 def restore(
-    ckpt: dict,
-    agent: Agent,
-    optimizer: torch.optim.Optimizer,
-    normalizer: Normalizer,
-    envs: gym.vector.SyncVectorEnv,
-    rng: np.random.Generator,
-    raw_obs: np.ndarray,
-    rank: int,
-    world_size: int,
-) -> tuple[int, int, Carry]:
-    """Load a --resume checkpoint; returns (start_iteration, global_step, carry). With another number of
-    processes the RNGs and envs start fresh (the episodes just reset, raw_obs)."""
+    ckpt: dict, agent: Agent, optimizer: torch.optim.Optimizer, normalizer: Normalizer, envs: gym.vector.SyncVectorEnv,
+    rng: np.random.Generator, raw_obs: np.ndarray, rank: int, world_size: int,
+) -> tuple[int, int, Carry]:  # fmt: skip
+    """Load a --resume checkpoint: (start_iteration, global_step, carry); another number of processes starts RNGs and envs afresh."""
     try:
         agent.load_state_dict(ckpt["agent"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -785,9 +759,8 @@ def set_global_rng_state(state: dict) -> None:
 
 
 def install_stop_handlers() -> Callable[[], bool]:
-    """SIGINT (Ctrl-C) and SIGTERM (a scheduler) ask to stop: the iteration finishes, a checkpoint is written and
-    the process exits 130; a second Ctrl-C interrupts at once. Returns stop_requested(): whether any process was
-    asked (a collective under torchrun: every process calls it)."""
+    """SIGINT (Ctrl-C) and SIGTERM ask to stop: the iteration finishes, a checkpoint is written, exit 130; a second Ctrl-C
+    interrupts at once. Returns stop_requested(): whether any process was asked (a collective under torchrun)."""
     requested = False
 
     def request_stop(signum, frame):
@@ -817,9 +790,8 @@ def exit_interrupted(run: Run, global_step: int, distributed: bool) -> NoReturn:
 
 
 def pick_device(name: str, gpu_pays: bool) -> tuple[torch.device, str]:
-    """The torch device and why it was chosen. `auto` takes a GPU (cuda, then mps) only when gpu_pays: for a small
-    MLP the GPU's per-op launch and copy costs exceed the arithmetic it saves. Under torchrun, `cuda` means the
-    GPU of this process's local rank."""
+    """The torch device and why. `auto` takes a GPU (cuda, then mps) only when gpu_pays (a small MLP's launches and copies cost
+    more than it saves). Under torchrun, `cuda` means the GPU of this process's local rank."""
     reason = f"--device {name}"
     if name == "auto":
         name, reason = auto_device(gpu_pays, torch.cuda.is_available(), torch.backends.mps.is_available())
@@ -850,8 +822,7 @@ def auto_device(gpu_pays: bool, cuda: bool, mps: bool) -> tuple[str, str]:
 
 
 def set_num_threads(num_threads: int, small_network: bool) -> None:
-    """--num-threads, or from the work when 0: one thread for a small network (more only add overhead, and stall
-    when another job holds a core), torch's default (a thread per core) for networks big enough to split."""
+    """--num-threads, or when 0 one thread for a small network (more add overhead, and stall when a core is busy)."""
     if num_threads or small_network:
         torch.set_num_threads(num_threads or 1)
 
@@ -925,8 +896,7 @@ def check_same_on_all_ranks(params: list[torch.Tensor], normalizer: Normalizer, 
 
 
 def use_offscreen_rendering(capture_video: bool) -> None:
-    """Headless Linux has no window system for MuJoCo's default GL backend; EGL renders offscreen (through Mesa
-    when there is no GPU). It must be chosen before mujoco is first imported."""
+    """Headless Linux has no window system for MuJoCo's GL: EGL renders offscreen (Mesa without a GPU); set before mujoco imports."""
     headless = sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
     if capture_video and headless and "MUJOCO_GL" not in os.environ:
         if ctypes.util.find_library("EGL") is None:
@@ -936,18 +906,11 @@ def use_offscreen_rendering(capture_video: bool) -> None:
 
 @torch.no_grad()
 def evaluate(
-    agent: Agent,
-    normalizer: Normalizer,
-    env_id: str,
-    env_kwargs: str,
-    episodes: int,
-    seed: int,
-    device: torch.device,
-    stochastic: bool,
-    video_path: Optional[str],
-) -> list[float]:
+    agent: Agent, normalizer: Normalizer, env_id: str, env_kwargs: str, episodes: int, seed: int, device: torch.device,
+    stochastic: bool, video_path: Optional[str],
+) -> list[float]:  # fmt: skip
     """Play whole episodes with the observation statistics frozen and return their raw returns; the policy
-    acts with its mean unless stochastic. With video_path, the first episode is recorded."""
+    acts with its distribution's mode (greedy_action) unless stochastic. With video_path, the first episode is recorded."""
     envs = make_envs(env_id, 1, env_kwargs, render=video_path is not None)
     low, high = envs.single_action_space.low, envs.single_action_space.high
     obs, _ = envs.reset(seed=seed)
@@ -1039,22 +1002,17 @@ def check_args(args: Args, world_size: int) -> tuple[int, int, int]:
     batch_size = args.num_envs * args.num_steps
     if batch_size % args.num_minibatches:
         divisors = [d for d in range(1, min(batch_size, 64) + 1) if batch_size % d == 0]
-        fail(
-            f"--num-minibatches {args.num_minibatches} does not divide the batch "
-            f"--num-envs {args.num_envs} x --num-steps {args.num_steps} = {batch_size}; pick one of {divisors}"
-        )
+        fail(f"--num-minibatches {args.num_minibatches} does not divide the batch "
+             f"--num-envs {args.num_envs} x --num-steps {args.num_steps} = {batch_size}; pick one of {divisors}")  # fmt: skip
     num_iterations = args.total_timesteps // (batch_size * world_size)
     if num_iterations == 0:
-        fail(
-            f"--total-timesteps {args.total_timesteps} is less than one rollout "
-            f"({batch_size * world_size} steps); raise it or lower --num-envs/--num-steps"
-        )
+        fail(f"--total-timesteps {args.total_timesteps} is less than one rollout "
+             f"({batch_size * world_size} steps); raise it or lower --num-envs/--num-steps")  # fmt: skip
     return batch_size, batch_size // args.num_minibatches, num_iterations
 
 
 def resolve_env(env_id: str, env_kwargs: str = "{}") -> tuple[gym.spaces.Box, gym.spaces.Box]:
-    """Check that env_id makes an env with a bounded 1-D Box action space and a Box observation space (Dict and
-    Tuple ones arrive flattened); return (observation space, action space). gymnasium's own error otherwise."""
+    """(observation space, action space) of env_id, checked: a bounded 1-D Box of actions, Box (or flattened) observations."""
     if env_id.startswith("ALE/") or "NoFrameskip" in env_id:
         fail(f"--env-id {env_id} is an Atari game with a Discrete action space; use ppo_discrete.py")
     try:
@@ -1078,8 +1036,7 @@ def resolve_env(env_id: str, env_kwargs: str = "{}") -> tuple[gym.spaces.Box, gy
 
 
 class EnvPickler(pickle.Pickler):
-    """Pickles MuJoCo envs whole: the full simulation state (MjData) and the RNG. By themselves they pickle as
-    their constructor arguments (EzPickle) and would come back with a fresh episode."""
+    """Pickles MuJoCo envs whole, simulation state (MjData) and RNG: by themselves (EzPickle) they restart an episode."""
 
     def reducer_override(self, obj):
         mujoco_env = sys.modules.get("gymnasium.envs.mujoco.mujoco_env")  # not imported: no MuJoCo env
@@ -1099,8 +1056,7 @@ def rebuild_mujoco_env(cls: type, args: tuple, kwargs: dict, data, rng_state: di
 
 
 def env_state(envs: gym.vector.SyncVectorEnv) -> bytes:
-    """Pickled sub-envs (MuJoCo state of the episodes in progress, their RNGs, time limits), so a resumed run
-    continues the very same episodes."""
+    """Pickled sub-envs (MuJoCo states, RNGs, time limits): a resumed run continues the very same episodes."""
     buffer = io.BytesIO()
     EnvPickler(buffer).dump((envs.envs, envs._autoreset_envs))
     return buffer.getvalue()
@@ -1111,8 +1067,7 @@ def restore_env_state(envs: gym.vector.SyncVectorEnv, state: bytes) -> None:
 
 
 class FlattenObservation(gym.ObservationWrapper):
-    """gymnasium's FlattenObservation (flatten_space and flatten) as a class: gymnasium's holds a lambda, which
-    cannot be pickled into a checkpoint."""
+    """gymnasium's FlattenObservation as a class: gymnasium's holds a lambda, which a checkpoint cannot pickle."""
 
     def __init__(self, env: gym.Env):
         super().__init__(env)
@@ -1130,129 +1085,222 @@ def adapt_env(env: gym.Env) -> gym.Env:
 
 
 class WithoutStepInfo(gym.Wrapper):
-    """Drops the info dict of step(), which nothing here reads: SyncVectorEnv merges it into arrays every step, a
-    sixth of a MuJoCo step's cost."""
+    """Drops step()'s info dict, which nothing reads: SyncVectorEnv merges it every step, a sixth of a MuJoCo step."""
 
     def step(self, action):
         obs, reward, terminated, truncated, _ = self.env.step(action)
         return obs, reward, terminated, truncated, {}
 
 
-NUMPY_ACTIVATIONS = {nn.Tanh: np.tanh, nn.ReLU: lambda x: np.maximum(x, 0), nn.ELU: lambda x: np.where(x > 0, x, np.expm1(np.minimum(x, 0)))}  # fmt: skip
+# The rollout's fast path, derived from the one definition. Stepping one MuJoCo env at a time makes the policy a chain
+# of tiny ops, each costing several microseconds of dispatch in torch and about one in numpy. So get_action_and_value
+# is exported once (torch.export, for a batch of num_envs observations) and its aten graph written out as Python
+# source, one numpy line per node, by this table (it gets the arguments as source text: v_name for a node, else the
+# repr; an argument it does not take refuses the op). The nodes that depend on the weights alone run once per refresh,
+# after each update; random ops draw from the run's numpy rng. An op the table lacks: get_action_and_value, one note.
+UNARY = {**dict.fromkeys(["clone", "detach", "alias", "contiguous", "lift_fresh_copy", "to", "_to_copy"], ""), "neg": "np.negative",
+         "atanh": "np.arctanh", "lgamma": "lgamma", "erf": "erf", "sigmoid": "sigmoid", "silu": "silu", "relu": "relu",
+         **{op: f"np.{op}" for op in ("tanh", "exp", "log", "log1p", "expm1", "sqrt", "abs", "square", "reciprocal")}}  # fmt: skip
+RESHAPES, BROADCASTS = {"view", "reshape", "_unsafe_view", "squeeze", "unsqueeze", "flatten", "view_as", "reshape_as"}, {"expand", "expand_as"}
+RANDOM, IGNORED = {"randn_like", "normal", "_standard_gamma", "_sample_dirichlet"}, {"device", "layout", "pin_memory", "memory_format"}
+NOISE = "rng.standard_normal({}, dtype=np.float32).astype(DT, copy=False)"  # the draw CleanRL's and the old copy's noise took
+NUMPY_OPS: dict[str, Callable[..., Optional[str]]] = {
+    **{op: lambda x, dtype="DT", f=f: f"{f}({x})" if dtype == "DT" else None for op, f in UNARY.items()},
+    "linear": lambda x, w, b="None": f"{x} @ {w}_T" + (f" + {b}" if b != "None" else ""), "t": lambda x: f"{x}.T",  # w_T: w.T, C order
+    "mm": lambda a, b: f"{a} @ {b}", "matmul": lambda a, b: f"{a} @ {b}", "addmm": lambda c, a, b: f"{c} + {a} @ {b}", "mul": lambda a, b: f"{a} * {b}",
+    "add": lambda a, b, alpha="1": f"{a} + {b}" if alpha == "1" else None, "sub": lambda a, b, alpha="1": f"{a} - {b}" if alpha == "1" else None,
+    "rsub": lambda a, b, alpha="1": f"{b} - {a}" if alpha == "1" else None, "div": lambda a, b: f"{a} / {b}", "pow": lambda a, b: f"{a} ** {b}",
+    "maximum": lambda a, b: f"np.maximum({a}, {b})", "minimum": lambda a, b: f"np.minimum({a}, {b})", "where": lambda c, a, b: f"np.where({c}, {a}, {b})",
+    "gt": lambda a, b: f"{a} > {b}", "lt": lambda a, b: f"{a} < {b}", "xlogy": lambda a, b: f"xlogy({a}, {b})", "clamp": lambda x, lo="None", hi="None": f"np.clip({x}, {lo}, {hi})",
+    "clamp_min": lambda x, lo: f"np.maximum({x}, {lo})", "clamp_max": lambda x, hi: f"np.minimum({x}, {hi})", "gelu": lambda x, approximate="'none'": f"gelu_{approximate[1:-1]}({x})",
+    "leaky_relu": lambda x, s="0.01": f"np.where({x} > 0, {x}, {s} * {x})", "softplus": lambda x, beta="1", threshold="20": f"softplus({x}, {beta}, {threshold})",
+    "elu": lambda x, alpha="1", scale="1", input_scale="1": f"elu({x}, {alpha})" if scale == input_scale == "1" else None,
+    "layer_norm": lambda x, shape, w="None", b="None", eps="1e-05", cudnn_enable="True": f"layer_norm({x}, {len(eval(shape))}, {w}, {b}, {eps})",
+    "sum": lambda x, dim="None", keepdim="False": f"{x}.sum({dim}, keepdims={keepdim})", "mean": lambda x, dim="None", keepdim="False": f"{x}.mean({dim}, keepdims={keepdim})",
+    "cat": lambda xs, dim="0": f"np.concatenate({xs}, {dim})", "stack": lambda xs, dim="0": f"np.stack({xs}, {dim})", "getitem": lambda x, i: f"{x}[{i}]",
+    "broadcast_tensors": lambda xs: f"np.broadcast_arrays(*{xs})", "chunk": lambda x, n, dim="0": f"chunk({x}, {n}, {dim})", "select": lambda x, d, i: f"np.take({x}, {i}, {d})",
+    "split": lambda x, size, dim="0": f"np.split({x}, range({size}, {x}.shape[{dim}], {size}), {dim})",
+    "slice": lambda x, dim="0", start="None", end="None", step="1": f"{x}[{':, ' * int(dim)}{start}:{end}:{step}]",
+    "full": lambda shape, value, dtype="DT": f"np.full({shape}, {value}, {dtype})", "scalar_tensor": lambda v, dtype="DT": f"np.asarray({v}, {dtype})",
+    "zeros_like": lambda x, dtype="DT": f"np.zeros_like({x})" if dtype == "DT" else None, "ones_like": lambda x, dtype="DT": f"np.ones_like({x})" if dtype == "DT" else None,
+    "randn_like": lambda x, dtype="DT": NOISE.format(f"{x}.shape"), "normal": lambda m, s: f"{m} + {s} * " + NOISE.format(f"np.broadcast_shapes({m}.shape, {s}.shape)"),
+    "_standard_gamma": lambda c: f"rng.standard_gamma({c}).astype(DT)", "_sample_dirichlet": lambda c: f"dirichlet(rng.standard_gamma({c}).astype(DT))",
+}  # fmt: skip
+NUMPY_HELPERS = dict(
+    np=np, relu=lambda x: np.maximum(x, 0), sigmoid=lambda x: 1 / (1 + np.exp(-x)), silu=lambda x: x / (1 + np.exp(-x)),
+    elu=lambda x, alpha: np.where(x > 0, x, np.expm1(np.minimum(x, 0)) * alpha if alpha != 1 else np.expm1(np.minimum(x, 0))),
+    lgamma=lambda x: np.vectorize(math.lgamma, otypes=[np.float64])(x).astype(x.dtype),  # numpy has no lgamma and no erf
+    erf=lambda x: np.vectorize(math.erf, otypes=[np.float64])(x).astype(x.dtype), gelu_none=lambda x: x * 0.5 * (1 + NUMPY_HELPERS["erf"](x * math.sqrt(0.5))),
+    gelu_tanh=lambda x: 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x * x * x))),
+    softplus=lambda x, beta, threshold: np.where(x * beta > threshold, x, np.log1p(np.exp(np.minimum(x * beta, threshold))) / beta),
+    layer_norm=lambda x, dims, w, b, eps: (lambda c: c / np.sqrt((c * c).mean(tuple(range(-dims, 0)), keepdims=True) + eps))(x - x.mean(tuple(range(-dims, 0)), keepdims=True)) * (1 if w is None else w) + (0 if b is None else b),
+    xlogy=lambda a, b: np.where(a == 0, 0, a * np.log(np.where(a == 0, 1, b))).astype(np.result_type(a, b)),
+    chunk=lambda x, n, dim: np.split(x, range(-(-x.shape[dim] // n), x.shape[dim], -(-x.shape[dim] // n)), dim), dirichlet=lambda g: g / g.sum(-1, keepdims=True),
+)  # fmt: skip
 
-# The numpy copy is checked in float64 against a float64 copy of the agent: the two differ only in the order of
-# their sums (about 1e-13), while float32 rounding, divided by a small std, reaches 1e-5 in a log-prob. 1e-6,
-# relative beyond magnitude 1, lies far above the first and far below any change of the policy that matters.
-FAST_PATH_ATOL = 1e-6
+# The derived source is checked in float64 against a float64 copy of the agent: the two run the same ops and differ
+# only in the order of their sums and libm's last bits, about 1e-13 relative for these networks, while float32 rounding,
+# divided by a small std, reaches 1e-5 in a log-prob. 1e-9, relative beyond magnitude 1, leaves rounding four orders
+# of magnitude and lies far below any change of the policy that matters.
+FAST_PATH_ATOL = 1e-9
 # |new - old log-prob| at the first minibatch, before any step: 1e-7 to 3e-6 (float32 rounding) when the rollout's
 # policy is the trained one (InvertedPendulum, HalfCheetah with the cleanrl and zoo-halfcheetah presets).
 ON_POLICY_ATOL = 1e-3
 
 
-def numpy_layers(seq: nn.Module, dtype: type) -> list[Callable[[np.ndarray], np.ndarray]]:
-    """A numpy function per layer of an nn.Sequential of Linear layers and known activations; else ValueError."""
-    if type(seq) is not nn.Sequential:
-        raise ValueError(f"{type(seq).__name__} is not an nn.Sequential")
-    layers = []
-    for m in seq:
-        if type(m) is nn.Linear and m.bias is not None:
-            w = m.weight.detach().cpu().numpy().T.astype(dtype, order="C")  # the layout fixes the matmul's sums
-            b = m.bias.detach().cpu().numpy().astype(dtype)
-            layers.append(lambda x, w=w, b=b: x @ w + b)
-        elif type(m) in NUMPY_ACTIVATIONS and getattr(m, "alpha", 1.0) == 1.0:
-            layers.append(NUMPY_ACTIVATIONS[type(m)])
-        else:
-            raise ValueError(f"it has no copy of {m}")
-    return layers
+class Sampling(nn.Module):
+    """What torch.export traces: the agent's get_action_and_value, sampling."""
+
+    def __init__(self, agent: Agent):
+        super().__init__()
+        self.agent = agent
+
+    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.agent.get_action_and_value(obs)
 
 
-class NumpyPolicy:
-    """A frozen numpy copy of Agent.get_action_and_value for the rollout (actor_mean and critic MLPs, the log std
-    actor_logstd), rebuilt and checked against it every iteration. Stepping one MuJoCo env at a time makes the
-    forward pass a chain of tiny ops, each of which costs several microseconds of dispatch in torch and about one in
-    numpy. Actions are sampled from rng; their log-probabilities come from the noise."""
+def source_text(value) -> str:
+    """An argument of an aten node as source text: v_name for a node, a tuple of them for a list, DT for a float dtype."""
+    if isinstance(value, (list, tuple)):
+        return f"({''.join(source_text(v) + ', ' for v in value)})"
+    if isinstance(value, torch.dtype):
+        return "DT" if value.is_floating_point else f"np.{str(value).split('.')[-1]}"
+    return f"v_{value.name}" if isinstance(value, torch.fx.Node) else repr(value)
 
-    def __init__(self, agent: Agent, dtype: type = np.float32):
-        self.actor, self.critic = numpy_layers(agent.actor_mean, dtype), numpy_layers(agent.critic, dtype)
-        self.log_std = agent.actor_logstd.detach().cpu().numpy()[0].astype(dtype)
-        self.std = np.exp(self.log_std)
 
-    @staticmethod
-    def mlp(layers: list, x: np.ndarray) -> np.ndarray:
-        for layer in layers:
-            x = layer(x)
-        return x
+def numpy_line(node: torch.fx.Node) -> Union[str, NotImplementedError]:
+    """`v_name = ...`, one aten node as numpy source, or the error naming what the table cannot translate."""
+    op, args = getattr(node.target, "__name__", str(node.target)).split(".")[0], [source_text(a) for a in node.args]
+    kwargs = {k: source_text(v) for k, v in node.kwargs.items() if k not in IGNORED}
+    shape = tuple(node.meta["val"].shape) if isinstance(node.meta.get("val"), torch.Tensor) else None  # fixed: one batch size
+    try:
+        line = f"np.{'reshape' if op in RESHAPES else 'broadcast_to'}({args[0]}, {shape})" if op in RESHAPES | BROADCASTS and shape else NUMPY_OPS[op](*args, **kwargs)
+    except (KeyError, TypeError):
+        line = None
+    if line is None or node.op != "call_function":
+        return NotImplementedError(f"it has no numpy translation of {node.target}({', '.join(args + [f'{k}={v}' for k, v in kwargs.items()])})")
+    return f"v_{node.name} = {line}"
 
-    def value(self, obs: np.ndarray) -> np.ndarray:
-        return self.mlp(self.critic, obs)[:, 0]
+
+def numpy_source(graph: torch.fx.Graph, functions: dict[str, Sequence[int]]) -> tuple[str, dict[str, NotImplementedError]]:
+    """Source of def name(v_obs, rng) for each of functions (the graph outputs it returns), the nodes it needs one line
+    each, and of setup(), the nodes on the weights alone; and the functions the table cannot translate, with why."""
+    nodes, varying, sources, failed, once = list(graph.nodes), set(), [], {}, []
+    lines = {node: numpy_line(node) for node in nodes[:-1] if node.op != "placeholder"}
+    for node in nodes:  # what depends on the observations or on a random draw
+        if node.name == "obs" or getattr(node.target, "__name__", "").split(".")[0] in RANDOM or varying & set(node.all_input_nodes):
+            varying.add(node)
+    for name, outputs in functions.items():
+        needed, todo = set(), [nodes[-1].args[0][i] for i in outputs]
+        while todo:
+            needed.add(todo[-1])
+            todo += [n for n in todo.pop().all_input_nodes if n not in needed]
+        errors = [lines[n] for n in nodes if n in needed and isinstance(lines.get(n), NotImplementedError)]
+        if errors:
+            failed[name] = errors[0]
+            continue
+        once += [n for n in nodes if n in needed and n in lines and n not in varying and n not in once]
+        body = "".join(f"    {lines[n]}\n" for n in nodes if n in needed & varying and n in lines)
+        sources.append(f"def {name}(v_obs, rng=None):\n{body}    return {', '.join(f'v_{nodes[-1].args[0][i].name}' for i in outputs)}\n")
+    setup = "".join(f"    global v_{n.name}\n    {lines[n]}\n" for n in once)
+    return f"def setup():\n    pass\n{setup}" + "".join(sources), failed
+
+
+class DerivedPolicy:
+    """The rollout's policy, numpy source from get_action_and_value's exported graph on copies of the weights (refresh()
+    after an update). Entropies are the update's: checked where the table translates them, never run in the rollout."""
+
+    def __init__(self, agent: Agent, obs: np.ndarray):
+        # Under no_grad (a sample() under no_grad would otherwise come as a submodule) and without the distributions'
+        # argument checks (data-dependent, they cannot be traced; the update and the float64 check still run them).
+        torch.distributions.Distribution.set_default_validate_args(False)
+        try:
+            with torch.no_grad():
+                program = torch.export.export(Sampling(copy.deepcopy(agent).cpu()), (torch.as_tensor(obs),))
+        finally:
+            torch.distributions.Distribution.set_default_validate_args(__debug__)  # torch's default
+        self.agent, self.constants = agent, program.constants
+        self.inputs = {s.arg.name: s.target for s in program.graph_signature.input_specs if s.target is not None}
+        self.source, failed = numpy_source(program.graph, {"act": (0, 1, 3), "value": (3,), "entropy": (2,)})
+        if {"act", "value"} & failed.keys():
+            raise failed.get("act", failed.get("value"))
+        self.code = compile(self.source, "<numpy source derived from get_action_and_value>", "exec")
+        self.refresh()
+
+    def namespace(self, agent: Agent, dtype: type) -> dict:
+        """The generated functions over numpy copies of agent's weights (2-D ones also as C-order transposes)."""
+        namespace, tensors = dict(NUMPY_HELPERS, DT=dtype), {**dict(agent.named_parameters()), **dict(agent.named_buffers())}
+        for name, target in self.inputs.items():
+            array = tensors.get(target.removeprefix("agent."), self.constants.get(target)).detach().cpu().numpy().astype(dtype)
+            namespace[f"v_{name}"], namespace[f"v_{name}_T"] = array, np.ascontiguousarray(array.T)  # the layout fixes the matmul's sums
+        exec(self.code, namespace)
+        namespace["setup"]()
+        return namespace
+
+    def refresh(self) -> "DerivedPolicy":
+        self.float32 = self.namespace(self.agent, np.float32)
+        return self
 
     def act(self, obs: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Sampled actions [N, A], their log-probabilities [N] and the state values [N]."""
-        mean = self.mlp(self.actor, obs)
-        noise = rng.standard_normal(mean.shape, dtype=np.float32).astype(mean.dtype, copy=False)  # float64 when checked
-        logprob = (-0.5 * noise * noise - self.log_std - LOG_SQRT_2PI).sum(-1)
-        return mean + self.std * noise, logprob, self.value(obs)
+        return self.float32["act"](obs, rng)
 
-    @classmethod
-    def mismatch(cls, agent: Agent, obs: np.ndarray, device: torch.device) -> Optional[str]:
-        """None if the copy's act, in float64, samples actions whose log-probs and values get_action_and_value gives
-        too (on a float64 copy of the agent, on obs), and the entropy of the copy's std is the agent's, to
-        FAST_PATH_ATOL; else what differs. Draws from no shared RNG and leaves the agent as it was."""
-        mine, agent, obs = cls(agent, np.float64), copy.deepcopy(agent).double(), obs.astype(np.float64)
-        actions, logprobs, values = mine.act(obs, np.random.default_rng(0))
-        mine = (logprobs, np.full(len(obs), gaussian_entropy(torch.from_numpy(mine.log_std)).item()), values)
+    def value(self, obs: np.ndarray) -> np.ndarray:
+        return self.float32["value"](obs)
+
+    def mismatch(self, obs: np.ndarray, device: torch.device) -> Optional[str]:
+        """None if the source, run in float64 on obs, samples actions whose log-probs, entropies and values are those of
+        get_action_and_value on a float64 copy of the agent, to FAST_PATH_ATOL; else what differs. Draws on no shared RNG."""
+        agent, obs = copy.deepcopy(self.agent).double(), obs.astype(np.float64)
+        mine = self.namespace(agent, np.float64)
+        actions, logprobs, values = mine["act"](obs, np.random.default_rng(0))
+        ours = {"log-probs": logprobs, "entropies": mine["entropy"](obs) if "entropy" in mine else None, "values": values}
         with torch.no_grad():
             theirs = agent.get_action_and_value(torch.as_tensor(obs, device=device), torch.as_tensor(actions, device=device))[1:]
-        gaps = {name: np.max(np.abs(a - b.cpu().numpy()) / np.maximum(1, np.abs(b.cpu().numpy()))) for name, a, b in zip(("log-probs", "entropies", "values"), mine, theirs)}  # fmt: skip
+        gaps = {k: np.max(np.abs(a - b.cpu().numpy()) / np.maximum(1, np.abs(b.cpu().numpy()))) for (k, a), b in zip(ours.items(), theirs) if a is not None}  # fmt: skip
         differ = [f"{name} by {gap:.1e}" for name, gap in gaps.items() if not gap <= FAST_PATH_ATOL]
         return f"its {', '.join(differ)} differ from get_action_and_value's (tolerance {FAST_PATH_ATOL})" if differ else None
 
 
-class TorchPolicy:
-    """The rollout through the agent's own get_action_and_value, sampling with torch."""
+class RolloutPolicies:
+    """The rollout's policy each iteration: the derived source while it reproduces get_action_and_value and passes the on-policy
+    check; once either fails (or the export or the table cannot follow), itself, the agent's own method, with one note."""
 
-    def __init__(self, agent: Agent, device: torch.device):
-        self.agent, self.device = agent, device
+    def __init__(self, agent: Agent, device: torch.device, obs: np.ndarray):
+        self.agent, self.device, self.warned = agent, device, False
+        self.derived = self.follow(lambda: DerivedPolicy(agent, obs))  # exported once, before the run's clock starts
 
-    @torch.no_grad()
-    def value(self, obs: np.ndarray) -> np.ndarray:
-        return self.agent.get_value(torch.as_tensor(obs, device=self.device)).cpu().numpy()
+    def follow(self, build: Callable[[], DerivedPolicy], obs: Optional[np.ndarray] = None) -> Optional[DerivedPolicy]:
+        """build(), checked on obs when given; None, with one note naming the cause, when it cannot follow the agent."""
+        try:
+            policy = build()
+            cause = None if obs is None else policy.mismatch(obs, self.device)
+        except Exception as e:  # an edit the derived path cannot follow must not stop a run the agent can do
+            cause = str(e).splitlines()[0] if isinstance(e, NotImplementedError) else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if cause is None:
+            return policy
+        print(f"note: the derived numpy rollout steps aside: {cause}; the rollout runs get_action_and_value", flush=True)
+
+    def pick(self, obs: np.ndarray) -> Union[DerivedPolicy, "RolloutPolicies"]:
+        self.derived = self.derived and self.follow(self.derived.refresh, obs)
+        return self.derived or self
 
     @torch.no_grad()
     def act(self, obs: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         action, logprob, _, value = self.agent.get_action_and_value(torch.as_tensor(obs, device=self.device))
         return action.cpu().numpy(), logprob.cpu().numpy(), value.cpu().numpy()
 
-
-class RolloutPolicies:
-    """The rollout's policy, each iteration: the agent's numpy copy while it reproduces get_action_and_value on the
-    current observations and the data it collects passes the on-policy check; after either fails, the agent itself
-    for the rest of the run, with one note naming the cause."""
-
-    def __init__(self, agent: Agent, device: torch.device):
-        self.agent, self.device, self.numpy_copy, self.warned = agent, device, True, False
-
-    def pick(self, obs: np.ndarray) -> Union[NumpyPolicy, TorchPolicy]:
-        if self.numpy_copy:
-            try:
-                policy, cause = NumpyPolicy(self.agent), NumpyPolicy.mismatch(self.agent, obs, self.device)
-            except Exception as e:  # an edit the copy cannot follow must not stop a run the agent can do
-                cause = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
-            if cause is None:
-                return policy
-            self.numpy_copy = False
-            print(f"note: the numpy rollout copy steps aside: {cause}; the rollout runs get_action_and_value", flush=True)
-        return TorchPolicy(self.agent, self.device)
+    @torch.no_grad()
+    def value(self, obs: np.ndarray) -> np.ndarray:
+        return self.agent.distribution(torch.as_tensor(obs, device=self.device))[1].cpu().numpy()
 
     def check_on_policy(self, max_logratio: float, iteration: int) -> None:
-        """The data was collected by the policy being trained: max |log-ratio| of the update's first minibatch, before
-        its first step, within ON_POLICY_ATOL. A numpy copy that fails it steps aside; the agent's own method
-        failing it (a policy random given its input, e.g. dropout) gets one note and training goes on."""
+        """The data came from the policy being trained: the first minibatch's max |log-ratio| before any step within ON_POLICY_ATOL.
+        The derived path failing it steps aside; the agent's own (random given its input, e.g. dropout) gets one note."""
         if not max_logratio > ON_POLICY_ATOL:
             return
         figure = f"on-policy check: max |log-ratio| {max_logratio:.1e} at the first minibatch of iteration {iteration}"
-        if self.numpy_copy:
-            self.numpy_copy = False
+        if self.derived is not None:
+            self.derived = None
             print(f"note: {figure}; the rollout switches to the plain get_action_and_value for the rest of the run", flush=True)
         elif not self.warned:
             self.warned = True
@@ -1264,9 +1312,8 @@ MAX_SKIPPED_STEPS = 10
 
 
 class NonFiniteGuard:
-    """Keeps non-finite numbers out of the weights: a minibatch whose loss or gradient norm is not finite is not
-    stepped, and counted (losses/skipped_steps); MAX_SKIPPED_STEPS in a row, or a non-finite weight after a step,
-    stop the run with one line and exit status 1, the last checkpoint left as it was."""
+    """Keeps non-finite numbers out of the weights: a minibatch with a non-finite loss or gradient norm is not stepped, and counted
+    (losses/skipped_steps); MAX_SKIPPED_STEPS in a row or a non-finite weight stop the run, one line, exit 1, checkpoint kept."""
 
     def __init__(self, run: Optional[Run] = None, iteration: int = 0):
         self.run, self.iteration, self.count, self.in_a_row = run, iteration, 0, 0
@@ -1284,8 +1331,7 @@ class NonFiniteGuard:
         return True
 
     def check_weights(self, params: list[torch.Tensor], epoch: int) -> None:
-        """After each epoch: a step with a finite, clipped gradient moves an Adam weight by about the learning rate
-        at most, so a weight can only turn non-finite by way of the numbers checked at every step."""
+        """After each epoch (a finite, clipped step moves an Adam weight by about the learning rate at most)."""
         if not all(bool(torch.isfinite(p).all()) for p in params):
             stop_non_finite(self.run, "weights", f"iteration {self.iteration} (epoch {epoch + 1}, after its last minibatch)")
 
@@ -1352,88 +1398,14 @@ def flatten_parameters(module: nn.Module) -> nn.Parameter:
 
 
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """nn.utils.clip_grad_norm_(params, max_norm), returning the norm before clipping: for one flat parameter the
-    same arithmetic written straight (the same numbers to the bit, tested), without the grouping by device and dtype
-    around it, which costs twice the arithmetic of a small MLP's gradient."""
+    """nn.utils.clip_grad_norm_(params, max_norm), the norm before clipping: for one flat parameter its arithmetic written straight
+    (the same numbers to the bit, tested), without the grouping by device and dtype that costs twice a small MLP's clip."""
     if len(params) != 1:
         return nn.utils.clip_grad_norm_(params, max_norm)
     grad = params[0].grad
     total_norm = torch.linalg.vector_norm(grad)
     grad.mul_(torch.clamp(max_norm / (total_norm + 1e-6), max=1.0))
     return total_norm
-
-
-class FlatAdam(torch.optim.Adam):
-    """torch.optim.Adam (fused on CPU and CUDA) whose step() and zero_grad() go straight to their kernels when it
-    holds the one flat parameter of flatten_parameters: Optimizer.step's Python (grouping, hooks, profiling) costs
-    more than the fused update of a small MLP (22 against 59 us a step: 2% of a HalfCheetah run). The direct step
-    uses private torch names (torch._fused_adam_, torch._foreach_add_, the step hook registries). Checked when
-    built: three steps on a scratch parameter against torch.optim.Adam, bit for bit; a missing name or another
-    result makes it plain Adam, with a note naming the cause; several parameters or step hooks, plain Adam too."""
-
-    def __init__(self, params: list[torch.Tensor], lr: float, eps: float):
-        super().__init__(params, lr=lr, eps=eps, fused=params[0].device.type in ("cpu", "cuda"))
-        group = self.param_groups[0]
-        plain = ("amsgrad", "maximize", "capturable", "differentiable", "decoupled_weight_decay", "foreach")
-        self.fast = len(self.param_groups) == 1 and len(group["params"]) == 1 and group["fused"] and not any(group.get(k) for k in plain)
-        if self.fast:
-            try:
-                cause = None if self.reproduces_adam(group["params"][0]) else "its steps differ from torch.optim.Adam's"
-            except Exception as e:  # another torch: a private name gone or changed
-                cause = f"{type(e).__name__}: {e}"
-            if cause is not None:
-                print(f"note: the direct Adam step steps aside: {cause}; the update calls torch.optim.Adam.step", flush=True)
-                self.fast = False
-
-    def direct_step(self) -> bool:
-        """The fused Adam step as Adam.step makes it for one parameter (on its detached alias: no grad mode to switch
-        off); False when that does not apply (no state yet, no gradient, a tensor learning rate, step hooks)."""
-        group = self.param_groups[0]
-        p = group["params"][0]
-        state = self.state.get(p)
-        hooks = self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks or optimizer_lib._global_optimizer_pre_hooks
-        if not state or p.grad is None or hooks or optimizer_lib._global_optimizer_post_hooks or isinstance(group["lr"], torch.Tensor):
-            return False
-        beta1, beta2 = group["betas"]
-        torch._foreach_add_([state["step"]], 1)
-        torch._fused_adam_(
-            [p.detach()], [p.grad], [state["exp_avg"]], [state["exp_avg_sq"]], [], [state["step"]], amsgrad=False, lr=group["lr"],
-            beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
-            grad_scale=None, found_inf=None,
-        )  # fmt: skip
-        return True
-
-    def step(self, closure=None):
-        if self.fast and closure is None and self.direct_step():
-            return None
-        adam_step = torch.optim.Adam.step  # with the step hooks and profiling that Optimizer wraps around it
-        return (adam_step if getattr(adam_step, "hooked", False) else self.profile_hook_step(adam_step))(self, closure)
-
-    step.hooked = True  # Optimizer leaves this step() unwrapped: the direct path skips the wrapper's cost
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        grad = self.param_groups[0]["params"][0].grad if self.fast else None
-        if grad is None:
-            return super().zero_grad(set_to_none)
-        grad.zero_()
-
-    def reproduces_adam(self, like: torch.Tensor) -> bool:
-        group = self.param_groups[0]
-        hyper = dict(lr=group["lr"], betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"], fused=True)
-        generator = torch.Generator().manual_seed(0)
-        start = torch.randn(257, generator=generator).to(like)
-        grads = [torch.randn(257, generator=generator).to(like) for _ in range(3)]
-        plain, direct = nn.Parameter(start.clone()), nn.Parameter(start.clone())
-        reference = torch.optim.Adam([plain], **hyper)
-        candidate = FlatAdam.__new__(FlatAdam)
-        torch.optim.Adam.__init__(candidate, [direct], **hyper)
-        for i, g in enumerate(grads):
-            plain.grad, direct.grad = g.clone(), g.clone()
-            reference.step()
-            if not (i > 0 and candidate.direct_step()):
-                torch.optim.Adam.step(candidate)  # the first step creates the state
-        a, b = reference.state[plain], candidate.state[direct]
-        return all(torch.equal(x, y) for x, y in zip([plain, a["step"], a["exp_avg"], a["exp_avg_sq"]], [direct, b["step"], b["exp_avg"], b["exp_avg_sq"]]))
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ def sb3_weights(policy) -> dict:
 def compare_update(epochs: int) -> dict:
     model = sb3_model(epochs)
     args = dataclasses.replace(ours.PRESETS["zoo-halfcheetah"][1], update_epochs=epochs, num_minibatches=1)
-    agent = ours.Agent(17, 6, (256, 256), "relu", -2.0, ortho_init=False)
+    agent = ours.Agent(17, gym.spaces.Box(-1, 1, (6,)), (256, 256), "relu", -2.0, ortho_init=False)
     theirs = sb3_weights(model.policy)
     agent.load_state_dict({k: v.detach().clone() for k, v in theirs.items()})
     rng = np.random.default_rng(0)
@@ -81,7 +81,7 @@ def compare_update(epochs: int) -> dict:
     batch = dict(obs=obs, actions=action, logprobs=logprob, values=value, valid=torch.ones(512),
                  advantages=torch.tensor(buffer.advantages[:, 0]), returns=torch.tensor(buffer.returns[:, 0]))  # fmt: skip
     params = [ours.flatten_parameters(agent)]
-    optimizer = ours.FlatAdam(params, lr=args.learning_rate, eps=1e-5)
+    optimizer = torch.optim.Adam(params, lr=args.learning_rate, eps=1e-5, fused=True)
     model.train()
     stats = ours.ppo_update(agent, optimizer, params, batch, args, np.random.default_rng(1))
     mine = agent.state_dict()

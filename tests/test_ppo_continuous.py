@@ -23,6 +23,10 @@ from conftest import ROOT, assert_one_line_error, comparable, interrupt_with_ctr
 import ppo_continuous as ppo
 
 
+def box(n, bound=1.0):
+    return gym.spaces.Box(-bound, bound, (n,), np.float32)
+
+
 @pytest.fixture
 def restore_signals():
     """train() installs its SIGINT/SIGTERM handlers; an in-process run must not leave them to later tests."""
@@ -34,24 +38,24 @@ def restore_signals():
 # ---------------------------------------------------------------- the Gaussian policy
 
 
-def test_gaussian_logprob_and_entropy_match_torch_distributions():
+def test_gaussian_log_prob_and_entropy_match_torch_distributions():
     gen = torch.Generator().manual_seed(0)
     mean = torch.randn(7, 4, generator=gen, dtype=torch.float64)
     log_std = torch.randn(1, 4, generator=gen, dtype=torch.float64)
     actions = mean + 3 * torch.randn(7, 4, generator=gen, dtype=torch.float64)
     ref = torch.distributions.Normal(mean, log_std.exp())
-    logp = ppo.gaussian_logprob(mean, log_std, actions)
+    logp = ppo.Gaussian(mean, log_std).log_prob(actions)
     np.testing.assert_allclose(logp.numpy(), ref.log_prob(actions).sum(-1).numpy(), rtol=1e-12)
-    np.testing.assert_allclose(ppo.gaussian_entropy(log_std).numpy(), ref.entropy()[:1].sum(-1).numpy(), rtol=1e-12)
+    np.testing.assert_allclose(ppo.Gaussian(mean, log_std).entropy().numpy(), ref.entropy().sum(-1).numpy(), rtol=1e-12)
     # Gradients flow to the mean and to the log std as through torch.distributions.
     mean.requires_grad_(True), log_std.requires_grad_(True)
-    g_mine = torch.autograd.grad(ppo.gaussian_logprob(mean, log_std, actions).sum(), (mean, log_std))
+    g_mine = torch.autograd.grad(ppo.Gaussian(mean, log_std).log_prob(actions).sum(), (mean, log_std))
     g_ref = torch.autograd.grad(torch.distributions.Normal(mean, log_std.exp()).log_prob(actions).sum(), (mean, log_std))
     for a, b in zip(g_mine, g_ref):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-10)
     # The agent samples from the Gaussian it scores: mean and std of many samples, and their log-probs.
     torch.manual_seed(0)
-    agent = ppo.Agent(3, 2, (8,), "tanh", 0.0)
+    agent = ppo.Agent(3, box(2), (8,), "tanh", 0.0)
     with torch.no_grad():
         agent.actor_mean[-1].bias.copy_(torch.tensor([1.0, -2.0]))
         agent.actor_mean[-1].weight.zero_()
@@ -65,26 +69,33 @@ def test_gaussian_logprob_and_entropy_match_torch_distributions():
 
 
 @pytest.mark.parametrize("activation", ["tanh", "relu", "elu"])
-def test_numpy_rollout_policy_matches_agent(activation):
+def test_derived_rollout_policy_matches_agent(activation):
     torch.manual_seed(0)
-    agent = ppo.Agent(5, 3, (16, 8), activation, log_std_init=-0.5)
+    agent = ppo.Agent(5, box(3), (16, 8), activation, log_std_init=-0.5)
     with torch.no_grad():
         for p in agent.parameters():  # away from the init, so every layer and the log std matter
             p.add_(0.3 * torch.randn_like(p))
-    policy = ppo.NumpyPolicy(agent)
     obs = np.random.default_rng(0).normal(size=(6, 5)).astype(np.float32)
+    policy = ppo.DerivedPolicy(agent, obs)
     actions, logprob, value = policy.act(obs, np.random.default_rng(1))
     with torch.no_grad():
         mean = agent.greedy_action(torch.as_tensor(obs))
         _, ref_logprob, _, ref_value = agent.get_action_and_value(torch.as_tensor(obs), torch.as_tensor(actions))
     np.testing.assert_allclose(value, ref_value.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(policy.value(obs), ref_value.numpy(), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(logprob, ref_logprob.numpy(), rtol=1e-5, atol=1e-5)
     noise = np.random.default_rng(1).standard_normal(actions.shape, dtype=np.float32)
-    np.testing.assert_allclose(actions, mean.numpy() + np.exp(policy.log_std) * noise, rtol=1e-5, atol=1e-5)
+    std = agent.actor_logstd.detach().exp().numpy()
+    np.testing.assert_allclose(actions, mean.numpy() + std * noise, rtol=1e-5, atol=1e-5)
+    # The weights are copies, refreshed on demand: an update the policy has not seen leaves its actions as they were.
+    with torch.no_grad():
+        agent.actor_logstd.add_(1.0)
+    np.testing.assert_array_equal(policy.act(obs, np.random.default_rng(1))[0], actions)
+    assert not np.allclose(policy.refresh().act(obs, np.random.default_rng(1))[0], actions)
 
 
 def test_network_init_and_shapes():
-    agent = ppo.Agent(11, 3, (32, 16, 8), "relu", log_std_init=-1.0)
+    agent = ppo.Agent(11, box(3), (32, 16, 8), "relu", log_std_init=-1.0)
     w = agent.actor_mean[-1].weight.detach()
     # Orthogonal rows scaled by 0.01 on the policy head, zero biases everywhere, log std as given.
     np.testing.assert_allclose((w @ w.T).numpy(), 1e-4 * np.eye(3), atol=1e-9)
@@ -98,7 +109,7 @@ def test_network_init_and_shapes():
 
 def test_no_ortho_init_keeps_torch_default_linear_init():
     torch.manual_seed(0)
-    agent = ppo.Agent(11, 3, (32, 16), "relu", log_std_init=-2.0, ortho_init=False)
+    agent = ppo.Agent(11, box(3), (32, 16), "relu", log_std_init=-2.0, ortho_init=False)
     torch.manual_seed(0)  # the same draws, in the same order, as nn.Linear's own init
     reference = [torch.nn.Linear(i, o) for i, o in [(11, 32), (32, 16), (16, 3), (11, 32), (32, 16), (16, 1)]]
     linears = [m for m in agent.modules() if isinstance(m, torch.nn.Linear)]
@@ -302,21 +313,20 @@ def test_truncation_bootstraps_from_final_observation_by_hand():
 
 def test_env_gets_clipped_action_while_the_sampled_one_is_stored_and_trained_on(tmp_path, monkeypatch):
     sampled, trained = [], []
-    act, logprob = ppo.NumpyPolicy.act, ppo.gaussian_logprob
+    act, logprob = ppo.DerivedPolicy.act, ppo.Gaussian.log_prob
 
-    def spy_act(self, obs, rng):
+    def spy_act(self, obs, rng):  # the rollout's calls (the float64 check calls the source itself)
         out = act(self, obs, rng)
-        if self.std.dtype == np.float32:  # the rollout's copy (its float64 twin is the check's)
-            sampled.append(out[0].copy())
+        sampled.append(out[0].copy())
         return out
 
-    def spy_logprob(mean, log_std, actions):
+    def spy_logprob(self, actions):
         if torch.is_grad_enabled():
             trained.append(actions.detach().cpu().numpy().copy())
-        return logprob(mean, log_std, actions)
+        return logprob(self, actions)
 
-    monkeypatch.setattr(ppo.NumpyPolicy, "act", spy_act)
-    monkeypatch.setattr(ppo, "gaussian_logprob", spy_logprob)
+    monkeypatch.setattr(ppo.DerivedPolicy, "act", spy_act)
+    monkeypatch.setattr(ppo.Gaussian, "log_prob", spy_logprob)
     RecordActionEnv.received.clear()
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     try:
@@ -392,7 +402,7 @@ def test_flat_parameters_give_the_same_outputs_gradients_and_adam_steps(reset):
     # The idioms a researcher writes do on the flat parameters what they do on plain ones, "nothing" (gradients
     # piling up across steps) included.
     torch.manual_seed(0)
-    plain, flat = ppo.Agent(5, 2, (16, 16), "tanh", 0.0), ppo.Agent(5, 2, (16, 16), "tanh", 0.0)
+    plain, flat = ppo.Agent(5, box(2), (16, 16), "tanh", 0.0), ppo.Agent(5, box(2), (16, 16), "tanh", 0.0)
     flat.load_state_dict(plain.state_dict())
     flat_params = ppo.flatten_parameters(flat)
     assert flat_params.numel() == sum(p.numel() for p in plain.parameters())
@@ -409,8 +419,8 @@ def test_flat_parameters_give_the_same_outputs_gradients_and_adam_steps(reset):
                 agent.zero_grad()
             if reset == "optimizer.zero_grad(set_to_none=False)":
                 optimizer.zero_grad(set_to_none=False)
-            mean, log_std, value = agent.distribution(obs)
-            losses.append((mean**2).sum() + value.sum() + log_std.sum())
+            dist, value = agent.distribution(obs)
+            losses.append((dist.loc**2).sum() + value.sum() + dist.log_std.sum())
             losses[-1].backward()
         torch.testing.assert_close(losses[0], losses[1])
         # every parameter's gradient landed in its slice of the flat gradient, and is a view into it
@@ -629,7 +639,7 @@ def test_same_seed_same_metrics_and_interrupted_resume_matches(tmp_path):
 
     # A checkpoint whose optimizer state does not fit (Adam state per tensor) is refused in one line.
     old = torch.load(final_a, weights_only=True)
-    old["optimizer"] = torch.optim.Adam(ppo.Agent(4, 1, (64, 64), "tanh", 0.0).parameters()).state_dict()
+    old["optimizer"] = torch.optim.Adam(ppo.Agent(4, box(1), (64, 64), "tanh", 0.0).parameters()).state_dict()
     torch.save(old, tmp_path / "old.pt")
     assert_one_line_error("ppo_continuous.py", ["--resume", str(tmp_path / "old.pt")], "--resume", tmp_path / "d")
 
@@ -687,7 +697,7 @@ def naive_ppo_update(agent, batch, args, rng):
 def test_ppo_update_matches_naive_reference_update():
     # float64 throughout, so the two may differ only by the order of their sums.
     torch.manual_seed(0)
-    agent = ppo.Agent(4, 2, (8, 8), "tanh", -0.3).double()
+    agent = ppo.Agent(4, box(2), (8, 8), "tanh", -0.3).double()
     with torch.no_grad():
         for p in agent.parameters():  # away from the init, so the heads matter
             p.add_(0.3 * torch.randn_like(p))
@@ -707,7 +717,7 @@ def test_ppo_update_matches_naive_reference_update():
     }  # fmt: skip
     args = ppo.Args(learning_rate=3e-3, num_minibatches=3, update_epochs=3, ent_coef=0.01, max_grad_norm=0.5)
     params = [ppo.flatten_parameters(agent)]
-    optimizer = ppo.FlatAdam(params, lr=args.learning_rate, eps=1e-5)  # as train() builds it
+    optimizer = torch.optim.Adam(params, lr=args.learning_rate, eps=1e-5, fused=True)  # as train() builds it
     stats = ppo.ppo_update(agent, optimizer, params, batch, args, np.random.default_rng(7))
     naive_ppo_update(reference, batch, args, np.random.default_rng(7))
     for p, q in zip(agent.parameters(), reference.parameters(), strict=True):
@@ -715,90 +725,13 @@ def test_ppo_update_matches_naive_reference_update():
     assert stats["clipfrac"] > 0.05, "the ratio clip should be active"
 
 
-# ---------------------------------------------------------------- the update's fast paths: the same numbers to the bit
+# ---------------------------------------------------------------- the update's fast path: the same numbers to the bit
 
 
 def flat_agent(seed=0, hidden=(64, 64), activation="tanh"):
     torch.manual_seed(seed)
-    agent = ppo.Agent(17, 6, hidden, activation, 0.0)
+    agent = ppo.Agent(17, box(6), hidden, activation, 0.0)
     return agent, [ppo.flatten_parameters(agent)]
-
-
-def test_flat_adam_steps_like_adam_and_round_trips_through_a_checkpoint():
-    agent, params = flat_agent()
-    optimizer = ppo.FlatAdam(params, lr=1e-3, eps=1e-5)
-    reference = torch.optim.Adam([torch.nn.Parameter(params[0].detach().clone())], lr=1e-3, eps=1e-5, fused=True)
-    assert optimizer.fast
-    for _ in range(3):
-        optimizer.zero_grad()
-        agent.distribution(torch.randn(8, 17))[0].square().sum().backward()
-        reference.param_groups[0]["params"][0].grad = params[0].grad.clone()
-        optimizer.step(), reference.step()
-    assert torch.equal(params[0], reference.param_groups[0]["params"][0])
-    resumed_agent, resumed_params = flat_agent(seed=5)
-    resumed_agent.load_state_dict(agent.state_dict())
-    resumed = ppo.FlatAdam(resumed_params, lr=1e-3, eps=1e-5)
-    resumed.load_state_dict(copy.deepcopy(optimizer.state_dict()))  # as through torch.save and torch.load
-    grad = torch.randn_like(params[0])
-    for opt, p in ((optimizer, params[0]), (resumed, resumed_params[0]), (reference, reference.param_groups[0]["params"][0])):
-        p.grad = grad.clone()
-        opt.step()
-    assert torch.equal(params[0], resumed_params[0]) and torch.equal(params[0], reference.param_groups[0]["params"][0])
-
-
-class TorchWithout:
-    """torch as another version might have it: one private name missing."""
-
-    def __init__(self, missing):
-        self.missing = missing
-
-    def __getattr__(self, name):
-        if name == self.missing:
-            raise AttributeError(f"module 'torch' has no attribute '{name}'")
-        return getattr(torch, name)
-
-
-@pytest.mark.parametrize("change", ["_fused_adam_", "_foreach_add_", "hook registry", "different result"])
-def test_flat_adam_steps_aside_with_a_note_naming_the_cause(change, monkeypatch, capsys):
-    if change == "hook registry":
-        monkeypatch.setattr(ppo, "optimizer_lib", object())
-    elif change == "different result":
-        direct_step = ppo.FlatAdam.direct_step
-
-        def off_by_a_little(self):
-            stepped = direct_step(self)
-            self.param_groups[0]["params"][0].data.add_(1e-7)
-            return stepped
-
-        monkeypatch.setattr(ppo.FlatAdam, "direct_step", off_by_a_little)
-    else:
-        monkeypatch.setattr(ppo, "torch", TorchWithout(change))
-    agent, params = flat_agent()
-    optimizer = ppo.FlatAdam(params, lr=1e-3, eps=1e-5)
-    assert not optimizer.fast
-    lines = capsys.readouterr().out.strip().splitlines()
-    cause = {"hook registry": "_global_optimizer_pre_hooks", "different result": "differ from torch.optim.Adam"}.get(change, change)
-    assert len(lines) == 1 and lines[0].startswith("note: the direct Adam step steps aside: ") and cause in lines[0], lines
-    # The plain path takes over: torch.optim.Adam's own step.
-    reference = torch.optim.Adam([torch.nn.Parameter(params[0].detach().clone())], lr=1e-3, eps=1e-5, fused=True)
-    for _ in range(2):
-        optimizer.zero_grad()
-        agent.distribution(torch.randn(8, 17))[0].sum().backward()
-        reference.param_groups[0]["params"][0].grad = params[0].grad.clone()
-        optimizer.step(), reference.step()
-    assert torch.equal(params[0], reference.param_groups[0]["params"][0])
-
-
-def test_flat_adam_honours_step_hooks():
-    agent, params = flat_agent()
-    optimizer = ppo.FlatAdam(params, lr=1e-3, eps=1e-5)
-    calls = []
-    optimizer.register_step_post_hook(lambda opt, args, kwargs: calls.append(1))
-    for _ in range(2):
-        optimizer.zero_grad()
-        agent.distribution(torch.randn(8, 17))[0].sum().backward()
-        optimizer.step()
-    assert calls == [1, 1]
 
 
 @pytest.mark.parametrize("scale", [1e-4, 1.0, 1e4])  # clipping, and not
@@ -830,15 +763,15 @@ def test_compute_gae_equals_the_step_by_step_recursion_to_the_bit():
     assert advantages.tobytes() == expected.tobytes() and returns.tobytes() == (expected + values).tobytes()
 
 
-# ---------------------------------------------------------------- one definition of the policy; the rollout's numpy copy
+# ---------------------------------------------------------------- one definition of the policy; the rollout derived from it
 
 
 class SquashedMean(ppo.Agent):
     """A researcher's edit of the one definition: means squashed into (-2, 2)."""
 
     def distribution(self, obs):
-        mean, log_std, value = super().distribution(obs)
-        return 2 * torch.tanh(mean), log_std, value
+        dist, value = super().distribution(obs)
+        return ppo.Gaussian(2 * torch.tanh(dist.loc), dist.log_std), value
 
 
 class StateDependentStd(ppo.Agent):
@@ -849,81 +782,125 @@ class StateDependentStd(ppo.Agent):
         self.logstd_head = torch.nn.Linear(5, 3)
 
     def distribution(self, obs):
-        mean, log_std, value = super().distribution(obs)
-        return mean, log_std + self.logstd_head(obs), value
+        dist, value = super().distribution(obs)
+        return ppo.Gaussian(dist.loc, dist.log_std + self.logstd_head(obs)), value
+
+
+class BetaPolicy(ppo.Agent):
+    """A researcher's edit of the one definition: a Beta distribution on [low, high] per action dimension."""
+
+    def distribution(self, obs):
+        mean, value = self.actor_mean(obs), self.critic(obs).squeeze(-1)
+        alpha, beta = torch.nn.functional.softplus(mean) + 1, torch.nn.functional.softplus(self.actor_logstd - mean) + 1
+        return torch.distributions.Independent(torch.distributions.Beta(alpha, beta), 1), value
 
 
 def modified_agent(change):
     torch.manual_seed(0)
-    cls = {"forward": SquashedMean, "state_std": StateDependentStd}.get(change, ppo.Agent)
-    agent = cls(5, 3, (16, 16), "elu", log_std_init=-0.5)
+    cls = {"forward": SquashedMean, "state_std": StateDependentStd, "beta": BetaPolicy}.get(change, ppo.Agent)
+    agent = cls(5, box(3), (16, 16), "elu", log_std_init=-0.5)
     if change == "gelu":
-        agent.actor_mean[1], agent.critic[3] = torch.nn.GELU(), torch.nn.GELU()
+        agent.actor_mean[1], agent.critic[3] = torch.nn.GELU(), torch.nn.GELU(approximate="tanh")
     elif change == "layernorm":
         agent.actor_mean.insert(1, torch.nn.LayerNorm(16))
     elif change == "elu_alpha":
         agent.critic[1] = torch.nn.ELU(alpha=0.5)
+    elif change == "relu":
+        agent.actor_mean[1], agent.critic[1] = torch.nn.ReLU(), torch.nn.ReLU()
+    elif change == "mish":
+        agent.critic[1] = torch.nn.Mish()
     with torch.no_grad():
         for p in agent.parameters():  # away from the init, so every layer matters
             p.add_(0.3 * torch.randn_like(p))
     return agent
 
 
-def test_numpy_rollout_copy_is_used_for_the_unmodified_network_without_side_effects(capsys):
+def test_derived_rollout_is_used_for_the_unmodified_network_without_side_effects(capsys):
     agent = modified_agent("none")
     obs = np.random.default_rng(0).normal(size=(64, 5)).astype(np.float32) * 3
     torch_state = torch.get_rng_state()
     params = [p.detach().clone() for p in agent.parameters()]
-    policy = ppo.RolloutPolicies(agent, torch.device("cpu")).pick(obs)
-    assert isinstance(policy, ppo.NumpyPolicy) and capsys.readouterr().out == ""
+    policy = ppo.RolloutPolicies(agent, torch.device("cpu"), obs).pick(obs)
+    assert isinstance(policy, ppo.DerivedPolicy) and capsys.readouterr().out == ""
     assert torch.equal(torch.get_rng_state(), torch_state)
     assert all(torch.equal(p, q) for p, q in zip(params, agent.parameters()))
     # A small std divides float32 rounding up to 1e-5 in a log-prob; the check, in float64, is not fooled by it.
     torch.manual_seed(1)
-    agent = ppo.Agent(17, 6, (64, 64), "tanh", log_std_init=-2.5)
+    agent = ppo.Agent(17, box(6), (64, 64), "tanh", log_std_init=-2.5)
     with torch.no_grad():
         for p in agent.parameters():
             p.add_(0.3 * torch.randn_like(p))
     obs = np.random.default_rng(1).normal(size=(256, 17)).astype(np.float32) * 3
-    assert isinstance(ppo.RolloutPolicies(agent, torch.device("cpu")).pick(obs), ppo.NumpyPolicy)
+    policy = ppo.RolloutPolicies(agent, torch.device("cpu"), obs).pick(obs)
+    assert isinstance(policy, ppo.DerivedPolicy) and policy.mismatch(obs, torch.device("cpu")) is None
+    # The check's margin: the float64 source and the float64 agent agree far inside FAST_PATH_ATOL.
+    mine = policy.namespace(copy.deepcopy(agent).double(), np.float64)
+    actions, logprobs, values = mine["act"](obs.astype(np.float64), np.random.default_rng(0))
+    with torch.no_grad():
+        _, ref_logprobs, _, ref_values = copy.deepcopy(agent).double().get_action_and_value(torch.as_tensor(obs, dtype=torch.float64), torch.as_tensor(actions))
+    assert np.max(np.abs(logprobs - ref_logprobs.numpy()) / np.maximum(1, np.abs(ref_logprobs.numpy()))) < ppo.FAST_PATH_ATOL / 100
+    assert np.max(np.abs(values - ref_values.numpy())) < ppo.FAST_PATH_ATOL / 100
 
 
-@pytest.mark.parametrize(
-    "change, cause",
-    [("gelu", "it has no copy of GELU"), ("layernorm", "it has no copy of LayerNorm"), ("elu_alpha", "it has no copy of ELU"),
-     ("forward", "its log-probs by"), ("state_std", "its log-probs by .*, entropies by")],
-)  # fmt: skip
-def test_modified_network_gets_get_action_and_value_with_a_one_line_note_naming_the_cause(change, cause, capsys):
+@pytest.mark.parametrize("change", ["relu", "gelu", "layernorm", "elu_alpha", "forward", "state_std", "beta"])
+def test_an_edited_network_stays_on_the_derived_path_and_follows_the_edit(change, capsys):
     agent = modified_agent(change)
     obs = np.random.default_rng(0).normal(size=(4, 5)).astype(np.float32)
-    policies = ppo.RolloutPolicies(agent, torch.device("cpu"))
+    policies = ppo.RolloutPolicies(agent, torch.device("cpu"), obs)
     policy = policies.pick(obs)
-    assert isinstance(policy, ppo.TorchPolicy) and isinstance(policies.pick(obs), ppo.TorchPolicy)
+    assert isinstance(policy, ppo.DerivedPolicy) and isinstance(policies.pick(obs), ppo.DerivedPolicy)
+    assert capsys.readouterr().out == ""
+    # What it samples is the edited policy's: its log-probs and values are get_action_and_value's.
+    actions, logprob, value = policy.act(obs, np.random.default_rng(1))
+    with torch.no_grad():
+        _, ref_logprob, _, ref_value = agent.get_action_and_value(torch.as_tensor(obs), torch.as_tensor(actions))
+    np.testing.assert_allclose(logprob, ref_logprob.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(value, ref_value.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(policy.value(obs), ref_value.numpy(), rtol=1e-5, atol=1e-5)
+    if change == "beta":  # the draws are the Beta's: inside (0, 1), with its mean
+        many = np.concatenate([policy.act(obs, np.random.default_rng(i))[0] for i in range(400)])
+        assert many.min() > 0 and many.max() < 1
+        with torch.no_grad():
+            dist = agent.distribution(torch.as_tensor(obs))[0]
+        np.testing.assert_allclose(many.reshape(400, 4, 3).mean(0), dist.mean.numpy(), atol=0.05)
+
+
+def test_an_op_the_table_lacks_steps_aside_with_a_one_line_note_naming_it(capsys):
+    agent = modified_agent("mish")
+    obs = np.random.default_rng(0).normal(size=(4, 5)).astype(np.float32)
+    policies = ppo.RolloutPolicies(agent, torch.device("cpu"), obs)
+    policy = policies.pick(obs)
+    assert isinstance(policy, ppo.RolloutPolicies) and isinstance(policies.pick(obs), ppo.RolloutPolicies)
     lines = capsys.readouterr().out.strip().splitlines()  # the next iteration says nothing more
-    assert len(lines) == 1 and re.match(f"note: the numpy rollout copy steps aside: {cause}", lines[0]), lines
-    # The rollout acts with the policy being trained: its log-probs and values are get_action_and_value's.
+    assert lines == ["note: the derived numpy rollout steps aside: it has no numpy translation of aten.mish.default(v_linear_3); "
+                     "the rollout runs get_action_and_value"], lines  # fmt: skip
     actions, logprob, value = policy.act(obs, np.random.default_rng(1))
     with torch.no_grad():
         _, ref_logprob, _, ref_value = agent.get_action_and_value(torch.as_tensor(obs), torch.as_tensor(actions))
     np.testing.assert_allclose(logprob, ref_logprob.numpy(), rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(value, ref_value.numpy(), rtol=1e-6)
     np.testing.assert_allclose(policy.value(obs), ref_value.numpy(), rtol=1e-6)
 
 
-def test_the_numpy_copy_is_checked_on_what_its_act_returns(monkeypatch, capsys):
+def test_the_derived_source_is_checked_on_what_it_returns(monkeypatch, capsys):
     agent = modified_agent("none")
     obs = np.random.default_rng(0).normal(size=(4, 5)).astype(np.float32)
-    act = ppo.NumpyPolicy.act
-
-    def wrong_logprob(self, obs, rng):  # a slip in the fast path's own log-prob (the variance's factor 0.5 dropped)
-        actions, logprob, value = act(self, obs, rng)
-        return actions, logprob - 0.5 * (((actions - self.mlp(self.actor, obs)) / self.std) ** 2).sum(-1), value
-
-    monkeypatch.setattr(ppo.NumpyPolicy, "act", wrong_logprob)
-    assert isinstance(ppo.RolloutPolicies(agent, torch.device("cpu")).pick(obs), ppo.TorchPolicy)
+    # A slip in the table (exp read as 2 ** x): the actions come from another std, their log-probs too.
+    monkeypatch.setitem(ppo.NUMPY_OPS, "exp", lambda x, dtype="DT": f"np.exp2({x})")
+    assert isinstance(ppo.RolloutPolicies(agent, torch.device("cpu"), obs).pick(obs), ppo.RolloutPolicies)
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("note: the numpy rollout copy steps aside: its log-probs by "), lines
+    assert len(lines) == 1 and lines[0].startswith("note: the derived numpy rollout steps aside: its log-probs by "), lines
     assert "entropies" not in lines[0] and "values" not in lines[0], lines
+
+
+def test_greedy_action_follows_the_distribution():
+    agent = modified_agent("beta")  # an edit of distribution() alone
+    obs = torch.as_tensor(np.random.default_rng(0).normal(size=(4, 5)).astype(np.float32))
+    with torch.no_grad():
+        dist = agent.distribution(obs)[0]
+        torch.testing.assert_close(agent.greedy_action(obs), dist.mode)
+        alpha, beta = dist.base_dist.concentration1, dist.base_dist.concentration0
+        torch.testing.assert_close(agent.greedy_action(obs), (alpha - 1) / (alpha + beta - 2))
+    assert torch.equal(agent.low, -torch.ones(3)) and torch.equal(agent.high, torch.ones(3))  # the bounds it knows
 
 
 def train_in_process(tmp_path, capsys, **overrides):
@@ -936,25 +913,84 @@ def train_in_process(tmp_path, capsys, **overrides):
     return [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
 
 
-def test_training_run_with_another_activation_says_so_once_and_trains(tmp_path, monkeypatch, capsys, restore_signals):
-    monkeypatch.setitem(ppo.ACTIVATIONS, "tanh", torch.nn.SiLU)  # a researcher's edit of the network
+def test_training_run_with_an_activation_the_table_lacks_says_so_once_and_trains(tmp_path, monkeypatch, capsys, restore_signals):
+    monkeypatch.setitem(ppo.ACTIVATIONS, "tanh", torch.nn.Mish)  # a researcher's edit of the network
     notes = train_in_process(tmp_path, capsys)
-    assert len(notes) == 1 and "no copy of SiLU" in notes[0], notes
+    assert len(notes) == 1 and "no numpy translation of aten.mish.default" in notes[0], notes
     assert [r["global_step"] for r in read_metrics(tmp_path) if "losses/approx_kl" in r] == [64, 128, 192]
 
 
 HEAD = "        self.critic = mlp(obs_dim, 1, hidden_sizes, activation, 1.0, ortho_init)\n"
-DEFINITION = "        return self.actor_mean(obs), self.actor_logstd, self.critic(obs).squeeze(-1)\n"
-EDITS = {  # a researcher's edits of a copy of the script, each in the one definition of the policy only
+MEAN = "        mean = self.actor_mean(obs)\n"
+DEFINITION = "        return Gaussian(mean, self.actor_logstd), self.critic(obs).squeeze(-1)\n"
+LAYER = "        layers += [linear(width, hidden), ACTIVATIONS[activation]()]\n"
+CLASSES = "class Agent(nn.Module):\n"
+SQUASHED = '''class SquashedGaussian(Gaussian):
+    """A Gaussian squashed by tanh into (low, high)."""
+
+    def __init__(self, mean, log_std, low, high):
+        super().__init__(mean, log_std)
+        self.mid, self.half = (high + low) / 2, (high - low) / 2
+
+    def sample(self, sample_shape=torch.Size()):
+        return self.mid + self.half * torch.tanh(super().sample())
+
+    def log_prob(self, actions):
+        y = ((actions - self.mid) / self.half).clamp(-1 + 1e-6, 1 - 1e-6)
+        return super().log_prob(torch.atanh(y)) - torch.log(self.half * (1 - y * y)).sum(-1)
+
+    @property
+    def mode(self):
+        return self.mid + self.half * torch.tanh(self.loc)
+
+
+'''
+BETA = '''class ScaledBeta(torch.distributions.Beta):
+    """Independent Beta distributions scaled to (low, high)."""
+
+    def __init__(self, alpha, beta, low, high):
+        super().__init__(alpha, beta, validate_args=False)
+        self.low, self.width = low, high - low
+
+    def sample(self, sample_shape=torch.Size()):
+        return self.low + self.width * super().sample(sample_shape)
+
+    def log_prob(self, actions):
+        x = ((actions - self.low) / self.width).clamp(1e-6, 1 - 1e-6)
+        return (super().log_prob(x) - self.width.log()).sum(-1)
+
+    def entropy(self):
+        return (super().entropy() + self.width.log()).sum(-1)
+
+    @property
+    def mode(self):
+        return self.low + self.width * self.mean
+
+
+'''
+EDITS = {  # a researcher's edits of a copy of the script, each in the policy's definition only
     "state-dependent log std": [
         (HEAD, HEAD + "        self.logstd_head = nn.Linear(obs_dim, act_dim)\n"),
-        (DEFINITION, DEFINITION.replace("self.actor_logstd,", "self.actor_logstd + self.logstd_head(obs),")),
+        (DEFINITION, DEFINITION.replace("self.actor_logstd)", "self.actor_logstd + self.logstd_head(obs))")),
     ],
-    "forward returning three values": [
-        (HEAD, HEAD + "        self.logstd_head = nn.Linear(obs_dim, act_dim)\n\n    def forward(self, obs):\n"
-         + DEFINITION.replace("self.actor_logstd,", "self.actor_logstd + self.logstd_head(obs),")),
-        (DEFINITION, "        return self(obs)\n"),
+    "forward returning the distribution": [
+        (HEAD, HEAD + "        self.logstd_head = nn.Linear(obs_dim, act_dim)\n\n    def forward(self, obs):\n" + MEAN
+         + DEFINITION.replace("self.actor_logstd)", "self.actor_logstd + self.logstd_head(obs))")),
+        (MEAN + DEFINITION, "        return self(obs)\n"),
     ],
+    "squashed mean": [(MEAN, "        mean = self.high * torch.tanh(self.actor_mean(obs))\n")],
+    "layer norm and GELU in the MLP": [(LAYER, "        layers += [linear(width, hidden), nn.LayerNorm(hidden), nn.GELU()]\n")],
+    "tanh-squashed Gaussian": [
+        ("def compute_gae(\n", SQUASHED + "def compute_gae(\n"),  # after the script's Gaussian, which it extends
+        (DEFINITION, "        return SquashedGaussian(mean, self.actor_logstd, self.low, self.high), self.critic(obs).squeeze(-1)\n"),
+    ],
+    "Beta": [
+        (CLASSES, BETA + CLASSES),
+        ("        self.actor_mean = mlp(obs_dim, act_dim,", "        self.actor_mean = mlp(obs_dim, 2 * act_dim,"),
+        (MEAN + DEFINITION, "        alpha, beta = (nn.functional.softplus(self.actor_mean(obs)) + 1).chunk(2, -1)\n"
+         "        return ScaledBeta(alpha, beta, self.low, self.high), self.critic(obs).squeeze(-1)\n"),
+    ],
+    "Mish in the MLP (no numpy translation)": [(LAYER, "        layers += [linear(width, hidden), nn.Mish()]\n")],
 }  # fmt: skip
 
 
@@ -975,19 +1011,22 @@ def test_an_edited_policy_trains_on_policy_through_the_cli(edit, tmp_path):
              "--total-timesteps", "512", "--eval-episodes", "1", "--runs-dir", str(tmp_path / "runs")]  # fmt: skip
     proc = run_script(str(script), *flags)
     notes = [line for line in proc.stdout.splitlines() if line.startswith("note:")]
-    assert len(notes) == 1 and "numpy rollout copy steps aside: its log-probs by" in notes[0] and "entropies by" in notes[0], notes
+    if "no numpy translation" in edit:  # one note, then the rollout runs the agent itself
+        assert len(notes) == 1 and "steps aside: it has no numpy translation of aten.mish.default" in notes[0], notes
+    else:  # the derived rollout follows the edit: no note
+        assert notes == [], notes
     # One minibatch, one epoch: old_approx_kl is the first minibatch's, before any step; ~0 means the rollout
-    # sampled from the policy being trained (the numpy copy's state-independent std gave 3e-3 to 8e-3).
+    # sampled from the policy being trained (the old numpy copy's state-independent std gave 3e-3 to 8e-3).
     kls = [r["losses/old_approx_kl"] for r in read_metrics(tmp_path / "runs") if "losses/old_approx_kl" in r]
     assert len(kls) == 4 and max(abs(k) for k in kls) < 1e-6, kls
     assert "eval: return" in proc.stdout
 
 
-@pytest.mark.parametrize("path", ["numpy copy", "plain"])
+@pytest.mark.parametrize("path", ["derived", "plain"])
 def test_on_policy_check_catches_a_rollout_fed_another_policy(path, tmp_path, monkeypatch, capsys, restore_signals):
-    if path == "plain":  # no numpy copy: the agent's own method is the one that disagrees (as dropout would)
-        monkeypatch.setitem(ppo.ACTIVATIONS, "tanh", torch.nn.SiLU)
-    policy_class = ppo.NumpyPolicy if path == "numpy copy" else ppo.TorchPolicy
+    if path == "plain":  # no derived path: the agent's own method is the one that disagrees (as dropout would)
+        monkeypatch.setitem(ppo.ACTIVATIONS, "tanh", torch.nn.Mish)
+    policy_class = ppo.DerivedPolicy if path == "derived" else ppo.RolloutPolicies
     act, calls = policy_class.act, []
 
     def another_policy(self, obs, rng):
@@ -996,18 +1035,16 @@ def test_on_policy_check_catches_a_rollout_fed_another_policy(path, tmp_path, mo
         return actions, logprob + 0.01, value
 
     monkeypatch.setattr(policy_class, "act", another_policy)
-    if path == "numpy copy":  # a copy whose check, when built, cannot fault it: only the on-policy check is left
-        monkeypatch.setattr(ppo.NumpyPolicy, "mismatch", classmethod(lambda cls, agent, obs, device: None))
     notes = [n for n in train_in_process(tmp_path, capsys, num_minibatches=1, total_timesteps=256) if "on-policy" in n]
-    if path == "numpy copy":
+    if path == "derived":  # its check, when refreshed, runs the source itself: only the on-policy check sees the slip
         assert notes == [
             "note: on-policy check: max |log-ratio| 1.0e-02 at the first minibatch of iteration 1; the rollout "
             "switches to the plain get_action_and_value for the rest of the run"
         ]
-        assert calls == [ppo.NumpyPolicy] * 64  # iterations 2 to 4 sampled with the agent itself
+        assert calls == [ppo.DerivedPolicy] * 64  # iterations 2 to 4 sampled with the agent itself
     else:
         assert len(notes) == 1 and "iteration 1, with the plain get_action_and_value" in notes[0], notes
-        assert calls == [ppo.TorchPolicy] * 256  # the run went on
+        assert calls == [ppo.RolloutPolicies] * 256  # the run went on
     kls = [r["losses/old_approx_kl"] for r in read_metrics(tmp_path) if "losses/old_approx_kl" in r]
     assert kls[0] == pytest.approx(0.01, abs=1e-5)
 
@@ -1101,7 +1138,7 @@ def test_save_checkpoint_refuses_non_finite_weights(tmp_path, capsys):
     class FakeRun:
         rank, run_dir, run_name, wandb_id, args, file = 0, str(tmp_path), "r", None, ppo.Args(), open(tmp_path / "m", "w")
 
-    agent = ppo.Agent(3, 1, (4,), "tanh", 0.0)
+    agent = ppo.Agent(3, box(1), (4,), "tanh", 0.0)
     with torch.no_grad():
         agent.critic[0].weight[0, 0] = float("nan")
     envs = ppo.make_envs("InvertedPendulum-v5", 1)
@@ -1375,3 +1412,57 @@ def test_a_checkpoint_of_another_version_is_a_one_line_error(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert stop.value.code == 2 and len(err) == 1 and "another version of ppo_continuous.py" in err[0], err
     assert ppo.resumed_args(ppo.Args(), {"args": dataclasses.asdict(ppo.Args(seed=5))}).seed == 5
+
+
+FLAKY_ENV = '''
+import os
+
+import gymnasium as gym
+import numpy as np
+
+
+class Flaky(gym.Env):
+    """Random observations; raises FLAKY_ERROR on the process's FLAKY_AT-th step (a simulator server going away)."""
+
+    observation_space = gym.spaces.Box(-1, 1, (3,), np.float32)
+    action_space = gym.spaces.Box(-1, 1, (1,), np.float32)
+    steps = 0  # the process's count, which no checkpoint carries
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return self.np_random.uniform(-1, 1, 3).astype(np.float32), {}
+
+    def step(self, action):
+        Flaky.steps, self.t = Flaky.steps + 1, self.t + 1
+        if Flaky.steps == int(os.environ.get("FLAKY_AT", 0)):
+            raise {"ConnectionError": ConnectionError, "MemoryError": MemoryError}[os.environ["FLAKY_ERROR"]]("the server went away")
+        return self.np_random.uniform(-1, 1, 3).astype(np.float32), float(action[0]), False, self.t >= 20, {}
+
+
+gym.register("Flaky-v0", entry_point=Flaky)
+'''
+
+
+@pytest.mark.parametrize("error", ["ConnectionError", "MemoryError"])
+def test_an_exception_in_the_env_leaves_the_last_iteration_s_checkpoint_and_resume_continues_exactly(error, tmp_path, monkeypatch):
+    (tmp_path / "flaky_env.py").write_text(FLAKY_ENV)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    flags = ["--env-id", "flaky_env:Flaky-v0", "--num-steps", "64", "--num-minibatches", "2", "--update-epochs", "2",
+             "--total-timesteps", "512", "--eval-episodes", "0"]  # fmt: skip
+    monkeypatch.setenv("FLAKY_AT", "300")  # in iteration 5: four iterations completed, the default --save-every 0
+    monkeypatch.setenv("FLAKY_ERROR", error)
+    proc = run_script("ppo_continuous.py", *flags, "--runs-dir", str(tmp_path / "crashed"), check=False)
+    (checkpoint,) = (tmp_path / "crashed").glob("*/checkpoint.pt")
+    assert proc.returncode == 1 and "Traceback" in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: {error}: the server went away; checkpoint of iteration 4 (global_step 256) in {checkpoint.resolve()}; "
+        f"continue with --resume {checkpoint.resolve()}"
+    )
+    assert torch.load(checkpoint, weights_only=True)["iteration"] == 4
+    if error == "MemoryError":
+        return
+    monkeypatch.delenv("FLAKY_AT")
+    run_script("ppo_continuous.py", "--resume", str(checkpoint))
+    run_script("ppo_continuous.py", *flags, "--runs-dir", str(tmp_path / "whole"))
+    assert comparable(read_metrics(tmp_path / "crashed")) == comparable(read_metrics(tmp_path / "whole"))
