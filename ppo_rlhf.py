@@ -99,6 +99,13 @@ class Args:
     """discount factor over tokens"""
     gae_lambda: float = 0.95
     """lambda of generalized advantage estimation over tokens"""
+    baseline: Literal["gae", "group"] = "gae"
+    """gae: a value model and GAE over tokens; group: no value model, each response's KL-shaped reward against the
+    mean of the other responses to its prompt (RLOO), the same advantage on each of its tokens"""
+    group_size: int = 2
+    """--baseline group: responses sampled per prompt (TRL RLOO's rloo_k); must divide each process's batch"""
+    scale_group_std: bool = False
+    """--baseline group: divide the advantages by their group's standard deviation, as GRPO does"""
     num_minibatches: Optional[int] = None
     """optimizer steps per PPO epoch; unset: 4 (built-in task), 1 (TRL)"""
     update_epochs: int = 4
@@ -381,14 +388,13 @@ class Rollout:
 
 @torch.no_grad()
 def rollout(
-    policy: nn.Module, ref_policy: nn.Module, reward: Reward, value_model: nn.Module, queries: Tensor,
+    policy: nn.Module, ref_policy: nn.Module, reward: Reward, value_model: Optional[nn.Module], queries: Tensor,
     records: list[dict], gen_config: GenerationConfig, task: Task, args: Args,
 ) -> Rollout:
     """Sample a response to each query, then score it: log-probs under the policy (from the sampling pass) and
-    the reference, the reward, the value model's values. In chunks of the no-grad batch size."""
+    the reference, the reward, the value model's values (0 without one). In chunks of the no-grad batch size."""
     context_length, pad_id, n = queries.size(1), task.pad_id, args.local_rollout_forward_batch_size
     policy.eval()
-    value_model.eval()
     chunks = []
     with torch.autocast(queries.device.type, dtype=torch.bfloat16, enabled=args.bf16):
         for i in range(0, len(queries), n):
@@ -403,7 +409,7 @@ def rollout(
                 ref_logprob, _ = lm_response_logprobs(ref_policy, query_response, pad_id, context_length, args.temperature)
             score = score_responses(reward, query, response, records[i : i + n], task)
             score = apply_missing_eos_penalty(score, response, task.eos_id, args.missing_eos_penalty)
-            value = token_scores(value_model, query_response, pad_id)[:, context_length - 1 : -1]
+            value = torch.zeros_like(ref_logprob) if value_model is None else token_scores(value_model.eval(), query_response, pad_id)[:, context_length - 1 : -1]
             chunks.append((response, logprob, ref_logprob, score, value))
     responses, logprobs, ref_logprobs, scores, values = (torch.cat(x) for x in zip(*chunks))
     mask = responses != pad_id
@@ -417,11 +423,12 @@ def rollout(
 # The models: the policy and its frozen reference, the frozen reward model, and the value model.
 
 
-def load_models(task: Task, args: Args, device: torch.device) -> tuple[nn.Module, nn.Module, Reward, nn.Module]:
+def load_models(task: Task, args: Args, device: torch.device) -> tuple[nn.Module, nn.Module, Reward, Optional[nn.Module]]:
     """Returns (policy, ref_policy, reward, value_model), dropout off in every model. The value model is a
     separate copy of the reward model (as in the TL;DR reproduction of Huang et al., 2024): it starts out predicting
     scores, close to the returns it must learn, and keeps value-loss gradients out of the policy. Without a reward
-    model it is the policy's weights with a new scalar head (or --value-model-path). Each is placed once built."""
+    model it is the policy's weights with a new scalar head (or --value-model-path); --baseline group: none. Each
+    is placed once built."""
     causal_lm = partial(load_model, AutoModelForCausalLM, task.policy_path, task.policy_config, "--model-name-or-path", sharded=args.fsdp)
     scorer = partial(load_model, AutoModelForSequenceClassification, sharded=args.fsdp)
     place = partial(place_model, args, device)  # to the device, or under --fsdp sharded over the processes
@@ -436,17 +443,19 @@ def load_models(task: Task, args: Args, device: torch.device) -> tuple[nn.Module
         if task.reward_tokenizer is None:
             check_scorer(task, reward_model, "--reward-model-path", policy)
         reward_model = place(reward_model.requires_grad_(False))
-    value_model = PolicyValueHead(policy) if args.value_head_on_policy else scorer(*task.value_source)
-    check_scorer(task, value_model, task.value_source[2], policy)
-    if task.value_source[2] == "--model-name-or-path":  # a new head: values start at 0 (OpenAI's 2019 code)
-        for p in value_model.score.parameters():
-            nn.init.zeros_(p)
-    if args.gradient_checkpointing and not args.value_head_on_policy:  # else its backbone is the policy's
-        value_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    value_model = None
+    if args.baseline == "gae":
+        value_model = PolicyValueHead(policy) if args.value_head_on_policy else scorer(*task.value_source)
+        check_scorer(task, value_model, task.value_source[2], policy)
+        if task.value_source[2] == "--model-name-or-path":  # a new head: values start at 0 (OpenAI's 2019 code)
+            for p in value_model.score.parameters():
+                nn.init.zeros_(p)
+        if args.gradient_checkpointing and not args.value_head_on_policy:  # else its backbone is the policy's
+            value_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.lora_r:
         policy, value_model = add_lora(policy, value_model, task, args)
         policy = ref_policy = place(policy)
-    value_model = place(value_model)
+    value_model = None if value_model is None else place(value_model)
     check_logits_from_hidden(policy, ref_policy)
     return policy, ref_policy, Reward(reward_model, task.reward_tokenizer, task.reward_functions), value_model
 
@@ -537,6 +546,16 @@ def compute_gae(
     return advantages, torch.where(mask, advantages + values, 0.0)
 
 
+def group_advantages(returns: Tensor, k: int, scale_std: bool) -> Tensor:
+    """RLOO (Ahmadian et al., 2024): each response's return minus the mean return of the other k - 1 responses to
+    its prompt (groups of k consecutive responses); with scale_std divided by the group's std (+1e-4), as GRPO."""
+    groups = returns.view(-1, k)
+    advantages = groups - (groups.sum(1, keepdim=True) - groups) / (k - 1)
+    if scale_std:
+        advantages = advantages / (groups.std(1, keepdim=True) + 1e-4)
+    return advantages.flatten()
+
+
 def policy_loss(ratio: Tensor, advantages: Tensor, clip_coef: float) -> Tensor:
     """Per-token clipped surrogate loss, the negated min of the unclipped and clipped objectives."""
     return torch.max(-advantages * ratio, -advantages * torch.clamp(ratio, 1.0 - clip_coef, 1.0 + clip_coef))
@@ -558,16 +577,19 @@ def adaptive_kl_coef(kl_coef: float, current_kl: float, target_kl: float, horizo
 
 
 def ppo_update(
-    args: Args, policy: nn.Module, value_model: nn.Module, optimizer: torch.optim.Optimizer, flat: FlatParameters | ShardedParameters,
-    data: Rollout, advantages: Tensor, returns: Tensor, pad_id: int, guard: NonFiniteGuard,
+    args: Args, policy: nn.Module, value_model: Optional[nn.Module], optimizer: torch.optim.Optimizer, flat: FlatParameters | ShardedParameters,
+    data: Rollout, advantages: Tensor, returns: Optional[Tensor], pad_id: int, guard: NonFiniteGuard,
 ) -> dict[str, Tensor]:
     """One PPO update: --update-epochs epochs (fewer past --target-kl) over shuffled minibatches of the batch, each
-    minibatch one Adam step on the gradients of --gradient-accumulation-steps micro-batches. Returns statistics."""
+    minibatch one Adam step on the gradients of --gradient-accumulation-steps micro-batches (the value loss only
+    with a value model). Returns statistics."""
     if args.norm_adv:
         advantages = whiten(advantages, data.mask)
     micro, accumulation, ctx = args.per_device_train_batch_size, args.gradient_accumulation_steps, data.context_length
     policy.train()  # dropout is off; train mode only turns on gradient checkpointing
-    value_model.train()
+    critic = value_model is not None  # --baseline group: none
+    if critic:
+        value_model.train()
     stats = defaultdict(list)
     for epoch in range(args.update_epochs):
         perm = torch.randperm(len(advantages), device=advantages.device)
@@ -579,23 +601,27 @@ def ppo_update(
                 mask, mb_advantages, query_responses = data.mask[idx], advantages[idx], data.query_responses[idx]
                 with torch.autocast(advantages.device.type, dtype=torch.bfloat16, enabled=args.bf16):
                     new_logprobs, entropies = lm_response_logprobs(policy, query_responses, pad_id, ctx, args.temperature)
-                    new_values = token_scores(value_model, query_responses, pad_id)[:, ctx - 1 : -1]
+                    new_values = token_scores(value_model, query_responses, pad_id)[:, ctx - 1 : -1] if critic else None
                 logratio = new_logprobs - data.logprobs[idx]
                 guard.check_on_policy(logratio, mask, first=epoch == mb == acc == 0)  # the sampling policy is the trained one
                 ratio = torch.exp(logratio)
                 pg_losses = policy_loss(ratio, mb_advantages, args.clip_coef)
-                vf_clip = args.vf_clip_coef if args.clip_vloss else None
-                v_losses = value_loss(new_values, data.values[idx], returns[idx], vf_clip)
-                pg_loss, v_loss = masked_mean(pg_losses, mask), masked_mean(v_losses, mask)
-                loss = (pg_loss + args.vf_coef * v_loss) / accumulation
+                loss = pg_loss = masked_mean(pg_losses, mask)
+                if critic:
+                    vf_clip = args.vf_clip_coef if args.clip_vloss else None
+                    v_losses = value_loss(new_values, data.values[idx], returns[idx], vf_clip)
+                    v_loss = masked_mean(v_losses, mask)
+                    loss = pg_loss + args.vf_coef * v_loss
+                loss = loss / accumulation
                 loss.backward()
                 minibatch_loss = minibatch_loss + loss.detach()
                 with torch.no_grad():  # one line per statistic, under its logged name
                     stats["policy/approxkl_avg"].append(masked_mean((ratio - 1) - logratio, mask))  # k3, as CleanRL
                     stats["policy/clipfrac_avg"].append(masked_mean((pg_losses > -mb_advantages * ratio).float(), mask))
                     stats["loss/policy_avg"].append(pg_loss.detach())
-                    stats["loss/value_avg"].append(v_loss.detach())
-                    stats["val/clipfrac_avg"].append(masked_mean((v_losses > 0.5 * (new_values - returns[idx]) ** 2).float(), mask))
+                    if critic:  # without a value model (--baseline group) no value statistics are logged
+                        stats["loss/value_avg"].append(v_loss.detach())
+                        stats["val/clipfrac_avg"].append(masked_mean((v_losses > 0.5 * (new_values - returns[idx]) ** 2).float(), mask))
                     stats["policy/entropy_avg"].append(masked_mean(entropies, mask))
                     stats["val/ratio"].append(masked_mean(ratio, mask))
             flat.check_grads()
@@ -636,7 +662,7 @@ def train(args: Args) -> None:
         args.response_length, args.temperature, task.eos_id, task.pad_id, vocab_size, output_logits=keep_logits
     )
     # One optimizer over policy and value model: one loss, one clip of the global gradient norm.
-    trained = [p for m in (policy, value_model) for p in m.parameters() if p.requires_grad]
+    trained = [p for m in (policy, value_model) if m is not None for p in m.parameters() if p.requires_grad]
     flat = ShardedParameters(trained) if args.fsdp else FlatParameters(trained)
     optimizer = torch.optim.Adam(flat.tensors, lr=args.learning_rate, eps=1e-5, fused=device.type in ("cpu", "cuda"))
     state = LoopState(kl_coef=args.kl_coef)
@@ -661,23 +687,31 @@ def train(args: Args) -> None:
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        # 2. Rollout: this process's share of the iteration's prompts, answered by the policy and scored.
-        prompts = iteration_prompts(len(task.train_queries), iteration, batch_size, local_batch_size, rank, args.seed)
+        # 2. Rollout: this process's share of the iteration's prompts, answered by the policy and scored; under
+        # --baseline group each prompt k times in a row, so that its k responses are one group.
+        k = args.group_size if args.baseline == "group" else 1
+        prompts = iteration_prompts(len(task.train_queries), iteration, batch_size // k, local_batch_size // k, rank, args.seed)
+        prompts = [i for i in prompts for _ in range(k)]
         queries = left_pad([task.train_queries[i] for i in prompts], task.pad_id, device)
         records = [task.train_records[i] for i in prompts]
         data = rollout(policy, ref_policy, reward, value_model, queries, records, gen_config, task, args)
         guard.check_scores(data.scores)
         state.episode += batch_size
 
-        # 3. Rewards: a per-token KL penalty plus the score at the last real token; GAE over tokens.
+        # 3. Rewards: a per-token KL penalty plus the score at the last real token; GAE over tokens, or (--baseline
+        # group, as TRL's RLOO) each response's summed rewards (score - kl_coef * KL) against its group's.
         rewards, kl, non_score_reward = shape_rewards(
             data.logprobs, data.ref_logprobs, data.scores, data.mask, state.kl_coef, args.kl_estimator
         )
         if args.whiten_rewards:
             rewards = whiten(rewards, data.mask, shift_mean=False)
-        advantages, returns = compute_gae(rewards, data.values, data.mask, args.gamma, args.gae_lambda)
+        if args.baseline == "gae":
+            advantages, returns = compute_gae(rewards, data.values, data.mask, args.gamma, args.gae_lambda)
+        else:
+            advantages = group_advantages(rewards.sum(1), args.group_size, args.scale_group_std)
+            advantages, returns = torch.where(data.mask, advantages[:, None], 0.0), None
 
-        # 4. PPO update of the policy and the value model.
+        # 4. PPO update of the policy and the value model (if any).
         update_stats = ppo_update(args, policy, value_model, optimizer, flat, data, advantages, returns, task.pad_id, guard)
 
         # 5. Log; adapt the KL coefficient; evaluate; checkpoint; stop after SIGINT/SIGTERM.
@@ -794,8 +828,10 @@ def describe(
     """The batch arithmetic, the reward and the value model, printed by rank 0 at the start."""
     if not run.rank0:
         return
+    baseline = "GAE with a value model" if args.baseline == "gae" else f"group: {args.group_size} responses per prompt, RLOO" + (
+        " scaled by the group's std" if args.scale_group_std else "")
     print(
-        f"run {run.name} ({defaults_in_use(args)}): {batch_size} episodes per iteration = {args.per_device_train_batch_size} (micro-batch) x "
+        f"run {run.name} ({defaults_in_use(args)}; baseline {baseline}): {batch_size} episodes per iteration = {args.per_device_train_batch_size} (micro-batch) x "
         f"{args.gradient_accumulation_steps} (gradient accumulation) x {args.num_minibatches} (minibatches) x {world_size} "
         f"(processes); {num_iterations} iterations = {num_iterations * batch_size} episodes; {args.update_epochs} PPO epochs; "
         f"no-grad passes in chunks of {args.local_rollout_forward_batch_size}; device {device}"
@@ -807,13 +843,14 @@ def describe(
         "--value-model-path": task.value_source[0], "--reward-model-path": "a copy of the reward model",
         "--model-name-or-path": "the policy's weights with a new scalar head",
         "--value-head-on-policy": "a scalar head on the policy's own backbone (one trunk for both losses)",
+        "--baseline group": "none (--baseline group)",
     }  # fmt: skip
     print(f"reward: {' + '.join(rewards)}; value model: {values[task.value_source[2]]}")
     for line in task.lines:
         print(line)
     if args.lora_r:
         targets = " ".join(args.lora_target_modules) if args.lora_target_modules else "peft's default modules"
-        print(f"LoRA r={args.lora_r} alpha={args.lora_alpha:g} on {targets}: {flat.numel():,} parameters train (adapters of policy and value model, value head)")
+        print(f"LoRA r={args.lora_r} alpha={args.lora_alpha:g} on {targets}: {flat.numel():,} parameters train (adapters of policy{' and value model, value head' if args.baseline == 'gae' else ''})")
     if not gen_config.output_logits:
         print("note: a large vocabulary: sampling keeps no logits (the rollout's log-probs come from a forward pass), and log-probs and entropies are computed from the hidden states a chunk of positions at a time")
     if num_iterations * batch_size != args.total_episodes:
@@ -821,6 +858,9 @@ def describe(
         print(f"note: --total-episodes {args.total_episodes} is not a whole number of iterations; training {trained} episodes")
     for line in kl_flag_notes(args):
         print(line)
+    unused = [flag_name(f.name) for f in fields(Args) if f.name in ("gamma", "gae_lambda", "vf_coef", "clip_vloss", "vf_clip_coef") and getattr(args, f.name) != f.default]
+    if unused and args.baseline == "group":
+        print(f"note: {' and '.join(unused)} change nothing under --baseline group (no value model, no GAE)")
     if task.builtin is not None:
         b = task.builtin
         print(f"built-in task: reward model held-out accuracy {b['rm_accuracy']:.3f}, SFT gold score {b['sft_gold_mean']:.3f} +- {b['sft_gold_std']:.3f}")
@@ -925,7 +965,7 @@ def save_checkpoint(
     if args.fsdp:  # the weights and Adam's state are in the shards
         weights = dict(policy=None, value_model=None, optimizer=None)
     else:
-        weights = dict(policy=trained_weights(policy), value_model=trained_weights(value_model), optimizer=optimizer.state_dict())
+        weights = dict(policy=trained_weights(policy), value_model=value_model if value_model is None else trained_weights(value_model), optimizer=optimizer.state_dict())
     ckpt = dict(
         args=asdict(args), run_name=run.name, **asdict(state), wandb_id=run.wandb_id, metrics_offset=run.metrics.tell(),
         **weights, resume_state=pickle.dumps(ranks),
@@ -1000,7 +1040,8 @@ def restore(ckpt: dict, rank: int, device: torch.device, policy: nn.Module, valu
             load_shards(os.path.join(ckpt["folder"], shards_name(ckpt["iteration"])), policy, value_model, optimizer)
         else:
             load_trained_weights(policy, ckpt["policy"])
-            load_trained_weights(value_model, ckpt["value_model"])
+            if value_model is not None:  # --baseline group: none
+                load_trained_weights(value_model, ckpt["value_model"])
             optimizer.load_state_dict(ckpt["optimizer"])
     except (RuntimeError, ValueError, KeyError):
         fail("--resume: the model or optimizer state in the checkpoint does not fit these models; start a new run")
@@ -1333,7 +1374,7 @@ def shards_name(iteration: int) -> str:
 def sharded_state(policy: nn.Module, value_model: nn.Module, optimizer) -> tuple[nn.Module, dict]:
     """Both trained models as one module (so that the one optimizer's state is keyed by their parameter names) and
     this process's shards of their trained weights and Adam state."""
-    models = nn.ModuleDict(dict(policy=policy, value_model=value_model))
+    models = nn.ModuleDict({k: m for k, m in dict(policy=policy, value_model=value_model).items() if m is not None})
     model_state, optimizer_state = get_state_dict(models, optimizer, options=SHARDED_STATE)
     return models, {"model": model_state, "optimizer": optimizer_state}
 
@@ -1559,6 +1600,12 @@ def check_args(args: Args, world_size: int, ckpt: Optional[dict], device: torch.
         fail("--fsdp shards the models over torchrun's processes; start the run with torchrun --nproc_per_node N ppo_rlhf.py --fsdp ..., or drop --fsdp")
     local_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.num_minibatches
     batch_size = local_batch_size * world_size
+    if args.baseline == "group" and (args.group_size < 2 or local_batch_size % args.group_size):
+        fail(f"--group-size {args.group_size} must be at least 2 and divide the {local_batch_size} episodes of each process per iteration (--per-device-train-batch-size x --gradient-accumulation-steps x --num-minibatches)")
+    if args.baseline == "gae" and (args.group_size != Args.group_size or args.scale_group_std):
+        fail("--group-size and --scale-group-std are for --baseline group; add it or drop them")
+    if args.baseline == "group" and (args.value_model_path or args.value_head_on_policy):
+        fail("--baseline group trains no value model; drop --value-model-path and --value-head-on-policy, or use --baseline gae")
     if args.total_episodes < batch_size:
         fail(f"--total-episodes {args.total_episodes} is less than one iteration of {batch_size} episodes; raise it")
     return local_batch_size, batch_size, args.total_episodes // batch_size
@@ -1633,7 +1680,9 @@ def load_task(args: Args, rank: int, distributed: bool) -> Task:
     if tokenizer.eos_token_id is None:
         fail(f"--model-name-or-path: the tokenizer of {policy_path} has no EOS token; set one and save it again")
     reward_tokenizer = None if reward_path is None else reward_model_tokenizer(reward_path, reward_config, tokenizer, policy_config)
-    if args.value_head_on_policy:
+    if args.baseline == "group":
+        value_source = (None, None, "--baseline group")
+    elif args.value_head_on_policy:
         value_source = (policy_path, None, "--value-head-on-policy")
     elif args.value_model_path is not None:
         value_source = (args.value_model_path, load_config(args.value_model_path, "--value-model-path", num_labels=1), "--value-model-path")
@@ -1660,7 +1709,7 @@ def load_task(args: Args, rank: int, distributed: bool) -> Task:
         return queries
 
     train_records = read_prompts(prompts_path, "--prompts")
-    lines = [dtypes_line(policy_config, reward_config)]
+    lines = [dtypes_line(policy_config, reward_config, args.baseline == "gae")]
     if eval_prompts_path is None:
         train_records, eval_records, split_line = held_out_split(train_records, args.eval_episodes)
         lines.append(split_line)
@@ -1684,8 +1733,8 @@ def load_task(args: Args, rank: int, distributed: bool) -> Task:
     )  # fmt: skip
 
 
-def dtypes_line(policy_config, reward_config) -> str:
-    line = f"weights: policy, reference and value model in float32 (the policy saved in {saved_dtype(policy_config)})"
+def dtypes_line(policy_config, reward_config, value_model: bool) -> str:
+    line = f"weights: policy, reference{' and value model' if value_model else ''} in float32 (the policy saved in {saved_dtype(policy_config)})"
     return line + (f"; reward model in {saved_dtype(reward_config)}, as saved" if reward_config is not None else "")
 
 
@@ -2047,18 +2096,19 @@ def add_lora(policy: nn.Module, value_model: nn.Module, task: Task, args: Args) 
             warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False")
             policy = get_peft_model(policy, LoraConfig(task_type="CAUSAL_LM", **config))
             # the value head trains whole, never through an adapter
-            if not isinstance(value_model, PolicyValueHead):  # a head on the policy trains whole, as its backbone's adapters
+            if value_model is not None and not isinstance(value_model, PolicyValueHead):  # a head on the policy trains whole
                 value_model = get_peft_model(value_model, LoraConfig(exclude_modules=["score"], **config)).get_base_model()
     except ValueError as e:  # no default target modules for this architecture, or none of the names in one model
         fail(f"--lora-target-modules: {exception_line(e).rstrip('.')}; name modules of both the policy and the value model (e.g. all-linear)")
-    value_model.score.requires_grad_(True)
+    if value_model is not None:
+        value_model.score.requires_grad_(True)
     return policy, value_model
 
 
 def check_lora_targets(policy: nn.Module, value_model: nn.Module, targets: Optional[list]) -> None:
     """Every module name given must exist in the policy or the value model (peft only refuses a list of which no
     name exists in a model): a misspelt name would silently get no adapter."""
-    modules = [(n.rsplit(".", 1)[-1], m) for model in (policy, value_model) for n, m in model.named_modules()]
+    modules = [(n.rsplit(".", 1)[-1], m) for model in (policy, value_model) if model is not None for n, m in model.named_modules()]
     missing = [t for t in targets or [] if t != "all-linear" and t not in {name for name, _ in modules}]
     if missing:
         linear = sorted({name for name, m in modules if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"})
