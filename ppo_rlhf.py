@@ -29,6 +29,7 @@ import shutil
 import signal
 import sys
 import time
+import traceback
 import warnings
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -677,60 +678,65 @@ def train(args: Args) -> None:
     guard = NonFiniteGuard(run, state)  # non-finite scores, losses, gradients or weights: skip the step or stop
     stop_requested = install_stop_handlers()
     evaluates = rank == 0 or args.fsdp  # a sharded model's forward needs every process
-    if ckpt is None and evaluates:  # the SFT policy's scores: the baseline the run must beat
-        run.log_evaluation(0, num_iterations, 0, {}, *evaluate(policy, reward, task, gen_config, args, episode=0))
+    crash = CrashCheckpoint(run, args, policy, value_model, optimizer, device)  # an exception: the last iteration kept
+    try:
+        if ckpt is None and evaluates:  # the SFT policy's scores: the baseline the run must beat
+            run.log_evaluation(0, num_iterations, 0, {}, *evaluate(policy, reward, task, gen_config, args, episode=0))
 
-    start_time, start_episode = time.time(), state.episode
-    for iteration in range(state.iteration + 1, num_iterations + 1):
-        # 1. Learning rate annealed linearly to 0 at the last iteration.
-        lr = args.learning_rate * (1.0 - (iteration - 1.0) / num_iterations if args.anneal_lr else 1.0)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        start_time, start_episode = time.time(), state.episode
+        for iteration in range(state.iteration + 1, num_iterations + 1):
+            # 1. Learning rate annealed linearly to 0 at the last iteration.
+            lr = args.learning_rate * (1.0 - (iteration - 1.0) / num_iterations if args.anneal_lr else 1.0)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
 
-        # 2. Rollout: this process's share of the iteration's prompts, answered by the policy and scored; under
-        # --baseline group each prompt k times in a row, so that its k responses are one group.
-        k = args.group_size if args.baseline == "group" else 1
-        prompts = iteration_prompts(len(task.train_queries), iteration, batch_size // k, local_batch_size // k, rank, args.seed)
-        prompts = [i for i in prompts for _ in range(k)]
-        queries = left_pad([task.train_queries[i] for i in prompts], task.pad_id, device)
-        records = [task.train_records[i] for i in prompts]
-        data = rollout(policy, ref_policy, reward, value_model, queries, records, gen_config, task, args)
-        guard.check_scores(data.scores)
-        state.episode += batch_size
+            # 2. Rollout: this process's share of the iteration's prompts, answered by the policy and scored; under
+            # --baseline group each prompt k times in a row, so that its k responses are one group.
+            k = args.group_size if args.baseline == "group" else 1
+            prompts = iteration_prompts(len(task.train_queries), iteration, batch_size // k, local_batch_size // k, rank, args.seed)
+            prompts = [i for i in prompts for _ in range(k)]
+            queries = left_pad([task.train_queries[i] for i in prompts], task.pad_id, device)
+            records = [task.train_records[i] for i in prompts]
+            data = rollout(policy, ref_policy, reward, value_model, queries, records, gen_config, task, args)
+            guard.check_scores(data.scores)
+            state.episode += batch_size
 
-        # 3. Rewards: a per-token KL penalty plus the score at the last real token; GAE over tokens, or (--baseline
-        # group, as TRL's RLOO) each response's summed rewards (score - kl_coef * KL) against its group's.
-        rewards, kl, non_score_reward = shape_rewards(
-            data.logprobs, data.ref_logprobs, data.scores, data.mask, state.kl_coef, args.kl_estimator
-        )
-        if args.whiten_rewards:
-            rewards = whiten(rewards, data.mask, shift_mean=False)
-        if args.baseline == "gae":
-            advantages, returns = compute_gae(rewards, data.values, data.mask, args.gamma, args.gae_lambda)
-        else:
-            advantages = group_advantages(rewards.sum(1), args.group_size, args.scale_group_std)
-            advantages, returns = torch.where(data.mask, advantages[:, None], 0.0), None
+            # 3. Rewards: a per-token KL penalty plus the score at the last real token; GAE over tokens, or (--baseline
+            # group, as TRL's RLOO) each response's summed rewards (score - kl_coef * KL) against its group's.
+            rewards, kl, non_score_reward = shape_rewards(
+                data.logprobs, data.ref_logprobs, data.scores, data.mask, state.kl_coef, args.kl_estimator
+            )
+            if args.whiten_rewards:
+                rewards = whiten(rewards, data.mask, shift_mean=False)
+            if args.baseline == "gae":
+                advantages, returns = compute_gae(rewards, data.values, data.mask, args.gamma, args.gae_lambda)
+            else:
+                advantages = group_advantages(rewards.sum(1), args.group_size, args.scale_group_std)
+                advantages, returns = torch.where(data.mask, advantages[:, None], 0.0), None
 
-        # 4. PPO update of the policy and the value model (if any).
-        update_stats = ppo_update(args, policy, value_model, optimizer, flat, data, advantages, returns, task.pad_id, guard)
+            # 4. PPO update of the policy and the value model (if any).
+            update_stats = ppo_update(args, policy, value_model, optimizer, flat, data, advantages, returns, task.pad_id, guard)
 
-        # 5. Log; adapt the KL coefficient; evaluate; checkpoint; stop after SIGINT/SIGTERM.
-        eps = (state.episode - start_episode) / (time.time() - start_time)
-        metrics = batch_metrics(data, kl, non_score_reward, update_stats, task.eos_id)
-        metrics |= {"objective/kl_coef": state.kl_coef, "lr": lr, "eps": eps}
-        run.log(state.episode, metrics)
-        if args.adaptive_kl:
-            kl_now = metrics["objective/kl"]
-            state.kl_coef = adaptive_kl_coef(state.kl_coef, kl_now, args.adaptive_kl_target, args.kl_horizon, batch_size)
-        state.iteration = iteration
-        if evaluates and (iteration % args.eval_every == 0 or iteration == num_iterations):
-            evaluation = evaluate(policy, reward, task, gen_config, args, state.episode)
-            run.log_evaluation(iteration, num_iterations, state.episode, metrics, *evaluation)
-        stop = stop_requested()
-        if stop or iteration == num_iterations or (args.save_every and iteration % args.save_every == 0):
-            save_checkpoint(run, state, args, policy, value_model, optimizer, device)
-        if stop and iteration < num_iterations:  # stopped in the last iteration, the run ends as usual
-            exit_interrupted(run, state, distributed)
+            # 5. Log; adapt the KL coefficient; evaluate; checkpoint; stop after SIGINT/SIGTERM.
+            eps = (state.episode - start_episode) / (time.time() - start_time)
+            metrics = batch_metrics(data, kl, non_score_reward, update_stats, task.eos_id)
+            metrics |= {"objective/kl_coef": state.kl_coef, "lr": lr, "eps": eps}
+            run.log(state.episode, metrics)
+            if args.adaptive_kl:
+                kl_now = metrics["objective/kl"]
+                state.kl_coef = adaptive_kl_coef(state.kl_coef, kl_now, args.adaptive_kl_target, args.kl_horizon, batch_size)
+            state.iteration = iteration
+            crash.snapshot(state)
+            if evaluates and (iteration % args.eval_every == 0 or iteration == num_iterations):
+                evaluation = evaluate(policy, reward, task, gen_config, args, state.episode)
+                run.log_evaluation(iteration, num_iterations, state.episode, metrics, *evaluation)
+            stop = stop_requested()
+            if stop or iteration == num_iterations or (args.save_every and iteration % args.save_every == 0):
+                save_checkpoint(run, state, args, policy, value_model, optimizer, device)
+            if stop and iteration < num_iterations:  # stopped in the last iteration, the run ends as usual
+                exit_interrupted(run, state, distributed)
+    except Exception as e:  # raised by user code (a reward function or model), out of memory, ...
+        crash.stop(e)
 
     final_policy = unsharded_policy(policy, task) if args.fsdp else policy  # --fsdp: gathered on rank 0 only
     if rank == 0:
@@ -955,32 +961,47 @@ def save_checkpoint(
     run: Run, state: LoopState, args: Args, policy: nn.Module, value_model: nn.Module, optimizer, device: torch.device
 ) -> None:
     """Every process hands in its RNG states (under --fsdp also writes its shards: save_shards); rank 0 writes
-    checkpoint.pt atomically (tmp file, then rename)."""
-    ranks = gather_objects(rng_state(device))
+    checkpoint.pt."""
+    header = checkpoint_header(run, state, args, device)
     if args.fsdp:
         save_shards(run, state, policy, value_model, optimizer)
     if not run.rank0:
         return
-    run.open()
-    if args.fsdp:  # the weights and Adam's state are in the shards
+    write_checkpoint(run, header, policy, value_model, optimizer)
+    if args.fsdp:  # checkpoint.pt names the new shards: the older ones can go
+        remove_old_shards(run.dir, state.iteration)
+
+
+def checkpoint_header(run: Run, state: LoopState, args: Args, device: torch.device) -> dict:
+    """What checkpoint.pt holds besides the weights and Adam's state: flags, loop state, every process's RNG
+    states, rank 0's metrics length and wandb id. A collective; every process gets it whole."""
+    if run.rank0:
+        run.open()
+    ranks = gather_objects((rng_state(device), run.metrics.tell() if run.rank0 else None, run.wandb_id))
+    return dict(
+        args=asdict(args), run_name=run.name, **asdict(state), wandb_id=ranks[0][2], metrics_offset=ranks[0][1],
+        resume_state=pickle.dumps([rng for rng, _, _ in ranks]),
+    )  # fmt: skip
+
+
+def write_checkpoint(run: Run, header: dict, policy: nn.Module, value_model: Optional[nn.Module], optimizer) -> str:
+    """checkpoint.pt (returns its path): the header with the weights and Adam's state (under --fsdp in the shards),
+    written atomically (a tmp file, fsync'd, then renamed); one holding a non-finite value is refused."""
+    if run.args.fsdp:
         weights = dict(policy=None, value_model=None, optimizer=None)
     else:
         weights = dict(policy=trained_weights(policy), value_model=value_model if value_model is None else trained_weights(value_model), optimizer=optimizer.state_dict())
-    ckpt = dict(
-        args=asdict(args), run_name=run.name, **asdict(state), wandb_id=run.wandb_id, metrics_offset=run.metrics.tell(),
-        **weights, resume_state=pickle.dumps(ranks),
-    )  # fmt: skip
-    nonfinite = nonfinite_tensor(ckpt)
+    nonfinite = nonfinite_tensor(weights)
     if nonfinite is not None:
-        stop_nonfinite(run, f"{nonfinite} in the checkpoint", state.iteration, "(checkpoint refused)")
+        stop_nonfinite(run, f"{nonfinite} in the checkpoint", header["iteration"], "(checkpoint refused)")
     path = os.path.join(run.dir, "checkpoint.pt")
-    with open(f"{path}.tmp", "wb") as f:  # flushed to the disk before the rename: a crash leaves the old one whole
-        torch.save(ckpt, f)
+    tmp = f"{path}.tmp" if run.rank0 else f"{path}.tmp{os.getpid()}"  # after a crash any process may write it
+    with open(tmp, "wb") as f:  # flushed to the disk before the rename: a crash leaves the old one whole
+        torch.save(header | weights, f)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(f"{path}.tmp", path)
-    if args.fsdp:  # checkpoint.pt names the new shards: the older ones can go
-        remove_old_shards(run.dir, state.iteration)
+    os.replace(tmp, path)
+    return path
 
 
 def nonfinite_tensor(tree, name: str = "") -> Optional[str]:
@@ -1175,6 +1196,53 @@ def exit_interrupted(run: Run, state: LoopState, distributed: bool) -> NoReturn:
     run.finish()
     leave_process_group(distributed)
     sys.exit(130)
+
+
+# A crash: an exception raised by user code (a reward function, a reward model), out of memory or any other ends the
+# run with a checkpoint of the last completed iteration, named in its last line; exit status 2 for a reward
+# function's mistake (as at the first evaluation, before anything is trained), 1 after another exception's traceback.
+
+
+class RewardFunctionError(Exception):
+    """A reward function raised or returned something other than a finite score per completion."""
+
+
+class CrashCheckpoint:
+    """After each completed iteration, the header of its checkpoint (checkpoint_header) and Adam's step count: the
+    weights and Adam's state do not change until the next update's first step, so stop(e) writes the checkpoint that
+    iteration's end would have written, the metrics up to the failure included (rank 0's), then ends the run."""
+
+    def __init__(self, run: Run, args: Args, policy: nn.Module, value_model: Optional[nn.Module], optimizer, device: torch.device):
+        self.run, self.args, self.models, self.optimizer, self.device = run, args, (policy, value_model), optimizer, device
+        self.header, self.steps = None, 0
+
+    def snapshot(self, state: LoopState) -> None:
+        self.header, self.steps = checkpoint_header(self.run, state, self.args, self.device), adam_steps(self.optimizer)
+
+    def stop(self, e: Exception) -> NoReturn:
+        path = os.path.join(self.run.dir, "checkpoint.pt")
+        if self.header is None or self.args.fsdp:  # under --fsdp the shards would need every process
+            why = "no iteration completed" if self.header is None else "--fsdp writes no checkpoint after an error"
+            kept = f"{why}; the last checkpoint: {path}" if os.path.exists(path) else f"{why}; no checkpoint"
+        else:
+            if self.run.rank0:
+                self.header["metrics_offset"] = self.run.metrics.tell()
+            write_checkpoint(self.run, self.header, *self.models, self.optimizer)
+            steps = adam_steps(self.optimizer) - self.steps
+            how = "exactly" if not steps else f"(not exactly: its weights hold the {steps} optimizer steps taken since; the next iteration is redone)"
+            kept = f"checkpoint of iteration {self.header['iteration']} written; --resume {path} continues {how}"
+        self.run.finish()
+        if isinstance(e, RewardFunctionError):
+            fail(f"{e}; {kept}")
+        traceback.print_exc()
+        hint = " (lower --local-rollout-forward-batch-size or --per-device-train-batch-size)" if isinstance(e, torch.OutOfMemoryError) else ""
+        where = f" on process {dist.get_rank()}" if dist.is_initialized() else ""
+        print(f"error: {exception_line(e)}{where}{hint}; {kept}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+def adam_steps(optimizer: torch.optim.Optimizer) -> int:
+    return sum(int(s["step"]) for s in optimizer.state.values() if "step" in s)
 
 
 # torchrun: one process per device; rank 0 logs, saves and evaluates. On cuda the process group serves both
@@ -1978,17 +2046,17 @@ def call_reward_function(function: RewardFunction, episodes: Episodes) -> list[f
             **episodes.fields,
         )  # fmt: skip
     except Exception as e:
-        fail(f"{name}: the function raised {exception_line(e)}")
+        raise RewardFunctionError(f"{name}: the function raised {exception_line(e)}") from e
     if isinstance(out, (str, bytes, dict)) or not hasattr(out, "__len__"):
-        fail(f"{name}: the function returned a {type(out).__name__}; return a list with a float per completion")
+        raise RewardFunctionError(f"{name}: the function returned a {type(out).__name__}; return a list with a float per completion")
     if len(out) != n:
-        fail(f"{name}: the function returned {len(out)} scores for {n} completions; return one per completion")
+        raise RewardFunctionError(f"{name}: the function returned {len(out)} scores for {n} completions; return one per completion")
     scores = []
     for i, value in enumerate(out):
         if isinstance(value, (np.generic, Tensor)) and np.size(value) == 1:
             value = value.item()
         if value is not None and (not isinstance(value, numbers.Real) or not math.isfinite(value)):
-            fail(f"{name}: the function's score {i} is {value!r}; return finite numbers (or None, which scores 0)")
+            raise RewardFunctionError(f"{name}: the function's score {i} is {value!r}; return finite numbers (or None, which scores 0)")
         scores.append(0.0 if value is None else float(value))
     return scores
 

@@ -868,6 +868,77 @@ def test_two_process_gloo_run(real_models, tmp_path):
     assert all(m["objective/kl"] >= 0 for m in train)  # k3 is never negative, k1 can be
 
 
+CRASHING_REWARD = """
+import os
+
+def length(prompts, completions, completion_ids, **kwargs):
+    path = os.environ["CALLS"]
+    calls = int(open(path).read()) + 1 if os.path.exists(path) else 1
+    open(path, "w").write(str(calls))
+    if calls == int(os.environ.get("CRASH_AT", "0")):
+        raise ConnectionError("the reward server went away")
+    return [len(ids) / 10 for ids in completion_ids]
+"""
+
+
+@pytest.mark.parametrize("baseline", ["gae", "group"])
+def test_a_crash_keeps_the_last_iteration_and_resume_continues_exactly(real_models, tmp_path, monkeypatch, capsys, baseline):
+    """A reward function that raises on its 9th call (the rollout of iteration 3: 2 calls per rollout and per
+    evaluation, evaluations at 0 and 2), with the default --save-every 0: one line naming the checkpoint of iteration
+    2, exit 2, and --resume gives the uninterrupted run's metrics. Out of memory in the update: the same before the
+    update's first step (exit 1, its traceback, then the line); after some steps, the checkpoint holds them and says
+    the resumed run is not exact."""
+    import tyro
+
+    (tmp_path / "rewards.py").write_text(CRASHING_REWARD)
+    extra = ["--reward-fn", f"{tmp_path / 'rewards.py'}:length"] + (["--baseline", "group"] if baseline == "group" else [])
+    env = {**ENV, "CALLS": str(tmp_path / "calls")}
+    flags = lambda runs: real_flags(real_models, tmp_path / runs, *extra)  # noqa: E731
+    ref = subprocess.run([sys.executable, SCRIPT, *flags("ref")], env=env, capture_output=True, text=True, timeout=240)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    _, ref_metrics = read_metrics(tmp_path / "ref")
+    os.remove(tmp_path / "calls")
+    crash = subprocess.run([sys.executable, SCRIPT, *flags("crash")], env={**env, "CRASH_AT": "9"}, capture_output=True, text=True, timeout=240)
+    run_dir, _ = read_metrics(tmp_path / "crash")
+    path = os.path.join(run_dir, "checkpoint.pt")
+    assert_one_line_error(crash.returncode, crash.stderr, "--reward-fn")
+    assert f"ConnectionError: the reward server went away; checkpoint of iteration 2 written; --resume {path} continues exactly" in crash.stderr
+    assert torch.load(path, weights_only=True)["iteration"] == 2
+    resumed = subprocess.run([sys.executable, SCRIPT, "--resume", path], env=env, capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert without_timing(read_metrics(tmp_path / "crash")[1]) == without_timing(ref_metrics)
+
+    if baseline == "group":
+        return
+    monkeypatch.setenv("CALLS", str(tmp_path / "calls"))
+    monkeypatch.delenv("CRASH_AT", raising=False)
+    for runs, where, how in (("oom", "ppo_update", "exactly"), ("late_oom", "check_weights", "(not exactly: its weights hold the 3 optimizer steps")):
+        calls, original = [], getattr(P, where) if where == "ppo_update" else P.NonFiniteGuard.check_weights
+
+        def out_of_memory(*a, original=original, calls=calls, limit=3 if where == "ppo_update" else 2 * 4 + 3):
+            calls.append(1)
+            if len(calls) == limit:  # the update of iteration 3 (before its first step, or after its 3rd)
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return original(*a)
+
+        with monkeypatch.context() as m:
+            m.setattr(*((P, "ppo_update") if where == "ppo_update" else (P.NonFiniteGuard, "check_weights")), out_of_memory)
+            with pytest.raises(SystemExit) as exit_info:
+                P.train(tyro.cli(P.Args, args=flags(runs)))
+        err = capsys.readouterr().err
+        run_dir, _ = read_metrics(tmp_path / runs)
+        path = os.path.join(run_dir, "checkpoint.pt")
+        assert exit_info.value.code == 1 and "Traceback" in err
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("error: OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB (lower --local-rollout-forward-batch-size")
+        assert f"checkpoint of iteration 2 written; --resume {path} continues {how}" in last
+        P.train(tyro.cli(P.Args, args=["--resume", path]))
+        if how == "exactly":
+            assert without_timing(read_metrics(tmp_path / runs)[1]) == without_timing(ref_metrics)
+        else:
+            assert [m["episode"] for m in read_metrics(tmp_path / runs)[1] if "objective/kl" in m] == [8 * i for i in range(1, 7)]
+
+
 CHECKPOINT_KEYS = {
     "args", "run_name", "iteration", "episode", "wandb_id", "metrics_offset", "policy", "value_model", "optimizer",
     "kl_coef", "resume_state",
