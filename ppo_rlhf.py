@@ -78,14 +78,11 @@ class Args:
     reward_fn_weights: Optional[tuple[float, ...]] = None
     """one weight per --reward-fn (default 1 each); the reward model's score weighs 1"""
     value_model_path: Optional[str] = None
-    """value model: an AutoModelForSequenceClassification with one label; None copies the reward model, or
-    without one (reward functions only) takes the policy's weights with a new scalar head"""
+    """value model: an AutoModelForSequenceClassification with one label; None copies the reward model (without one: the policy with a new head)"""
     value_head_on_policy: bool = False
-    """the value model is a scalar head on the policy's own backbone (OpenAI's 2019 layout): one model fewer in
-    memory, but the value loss then trains the policy's weights too"""
+    """the value model is a scalar head on the policy's backbone (OpenAI's 2019 layout): one model fewer, the value loss trains the policy too"""
     prompts: Optional[str] = None
-    """training prompts: a JSONL file with a "prompt" string per line, or "messages" (a list of role/content dicts
-    the tokenizer's chat template turns into the prompt), or a `datasets` name"""
+    """training prompts: a JSONL file with a "prompt" string or "messages" (role/content dicts, for the chat template) per line, or a `datasets` name"""
     total_episodes: int = 9600
     """total number of completions to train on, summed over processes"""
     learning_rate: Optional[float] = None
@@ -101,10 +98,9 @@ class Args:
     gae_lambda: float = 0.95
     """lambda of generalized advantage estimation over tokens"""
     baseline: Literal["gae", "group"] = "gae"
-    """gae: a value model and GAE over tokens; group: no value model, each response's KL-shaped reward against the
-    mean of the other responses to its prompt (RLOO), the same advantage on each of its tokens"""
+    """gae: a value model and GAE over tokens; group: no value model, RLOO over --group-size responses per prompt"""
     group_size: int = 2
-    """--baseline group: responses sampled per prompt (TRL RLOO's rloo_k); must divide each process's batch"""
+    """--baseline group: responses per prompt, side by side (TRL RLOO's rloo_k); it divides each process's batch"""
     scale_group_std: bool = False
     """--baseline group: divide the advantages by their group's standard deviation, as GRPO does"""
     num_minibatches: Optional[int] = None
@@ -148,13 +144,11 @@ class Args:
     local_rollout_forward_batch_size: int = 64
     """chunk size of the no-grad passes (generation, reference, reward, value) on each process"""
     lora_r: int = 0
-    """rank of LoRA adapters (peft) on the policy and the value model, whose head trains too; the reference is the
-    policy with its adapters disabled. 0 trains every weight"""
+    """rank of LoRA adapters (peft) on the policy and the value model (its head trains whole); 0 trains every weight"""
     lora_alpha: float = 16.0
     """LoRA scaling: the adapters' update is multiplied by lora_alpha / lora_r"""
     lora_target_modules: Optional[tuple[str, ...]] = None
-    """names of the modules that get adapters, e.g. q_proj v_proj, or all-linear; None: peft's default for the
-    architecture"""
+    """names of the modules that get adapters, e.g. q_proj v_proj, or all-linear; None: peft's default for the model"""
 
     # Run settings: where and how the run executes, what it writes, how it is evaluated.
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
@@ -166,8 +160,7 @@ class Args:
     device: str = "auto"
     """torch device: auto (cuda, then mps, then cpu) or an explicit device string such as cuda:1"""
     num_threads: int = 0
-    """torch CPU threads per process; 0 picks from the work: 1 for the built-in task's tiny models, torch's default
-    (a thread per core) for real models"""
+    """torch CPU threads per process; 0 picks from the work: 1 for the built-in task, torch's default for real models"""
     bf16: bool = False
     """run forward passes in bfloat16 autocast (CUDA only)"""
     gradient_checkpointing: bool = False
@@ -184,11 +177,10 @@ class Args:
     runs_dir: str = "runs"
     """directory under which each run writes runs_dir/{run_name}/"""
     save_every: int = 0
-    """iterations between checkpoints (0 = only at the end and when stopped by SIGINT/SIGTERM)"""
+    """iterations between checkpoints (0 = only at the end, when stopped by SIGINT/SIGTERM and after an exception)"""
     resume: Optional[str] = None
-    """path of a checkpoint.pt to continue in its folder; the run keeps its saved settings except --device,
-    --num-threads, --save-every and --track. It unpickles the checkpoint's resume_state, and unpickling can run
-    code: resume only your own runs"""
+    """a checkpoint.pt to continue in its folder, with its settings but --device, --num-threads, --save-every and
+    --track; it unpickles the checkpoint's resume_state (unpickling can run code: resume only your own runs)"""
     eval_every: int = 10
     """iterations between evaluations on the held-out prompts (with a progress line and sample table)"""
     eval_episodes: int = 256
@@ -222,9 +214,7 @@ class Args:
 # model's vocabulary (an added [PAD]) is never looked up.
 
 
-def iteration_prompts(
-    n: int, iteration: int, batch_size: int, local_batch_size: int, rank: int, seed: int
-) -> list[int]:
+def iteration_prompts(n: int, iteration: int, batch_size: int, local_batch_size: int, rank: int, seed: int) -> list[int]:
     """This process's share of the iteration's prompts (indices into the n prompts), drawn without replacement
     from a fresh permutation of the prompts on each pass over them."""
     first = (iteration - 1) * batch_size + rank * local_batch_size
@@ -240,9 +230,7 @@ def left_pad(sequences: list[list[int]], pad_id: int, device: torch.device) -> T
 
 def first_true_indices(bools: Tensor) -> Tensor:
     """Index of the first True of each row, or the row length when there is none."""
-    row_len = bools.size(-1)
-    idx = torch.arange(row_len, device=bools.device)
-    return torch.where(bools, idx, row_len).min(-1).values
+    return torch.where(bools, torch.arange(bools.size(-1), device=bools.device), bools.size(-1)).min(-1).values
 
 
 def truncate_after_eos(responses: Tensor, eos_id: int, pad_id: int) -> Tensor:
@@ -273,11 +261,7 @@ def logprobs_from_logits(logits: Tensor, tokens: Tensor) -> Tensor:
 
 def model_inputs(query_responses: Tensor, pad_id: int) -> dict[str, Tensor]:
     mask = query_responses != pad_id
-    return dict(
-        input_ids=query_responses.masked_fill(~mask, 0),
-        attention_mask=mask.long(),
-        position_ids=mask.cumsum(1) - mask.long(),
-    )
+    return dict(input_ids=query_responses.masked_fill(~mask, 0), attention_mask=mask.long(), position_ids=mask.cumsum(1) - mask.long())
 
 
 def entropy_from_logits(logits: Tensor) -> Tensor:
@@ -286,12 +270,9 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
         return torch.logsumexp(logits, -1) - (logits.softmax(-1) * logits).sum(-1)
 
 
-def lm_response_logprobs(
-    model: nn.Module, query_responses: Tensor, pad_id: int, context_length: int, temperature: float
-) -> tuple[Tensor, Tensor]:
-    """Log-probs of the response tokens and the entropies of their distributions, under the logits divided by the
-    temperature. When those fp32 logits would be large (150k-token vocabularies) they are computed from the
-    final hidden states a chunk of positions at a time and never held whole (below the fence)."""
+def lm_response_logprobs(model: nn.Module, query_responses: Tensor, pad_id: int, context_length: int, temperature: float) -> tuple[Tensor, Tensor]:
+    """Log-probs of the response tokens and their distributions' entropies, under the logits divided by the temperature
+    (fp32 logits that would be large are computed from the hidden states a chunk at a time, below the fence)."""
     inputs = model_inputs(query_responses, pad_id)
     tokens = inputs["input_ids"][:, context_length:]
     if large_logits(query_responses.numel(), vocab_rows(model)) and getattr(model, "logits_from_hidden", False):
@@ -425,11 +406,8 @@ def rollout(
 
 
 def load_models(task: Task, args: Args, device: torch.device) -> tuple[nn.Module, nn.Module, Reward, Optional[nn.Module]]:
-    """Returns (policy, ref_policy, reward, value_model), dropout off in every model. The value model is a
-    separate copy of the reward model (as in the TL;DR reproduction of Huang et al., 2024): it starts out predicting
-    scores, close to the returns it must learn, and keeps value-loss gradients out of the policy. Without a reward
-    model it is the policy's weights with a new scalar head (or --value-model-path); --baseline group: none. Each
-    is placed once built."""
+    """Returns (policy, ref_policy, reward, value_model), dropout off in every model, each placed once built. The value
+    model copies the reward model (TL;DR reproduction: it starts out predicting scores); --baseline group: none."""
     causal_lm = partial(load_model, AutoModelForCausalLM, task.policy_path, task.policy_config, "--model-name-or-path", sharded=args.fsdp)
     scorer = partial(load_model, AutoModelForSequenceClassification, sharded=args.fsdp)
     place = partial(place_model, args, device)  # to the device, or under --fsdp sharded over the processes
@@ -444,27 +422,24 @@ def load_models(task: Task, args: Args, device: torch.device) -> tuple[nn.Module
         if task.reward_tokenizer is None:
             check_scorer(task, reward_model, "--reward-model-path", policy)
         reward_model = place(reward_model.requires_grad_(False))
-    value_model = None
-    if args.baseline == "gae":
-        value_model = PolicyValueHead(policy) if args.value_head_on_policy else scorer(*task.value_source)
-        check_scorer(task, value_model, task.value_source[2], policy)
-        if task.value_source[2] == "--model-name-or-path":  # a new head: values start at 0 (OpenAI's 2019 code)
-            for p in value_model.score.parameters():
-                nn.init.zeros_(p)
-        if args.gradient_checkpointing and not args.value_head_on_policy:  # else its backbone is the policy's
-            value_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    value_model = PolicyValueHead(policy) if args.value_head_on_policy else scorer(*task.value_source) if task.value_source[0] else None
+    check_scorer(task, value_model, task.value_source[2], policy)
+    if task.value_source[2] == "--model-name-or-path":  # a new head: values start at 0 (OpenAI's 2019 code)
+        for p in value_model.score.parameters():
+            nn.init.zeros_(p)
+    if args.gradient_checkpointing and value_model is not None and not args.value_head_on_policy:  # else the policy's backbone
+        value_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.lora_r:
         policy, value_model = add_lora(policy, value_model, task, args)
         policy = ref_policy = place(policy)
-    value_model = None if value_model is None else place(value_model)
+    value_model = place(value_model)
     check_logits_from_hidden(policy, ref_policy)
     return policy, ref_policy, Reward(reward_model, task.reward_tokenizer, task.reward_functions), value_model
 
 
 class PolicyValueHead(nn.Module):
-    """--value-head-on-policy: the value model as a scalar head (initialised at 0) on the policy's own backbone, read
-    by token_scores as any value model is. The backbone is not registered here: its parameters stay the policy's
-    alone (trained by both losses, in the policy's checkpoint entry); this module holds only the head."""
+    """--value-head-on-policy: a scalar head (initialised at 0) on the policy's own backbone, read by token_scores as
+    any value model is. The backbone is not registered here: its parameters stay the policy's alone."""
 
     base_model_prefix = "backbone"
 
@@ -504,9 +479,7 @@ def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
     mean = masked_mean(x, mask)
     var = masked_mean((x - mean) ** 2, mask) * mask.sum() / (mask.sum() - 1).clamp(min=1)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
-    if not shift_mean:
-        out = out + mean
-    return torch.where(mask, out, 0.0)
+    return torch.where(mask, out if shift_mean else out + mean, 0.0)
 
 
 def kl_estimators(logratio: Tensor) -> tuple[Tensor, Tensor]:
@@ -515,9 +488,7 @@ def kl_estimators(logratio: Tensor) -> tuple[Tensor, Tensor]:
     return -logratio, torch.expm1(logratio) - logratio
 
 
-def shape_rewards(
-    logprobs: Tensor, ref_logprobs: Tensor, scores: Tensor, mask: Tensor, kl_coef: float, kl_estimator: str
-) -> tuple[Tensor, Tensor, Tensor]:
+def shape_rewards(logprobs: Tensor, ref_logprobs: Tensor, scores: Tensor, mask: Tensor, kl_coef: float, kl_estimator: str) -> tuple[Tensor, Tensor, Tensor]:
     """Per-token rewards: -kl_coef * KL(pi || ref) on each valid token, plus the score on the last valid one.
     Returns (rewards, kl, non_score_reward), all zero on padding."""
     k1, k3 = kl_estimators(ref_logprobs - logprobs)
@@ -528,14 +499,10 @@ def shape_rewards(
     return rewards, kl, non_score_reward
 
 
-def compute_gae(
-    rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, gae_lambda: float
-) -> tuple[Tensor, Tensor]:
+def compute_gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, gae_lambda: float) -> tuple[Tensor, Tensor]:
     """GAE over tokens. The value after the last valid token is 0 (the episode ends there).
     Returns (advantages, returns), zero on padding."""
-    rewards = torch.where(mask, rewards, 0.0)
-    values = torch.where(mask, values, 0.0)
-    T = rewards.size(1)
+    rewards, values, T = torch.where(mask, rewards, 0.0), torch.where(mask, values, 0.0), rewards.size(1)
     advantages = torch.zeros_like(rewards)
     lastgaelam = torch.zeros_like(rewards[:, 0])
     for t in reversed(range(T)):
@@ -548,13 +515,11 @@ def compute_gae(
 
 
 def group_advantages(returns: Tensor, k: int, scale_std: bool) -> Tensor:
-    """RLOO (Ahmadian et al., 2024): each response's return minus the mean return of the other k - 1 responses to
-    its prompt (groups of k consecutive responses); with scale_std divided by the group's std (+1e-4), as GRPO."""
+    """RLOO (Ahmadian et al., 2024): each return minus the mean of the other k - 1 in its group (k consecutive
+    responses to one prompt); with scale_std divided by the group's std (+1e-4), as GRPO."""
     groups = returns.view(-1, k)
     advantages = groups - (groups.sum(1, keepdim=True) - groups) / (k - 1)
-    if scale_std:
-        advantages = advantages / (groups.std(1, keepdim=True) + 1e-4)
-    return advantages.flatten()
+    return (advantages / (groups.std(1, keepdim=True) + 1e-4) if scale_std else advantages).flatten()
 
 
 def policy_loss(ratio: Tensor, advantages: Tensor, clip_coef: float) -> Tensor:
@@ -582,8 +547,7 @@ def ppo_update(
     data: Rollout, advantages: Tensor, returns: Optional[Tensor], pad_id: int, guard: NonFiniteGuard,
 ) -> dict[str, Tensor]:
     """One PPO update: --update-epochs epochs (fewer past --target-kl) over shuffled minibatches of the batch, each
-    minibatch one Adam step on the gradients of --gradient-accumulation-steps micro-batches (the value loss only
-    with a value model). Returns statistics."""
+    minibatch one Adam step on the gradients of --gradient-accumulation-steps micro-batches. Returns statistics."""
     if args.norm_adv:
         advantages = whiten(advantages, data.mask)
     micro, accumulation, ctx = args.per_device_train_batch_size, args.gradient_accumulation_steps, data.context_length
@@ -607,13 +571,11 @@ def ppo_update(
                 guard.check_on_policy(logratio, mask, first=epoch == mb == acc == 0)  # the sampling policy is the trained one
                 ratio = torch.exp(logratio)
                 pg_losses = policy_loss(ratio, mb_advantages, args.clip_coef)
-                loss = pg_loss = masked_mean(pg_losses, mask)
+                pg_loss = masked_mean(pg_losses, mask)
                 if critic:
-                    vf_clip = args.vf_clip_coef if args.clip_vloss else None
-                    v_losses = value_loss(new_values, data.values[idx], returns[idx], vf_clip)
+                    v_losses = value_loss(new_values, data.values[idx], returns[idx], args.vf_clip_coef if args.clip_vloss else None)
                     v_loss = masked_mean(v_losses, mask)
-                    loss = pg_loss + args.vf_coef * v_loss
-                loss = loss / accumulation
+                loss = (pg_loss + args.vf_coef * v_loss if critic else pg_loss) / accumulation
                 loss.backward()
                 minibatch_loss = minibatch_loss + loss.detach()
                 with torch.no_grad():  # one line per statistic, under its logged name
@@ -668,8 +630,7 @@ def train(args: Args) -> None:
     optimizer = torch.optim.Adam(flat.tensors, lr=args.learning_rate, eps=1e-5, fused=device.type in ("cpu", "cuda"))
     state = LoopState(kl_coef=args.kl_coef)
     run = Run(args, ckpt, task, rank)
-    device_line = f"{device} ({device_reason}), {torch.get_num_threads()} torch thread(s)"
-    describe(run, args, task, device_line, world_size, num_iterations, batch_size, gen_config, flat)
+    describe(run, args, task, f"{device} ({device_reason}), {torch.get_num_threads()} torch thread(s)", world_size, num_iterations, batch_size, gen_config, flat)
     describe_memory(run, flat, policy, ref_policy, reward.model, value_model)
     # Seeded after the built-in task (which seeds itself), so a cached and a freshly built task give the same run.
     seed_everything(args.seed + rank)
@@ -703,16 +664,13 @@ def train(args: Args) -> None:
 
             # 3. Rewards: a per-token KL penalty plus the score at the last real token; GAE over tokens, or (--baseline
             # group, as TRL's RLOO) each response's summed rewards (score - kl_coef * KL) against its group's.
-            rewards, kl, non_score_reward = shape_rewards(
-                data.logprobs, data.ref_logprobs, data.scores, data.mask, state.kl_coef, args.kl_estimator
-            )
+            rewards, kl, non_score_reward = shape_rewards(data.logprobs, data.ref_logprobs, data.scores, data.mask, state.kl_coef, args.kl_estimator)
             if args.whiten_rewards:
                 rewards = whiten(rewards, data.mask, shift_mean=False)
             if args.baseline == "gae":
                 advantages, returns = compute_gae(rewards, data.values, data.mask, args.gamma, args.gae_lambda)
-            else:
-                advantages = group_advantages(rewards.sum(1), args.group_size, args.scale_group_std)
-                advantages, returns = torch.where(data.mask, advantages[:, None], 0.0), None
+            else:  # the response's advantage on each of its tokens
+                advantages, returns = torch.where(data.mask, group_advantages(rewards.sum(1), k, args.scale_group_std)[:, None], 0.0), None
 
             # 4. PPO update of the policy and the value model (if any).
             update_stats = ppo_update(args, policy, value_model, optimizer, flat, data, advantages, returns, task.pad_id, guard)
@@ -723,13 +681,11 @@ def train(args: Args) -> None:
             metrics |= {"objective/kl_coef": state.kl_coef, "lr": lr, "eps": eps}
             run.log(state.episode, metrics)
             if args.adaptive_kl:
-                kl_now = metrics["objective/kl"]
-                state.kl_coef = adaptive_kl_coef(state.kl_coef, kl_now, args.adaptive_kl_target, args.kl_horizon, batch_size)
+                state.kl_coef = adaptive_kl_coef(state.kl_coef, metrics["objective/kl"], args.adaptive_kl_target, args.kl_horizon, batch_size)
             state.iteration = iteration
             crash.snapshot(state)
             if evaluates and (iteration % args.eval_every == 0 or iteration == num_iterations):
-                evaluation = evaluate(policy, reward, task, gen_config, args, state.episode)
-                run.log_evaluation(iteration, num_iterations, state.episode, metrics, *evaluation)
+                run.log_evaluation(iteration, num_iterations, state.episode, metrics, *evaluate(policy, reward, task, gen_config, args, state.episode))
             stop = stop_requested()
             if stop or iteration == num_iterations or (args.save_every and iteration % args.save_every == 0):
                 save_checkpoint(run, state, args, policy, value_model, optimizer, device)
@@ -751,10 +707,8 @@ def train(args: Args) -> None:
 
 
 class Run:
-    """The run's folder, written by rank 0: args.json, metrics.jsonl (a JSON object per line, x-axis `episode`),
-    checkpoint.pt and, with --track, the same metrics in wandb. A resumed run continues in the folder that holds
-    its checkpoint and cuts metrics.jsonl back to what it held at the checkpoint. The folder is made at the
-    first record, so that a run that fails at its first evaluation (a reward function's error) leaves nothing."""
+    """The run's folder, written by rank 0 (args.json, metrics.jsonl, checkpoint.pt; wandb with --track), made at the
+    first record; a resumed run continues in its checkpoint's folder, metrics.jsonl cut back to the checkpoint."""
 
     def __init__(self, args: Args, ckpt: Optional[dict], task: Task, rank: int):
         self.rank0, self.metrics, self.wandb = rank == 0, None, None
@@ -783,11 +737,8 @@ class Run:
         if args.track:
             import wandb
 
-            self.wandb = wandb.init(
-                project=args.wandb_project_name, entity=args.wandb_entity, name=self.name, id=self.wandb_id,
-                config=asdict(args) | ({"builtin_task": self.builtin} if self.builtin is not None else {}),
-                resume="allow", dir=self.dir,
-            )  # fmt: skip
+            config = asdict(args) | ({"builtin_task": self.builtin} if self.builtin is not None else {})
+            self.wandb = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=self.name, id=self.wandb_id, config=config, resume="allow", dir=self.dir)
             self.wandb.define_metric("*", step_metric="episode")
             self.wandb_id = self.wandb.id
 
@@ -801,11 +752,8 @@ class Run:
         if self.wandb is not None:
             self.wandb.log(record)
 
-    def log_evaluation(
-        self, iteration: int, num_iterations: int, episode: int, last: dict, metrics: dict, rows: list
-    ) -> None:
-        """Log an evaluation, send its sample table to wandb, and print the progress line (`last`: the
-        iteration's training metrics)."""
+    def log_evaluation(self, iteration: int, num_iterations: int, episode: int, last: dict, metrics: dict, rows: list) -> None:
+        """Log an evaluation, send its sample table to wandb, and print the progress line (`last`: training metrics)."""
         if not self.rank0:
             return
         self.log(episode, metrics)
@@ -827,15 +775,11 @@ class Run:
             self.metrics.close()
 
 
-def describe(
-    run: Run, args: Args, task: Task, device: str, world_size: int, num_iterations: int, batch_size: int,
-    gen_config: GenerationConfig, flat: FlatParameters | ShardedParameters,
-) -> None:
+def describe(run: Run, args: Args, task: Task, device: str, world_size: int, num_iterations: int, batch_size: int, gen_config: GenerationConfig, flat: FlatParameters | ShardedParameters) -> None:
     """The batch arithmetic, the reward and the value model, printed by rank 0 at the start."""
     if not run.rank0:
         return
-    baseline = "GAE with a value model" if args.baseline == "gae" else f"group: {args.group_size} responses per prompt, RLOO" + (
-        " scaled by the group's std" if args.scale_group_std else "")
+    baseline = "GAE with a value model" if args.baseline == "gae" else f"group: {args.group_size} responses per prompt, RLOO{', scaled by the group std' if args.scale_group_std else ''}"
     print(
         f"run {run.name} ({defaults_in_use(args)}; baseline {baseline}): {batch_size} episodes per iteration = {args.per_device_train_batch_size} (micro-batch) x "
         f"{args.gradient_accumulation_steps} (gradient accumulation) x {args.num_minibatches} (minibatches) x {world_size} "
@@ -860,21 +804,18 @@ def describe(
     if not gen_config.output_logits:
         print("note: a large vocabulary: sampling keeps no logits (the rollout's log-probs come from a forward pass), and log-probs and entropies are computed from the hidden states a chunk of positions at a time")
     if num_iterations * batch_size != args.total_episodes:
-        trained = num_iterations * batch_size
-        print(f"note: --total-episodes {args.total_episodes} is not a whole number of iterations; training {trained} episodes")
+        print(f"note: --total-episodes {args.total_episodes} is not a whole number of iterations; training {num_iterations * batch_size} episodes")
     for line in kl_flag_notes(args):
         print(line)
     unused = [flag_name(f.name) for f in fields(Args) if f.name in ("gamma", "gae_lambda", "vf_coef", "clip_vloss", "vf_clip_coef") and getattr(args, f.name) != f.default]
     if unused and args.baseline == "group":
         print(f"note: {' and '.join(unused)} change nothing under --baseline group (no value model, no GAE)")
-    if task.builtin is not None:
-        b = task.builtin
+    if (b := task.builtin) is not None:
         print(f"built-in task: reward model held-out accuracy {b['rm_accuracy']:.3f}, SFT gold score {b['sft_gold_mean']:.3f} +- {b['sft_gold_std']:.3f}")
 
 
 def describe_memory(run: Run, flat: FlatParameters | ShardedParameters, *models: Optional[nn.Module]) -> None:
-    """The bytes this process holds of the models' parameters, of the gradients and of Adam's state (two moments per
-    trained value, allocated at the first step); under --fsdp its shards, and the whole policy while it samples."""
+    """The bytes this process holds of the models' parameters, gradients and Adam state (two moments per trained value)"""
     if not run.rank0:
         return
     local = lambda p: p.to_local() if isinstance(p, DTensor) else p  # noqa: E731
@@ -957,11 +898,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def save_checkpoint(
-    run: Run, state: LoopState, args: Args, policy: nn.Module, value_model: nn.Module, optimizer, device: torch.device
-) -> None:
-    """Every process hands in its RNG states (under --fsdp also writes its shards: save_shards); rank 0 writes
-    checkpoint.pt."""
+def save_checkpoint(run: Run, state: LoopState, args: Args, policy: nn.Module, value_model: Optional[nn.Module], optimizer, device: torch.device) -> None:
+    """Every process hands in its RNG states (under --fsdp also writes its shards); rank 0 writes checkpoint.pt."""
     header = checkpoint_header(run, state, args, device)
     if args.fsdp:
         save_shards(run, state, policy, value_model, optimizer)
@@ -978,10 +916,8 @@ def checkpoint_header(run: Run, state: LoopState, args: Args, device: torch.devi
     if run.rank0:
         run.open()
     ranks = gather_objects((rng_state(device), run.metrics.tell() if run.rank0 else None, run.wandb_id))
-    return dict(
-        args=asdict(args), run_name=run.name, **asdict(state), wandb_id=ranks[0][2], metrics_offset=ranks[0][1],
-        resume_state=pickle.dumps([rng for rng, _, _ in ranks]),
-    )  # fmt: skip
+    resume_state = pickle.dumps([rng for rng, _, _ in ranks])
+    return dict(args=asdict(args), run_name=run.name, **asdict(state), wandb_id=ranks[0][2], metrics_offset=ranks[0][1], resume_state=resume_state)
 
 
 def write_checkpoint(run: Run, header: dict, policy: nn.Module, value_model: Optional[nn.Module], optimizer) -> str:
@@ -1019,8 +955,7 @@ def nonfinite_tensor(tree, name: str = "") -> Optional[str]:
 
 
 def load_resume(args: Args) -> tuple[Optional[dict], Args]:
-    """--resume: the checkpoint, and the run's own settings with this command's --device, --num-threads,
-    --save-every and --track."""
+    """--resume: the checkpoint, and its run's settings with this command's --device, --num-threads, --save-every, --track."""
     if args.resume is None:
         return None, args
     if not os.path.isfile(args.resume):
@@ -1070,22 +1005,16 @@ def restore(ckpt: dict, rank: int, device: torch.device, policy: nn.Module, valu
     return LoopState(**{f.name: ckpt[f.name] for f in fields(LoopState)})
 
 
-# Non-finite values: a minibatch whose loss or gradient norm is not finite is not stepped (counted in
-# loss/skipped_steps); MAX_SKIPPED_STEPS of them in a row, a non-finite weight after a step, or a non-finite score stop
-# the run with one line, and no checkpoint is written after it.
+# Non-finite values: a step skipped (loss/skipped_steps), MAX_SKIPPED_STEPS in a row, a non-finite weight or score stop
+# the run with one line; no checkpoint is written after it.
 
 MAX_SKIPPED_STEPS = 10
-ON_POLICY_ATOL = 1e-3  # max |log-ratio| of an update's first micro-batch, before any step. The rollout's log-probs come
-# from sampling (a token at a time, KV cache), the update's from one forward: in float32 they differ by ~1e-6 (1.6e-6
-# measured on the built-in task), a policy that is not the trained one (dropout on) by far more.
-ON_POLICY_ATOL_BF16 = 0.25  # --bf16: logits keep 8 significant bits, a step of 0.06-0.125 at the magnitudes (10-30) of
-# a trained LM's logits, and the two passes round differently through every layer: 0.03 measured on the built-in
-# task (CPU autocast), more expected from deep models; dropout moves log-probs by O(1). Not measured on a GPU.
+ON_POLICY_ATOL = 1e-3  # max |log-ratio| of an update's first micro-batch before any step (float32: 1.6e-6 measured)
+ON_POLICY_ATOL_BF16 = 0.25  # --bf16 (0.03 measured under CPU autocast; dropout moves log-probs by O(1)); see the README
 
 
 def stop_nonfinite(run: Optional[Run], what: str, iteration: int, where: str) -> NoReturn:
-    """The run's end after a non-finite value: one line on stderr (rank 0), exit status 1; the checkpoint on disk,
-    written before, is the last good one."""
+    """The run's end after a non-finite value: one line on stderr (rank 0), exit status 1, the last good checkpoint kept."""
     path = None if run is None else os.path.join(run.dir, "checkpoint.pt")
     kept = path if path is not None and os.path.exists(path) else "none written"
     if run is None or run.rank0:
@@ -1096,8 +1025,7 @@ def stop_nonfinite(run: Optional[Run], what: str, iteration: int, where: str) ->
 
 
 class NonFiniteGuard:
-    """The checks of one run (every process takes the same decisions: each is all-reduced), and the on-policy check
-    of each update. Without a run (tests) it stops with "none written" and notes as rank 0."""
+    """The checks of one run (each all-reduced: every process decides alike) and the on-policy check of each update."""
 
     def __init__(self, run: Optional[Run] = None, state: Optional[LoopState] = None):
         self.run, self.state, self.consecutive, self.skipped = run, state or LoopState(), 0, 0
@@ -1105,9 +1033,8 @@ class NonFiniteGuard:
         self.noted_off_policy = False
 
     def check_on_policy(self, logratio: Tensor, mask: Tensor, first: bool) -> None:
-        """At an update's first micro-batch (`first`), before any step, the policy being trained must give the batch
-        the log-probs it was sampled with: one note, the first time max |log-ratio| over every process's valid
-        tokens passes the tolerance (nothing else can tell that the policy is not a function of its weights)."""
+        """At an update's first micro-batch (`first`), before any step: one note, the first time max |log-ratio| over
+        every process's valid tokens passes the tolerance (the trained policy is not the one that sampled)."""
         if not first:
             return
         largest = torch.where(mask, logratio.detach().abs(), 0.0).max()
@@ -1133,8 +1060,7 @@ class NonFiniteGuard:
         stop_nonfinite(self.run, what, self.state.iteration + 1, where)  # state.iteration: the last one finished
 
     def skip_step(self, loss: Tensor, grad_norm: Tensor, optimizer: torch.optim.Optimizer, epoch: int, mb: int) -> bool:
-        """Whether this minibatch's step must be skipped (its gradients are then zeroed); stops the run at the
-        MAX_SKIPPED_STEPS-th skip in a row."""
+        """Whether this minibatch's step is skipped (its gradients zeroed); the MAX_SKIPPED_STEPS-th skip in a row stops the run."""
         bad = torch.stack([~torch.isfinite(loss), ~torch.isfinite(grad_norm)]).float()
         bad = all_reduce_mean(bad).tolist()
         if not any(bad):
@@ -1167,8 +1093,7 @@ def last_epoch_mean(values: list[Tensor], args: Args) -> float:
 
 
 def install_stop_handlers() -> Callable[[], bool]:
-    """Returns stop_requested(): true on every process once any was asked to stop (a collective: call it on all).
-    A second Ctrl-C interrupts at once."""
+    """Returns stop_requested(), true on every process once any was asked to stop (a collective); a second Ctrl-C stops at once."""
     requested = False
 
     def request_stop(signum, frame):
@@ -1198,9 +1123,8 @@ def exit_interrupted(run: Run, state: LoopState, distributed: bool) -> NoReturn:
     sys.exit(130)
 
 
-# A crash: an exception raised by user code (a reward function, a reward model), out of memory or any other ends the
-# run with a checkpoint of the last completed iteration, named in its last line; exit status 2 for a reward
-# function's mistake (as at the first evaluation, before anything is trained), 1 after another exception's traceback.
+# A crash: an exception (a reward function's or model's, out of memory, any other) ends the run with the checkpoint of
+# the last completed iteration, named in its last line: exit status 2 for a reward function, 1 after a traceback.
 
 
 class RewardFunctionError(Exception):
@@ -1208,9 +1132,8 @@ class RewardFunctionError(Exception):
 
 
 class CrashCheckpoint:
-    """After each completed iteration, the header of its checkpoint (checkpoint_header) and Adam's step count: the
-    weights and Adam's state do not change until the next update's first step, so stop(e) writes the checkpoint that
-    iteration's end would have written, the metrics up to the failure included (rank 0's), then ends the run."""
+    """After each completed iteration, its checkpoint's header and Adam's step count (weights and Adam state do not change until
+    the next step): stop(e) writes that checkpoint with the weights as they are, then ends the run with one line naming it."""
 
     def __init__(self, run: Run, args: Args, policy: nn.Module, value_model: Optional[nn.Module], optimizer, device: torch.device):
         self.run, self.args, self.models, self.optimizer, self.device = run, args, (policy, value_model), optimizer, device
@@ -1225,8 +1148,7 @@ class CrashCheckpoint:
             why = "no iteration completed" if self.header is None else "--fsdp writes no checkpoint after an error"
             kept = f"{why}; the last checkpoint: {path}" if os.path.exists(path) else f"{why}; no checkpoint"
         else:
-            if self.run.rank0:
-                self.header["metrics_offset"] = self.run.metrics.tell()
+            self.header["metrics_offset"] = self.run.metrics.tell() if self.run.rank0 else self.header["metrics_offset"]
             write_checkpoint(self.run, self.header, *self.models, self.optimizer)
             steps = adam_steps(self.optimizer) - self.steps
             how = "exactly" if not steps else f"(not exactly: its weights hold the {steps} optimizer steps taken since; the next iteration is redone)"
@@ -1245,14 +1167,12 @@ def adam_steps(optimizer: torch.optim.Optimizer) -> int:
     return sum(int(s["step"]) for s in optimizer.state.values() if "step" in s)
 
 
-# torchrun: one process per device; rank 0 logs, saves and evaluates. On cuda the process group serves both
-# devices (nccl for cuda tensors, gloo for CPU tensors and objects); every collective below gets tensors on the
-# training device or the CPU.
+# torchrun: one process per device; rank 0 logs, saves and evaluates. On cuda the process group serves both devices
+# (nccl for cuda tensors, gloo for CPU tensors and objects).
 
 
 def pick_device(name: str) -> tuple[torch.device, str]:
-    """The torch device and why it was chosen: `auto` takes a GPU (cuda, then mps) when there is one, as language
-    models gain from it. Under torchrun, `cuda` means the GPU of this process's local rank."""
+    """The torch device and why: `auto` takes a GPU (cuda, then mps) if any; under torchrun `cuda` is the local rank's GPU."""
     reason = f"--device {name}"
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
@@ -1274,15 +1194,13 @@ def pick_device(name: str) -> tuple[torch.device, str]:
 
 
 def set_num_threads(num_threads: int, small_network: bool) -> None:
-    """--num-threads, or from the work when 0: one thread for a small network (more only add overhead, and stall
-    when another job holds a core), torch's default (a thread per core) for networks big enough to split."""
+    """--num-threads, or when 0: one thread for a small network (more stall beside a busy core), else torch's default."""
     if num_threads or small_network:
         torch.set_num_threads(num_threads or 1)
 
 
 def init_distributed(device: torch.device, sharded: bool = False) -> tuple[bool, int, int]:
-    """Returns (distributed, rank, world_size); joins torchrun's process group when there is one (with --fsdp even
-    a group of one process: FSDP shards over a group)."""
+    """Returns (distributed, rank, world_size), joining torchrun's process group if any (with --fsdp even one process's)."""
     world_size = os.environ.get("WORLD_SIZE")
     if world_size is None or (int(world_size) <= 1 and not sharded):
         return False, 0, 1
@@ -1322,28 +1240,22 @@ def leave_process_group(distributed: bool) -> None:
     if distributed:
         dist.barrier()  # a process that leaves while rank 0 still evaluates can abort the others
         dist.destroy_process_group()
-        # gloo's worker threads release the last collectives' tensors after they complete, which takes the GIL;
-        # an interpreter that is already shutting down aborts the process instead.
+        # gloo's threads release the last collectives' tensors later, taking the GIL: a shutting-down interpreter aborts
         time.sleep(0.1)
 
 
-# Sharding (--fsdp): FSDP2's fully_shard over torchrun's processes, for models whose copies do not fit one device.
-# Each decoder layer is a unit; the parameters outside the layers (embeddings, final norm, output layer or score
-# head, tied or not) form one more unit, entered through each of its modules, so that code that calls a model's
-# backbone and head apart (token_scores, chunked_response_logprobs) gathers them as the model's own forward does.
+# Sharding (--fsdp): FSDP2's fully_shard, each decoder layer a unit and the parameters outside them one more, entered
+# through each of its modules (code that calls a backbone and a head apart gathers them as the model's forward does).
 
 
 def place_model(args: Args, device: torch.device, model: nn.Module) -> nn.Module:
-    """The model on the device; under --fsdp sharded over the processes (shard_model)."""
-    return shard_model(args, device, model) if args.fsdp else model.to(device)
+    """The model on the device; under --fsdp sharded over the processes (shard_model). None stays None."""
+    return model if model is None else shard_model(args, device, model) if args.fsdp else model.to(device)
 
 
 def shard_model(args: Args, device: torch.device, model: nn.Module) -> nn.Module:
-    """fully_shard the model (--bf16 gathers the parameters in bfloat16 and keeps the master weights and the gradient
-    reduction in float32), then fill the shards from rank 0's weights: the other processes built the model on the
-    meta device (load_model), so their shards are allocated empty and receive their part of each tensor from rank 0
-    (set_model_state_dict, one tensor at a time), and their buffers (rotary frequencies, position ids: in no
-    checkpoint) are rank 0's too. Rank 0's whole copy is then dropped."""
+    """fully_shard the model (--bf16: parameters gathered in bfloat16, master weights and reduction in float32), then
+    fill the other processes' empty shards (built on the meta device) and buffers from rank 0's whole copy."""
     bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     mixed_precision = bf16 if args.bf16 else MixedPrecisionPolicy()
     whole = model.state_dict() if dist.get_rank() == 0 else {}  # detached views: they keep the unsharded values
@@ -1374,9 +1286,8 @@ def shard_model(args: Args, device: torch.device, model: nn.Module) -> nn.Module
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The model's repeated blocks: the modules of the classes its _no_split_modules names (transformers' list of
-    what must stay whole on one device: Qwen2DecoderLayer, GPT2Block, ...), innermost first; for a model without
-    that list (DeBERTa-v2, a reward model), the blocks of its longest nn.ModuleList of one class."""
+    """The model's repeated blocks, innermost first: the classes its _no_split_modules names (Qwen2DecoderLayer, ...),
+    or without that list (DeBERTa-v2) the blocks of its longest nn.ModuleList of one class."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     names = set(getattr(base, "_no_split_modules", None) or ())
     if not names:
@@ -1390,9 +1301,8 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 @contextlib.contextmanager
 def gathered(model: nn.Module):
-    """Under --fsdp, the whole model on every process for the block, kept there between its forwards (sampling a
-    chunk all-gathers each unit once, not once per token, and needs no collective per token, so processes may
-    sample different lengths), then sharded again. Nothing to do for a model that is not sharded."""
+    """Under --fsdp, the whole model on every process for the block (sampling all-gathers each unit once, not once
+    per token, so processes may sample different lengths), then sharded again."""
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for unit in units:
         unit.set_reshard_after_forward(False, recurse=False)
@@ -1406,8 +1316,7 @@ def gathered(model: nn.Module):
 
 
 class ShardedParameters:
-    """--fsdp: the trained parameters stay FSDP's per-tensor shards (DTensors), stepped by a per-tensor Adam whose
-    state is sharded with them. FSDP has already averaged the gradients over processes (reduce-scatter)."""
+    """--fsdp: the trained parameters stay FSDP's shards (DTensors), stepped by a per-tensor Adam sharded with them."""
 
     def __init__(self, params: list[nn.Parameter]):
         self.tensors = params
@@ -1429,8 +1338,7 @@ class ShardedParameters:
         return not all_reduce_mean(torch.tensor(float(not local))).item()
 
 
-# Checkpoints under --fsdp: torch.distributed.checkpoint, each process writing and reading its own shards of what
-# trains and of the Adam state (no process gathers a model); checkpoint.pt holds the rest, as without --fsdp.
+# Checkpoints under --fsdp: torch.distributed.checkpoint, each process its own shards; checkpoint.pt holds the rest.
 
 SHARDED_STATE = StateDictOptions(ignore_frozen_params=True, strict=False)  # under LoRA the frozen base reloads from its path
 
@@ -1440,17 +1348,15 @@ def shards_name(iteration: int) -> str:
 
 
 def sharded_state(policy: nn.Module, value_model: nn.Module, optimizer) -> tuple[nn.Module, dict]:
-    """Both trained models as one module (so that the one optimizer's state is keyed by their parameter names) and
-    this process's shards of their trained weights and Adam state."""
+    """Both trained models as one module (the optimizer's state keyed by their names) and this process's shards of both."""
     models = nn.ModuleDict({k: m for k, m in dict(policy=policy, value_model=value_model).items() if m is not None})
     model_state, optimizer_state = get_state_dict(models, optimizer, options=SHARDED_STATE)
     return models, {"model": model_state, "optimizer": optimizer_state}
 
 
 def save_shards(run: Run, state: LoopState, policy: nn.Module, value_model: nn.Module, optimizer) -> None:
-    """Every process writes its shards into checkpoint-{iteration}.tmp/; once all have written, rank 0 renames it
-    to checkpoint-{iteration}/, so the folder appears whole or not at all. Shards holding a non-finite value are
-    refused, as save_checkpoint refuses non-finite weights."""
+    """Every process writes its shards into checkpoint-{iteration}.tmp/, which rank 0 then renames (whole or not at
+    all); shards holding a non-finite value are refused."""
     _, shards = sharded_state(policy, value_model, optimizer)
     nonfinite = [name for name in gather_objects(nonfinite_tensor(shards)) if name is not None]
     if nonfinite:
@@ -1481,8 +1387,7 @@ def load_shards(path: str, policy: nn.Module, value_model: nn.Module, optimizer)
 
 
 def unsharded_policy(policy: nn.Module, task: Task) -> Optional[nn.Module]:
-    """--fsdp, at the end: the policy's weights gathered into rank 0's memory (CPU) and loaded into an ordinary copy
-    of the model, for save_policy; None on the other processes."""
+    """--fsdp, at the end: the policy gathered into an ordinary copy in rank 0's CPU memory (None elsewhere), for save_policy."""
     weights = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() != 0:
         return None
@@ -1499,14 +1404,9 @@ def unsharded_policy(policy: nn.Module, task: Task) -> Optional[nn.Module]:
 
 
 @torch.no_grad()
-def evaluate(
-    policy: nn.Module, reward: Reward, task: Task, gen_config: GenerationConfig, args: Args, episode: int
-) -> tuple[dict, list]:
-    """Answer the held-out prompts, greedily or (--eval-stochastic, and on the built-in task) sampled with a fixed
-    seed (the same noise at every evaluation), and score them; on the built-in task also with the hidden gold
-    reward. Returns the metrics and the first rows of the sample table. Under --fsdp every process takes part (a
-    sharded forward needs them all) with its own chunks of the prompts and noise; rank 0 gathers the answers and
-    returns them (the others: nothing)."""
+def evaluate(policy: nn.Module, reward: Reward, task: Task, gen_config: GenerationConfig, args: Args, episode: int) -> tuple[dict, list]:
+    """Answer the held-out prompts, greedily or (--eval-stochastic, the built-in task) with fixed noise, and score them (with the gold
+    reward on the built-in task): metrics and sample rows. Under --fsdp each process answers its chunks; rank 0 gathers."""
     device = next(policy.parameters()).device
     if not args.eval_stochastic and task.builtin is None:
         gen_config = greedy_config(gen_config)
@@ -1554,8 +1454,7 @@ def evaluate(
 
 
 # The two default sets: the flags whose defaults differ between the built-in task and TRL 1.12 PPOConfig (which also
-# has 4 epochs, kl_coef 0.05 with k1, cliprange 0.2, vf_coef 0.1, cliprange_value 0.2, gamma 1 and lambda 0.95,
-# as both sets do). Args' docstrings show the values in --help.
+# has 4 epochs, kl_coef 0.05 with k1, cliprange 0.2, vf_coef 0.1, cliprange_value 0.2, gamma 1 and lambda 0.95).
 
 BUILTIN_DEFAULTS = dict(learning_rate=3e-4, num_minibatches=4, missing_eos_penalty=1.0, response_length=16, temperature=1.0)
 TRL_DEFAULTS = dict(learning_rate=3e-6, num_minibatches=1, missing_eos_penalty=0.0, response_length=53, temperature=0.7)
@@ -1568,8 +1467,7 @@ def with_defaults(args: Args) -> Args:
 
 
 def defaults_in_use(args: Args) -> str:
-    """Which default set the run's unset flags took, as the first line of a run says it: TRL's values that are in
-    use (a flag given with another value is not listed, so that the line never names a value the run does not use)."""
+    """Which default set the unset flags took, with TRL's values in use (never one the run does not use)."""
     if args.model_name_or_path is None:
         return "defaults: the built-in task's"
     in_use = " ".join(f"{flag_name(k)} {v:g}" for k, v in TRL_DEFAULTS.items() if getattr(args, k) == v)
@@ -1599,8 +1497,7 @@ def flag_name(field: str) -> str:
 
 
 def kl_flag_notes(args: Args) -> list[str]:
-    """One note per KL flag that does not do what its value suggests (--target-kl once named the controller's
-    target, so an old command line `--adaptive-kl --target-kl 6` now also stops the epochs early)."""
+    """One note per KL flag that does not do what its value suggests (--target-kl once named the controller's target)."""
     notes = []
     if args.adaptive_kl and args.target_kl is not None:
         notes.append(f"note: --target-kl {args.target_kl:g} stops the update epochs early (as in CleanRL); the adaptive controller aims at --adaptive-kl-target {args.adaptive_kl_target:g}")
@@ -1612,8 +1509,7 @@ def kl_flag_notes(args: Args) -> list[str]:
 
 
 def check_args(args: Args, world_size: int, ckpt: Optional[dict], device: torch.device) -> tuple[int, int, int]:
-    """Every flag's range, checked before any model or task is built. Returns (local_batch_size, batch_size,
-    num_iterations): episodes per iteration on this process and on all."""
+    """Every flag's range, before anything is built. Returns episodes per iteration on this process and on all, and iterations."""
     if ckpt is not None and len(ckpt["resume_state"]) != world_size:
         fail(f"--resume: {args.resume} was written by {len(ckpt['resume_state'])} processes; resume with as many")
     at_least = dict(
@@ -1692,8 +1588,7 @@ def configure_torch(args: Args) -> None:
 
 @dataclass
 class Task:
-    """What a run trains on: the models' paths and configs, the tokenizer, the prompts as token ids and as the
-    prompt file's lines (`records`), and the reward functions."""
+    """What a run trains on: models' paths and configs, tokenizer, prompts as ids and as lines (`records`), reward functions."""
 
     policy_path: str
     reward_path: Optional[str]  # None: reward functions only
@@ -1807,9 +1702,8 @@ def dtypes_line(policy_config, reward_config, value_model: bool) -> str:
 
 
 def held_out_split(records: list[dict], eval_episodes: int) -> tuple[list[dict], list[dict], str]:
-    """(training, evaluation prompts, a line that says so): a fixed split of the prompts (the same for every seed),
-    at most --eval-episodes and a fifth of them held out, each part in the file's order. Fewer than 5 prompts are
-    not split: evaluation reuses training prompts."""
+    """(training, evaluation prompts, a line saying so): a fixed split, at most --eval-episodes and a fifth held out, in the
+    file's order; fewer than 5 prompts are not split (evaluation reuses training prompts)."""
     n_eval = min(eval_episodes, len(records) // 5)
     if n_eval == 0:
         return records, records[:eval_episodes], f"note: --prompts holds {len(records)} prompts, too few to hold out a fifth; evaluation reuses training prompts (give --eval-prompts)"
@@ -1820,8 +1714,10 @@ def held_out_split(records: list[dict], eval_episodes: int) -> tuple[list[dict],
 
 
 def check_scorer(task: Task, model: nn.Module, flag: str, policy: nn.Module) -> None:
-    """A reward or value model that reads the policy's tokens: a scalar `score` head on a backbone, and an embedding
-    with a row for every token the policy can sample."""
+    """A reward or value model that reads the policy's tokens: a `score` head on a backbone, an embedding row for every token the
+    policy can sample. No model (--baseline group's value model): nothing to check."""
+    if model is None:
+        return
     if not reads_last_token(model):  # a value model reads the policy's tokens: its own tokenizer is no way out
         own = ", or a reward model with a tokenizer of its own" if flag == "--reward-model-path" else ""
         fail(f"{flag}: {type(model).__name__} has no `score` head on a backbone; pass a decoder model for sequence classification{own}")
@@ -1831,8 +1727,7 @@ def check_scorer(task: Task, model: nn.Module, flag: str, policy: nn.Module) -> 
 
 
 def read_prompts(source: str, flag: str) -> list[dict]:
-    """The prompt lines (records) of a JSONL file or a `datasets` dataset: a "prompt" string or "messages" each
-    (or TRL's conversational "prompt", a list of messages), and any other fields (passed on to reward functions)."""
+    """The prompt lines (records) of a JSONL file or a `datasets` dataset, with any other fields (for reward functions)."""
     if os.path.isfile(source):
         records = []
         with open(source) as f:
@@ -1904,8 +1799,7 @@ def chat_prompt_text(tokenizer, record: dict, flag: str) -> str:
 
 
 def load_config(path: str, flag: str, num_labels: Optional[int] = None):
-    """The model's config with dropout off (set before the model is built, as some models copy it); a scorer's
-    config must have `num_labels` labels."""
+    """The model's config with dropout off (before the model is built: some copy it); a scorer's must have `num_labels`."""
     if not os.path.exists(path) and (os.path.isabs(path) or path.startswith(".") or path.count("/") > 1):
         fail(f"{flag}: {path} does not exist; pass a directory saved with save_pretrained or a hub name")
     try:
@@ -1969,9 +1863,8 @@ def context_size(config) -> Optional[int]:
     return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
 
 
-# Reward functions: plain Python functions with the signature of TRL's GRPO reward functions, imported from the
-# files --reward-fn names. A mistake in one (a missing file or function, a wrong signature, an exception, a wrong
-# return value) is one line naming it.
+# Reward functions: plain Python functions with the signature of TRL's GRPO reward functions, from --reward-fn's files;
+# a mistake in one (a missing file or function, a wrong signature, an exception, a wrong value) is one line naming it.
 
 REWARD_FN_ARGUMENTS = {"prompts", "completions", "completion_ids"}
 
@@ -2067,8 +1960,7 @@ def exception_line(e: Exception) -> str:
 
 
 def decode(tokenizer, sequences: list[list[int]], skip_special_tokens: bool = False) -> list[str]:
-    """The text of token id lists. Ids the tokenizer does not know decode to nothing: a model's embedding is often
-    larger than its tokenizer, and a policy can sample the padded rows."""
+    """The text of token id lists; ids the tokenizer does not know (an embedding larger than it) decode to nothing."""
     known = len(tokenizer)
     return tokenizer.batch_decode([[t for t in s if 0 <= t < known] for s in sequences], skip_special_tokens=skip_special_tokens)
 
@@ -2145,8 +2037,7 @@ def reward_model_text(tokenizer, prompt, completion, ended: bool, policy_tokeniz
     return prompt + text + (tokenizer.eos_token if ended and tokenizer.eos_token else "")
 
 
-# LoRA through peft: adapters on the policy (wrapped in peft's PeftModel, which disables them for the reference
-# and merges them at the end) and on the value model (injected in place; its head trains too).
+# LoRA through peft: adapters on the policy (peft's PeftModel) and on the value model (injected; its head trains whole).
 
 
 def add_lora(policy: nn.Module, value_model: nn.Module, task: Task, args: Args) -> tuple[nn.Module, nn.Module]:
@@ -2174,8 +2065,7 @@ def add_lora(policy: nn.Module, value_model: nn.Module, task: Task, args: Args) 
 
 
 def check_lora_targets(policy: nn.Module, value_model: nn.Module, targets: Optional[list]) -> None:
-    """Every module name given must exist in the policy or the value model (peft only refuses a list of which no
-    name exists in a model): a misspelt name would silently get no adapter."""
+    """Every module name given must exist in the policy or the value model (peft would silently skip a misspelt one)."""
     modules = [(n.rsplit(".", 1)[-1], m) for model in (policy, value_model) if model is not None for n, m in model.named_modules()]
     missing = [t for t in targets or [] if t != "all-linear" and t not in {name for name, _ in modules}]
     if missing:
@@ -2197,9 +2087,8 @@ def adapters_disabled(model: nn.Module):
     return model.disable_adapter() if is_lora(model) else contextlib.nullcontext()
 
 
-# Large vocabularies: fp32 logits of a whole batch (batch x positions x 151,936 for Qwen2.5) would be the memory
-# peak, so above LOGITS_CHUNK_BYTES they are computed from the final hidden states a chunk of positions at a time,
-# recomputed in the backward pass rather than kept, and sampling keeps no logits.
+# Large vocabularies: fp32 logits above LOGITS_CHUNK_BYTES are computed from the final hidden states a chunk of
+# positions at a time, recomputed in the backward pass rather than kept; sampling then keeps no logits.
 
 LOGITS_CHUNK_BYTES = 2**26
 
@@ -2220,9 +2109,8 @@ def lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
 
 @torch.no_grad()
 def check_logits_from_hidden(*models: nn.Module) -> None:
-    """Marks each model whose logits are its output layer applied to its backbone's last hidden state, checked on a
-    few tokens, so that chunked_response_logprobs reproduces them; a model that post-processes its logits (e.g.
-    Gemma's soft-capping) keeps the full logits, with a note when they are large."""
+    """Marks each model whose logits are its output layer on its backbone's last hidden state (checked on a few tokens);
+    a model that post-processes them (Gemma's soft-capping) keeps the full logits, with a note."""
     for model in models:
         backbone, head = lm_parts(model)
         ids = torch.arange(8, device=head.weight.device)[None] % vocab_rows(model)
@@ -2236,8 +2124,7 @@ def check_logits_from_hidden(*models: nn.Module) -> None:
 def chunked_response_logprobs(
     model: nn.Module, inputs: dict, tokens: Tensor, context_length: int, temperature: float, pad_id: int
 ) -> tuple[Tensor, Tensor]:
-    """lm_response_logprobs from the backbone's hidden states, the output layer applied to LOGITS_CHUNK_BYTES of
-    logits at a time; under autograd each chunk's logits are recomputed in the backward pass instead of kept."""
+    """lm_response_logprobs from the hidden states, LOGITS_CHUNK_BYTES of logits at a time, each recomputed in the backward."""
     backbone, head = lm_parts(model)
     hidden = backbone(**inputs, use_cache=False).last_hidden_state[:, context_length - 1 : -1]
     rows = max(1, LOGITS_CHUNK_BYTES // (4 * vocab_rows(model)))
@@ -2259,15 +2146,12 @@ def head_logprobs(head: nn.Module, hidden: Tensor, tokens: Tensor, temperature: 
     return logprobs_from_logits(logits, tokens), entropy_from_logits(logits)
 
 
-# Flat parameters: on small models a call per tensor costs more than the arithmetic, so the policy's and the
-# value model's parameters live in one flat tensor and Adam, the clip and the all-reduce are one call each.
+# Flat parameters: on small models a call per tensor costs more than the arithmetic: one flat tensor, one Adam call.
 
 
 class FlatParameters:
-    """`param` holds every given parameter; each parameter's .data is a view into `param` and its .grad a view
-    into `param.grad`, so backward accumulates into the flat gradient in place. The usual idioms keep their
-    meaning: after optimizer.zero_grad() (param.grad set to None) or model.zero_grad() (a parameter's .grad set
-    to None) a hook on each parameter restores the views, zeroed, before the next gradient lands in them.
+    """`param` holds every given parameter: each one's .data and .grad are views into `param` and `param.grad`.
+    After optimizer.zero_grad() or model.zero_grad() a hook restores the views, zeroed, before the next gradient;
     check_grads(), before the clip, copies back a .grad replaced by another tensor and notes one left None."""
 
     def __init__(self, params: list[nn.Parameter]):
@@ -2323,9 +2207,8 @@ class FlatParameters:
             p.grad = view
 
 
-# The built-in offline task: a hidden Markov-chain language, an SFT model trained on its corpus, a hidden gold
-# reward, Bradley-Terry preference labels on SFT samples, and a reward model trained on them. The models are
-# saved as ordinary Hugging Face checkpoints and then go through the same PPO code as real checkpoints.
+# The built-in offline task: a hidden Markov-chain language, an SFT model trained on its corpus, a hidden gold reward,
+# Bradley-Terry labels on SFT samples and a reward model trained on them, saved as ordinary Hugging Face checkpoints.
 
 BUILTIN_SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 BUILTIN_RESPONSE_LENGTH = 16  # longest response in the corpus
@@ -2340,8 +2223,7 @@ def builtin_cache_dir(args: Args) -> str:
 
 
 def builtin_language(vocab_size: int, seed: int) -> dict[str, np.ndarray]:
-    """Hidden language: sparse word transitions without self-loops (so SFT samples never repeat
-    a word right after itself), a per-word stop probability, and a hidden per-word quality."""
+    """Hidden language: sparse word transitions without self-loops, a per-word stop probability and a hidden quality."""
     rng = np.random.default_rng(seed)
     transition = np.zeros((vocab_size, vocab_size))
     for w in range(vocab_size):
@@ -2372,10 +2254,8 @@ def builtin_sample(lang: dict, n: int, prompt_length: int, rng: np.random.Genera
 
 
 def builtin_gold_score(lang: dict, prompt: list[int], response: list[Optional[int]]) -> float:
-    """Hidden gold reward of a response (words, None for EOS): mean word quality, plus relevance
-    (share of words taken from the prompt), minus a penalty for words repeated right after
-    themselves (which SFT samples never show, so the reward model cannot learn it: the policy
-    exploits it when the KL budget is loose) and a missing-EOS penalty."""
+    """Hidden gold reward of a response (words, None for EOS): mean word quality + relevance (share of prompt words) - 3 x
+    immediate repetitions (SFT never shows them, so the reward model cannot learn it) - 1 without EOS."""
     ended = None in response
     words = response[: response.index(None)] if ended else response
     if not words:  # an empty answer
@@ -2440,8 +2320,7 @@ def builtin_task(args: Args, cache_dir: str) -> dict:
     width = max(map(len, seqs))
     corpus = torch.tensor([s + [pad_id] * (width - len(s)) for s in seqs])
 
-    # 2. SFT: a tiny GPT-2 built from a config, trained as a language model on the corpus. Its activation is
-    # the exact (erf) GELU, which the CPU computes faster than GPT-2's tanh approximation.
+    # 2. SFT: a tiny GPT-2 from a config, trained on the corpus; exact (erf) GELU, faster on CPU than the tanh one.
     config = GPT2Config(
         vocab_size=len(tokenizer), n_positions=64, n_embd=64, n_layer=2, n_head=4, activation_function="gelu",
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
@@ -2467,8 +2346,7 @@ def builtin_task(args: Args, cache_dir: str) -> dict:
     times["sft_s"] = time.time() - t0
     print(f"built-in task: SFT model trained in {times['sft_s']:.0f}s (final LM loss {loss.item():.3f})")
 
-    # 3. Preferences: two SFT samples per prompt, labelled by a Bradley-Terry draw on the gold
-    # reward (noisy like human labels); the temperature is a fraction of the gold spread.
+    # 3. Preferences: two SFT samples per prompt, labelled by a Bradley-Terry draw on the gold reward (noisy labels).
     t0 = time.time()
     n_pairs = args.task_preference_pairs
     pair_prompts, _ = builtin_sample(lang, n_pairs, P, rng)
@@ -2510,8 +2388,7 @@ def builtin_task(args: Args, cache_dir: str) -> dict:
         s = sequence_scores(rm, torch.cat([chosen[test], rejected[test]]), pad_id, P)
         decided = gold_margin[test] != 0  # accuracy against the gold order, not the noisy labels
         rm_accuracy = ((s[:n_test] > s[n_test:]) == (gold_margin[test] > 0))[decided].float().mean().item()
-        # Normalise the score so SFT samples have mean 0 and std 1. GPT-2's score head has no bias:
-        # scale its weight, and shift through the final layer norm's bias along the head's direction.
+        # SFT samples' scores to mean 0, std 1: the head (no bias) scaled, the final norm's bias shifted along it.
         all_scores = sequence_scores(rm, seq, pad_id, P)
         mean, std = all_scores.mean(), all_scores.std()
         rm.score.weight /= std
