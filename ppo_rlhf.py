@@ -29,6 +29,7 @@ import shutil
 import signal
 import sys
 import time
+import traceback
 import warnings
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -76,14 +77,11 @@ class Args:
     reward_fn_weights: Optional[tuple[float, ...]] = None
     """one weight per --reward-fn (default 1 each); the reward model's score weighs 1"""
     value_model_path: Optional[str] = None
-    """value model: an AutoModelForSequenceClassification with one label; None copies the reward model, or
-    without one (reward functions only) takes the policy's weights with a new scalar head"""
+    """value model: an AutoModelForSequenceClassification with one label; None copies the reward model (without one: the policy with a new head)"""
     value_head_on_policy: bool = False
-    """the value model is a scalar head on the policy's own backbone (OpenAI's 2019 layout): one model fewer in
-    memory, but the value loss then trains the policy's weights too"""
+    """the value model is a scalar head on the policy's backbone (OpenAI's 2019 layout): one model fewer, the value loss trains the policy too"""
     prompts: Optional[str] = None
-    """training prompts: a JSONL file with a "prompt" string per line, or "messages" (a list of role/content dicts
-    the tokenizer's chat template turns into the prompt), or a `datasets` name"""
+    """training prompts: a JSONL file with a "prompt" string or "messages" (role/content dicts, for the chat template) per line, or a `datasets` name"""
     total_episodes: int = 9600
     """total number of completions to train on, summed over processes"""
     learning_rate: Optional[float] = None
@@ -100,6 +98,12 @@ class Args:
     """discount factor over tokens"""
     gae_lambda: float = 0.95
     """lambda of generalized advantage estimation over tokens"""
+    baseline: Literal["gae", "group"] = "gae"
+    """gae: a value model and GAE over tokens; group: no value model, RLOO over --group-size responses per prompt"""
+    group_size: int = 2
+    """--baseline group: responses per prompt, side by side (TRL RLOO's rloo_k); it divides each process's batch"""
+    scale_group_std: bool = False
+    """--baseline group: divide the advantages by their group's standard deviation, as GRPO does"""
     num_minibatches: Optional[int] = None
     """optimizer steps per PPO epoch; unset: 4 (built-in task), 1 (TRL)"""
     update_epochs: int = 4
@@ -141,8 +145,7 @@ class Args:
     local_rollout_forward_batch_size: int = 64
     """chunk size of the no-grad passes (generation, reference, reward, value) on each process"""
     lora_r: int = 0
-    """rank of LoRA adapters (peft) on the policy and the value model, whose head trains too; the reference is the
-    policy with its adapters disabled. 0 trains every weight"""
+    """rank of LoRA adapters (peft) on the policy and the value model (its head trains whole); 0 trains every weight"""
     lora_alpha: float = 16.0
     """LoRA scaling: the adapters' update is multiplied by lora_alpha / lora_r"""
     lora_target_modules: Optional[tuple[str, ...]] = None
@@ -158,7 +161,7 @@ class Args:
     device: str = "auto"
     """torch device: auto (cuda, then mps, then cpu) or an explicit device string such as cuda:1"""
     num_threads: int = 0
-    """torch CPU threads per process; 0: 1 for the built-in task's tiny models, a thread per core for real models"""
+    """torch CPU threads per process; 0 picks from the work: 1 for the built-in task, torch's default for real models"""
     bf16: bool = False
     """run forward passes in bfloat16 autocast (CUDA only)"""
     gradient_checkpointing: bool = False
@@ -175,11 +178,10 @@ class Args:
     runs_dir: str = "runs"
     """directory under which each run writes runs_dir/{run_name}/"""
     save_every: int = 0
-    """iterations between checkpoints (0 = only at the end and when stopped by SIGINT/SIGTERM)"""
+    """iterations between checkpoints (0 = only at the end, when stopped by SIGINT/SIGTERM and after an exception)"""
     resume: Optional[str] = None
-    """path of a checkpoint.pt to continue in its folder; the run keeps its saved settings except --device,
-    --num-threads, --save-every and --track. It unpickles the checkpoint's resume_state, and unpickling can run
-    code: resume only your own runs"""
+    """a checkpoint.pt to continue in its folder, with its settings but --device, --num-threads, --save-every and
+    --track; it unpickles the checkpoint's resume_state (unpickling can run code: resume only your own runs)"""
     eval_every: int = 10
     """iterations between evaluations on the held-out prompts (with a progress line and sample table)"""
     eval_episodes: int = 256
@@ -211,10 +213,9 @@ class Args:
 # of the checkpoint's). Padding becomes token 0 before any embedding lookup: an added [PAD] is never looked up.
 
 
-def iteration_prompts(
-    n: int, iteration: int, batch_size: int, local_batch_size: int, rank: int, seed: int
-) -> list[int]:
-    """This process's share of the iteration's prompts (indices), without replacement from a new permutation a pass."""
+def iteration_prompts(n: int, iteration: int, batch_size: int, local_batch_size: int, rank: int, seed: int) -> list[int]:
+    """This process's share of the iteration's prompts (indices into the n prompts), drawn without replacement
+    from a fresh permutation of the prompts on each pass over them."""
     first = (iteration - 1) * batch_size + rank * local_batch_size
     positions = range(first, first + local_batch_size)
     perms = {e: np.random.default_rng([seed, e]).permutation(n) for e in {p // n for p in positions}}
@@ -228,9 +229,7 @@ def left_pad(sequences: list[list[int]], pad_id: int, device: torch.device) -> T
 
 def first_true_indices(bools: Tensor) -> Tensor:
     """Index of the first True of each row, or the row length when there is none."""
-    row_len = bools.size(-1)
-    idx = torch.arange(row_len, device=bools.device)
-    return torch.where(bools, idx, row_len).min(-1).values
+    return torch.where(bools, torch.arange(bools.size(-1), device=bools.device), bools.size(-1)).min(-1).values
 
 
 def is_eos(tokens: Tensor, eos_ids: int | list[int]) -> Tensor:
@@ -266,11 +265,7 @@ def logprobs_from_logits(logits: Tensor, tokens: Tensor) -> Tensor:
 
 def model_inputs(query_responses: Tensor, pad_id: int) -> dict[str, Tensor]:
     mask = query_responses != pad_id
-    return dict(
-        input_ids=query_responses.masked_fill(~mask, 0),
-        attention_mask=mask.long(),
-        position_ids=mask.cumsum(1) - mask.long(),
-    )
+    return dict(input_ids=query_responses.masked_fill(~mask, 0), attention_mask=mask.long(), position_ids=mask.cumsum(1) - mask.long())
 
 
 def entropy_from_logits(logits: Tensor) -> Tensor:
@@ -279,11 +274,9 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
         return torch.logsumexp(logits, -1) - (logits.softmax(-1) * logits).sum(-1)
 
 
-def lm_response_logprobs(
-    model: nn.Module, query_responses: Tensor, pad_id: int, context_length: int, temperature: float
-) -> tuple[Tensor, Tensor]:
-    """Log-probs of the response tokens and the entropies of their distributions, under the logits divided by the
-    temperature; large fp32 logits (150k-token vocabularies) a chunk of positions at a time (below the fence)."""
+def lm_response_logprobs(model: nn.Module, query_responses: Tensor, pad_id: int, context_length: int, temperature: float) -> tuple[Tensor, Tensor]:
+    """Log-probs of the response tokens and their distributions' entropies, under the logits divided by the temperature
+    (fp32 logits that would be large are computed from the hidden states a chunk at a time, below the fence)."""
     inputs = model_inputs(query_responses, pad_id)
     tokens = inputs["input_ids"][:, context_length:]
     if large_logits(query_responses.numel(), vocab_rows(model)) and getattr(model, "logits_from_hidden", False):
@@ -380,14 +373,13 @@ class Rollout:
 
 @torch.no_grad()
 def rollout(
-    policy: nn.Module, ref_policy: nn.Module, reward: Reward, value_model: nn.Module, queries: Tensor,
+    policy: nn.Module, ref_policy: nn.Module, reward: Reward, value_model: Optional[nn.Module], queries: Tensor,
     records: list[dict], gen_config: GenerationConfig, task: Task, args: Args,
 ) -> Rollout:
     """Sample a response to each query, then score it: log-probs under the policy (from the sampling pass) and
-    the reference, the reward, the value model's values. In chunks of the no-grad batch size."""
+    the reference, the reward, the value model's values (0 without one). In chunks of the no-grad batch size."""
     context_length, pad_id, n = queries.size(1), task.pad_id, args.local_rollout_forward_batch_size
     policy.eval()
-    value_model.eval()
     chunks = []
     with torch.autocast(queries.device.type, dtype=torch.bfloat16, enabled=args.bf16):
         for i in range(0, len(queries), n):
@@ -402,7 +394,7 @@ def rollout(
                 ref_logprob, _ = lm_response_logprobs(ref_policy, query_response, pad_id, context_length, args.temperature)
             score = score_responses(reward, query, response, records[i : i + n], task)
             score = apply_missing_eos_penalty(score, response, task.eos_ids, args.missing_eos_penalty)
-            value = token_scores(value_model, query_response, pad_id)[:, context_length - 1 : -1]
+            value = torch.zeros_like(ref_logprob) if value_model is None else token_scores(value_model.eval(), query_response, pad_id)[:, context_length - 1 : -1]
             chunks.append((response, logprob, ref_logprob, score, value))
     responses, logprobs, ref_logprobs, scores, values = (torch.cat(x) for x in zip(*chunks))
     mask = responses != pad_id
@@ -416,11 +408,9 @@ def rollout(
 # The models: the policy and its frozen reference, the frozen reward model, and the value model.
 
 
-def load_models(task: Task, args: Args, device: torch.device) -> tuple[nn.Module, nn.Module, Reward, nn.Module]:
-    """Returns (policy, ref_policy, reward, value_model), dropout off in every model. The value model is a
-    separate copy of the reward model (as in the TL;DR reproduction of Huang et al., 2024): it starts out predicting
-    scores, close to the returns it must learn, and keeps value-loss gradients out of the policy. Without a reward
-    model it is the policy's weights with a new scalar head (or --value-model-path). Each is placed once built."""
+def load_models(task: Task, args: Args, device: torch.device) -> tuple[nn.Module, nn.Module, Reward, Optional[nn.Module]]:
+    """Returns (policy, ref_policy, reward, value_model), dropout off in every model, each placed once built. The value
+    model copies the reward model (TL;DR reproduction: it starts out predicting scores); --baseline group: none."""
     causal_lm = partial(load_model, AutoModelForCausalLM, task.policy_path, task.policy_config, "--model-name-or-path", sharded=args.fsdp)
     scorer = partial(load_model, AutoModelForSequenceClassification, sharded=args.fsdp)
     place = partial(place_model, args, device)  # to the device, or under --fsdp sharded over the processes
@@ -435,12 +425,12 @@ def load_models(task: Task, args: Args, device: torch.device) -> tuple[nn.Module
         if task.reward_tokenizer is None:
             check_scorer(task, reward_model, "--reward-model-path", policy)
         reward_model = place(reward_model.requires_grad_(False))
-    value_model = PolicyValueHead(policy) if args.value_head_on_policy else scorer(*task.value_source)
+    value_model = PolicyValueHead(policy) if args.value_head_on_policy else scorer(*task.value_source) if task.value_source[0] else None
     check_scorer(task, value_model, task.value_source[2], policy)
     if task.value_source[2] == "--model-name-or-path":  # a new head: values start at 0 (OpenAI's 2019 code)
         for p in value_model.score.parameters():
             nn.init.zeros_(p)
-    if args.gradient_checkpointing and not args.value_head_on_policy:  # else its backbone is the policy's
+    if args.gradient_checkpointing and value_model is not None and not args.value_head_on_policy:  # else the policy's backbone
         value_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.lora_r:
         policy, value_model = add_lora(policy, value_model, task, args)
@@ -452,7 +442,7 @@ def load_models(task: Task, args: Args, device: torch.device) -> tuple[nn.Module
 
 class PolicyValueHead(nn.Module):
     """--value-head-on-policy: a scalar head (initialised at 0) on the policy's own backbone, read by token_scores as
-    any value model is. It holds only the head: the backbone's parameters stay the policy's (in its checkpoint entry)."""
+    any value model is. The backbone is not registered here: its parameters stay the policy's alone."""
 
     base_model_prefix = "backbone"
 
@@ -492,9 +482,7 @@ def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
     mean = masked_mean(x, mask)
     var = masked_mean((x - mean) ** 2, mask) * mask.sum() / (mask.sum() - 1).clamp(min=1)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
-    if not shift_mean:
-        out = out + mean
-    return torch.where(mask, out, 0.0)
+    return torch.where(mask, out if shift_mean else out + mean, 0.0)
 
 
 def kl_estimators(logratio: Tensor) -> tuple[Tensor, Tensor]:
@@ -503,9 +491,7 @@ def kl_estimators(logratio: Tensor) -> tuple[Tensor, Tensor]:
     return -logratio, torch.expm1(logratio) - logratio
 
 
-def shape_rewards(
-    logprobs: Tensor, ref_logprobs: Tensor, scores: Tensor, mask: Tensor, kl_coef: float, kl_estimator: str
-) -> tuple[Tensor, Tensor, Tensor]:
+def shape_rewards(logprobs: Tensor, ref_logprobs: Tensor, scores: Tensor, mask: Tensor, kl_coef: float, kl_estimator: str) -> tuple[Tensor, Tensor, Tensor]:
     """Per-token rewards: -kl_coef * KL(pi || ref) on each valid token, plus the score on the last valid one.
     Returns (rewards, kl, non_score_reward), all zero on padding."""
     k1, k3 = kl_estimators(ref_logprobs - logprobs)
@@ -516,14 +502,10 @@ def shape_rewards(
     return rewards, kl, non_score_reward
 
 
-def compute_gae(
-    rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, gae_lambda: float
-) -> tuple[Tensor, Tensor]:
+def compute_gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, gae_lambda: float) -> tuple[Tensor, Tensor]:
     """GAE over tokens. The value after the last valid token is 0 (the episode ends there).
     Returns (advantages, returns), zero on padding."""
-    rewards = torch.where(mask, rewards, 0.0)
-    values = torch.where(mask, values, 0.0)
-    T = rewards.size(1)
+    rewards, values, T = torch.where(mask, rewards, 0.0), torch.where(mask, values, 0.0), rewards.size(1)
     advantages = torch.zeros_like(rewards)
     lastgaelam = torch.zeros_like(rewards[:, 0])
     for t in reversed(range(T)):
@@ -533,6 +515,14 @@ def compute_gae(
         lastgaelam = torch.where(mask[:, t], delta + gamma * gae_lambda * lastgaelam, 0.0)
         advantages[:, t] = lastgaelam
     return advantages, torch.where(mask, advantages + values, 0.0)
+
+
+def group_advantages(returns: Tensor, k: int, scale_std: bool) -> Tensor:
+    """RLOO (Ahmadian et al., 2024): each return minus the mean of the other k - 1 in its group (k consecutive
+    responses to one prompt); with scale_std divided by the group's std (+1e-4), as GRPO."""
+    groups = returns.view(-1, k)
+    advantages = groups - (groups.sum(1, keepdim=True) - groups) / (k - 1)
+    return (advantages / (groups.std(1, keepdim=True) + 1e-4) if scale_std else advantages).flatten()
 
 
 def policy_loss(ratio: Tensor, advantages: Tensor, clip_coef: float) -> Tensor:
@@ -556,8 +546,8 @@ def adaptive_kl_coef(kl_coef: float, current_kl: float, target_kl: float, horizo
 
 
 def ppo_update(
-    args: Args, policy: nn.Module, value_model: nn.Module, optimizer: torch.optim.Optimizer, flat: FlatParameters | ShardedParameters,
-    data: Rollout, advantages: Tensor, returns: Tensor, pad_id: int, guard: NonFiniteGuard,
+    args: Args, policy: nn.Module, value_model: Optional[nn.Module], optimizer: torch.optim.Optimizer, flat: FlatParameters | ShardedParameters,
+    data: Rollout, advantages: Tensor, returns: Optional[Tensor], pad_id: int, guard: NonFiniteGuard,
 ) -> dict[str, Tensor]:
     """One PPO update: --update-epochs epochs (fewer past --target-kl) over shuffled minibatches of the batch, each
     minibatch one Adam step on the gradients of --gradient-accumulation-steps micro-batches. Returns statistics."""
@@ -565,7 +555,9 @@ def ppo_update(
         advantages = whiten(advantages, data.mask)
     micro, accumulation, ctx = args.per_device_train_batch_size, args.gradient_accumulation_steps, data.context_length
     policy.train()  # dropout is off; train mode only turns on gradient checkpointing
-    value_model.train()
+    critic = value_model is not None  # --baseline group: none
+    if critic:
+        value_model.train()
     stats = defaultdict(list)
     for epoch in range(args.update_epochs):
         perm = torch.randperm(len(advantages), device=advantages.device)
@@ -577,23 +569,25 @@ def ppo_update(
                 mask, mb_advantages, query_responses = data.mask[idx], advantages[idx], data.query_responses[idx]
                 with torch.autocast(advantages.device.type, dtype=torch.bfloat16, enabled=args.bf16):
                     new_logprobs, entropies = lm_response_logprobs(policy, query_responses, pad_id, ctx, args.temperature)
-                    new_values = token_scores(value_model, query_responses, pad_id)[:, ctx - 1 : -1]
+                    new_values = token_scores(value_model, query_responses, pad_id)[:, ctx - 1 : -1] if critic else None
                 logratio = new_logprobs - data.logprobs[idx]
                 guard.check_on_policy(logratio, mask, first=epoch == mb == acc == 0)  # the sampling policy is the trained one
                 ratio = torch.exp(logratio)
                 pg_losses = policy_loss(ratio, mb_advantages, args.clip_coef)
-                vf_clip = args.vf_clip_coef if args.clip_vloss else None
-                v_losses = value_loss(new_values, data.values[idx], returns[idx], vf_clip)
-                pg_loss, v_loss = masked_mean(pg_losses, mask), masked_mean(v_losses, mask)
-                loss = (pg_loss + args.vf_coef * v_loss) / accumulation
+                pg_loss = masked_mean(pg_losses, mask)
+                if critic:
+                    v_losses = value_loss(new_values, data.values[idx], returns[idx], args.vf_clip_coef if args.clip_vloss else None)
+                    v_loss = masked_mean(v_losses, mask)
+                loss = (pg_loss + args.vf_coef * v_loss if critic else pg_loss) / accumulation
                 loss.backward()
                 minibatch_loss = minibatch_loss + loss.detach()
                 with torch.no_grad():  # one line per statistic, under its logged name
                     stats["policy/approxkl_avg"].append(masked_mean((ratio - 1) - logratio, mask))  # k3, as CleanRL
                     stats["policy/clipfrac_avg"].append(masked_mean((pg_losses > -mb_advantages * ratio).float(), mask))
                     stats["loss/policy_avg"].append(pg_loss.detach())
-                    stats["loss/value_avg"].append(v_loss.detach())
-                    stats["val/clipfrac_avg"].append(masked_mean((v_losses > 0.5 * (new_values - returns[idx]) ** 2).float(), mask))
+                    if critic:  # without a value model (--baseline group) no value statistics are logged
+                        stats["loss/value_avg"].append(v_loss.detach())
+                        stats["val/clipfrac_avg"].append(masked_mean((v_losses > 0.5 * (new_values - returns[idx]) ** 2).float(), mask))
                     stats["policy/entropy_avg"].append(masked_mean(entropies, mask))
                     stats["val/ratio"].append(masked_mean(ratio, mask))
             flat.check_grads()
@@ -634,13 +628,12 @@ def train(args: Args) -> None:
         args.response_length, args.temperature, task.eos_ids, task.pad_id, vocab_size, output_logits=keep_logits
     )
     # One optimizer over policy and value model: one loss, one clip of the global gradient norm.
-    trained = [p for m in (policy, value_model) for p in m.parameters() if p.requires_grad]
+    trained = [p for m in (policy, value_model) if m is not None for p in m.parameters() if p.requires_grad]
     flat = ShardedParameters(trained) if args.fsdp else FlatParameters(trained)
     optimizer = torch.optim.Adam(flat.tensors, lr=args.learning_rate, eps=args.adam_eps, fused=device.type in ("cpu", "cuda"))
     state = LoopState(kl_coef=args.kl_coef)
     run = Run(args, ckpt, task, rank)
-    device_line = f"{device} ({device_reason}), {torch.get_num_threads()} torch thread(s)"
-    describe(run, args, task, device_line, world_size, num_iterations, batch_size, gen_config, flat)
+    describe(run, args, task, f"{device} ({device_reason}), {torch.get_num_threads()} torch thread(s)", world_size, num_iterations, batch_size, gen_config, flat)
     describe_memory(run, flat, policy, ref_policy, reward.model, value_model)
     # Seeded after the built-in task (which seeds itself), so a cached and a freshly built task give the same run.
     seed_everything(args.seed + rank)
@@ -649,52 +642,60 @@ def train(args: Args) -> None:
     guard = NonFiniteGuard(run, state)  # non-finite scores, losses, gradients or weights: skip the step or stop
     stop_requested = install_stop_handlers()
     evaluates = rank == 0 or args.fsdp  # a sharded model's forward needs every process
-    if ckpt is None and evaluates:  # the SFT policy's scores: the baseline the run must beat
-        run.log_evaluation(0, num_iterations, 0, {}, *evaluate(policy, reward, task, gen_config, args, episode=0))
+    crash = CrashCheckpoint(run, args, policy, value_model, optimizer, device)  # an exception: the last iteration kept
+    try:
+        if ckpt is None and evaluates:  # the SFT policy's scores: the baseline the run must beat
+            run.log_evaluation(0, num_iterations, 0, {}, *evaluate(policy, reward, task, gen_config, args, episode=0))
 
-    start_time, start_episode = time.time(), state.episode
-    for iteration in range(state.iteration + 1, num_iterations + 1):
-        # 1. Learning rate annealed linearly to 0 at the last iteration.
-        lr = args.learning_rate * (1.0 - (iteration - 1.0) / num_iterations if args.anneal_lr else 1.0)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        start_time, start_episode = time.time(), state.episode
+        for iteration in range(state.iteration + 1, num_iterations + 1):
+            # 1. Learning rate annealed linearly to 0 at the last iteration.
+            lr = args.learning_rate * (1.0 - (iteration - 1.0) / num_iterations if args.anneal_lr else 1.0)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
 
-        # 2. Rollout: this process's share of the iteration's prompts, answered by the policy and scored.
-        prompts = iteration_prompts(len(task.train_queries), iteration, batch_size, local_batch_size, rank, args.seed)
-        queries = left_pad([task.train_queries[i] for i in prompts], task.pad_id, device)
-        records = [task.train_records[i] for i in prompts]
-        data = rollout(policy, ref_policy, reward, value_model, queries, records, gen_config, task, args)
-        guard.check_scores(data.scores)
-        state.episode += batch_size
+            # 2. Rollout: this process's share of the iteration's prompts, answered by the policy and scored; under
+            # --baseline group each prompt k times in a row, so that its k responses are one group.
+            k = args.group_size if args.baseline == "group" else 1
+            prompts = iteration_prompts(len(task.train_queries), iteration, batch_size // k, local_batch_size // k, rank, args.seed)
+            prompts = [i for i in prompts for _ in range(k)]
+            queries = left_pad([task.train_queries[i] for i in prompts], task.pad_id, device)
+            records = [task.train_records[i] for i in prompts]
+            data = rollout(policy, ref_policy, reward, value_model, queries, records, gen_config, task, args)
+            guard.check_scores(data.scores)
+            state.episode += batch_size
 
-        # 3. Rewards: a per-token KL penalty plus the score at the last real token; GAE over tokens.
-        rewards, kl, non_score_reward = shape_rewards(
-            data.logprobs, data.ref_logprobs, data.scores, data.mask, state.kl_coef, args.kl_estimator
-        )
-        if args.whiten_rewards:
-            rewards = whiten(rewards, data.mask, shift_mean=False)
-        advantages, returns = compute_gae(rewards, data.values, data.mask, args.gamma, args.gae_lambda)
+            # 3. Rewards: a per-token KL penalty plus the score at the last real token; GAE over tokens, or (--baseline
+            # group, as TRL's RLOO) each response's summed rewards (score - kl_coef * KL) against its group's.
+            rewards, kl, non_score_reward = shape_rewards(data.logprobs, data.ref_logprobs, data.scores, data.mask, state.kl_coef, args.kl_estimator)
+            if args.whiten_rewards:
+                rewards = whiten(rewards, data.mask, shift_mean=False)
+            if args.baseline == "gae":
+                advantages, returns = compute_gae(rewards, data.values, data.mask, args.gamma, args.gae_lambda)
+            else:  # the response's advantage on each of its tokens
+                advantages, returns = torch.where(data.mask, group_advantages(rewards.sum(1), k, args.scale_group_std)[:, None], 0.0), None
 
-        # 4. PPO update of the policy and the value model.
-        update_stats = ppo_update(args, policy, value_model, optimizer, flat, data, advantages, returns, task.pad_id, guard)
+            # 4. PPO update of the policy and the value model (if any).
+            update_stats = ppo_update(args, policy, value_model, optimizer, flat, data, advantages, returns, task.pad_id, guard)
 
-        # 5. Log; adapt the KL coefficient; evaluate; checkpoint; stop after SIGINT/SIGTERM.
-        eps = (state.episode - start_episode) / (time.time() - start_time)
-        metrics = batch_metrics(data, kl, non_score_reward, update_stats, task.eos_ids)
-        metrics |= {"objective/kl_coef": state.kl_coef, "lr": lr, "eps": eps}
-        run.log(state.episode, metrics)
-        if args.adaptive_kl:
-            kl_now = metrics["objective/kl"]
-            state.kl_coef = adaptive_kl_coef(state.kl_coef, kl_now, args.adaptive_kl_target, args.kl_horizon, batch_size)
-        state.iteration = iteration
-        if evaluates and (iteration % args.eval_every == 0 or iteration == num_iterations):
-            evaluation = evaluate(policy, reward, task, gen_config, args, state.episode)
-            run.log_evaluation(iteration, num_iterations, state.episode, metrics, *evaluation)
-        stop = stop_requested()
-        if stop or iteration == num_iterations or (args.save_every and iteration % args.save_every == 0):
-            save_checkpoint(run, state, args, policy, value_model, optimizer, device)
-        if stop and iteration < num_iterations:  # stopped in the last iteration, the run ends as usual
-            exit_interrupted(run, state, distributed)
+            # 5. Log; adapt the KL coefficient; evaluate; checkpoint; stop after SIGINT/SIGTERM.
+            eps = (state.episode - start_episode) / (time.time() - start_time)
+            metrics = batch_metrics(data, kl, non_score_reward, update_stats, task.eos_ids)
+            metrics |= {"objective/kl_coef": state.kl_coef, "lr": lr, "eps": eps}
+            run.log(state.episode, metrics)
+            if args.adaptive_kl:
+                state.kl_coef = adaptive_kl_coef(state.kl_coef, metrics["objective/kl"], args.adaptive_kl_target, args.kl_horizon, batch_size)
+            state.iteration = iteration
+            crash.snapshot(state)
+            if evaluates and (iteration % args.eval_every == 0 or iteration == num_iterations):
+                run.log_evaluation(iteration, num_iterations, state.episode, metrics, *evaluate(policy, reward, task, gen_config, args, state.episode))
+            stop = stop_requested()
+            if stop or iteration == num_iterations or (args.save_every and iteration % args.save_every == 0):
+                save_checkpoint(run, state, args, policy, value_model, optimizer, device)
+            if stop and iteration < num_iterations:  # stopped in the last iteration, the run ends as usual
+                exit_interrupted(run, state, distributed)
+    except Exception as e:  # raised by user code (a reward function or model), out of memory, ...
+        crash.stop(e)
 
     final_policy = unsharded_policy(policy, task) if args.fsdp else policy  # --fsdp: gathered on rank 0 only
     if rank == 0:
@@ -709,9 +710,8 @@ def train(args: Args) -> None:
 
 
 class Run:
-    """The run's folder, written by rank 0: args.json, metrics.jsonl (a JSON object per line, x-axis `episode`),
-    checkpoint.pt and, with --track, wandb. A resumed run continues in its checkpoint's folder, metrics.jsonl cut back
-    to the checkpoint. Made at the first record: a run that fails at its first evaluation leaves nothing."""
+    """The run's folder, written by rank 0 (args.json, metrics.jsonl, checkpoint.pt; wandb with --track), made at the
+    first record; a resumed run continues in its checkpoint's folder, metrics.jsonl cut back to the checkpoint."""
 
     def __init__(self, args: Args, ckpt: Optional[dict], task: Task, rank: int):
         self.rank0, self.metrics, self.wandb = rank == 0, None, None
@@ -740,11 +740,8 @@ class Run:
         if args.track:
             import wandb
 
-            self.wandb = wandb.init(
-                project=args.wandb_project_name, entity=args.wandb_entity, name=self.name, id=self.wandb_id,
-                config=asdict(args) | ({"builtin_task": self.builtin} if self.builtin is not None else {}),
-                resume="allow", dir=self.dir,
-            )  # fmt: skip
+            config = asdict(args) | ({"builtin_task": self.builtin} if self.builtin is not None else {})
+            self.wandb = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=self.name, id=self.wandb_id, config=config, resume="allow", dir=self.dir)
             self.wandb.define_metric("*", step_metric="episode")
             self.wandb_id = self.wandb.id
 
@@ -758,11 +755,8 @@ class Run:
         if self.wandb is not None:
             self.wandb.log(record)
 
-    def log_evaluation(
-        self, iteration: int, num_iterations: int, episode: int, last: dict, metrics: dict, rows: list
-    ) -> None:
-        """Log an evaluation, send its sample table to wandb, and print the progress line (`last`: the
-        iteration's training metrics)."""
+    def log_evaluation(self, iteration: int, num_iterations: int, episode: int, last: dict, metrics: dict, rows: list) -> None:
+        """Log an evaluation, send its sample table to wandb, and print the progress line (`last`: training metrics)."""
         if not self.rank0:
             return
         self.log(episode, metrics)
@@ -784,15 +778,13 @@ class Run:
             self.metrics.close()
 
 
-def describe(
-    run: Run, args: Args, task: Task, device: str, world_size: int, num_iterations: int, batch_size: int,
-    gen_config: GenerationConfig, flat: FlatParameters | ShardedParameters,
-) -> None:
+def describe(run: Run, args: Args, task: Task, device: str, world_size: int, num_iterations: int, batch_size: int, gen_config: GenerationConfig, flat: FlatParameters | ShardedParameters) -> None:
     """The batch arithmetic, the reward and the value model, printed by rank 0 at the start."""
     if not run.rank0:
         return
+    baseline = "GAE with a value model" if args.baseline == "gae" else f"group: {args.group_size} responses per prompt, RLOO{', scaled by the group std' if args.scale_group_std else ''}"
     print(
-        f"run {run.name} ({defaults_in_use(args)}): {batch_size} episodes per iteration = {args.per_device_train_batch_size} (micro-batch) x "
+        f"run {run.name} ({defaults_in_use(args)}; baseline {baseline}): {batch_size} episodes per iteration = {args.per_device_train_batch_size} (micro-batch) x "
         f"{args.gradient_accumulation_steps} (gradient accumulation) x {args.num_minibatches} (minibatches) x {world_size} "
         f"(processes); {num_iterations} iterations = {num_iterations * batch_size} episodes; {args.update_epochs} PPO epochs; "
         f"no-grad passes in chunks of {args.local_rollout_forward_batch_size}; device {device}"
@@ -804,28 +796,29 @@ def describe(
         "--value-model-path": task.value_source[0], "--reward-model-path": "a copy of the reward model",
         "--model-name-or-path": "the policy's weights with a new scalar head",
         "--value-head-on-policy": "a scalar head on the policy's own backbone (one trunk for both losses)",
+        "--baseline group": "none (--baseline group)",
     }  # fmt: skip
     print(f"reward: {' + '.join(rewards)}; value model: {values[task.value_source[2]]}")
     for line in task.lines:
         print(line)
     if args.lora_r:
         targets = " ".join(args.lora_target_modules) if args.lora_target_modules else "peft's default modules"
-        print(f"LoRA r={args.lora_r} alpha={args.lora_alpha:g} on {targets}: {flat.numel():,} parameters train (adapters of policy and value model, value head)")
+        print(f"LoRA r={args.lora_r} alpha={args.lora_alpha:g} on {targets}: {flat.numel():,} parameters train (adapters of policy{' and value model, value head' if args.baseline == 'gae' else ''})")
     if not gen_config.output_logits:
         print("note: a large vocabulary: sampling keeps no logits (the rollout's log-probs come from a forward pass), and log-probs and entropies are computed from the hidden states a chunk of positions at a time")
     if num_iterations * batch_size != args.total_episodes:
-        trained = num_iterations * batch_size
-        print(f"note: --total-episodes {args.total_episodes} is not a whole number of iterations; training {trained} episodes")
+        print(f"note: --total-episodes {args.total_episodes} is not a whole number of iterations; training {num_iterations * batch_size} episodes")
     for line in kl_flag_notes(args):
         print(line)
-    if task.builtin is not None:
-        b = task.builtin
+    unused = [flag_name(f.name) for f in fields(Args) if f.name in ("gamma", "gae_lambda", "vf_coef", "clip_vloss", "vf_clip_coef") and getattr(args, f.name) != f.default]
+    if unused and args.baseline == "group":
+        print(f"note: {' and '.join(unused)} change nothing under --baseline group (no value model, no GAE)")
+    if (b := task.builtin) is not None:
         print(f"built-in task: reward model held-out accuracy {b['rm_accuracy']:.3f}, SFT gold score {b['sft_gold_mean']:.3f} +- {b['sft_gold_std']:.3f}")
 
 
 def describe_memory(run: Run, flat: FlatParameters | ShardedParameters, *models: Optional[nn.Module]) -> None:
-    """The bytes this process holds of the models' parameters, of the gradients and of Adam's state (two moments per
-    trained value, allocated at the first step); under --fsdp its shards, and the whole policy while it samples."""
+    """The bytes this process holds of the models' parameters, gradients and Adam state (two moments per trained value)"""
     if not run.rank0:
         return
     local = lambda p: p.to_local() if isinstance(p, DTensor) else p  # noqa: E731
@@ -847,9 +840,7 @@ def size(n_bytes: int) -> str:
 
 
 @torch.no_grad()
-def batch_metrics(
-    data: Rollout, kl: Tensor, non_score_reward: Tensor, update_stats: dict, eos_ids: list[int]
-) -> dict[str, float]:
+def batch_metrics(data: Rollout, kl: Tensor, non_score_reward: Tensor, update_stats: dict, eos_ids: list[int]) -> dict[str, float]:
     """The iteration's statistics under TRL's names, averaged over processes (val/num_eos_tokens: summed)."""
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     local = {
@@ -914,36 +905,46 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def save_checkpoint(
-    run: Run, state: LoopState, args: Args, policy: nn.Module, value_model: nn.Module, optimizer, device: torch.device
-) -> None:
-    """Every process hands in its RNG states (under --fsdp also writes its shards: save_shards); rank 0 writes
-    checkpoint.pt atomically (tmp file, then rename)."""
-    ranks = gather_objects(rng_state(device))
+def save_checkpoint(run: Run, state: LoopState, args: Args, policy: nn.Module, value_model: Optional[nn.Module], optimizer, device: torch.device) -> None:
+    """Every process hands in its RNG states (under --fsdp also writes its shards); rank 0 writes checkpoint.pt."""
+    header = checkpoint_header(run, state, args, device)
     if args.fsdp:
         save_shards(run, state, policy, value_model, optimizer)
     if not run.rank0:
         return
-    run.open()
-    if args.fsdp:  # the weights and Adam's state are in the shards
-        weights = dict(policy=None, value_model=None, optimizer=None)
-    else:
-        weights = dict(policy=trained_weights(policy), value_model=trained_weights(value_model), optimizer=optimizer.state_dict())
-    ckpt = dict(
-        args=asdict(args), run_name=run.name, **asdict(state), wandb_id=run.wandb_id, metrics_offset=run.metrics.tell(),
-        **weights, resume_state=pickle.dumps(ranks),
-    )  # fmt: skip
-    nonfinite = nonfinite_tensor(ckpt)
-    if nonfinite is not None:
-        stop_nonfinite(run, f"{nonfinite} in the checkpoint", state.iteration, "(checkpoint refused)")
-    path = os.path.join(run.dir, "checkpoint.pt")
-    with open(f"{path}.tmp", "wb") as f:  # flushed to the disk before the rename: a crash leaves the old one whole
-        torch.save(ckpt, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(f"{path}.tmp", path)
+    write_checkpoint(run, header, policy, value_model, optimizer)
     if args.fsdp:  # checkpoint.pt names the new shards: the older ones can go
         remove_old_shards(run.dir, state.iteration)
+
+
+def checkpoint_header(run: Run, state: LoopState, args: Args, device: torch.device) -> dict:
+    """What checkpoint.pt holds besides the weights and Adam's state: flags, loop state, every process's RNG
+    states, rank 0's metrics length and wandb id. A collective; every process gets it whole."""
+    if run.rank0:
+        run.open()
+    ranks = gather_objects((rng_state(device), run.metrics.tell() if run.rank0 else None, run.wandb_id))
+    resume_state = pickle.dumps([rng for rng, _, _ in ranks])
+    return dict(args=asdict(args), run_name=run.name, **asdict(state), wandb_id=ranks[0][2], metrics_offset=ranks[0][1], resume_state=resume_state)
+
+
+def write_checkpoint(run: Run, header: dict, policy: nn.Module, value_model: Optional[nn.Module], optimizer) -> str:
+    """checkpoint.pt (returns its path): the header with the weights and Adam's state (under --fsdp in the shards),
+    written atomically (a tmp file, fsync'd, then renamed); one holding a non-finite value is refused."""
+    if run.args.fsdp:
+        weights = dict(policy=None, value_model=None, optimizer=None)
+    else:
+        weights = dict(policy=trained_weights(policy), value_model=value_model if value_model is None else trained_weights(value_model), optimizer=optimizer.state_dict())
+    nonfinite = nonfinite_tensor(weights)
+    if nonfinite is not None:
+        stop_nonfinite(run, f"{nonfinite} in the checkpoint", header["iteration"], "(checkpoint refused)")
+    path = os.path.join(run.dir, "checkpoint.pt")
+    tmp = f"{path}.tmp" if run.rank0 else f"{path}.tmp{os.getpid()}"  # after a crash any process may write it
+    with open(tmp, "wb") as f:  # flushed to the disk before the rename: a crash leaves the old one whole
+        torch.save(header | weights, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
 
 
 def nonfinite_tensor(tree, name: str = "") -> Optional[str]:
@@ -961,8 +962,7 @@ def nonfinite_tensor(tree, name: str = "") -> Optional[str]:
 
 
 def load_resume(args: Args) -> tuple[Optional[dict], Args]:
-    """--resume: the checkpoint, and the run's own settings with this command's --device, --num-threads,
-    --save-every and --track."""
+    """--resume: the checkpoint, and its run's settings with this command's --device, --num-threads, --save-every, --track."""
     if args.resume is None:
         return None, args
     if not os.path.isfile(args.resume):
@@ -1003,7 +1003,8 @@ def restore(ckpt: dict, rank: int, device: torch.device, policy: nn.Module, valu
             load_shards(os.path.join(ckpt["folder"], shards_name(ckpt["iteration"])), policy, value_model, optimizer)
         else:
             load_trained_weights(policy, ckpt["policy"])
-            load_trained_weights(value_model, ckpt["value_model"])
+            if value_model is not None:  # --baseline group: none
+                load_trained_weights(value_model, ckpt["value_model"])
             optimizer.load_state_dict(ckpt["optimizer"])
     except (RuntimeError, ValueError, KeyError):
         fail("--resume: the model or optimizer state in the checkpoint does not fit these models; start a new run")
@@ -1011,19 +1012,16 @@ def restore(ckpt: dict, rank: int, device: torch.device, policy: nn.Module, valu
     return LoopState(**{f.name: ckpt[f.name] for f in fields(LoopState)})
 
 
-# Non-finite values: a minibatch whose loss or gradient norm is not finite is not stepped (counted in
-# loss/skipped_steps); MAX_SKIPPED_STEPS of them in a row, a non-finite weight after a step, or a non-finite score stop
-# the run with one line, and no checkpoint is written after it.
+# Non-finite values: a step skipped (loss/skipped_steps), MAX_SKIPPED_STEPS in a row, a non-finite weight or score stop
+# the run with one line; no checkpoint is written after it.
 
 MAX_SKIPPED_STEPS = 10
-ON_POLICY_ATOL = 1e-3  # max |log-ratio| of an update's first micro-batch, before any step: sampling and one forward
-# differ by 1.6e-6 in float32 on the built-in task, a policy that is not the trained one (dropout on) by far more.
-ON_POLICY_ATOL_BF16 = 0.25  # --bf16: 8-bit mantissas, 0.03 measured on the built-in task (CPU autocast); see the README
+ON_POLICY_ATOL = 1e-3  # max |log-ratio| of an update's first micro-batch before any step (float32: 1.6e-6 measured)
+ON_POLICY_ATOL_BF16 = 0.25  # --bf16 (0.03 measured under CPU autocast; dropout moves log-probs by O(1)); see the README
 
 
 def stop_nonfinite(run: Optional[Run], what: str, iteration: int, where: str) -> NoReturn:
-    """The run's end after a non-finite value: one line on stderr (rank 0), exit status 1; the checkpoint on disk,
-    written before, is the last good one."""
+    """The run's end after a non-finite value: one line on stderr (rank 0), exit status 1, the last good checkpoint kept."""
     path = None if run is None else os.path.join(run.dir, "checkpoint.pt")
     kept = path if path is not None and os.path.exists(path) else "none written"
     if run is None or run.rank0:
@@ -1034,8 +1032,7 @@ def stop_nonfinite(run: Optional[Run], what: str, iteration: int, where: str) ->
 
 
 class NonFiniteGuard:
-    """The checks of one run (every process takes the same decisions: each is all-reduced), and the on-policy check
-    of each update. Without a run (tests) it stops with "none written" and notes as rank 0."""
+    """The checks of one run (each all-reduced: every process decides alike) and the on-policy check of each update."""
 
     def __init__(self, run: Optional[Run] = None, state: Optional[LoopState] = None):
         self.run, self.state, self.consecutive, self.skipped = run, state or LoopState(), 0, 0
@@ -1043,8 +1040,7 @@ class NonFiniteGuard:
         self.noted_off_policy = False
 
     def check_on_policy(self, logratio: Tensor, mask: Tensor, first: bool) -> None:
-        """At an update's first micro-batch (`first`), before any step, the trained policy must give the batch the
-        log-probs it was sampled with: one note, the first time max |log-ratio| (all processes) passes the tolerance."""
+        """At an update's first micro-batch, before any step: one note the first time max |log-ratio| passes the tolerance."""
         if not first:
             return
         largest = torch.where(mask, logratio.detach().abs(), 0.0).max()
@@ -1070,8 +1066,7 @@ class NonFiniteGuard:
         stop_nonfinite(self.run, what, self.state.iteration + 1, where)  # state.iteration: the last one finished
 
     def skip_step(self, loss: Tensor, grad_norm: Tensor, optimizer: torch.optim.Optimizer, epoch: int, mb: int) -> bool:
-        """Whether this minibatch's step must be skipped (its gradients are then zeroed); stops the run at the
-        MAX_SKIPPED_STEPS-th skip in a row."""
+        """Whether this minibatch's step is skipped (its gradients zeroed); the MAX_SKIPPED_STEPS-th skip in a row stops the run."""
         bad = torch.stack([~torch.isfinite(loss), ~torch.isfinite(grad_norm)]).float()
         bad = all_reduce_mean(bad).tolist()
         if not any(bad):
@@ -1104,8 +1099,7 @@ def last_epoch_mean(values: list[Tensor], args: Args) -> float:
 
 
 def install_stop_handlers() -> Callable[[], bool]:
-    """Returns stop_requested(): true on every process once any was asked to stop (a collective: call it on all).
-    A second Ctrl-C interrupts at once."""
+    """Returns stop_requested(), true on every process once any was asked to stop (a collective); a second Ctrl-C stops at once."""
     requested = False
 
     def request_stop(signum, frame):
@@ -1135,14 +1129,56 @@ def exit_interrupted(run: Run, state: LoopState, distributed: bool) -> NoReturn:
     sys.exit(130)
 
 
-# torchrun: one process per device; rank 0 logs, saves and evaluates. On cuda the process group serves both
-# devices (nccl for cuda tensors, gloo for CPU tensors and objects); every collective below gets tensors on the
-# training device or the CPU.
+# A crash: an exception (a reward function's or model's, out of memory, any other) ends the run with the checkpoint of
+# the last completed iteration, named in its last line: exit status 2 for a reward function, 1 after a traceback.
+
+
+class RewardFunctionError(Exception):
+    """A reward function raised or returned something other than a finite score per completion."""
+
+
+class CrashCheckpoint:
+    """After each completed iteration, its checkpoint's header and Adam's step count (weights and Adam state do not change until
+    the next step): stop(e) writes that checkpoint with the weights as they are, then ends the run with one line naming it."""
+
+    def __init__(self, run: Run, args: Args, policy: nn.Module, value_model: Optional[nn.Module], optimizer, device: torch.device):
+        self.run, self.args, self.models, self.optimizer, self.device = run, args, (policy, value_model), optimizer, device
+        self.header, self.steps = None, 0
+
+    def snapshot(self, state: LoopState) -> None:
+        self.header, self.steps = checkpoint_header(self.run, state, self.args, self.device), adam_steps(self.optimizer)
+
+    def stop(self, e: Exception) -> NoReturn:
+        path = os.path.join(self.run.dir, "checkpoint.pt")
+        if self.header is None or self.args.fsdp:  # under --fsdp the shards would need every process
+            why = "no iteration completed" if self.header is None else "--fsdp writes no checkpoint after an error"
+            kept = f"{why}; the last checkpoint: {path}" if os.path.exists(path) else f"{why}; no checkpoint"
+        else:
+            self.header["metrics_offset"] = self.run.metrics.tell() if self.run.rank0 else self.header["metrics_offset"]
+            write_checkpoint(self.run, self.header, *self.models, self.optimizer)
+            steps = adam_steps(self.optimizer) - self.steps
+            how = "exactly" if not steps else f"(not exactly: its weights hold the {steps} optimizer steps taken since; the next iteration is redone)"
+            kept = f"checkpoint of iteration {self.header['iteration']} written; --resume {path} continues {how}"
+        self.run.finish()
+        if isinstance(e, RewardFunctionError):
+            fail(f"{e}; {kept}")
+        traceback.print_exc()
+        hint = " (lower --local-rollout-forward-batch-size or --per-device-train-batch-size)" if isinstance(e, torch.OutOfMemoryError) else ""
+        where = f" on process {dist.get_rank()}" if dist.is_initialized() else ""
+        print(f"error: {exception_line(e)}{where}{hint}; {kept}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+def adam_steps(optimizer: torch.optim.Optimizer) -> int:
+    return sum(int(s["step"]) for s in optimizer.state.values() if "step" in s)
+
+
+# torchrun: one process per device; rank 0 logs, saves and evaluates. On cuda the process group serves both devices
+# (nccl for cuda tensors, gloo for CPU tensors and objects).
 
 
 def pick_device(name: str) -> tuple[torch.device, str]:
-    """The torch device and why it was chosen: `auto` takes a GPU (cuda, then mps) when there is one, as language
-    models gain from it. Under torchrun, `cuda` means the GPU of this process's local rank."""
+    """The torch device and why: `auto` takes a GPU (cuda, then mps) if any; under torchrun `cuda` is the local rank's GPU."""
     reason = f"--device {name}"
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
@@ -1164,15 +1200,13 @@ def pick_device(name: str) -> tuple[torch.device, str]:
 
 
 def set_num_threads(num_threads: int, small_network: bool) -> None:
-    """--num-threads, or from the work when 0: one thread for a small network (more only add overhead, and stall
-    when another job holds a core), torch's default (a thread per core) for networks big enough to split."""
+    """--num-threads, or when 0: one thread for a small network (more stall beside a busy core), else torch's default."""
     if num_threads or small_network:
         torch.set_num_threads(num_threads or 1)
 
 
 def init_distributed(device: torch.device, sharded: bool = False) -> tuple[bool, int, int]:
-    """Returns (distributed, rank, world_size); joins torchrun's process group when there is one (with --fsdp even
-    a group of one process: FSDP shards over a group)."""
+    """Returns (distributed, rank, world_size), joining torchrun's process group if any (with --fsdp even one process's)."""
     world_size = os.environ.get("WORLD_SIZE")
     if world_size is None or (int(world_size) <= 1 and not sharded):
         return False, 0, 1
@@ -1212,28 +1246,22 @@ def leave_process_group(distributed: bool) -> None:
     if distributed:
         dist.barrier()  # a process that leaves while rank 0 still evaluates can abort the others
         dist.destroy_process_group()
-        # gloo's worker threads release the last collectives' tensors after they complete, which takes the GIL;
-        # an interpreter that is already shutting down aborts the process instead.
+        # gloo's threads release the last collectives' tensors later, taking the GIL: a shutting-down interpreter aborts
         time.sleep(0.1)
 
 
-# Sharding (--fsdp): FSDP2's fully_shard over torchrun's processes, for models whose copies do not fit one device.
-# Each decoder layer is a unit; the parameters outside the layers (embeddings, final norm, output layer or score
-# head, tied or not) form one more unit, entered through each of its modules, so that code that calls a model's
-# backbone and head apart (token_scores, chunked_response_logprobs) gathers them as the model's own forward does.
+# Sharding (--fsdp): FSDP2's fully_shard, each decoder layer a unit and the parameters outside them one more, entered
+# through each of its modules (code that calls a backbone and a head apart gathers them as the model's forward does).
 
 
 def place_model(args: Args, device: torch.device, model: nn.Module) -> nn.Module:
-    """The model on the device; under --fsdp sharded over the processes (shard_model)."""
-    return shard_model(args, device, model) if args.fsdp else model.to(device)
+    """The model on the device; under --fsdp sharded over the processes (shard_model). None stays None."""
+    return model if model is None else shard_model(args, device, model) if args.fsdp else model.to(device)
 
 
 def shard_model(args: Args, device: torch.device, model: nn.Module) -> nn.Module:
-    """fully_shard the model (--bf16 gathers the parameters in bfloat16 and keeps the master weights and the gradient
-    reduction in float32), then fill the shards from rank 0's weights: the other processes built the model on the
-    meta device (load_model), so their shards are allocated empty and receive their part of each tensor from rank 0
-    (set_model_state_dict, one tensor at a time), and their buffers (rotary frequencies, position ids: in no
-    checkpoint) are rank 0's too. Rank 0's whole copy is then dropped."""
+    """fully_shard the model (--bf16: parameters gathered in bfloat16, master weights and reduction in float32), then
+    fill the other processes' empty shards (built on the meta device) and buffers from rank 0's whole copy."""
     bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     mixed_precision = bf16 if args.bf16 else MixedPrecisionPolicy()
     whole = model.state_dict() if dist.get_rank() == 0 else {}  # detached views: they keep the unsharded values
@@ -1264,8 +1292,8 @@ def shard_model(args: Args, device: torch.device, model: nn.Module) -> nn.Module
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The model's repeated blocks, innermost first: the classes its _no_split_modules names (Qwen2DecoderLayer,
-    GPT2Block, ...), or without that list (DeBERTa-v2) the blocks of its longest nn.ModuleList of one class."""
+    """The model's repeated blocks, innermost first: the classes its _no_split_modules names (Qwen2DecoderLayer, ...),
+    or without that list (DeBERTa-v2) the blocks of its longest nn.ModuleList of one class."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     names = set(getattr(base, "_no_split_modules", None) or ())
     if not names:
@@ -1279,9 +1307,8 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 @contextlib.contextmanager
 def gathered(model: nn.Module):
-    """Under --fsdp, the whole model on every process for the block, kept there between its forwards (sampling a
-    chunk all-gathers each unit once, not once per token, and needs no collective per token, so processes may
-    sample different lengths), then sharded again. Nothing to do for a model that is not sharded."""
+    """Under --fsdp, the whole model on every process for the block (sampling all-gathers each unit once, not once
+    per token, so processes may sample different lengths), then sharded again."""
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for unit in units:
         unit.set_reshard_after_forward(False, recurse=False)
@@ -1295,8 +1322,7 @@ def gathered(model: nn.Module):
 
 
 class ShardedParameters:
-    """--fsdp: the trained parameters stay FSDP's per-tensor shards (DTensors), stepped by a per-tensor Adam whose
-    state is sharded with them. FSDP has already averaged the gradients over processes (reduce-scatter)."""
+    """--fsdp: the trained parameters stay FSDP's shards (DTensors), stepped by a per-tensor Adam sharded with them."""
 
     def __init__(self, params: list[nn.Parameter]):
         self.tensors = params
@@ -1318,8 +1344,7 @@ class ShardedParameters:
         return not all_reduce_mean(torch.tensor(float(not local))).item()
 
 
-# Checkpoints under --fsdp: torch.distributed.checkpoint, each process writing and reading its own shards of what
-# trains and of the Adam state (no process gathers a model); checkpoint.pt holds the rest, as without --fsdp.
+# Checkpoints under --fsdp: torch.distributed.checkpoint, each process its own shards; checkpoint.pt holds the rest.
 
 SHARDED_STATE = StateDictOptions(ignore_frozen_params=True, strict=False)  # under LoRA the frozen base reloads from its path
 
@@ -1329,17 +1354,14 @@ def shards_name(iteration: int) -> str:
 
 
 def sharded_state(policy: nn.Module, value_model: nn.Module, optimizer) -> tuple[nn.Module, dict]:
-    """Both trained models as one module (so that the one optimizer's state is keyed by their parameter names) and
-    this process's shards of their trained weights and Adam state."""
-    models = nn.ModuleDict(dict(policy=policy, value_model=value_model))
+    """Both trained models as one module (the optimizer's state keyed by their names) and this process's shards of both."""
+    models = nn.ModuleDict({k: m for k, m in dict(policy=policy, value_model=value_model).items() if m is not None})
     model_state, optimizer_state = get_state_dict(models, optimizer, options=SHARDED_STATE)
     return models, {"model": model_state, "optimizer": optimizer_state}
 
 
 def save_shards(run: Run, state: LoopState, policy: nn.Module, value_model: nn.Module, optimizer) -> None:
-    """Every process writes its shards into checkpoint-{iteration}.tmp/; once all have written, rank 0 renames it
-    to checkpoint-{iteration}/, so the folder appears whole or not at all. Shards holding a non-finite value are
-    refused, as save_checkpoint refuses non-finite weights."""
+    """Each process writes its shards into checkpoint-{iteration}.tmp/, renamed by rank 0 (whole or not); non-finite refused."""
     _, shards = sharded_state(policy, value_model, optimizer)
     nonfinite = [name for name in gather_objects(nonfinite_tensor(shards)) if name is not None]
     if nonfinite:
@@ -1370,7 +1392,7 @@ def load_shards(path: str, policy: nn.Module, value_model: nn.Module, optimizer)
 
 
 def unsharded_policy(policy: nn.Module, task: Task) -> Optional[nn.Module]:
-    """--fsdp, at the end: the policy's weights gathered into an ordinary copy in rank 0's memory (CPU); None elsewhere."""
+    """--fsdp, at the end: the policy gathered into an ordinary copy in rank 0's CPU memory (None elsewhere), for save_policy."""
     weights = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() != 0:
         return None
@@ -1387,12 +1409,9 @@ def unsharded_policy(policy: nn.Module, task: Task) -> Optional[nn.Module]:
 
 
 @torch.no_grad()
-def evaluate(
-    policy: nn.Module, reward: Reward, task: Task, gen_config: GenerationConfig, args: Args, episode: int
-) -> tuple[dict, list]:
-    """Answer the held-out prompts, greedily or (--eval-stochastic, the built-in task) sampled with a fixed seed, and
-    score them (the built-in task: also the gold reward). Returns the metrics and the sample table's first rows. Under
-    --fsdp every process answers its own chunks (a sharded forward needs them all); rank 0 gathers and returns them."""
+def evaluate(policy: nn.Module, reward: Reward, task: Task, gen_config: GenerationConfig, args: Args, episode: int) -> tuple[dict, list]:
+    """Answer the held-out prompts, greedily or (--eval-stochastic, the built-in task) with fixed noise, and score them (with the gold
+    reward on the built-in task): metrics and sample rows. Under --fsdp each process answers its chunks; rank 0 gathers."""
     device = next(policy.parameters()).device
     if not args.eval_stochastic and task.builtin is None:
         gen_config = greedy_config(gen_config)
@@ -1439,8 +1458,8 @@ def evaluate(
     return metrics, rows
 
 
-# The two default sets: the flags whose defaults differ between the built-in task and TRL 1.12 PPOConfig (both have
-# its 4 epochs, kl_coef 0.05 k1, clipranges 0.2, vf_coef 0.1, gamma 1, lambda 0.95); Args' docstrings show them.
+# The two default sets: the flags whose defaults differ between the built-in task and TRL 1.12 PPOConfig (which also
+# has 4 epochs, kl_coef 0.05 with k1, cliprange 0.2, vf_coef 0.1, cliprange_value 0.2, gamma 1 and lambda 0.95).
 
 BUILTIN_DEFAULTS = dict(learning_rate=3e-4, num_minibatches=4, missing_eos_penalty=1.0, response_length=16, temperature=1.0, adam_eps=1e-5)
 TRL_DEFAULTS = dict(learning_rate=3e-6, num_minibatches=1, missing_eos_penalty=0.0, response_length=53, temperature=0.7, adam_eps=1e-8)
@@ -1453,8 +1472,7 @@ def with_defaults(args: Args) -> Args:
 
 
 def defaults_in_use(args: Args) -> str:
-    """Which default set the run's unset flags took, as the first line of a run says it: TRL's values that are in
-    use (a flag given with another value is not listed, so that the line never names a value the run does not use)."""
+    """Which default set the unset flags took, with TRL's values in use (never one the run does not use)."""
     if args.model_name_or_path is None:
         return "defaults: the built-in task's"
     in_use = " ".join(f"{flag_name(k)} {v:g}" for k, v in TRL_DEFAULTS.items() if getattr(args, k) == v)
@@ -1496,8 +1514,7 @@ def kl_flag_notes(args: Args) -> list[str]:
 
 
 def check_args(args: Args, world_size: int, ckpt: Optional[dict], device: torch.device) -> tuple[int, int, int]:
-    """Every flag's range, checked before any model or task is built. Returns (local_batch_size, batch_size,
-    num_iterations): episodes per iteration on this process and on all."""
+    """Every flag's range, before anything is built. Returns episodes per iteration on this process and on all, and iterations."""
     if ckpt is not None and len(ckpt["resume_state"]) != world_size:
         fail(f"--resume: {args.resume} was written by {len(ckpt['resume_state'])} processes; resume with as many")
     at_least = dict(
@@ -1552,6 +1569,12 @@ def check_args(args: Args, world_size: int, ckpt: Optional[dict], device: torch.
         fail("--fsdp shards the models over torchrun's processes; start the run with torchrun --nproc_per_node N ppo_rlhf.py --fsdp ..., or drop --fsdp")
     local_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.num_minibatches
     batch_size = local_batch_size * world_size
+    if args.baseline == "group" and (args.group_size < 2 or local_batch_size % args.group_size):
+        fail(f"--group-size {args.group_size} must be at least 2 and divide the {local_batch_size} episodes of each process per iteration (--per-device-train-batch-size x --gradient-accumulation-steps x --num-minibatches)")
+    if args.baseline == "gae" and (args.group_size != Args.group_size or args.scale_group_std):
+        fail("--group-size and --scale-group-std are for --baseline group; add it or drop them")
+    if args.baseline == "group" and (args.value_model_path or args.value_head_on_policy):
+        fail("--baseline group trains no value model; drop --value-model-path and --value-head-on-policy, or use --baseline gae")
     if args.total_episodes < batch_size:
         fail(f"--total-episodes {args.total_episodes} is less than one iteration of {batch_size} episodes; raise it")
     return local_batch_size, batch_size, args.total_episodes // batch_size
@@ -1570,8 +1593,7 @@ def configure_torch(args: Args) -> None:
 
 @dataclass
 class Task:
-    """What a run trains on: the models' paths and configs, the tokenizer, the prompts as token ids and as the
-    prompt file's lines (`records`), and the reward functions."""
+    """What a run trains on: models' paths and configs, tokenizer, prompts as ids and as lines (`records`), reward functions."""
 
     policy_path: str
     reward_path: Optional[str]  # None: reward functions only
@@ -1633,7 +1655,9 @@ def load_task(args: Args, rank: int, distributed: bool) -> Task:
     listed = generation_config.eos_token_id if isinstance(generation_config.eos_token_id, list) else [generation_config.eos_token_id]
     eos_ids = list(dict.fromkeys([tokenizer.eos_token_id] + [i for i in listed if i is not None]))
     reward_tokenizer = None if reward_path is None else reward_model_tokenizer(reward_path, reward_config, tokenizer, policy_config)
-    if args.value_head_on_policy:
+    if args.baseline == "group":
+        value_source = (None, None, "--baseline group")
+    elif args.value_head_on_policy:
         value_source = (policy_path, None, "--value-head-on-policy")
     elif args.value_model_path is not None:
         value_source = (args.value_model_path, load_config(args.value_model_path, "--value-model-path", num_labels=1), "--value-model-path")
@@ -1643,7 +1667,7 @@ def load_task(args: Args, rank: int, distributed: bool) -> Task:
         value_config = load_config(policy_path, "--model-name-or-path")
         value_config.num_labels = 1
         value_source = (policy_path, value_config, "--model-name-or-path")
-    lines = [dtypes_line(policy_config, reward_config)]
+    lines = [dtypes_line(policy_config, reward_config, args.baseline == "gae")]
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id in eos_ids:
         # Padding must differ from every EOS, or a real EOS would be masked out. The new id may lie outside the
         # embedding table; model_inputs never looks it up, and save_policy adds a row for it.
@@ -1687,14 +1711,14 @@ def load_task(args: Args, rank: int, distributed: bool) -> Task:
     )  # fmt: skip
 
 
-def dtypes_line(policy_config, reward_config) -> str:
-    line = f"weights: policy, reference and value model in float32 (the policy saved in {saved_dtype(policy_config)})"
+def dtypes_line(policy_config, reward_config, value_model: bool) -> str:
+    line = f"weights: policy, reference{' and value model' if value_model else ''} in float32 (the policy saved in {saved_dtype(policy_config)})"
     return line + (f"; reward model in {saved_dtype(reward_config)}, as saved" if reward_config is not None else "")
 
 
 def held_out_split(records: list[dict], eval_episodes: int) -> tuple[list[dict], list[dict], str]:
-    """(training, evaluation prompts, a line that says so): a fixed split (the same for every seed), at most
-    --eval-episodes and a fifth held out, each part in the file's order; fewer than 5 prompts are not split."""
+    """(training, evaluation prompts, a line saying so): a fixed split, at most --eval-episodes and a fifth held out, in the
+    file's order; fewer than 5 prompts are not split (evaluation reuses training prompts)."""
     n_eval = min(eval_episodes, len(records) // 5)
     if n_eval == 0:
         return records, records[:eval_episodes], f"note: --prompts holds {len(records)} prompts, too few to hold out a fifth; evaluation reuses training prompts (give --eval-prompts)"
@@ -1705,7 +1729,10 @@ def held_out_split(records: list[dict], eval_episodes: int) -> tuple[list[dict],
 
 
 def check_scorer(task: Task, model: nn.Module, flag: str, policy: nn.Module) -> None:
-    """A reward or value model that reads the policy's tokens: a `score` head on a backbone, a row per policy token."""
+    """A reward or value model that reads the policy's tokens: a `score` head on a backbone, an embedding row for every token the
+    policy can sample. No model (--baseline group's value model): nothing to check."""
+    if model is None:
+        return
     if not reads_last_token(model):  # a value model reads the policy's tokens: its own tokenizer is no way out
         own = ", or a reward model with a tokenizer of its own" if flag == "--reward-model-path" else ""
         fail(f"{flag}: {type(model).__name__} has no `score` head on a backbone; pass a decoder model for sequence classification{own}")
@@ -1715,8 +1742,7 @@ def check_scorer(task: Task, model: nn.Module, flag: str, policy: nn.Module) -> 
 
 
 def read_prompts(source: str, flag: str) -> list[dict]:
-    """The prompt lines (records) of a JSONL file or a `datasets` dataset: a "prompt" string or "messages" each (or
-    TRL's conversational "prompt"), and any other fields (for reward functions)."""
+    """The prompt lines (records) of a JSONL file or a `datasets` dataset, with any other fields (for reward functions)."""
     if os.path.isfile(source):
         records = []
         with open(source) as f:
@@ -1788,7 +1814,7 @@ def chat_prompt_text(tokenizer, record: dict, flag: str) -> str:
 
 
 def load_config(path: str, flag: str, num_labels: Optional[int] = None):
-    """The model's config with dropout off (before the model is built: some copy it), with `num_labels` for a scorer."""
+    """The model's config with dropout off (before the model is built: some copy it); a scorer's must have `num_labels`."""
     if not os.path.exists(path) and (os.path.isabs(path) or path.startswith(".") or path.count("/") > 1):
         fail(f"{flag}: {path} does not exist; pass a directory saved with save_pretrained or a hub name")
     try:
@@ -1845,8 +1871,8 @@ def context_size(config) -> Optional[int]:
     return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
 
 
-# Reward functions: plain Python functions with TRL's GRPO reward functions' signature, from the files --reward-fn
-# names. A mistake in one (a missing file or function, a wrong signature, an exception, a bad return) is one line.
+# Reward functions: plain Python functions with the signature of TRL's GRPO reward functions, from --reward-fn's files;
+# a mistake in one (a missing file or function, a wrong signature, an exception, a wrong value) is one line naming it.
 
 REWARD_FN_ARGUMENTS = {"prompts", "completions", "completion_ids"}
 
@@ -1921,17 +1947,17 @@ def call_reward_function(function: RewardFunction, episodes: Episodes) -> list[f
             **episodes.fields,
         )  # fmt: skip
     except Exception as e:
-        fail(f"{name}: the function raised {exception_line(e)}")
+        raise RewardFunctionError(f"{name}: the function raised {exception_line(e)}") from e
     if isinstance(out, (str, bytes, dict)) or not hasattr(out, "__len__"):
-        fail(f"{name}: the function returned a {type(out).__name__}; return a list with a float per completion")
+        raise RewardFunctionError(f"{name}: the function returned a {type(out).__name__}; return a list with a float per completion")
     if len(out) != n:
-        fail(f"{name}: the function returned {len(out)} scores for {n} completions; return one per completion")
+        raise RewardFunctionError(f"{name}: the function returned {len(out)} scores for {n} completions; return one per completion")
     scores = []
     for i, value in enumerate(out):
         if isinstance(value, (np.generic, Tensor)) and np.size(value) == 1:
             value = value.item()
         if value is not None and (not isinstance(value, numbers.Real) or not math.isfinite(value)):
-            fail(f"{name}: the function's score {i} is {value!r}; return finite numbers (or None, which scores 0)")
+            raise RewardFunctionError(f"{name}: the function's score {i} is {value!r}; return finite numbers (or None, which scores 0)")
         scores.append(0.0 if value is None else float(value))
     return scores
 
@@ -1942,7 +1968,7 @@ def exception_line(e: Exception) -> str:
 
 
 def decode(tokenizer, sequences: list[list[int]], skip_special_tokens: bool = False) -> list[str]:
-    """The text of token id lists; ids the tokenizer does not know (an embedding's extra rows, sampled) decode to nothing."""
+    """The text of token id lists; ids the tokenizer does not know (an embedding larger than it) decode to nothing."""
     known = len(tokenizer)
     return tokenizer.batch_decode([[t for t in s if 0 <= t < known] for s in sequences], skip_special_tokens=skip_special_tokens)
 
@@ -2018,8 +2044,7 @@ def reward_model_text(tokenizer, prompt, completion, ended: bool, encoder: bool)
     return (prompt, text) if encoder else prompt + text + (tokenizer.eos_token if ended and tokenizer.eos_token else "")
 
 
-# LoRA through peft: adapters on the policy (wrapped in peft's PeftModel, which disables them for the reference
-# and merges them at the end) and on the value model (injected in place; its head trains too).
+# LoRA through peft: adapters on the policy (peft's PeftModel) and on the value model (injected; its head trains whole).
 
 
 def add_lora(policy: nn.Module, value_model: nn.Module, task: Task, args: Args) -> tuple[nn.Module, nn.Module]:
@@ -2037,18 +2062,18 @@ def add_lora(policy: nn.Module, value_model: nn.Module, task: Task, args: Args) 
             warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False")
             policy = get_peft_model(policy, LoraConfig(task_type="CAUSAL_LM", **config))
             # the value head trains whole, never through an adapter
-            if not isinstance(value_model, PolicyValueHead):  # a head on the policy trains whole, as its backbone's adapters
+            if value_model is not None and not isinstance(value_model, PolicyValueHead):  # a head on the policy trains whole
                 value_model = get_peft_model(value_model, LoraConfig(exclude_modules=["score"], **config)).get_base_model()
     except ValueError as e:  # no default target modules for this architecture, or none of the names in one model
         fail(f"--lora-target-modules: {exception_line(e).rstrip('.')}; name modules of both the policy and the value model (e.g. all-linear)")
-    value_model.score.requires_grad_(True)
+    if value_model is not None:
+        value_model.score.requires_grad_(True)
     return policy, value_model
 
 
 def check_lora_targets(policy: nn.Module, value_model: nn.Module, targets: Optional[list]) -> None:
-    """Every module name given must exist in the policy or the value model (peft only refuses a list of which no
-    name exists in a model): a misspelt name would silently get no adapter."""
-    modules = [(n.rsplit(".", 1)[-1], m) for model in (policy, value_model) for n, m in model.named_modules()]
+    """Every module name given must exist in the policy or the value model (peft would silently skip a misspelt one)."""
+    modules = [(n.rsplit(".", 1)[-1], m) for model in (policy, value_model) if model is not None for n, m in model.named_modules()]
     missing = [t for t in targets or [] if t != "all-linear" and t not in {name for name, _ in modules}]
     if missing:
         linear = sorted({name for name, m in modules if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"})
@@ -2069,8 +2094,8 @@ def adapters_disabled(model: nn.Module):
     return model.disable_adapter() if is_lora(model) else contextlib.nullcontext()
 
 
-# Large vocabularies: fp32 logits of a batch (x 151,936 for Qwen2.5) would be the memory peak, so above LOGITS_CHUNK_BYTES
-# they come from the final hidden states a chunk of positions at a time, recomputed in the backward pass, not kept.
+# Large vocabularies: fp32 logits above LOGITS_CHUNK_BYTES are computed from the final hidden states a chunk of
+# positions at a time, recomputed in the backward pass rather than kept; sampling then keeps no logits.
 
 LOGITS_CHUNK_BYTES = 2**26
 
@@ -2091,8 +2116,8 @@ def lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
 
 @torch.no_grad()
 def check_logits_from_hidden(*models: nn.Module) -> None:
-    """Marks each model whose logits are its output layer on its backbone's last hidden state (checked on a few tokens),
-    which chunked_response_logprobs reproduces; one that post-processes them (Gemma's soft-capping) keeps full logits."""
+    """Marks each model whose logits are its output layer on its backbone's last hidden state (checked on a few tokens);
+    a model that post-processes them (Gemma's soft-capping) keeps the full logits, with a note."""
     for model in models:
         backbone, head = lm_parts(model)
         ids = torch.arange(8, device=head.weight.device)[None] % vocab_rows(model)
@@ -2106,8 +2131,7 @@ def check_logits_from_hidden(*models: nn.Module) -> None:
 def chunked_response_logprobs(
     model: nn.Module, inputs: dict, tokens: Tensor, context_length: int, temperature: float, pad_id: int
 ) -> tuple[Tensor, Tensor]:
-    """lm_response_logprobs from the backbone's hidden states, LOGITS_CHUNK_BYTES of logits at a time (under autograd
-    each chunk recomputed in the backward pass instead of kept)."""
+    """lm_response_logprobs from the hidden states, LOGITS_CHUNK_BYTES of logits at a time, each recomputed in the backward."""
     backbone, head = lm_parts(model)
     hidden = backbone(**inputs, use_cache=False).last_hidden_state[:, context_length - 1 : -1]
     rows = max(1, LOGITS_CHUNK_BYTES // (4 * vocab_rows(model)))
@@ -2129,14 +2153,13 @@ def head_logprobs(head: nn.Module, hidden: Tensor, tokens: Tensor, temperature: 
     return logprobs_from_logits(logits, tokens), entropy_from_logits(logits)
 
 
-# Flat parameters: on small models a call per tensor costs more than the arithmetic, so the policy's and the
-# value model's parameters live in one flat tensor and Adam, the clip and the all-reduce are one call each.
+# Flat parameters: on small models a call per tensor costs more than the arithmetic: one flat tensor, one Adam call.
 
 
 class FlatParameters:
-    """`param` holds every given parameter: each one's .data is a view into `param`, its .grad a view into `param.grad`
-    (backward accumulates in place). After optimizer.zero_grad() or model.zero_grad() (.grad set to None) a hook on each
-    parameter restores the views, zeroed; check_grads() copies back a .grad replaced by another tensor, notes one None."""
+    """`param` holds every given parameter: each one's .data and .grad are views into `param` and `param.grad`.
+    After optimizer.zero_grad() or model.zero_grad() a hook restores the views, zeroed, before the next gradient;
+    check_grads(), before the clip, copies back a .grad replaced by another tensor and notes one left None."""
 
     def __init__(self, params: list[nn.Parameter]):
         if len({p.dtype for p in params}) > 1:  # torch.cat would silently promote them to one
@@ -2191,9 +2214,8 @@ class FlatParameters:
             p.grad = view
 
 
-# The built-in offline task: a hidden Markov-chain language, an SFT model trained on its corpus, a hidden gold
-# reward, Bradley-Terry preference labels on SFT samples, and a reward model trained on them. The models are
-# saved as ordinary Hugging Face checkpoints and then go through the same PPO code as real checkpoints.
+# The built-in offline task: a hidden Markov-chain language, an SFT model trained on its corpus, a hidden gold reward,
+# Bradley-Terry labels on SFT samples and a reward model trained on them, saved as ordinary Hugging Face checkpoints.
 
 BUILTIN_SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 BUILTIN_RESPONSE_LENGTH = 16  # longest response in the corpus
@@ -2208,8 +2230,7 @@ def builtin_cache_dir(args: Args) -> str:
 
 
 def builtin_language(vocab_size: int, seed: int) -> dict[str, np.ndarray]:
-    """Hidden language: sparse word transitions without self-loops (SFT samples never repeat a word right after
-    itself), a per-word stop probability, and a hidden per-word quality."""
+    """Hidden language: sparse word transitions without self-loops, a per-word stop probability and a hidden quality."""
     rng = np.random.default_rng(seed)
     transition = np.zeros((vocab_size, vocab_size))
     for w in range(vocab_size):
@@ -2240,9 +2261,8 @@ def builtin_sample(lang: dict, n: int, prompt_length: int, rng: np.random.Genera
 
 
 def builtin_gold_score(lang: dict, prompt: list[int], response: list[Optional[int]]) -> float:
-    """Hidden gold reward of a response (words, None for EOS): mean word quality, plus relevance (share of words from
-    the prompt), minus a penalty for words repeated right after themselves (which SFT samples never show, so the
-    reward model cannot learn it: the policy exploits it when the KL budget is loose) and a missing-EOS penalty."""
+    """Hidden gold reward of a response (words, None for EOS): mean word quality + relevance (share of prompt words) - 3 x
+    immediate repetitions (SFT never shows them, so the reward model cannot learn it) - 1 without EOS."""
     ended = None in response
     words = response[: response.index(None)] if ended else response
     if not words:  # an empty answer
@@ -2261,9 +2281,7 @@ def builtin_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     vocab = {tok: i for i, tok in enumerate(BUILTIN_SPECIALS + [f"w{i}" for i in range(vocab_size)])}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>")
 
 
 def builtin_words(ids: list[int], eos_id: int, pad_id: int) -> list[Optional[int]]:
@@ -2307,8 +2325,7 @@ def builtin_task(args: Args, cache_dir: str) -> dict:
     width = max(map(len, seqs))
     corpus = torch.tensor([s + [pad_id] * (width - len(s)) for s in seqs])
 
-    # 2. SFT: a tiny GPT-2 built from a config, trained as a language model on the corpus. Its activation is
-    # the exact (erf) GELU, which the CPU computes faster than GPT-2's tanh approximation.
+    # 2. SFT: a tiny GPT-2 from a config, trained on the corpus; exact (erf) GELU, faster on CPU than the tanh one.
     config = GPT2Config(
         vocab_size=len(tokenizer), n_positions=64, n_embd=64, n_layer=2, n_head=4, activation_function="gelu",
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
@@ -2334,8 +2351,7 @@ def builtin_task(args: Args, cache_dir: str) -> dict:
     times["sft_s"] = time.time() - t0
     print(f"built-in task: SFT model trained in {times['sft_s']:.0f}s (final LM loss {loss.item():.3f})")
 
-    # 3. Preferences: two SFT samples per prompt, labelled by a Bradley-Terry draw on the gold
-    # reward (noisy like human labels); the temperature is a fraction of the gold spread.
+    # 3. Preferences: two SFT samples per prompt, labelled by a Bradley-Terry draw on the gold reward (noisy labels).
     t0 = time.time()
     n_pairs = args.task_preference_pairs
     pair_prompts, _ = builtin_sample(lang, n_pairs, P, rng)
@@ -2377,8 +2393,7 @@ def builtin_task(args: Args, cache_dir: str) -> dict:
         s = sequence_scores(rm, torch.cat([chosen[test], rejected[test]]), pad_id, P)
         decided = gold_margin[test] != 0  # accuracy against the gold order, not the noisy labels
         rm_accuracy = ((s[:n_test] > s[n_test:]) == (gold_margin[test] > 0))[decided].float().mean().item()
-        # Normalise the score so SFT samples have mean 0 and std 1. GPT-2's score head has no bias:
-        # scale its weight, and shift through the final layer norm's bias along the head's direction.
+        # SFT samples' scores to mean 0, std 1: the head (no bias) scaled, the final norm's bias shifted along it.
         all_scores = sequence_scores(rm, seq, pad_id, P)
         mean, std = all_scores.mean(), all_scores.std()
         rm.score.weight /= std

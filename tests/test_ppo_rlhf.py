@@ -110,6 +110,27 @@ def test_gae_against_naive_loop(gamma, lam):
         assert (advantages[i, n:] == 0).all() and (returns[i, n:] == 0).all()
 
 
+def test_group_advantages_hand_computed_and_against_a_naive_loop():
+    """RLOO: each return minus the mean of the other k - 1 returns of its group (k consecutive responses); with
+    scale_std divided by the group's (unbiased) std + 1e-4, as GRPO."""
+    returns = torch.tensor([1.0, 2.0, 3.0, 6.0, 0.0, 0.0, 1.0, -1.0])
+    expected = [1 - 11 / 3, 2 - 10 / 3, 3 - 3, 6 - 2, 0.0, 0.0, 1 + 1 / 3, -1 - 1 / 3]
+    assert P.group_advantages(returns, 4, scale_std=False).tolist() == pytest.approx(expected, abs=1e-6)
+    stds = [math.sqrt(14 / 3)] * 4 + [math.sqrt(2 / 3)] * 4
+    assert P.group_advantages(returns, 4, scale_std=True).tolist() == pytest.approx([a / (s + 1e-4) for a, s in zip(expected, stds)], abs=1e-6)
+    returns = torch.randn(12, generator=torch.Generator().manual_seed(0))
+    naive = []
+    for i, r in enumerate(returns.tolist()):
+        group = returns[i // 3 * 3 : i // 3 * 3 + 3].tolist()
+        naive.append(r - (sum(group) - r) / 2)
+    assert P.group_advantages(returns, 3, scale_std=False).tolist() == pytest.approx(naive, abs=1e-6)
+    # what train() hands it: the KL-shaped return of each response, score - kl_coef * summed KL (TRL's RLOO)
+    g, _, mask = random_batch(B=4, T=5, seed=3)
+    logprobs, ref_logprobs, scores = torch.randn(4, 5, generator=g), torch.randn(4, 5, generator=g), torch.randn(4, generator=g)
+    rewards, kl, _ = P.shape_rewards(logprobs, ref_logprobs, scores, mask, 0.1, "k1")
+    assert rewards.sum(1).tolist() == pytest.approx((scores - 0.1 * torch.where(mask, logprobs - ref_logprobs, 0.0).sum(1)).tolist(), abs=1e-5)
+
+
 def test_whiten_over_valid_tokens_only():
     g, _, mask = random_batch(B=5, T=6, seed=3)
     x = torch.randn(5, 6, generator=g) * 3 + 2
@@ -848,6 +869,77 @@ def test_two_process_gloo_run(real_models, tmp_path):
     train = [m for m in metrics if "objective/kl" in m]
     assert [m["episode"] for m in train] == [16, 32]
     assert all(m["objective/kl"] >= 0 for m in train)  # k3 is never negative, k1 can be
+
+
+CRASHING_REWARD = """
+import os
+
+def length(prompts, completions, completion_ids, **kwargs):
+    path = os.environ["CALLS"]
+    calls = int(open(path).read()) + 1 if os.path.exists(path) else 1
+    open(path, "w").write(str(calls))
+    if calls == int(os.environ.get("CRASH_AT", "0")):
+        raise ConnectionError("the reward server went away")
+    return [len(ids) / 10 for ids in completion_ids]
+"""
+
+
+@pytest.mark.parametrize("baseline", ["gae", "group"])
+def test_a_crash_keeps_the_last_iteration_and_resume_continues_exactly(real_models, tmp_path, monkeypatch, capsys, baseline):
+    """A reward function that raises on its 9th call (the rollout of iteration 3: 2 calls per rollout and per
+    evaluation, evaluations at 0 and 2), with the default --save-every 0: one line naming the checkpoint of iteration
+    2, exit 2, and --resume gives the uninterrupted run's metrics. Out of memory in the update: the same before the
+    update's first step (exit 1, its traceback, then the line); after some steps, the checkpoint holds them and says
+    the resumed run is not exact."""
+    import tyro
+
+    (tmp_path / "rewards.py").write_text(CRASHING_REWARD)
+    extra = ["--reward-fn", f"{tmp_path / 'rewards.py'}:length"] + (["--baseline", "group"] if baseline == "group" else [])
+    env = {**ENV, "CALLS": str(tmp_path / "calls")}
+    flags = lambda runs: real_flags(real_models, tmp_path / runs, *extra)  # noqa: E731
+    ref = subprocess.run([sys.executable, SCRIPT, *flags("ref")], env=env, capture_output=True, text=True, timeout=240)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    _, ref_metrics = read_metrics(tmp_path / "ref")
+    os.remove(tmp_path / "calls")
+    crash = subprocess.run([sys.executable, SCRIPT, *flags("crash")], env={**env, "CRASH_AT": "9"}, capture_output=True, text=True, timeout=240)
+    run_dir, _ = read_metrics(tmp_path / "crash")
+    path = os.path.join(run_dir, "checkpoint.pt")
+    assert_one_line_error(crash.returncode, crash.stderr, "--reward-fn")
+    assert f"ConnectionError: the reward server went away; checkpoint of iteration 2 written; --resume {path} continues exactly" in crash.stderr
+    assert torch.load(path, weights_only=True)["iteration"] == 2
+    resumed = subprocess.run([sys.executable, SCRIPT, "--resume", path], env=env, capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert without_timing(read_metrics(tmp_path / "crash")[1]) == without_timing(ref_metrics)
+
+    if baseline == "group":
+        return
+    monkeypatch.setenv("CALLS", str(tmp_path / "calls"))
+    monkeypatch.delenv("CRASH_AT", raising=False)
+    for runs, where, how in (("oom", "ppo_update", "exactly"), ("late_oom", "check_weights", "(not exactly: its weights hold the 3 optimizer steps")):
+        calls, original = [], getattr(P, where) if where == "ppo_update" else P.NonFiniteGuard.check_weights
+
+        def out_of_memory(*a, original=original, calls=calls, limit=3 if where == "ppo_update" else 2 * 4 + 3):
+            calls.append(1)
+            if len(calls) == limit:  # the update of iteration 3 (before its first step, or after its 3rd)
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return original(*a)
+
+        with monkeypatch.context() as m:
+            m.setattr(*((P, "ppo_update") if where == "ppo_update" else (P.NonFiniteGuard, "check_weights")), out_of_memory)
+            with pytest.raises(SystemExit) as exit_info:
+                P.train(tyro.cli(P.Args, args=flags(runs)))
+        err = capsys.readouterr().err
+        run_dir, _ = read_metrics(tmp_path / runs)
+        path = os.path.join(run_dir, "checkpoint.pt")
+        assert exit_info.value.code == 1 and "Traceback" in err
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("error: OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB (lower --local-rollout-forward-batch-size")
+        assert f"checkpoint of iteration 2 written; --resume {path} continues {how}" in last
+        P.train(tyro.cli(P.Args, args=["--resume", path]))
+        if how == "exactly":
+            assert without_timing(read_metrics(tmp_path / runs)[1]) == without_timing(ref_metrics)
+        else:
+            assert [m["episode"] for m in read_metrics(tmp_path / runs)[1] if "objective/kl" in m] == [8 * i for i in range(1, 7)]
 
 
 CHECKPOINT_KEYS = {
@@ -1644,6 +1736,43 @@ def test_value_model_path(qwen_models, other_reward_models, tmp_path, capsys):
     err = capsys.readouterr().err
     assert_one_line_error(exit_info.value.code, err, "--value-model-path")
     assert "BertForSequenceClassification has no `score` head" in err and "tokenizer of its own" not in err
+
+
+def test_group_baseline_builds_no_value_model(real_models, tmp_path, monkeypatch, capsys):
+    """--baseline group: k responses to each prompt side by side; no value model loaded, run, stepped or saved (the
+    only scorer loaded and run is the reward model, Adam steps the policy's parameters alone, the checkpoint holds
+    no value weights); no value metrics; a group size that does not divide the batch is one line."""
+    import tyro
+
+    loaded, scored, queries_seen = [], [], []
+    load_model, token_scores, rollout = P.load_model, P.token_scores, P.rollout
+    monkeypatch.setattr(P, "load_model", lambda cls, path, *a, **k: loaded.append((cls.__name__, path)) or load_model(cls, path, *a, **k))
+    monkeypatch.setattr(P, "token_scores", lambda model, *a: scored.append(type(model).__name__) or token_scores(model, *a))
+    monkeypatch.setattr(P, "rollout", lambda policy, ref, reward, value, queries, *a: queries_seen.append(queries) or rollout(policy, ref, reward, value, queries, *a))
+    P.train(tyro.cli(P.Args, args=real_flags(real_models, tmp_path / "runs", "--baseline", "group", "--group-size", "4", "--total-episodes", "16")))
+    out = capsys.readouterr().out
+    assert "; baseline group: 4 responses per prompt, RLOO): 8 episodes per iteration" in out.splitlines()[0]
+    assert "value model: none (--baseline group)" in out
+    assert [cls for cls, _ in loaded] == ["AutoModelForCausalLM", "AutoModelForCausalLM", "AutoModelForSequenceClassification"]
+    assert set(scored) == {"LlamaForSequenceClassification"}  # the reward model, the only scorer that runs
+    for queries in queries_seen:  # groups of 4 copies of a prompt; 2 prompts per iteration
+        groups = queries.view(2, 4, -1)
+        assert (groups == groups[:, :1]).all() and not torch.equal(groups[0, 0], groups[1, 0])
+    run_dir, metrics = read_metrics(tmp_path / "runs")
+    ckpt = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
+    assert ckpt["value_model"] is None
+    (state,) = ckpt["optimizer"]["state"].values()
+    assert state["exp_avg"].numel() == sum(p.numel() for p in tiny_gpt2().parameters())  # the policy's alone
+    train = [m for m in metrics if "objective/kl" in m]
+    assert len(train) == 2 and all(set(m) == TRAIN_KEYS - {"loss/value_avg", "val/clipfrac_avg"} for m in train)
+    with pytest.raises(SystemExit) as exit_info:
+        P.train(tyro.cli(P.Args, args=real_flags(real_models, tmp_path / "bad", "--baseline", "group", "--group-size", "3")))
+    assert_one_line_error(exit_info.value.code, capsys.readouterr().err, "--group-size 3 must be at least 2 and divide the 8 episodes")
+    for flags in (["--group-size", "4"], ["--baseline", "group", "--value-head-on-policy"]):
+        with pytest.raises(SystemExit) as exit_info:
+            P.train(tyro.cli(P.Args, args=real_flags(real_models, tmp_path / "bad", *flags)))
+        assert_one_line_error(exit_info.value.code, capsys.readouterr().err, "--baseline group")
+    assert not (tmp_path / "bad").exists()
 
 
 def test_a_reward_model_sharing_the_tokenizer_reads_tokens_without_decoding(monkeypatch):
