@@ -462,6 +462,18 @@ fig(README, "a Beta policy on InvertedPendulum-v5 {:.2f}x CleanRL's Gaussian, an
     lambda d: (d["summary"]["InvertedPendulum Beta"]["median_ratio"], d["beta_learning"]["first_step_mean_of_10_returns_at_least_900"] / 1000, d["beta_learning"]["eval_return_10_episodes"]))
 
 
+def baseline_row(d, setting):
+    runs = sorted((r for r in d["runs"] if r["setting"] == setting), key=lambda r: r["seed"])
+    return (pm([r["gold"] for r in runs], 3), pm([r["kl"] for r in runs], 2), per([r["eps"] for r in runs], 1, " / "), pm([r["wall_s"] for r in runs]))
+
+
+fig(README, "| baseline | final gold score (SFT {:.3f}) |", "rlhf/baselines.json", lambda d: statistics.mean(r["sft_gold"] for r in d["runs"]))
+fig(README, "| `gae` (value model, GAE) | {} | {} | {} | {} |", "rlhf/baselines.json", lambda d: baseline_row(d, "gae"))
+for size in (2, 4):
+    fig(README, f"| `group`, k = {size} | {{}} | {{}} | {{}} | {{}} |", "rlhf/baselines.json", lambda d, size=size: baseline_row(d, f"group k={size}"))
+not_measured(README, "the same setting moved by up to 5x between seeds", "a reading of the per-seed episodes/s of the table above it")
+
+
 def gpu(tsv, run):
     row = next(line.split("\t") for line in tsv.splitlines() if line.startswith(run + "\t"))
     return float(row[3])
