@@ -258,7 +258,11 @@ def test_one_update_under_fsdp_equals_the_unsharded_update(update_results):
             assert flat[model].keys() == sharded[model].keys()
             for name, value in flat[model].items():
                 torch.testing.assert_close(sharded[model][name], value, rtol=RTOL, atol=ATOL, msg=f"{mode} {model} {name}")
-        assert sharded_stats == pytest.approx(flat_stats, rel=RTOL, abs=ATOL)
+        # A clip fraction counts tokens: one whose value sits at the clip boundary (old + (new - old) rounds away from new)
+        # may count in one path and not the other, so those statistics may differ by a token (1/64 here), no more.
+        counts = {k for k in flat_stats if k.endswith("clipfrac_avg")}
+        assert {k: v for k, v in sharded_stats.items() if k not in counts} == pytest.approx({k: v for k, v in flat_stats.items() if k not in counts}, rel=RTOL, abs=ATOL)
+        assert {k: sharded_stats[k] for k in counts} == pytest.approx({k: flat_stats[k] for k in counts}, abs=1 / 64 + ATOL)
 
 
 def test_a_nan_in_one_process_shard_is_seen_by_every_process(update_results):
