@@ -87,25 +87,25 @@ class Args:
     """torch device: `auto` (a GPU for the Atari CNN, the CPU for an MLP: faster there) or e.g. `cpu`, `cuda:1`"""
     num_threads: int = 0
     """torch CPU threads per process; 0 picks 1, for the MLP and the CNN alike (more stall beside a busy core)"""
-    track: bool = False
+    track: bool = False  # optional: wandb
     """if toggled, log to Weights and Biases (metrics land in runs/{run_name}/metrics.jsonl either way)"""
-    wandb_project_name: str = "ppo"
+    wandb_project_name: str = "ppo"  # optional: wandb
     """the wandb project name"""
-    wandb_entity: Optional[str] = None
+    wandb_entity: Optional[str] = None  # optional: wandb
     """the wandb entity (team or user)"""
-    capture_video: bool = False
+    capture_video: bool = False  # optional: video, evaluation
     """if toggled, record the first evaluation episode to runs/{run_name}/videos/"""
     runs_dir: str = "runs"
     """folder that holds runs/{run_name}/ (metrics, args, checkpoints, videos)"""
     save_every: int = 0
     """write a checkpoint every this many iterations (0: only at the end and on Ctrl-C/SIGTERM)"""
-    resume: Optional[str] = None
+    resume: Optional[str] = None  # optional: resume
     """checkpoint.pt of your own run to continue (hyperparameters come from it); unpickles env/RNG state, which can run code"""
-    eval_episodes: int = 10
+    eval_episodes: int = 10  # optional: evaluation
     """episodes played by the final policy after training (0: no evaluation)"""
-    eval_stochastic: bool = False
+    eval_stochastic: bool = False  # optional: evaluation
     """if toggled, evaluation samples actions; by default it takes the most likely action"""
-    eval_checkpoint: Optional[str] = None
+    eval_checkpoint: Optional[str] = None  # optional: evaluation
     """evaluate this checkpoint's policy for --eval-episodes and exit; reads weights only (weights_only=True)"""
 
 
@@ -126,11 +126,11 @@ def is_atari(env_id: str) -> bool:
 def make_envs(env_id: str, num_envs: int, env_kwargs: dict, render: bool = False) -> gym.vector.VectorEnv:
     """Vector env in NEXT_STEP autoreset mode. Atari goes through ale-py's C++ AtariVectorEnv
     (noop reset 30, frame skip 4 with max-pool, 84x84 grayscale, 4-frame stack, fire reset),
-    as AtariGames: FIRE after a lost life too; its rewards stay raw so the logged return is the
+    as AtariLostLivesAndFire: FIRE after a lost life too; its rewards stay raw so the logged return is the
     game score, and the rollout clips them to their sign and turns life losses into terminations."""
     if is_atari(env_id):
         kwargs = {"repeat_action_probability": gym.spec(env_id).kwargs.get("repeat_action_probability", 0.25), **env_kwargs}
-        return AtariGames(gym.spec(env_id).kwargs["game"], num_envs, autoreset_mode=AutoresetMode.NEXT_STEP,
+        return AtariLostLivesAndFire(gym.spec(env_id).kwargs["game"], num_envs, autoreset_mode=AutoresetMode.NEXT_STEP,
                           reward_clipping=False, episodic_life=False, **kwargs)  # fmt: skip
     kwargs = {"vectorization_mode": "sync", "vector_kwargs": {"autoreset_mode": AutoresetMode.NEXT_STEP}, **env_kwargs}
     return gym.make_vec(env_id, num_envs, wrappers=[flat_observations], **kwargs, **({"render_mode": "rgb_array"} if render else {}))
@@ -312,8 +312,7 @@ def ppo_update(
 
             optimizer.zero_grad()
             loss.backward()
-            if dist.is_initialized():  # torchrun: every process applies the mean gradient
-                average_gradients(agent)
+            average_gradients(agent)  # every process applies the mean gradient  # optional: torchrun
             grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
             if guard.skip(loss, grad_norm, agent, epoch, m):  # a non-finite loss or gradient is never stepped
                 continue
@@ -324,8 +323,7 @@ def ppo_update(
 
         if args.target_kl is not None:
             epoch_kl = torch.stack(stats["approx_kl"][-args.num_minibatches :]).mean()
-            if dist.is_initialized():
-                epoch_kl = mean_across_ranks(epoch_kl)
+            epoch_kl = mean_across_ranks(epoch_kl)  # optional: torchrun
             if epoch_kl > args.target_kl:
                 break
     guard.check_weights(agent, epoch, m)
@@ -355,11 +353,12 @@ class Carry:
 
 
 def train(args: Args) -> None:
-    ckpt, args = load_resume(args)  # for --resume: the checkpoint, and the run's own hyperparameters
+    ckpt, start_iteration, global_step, rank, world_size = None, 1, 0, 0, 1  # a new run in one process
+    ckpt, args = load_resume(args)  # the checkpoint, and the run's own hyperparameters  # optional: resume
     env_kwargs = check_env(args.env_id, args.env_kwargs)
     atari = is_atari(args.env_id)
     device, device_reason = pick_device(args.device, gpu_pays=atari)
-    distributed, rank, world_size = init_distributed(device)
+    rank, world_size = init_distributed(device)  # optional: torchrun
     set_num_threads(args.num_threads)
     batch_size, minibatch_size, num_iterations = check_args(args, world_size)
 
@@ -370,8 +369,7 @@ def train(args: Args) -> None:
     obs_space, n_actions = envs.single_observation_space, action_counts(envs.single_action_space)
     agent = Agent(obs_space, n_actions, atari).to(device)
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=device.type in ("cpu", "cuda"))
-    if distributed:
-        broadcast_parameters(agent)
+    broadcast_parameters(agent)  # optional: torchrun
 
     # Rollout storage in numpy; step t is the transition obs[t] -> obs[t+1]. It moves to the device
     # once per iteration, not once per step.
@@ -381,11 +379,11 @@ def train(args: Args) -> None:
     masks = np.ones((args.num_steps, args.num_envs, sum(agent.nvec)), dtype=bool)
 
     carry = Carry.start(envs, args.seed + rank * args.num_envs, args.action_masks)
-    start_iteration, global_step, carry = restore_checkpoint(ckpt, agent, optimizer, envs, rng, carry, rank, world_size)
-    policy, logger = RolloutPolicy(agent, device, rng, carry.next_obs, carry.next_mask), Logger(args, ckpt, rank)
+    start_iteration, global_step, carry = restore_checkpoint(ckpt, agent, optimizer, envs, rng, carry, rank, world_size)  # optional: resume
+    policy, logger = RolloutPolicy(agent, device, rng), Logger(args, ckpt, rank)
+    policy = FastRolloutPolicy(agent, device, rng, carry.next_obs, carry.next_mask)  # numpy code of the MLP  # optional: fast-path
     guard = NonFiniteGuard(logger.checkpoint_path)
-    print0(f"{logger.run_name}: {num_iterations} iterations of {batch_size} steps x {world_size} process(es), {args.num_minibatches} "
-           f"minibatches of {minibatch_size}, {args.update_epochs} epochs, device {device} ({device_reason}), {torch.get_num_threads()} torch thread(s)")  # fmt: skip
+    logger.first_line(args, num_iterations, batch_size, minibatch_size, world_size, f"{device} ({device_reason})", ckpt)
     stop_requested = install_stop_handlers(device)
 
     with CrashCheckpoint(logger, args, agent, optimizer, carry, rng, envs, guard):  # an exception: the last update kept
@@ -396,15 +394,15 @@ def train(args: Args) -> None:
                 optimizer.param_groups[0]["lr"] = frac * args.learning_rate
 
             # 2. Rollout: num_steps steps of num_envs envs with the current policy (Agent.get_action_and_value).
-            policy.refresh(carry.next_obs, carry.next_mask)
+            policy.refresh(carry.next_obs, carry.next_mask)  # optional: fast-path
             for step in range(args.num_steps):
                 global_step += args.num_envs * world_size
                 obs[step], masks[step] = carry.next_obs, carry.next_mask
                 valid[step] = ~carry.next_reset  # an autoreset step (or Atari's FIRE) is no decision of the policy's
                 actions[step], logprobs[step], values[step] = policy.act(carry.next_obs, carry.next_mask, global_step)
                 carry.next_obs, reward, term, trunc, info = envs.step(actions[step])
-                carry.next_mask = valid_actions(info, args.num_envs, n_actions, global_step, args.action_masks)
-                ended = term | trunc
+                ended = term | trunc  # an episode's last observation: its mask goes unused (the next step resets)
+                carry.next_mask = valid_actions(info, args.num_envs, n_actions, global_step, args.action_masks, ended)
                 logger.episodes(global_step, carry, reward, ended)
                 carry.next_reset = ended
                 if atari:  # a lost life ends the trace for GAE; the game goes on, relaunched by FIRE (no decision of the policy's)
@@ -430,18 +428,17 @@ def train(args: Args) -> None:
             stats["losses/explained_variance"] = explained_variance(values.reshape(-1)[keep], returns.reshape(-1)[keep])
             stats["charts/learning_rate"] = optimizer.param_groups[0]["lr"]
             logger.iteration(iteration, num_iterations, global_step, stats)
-            stop = stop_requested()
-            if stop or iteration == num_iterations or (args.save_every and iteration % args.save_every == 0):
-                save_checkpoint(logger, args, agent, optimizer, iteration, global_step, carry, rng, envs)
-            if stop:
-                exit_interrupted(logger, global_step, envs)
+            save_when_due(stop_requested(), logger, args, agent, optimizer, iteration, num_iterations, global_step, carry, rng, envs)
 
     finish(agent, args, device, logger, envs, global_step)
 
 
-# Infrastructure: nothing below changes what PPO computes; a research copy can drop what it does not need.
-# Run folder and logging (wandb), checkpoints and resume, signals, device and torchrun helpers, evaluation
-# and video, argument checks, env pickling, the rollout's policy derived as numpy code.
+# Infrastructure: nothing below changes what PPO computes, but for the calls above named for it: flat_observations (what
+# the network sees), valid_actions (the masks), AtariLostLivesAndFire (lost lives, FIRE steps); the fast path samples the same
+# policy with other random numbers. A copy runs without a section headed `# --- optional: NAME ---` and each line marked
+# `# optional: NAME` (tests/droppable.py deletes them).
+
+# --- Run folder and logging ---
 
 
 def print0(*values, file=None) -> None:
@@ -464,25 +461,23 @@ class Logger:
     """The run folder. Rank 0 writes args.json and metrics.jsonl (wandb with --track), prints the progress line; others log nothing."""
 
     def __init__(self, args: Args, ckpt: Optional[dict], rank: int):
-        if ckpt is not None:  # a resumed run continues in the folder that holds its checkpoint, wherever it moved
-            self.run_name, self.run_dir = ckpt["run_name"], os.path.dirname(os.path.abspath(args.resume))
-        else:
-            self.run_name = f"{args.env_id.replace('/', '_').replace(':', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-            self.run_dir = os.path.join(args.runs_dir, self.run_name)
+        self.run_name = f"{args.env_id.replace('/', '_').replace(':', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        self.run_dir, self.wandb_id, self.start_step = os.path.join(args.runs_dir, self.run_name), None, 0
+        if ckpt is not None:  # continues in the folder that holds its checkpoint, wherever it moved  # optional: resume
+            self.run_name, self.run_dir, self.wandb_id, self.start_step = ckpt["run_name"], os.path.dirname(os.path.abspath(args.resume)), ckpt["wandb_id"], ckpt["global_step"]  # fmt: skip
         self.checkpoint_path = os.path.join(self.run_dir, "checkpoint.pt")
         self.rank, self.recent_returns, self.last = rank, deque(maxlen=20), None  # last: the last update's (iteration, step, log size)
-        self.wandb_id, self.wandb_run, self.file = (ckpt["wandb_id"] if ckpt else None), None, None
-        self.start_time, self.start_step = time.time(), (ckpt["global_step"] if ckpt else 0)
+        self.wandb_run, self.file, self.start_time = None, None, time.time()
         if rank != 0:
             return
         os.makedirs(self.run_dir, exist_ok=True)
         with open(os.path.join(self.run_dir, "args.json"), "w") as f:
             json.dump(asdict(args), f, indent=2)
         metrics_path = os.path.join(self.run_dir, "metrics.jsonl")
-        if ckpt is not None and os.path.exists(metrics_path):
-            with open(metrics_path, "r+") as f:  # so the resumed log equals an uninterrupted one
+        if ckpt is not None and os.path.exists(metrics_path):  # so the resumed log equals an uninterrupted one  # optional: resume
+            with open(metrics_path, "r+") as f:
                 f.truncate(ckpt["metrics_offset"])
-        if args.track:
+        if args.track:  # optional: wandb
             import wandb
 
             self.wandb_run = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args), name=self.run_name,
@@ -498,7 +493,7 @@ class Logger:
         record = {"global_step": global_step, **metrics}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
-        if self.wandb_run is not None:
+        if self.wandb_run is not None:  # optional: wandb
             self.wandb_run.log(record)
 
     def episodes(self, global_step: int, carry: "Carry", reward: np.ndarray, ended: np.ndarray) -> None:
@@ -522,14 +517,20 @@ class Logger:
             print(f"iteration {iteration}/{num_iterations} | global_step {global_step:,} | SPS {sps:,} "
                   f"| episodic_return (last {len(self.recent_returns)}) {recent}", flush=True)  # fmt: skip
 
+    def first_line(self, args: Args, num_iterations: int, batch_size: int, minibatch_size: int, world_size: int, device: str, ckpt: Optional[dict]) -> None:
+        resumed = f"resumed from {args.resume} at iteration {ckpt['iteration']}; " if ckpt else ""
+        print0(f"{self.run_name}: {resumed}{num_iterations} iterations of {batch_size} steps x {world_size} process(es), {args.num_minibatches} "
+               f"minibatches of {minibatch_size}, {args.update_epochs} epochs, device {device}, {torch.get_num_threads()} torch thread(s)")  # fmt: skip
+
     def finish(self) -> None:
-        if self.wandb_run is not None:
+        if self.wandb_run is not None:  # optional: wandb
             self.wandb_run.finish()
         if self.rank == 0:
             print(f"done: {self.run_dir} ({', '.join(n for n in ('metrics.jsonl', 'args.json', 'checkpoint.pt', 'videos/') if os.path.exists(os.path.join(self.run_dir, n)))})")
 
 
-# Checkpoints: one checkpoint.pt per run. Everything but "resume_state" loads with weights_only=True (a policy can be evaluated
+# --- Checkpoints ---
+# One checkpoint.pt per run. Everything but "resume_state" loads with weights_only=True (a policy can be evaluated
 # without running pickled code); "resume_state" holds pickled per-rank state (RNGs, envs, Carry) that only --resume reads.
 CHECKPOINT_KEYS = ("args", "run_name", "iteration", "global_step", "wandb_id", "metrics_offset", "agent", "optimizer", "n_actions", "resume_state")
 
@@ -546,7 +547,7 @@ def save_checkpoint(
     global_rngs = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     mine = {"carry": vars(carry), "rng": rng.bit_generator.state, "global_rngs": global_rngs, "envs": None if crash else env_state(envs), "crash": crash}
     ranks = [mine]
-    if dist.is_initialized():
+    if dist.is_initialized():  # optional: torchrun
         ranks = [None] * dist.get_world_size()
         dist.all_gather_object(ranks, mine)
     if logger.rank != 0:
@@ -562,6 +563,14 @@ def save_checkpoint(
     os.replace(tmp, logger.checkpoint_path)
 
 
+def save_when_due(stop: bool, logger: Logger, args: Args, agent: Agent, optimizer, iteration: int, num_iterations: int, *state) -> None:
+    """Checkpoint every --save-every iterations, at the end and when asked to stop (then exit 130); state: global_step, carry, rng, envs."""
+    if stop or iteration == num_iterations or (args.save_every and iteration % args.save_every == 0):
+        save_checkpoint(logger, args, agent, optimizer, iteration, *state)
+    if stop:
+        exit_interrupted(logger, state[0], state[-1])
+
+
 def load_checkpoint(path: str, flag: str, keys: tuple[str, ...] = CHECKPOINT_KEYS) -> dict:
     """The checkpoint loaded with weights_only=True (no pickled code runs), or a one-line error."""
     if not os.path.isfile(path):
@@ -573,6 +582,9 @@ def load_checkpoint(path: str, flag: str, keys: tuple[str, ...] = CHECKPOINT_KEY
     if not isinstance(ckpt, dict) or set(keys) - set(ckpt) or set(ckpt["args"]) - {f.name for f in fields(Args)}:
         fail(f"{flag} {path} is not a checkpoint of this script (other keys); pass the checkpoint.pt of a run")
     return ckpt
+
+
+# --- optional: resume ---
 
 
 def load_resume(args: Args) -> tuple[Optional[dict], Args]:
@@ -620,16 +632,7 @@ def restore_checkpoint(
     return iteration + 1, global_step, carry
 
 
-def seed_everything(seed: int, torch_deterministic: bool) -> np.random.Generator:
-    """Seed python, numpy and torch; return the run's own numpy generator (action noise, minibatch order)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.backends.cudnn.deterministic = torch_deterministic
-    return np.random.default_rng(seed)
-
-
-# Signals.
+# --- Signals ---
 
 
 def install_stop_handlers(device: torch.device) -> Callable[[], bool]:
@@ -646,11 +649,9 @@ def install_stop_handlers(device: torch.device) -> Callable[[], bool]:
     signal.signal(signal.SIGTERM, request_stop)
 
     def stop_requested() -> bool:
-        if not dist.is_initialized():
-            return requested
-        flag = torch.tensor(float(requested), device=device)
-        dist.all_reduce(flag)
-        return bool(flag.item())
+        if dist.is_initialized():  # optional: torchrun
+            return bool(mean_across_ranks(torch.tensor(float(requested), device=device)).item())
+        return requested
 
     return stop_requested
 
@@ -658,11 +659,11 @@ def install_stop_handlers(device: torch.device) -> Callable[[], bool]:
 def exit_interrupted(logger: Logger, global_step: int, envs: gym.vector.VectorEnv) -> NoReturn:
     print0(f"interrupted: checkpoint at global_step {global_step:,} in {logger.checkpoint_path}; continue with --resume {logger.checkpoint_path}")
     envs.close()
-    leave_process_group()
+    leave_process_group()  # optional: torchrun
     sys.exit(130)
 
 
-# Device and torchrun. Every collective gets tensors on the training device or objects (through the CPU): the group serves both.
+# --- Device and seeds ---
 
 
 def pick_device(name: str, gpu_pays: bool) -> tuple[torch.device, str]:
@@ -671,12 +672,8 @@ def pick_device(name: str, gpu_pays: bool) -> tuple[torch.device, str]:
     reason = f"--device {name}"
     if name == "auto":
         name, reason = auto_device(gpu_pays, torch.cuda.is_available(), torch.backends.mps.is_available())
-    if name == "cuda" and "LOCAL_RANK" in os.environ:
-        local_rank = int(os.environ["LOCAL_RANK"])
-        if local_rank >= torch.cuda.device_count():
-            fail(f"--device {name}: torchrun started local rank {local_rank} but only {torch.cuda.device_count()} GPU(s)"
-                 " are visible; start one process per GPU or pass --device cpu")  # fmt: skip
-        name = f"cuda:{local_rank}"
+    if name == "cuda" and "LOCAL_RANK" in os.environ:  # optional: torchrun
+        name = local_gpu(int(os.environ["LOCAL_RANK"]))
     try:
         device = torch.device(name)
         torch.empty(0, device=device)
@@ -700,23 +697,45 @@ def set_num_threads(num_threads: int) -> None:
     torch.set_num_threads(num_threads or 1)
 
 
-def init_distributed(device: torch.device) -> tuple[bool, int, int]:
-    """Join torchrun's process group if any (on cuda: nccl for cuda tensors, gloo for the rest); (distributed, rank, world_size)."""
+def seed_everything(seed: int, torch_deterministic: bool) -> np.random.Generator:
+    """Seed python, numpy and torch; return the run's own numpy generator (action noise, minibatch order)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = torch_deterministic
+    return np.random.default_rng(seed)
+
+
+# --- optional: torchrun ---
+# Every collective gets tensors on the training device or objects (through the CPU): the group serves both.
+
+
+def local_gpu(local_rank: int) -> str:
+    if local_rank >= torch.cuda.device_count():
+        fail(f"--device cuda: torchrun started local rank {local_rank} but only {torch.cuda.device_count()} GPU(s)"
+             " are visible; start one process per GPU or pass --device cpu")  # fmt: skip
+    return f"cuda:{local_rank}"
+
+
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """Join torchrun's process group if any (on cuda: nccl for cuda tensors, gloo for the rest); (rank, world_size)."""
     if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
-        return False, 0, 1
+        return 0, 1
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
-    return True, dist.get_rank(), dist.get_world_size()
+    return dist.get_rank(), dist.get_world_size()
 
 
 def broadcast_parameters(agent: nn.Module) -> None:
-    for p in agent.parameters():
+    for p in agent.parameters() if dist.is_initialized() else []:
         dist.broadcast(p.data, src=0)
 
 
 def average_gradients(agent: nn.Module) -> None:
-    """All-reduce the gradients as one flat tensor (one collective instead of one per parameter)."""
+    """All-reduce the gradients as one flat tensor (one collective instead of one per parameter); one process: nothing."""
+    if not dist.is_initialized():
+        return
     grads = [p.grad for p in agent.parameters()]
     flat = torch.cat([g.flatten() for g in grads])
     dist.all_reduce(flat)
@@ -725,8 +744,9 @@ def average_gradients(agent: nn.Module) -> None:
 
 
 def mean_across_ranks(x: torch.Tensor) -> torch.Tensor:
-    dist.all_reduce(x)
-    return x / dist.get_world_size()
+    if dist.is_initialized():
+        dist.all_reduce(x)
+    return x / (dist.get_world_size() if dist.is_initialized() else 1)
 
 
 def check_parameters_identical(agent: nn.Module) -> None:
@@ -747,18 +767,21 @@ def leave_process_group() -> None:
         time.sleep(0.1)
 
 
-# The end of a run, evaluation and video.
+# --- The end of a run ---
 
 
 def finish(agent: Agent, args: Args, device: torch.device, logger: Logger, envs: gym.vector.VectorEnv, global_step: int) -> None:
     """Close the envs; under torchrun check that all processes hold the same parameters; evaluate on rank 0."""
     envs.close()
-    if dist.is_initialized():
+    if dist.is_initialized():  # optional: torchrun
         check_parameters_identical(agent)
-    if logger.rank == 0 and args.eval_episodes > 0:
+    if logger.rank == 0 and args.eval_episodes > 0:  # optional: evaluation
         evaluate_and_log(agent, args, device, logger, global_step)
     logger.finish()
-    leave_process_group()
+    leave_process_group()  # optional: torchrun
+
+
+# --- optional: evaluation ---
 
 
 def evaluate(
@@ -772,7 +795,7 @@ def evaluate(
     n_actions, step = action_counts(envs.single_action_space), 0
     returns, episode_return, frames = [], 0.0, []
     while len(returns) < episodes:
-        if video_path is not None and not returns:
+        if video_path is not None and not returns:  # optional: video
             frames.append(obs[0, -1] if is_atari(env_id) else envs.render()[0])
         with torch.no_grad():
             x, mask = torch.as_tensor(obs, device=device), mask_tensor(valid_actions(info, 1, n_actions, step, use_masks), device)
@@ -785,7 +808,7 @@ def evaluate(
             episode_return = 0.0
             obs, info = envs.reset()
     envs.close()
-    if video_path is not None:
+    if video_path is not None:  # optional: video
         from moviepy import ImageSequenceClip
 
         frames = [np.repeat(f[..., None], 3, axis=-1) if f.ndim == 2 else f for f in frames]
@@ -795,14 +818,14 @@ def evaluate(
 
 def evaluate_and_log(agent: Agent, args: Args, device: torch.device, logger: Logger, global_step: int) -> None:
     """The final policy over --eval-episodes whole episodes (the raw game score on Atari)."""
-    video_path = os.path.join(logger.run_dir, "videos", "eval.mp4") if args.capture_video else None
-    if video_path is not None:
-        os.makedirs(os.path.dirname(video_path), exist_ok=True)
+    video_path = None
+    if args.capture_video:  # optional: video
+        os.makedirs(os.path.dirname(video_path := os.path.join(logger.run_dir, "videos", "eval.mp4")), exist_ok=True)
     env_kwargs = json.loads(args.env_kwargs)
     returns = evaluate(agent, args.env_id, env_kwargs, args.eval_episodes, args.seed + 10_000, device, args.eval_stochastic, video_path, args.action_masks)  # fmt: skip
     logger.log(global_step, {"eval/episodic_return": float(np.mean(returns)), "eval/episodic_return_std": float(np.std(returns))})
     print(f"eval: return {np.mean(returns):.2f} +- {np.std(returns):.2f} over {len(returns)} episodes")
-    if logger.wandb_run is not None and video_path is not None:
+    if logger.wandb_run is not None and video_path is not None:  # optional: video, wandb
         import wandb
 
         logger.wandb_run.log({"global_step": global_step, "videos/eval": wandb.Video(video_path, format="mp4")})
@@ -818,13 +841,17 @@ def evaluate_checkpoint(args: Args) -> None:
     envs = make_envs(env_id, 1, env_kwargs)
     agent = Agent(envs.single_observation_space, ckpt["n_actions"], is_atari(env_id)).to(device)
     envs.close()
-    agent.load_state_dict(ckpt["agent"])
+    mine, theirs = agent.state_dict(), ckpt["agent"]
+    if differs := next((k for k in [*mine, *theirs] if k not in mine or k not in theirs or mine[k].shape != theirs[k].shape), None):
+        fail(f"--eval-checkpoint {args.eval_checkpoint}: its network does not fit this script's (first differing parameter: {differs}); evaluate it with the script that wrote it")  # fmt: skip
+    agent.load_state_dict(theirs)
     use_masks = ckpt["args"].get("action_masks", True)  # checkpoints before --no-action-masks always masked
     returns = evaluate(agent, env_id, env_kwargs, max(args.eval_episodes, 1), args.seed, device, args.eval_stochastic, None, use_masks)
     print(f"eval {env_id}: return {np.mean(returns):.2f} +- {np.std(returns):.2f} over {len(returns)} episodes")
 
 
-# Argument checks: one line naming the flag, exit status 2, as tyro does for a malformed flag.
+# --- Argument checks ---
+# One line naming the flag, exit status 2, as tyro does for a malformed flag.
 
 
 def fail(message: str) -> NoReturn:
@@ -891,16 +918,16 @@ def action_counts(space: gym.Space) -> Union[int, list[int]]:
     return int(space.n) if isinstance(space, gym.spaces.Discrete) else [int(n) for n in space.nvec]
 
 
-def valid_actions(info: dict, num_envs: int, n_actions: Union[int, list[int]], global_step: int, use_masks: bool) -> np.ndarray:
+def valid_actions(info: dict, num_envs: int, n_actions: Union[int, list[int]], global_step: int, use_masks: bool, ended=False) -> np.ndarray:
     """The valid actions [num_envs, sum(nvec)] of each env's observation: info["action_mask"] (gymnasium's convention) where
-    the env gives one and use_masks (--action-masks), else all. MultiDiscrete: the dimensions' masks side by side (sb3-contrib's
+    the env gives one, use_masks (--action-masks) and the episode goes on (not ended), else all. MultiDiscrete: the dimensions' masks side by side (sb3-contrib's
     MaskablePPO) or a tuple of one per dimension (MultiDiscrete.sample's); one that allows nothing is a one-line error."""
     total = n_actions if isinstance(n_actions, int) else sum(n_actions)  # plain Python: this runs at every step
     if not use_masks or "action_mask" not in info:
         return all_valid(num_envs, total)
     nvec = np.atleast_1d(n_actions)
     masks = np.ones((num_envs, total), dtype=bool)
-    given = info.get("_action_mask", np.ones(num_envs, dtype=bool))
+    given = info.get("_action_mask", np.ones(num_envs, dtype=bool)) & ~np.asarray(ended)
     env_masks = np.asarray(info["action_mask"])[given]
     if env_masks.dtype == object:  # the vector env kept each env's tuple of per-dimension masks as an object
         env_masks = np.stack([np.hstack(m) for m in env_masks])  # (or a plain list)
@@ -918,13 +945,15 @@ def check_args(args: Args, world_size: int) -> tuple[int, int, int]:
     """Validate the flags; return (batch_size, minibatch_size, num_iterations) per process."""
     for names, ok, need in [
         (("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs"), lambda v: v > 0, "be positive"),
-        (("eval_episodes", "save_every", "num_threads", "ent_coef", "vf_coef"), lambda v: v >= 0, "be >= 0"),
+        (("save_every", "num_threads", "ent_coef", "vf_coef"), lambda v: v >= 0, "be >= 0"),
         (("learning_rate", "clip_coef", "max_grad_norm"), lambda v: v > 0, "be > 0"), (("gamma", "gae_lambda"), lambda v: 0 <= v <= 1, "lie in [0, 1]"),
     ]:  # fmt: skip
         for name in (name for name in names if not ok(getattr(args, name))):
             fail(f"--{name.replace('_', '-')} must {need}, got {getattr(args, name)}")
     if args.target_kl is not None and not args.target_kl > 0:
         fail(f"--target-kl must be > 0 (or left unset), got {args.target_kl}")
+    if args.eval_episodes < 0:  # optional: evaluation
+        fail(f"--eval-episodes must be >= 0, got {args.eval_episodes}")
     batch_size = args.num_envs * args.num_steps
     if batch_size % args.num_minibatches:
         divisors = [d for d in range(1, min(batch_size, 64) + 1) if batch_size % d == 0]
@@ -940,7 +969,8 @@ def check_args(args: Args, world_size: int) -> tuple[int, int, int]:
     return batch_size, batch_size // args.num_minibatches, num_iterations
 
 
-# Env adapters and pickling: a resumed run continues the very episodes it was playing.
+# --- Env adapters and pickling ---
+# Pickling: a resumed run continues the very episodes it was playing.
 
 
 def flat_observations(env: gym.Env) -> gym.Env:
@@ -974,7 +1004,7 @@ class FlatObservation(gym.Wrapper):
         return obs, reward, terminated, truncated, info
 
 
-class AtariGames(AtariVectorEnv):
+class AtariLostLivesAndFire(AtariVectorEnv):
     """ale-py's AtariVectorEnv played as CleanRL's EpisodicLifeEnv under FireResetEnv: info["life_lost"] marks a lost life (an
     autoreset step starts a new game, none lost), and where the game has FIRE, the next action of a sub-env that lost a
     life but not its game is replaced by FIRE, announced by info["fire_next"]. ale-py fires only when a game starts:
@@ -1012,14 +1042,60 @@ def env_state(envs: gym.vector.VectorEnv) -> Optional[bytes]:
         return None
 
 
-# How the rollout acts: Agent.get_action_and_value itself, for the MLP derived as numpy code (torch's per-op overhead
+# --- The rollout's policy ---
+# Agent.get_action_and_value, checked every update against the trained policy.
+
+ON_POLICY_ATOL = 1e-3  # max |log-ratio| of an update's first minibatch, before any step; the same policy in
+# float32 gives ~1e-6 (batch-dependent GPU kernels up to ~1e-4), a policy other than the trained one far more.
+
+
+class RolloutPolicy:
+    """Agent.get_action_and_value for the rollout, numpy in and out; a forbidden action stops the run."""
+
+    def __init__(self, agent: Agent, device: torch.device, rng: np.random.Generator):
+        self.agent, self.device, self.rng, self.fast, self.noted_plain = agent, device, rng, False, False
+        self.offsets = agent.offsets.cpu().numpy()
+
+    def act(self, obs: np.ndarray, mask: np.ndarray, global_step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Actions sampled from the policy (among those mask allows), their log-probs and the values of obs, in numpy."""
+        masked = mask is not all_valid(*mask.shape)
+        action, logprob, value = self.sample(obs, mask, masked)
+        if masked and not (allowed := np.take_along_axis(mask, action.reshape(len(mask), -1) + self.offsets, 1).all(-1)).all():  # an edit that undid the mask
+            i = np.flatnonzero(~allowed)[0]
+            fail(f"the policy sampled action {action[i]} that env {i}'s action_mask forbids at global step {global_step}: Agent.distribution must give masked actions no probability (MASKED_LOGIT)")  # fmt: skip
+        return action, logprob, value
+
+    def sample(self, obs: np.ndarray, mask: np.ndarray, masked: bool) -> tuple[np.ndarray, ...]:
+        with torch.no_grad():
+            out = self.agent.get_action_and_value(torch.as_tensor(obs, device=self.device), None, mask_tensor(mask, self.device))
+        action, logprob, _, value = (t.cpu().numpy() for t in out)
+        return action, logprob, value
+
+    def value(self, obs: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return self.agent.get_value(torch.as_tensor(obs, device=self.device)).cpu().numpy()
+
+    def check_on_policy(self, max_logratio: float, iteration: int) -> None:
+        """The update's first minibatch must find the policy that collected it (log-ratio ~0): else the derived code is
+        wrong in a way its check missed, and steps aside; or the plain path's policy is no function of its weights."""
+        if max_logratio <= ON_POLICY_ATOL:
+            return
+        figure = f"on-policy check: max |log-ratio| {max_logratio:.3g} at the first minibatch of iteration {iteration}"
+        if self.fast:
+            self.fast = False
+            note(f"{figure}; the rollout switches to the plain get_action_and_value for the rest of the run")
+        elif not self.noted_plain:
+            self.noted_plain = True
+            note(f"{figure} with the plain get_action_and_value: the policy is not a function of its weights alone "
+                 "(dropout? batch-dependent layers?); training goes on")  # fmt: skip
+
+
+# --- optional: fast-path ---
+# Agent.get_action_and_value itself, for the MLP derived as numpy code (torch's per-op overhead
 # dominates at this size): its torch.export graph, once a run, as one numpy call per node, fed the weights and checked.
 
 FAST_PATH_ATOL = 1e-5  # float32 numpy vs float32 torch, the same ops in other summation orders: 1e-7 to 1e-6 (relative beyond 1)
 # in CartPole's log-probs, entropies and values, 1e-5 with pre-activations in the hundreds. (forward's .float(): no float64 copy.)
-ON_POLICY_ATOL = 1e-3  # max |log-ratio| of an update's first minibatch, before any step; the same policy in
-# float32 gives ~1e-6 (batch-dependent GPU kernels up to ~1e-4), a policy other than the trained one far more.
-
 # One expression per aten op, from the node's arguments by their schema names (one it does not name keeps its default); shapes
 # are fixed (num_envs rows). numpy has no erf, and one torch kernel on the same memory beats layer_norm's eight numpy calls.
 NUMPY_OF_ATEN = {
@@ -1121,12 +1197,12 @@ class DerivedPolicy(nn.Module):
             self.ns[f"{name}_T"] = np.ascontiguousarray(self.ns[name].T)
 
 
-class RolloutPolicy:
-    """get_action_and_value derived as numpy code while it reproduces the agent, else in torch; a forbidden action stops the run."""
+class FastRolloutPolicy(RolloutPolicy):
+    """get_action_and_value derived as numpy code while it reproduces the agent, else RolloutPolicy's torch."""
 
     def __init__(self, agent: Agent, device: torch.device, rng: np.random.Generator, obs: np.ndarray, mask: np.ndarray):
-        self.agent, self.device, self.rng, self.noted_plain = agent, device, rng, False
-        self.derived, self.offsets, self.fast = {}, agent.offsets.cpu().numpy(), not agent.pixels  # derived: by input kind (mask?)
+        super().__init__(agent, device, rng)
+        self.derived, self.fast = {}, not agent.pixels  # derived: by input kind (mask?)
         self.refresh(obs, mask)  # set-up: the first torch.export takes seconds (imports)
 
     def refresh(self, obs: np.ndarray, mask: np.ndarray) -> None:
@@ -1160,43 +1236,16 @@ class RolloutPolicy:
                 return f"its {name} differ from Agent.get_action_and_value's by up to {np.abs(a - b).max():.3g}"
         return None
 
-    def act(self, obs: np.ndarray, mask: np.ndarray, global_step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Actions sampled from the policy (among those mask allows), their log-probs and the values of obs, in numpy."""
-        masked = mask is not all_valid(*mask.shape)
+    def sample(self, obs: np.ndarray, mask: np.ndarray, masked: bool) -> tuple[np.ndarray, ...]:
         if self.fast and masked not in self.derived:  # a run's first mask, met mid-rollout
             self.refresh(obs, mask)
-        if self.fast:
-            action, logprob, value = self.derived[masked].act(self.rng, obs, *([mask] if masked else []))
-        else:
-            with torch.no_grad():
-                out = self.agent.get_action_and_value(torch.as_tensor(obs, device=self.device), None, mask_tensor(mask, self.device))
-            action, logprob, _, value = (t.cpu().numpy() for t in out)
-        if masked and not (allowed := np.take_along_axis(mask, action.reshape(len(mask), -1) + self.offsets, 1).all(-1)).all():  # an edit that undid the mask
-            i = np.flatnonzero(~allowed)[0]
-            fail(f"the policy sampled action {action[i]} that env {i}'s action_mask forbids at global step {global_step}: Agent.distribution must give masked actions no probability (MASKED_LOGIT)")  # fmt: skip
-        return action, logprob, value
+        return self.derived[masked].act(self.rng, obs, *([mask] if masked else [])) if self.fast else super().sample(obs, mask, masked)
 
     def value(self, obs: np.ndarray) -> np.ndarray:
-        if self.fast:
-            return self.derived[False].value(None, obs)
-        with torch.no_grad():
-            return self.agent.get_value(torch.as_tensor(obs, device=self.device)).cpu().numpy()
-
-    def check_on_policy(self, max_logratio: float, iteration: int) -> None:
-        """The update's first minibatch must find the policy that collected it (log-ratio ~0): else the derived code is
-        wrong in a way its check missed, and steps aside; or the plain path's policy is no function of its weights."""
-        if max_logratio <= ON_POLICY_ATOL:
-            return
-        figure = f"on-policy check: max |log-ratio| {max_logratio:.3g} at the first minibatch of iteration {iteration}"
-        if self.fast:
-            self.fast = False
-            note(f"{figure}; the rollout switches to the plain get_action_and_value for the rest of the run")
-        elif not self.noted_plain:
-            self.noted_plain = True
-            note(f"{figure} with the plain get_action_and_value: the policy is not a function of its weights alone "
-                 "(dropout? batch-dependent layers?); training goes on")  # fmt: skip
+        return self.derived[False].value(None, obs) if self.fast else super().value(obs)
 
 
+# --- Crashes and non-finite numbers ---
 # A crash: an exception (the env's step or reset, out of memory, any other) ends the run after its traceback with one
 # line naming the checkpoint of the last completed update (exit status 1); under torchrun the others wait in a collective.
 
@@ -1301,4 +1350,6 @@ def first_nonfinite(named_tensors) -> Optional[str]:
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    evaluate_checkpoint(args) if args.eval_checkpoint is not None else train(args)
+    if args.eval_checkpoint is not None:  # optional: evaluation
+        sys.exit(evaluate_checkpoint(args))
+    train(args)

@@ -218,7 +218,7 @@ def test_derived_rollout_reproduces_get_action_and_value(space, monkeypatch, cap
     gen = np.random.default_rng(0)
     obs = gen.normal(size=(5, 3, 2)).astype(np.float32) if space.shape else np.array([0, 3, 6, 2, 5])
     all_valid = ppo.all_valid(5, 4)
-    policy = ppo.RolloutPolicy(agent, torch.device("cpu"), np.random.default_rng(0), obs, all_valid)
+    policy = ppo.FastRolloutPolicy(agent, torch.device("cpu"), np.random.default_rng(0), obs, all_valid)
     assert policy.fast and capsys.readouterr().out == "", "the unmodified MLP agent takes the derived numpy path"
     assert "torch" not in policy.derived[False].source  # numpy calls only, one per node
     actions, *mine = policy.derived[False].check(np.random.default_rng(0), obs)
@@ -229,7 +229,7 @@ def test_derived_rollout_reproduces_get_action_and_value(space, monkeypatch, cap
     # Its sampler (torch.multinomial as an exponential race on the run's numpy RNG): softmax frequencies, and the
     # log-prob of what it drew.
     many = np.repeat(obs[:1], 100_000, axis=0)
-    drawn, drawn_logp, drawn_values = ppo.RolloutPolicy(agent, torch.device("cpu"), np.random.default_rng(1), many, ppo.all_valid(len(many), 4)).act(many, ppo.all_valid(len(many), 4), 0)  # fmt: skip
+    drawn, drawn_logp, drawn_values = ppo.FastRolloutPolicy(agent, torch.device("cpu"), np.random.default_rng(1), many, ppo.all_valid(len(many), 4)).act(many, ppo.all_valid(len(many), 4), 0)  # fmt: skip
     probs = agent.distribution(torch.as_tensor(obs[:1]))[0].exp()[0].detach().numpy()
     np.testing.assert_allclose(np.bincount(drawn, minlength=4) / drawn.size, probs, atol=0.005)
     np.testing.assert_allclose(drawn_logp, np.log(probs[drawn]), rtol=1e-5)
@@ -318,7 +318,7 @@ def test_edited_agents_stay_on_the_derived_path_and_run_the_edit(kind, monkeypat
     monkeypatch.setattr(ppo, "NOTED", set())
     agent, obs = edited_agent(kind), np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
     mask = ppo.all_valid(5, sum(agent.nvec))
-    policy = ppo.RolloutPolicy(agent, torch.device("cpu"), np.random.default_rng(0), obs, mask)
+    policy = ppo.FastRolloutPolicy(agent, torch.device("cpu"), np.random.default_rng(0), obs, mask)
     assert policy.fast and capsys.readouterr().out == ""
     actions, logprobs, values = policy.act(obs, mask, 0)
     _, ref_logp, _, ref_values = agent.get_action_and_value(torch.as_tensor(obs), torch.as_tensor(actions))
@@ -332,7 +332,7 @@ def test_edited_agents_stay_on_the_derived_path_and_run_the_edit(kind, monkeypat
 def test_a_temperature_that_starts_at_exactly_1_is_run_from_the_first_iteration(monkeypatch, capsys):
     monkeypatch.setattr(ppo, "NOTED", set())
     agent, obs = edited_agent("temperature"), np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
-    policy = ppo.RolloutPolicy(agent, torch.device("cpu"), np.random.default_rng(0), obs, ppo.all_valid(5, 3))
+    policy = ppo.FastRolloutPolicy(agent, torch.device("cpu"), np.random.default_rng(0), obs, ppo.all_valid(5, 3))
     assert policy.fast and "p_agent_log_temperature" in policy.derived[False].source  # the edit is in the code it runs
     untempered = ppo.Agent.distribution(agent, torch.as_tensor(obs))[0].detach().numpy()
     with torch.no_grad():
@@ -357,7 +357,7 @@ def test_the_derived_path_steps_aside_with_one_note_naming_the_cause(kind, cause
     if kind == "numpy-broken":
         agent.actor[1] = torch.nn.Tanh()
     obs = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
-    policy = ppo.RolloutPolicy(agent, torch.device("cpu"), np.random.default_rng(0), obs, ppo.all_valid(5, 3))
+    policy = ppo.FastRolloutPolicy(agent, torch.device("cpu"), np.random.default_rng(0), obs, ppo.all_valid(5, 3))
     for _ in range(3):  # refreshed every iteration; the note comes once
         policy.refresh(obs, ppo.all_valid(5, 3))
         assert not policy.fast
@@ -1144,11 +1144,11 @@ def test_masked_actions_get_no_probability_and_are_never_greedy():
     assert mask[torch.arange(3), drawn].all()
     # The derived path: the same masked log-probs and entropies, and it never samples a masked action either.
     x, m = obs.numpy(), mask.numpy()
-    policy = ppo.RolloutPolicy(agent, torch.device("cpu"), np.random.default_rng(0), x, m)
+    policy = ppo.FastRolloutPolicy(agent, torch.device("cpu"), np.random.default_rng(0), x, m)
     assert policy.fast and policy.mismatch(x, m, True) is None
     np.testing.assert_allclose(policy.derived[True].check(np.random.default_rng(0), x, m)[2], ent.detach().numpy(), rtol=1e-5, atol=1e-6)
     many, many_masks = np.tile(x, (2000, 1)), np.tile(m, (2000, 1))
-    actions = ppo.RolloutPolicy(agent, torch.device("cpu"), np.random.default_rng(0), many, many_masks).act(many, many_masks, 0)[0]
+    actions = ppo.FastRolloutPolicy(agent, torch.device("cpu"), np.random.default_rng(0), many, many_masks).act(many, many_masks, 0)[0]
     assert m[np.tile(np.arange(3), 2000), actions].all()
 
 
@@ -1158,7 +1158,7 @@ def test_an_env_without_masks_costs_no_masking_on_the_plain_path_and_in_evaluati
         ppo.Agent, "distribution", lambda self, obs, action_mask=None: masks.append(action_mask) or distribution(self, obs, action_mask)
     )
     obs = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
-    policy = ppo.RolloutPolicy(perturbed_agent(agent_class=DropoutAgent), torch.device("cpu"), np.random.default_rng(0), obs, ppo.all_valid(5, 3))
+    policy = ppo.FastRolloutPolicy(perturbed_agent(agent_class=DropoutAgent), torch.device("cpu"), np.random.default_rng(0), obs, ppo.all_valid(5, 3))
     assert not policy.fast
     masks.clear()
     policy.act(obs, ppo.all_valid(5, 3), 0)
@@ -1269,6 +1269,43 @@ class DictPick(PickTheLegalAction):
 
 
 gym.register("DictPick-v0", entry_point=DictPick, max_episode_steps=8)
+
+
+class DictPickEndsBare(DictPick):
+    """DictPick whose episodes end on an observation whose mask allows nothing, as board and card games end: terminated
+    after 6 steps, or truncated by the time limit after 3 (an observation the env still masks)."""
+
+    def __init__(self, terminate_at=None):
+        super().__init__()
+        self.terminate_at = terminate_at
+
+    def reset(self, *, seed=None, options=None):
+        self.steps = 0
+        return super().reset(seed=seed)
+
+    def step(self, action):
+        obs, reward, _, _, info = super().step(action)
+        if self.steps == (self.terminate_at or 3):
+            obs["action_mask"] = np.zeros(4, np.int8)
+        return obs, reward, self.steps == self.terminate_at, False, info
+
+
+gym.register("DictPickTerminatesBare-v0", entry_point=lambda: DictPickEndsBare(terminate_at=6), max_episode_steps=8)
+gym.register("DictPickTruncatedBare-v0", entry_point=DictPickEndsBare, max_episode_steps=3)
+
+
+@pytest.mark.parametrize("env_id, length", [("DictPickTerminatesBare-v0", 6), ("DictPickTruncatedBare-v0", 3)])
+def test_the_mask_of_an_episode_s_last_observation_is_neither_checked_nor_used(monkeypatch, tmp_path, env_id, length):
+    """Its action is never taken (the next step resets): the run goes on, every action legal; --no-action-masks turns
+    off the mask of the Dict's key too (illegal actions taken, as without masks)."""
+    for masks in (True, False):
+        PickTheLegalAction.ILLEGAL[0] = 0
+        train_in_process(monkeypatch, env_id=env_id, total_timesteps=1024, action_masks=masks, runs_dir=str(tmp_path / str(masks)))
+        returns = {r["charts/episodic_return"] for r in read_metrics(tmp_path / str(masks)) if "charts/episodic_return" in r}
+        if masks:
+            assert PickTheLegalAction.ILLEGAL[0] == 0 and returns == {float(length)}
+        else:
+            assert PickTheLegalAction.ILLEGAL[0] > 100 and min(returns) < length
 
 
 def test_make_envs_builds_a_dict_observation_env_once_flattened_with_its_mask_in_info(monkeypatch):
@@ -1539,12 +1576,12 @@ def test_atari_fires_after_every_lost_life_so_a_noop_policy_does_not_stall(monke
 
 def test_atari_fire_steps_are_left_out_of_the_update_and_evaluation_fires_too(monkeypatch, tmp_path):
     flags = dict(env_id="ALE/Breakout-v5", num_envs=2, num_steps=64, num_minibatches=1, update_epochs=1, total_timesteps=128)
-    no_decision, step = [], ppo.AtariGames.step
+    no_decision, step = [], ppo.AtariLostLivesAndFire.step
     def recording_step(self, actions):
         out = step(self, actions)
         no_decision.append(out[2] | out[3] | out[4]["fire_next"])  # the next step is an autoreset or a FIRE
         return out
-    monkeypatch.setattr(ppo.AtariGames, "step", recording_step)
+    monkeypatch.setattr(ppo.AtariLostLivesAndFire, "step", recording_step)
     batches, update = [], ppo.ppo_update
     monkeypatch.setattr(ppo, "ppo_update", lambda agent, opt, batch, *rest: batches.append(len(batch["actions"])) or update(agent, opt, batch, *rest))
     train_in_process(monkeypatch, runs_dir=str(tmp_path), **flags)
@@ -1562,14 +1599,14 @@ def test_atari_fire_steps_are_left_out_of_the_update_and_evaluation_fires_too(mo
 
 def test_a_resumed_atari_run_starts_fresh_games_seeded_from_the_iteration(monkeypatch, capsys, tmp_path):
     flags = dict(env_id="ALE/Breakout-v5", num_envs=2, num_steps=32, num_minibatches=1, update_epochs=1, total_timesteps=192)
-    resets, reset = [], ppo.AtariGames.reset
+    resets, reset = [], ppo.AtariLostLivesAndFire.reset
 
     def recording_reset(self, **kwargs):
         obs, info = reset(self, **kwargs)
         resets.append((kwargs.get("seed"), obs))
         return obs, info
 
-    monkeypatch.setattr(ppo.AtariGames, "reset", recording_reset)
+    monkeypatch.setattr(ppo.AtariLostLivesAndFire, "reset", recording_reset)
     asked = iter([False, True])
     monkeypatch.setattr(ppo, "install_stop_handlers", lambda device: lambda: next(asked))
     with pytest.raises(SystemExit):
@@ -1613,3 +1650,42 @@ def test_action_spaces_it_cannot_play_are_one_line_errors(env_id, space, needle,
         ppo.check_env(env_id, "{}")
     err = capsys.readouterr().err.splitlines()
     assert failed.value.code == 2 and len(err) == 1 and needle in err[0], err
+
+
+# ---------------------------------------------------------------- the fence's recipe
+
+BLOCKS = ("resume", "torchrun", "wandb", "video", "evaluation", "fast-path")
+BLOCK_FLAGS = {"resume": ["--resume"], "wandb": ["--track", "--wandb-project-name"], "video": ["--capture-video"],
+               "evaluation": ["--eval-episodes", "--eval-checkpoint", "--capture-video"]}  # fmt: skip
+
+
+def test_a_copy_without_any_optional_block_runs_the_same_ppo_and_an_all_deleted_copy_learns(tmp_path):
+    """The fence's recipe on a copy (tests/droppable.py): each optional block deleted alone leaves a script that
+    trains CartPole-v1 with the very numbers of the whole script (the numpy fast path: the same policy sampled with
+    other random numbers), whose --help lacks the block's flags; all of them deleted, the copy still learns."""
+    import droppable
+
+    source = (ROOT / "ppo_discrete.py").read_text()
+    assert set(droppable.sections(source)) | set().union(*droppable.marks(source).values()) == set(BLOCKS)
+    flags = ["--num-threads", "1", "--total-timesteps", "1024", "--num-envs", "2", "--num-steps", "128", "--eval-episodes", "0"]
+    run_script("ppo_discrete.py", *flags, "--runs-dir", str(tmp_path / "whole"))
+    whole = comparable(read_metrics(tmp_path / "whole"))
+    for names in [{name} for name in BLOCKS] + [set(BLOCKS)]:
+        copy_path = tmp_path / f"ppo_without_{'_'.join(sorted(names))}.py"
+        copy_path.write_text(droppable.drop(source, names))
+        helped = subprocess.run([sys.executable, str(copy_path), "--help"], capture_output=True, text=True, timeout=120)
+        assert helped.returncode == 0, helped.stderr[-2000:]
+        for flag in (f for name in names for f in BLOCK_FLAGS.get(name, [])):
+            assert flag not in helped.stdout, (names, flag)
+        if len(names) == 1:
+            runs = tmp_path / "_".join(names)
+            run_flags = [f for f in flags if "evaluation" not in names or f not in ("--eval-episodes", "0")]
+            proc = subprocess.run([sys.executable, str(copy_path), *run_flags, "--runs-dir", str(runs)], capture_output=True, text=True, timeout=300)
+            assert proc.returncode == 0, (names, proc.stderr[-2000:])
+            if names != {"fast-path"}:
+                assert comparable(read_metrics(runs)) == whole, names
+    runs = tmp_path / "all"
+    proc = subprocess.run([sys.executable, str(copy_path), "--num-threads", "1", "--total-timesteps", "20000", "--runs-dir", str(runs)], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    returns = [r["charts/episodic_return"] for r in read_metrics(runs) if "charts/episodic_return" in r]
+    assert np.mean(returns[-20:]) > 3 * 22, np.mean(returns[-20:])  # a random policy: ~22
