@@ -52,7 +52,7 @@ class Args:
     num_steps: int = 128
     """steps per environment per rollout"""
     anneal_lr: bool = True
-    """anneal the learning rate linearly to 0 over the run"""
+    """anneal the learning rate linearly: iteration i of N at lr * (N - i + 1) / N, the last at lr / N"""
     gamma: float = 0.99
     """discount factor"""
     gae_lambda: float = 0.95
@@ -74,7 +74,7 @@ class Args:
     max_grad_norm: float = 0.5
     """global gradient-norm clipping threshold"""
     target_kl: Optional[float] = None
-    """stop the update epochs early once the approximate KL passes this (None: never)"""
+    """stop the update epochs once an epoch's mean approximate KL passes this (CleanRL: its last minibatch's; None: never)"""
 
     # Run settings: naming, seeding, device, tracking, checkpoints, evaluation.
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
@@ -90,7 +90,7 @@ class Args:
     track: bool = False  # optional: wandb
     """if toggled, log to Weights and Biases (metrics land in runs/{run_name}/metrics.jsonl either way)"""
     wandb_project_name: str = "ppo"  # optional: wandb
-    """the wandb project name"""
+    """the wandb project name (CleanRL's runs: cleanRL)"""
     wandb_entity: Optional[str] = None  # optional: wandb
     """the wandb entity (team or user)"""
     capture_video: bool = False  # optional: video, evaluation
@@ -380,15 +380,15 @@ def train(args: Args) -> None:
 
     carry = Carry.start(envs, args.seed + rank * args.num_envs, args.action_masks)
     start_iteration, global_step, carry = restore_checkpoint(ckpt, agent, optimizer, envs, rng, carry, rank, world_size)  # optional: resume
-    policy, logger = RolloutPolicy(agent, device, rng), Logger(args, ckpt, rank)
-    policy = FastRolloutPolicy(agent, device, rng, carry.next_obs, carry.next_mask)  # numpy code of the MLP  # optional: fast-path
+    policy, logger = RolloutPolicy(agent, device, rng, carry.next_obs, carry.next_mask), Logger(args, ckpt, rank)
     guard = NonFiniteGuard(logger.checkpoint_path)
-    logger.first_line(args, num_iterations, batch_size, minibatch_size, world_size, f"{device} ({device_reason})", ckpt)
+    print0(f"{logger.run_name}: {f'resumed from {args.resume} at iteration {start_iteration - 1}; ' if ckpt else ''}{num_iterations} iterations of {batch_size} steps x {world_size} "
+           f"process(es), {args.num_minibatches} minibatches of {minibatch_size}, {args.update_epochs} epochs, device {device} ({device_reason}), {torch.get_num_threads()} torch thread(s)")  # fmt: skip
     stop_requested = install_stop_handlers(device)
 
     with CrashCheckpoint(logger, args, agent, optimizer, carry, rng, envs, guard):  # an exception: the last update kept
         for iteration in range(start_iteration, num_iterations + 1):
-            # 1. Anneal the learning rate linearly to 0.
+            # 1. Anneal the learning rate linearly (iteration i of N at lr * (N - i + 1) / N).
             if args.anneal_lr:
                 frac = 1.0 - (iteration - 1.0) / num_iterations
                 optimizer.param_groups[0]["lr"] = frac * args.learning_rate
@@ -428,19 +428,20 @@ def train(args: Args) -> None:
             stats["losses/explained_variance"] = explained_variance(values.reshape(-1)[keep], returns.reshape(-1)[keep])
             stats["charts/learning_rate"] = optimizer.param_groups[0]["lr"]
             logger.iteration(iteration, num_iterations, global_step, stats)
-            save_when_due(stop_requested(), logger, args, agent, optimizer, iteration, num_iterations, global_step, carry, rng, envs)
+            stop = stop_requested()
+            if stop or iteration == num_iterations or (args.save_every and iteration % args.save_every == 0):
+                save_checkpoint(logger, args, agent, optimizer, iteration, global_step, carry, rng, envs)
+            if stop:
+                exit_interrupted(logger, global_step, envs)
 
     finish(agent, args, device, logger, envs, global_step)
 
 
-# Infrastructure: nothing below changes what PPO computes, but for the calls above named for it: flat_observations (what
-# the network sees), valid_actions (the masks), AtariLostLivesAndFire (lost lives, FIRE steps); the fast path samples the same
-# policy with other random numbers. A copy runs without a section headed `# --- optional: NAME ---` and each line marked
-# `# optional: NAME` (tests/droppable.py deletes them).
+# Infrastructure: nothing below changes what PPO computes but what the calls above name: flat_observations (what the network
+# sees), valid_actions (the masks), AtariLostLivesAndFire (lost lives, FIRE); the fast path samples the same policy with other
+# random numbers. Delete a section headed `# --- optional: NAME ---` and each line marked `# optional: NAME`: the copy runs.
 
 # --- Run folder and logging ---
-
-
 def print0(*values, file=None) -> None:
     """print on rank 0 only: under torchrun every process runs the same code."""
     if not dist.is_initialized() or dist.get_rank() == 0:
@@ -517,11 +518,6 @@ class Logger:
             print(f"iteration {iteration}/{num_iterations} | global_step {global_step:,} | SPS {sps:,} "
                   f"| episodic_return (last {len(self.recent_returns)}) {recent}", flush=True)  # fmt: skip
 
-    def first_line(self, args: Args, num_iterations: int, batch_size: int, minibatch_size: int, world_size: int, device: str, ckpt: Optional[dict]) -> None:
-        resumed = f"resumed from {args.resume} at iteration {ckpt['iteration']}; " if ckpt else ""
-        print0(f"{self.run_name}: {resumed}{num_iterations} iterations of {batch_size} steps x {world_size} process(es), {args.num_minibatches} "
-               f"minibatches of {minibatch_size}, {args.update_epochs} epochs, device {device}, {torch.get_num_threads()} torch thread(s)")  # fmt: skip
-
     def finish(self) -> None:
         if self.wandb_run is not None:  # optional: wandb
             self.wandb_run.finish()
@@ -563,14 +559,6 @@ def save_checkpoint(
     os.replace(tmp, logger.checkpoint_path)
 
 
-def save_when_due(stop: bool, logger: Logger, args: Args, agent: Agent, optimizer, iteration: int, num_iterations: int, *state) -> None:
-    """Checkpoint every --save-every iterations, at the end and when asked to stop (then exit 130); state: global_step, carry, rng, envs."""
-    if stop or iteration == num_iterations or (args.save_every and iteration % args.save_every == 0):
-        save_checkpoint(logger, args, agent, optimizer, iteration, *state)
-    if stop:
-        exit_interrupted(logger, state[0], state[-1])
-
-
 def load_checkpoint(path: str, flag: str, keys: tuple[str, ...] = CHECKPOINT_KEYS) -> dict:
     """The checkpoint loaded with weights_only=True (no pickled code runs), or a one-line error."""
     if not os.path.isfile(path):
@@ -585,8 +573,6 @@ def load_checkpoint(path: str, flag: str, keys: tuple[str, ...] = CHECKPOINT_KEY
 
 
 # --- optional: resume ---
-
-
 def load_resume(args: Args) -> tuple[Optional[dict], Args]:
     """(None, args) for a new run; for --resume, the checkpoint and its hyperparameters (only where and how it runs may change)."""
     if args.resume is None:
@@ -602,10 +588,8 @@ def load_resume(args: Args) -> tuple[Optional[dict], Args]:
     return ckpt, Args(**{**ckpt["args"], **{k: v for k, v in asdict(args).items() if k in keep}})
 
 
-def restore_checkpoint(
-    ckpt: Optional[dict], agent: Agent, optimizer: torch.optim.Optimizer, envs: gym.vector.VectorEnv, rng: np.random.Generator,
-    carry: Carry, rank: int, world_size: int,
-) -> tuple[int, int, Carry]:  # fmt: skip
+def restore_checkpoint(ckpt: Optional[dict], agent: Agent, optimizer: torch.optim.Optimizer, envs: gym.vector.VectorEnv,
+                       rng: np.random.Generator, carry: Carry, rank: int, world_size: int) -> tuple[int, int, Carry]:  # fmt: skip
     """(start_iteration, global_step, carry) of a new run, or of the checkpoint after loading its weights, optimizer,
     RNGs and envs. Envs not saved (Atari's, a crash's) start fresh episodes seeded from the iteration, not the first games."""
     if ckpt is None:
@@ -633,8 +617,6 @@ def restore_checkpoint(
 
 
 # --- Signals ---
-
-
 def install_stop_handlers(device: torch.device) -> Callable[[], bool]:
     """SIGINT (Ctrl-C) and SIGTERM (what a scheduler sends) ask to stop: the current iteration finishes and checkpoints,
     then the process exits 130; a second Ctrl-C interrupts at once. stop_requested() is a collective (all ranks call it)."""
@@ -664,8 +646,6 @@ def exit_interrupted(logger: Logger, global_step: int, envs: gym.vector.VectorEn
 
 
 # --- Device and seeds ---
-
-
 def pick_device(name: str, gpu_pays: bool) -> tuple[torch.device, str]:
     """The torch device and why. `auto` takes a GPU (cuda, then mps) only when gpu_pays: for a small MLP the GPU's per-op
     launch and copy costs exceed the arithmetic it saves. Under torchrun, `cuda` is the GPU of the local rank."""
@@ -673,7 +653,10 @@ def pick_device(name: str, gpu_pays: bool) -> tuple[torch.device, str]:
     if name == "auto":
         name, reason = auto_device(gpu_pays, torch.cuda.is_available(), torch.backends.mps.is_available())
     if name == "cuda" and "LOCAL_RANK" in os.environ:  # optional: torchrun
-        name = local_gpu(int(os.environ["LOCAL_RANK"]))
+        if (local_rank := int(os.environ["LOCAL_RANK"])) >= torch.cuda.device_count():
+            fail(f"--device {name}: torchrun started local rank {local_rank} but only {torch.cuda.device_count()} GPU(s)"
+                 " are visible; start one process per GPU or pass --device cpu")  # fmt: skip
+        name = f"cuda:{local_rank}"
     try:
         device = torch.device(name)
         torch.empty(0, device=device)
@@ -708,15 +691,6 @@ def seed_everything(seed: int, torch_deterministic: bool) -> np.random.Generator
 
 # --- optional: torchrun ---
 # Every collective gets tensors on the training device or objects (through the CPU): the group serves both.
-
-
-def local_gpu(local_rank: int) -> str:
-    if local_rank >= torch.cuda.device_count():
-        fail(f"--device cuda: torchrun started local rank {local_rank} but only {torch.cuda.device_count()} GPU(s)"
-             " are visible; start one process per GPU or pass --device cpu")  # fmt: skip
-    return f"cuda:{local_rank}"
-
-
 def init_distributed(device: torch.device) -> tuple[int, int]:
     """Join torchrun's process group if any (on cuda: nccl for cuda tensors, gloo for the rest); (rank, world_size)."""
     if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
@@ -768,8 +742,6 @@ def leave_process_group() -> None:
 
 
 # --- The end of a run ---
-
-
 def finish(agent: Agent, args: Args, device: torch.device, logger: Logger, envs: gym.vector.VectorEnv, global_step: int) -> None:
     """Close the envs; under torchrun check that all processes hold the same parameters; evaluate on rank 0."""
     envs.close()
@@ -782,12 +754,8 @@ def finish(agent: Agent, args: Args, device: torch.device, logger: Logger, envs:
 
 
 # --- optional: evaluation ---
-
-
-def evaluate(
-    agent: Agent, env_id: str, env_kwargs: dict, episodes: int, seed: int, device: torch.device, stochastic: bool,
-    video_path: Optional[str], use_masks: bool = True,
-) -> list[float]:  # fmt: skip
+def evaluate(agent: Agent, env_id: str, env_kwargs: dict, episodes: int, seed: int, device: torch.device, stochastic: bool,
+             video_path: Optional[str], use_masks: bool = True) -> list[float]:  # fmt: skip
     """Returns of whole episodes (games on Atari), undiscounted, unclipped; video_path records the first (Atari: what the agent sees)."""
     envs = make_envs(env_id, 1, env_kwargs, render=video_path is not None and not is_atari(env_id))
     torch.manual_seed(seed)
@@ -844,16 +812,13 @@ def evaluate_checkpoint(args: Args) -> None:
     mine, theirs = agent.state_dict(), ckpt["agent"]
     if differs := next((k for k in [*mine, *theirs] if k not in mine or k not in theirs or mine[k].shape != theirs[k].shape), None):
         fail(f"--eval-checkpoint {args.eval_checkpoint}: its network does not fit this script's (first differing parameter: {differs}); evaluate it with the script that wrote it")  # fmt: skip
-    agent.load_state_dict(theirs)
-    use_masks = ckpt["args"].get("action_masks", True)  # checkpoints before --no-action-masks always masked
-    returns = evaluate(agent, env_id, env_kwargs, max(args.eval_episodes, 1), args.seed, device, args.eval_stochastic, None, use_masks)
+    agent.load_state_dict(ckpt["agent"])
+    returns = evaluate(agent, env_id, env_kwargs, max(args.eval_episodes, 1), args.seed, device, args.eval_stochastic, None, ckpt["args"].get("action_masks", True))  # before --no-action-masks: masked  # fmt: skip
     print(f"eval {env_id}: return {np.mean(returns):.2f} +- {np.std(returns):.2f} over {len(returns)} episodes")
 
 
 # --- Argument checks ---
 # One line naming the flag, exit status 2, as tyro does for a malformed flag.
-
-
 def fail(message: str) -> NoReturn:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
@@ -971,8 +936,6 @@ def check_args(args: Args, world_size: int) -> tuple[int, int, int]:
 
 # --- Env adapters and pickling ---
 # Pickling: a resumed run continues the very episodes it was playing.
-
-
 def flat_observations(env: gym.Env) -> gym.Env:
     """env, its Dict or Tuple observations flattened for the MLP (FlatObservation); other envs as they are."""
     return FlatObservation(env) if isinstance(env.observation_space, (gym.spaces.Dict, gym.spaces.Tuple)) else env
@@ -1040,54 +1003,6 @@ def env_state(envs: gym.vector.VectorEnv) -> Optional[bytes]:
     except Exception as e:
         note(f"the envs cannot be pickled ({type(e).__name__}: {e}); a resumed run will start fresh episodes")
         return None
-
-
-# --- The rollout's policy ---
-# Agent.get_action_and_value, checked every update against the trained policy.
-
-ON_POLICY_ATOL = 1e-3  # max |log-ratio| of an update's first minibatch, before any step; the same policy in
-# float32 gives ~1e-6 (batch-dependent GPU kernels up to ~1e-4), a policy other than the trained one far more.
-
-
-class RolloutPolicy:
-    """Agent.get_action_and_value for the rollout, numpy in and out; a forbidden action stops the run."""
-
-    def __init__(self, agent: Agent, device: torch.device, rng: np.random.Generator):
-        self.agent, self.device, self.rng, self.fast, self.noted_plain = agent, device, rng, False, False
-        self.offsets = agent.offsets.cpu().numpy()
-
-    def act(self, obs: np.ndarray, mask: np.ndarray, global_step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Actions sampled from the policy (among those mask allows), their log-probs and the values of obs, in numpy."""
-        masked = mask is not all_valid(*mask.shape)
-        action, logprob, value = self.sample(obs, mask, masked)
-        if masked and not (allowed := np.take_along_axis(mask, action.reshape(len(mask), -1) + self.offsets, 1).all(-1)).all():  # an edit that undid the mask
-            i = np.flatnonzero(~allowed)[0]
-            fail(f"the policy sampled action {action[i]} that env {i}'s action_mask forbids at global step {global_step}: Agent.distribution must give masked actions no probability (MASKED_LOGIT)")  # fmt: skip
-        return action, logprob, value
-
-    def sample(self, obs: np.ndarray, mask: np.ndarray, masked: bool) -> tuple[np.ndarray, ...]:
-        with torch.no_grad():
-            out = self.agent.get_action_and_value(torch.as_tensor(obs, device=self.device), None, mask_tensor(mask, self.device))
-        action, logprob, _, value = (t.cpu().numpy() for t in out)
-        return action, logprob, value
-
-    def value(self, obs: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return self.agent.get_value(torch.as_tensor(obs, device=self.device)).cpu().numpy()
-
-    def check_on_policy(self, max_logratio: float, iteration: int) -> None:
-        """The update's first minibatch must find the policy that collected it (log-ratio ~0): else the derived code is
-        wrong in a way its check missed, and steps aside; or the plain path's policy is no function of its weights."""
-        if max_logratio <= ON_POLICY_ATOL:
-            return
-        figure = f"on-policy check: max |log-ratio| {max_logratio:.3g} at the first minibatch of iteration {iteration}"
-        if self.fast:
-            self.fast = False
-            note(f"{figure}; the rollout switches to the plain get_action_and_value for the rest of the run")
-        elif not self.noted_plain:
-            self.noted_plain = True
-            note(f"{figure} with the plain get_action_and_value: the policy is not a function of its weights alone "
-                 "(dropout? batch-dependent layers?); training goes on")  # fmt: skip
 
 
 # --- optional: fast-path ---
@@ -1197,15 +1112,22 @@ class DerivedPolicy(nn.Module):
             self.ns[f"{name}_T"] = np.ascontiguousarray(self.ns[name].T)
 
 
-class FastRolloutPolicy(RolloutPolicy):
-    """get_action_and_value derived as numpy code while it reproduces the agent, else RolloutPolicy's torch."""
+# --- The rollout's policy ---
+
+ON_POLICY_ATOL = 1e-3  # max |log-ratio| of an update's first minibatch, before any step; the same policy in
+# float32 gives ~1e-6 (batch-dependent GPU kernels up to ~1e-4), a policy other than the trained one far more.
+
+
+class RolloutPolicy:
+    """get_action_and_value derived as numpy code while it reproduces the agent, else in torch; a forbidden action stops the run."""
 
     def __init__(self, agent: Agent, device: torch.device, rng: np.random.Generator, obs: np.ndarray, mask: np.ndarray):
-        super().__init__(agent, device, rng)
-        self.derived, self.fast = {}, not agent.pixels  # derived: by input kind (mask?)
-        self.refresh(obs, mask)  # set-up: the first torch.export takes seconds (imports)
+        self.agent, self.device, self.rng, self.noted_plain, self.fast = agent, device, rng, False, False
+        self.offsets = agent.offsets.cpu().numpy()
+        self.derived, self.fast = {}, not agent.pixels  # derived: by input kind (mask?)  # optional: fast-path
+        self.refresh(obs, mask)  # set-up: the first torch.export takes seconds (imports)  # optional: fast-path
 
-    def refresh(self, obs: np.ndarray, mask: np.ndarray) -> None:
+    def refresh(self, obs: np.ndarray, mask: np.ndarray) -> None:  # optional: fast-path
         """Derive (once) the kinds of input obs and mask need (values: no mask), feed the weights, check on obs; failing: aside."""
         masked = mask is not all_valid(*mask.shape)
         if not self.fast:
@@ -1222,7 +1144,7 @@ class FastRolloutPolicy(RolloutPolicy):
             self.fast = False
             note(f"the numpy rollout path steps aside: {cause}; the rollout runs Agent.get_action_and_value in torch")
 
-    def mismatch(self, obs: np.ndarray, mask: np.ndarray, masked: bool) -> Optional[str]:
+    def mismatch(self, obs: np.ndarray, mask: np.ndarray, masked: bool) -> Optional[str]:  # optional: fast-path
         """Where the derived code departs from get_action_and_value (log-probs of actions it draws, entropies, values), or None."""
         action, *mine = self.derived[masked].check(np.random.default_rng(0), obs, *([mask] if masked else []))
         with torch.no_grad():
@@ -1236,20 +1158,49 @@ class FastRolloutPolicy(RolloutPolicy):
                 return f"its {name} differ from Agent.get_action_and_value's by up to {np.abs(a - b).max():.3g}"
         return None
 
-    def sample(self, obs: np.ndarray, mask: np.ndarray, masked: bool) -> tuple[np.ndarray, ...]:
-        if self.fast and masked not in self.derived:  # a run's first mask, met mid-rollout
+    def act(self, obs: np.ndarray, mask: np.ndarray, global_step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Actions sampled from the policy (among those mask allows), their log-probs and the values of obs, in numpy."""
+        masked = mask is not all_valid(*mask.shape)
+        if self.fast and masked not in self.derived:  # a run's first mask, met mid-rollout  # optional: fast-path
             self.refresh(obs, mask)
-        return self.derived[masked].act(self.rng, obs, *([mask] if masked else [])) if self.fast else super().sample(obs, mask, masked)
+        action, logprob, value = self.sample(obs, mask, masked)
+        if masked and not (allowed := np.take_along_axis(mask, action.reshape(len(mask), -1) + self.offsets, 1).all(-1)).all():  # an edit that undid the mask
+            i = np.flatnonzero(~allowed)[0]
+            fail(f"the policy sampled action {action[i]} that env {i}'s action_mask forbids at global step {global_step}: Agent.distribution must give masked actions no probability (MASKED_LOGIT)")  # fmt: skip
+        return action, logprob, value
+
+    def sample(self, obs: np.ndarray, mask: np.ndarray, masked: bool) -> tuple[np.ndarray, ...]:
+        if self.fast:  # optional: fast-path
+            return self.derived[masked].act(self.rng, obs, *([mask] if masked else []))
+        with torch.no_grad():
+            out = self.agent.get_action_and_value(torch.as_tensor(obs, device=self.device), None, mask_tensor(mask, self.device))
+        action, logprob, _, value = (t.cpu().numpy() for t in out)
+        return action, logprob, value
 
     def value(self, obs: np.ndarray) -> np.ndarray:
-        return self.derived[False].value(None, obs) if self.fast else super().value(obs)
+        if self.fast:  # optional: fast-path
+            return self.derived[False].value(None, obs)
+        with torch.no_grad():
+            return self.agent.get_value(torch.as_tensor(obs, device=self.device)).cpu().numpy()
+
+    def check_on_policy(self, max_logratio: float, iteration: int) -> None:
+        """The update's first minibatch must find the policy that collected it (log-ratio ~0): else the derived code is
+        wrong in a way its check missed, and steps aside; or the plain path's policy is no function of its weights."""
+        if max_logratio <= ON_POLICY_ATOL:
+            return
+        figure = f"on-policy check: max |log-ratio| {max_logratio:.3g} at the first minibatch of iteration {iteration}"
+        if self.fast:
+            self.fast = False
+            note(f"{figure}; the rollout switches to the plain get_action_and_value for the rest of the run")
+        elif not self.noted_plain:
+            self.noted_plain = True
+            note(f"{figure} with the plain get_action_and_value: the policy is not a function of its weights alone "
+                 "(dropout? batch-dependent layers?); training goes on")  # fmt: skip
 
 
 # --- Crashes and non-finite numbers ---
 # A crash: an exception (the env's step or reset, out of memory, any other) ends the run after its traceback with one
 # line naming the checkpoint of the last completed update (exit status 1); under torchrun the others wait in a collective.
-
-
 class CrashCheckpoint:
     """Writes, when an exception leaves the with block, the checkpoint of the last completed update (Logger.last): its
     weights and optimizer as they are (unless the next update had begun), the RNGs as they are, no envs (fresh episodes)."""
@@ -1291,10 +1242,8 @@ def stop_nonfinite(what: str, iteration: int, where: str, checkpoint_path: str) 
     sys.exit(1)
 
 
-def check_env_output(
-    env_id: str, obs: np.ndarray, rewards: np.ndarray, next_obs: np.ndarray, global_step: int, steps_per_row: int,
-    checkpoint_path: str,
-) -> None:  # fmt: skip
+def check_env_output(env_id: str, obs: np.ndarray, rewards: np.ndarray, next_obs: np.ndarray, global_step: int, steps_per_row: int,
+                     checkpoint_path: str) -> None:  # fmt: skip
     """Stop the run with one line naming the env step and env that returned a NaN or an infinity (observation or reward)."""
     if np.issubdtype(obs.dtype, np.floating):  # Atari's uint8 pixels cannot go non-finite
         returned = np.concatenate([obs[1:], next_obs[None]]).reshape(len(rewards), rewards.shape[1], -1)

@@ -218,7 +218,7 @@ def test_derived_rollout_reproduces_get_action_and_value(space, monkeypatch, cap
     gen = np.random.default_rng(0)
     obs = gen.normal(size=(5, 3, 2)).astype(np.float32) if space.shape else np.array([0, 3, 6, 2, 5])
     all_valid = ppo.all_valid(5, 4)
-    policy = ppo.FastRolloutPolicy(agent, torch.device("cpu"), np.random.default_rng(0), obs, all_valid)
+    policy = ppo.RolloutPolicy(agent, torch.device("cpu"), np.random.default_rng(0), obs, all_valid)
     assert policy.fast and capsys.readouterr().out == "", "the unmodified MLP agent takes the derived numpy path"
     assert "torch" not in policy.derived[False].source  # numpy calls only, one per node
     actions, *mine = policy.derived[False].check(np.random.default_rng(0), obs)
@@ -229,7 +229,7 @@ def test_derived_rollout_reproduces_get_action_and_value(space, monkeypatch, cap
     # Its sampler (torch.multinomial as an exponential race on the run's numpy RNG): softmax frequencies, and the
     # log-prob of what it drew.
     many = np.repeat(obs[:1], 100_000, axis=0)
-    drawn, drawn_logp, drawn_values = ppo.FastRolloutPolicy(agent, torch.device("cpu"), np.random.default_rng(1), many, ppo.all_valid(len(many), 4)).act(many, ppo.all_valid(len(many), 4), 0)  # fmt: skip
+    drawn, drawn_logp, drawn_values = ppo.RolloutPolicy(agent, torch.device("cpu"), np.random.default_rng(1), many, ppo.all_valid(len(many), 4)).act(many, ppo.all_valid(len(many), 4), 0)  # fmt: skip
     probs = agent.distribution(torch.as_tensor(obs[:1]))[0].exp()[0].detach().numpy()
     np.testing.assert_allclose(np.bincount(drawn, minlength=4) / drawn.size, probs, atol=0.005)
     np.testing.assert_allclose(drawn_logp, np.log(probs[drawn]), rtol=1e-5)
@@ -318,7 +318,7 @@ def test_edited_agents_stay_on_the_derived_path_and_run_the_edit(kind, monkeypat
     monkeypatch.setattr(ppo, "NOTED", set())
     agent, obs = edited_agent(kind), np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
     mask = ppo.all_valid(5, sum(agent.nvec))
-    policy = ppo.FastRolloutPolicy(agent, torch.device("cpu"), np.random.default_rng(0), obs, mask)
+    policy = ppo.RolloutPolicy(agent, torch.device("cpu"), np.random.default_rng(0), obs, mask)
     assert policy.fast and capsys.readouterr().out == ""
     actions, logprobs, values = policy.act(obs, mask, 0)
     _, ref_logp, _, ref_values = agent.get_action_and_value(torch.as_tensor(obs), torch.as_tensor(actions))
@@ -332,7 +332,7 @@ def test_edited_agents_stay_on_the_derived_path_and_run_the_edit(kind, monkeypat
 def test_a_temperature_that_starts_at_exactly_1_is_run_from_the_first_iteration(monkeypatch, capsys):
     monkeypatch.setattr(ppo, "NOTED", set())
     agent, obs = edited_agent("temperature"), np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
-    policy = ppo.FastRolloutPolicy(agent, torch.device("cpu"), np.random.default_rng(0), obs, ppo.all_valid(5, 3))
+    policy = ppo.RolloutPolicy(agent, torch.device("cpu"), np.random.default_rng(0), obs, ppo.all_valid(5, 3))
     assert policy.fast and "p_agent_log_temperature" in policy.derived[False].source  # the edit is in the code it runs
     untempered = ppo.Agent.distribution(agent, torch.as_tensor(obs))[0].detach().numpy()
     with torch.no_grad():
@@ -357,7 +357,7 @@ def test_the_derived_path_steps_aside_with_one_note_naming_the_cause(kind, cause
     if kind == "numpy-broken":
         agent.actor[1] = torch.nn.Tanh()
     obs = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
-    policy = ppo.FastRolloutPolicy(agent, torch.device("cpu"), np.random.default_rng(0), obs, ppo.all_valid(5, 3))
+    policy = ppo.RolloutPolicy(agent, torch.device("cpu"), np.random.default_rng(0), obs, ppo.all_valid(5, 3))
     for _ in range(3):  # refreshed every iteration; the note comes once
         policy.refresh(obs, ppo.all_valid(5, 3))
         assert not policy.fast
@@ -934,10 +934,10 @@ def test_process_group_serves_cpu_tensors_and_objects_beside_cuda(device, backen
     monkeypatch.setattr(dist, "get_world_size", lambda: 2)
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert ppo.init_distributed(torch.device(device)) == (True, 1, 2)
+    assert ppo.init_distributed(torch.device(device)) == (1, 2)
     assert chosen == [backend]
     monkeypatch.setenv("WORLD_SIZE", "1")
-    assert ppo.init_distributed(torch.device(device)) == (False, 0, 1) and chosen == [backend]
+    assert ppo.init_distributed(torch.device(device)) == (0, 1) and chosen == [backend]
 
 
 def test_collectives_get_tensors_on_the_training_device_or_the_cpu(monkeypatch, tmp_path):
@@ -1144,11 +1144,11 @@ def test_masked_actions_get_no_probability_and_are_never_greedy():
     assert mask[torch.arange(3), drawn].all()
     # The derived path: the same masked log-probs and entropies, and it never samples a masked action either.
     x, m = obs.numpy(), mask.numpy()
-    policy = ppo.FastRolloutPolicy(agent, torch.device("cpu"), np.random.default_rng(0), x, m)
+    policy = ppo.RolloutPolicy(agent, torch.device("cpu"), np.random.default_rng(0), x, m)
     assert policy.fast and policy.mismatch(x, m, True) is None
     np.testing.assert_allclose(policy.derived[True].check(np.random.default_rng(0), x, m)[2], ent.detach().numpy(), rtol=1e-5, atol=1e-6)
     many, many_masks = np.tile(x, (2000, 1)), np.tile(m, (2000, 1))
-    actions = ppo.FastRolloutPolicy(agent, torch.device("cpu"), np.random.default_rng(0), many, many_masks).act(many, many_masks, 0)[0]
+    actions = ppo.RolloutPolicy(agent, torch.device("cpu"), np.random.default_rng(0), many, many_masks).act(many, many_masks, 0)[0]
     assert m[np.tile(np.arange(3), 2000), actions].all()
 
 
@@ -1158,7 +1158,7 @@ def test_an_env_without_masks_costs_no_masking_on_the_plain_path_and_in_evaluati
         ppo.Agent, "distribution", lambda self, obs, action_mask=None: masks.append(action_mask) or distribution(self, obs, action_mask)
     )
     obs = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
-    policy = ppo.FastRolloutPolicy(perturbed_agent(agent_class=DropoutAgent), torch.device("cpu"), np.random.default_rng(0), obs, ppo.all_valid(5, 3))
+    policy = ppo.RolloutPolicy(perturbed_agent(agent_class=DropoutAgent), torch.device("cpu"), np.random.default_rng(0), obs, ppo.all_valid(5, 3))
     assert not policy.fast
     masks.clear()
     policy.act(obs, ppo.all_valid(5, 3), 0)
