@@ -888,11 +888,10 @@ def valid_actions(info: dict, num_envs: int, n_actions: Union[int, list[int]], g
     the env gives one, use_masks (--action-masks) and the episode goes on (not ended), else all. MultiDiscrete: the dimensions' masks side by side (sb3-contrib's
     MaskablePPO) or a tuple of one per dimension (MultiDiscrete.sample's); one that allows nothing is a one-line error."""
     total = n_actions if isinstance(n_actions, int) else sum(n_actions)  # plain Python: this runs at every step
-    if not use_masks or "action_mask" not in info:
+    given = use_masks and "action_mask" in info and info.get("_action_mask", np.ones(num_envs, dtype=bool)) & ~np.asarray(ended)
+    if given is False or not given.any():  # no masks, or every episode just ended
         return all_valid(num_envs, total)
-    nvec = np.atleast_1d(n_actions)
-    masks = np.ones((num_envs, total), dtype=bool)
-    given = info.get("_action_mask", np.ones(num_envs, dtype=bool)) & ~np.asarray(ended)
+    nvec, masks = np.atleast_1d(n_actions), np.ones((num_envs, total), dtype=bool)
     env_masks = np.asarray(info["action_mask"])[given]
     if env_masks.dtype == object:  # the vector env kept each env's tuple of per-dimension masks as an object
         env_masks = np.stack([np.hstack(m) for m in env_masks])  # (or a plain list)
