@@ -830,6 +830,12 @@ def test_eval_checkpoint_reads_weights_only(tmp_path):
     torch.save(ckpt, tmp_path / "evil.pt")
     assert_one_line_error("ppo_discrete.py", ["--eval-checkpoint", str(tmp_path / "evil.pt")], "--eval-checkpoint", tmp_path)
     assert not marker.exists()
+    # A network this script does not build (a copy's: one more layer, or another width) is one line naming the parameter.
+    for key, tensor in [("actor.extra.weight", torch.zeros(2, 2)), ("critic.0.weight", torch.zeros(7, 4))]:
+        ckpt = torch.load(path, weights_only=True)
+        ckpt["agent"][key] = tensor
+        torch.save(ckpt, tmp_path / "copy.pt")
+        assert_one_line_error("ppo_discrete.py", ["--eval-checkpoint", str(tmp_path / "copy.pt")], f"first differing parameter: {key}", tmp_path)
 
 
 # ---------------------------------------------------------------- learning, determinism, resume
@@ -1689,3 +1695,14 @@ def test_a_copy_without_any_optional_block_runs_the_same_ppo_and_an_all_deleted_
     assert proc.returncode == 0, proc.stderr[-2000:]
     returns = [r["charts/episodic_return"] for r in read_metrics(runs) if "charts/episodic_return" in r]
     assert np.mean(returns[-20:]) > 3 * 22, np.mean(returns[-20:])  # a random policy: ~22
+
+
+def test_the_readme_gives_this_script_s_line_counts_as_they_are():
+    """README's reading table: lines of the file, of the part above the fence, of the copy without every optional block."""
+    import droppable
+
+    source = (ROOT / "ppo_discrete.py").read_text()
+    fence = next(i for i, line in enumerate(source.splitlines(), 1) if line.startswith("# Infrastructure"))
+    dropped = droppable.drop(source, set(BLOCKS))
+    row = f"| `ppo_discrete.py` | {len(source.splitlines())} | {fence} | {len(dropped.splitlines())} |"
+    assert row in (ROOT / "README.md").read_text(), row
