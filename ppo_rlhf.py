@@ -948,11 +948,12 @@ def write_checkpoint(run: Run, header: dict, policy: nn.Module, value_model: Opt
 
 
 def nonfinite_tensor(tree, name: str = "") -> Optional[str]:
-    """The name of the first floating tensor in `tree` (nested dicts and lists) holding a non-finite value."""
+    """The name of the first floating tensor in `tree` (nested dicts and lists) holding a non-finite value; min and max
+    propagate NaN and inf without the temporaries of torch.isfinite(tensor), 1.75x the tensor's bytes."""
     if isinstance(tree, DTensor):  # --fsdp: this process's shard
         tree = tree.to_local()
     if isinstance(tree, Tensor):
-        return name if tree.is_floating_point() and not torch.isfinite(tree).all() else None
+        return name if tree.is_floating_point() and tree.numel() and not torch.stack(torch.aminmax(tree)).isfinite().all() else None
     items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
     for key, value in items:
         found = nonfinite_tensor(value, f"{name}.{key}" if name else str(key))
@@ -1338,10 +1339,8 @@ class ShardedParameters:
         norm = nn.utils.clip_grad_norm_(self.tensors, max_norm)
         return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
-    def all_finite(self) -> bool:
-        """Whether every process's shards are finite (the same answer on every process)."""
-        local = all(torch.isfinite(p.to_local()).all() for p in self.tensors)
-        return not all_reduce_mean(torch.tensor(float(not local))).item()
+    def all_finite(self) -> bool:  # every process's shards: the same answer on every process
+        return not all_reduce_mean(torch.tensor(float(any(nonfinite_tensor(p) is not None for p in self.tensors)))).item()
 
 
 # Checkpoints under --fsdp: torch.distributed.checkpoint, each process its own shards; checkpoint.pt holds the rest.
@@ -2190,7 +2189,7 @@ class FlatParameters:
         return nn.utils.clip_grad_norm_([self.param], max_norm)
 
     def all_finite(self) -> bool:
-        return bool(torch.isfinite(self.param).all())
+        return nonfinite_tensor(self.param) is None
 
     def _relink(self, p: nn.Parameter, view: Tensor, grad: Tensor) -> None:
         if self.param.grad is None:  # optimizer.zero_grad(): every gradient starts again from zero

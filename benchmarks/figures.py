@@ -196,6 +196,9 @@ fig(README, "| `--fsdp`, 2 processes (gloo) | 2.16 / 1.44 / 2.88 GiB, + 1.44 GiB
 fig(README, "Two unsharded processes would each need the single one's {:.1f} GiB: {:.0f} GiB", "rlhf/fsdp_memory.json",
     lambda d: (fsdp(d, "unsharded")["peak_rss_gib_per_process"], 2 * fsdp(d, "unsharded")["peak_rss_gib_per_process"]))
 not_measured(README, "24 GiB machine", "the machine's memory")
+fig(README, "Until 35f53b5 the unsharded run peaked at {:.2f}\nGiB ({:.1f} s per iteration", "rlhf/fsdp_memory_before_finite_fix.json",
+    lambda d: (d["runs"][0]["peak_rss_gib_per_process"], d["runs"][0]["seconds_per_iteration"]))
+not_measured(README, "1.75x the 2.88 GiB they check", "torch.isfinite's temporaries (abs, two bool masks) against the memory line's gradients")
 fig(README, "({:.1f} / {:.1f} GiB there;", "rlhf/fsdp_memory.json", lambda d: fsdp(d, "fsdp")["loading_peak_rss_gib_by_process"])
 fig(README, "the script before sharded\nloading: {:.1f} GiB measured beside this run", "rlhf/fsdp_memory.json",
     lambda d: next(r for r in d["runs"] if "before" in r.get("script", ""))["peak_rss_gib_per_process"])

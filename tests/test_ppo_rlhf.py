@@ -1036,6 +1036,28 @@ def test_non_finite_values_stop_the_run_and_keep_the_last_good_checkpoint(real_m
     assert not os.path.exists(path + ".tmp") and not os.path.exists(os.path.join(run_dir, "policy"))
 
 
+def test_the_finite_check_finds_nan_and_inf_without_a_copy_of_the_tensor():
+    """nonfinite_tensor (checkpoints, and the weights after every step) names the tensor with a NaN, +inf or -inf in
+    any floating dtype, and adds far less than the tensor's size to the peak memory: torch.isfinite(t) adds 1.75x
+    t's bytes (4 GiB of the 0.39B model's unsharded run)."""
+    for dtype in (torch.float32, torch.bfloat16):
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            t = torch.zeros(1000, dtype=dtype)
+            t[517] = bad
+            assert P.nonfinite_tensor({"a": {"b": torch.ones(3)}, "c": [torch.ones(2), t]}) == "c.1"
+        assert P.nonfinite_tensor([torch.zeros(5, dtype=dtype), torch.zeros(0), torch.arange(3)]) is None
+    code = (
+        "import resource, torch, ppo_rlhf as P\n"
+        "t = torch.ones(2**27)\n"  # 512 MiB, every page resident
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "assert P.nonfinite_tensor(t) is None\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env=ENV, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert float(proc.stdout) < 64, f"the check added {float(proc.stdout):.0f} MiB to the peak for a 512 MiB tensor"
+
+
 def test_init_distributed_serves_cuda_tensors_and_cpu_objects(monkeypatch):
     """On cuda the process group is nccl for cuda tensors and gloo for CPU tensors and objects; on the CPU, gloo."""
     calls = []
