@@ -3,7 +3,6 @@
     python ppo_continuous.py                                    # HalfCheetah-v5 with CleanRL's defaults
     python ppo_continuous.py zoo-halfcheetah --seed 2           # a preset as the first word, then any flag
     python ppo_continuous.py --help                             # every flag (and the presets)
-    torchrun --nproc_per_node 2 ppo_continuous.py               # data parallel, one set of envs per process
 
 References: Schulman et al. 2017 (PPO), Schulman et al. 2016 (GAE), Huang et al. 2022 ("The 37 Implementation
 Details of PPO").
@@ -22,7 +21,7 @@ import sys
 import time
 import warnings
 from collections import deque
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Callable, Literal, NoReturn, Optional, Sequence, Union
 
 import gymnasium as gym
@@ -49,7 +48,7 @@ class Args:
     num_steps: int = 2048
     """steps per environment per rollout"""
     anneal_lr: bool = True
-    """anneal the learning rate linearly to 0 over the run"""
+    """anneal the learning rate linearly: iteration i of N runs at lr * (N - i + 1) / N, the last at lr / N"""
     gamma: float = 0.99
     """discount factor (also of the return whose running std scales the rewards)"""
     gae_lambda: float = 0.95
@@ -71,14 +70,13 @@ class Args:
     max_grad_norm: float = 0.5
     """global gradient-norm clipping threshold"""
     target_kl: Optional[float] = None
-    """stop the update epochs early once the approximate KL passes this (None: never)"""
+    """stop the update epochs once an epoch's mean approximate KL passes this (CleanRL: its last minibatch's; None: never)"""
     hidden_sizes: tuple[int, ...] = (64, 64)
     """hidden layer widths of the actor and of the critic MLP (each has its own)"""
     activation: Literal["tanh", "relu", "elu"] = "tanh"
     """activation function of the hidden layers"""
     ortho_init: bool = True
-    """orthogonal weights (gain sqrt(2); 0.01 on the mean head, 1 on the value head) and zero biases;
-    --no-ortho-init keeps torch's default nn.Linear initialisation"""
+    """orthogonal weights (gain sqrt(2); 0.01 on the mean head, 1 on the value head), zero biases; else torch's default"""
     log_std_init: float = 0.0
     """initial log standard deviation of the Gaussian policy (state-independent parameter)"""
     norm_obs: bool = True
@@ -90,8 +88,7 @@ class Args:
     clip_reward: float = 10.0
     """clipping range of the scaled rewards"""
     bootstrap_truncation: bool = True
-    """bootstrap time-limit truncations from V(final obs); --no-bootstrap-truncation treats them as
-    terminations, as CleanRL does"""
+    """bootstrap time-limit truncations from V(final obs); --no-bootstrap-truncation: terminations, as in CleanRL"""
 
     # Run settings: naming and seeding, device, tracking, run folder and checkpoints, evaluation.
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
@@ -103,30 +100,29 @@ class Args:
     device: str = "auto"
     """torch device: `auto` (the CPU: an MLP on vector observations runs faster there than on a GPU), `cuda`, `cuda:1`..."""
     num_threads: int = 0
-    """torch CPU threads per process; 0 picks from the work: 1 for an MLP (more threads only add overhead, and
-    slow down badly when another job holds a core)"""
-    track: bool = False
+    """torch CPU threads per process; 0 picks from the work: 1 for an MLP (more only add overhead)"""
+    track: bool = False  # optional: wandb
     """if toggled, log to Weights and Biases (metrics land in runs/{run_name}/metrics.jsonl either way)"""
-    wandb_project_name: str = "ppo"
-    """the wandb project name"""
-    wandb_entity: Optional[str] = None
+    wandb_project_name: str = "ppo"  # optional: wandb
+    """the wandb project name (CleanRL's runs: cleanRL)"""
+    wandb_entity: Optional[str] = None  # optional: wandb
     """the wandb entity (team or user)"""
-    capture_video: bool = False
+    capture_video: bool = False  # optional: video, evaluation
     """if toggled, record the first evaluation episode to runs/{run_name}/videos/ (no display: EGL, MUJOCO_GL=egl)"""
     runs_dir: str = "runs"
     """folder that holds runs/{run_name}/ (metrics, args, checkpoints, videos)"""
     save_every: int = 0
     """write a checkpoint every this many iterations (0: only at the end and on Ctrl-C or SIGTERM)"""
-    resume: Optional[str] = None
-    """path of a checkpoint.pt to continue, in its folder; hyperparameters come from the checkpoint. It
-    unpickles the saved envs and RNG states, which runs code the file holds: meant for your own runs"""
-    eval_episodes: int = 10
+    resume: Optional[str] = None  # optional: resume
+    """a checkpoint.pt to continue, in its folder, with its hyperparameters (it unpickles: for your own runs)"""
+    eval_episodes: int = 10  # optional: evaluation
     """episodes played by the final policy after training (0: no evaluation)"""
-    eval_stochastic: bool = False
+    eval_stochastic: bool = False  # optional: evaluation
     """if toggled, evaluation samples actions; by default it acts with the policy's mean"""
-    eval_checkpoint: Optional[str] = None
-    """evaluate the policy of this checkpoint for --eval-episodes and exit, without training (loads only
-    tensors and plain values, weights_only=True: safe for a checkpoint someone shared)"""
+    eval_checkpoint: Optional[str] = None  # optional: evaluation
+    """evaluate this checkpoint's policy for --eval-episodes and exit (weights_only=True: safe for shared files)"""
+    preset: tyro.conf.Suppress[str] = "cleanrl"
+    """the preset this run started from (the first word of the command line; recorded in args.json)"""
 
 
 # Presets of hyperparameters, named by the optional first word of the command line; every flag overrides.
@@ -154,15 +150,17 @@ PRESETS: dict[str, tuple[str, Args]] = {
 
 # Environment. Vector envs autoreset in NEXT_STEP mode: the step that ends an episode returns the true final
 # observation; the next step() resets that sub-env, ignores its action and returns (first obs, reward 0, no
-# termination). Those reset steps are masked out of the loss and the normalisers. Dict and Tuple observations
-# arrive flattened into one vector (gymnasium's flatten_space and flatten).
+# termination). Those reset steps are masked out of the loss and of the return statistics (their observation, an
+# episode's first, counts in the observation statistics).
 
 
 def make_envs(env_id: str, num_envs: int, env_kwargs: str = "{}", render: bool = False) -> gym.vector.VectorEnv:
-    """Synchronous vector env (MuJoCo steps take microseconds, less than a subprocess round trip)."""
+    """Synchronous vector env (MuJoCo steps take microseconds, less than a subprocess round trip); what the network sees
+    of a Dict or Tuple observation: one vector, gymnasium's flatten_space and flatten (flatten_dict_and_tuple_observations)."""
     kwargs = {**json.loads(env_kwargs), **({"render_mode": "rgb_array"} if render else {})}
-    autoreset = {"autoreset_mode": AutoresetMode.NEXT_STEP}
-    return gym.make_vec(env_id, num_envs, vectorization_mode="sync", vector_kwargs=autoreset, wrappers=[adapt_env], **kwargs)
+    wrappers = [flatten_dict_and_tuple_observations]
+    wrappers.append(WithoutStepInfo)  # optional: fast-path
+    return gym.make_vec(env_id, num_envs, vectorization_mode="sync", vector_kwargs={"autoreset_mode": AutoresetMode.NEXT_STEP}, wrappers=wrappers, **kwargs)
 
 
 def flat_obs(obs: np.ndarray) -> np.ndarray:
@@ -403,17 +401,17 @@ def ppo_update(
             entropy = (entropy * weights[i]).sum()
             loss = pg_loss - args.ent_coef * entropy + args.vf_coef * v_loss
             logratios.append(logratio.detach())
-            stats["policy_loss"].append(pg_loss.detach())
-            stats["value_loss"].append(v_loss.detach())
-            stats["entropy"].append(entropy.detach())
 
             optimizer.zero_grad()
             loss.backward()
-            average_gradients(params, world_size)  # torchrun: the mean gradient over processes
+            average_gradients(params, world_size)  # the mean gradient over processes  # optional: torchrun
             grad_norm = clip_grad_norm(params, args.max_grad_norm)  # nn.utils.clip_grad_norm_, less overhead
             if guard.skip(loss, grad_norm, optimizer, epoch, i):  # non-finite: no step (counted; 10 in a row stop)
                 continue
             optimizer.step()
+            stats["policy_loss"].append(pg_loss.detach())
+            stats["value_loss"].append(v_loss.detach())
+            stats["entropy"].append(entropy.detach())
         guard.check_weights(params, epoch)
         with torch.no_grad():  # per minibatch, from the log-ratios before its optimizer step
             logratio = torch.stack(logratios)
@@ -430,14 +428,16 @@ def ppo_update(
 
 
 def train(args: Args) -> None:
+    ckpt, start_iteration, global_step, distributed, rank, world_size = None, 1, 0, False, 0, 1  # a new run, one process
     device, device_reason = pick_device(args.device, gpu_pays=False)
-    distributed, rank, world_size = init_distributed(device)
+    distributed, rank, world_size = init_distributed(device)  # optional: torchrun
     set_num_threads(args.num_threads, small_network=True)
-    if args.eval_checkpoint is not None:
+    if args.eval_checkpoint is not None:  # optional: evaluation
         return evaluate_checkpoint(args, device)
-    ckpt = load_checkpoint(args.resume, "--resume") if args.resume is not None else None
-    args = resumed_args(args, ckpt) if ckpt is not None else args
-    use_offscreen_rendering(args.capture_video)
+    if args.resume is not None:  # optional: resume
+        ckpt = load_checkpoint(args.resume, "--resume")
+        args = resumed_args(args, ckpt)
+    use_offscreen_rendering(args.capture_video)  # optional: video, evaluation
     batch_size, minibatch_size, num_iterations = check_args(args, world_size)
 
     # Each process its own env seeds and action noise; all start from rank 0's parameters (broadcast below).
@@ -451,19 +451,18 @@ def train(args: Args) -> None:
     act_dim, low, high = action_space.shape[0], action_space.low, action_space.high
     params = [flatten_parameters(agent)]  # one tensor: Adam, the gradient clip and the all-reduce act once each
     optimizer = torch.optim.Adam(params, lr=args.learning_rate, eps=1e-5, fused=device.type in ("cpu", "cuda"))
-    broadcast_from_rank0(params, distributed)
+    broadcast_from_rank0(params, distributed)  # optional: torchrun
     envs = make_envs(args.env_id, args.num_envs, args.env_kwargs)
     normalizer = Normalizer(obs_dim, args.num_envs, args, distributed)
     raw_obs, _ = envs.reset(seed=args.seed + rank * args.num_envs)
     normalizer.update(flat_obs(raw_obs))
     carry = Carry.start(normalizer.normalize_obs(flat_obs(raw_obs)))
-    start_iteration, global_step = 1, 0
-    if ckpt is not None:
+    if ckpt is not None:  # optional: resume
         start_iteration, global_step, carry = restore(ckpt, agent, optimizer, normalizer, envs, rng, raw_obs, rank, world_size)
     run = Run(args, ckpt, rank)
     rollout_policies, guard = RolloutPolicies(agent, device, carry.next_obs), NonFiniteGuard(run, start_iteration)
     guard.check_env_step(flat_obs(raw_obs), np.zeros(0), global_step)  # the reset's observations too
-    print_plan(run, f"{device} ({device_reason}), {torch.get_num_threads()} torch thread(s)", world_size, batch_size, minibatch_size, num_iterations)
+    print_plan(run, f"{device} ({device_reason}), {torch.get_num_threads()} torch thread(s)", world_size, batch_size, minibatch_size, num_iterations, ckpt)
     stop_requested = install_stop_handlers()
 
     # Rollout storage; step t is the transition obs[t] -> obs[t+1]. The rollout runs in numpy and its batch
@@ -475,7 +474,7 @@ def train(args: Args) -> None:
     start_time, start_step = time.time(), global_step
     for iteration in range(start_iteration, num_iterations + 1):
         guard.iteration = iteration
-        # 1. Anneal the learning rate linearly to 0 over the run.
+        # 1. Anneal the learning rate linearly (iteration i of N at lr * (N - i + 1) / N).
         if args.anneal_lr:
             frac = 1.0 - (iteration - 1.0) / num_iterations
             optimizer.param_groups[0]["lr"] = frac * args.learning_rate
@@ -528,32 +527,29 @@ def train(args: Args) -> None:
             envs.close()
             exit_interrupted(run, global_step, distributed)
     envs.close()
-    if distributed:
+    if distributed:  # optional: torchrun
         check_same_on_all_ranks(params, normalizer, rank, world_size)
-    if rank == 0 and args.eval_episodes > 0:
+    if rank == 0 and args.eval_episodes > 0:  # optional: evaluation
         evaluate_final_policy(agent, normalizer, args, run, global_step, device)
     run.finish()
-    leave_process_group(distributed)
+    leave_process_group(distributed)  # optional: torchrun
 
 
-# Infrastructure: nothing below changes what PPO computes; a research copy can drop what it does not need.
-# Run folder, logging and wandb; checkpoints and resume; signals; torchrun; evaluation and video; argument
-# checks; env pickling; the rollout's numpy source derived from Agent.get_action_and_value; flat parameters; the
-# non-finite guard.
+# Infrastructure: nothing below changes what PPO computes but what the calls above name: flatten_dict_and_tuple_observations
+# (what the network sees); the fast path samples the same policy with other random numbers. Delete a section headed
+# `# --- optional: NAME ---` and each line marked `# optional: NAME`: the copy runs.
 
-
+# --- Run folder and logging ---
 class Run:
     """The run folder, metrics.jsonl and wandb (--track), by rank 0 (elsewhere the methods do nothing): {runs_dir}/{run_name}/, or
     for a resumed run the folder of its checkpoint, its metrics cut back to what they held at the checkpoint."""
 
     def __init__(self, args: Args, ckpt: Optional[dict], rank: int):
         self.args, self.rank = args, rank
-        if ckpt is None:
-            self.run_name = f"{args.env_id.replace('/', '_').replace(':', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-            self.run_dir = os.path.join(args.runs_dir, self.run_name)
-        else:
-            self.run_name, self.run_dir = ckpt["run_name"], os.path.dirname(os.path.abspath(args.resume))
-        self.wandb_id = ckpt["wandb_id"] if ckpt else None
+        self.run_name = f"{args.env_id.replace('/', '_').replace(':', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        self.run_dir, self.wandb_id = os.path.join(args.runs_dir, self.run_name), None
+        if ckpt is not None:  # optional: resume
+            self.run_name, self.run_dir, self.wandb_id = ckpt["run_name"], os.path.dirname(os.path.abspath(args.resume)), ckpt["wandb_id"]
         self.file = self.wandb_run = self.last_checkpoint = None
         self.recent_returns = deque(maxlen=20)
         if rank != 0:
@@ -563,10 +559,10 @@ class Run:
         with open(os.path.join(self.run_dir, "args.json"), "w") as f:
             json.dump(asdict(args), f, indent=2)
         metrics_path = os.path.join(self.run_dir, "metrics.jsonl")
-        if ckpt is not None and os.path.exists(metrics_path):
+        if ckpt is not None and os.path.exists(metrics_path):  # optional: resume
             with open(metrics_path, "r+") as f:
                 f.truncate(ckpt["metrics_offset"])
-        if args.track:
+        if args.track:  # optional: wandb
             import wandb
 
             self.wandb_run = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args), name=self.run_name,
@@ -582,7 +578,7 @@ class Run:
         record = {"global_step": global_step, **metrics}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
-        if self.wandb_run is not None:
+        if self.wandb_run is not None:  # optional: wandb
             self.wandb_run.log(record)
 
     def log_episode(self, global_step: int, episodic_return: float, episodic_length: int) -> None:
@@ -608,18 +604,20 @@ class Run:
         if self.file is None:
             return
         sys.excepthook = sys.__excepthook__
-        if self.wandb_run is not None:
+        if self.wandb_run is not None:  # optional: wandb
             self.wandb_run.finish()
         files = ["metrics.jsonl", "args.json", "checkpoint.pt"] + ["videos/"] * os.path.isdir(os.path.join(self.run_dir, "videos"))
         print(f"done: {self.run_dir} ({', '.join(files)})")
 
 
-def print_plan(run: Run, device: str, world_size: int, batch_size: int, minibatch_size: int, num_iterations: int) -> None:
-    """Rank 0 says what the run will do, and how many steps when --total-timesteps is no whole number of batches."""
-    args, steps = run.args, num_iterations * batch_size * world_size
+def print_plan(run: Run, device: str, world_size: int, batch_size: int, minibatch_size: int, num_iterations: int, ckpt: Optional[dict]) -> None:
+    """Rank 0 says what the run will do (a preset: the flags it set), and how many steps when --total-timesteps is no whole number of batches."""
+    args, steps, base = run.args, num_iterations * batch_size * world_size, PRESETS["cleanrl"][1]
     if run.rank != 0:
         return
-    print(f"{run.run_name}: {num_iterations} iterations of {batch_size} steps x {world_size} process(es), "
+    preset = ", ".join(f"--{f.name.replace('_', '-')} {getattr(args, f.name)}" for f in fields(Args) if f.name != "preset" and getattr(PRESETS[args.preset][1], f.name) != getattr(base, f.name))
+    resumed = f"resumed from {args.resume} at iteration {ckpt['iteration']}; " if ckpt else ""
+    print(f"{run.run_name}: {resumed}{f'preset {args.preset} ({preset}); ' if args.preset != 'cleanrl' else ''}{num_iterations} iterations of {batch_size} steps x {world_size} process(es), "
           f"{args.num_minibatches} minibatches of {minibatch_size}, {args.update_epochs} epochs, device {device}")  # fmt: skip
     if steps != args.total_timesteps:
         print(f"note: --total-timesteps {args.total_timesteps:,} is not a whole number of batches of "
@@ -641,6 +639,7 @@ class Carry:
         return cls(next_obs, np.zeros(n, dtype=bool), np.zeros(n), np.zeros(n, dtype=np.int64))
 
 
+# --- Checkpoints ---
 CHECKPOINT_KEYS = {"args", "run_name", "iteration", "global_step", "wandb_id", "metrics_offset", "agent", "optimizer", "normalizer", "resume_state"}  # fmt: skip
 
 
@@ -691,6 +690,10 @@ def normalizer_state(normalizer: Normalizer) -> dict:
     }  # fmt: skip
 
 
+def global_rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
 def load_normalizer_state(normalizer: Normalizer, state: dict) -> None:
     for name, values in state.items():
         rms = getattr(normalizer, name)
@@ -714,6 +717,7 @@ def load_checkpoint(path: str, flag: str) -> dict:
     return ckpt
 
 
+# --- optional: resume ---
 def resumed_args(args: Args, ckpt: dict) -> Args:
     """Hyperparameters come from the checkpoint; only where and how this process runs may change."""
     if set(ckpt["args"]) != {f.name for f in fields(Args)}:  # its carried state is another version's too
@@ -748,16 +752,13 @@ def restore(
     return ckpt["iteration"] + 1, ckpt["global_step"], carry
 
 
-def global_rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-
-
 def set_global_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
 
 
+# --- Signals ---
 def install_stop_handlers() -> Callable[[], bool]:
     """SIGINT (Ctrl-C) and SIGTERM ask to stop: the iteration finishes, a checkpoint is written, exit 130; a second Ctrl-C
     interrupts at once. Returns stop_requested(): whether any process was asked (a collective under torchrun)."""
@@ -772,11 +773,9 @@ def install_stop_handlers() -> Callable[[], bool]:
     signal.signal(signal.SIGTERM, request_stop)
 
     def stop_requested() -> bool:
-        if not dist.is_initialized():
-            return requested
-        flag = torch.tensor(float(requested))  # on the CPU: the gloo half of the process group
-        dist.all_reduce(flag)
-        return bool(flag.item())
+        if dist.is_initialized():  # optional: torchrun
+            return bool(mean_over_processes(torch.tensor(float(requested)), dist.get_world_size()).item())  # CPU: gloo
+        return requested
 
     return stop_requested
 
@@ -785,17 +784,18 @@ def exit_interrupted(run: Run, global_step: int, distributed: bool) -> NoReturn:
     if run.rank == 0:
         path = os.path.join(run.run_dir, "checkpoint.pt")
         print(f"interrupted: checkpoint at global_step {global_step:,} in {path}; continue with --resume {path}", flush=True)
-    leave_process_group(distributed)
+    leave_process_group(distributed)  # optional: torchrun
     sys.exit(130)
 
 
+# --- Device and processes ---
 def pick_device(name: str, gpu_pays: bool) -> tuple[torch.device, str]:
     """The torch device and why. `auto` takes a GPU (cuda, then mps) only when gpu_pays (a small MLP's launches and copies cost
     more than it saves). Under torchrun, `cuda` means the GPU of this process's local rank."""
     reason = f"--device {name}"
     if name == "auto":
         name, reason = auto_device(gpu_pays, torch.cuda.is_available(), torch.backends.mps.is_available())
-    if name == "cuda" and "LOCAL_RANK" in os.environ:
+    if name == "cuda" and "LOCAL_RANK" in os.environ:  # optional: torchrun
         local_rank = int(os.environ["LOCAL_RANK"])
         if local_rank >= torch.cuda.device_count():
             fail(
@@ -827,6 +827,24 @@ def set_num_threads(num_threads: int, small_network: bool) -> None:
         torch.set_num_threads(num_threads or 1)
 
 
+def mean_over_processes(tensor: torch.Tensor, world_size: int) -> torch.Tensor:
+    """In place: the mean of tensor over the torchrun processes."""
+    if world_size > 1:
+        dist.all_reduce(tensor)
+        tensor /= world_size
+    return tensor
+
+
+def sum_moments_over_processes(moments: list[tuple]) -> list[tuple]:
+    """[(count, sum, sum of squares), ...] of this process -> their sums over all processes, in one all-reduce."""
+    flat = torch.as_tensor(np.concatenate([np.concatenate([[n], np.ravel(s1), np.ravel(s2)]) for n, s1, s2 in moments]))
+    dist.all_reduce(flat)  # a CPU tensor: the gloo half of the process group on a GPU
+    shapes = [np.shape(s1) for _, s1, _ in moments]
+    parts = np.split(flat.numpy(), np.cumsum([1 + 2 * math.prod(shape) for shape in shapes])[:-1])
+    return [(p[0], *(x.reshape(shape)[()] for x in np.split(p[1:], 2))) for p, shape in zip(parts, shapes)]
+
+
+# --- optional: torchrun ---
 def distributed_backend(device: torch.device) -> str:
     """On a GPU, nccl for CUDA tensors and gloo for CPU ones (the normaliser's moments, the stop flag, objects)."""
     return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
@@ -856,26 +874,9 @@ def broadcast_from_rank0(params: list[torch.Tensor], distributed: bool) -> None:
         dist.broadcast(p.data, src=0)
 
 
-def mean_over_processes(tensor: torch.Tensor, world_size: int) -> torch.Tensor:
-    """In place: the mean of tensor over the torchrun processes."""
-    if world_size > 1:
-        dist.all_reduce(tensor)
-        tensor /= world_size
-    return tensor
-
-
 def average_gradients(params: list[torch.Tensor], world_size: int) -> None:
     for p in params:
         mean_over_processes(p.grad, world_size)
-
-
-def sum_moments_over_processes(moments: list[tuple]) -> list[tuple]:
-    """[(count, sum, sum of squares), ...] of this process -> their sums over all processes, in one all-reduce."""
-    flat = torch.as_tensor(np.concatenate([np.concatenate([[n], np.ravel(s1), np.ravel(s2)]) for n, s1, s2 in moments]))
-    dist.all_reduce(flat)  # a CPU tensor: the gloo half of the process group on a GPU
-    shapes = [np.shape(s1) for _, s1, _ in moments]
-    parts = np.split(flat.numpy(), np.cumsum([1 + 2 * math.prod(shape) for shape in shapes])[:-1])
-    return [(p[0], *(x.reshape(shape)[()] for x in np.split(p[1:], 2))) for p, shape in zip(parts, shapes)]
 
 
 def parameters_and_statistics(params: list[torch.Tensor], normalizer: Normalizer) -> torch.Tensor:
@@ -895,6 +896,7 @@ def check_same_on_all_ranks(params: list[torch.Tensor], normalizer: Normalizer, 
         print(f"parameters identical on {world_size} processes (normalisation statistics too)")
 
 
+# --- optional: evaluation ---
 def use_offscreen_rendering(capture_video: bool) -> None:
     """Headless Linux has no window system for MuJoCo's GL: EGL renders offscreen (Mesa without a GPU); set before mujoco imports."""
     headless = sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
@@ -916,7 +918,7 @@ def evaluate(
     obs, _ = envs.reset(seed=seed)
     returns, episode_return, frames = [], 0.0, []
     while len(returns) < episodes:
-        if video_path is not None and not returns:
+        if video_path is not None and not returns:  # optional: video
             frames.append(envs.render()[0])
         x = torch.as_tensor(normalizer.normalize_obs(flat_obs(obs)), device=device)
         action = agent.get_action_and_value(x)[0] if stochastic else agent.greedy_action(x)
@@ -927,7 +929,7 @@ def evaluate(
             episode_return = 0.0
             obs, _ = envs.reset()
     envs.close()
-    if video_path is not None:
+    if video_path is not None:  # optional: video
         from moviepy import ImageSequenceClip
 
         ImageSequenceClip(frames, fps=envs.metadata.get("render_fps", 30) or 30).write_videofile(video_path, logger=None)
@@ -935,13 +937,13 @@ def evaluate(
 
 
 def evaluate_final_policy(agent: Agent, normalizer: Normalizer, args: Args, run: Run, global_step: int, device: torch.device) -> None:
-    video_path = os.path.join(run.run_dir, "videos", "eval.mp4") if args.capture_video else None
-    if video_path is not None:
-        os.makedirs(os.path.dirname(video_path), exist_ok=True)
+    video_path = None
+    if args.capture_video:  # optional: video
+        os.makedirs(os.path.dirname(video_path := os.path.join(run.run_dir, "videos", "eval.mp4")), exist_ok=True)
     returns = evaluate(agent, normalizer, args.env_id, args.env_kwargs, args.eval_episodes, args.seed + 10_000, device, args.eval_stochastic, video_path)
     run.log(global_step, {"eval/episodic_return": float(np.mean(returns)), "eval/episodic_return_std": float(np.std(returns))})
     print(f"eval: return {np.mean(returns):.2f} +- {np.std(returns):.2f} over {len(returns)} episodes")
-    if run.wandb_run is not None and video_path is not None:
+    if run.wandb_run is not None and video_path is not None:  # optional: video, wandb
         import wandb
 
         run.wandb_run.log({"global_step": global_step, "videos/eval": wandb.Video(video_path, format="mp4")})
@@ -959,6 +961,7 @@ def evaluate_checkpoint(args: Args, device: torch.device) -> None:
     print(f"eval {trained.env_id}: return {np.mean(returns):.2f} +- {np.std(returns):.2f} over {len(returns)} episodes")
 
 
+# --- Argument checks ---
 def fail(message: str) -> NoReturn:
     """Print a one-line usage error and exit with status 2 (as argparse/tyro do)."""
     print(f"error: {message}", file=sys.stderr)
@@ -973,7 +976,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Args:
         fail(f"{preset!r} is no preset; the first word may name one of {', '.join(PRESETS)}, or be left out")
     presets = "\n".join(f"  {name}: {doc}" for name, (doc, _) in PRESETS.items())
     description = f"{__doc__.split(chr(10) * 2)[0]}\n\nPresets, the optional first word (flags after it override its values):\n{presets}"
-    return tyro.cli(Args, args=argv, default=PRESETS[preset][1], description=description)
+    return tyro.cli(Args, args=argv, default=replace(PRESETS[preset][1], preset=preset), description=description)
 
 
 def check_args(args: Args, world_size: int) -> tuple[int, int, int]:
@@ -981,7 +984,7 @@ def check_args(args: Args, world_size: int) -> tuple[int, int, int]:
     for name in ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs"):
         if getattr(args, name) <= 0:
             fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ("eval_episodes", "save_every", "num_threads", "ent_coef", "vf_coef"):
+    for name in ("save_every", "num_threads", "ent_coef", "vf_coef"):
         if getattr(args, name) < 0:
             fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     for name in ("learning_rate", "clip_coef", "max_grad_norm", "clip_obs", "clip_reward"):
@@ -992,6 +995,8 @@ def check_args(args: Args, world_size: int) -> tuple[int, int, int]:
             fail(f"--{name.replace('_', '-')} must lie in [0, 1], got {getattr(args, name)}")
     if args.target_kl is not None and not args.target_kl > 0:
         fail(f"--target-kl must be > 0 (or left unset), got {args.target_kl}")
+    if args.eval_episodes < 0:  # optional: evaluation
+        fail(f"--eval-episodes must be >= 0, got {args.eval_episodes}")
     try:
         if not isinstance(json.loads(args.env_kwargs), dict):
             raise ValueError("not an object")
@@ -1035,6 +1040,7 @@ def resolve_env(env_id: str, env_kwargs: str = "{}") -> tuple[gym.spaces.Box, gy
     return obs_space, action_space
 
 
+# --- Env adapters and pickling ---
 class EnvPickler(pickle.Pickler):
     """Pickles MuJoCo envs whole, simulation state (MjData) and RNG: by themselves (EzPickle) they restart an episode."""
 
@@ -1077,13 +1083,12 @@ class FlattenObservation(gym.ObservationWrapper):
         return gym.spaces.flatten(self.env.observation_space, observation)
 
 
-def adapt_env(env: gym.Env) -> gym.Env:
-    """Each sub-env as the script reads it: Dict and Tuple observations flattened, step() without its info dict."""
-    if isinstance(env.observation_space, (gym.spaces.Dict, gym.spaces.Tuple)):
-        env = FlattenObservation(env)
-    return WithoutStepInfo(env)
+def flatten_dict_and_tuple_observations(env: gym.Env) -> gym.Env:
+    """What the network sees of a Dict or Tuple observation: one vector (FlattenObservation); other envs as they are."""
+    return FlattenObservation(env) if isinstance(env.observation_space, (gym.spaces.Dict, gym.spaces.Tuple)) else env
 
 
+# --- optional: fast-path ---
 class WithoutStepInfo(gym.Wrapper):
     """Drops step()'s info dict, which nothing reads: SyncVectorEnv merges it every step, a sixth of a MuJoCo step."""
 
@@ -1138,14 +1143,12 @@ NUMPY_HELPERS = dict(
     chunk=lambda x, n, dim: np.split(x, range(-(-x.shape[dim] // n), x.shape[dim], -(-x.shape[dim] // n)), dim), dirichlet=lambda g: g / g.sum(-1, keepdims=True),
 )  # fmt: skip
 
+
 # The derived source is checked in float64 against a float64 copy of the agent: the two run the same ops and differ
 # only in the order of their sums and libm's last bits, about 1e-13 relative for these networks, while float32 rounding,
 # divided by a small std, reaches 1e-5 in a log-prob. 1e-9, relative beyond magnitude 1, leaves rounding four orders
 # of magnitude and lies far below any change of the policy that matters.
 FAST_PATH_ATOL = 1e-9
-# |new - old log-prob| at the first minibatch, before any step: 1e-7 to 3e-6 (float32 rounding) when the rollout's
-# policy is the trained one (InvertedPendulum, HalfCheetah with the cleanrl and zoo-halfcheetah presets).
-ON_POLICY_ATOL = 1e-3
 
 
 class Sampling(nn.Module):
@@ -1261,15 +1264,21 @@ class DerivedPolicy:
         return f"its {', '.join(differ)} differ from get_action_and_value's (tolerance {FAST_PATH_ATOL})" if differ else None
 
 
+# --- The rollout's policy ---
+# |new - old log-prob| at the first minibatch, before any step: 1e-7 to 3e-6 (float32 rounding) when the rollout's
+# policy is the trained one (InvertedPendulum, HalfCheetah with the cleanrl and zoo-halfcheetah presets).
+ON_POLICY_ATOL = 1e-3
+
+
 class RolloutPolicies:
     """The rollout's policy each iteration: the derived source while it reproduces get_action_and_value and passes the on-policy
     check; once either fails (or the export or the table cannot follow), itself, the agent's own method, with one note."""
 
     def __init__(self, agent: Agent, device: torch.device, obs: np.ndarray):
-        self.agent, self.device, self.warned = agent, device, False
-        self.derived = self.follow(lambda: DerivedPolicy(agent, obs))  # exported once, before the run's clock starts
+        self.agent, self.device, self.warned, self.derived = agent, device, False, None
+        self.derived = self.follow(lambda: DerivedPolicy(agent, obs))  # exported once, before the clock starts  # optional: fast-path
 
-    def follow(self, build: Callable[[], DerivedPolicy], obs: Optional[np.ndarray] = None) -> Optional[DerivedPolicy]:
+    def follow(self, build: Callable[[], "DerivedPolicy"], obs: Optional[np.ndarray] = None) -> Optional["DerivedPolicy"]:  # optional: fast-path
         """build(), checked on obs when given; None, with one note naming the cause, when it cannot follow the agent."""
         try:
             policy = build()
@@ -1280,8 +1289,8 @@ class RolloutPolicies:
             return policy
         print(f"note: the derived numpy rollout steps aside: {cause}; the rollout runs get_action_and_value", flush=True)
 
-    def pick(self, obs: np.ndarray) -> Union[DerivedPolicy, "RolloutPolicies"]:
-        self.derived = self.derived and self.follow(self.derived.refresh, obs)
+    def pick(self, obs: np.ndarray) -> Union["DerivedPolicy", "RolloutPolicies"]:
+        self.derived = self.derived and self.follow(self.derived.refresh, obs)  # optional: fast-path
         return self.derived or self
 
     @torch.no_grad()
@@ -1307,6 +1316,7 @@ class RolloutPolicies:
             print(f"note: {figure}, with the plain get_action_and_value (is the policy random given its input?); training goes on", flush=True)  # fmt: skip
 
 
+# --- Non-finite numbers and flat parameters ---
 # A few skipped steps are noise in a long run; ten in a row mean the run has gone bad.
 MAX_SKIPPED_STEPS = 10
 

@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import types
 
 import gymnasium as gym
 import numpy as np
@@ -391,8 +392,17 @@ def test_presets_and_overrides_parse():
     args = ppo.parse_args(["cleanrl", "--env-id", "Hopper-v5", "--learning-rate", "1e-4", "--hidden-sizes", "256", "256"])
     assert args == ppo.Args(env_id="Hopper-v5", learning_rate=1e-4, hidden_sizes=(256, 256))
     for name, (_, preset) in ppo.PRESETS.items():
-        assert ppo.parse_args([name]) == preset
+        assert ppo.parse_args([name]) == dataclasses.replace(preset, preset=name)  # args.json records the preset
         assert ppo.parse_args([name, "--seed", "7"]).seed == 7
+
+
+def test_a_preset_s_first_line_names_it_and_the_flags_it_set(capsys):
+    args = ppo.parse_args(["zoo-hopper", "--seed", "3"])
+    ppo.print_plan(types.SimpleNamespace(args=args, rank=0, run_name="r"), "cpu", 1, 512, 64, 2, None)
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("r: preset zoo-hopper (--env-id Hopper-v5, --learning-rate 9.80828e-05, ") and "--seed" not in first, first
+    ppo.print_plan(types.SimpleNamespace(args=ppo.parse_args([]), rank=0, run_name="r"), "cpu", 1, 512, 64, 2, {"iteration": 4})
+    assert capsys.readouterr().out.startswith("r: resumed from None at iteration 4; 2 iterations of 512 steps")
 
 
 @pytest.mark.parametrize(
@@ -1466,3 +1476,55 @@ def test_an_exception_in_the_env_leaves_the_last_iteration_s_checkpoint_and_resu
     run_script("ppo_continuous.py", "--resume", str(checkpoint))
     run_script("ppo_continuous.py", *flags, "--runs-dir", str(tmp_path / "whole"))
     assert comparable(read_metrics(tmp_path / "crashed")) == comparable(read_metrics(tmp_path / "whole"))
+
+
+# ---------------------------------------------------------------- the fence's recipe
+
+BLOCKS = ("resume", "torchrun", "wandb", "video", "evaluation", "fast-path")
+BLOCK_FLAGS = {"resume": ["--resume"], "wandb": ["--track", "--wandb-project-name"], "video": ["--capture-video"],
+               "evaluation": ["--eval-episodes", "--eval-checkpoint", "--capture-video"]}  # fmt: skip
+
+
+def test_a_copy_without_any_optional_block_runs_the_same_ppo_and_an_all_deleted_copy_learns(tmp_path):
+    """The fence's recipe on a copy (tests/droppable.py): each optional block deleted alone leaves a script that trains
+    InvertedPendulum-v5 with the very numbers of the whole script (the numpy fast path: the same policy sampled with
+    other random numbers), whose --help lacks the block's flags; all of them deleted, the copy still learns."""
+    import droppable
+
+    source = (ROOT / "ppo_continuous.py").read_text()
+    assert set(droppable.sections(source)) | set().union(*droppable.marks(source).values()) == set(BLOCKS)
+    flags = ["--env-id", "InvertedPendulum-v5", "--num-threads", "1", "--total-timesteps", "512", "--num-steps", "256", "--num-minibatches", "4",
+             "--update-epochs", "2"]  # fmt: skip
+    run_script("ppo_continuous.py", *flags, "--eval-episodes", "0", "--runs-dir", str(tmp_path / "whole"))
+    whole = comparable(read_metrics(tmp_path / "whole"))
+    for names in [{name} for name in BLOCKS] + [set(BLOCKS)]:
+        copy_path = tmp_path / f"ppo_without_{'_'.join(sorted(names))}.py"
+        copy_path.write_text(droppable.drop(source, names))
+        helped = subprocess.run([sys.executable, str(copy_path), "--help"], capture_output=True, text=True, timeout=120)
+        assert helped.returncode == 0, helped.stderr[-2000:]
+        for flag in (f for name in names for f in BLOCK_FLAGS.get(name, [])):
+            assert flag not in helped.stdout, (names, flag)
+        if len(names) == 1:
+            runs = tmp_path / "_".join(names)
+            run_flags = flags + ([] if "evaluation" in names else ["--eval-episodes", "0"])
+            proc = subprocess.run([sys.executable, str(copy_path), *run_flags, "--runs-dir", str(runs)], capture_output=True, text=True, timeout=300)
+            assert proc.returncode == 0, (names, proc.stderr[-2000:])
+            if names != {"fast-path"}:
+                assert comparable(read_metrics(runs)) == whole, names
+    runs = tmp_path / "all"
+    proc = subprocess.run([sys.executable, str(copy_path), "--env-id", "InvertedPendulum-v5", "--num-threads", "1", "--total-timesteps", "16384",
+                           "--runs-dir", str(runs)], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    returns = [r["charts/episodic_return"] for r in read_metrics(runs) if "charts/episodic_return" in r]
+    assert np.mean(returns[-20:]) > 5 * np.mean(returns[:20]), (np.mean(returns[:20]), np.mean(returns[-20:]))  # random: ~7
+
+
+def test_the_readme_gives_this_script_s_line_counts_as_they_are():
+    """README's reading table: lines of the file, of the part above the fence, of the copy without every optional block."""
+    import droppable
+
+    source = (ROOT / "ppo_continuous.py").read_text()
+    fence = next(i for i, line in enumerate(source.splitlines(), 1) if line.startswith("# Infrastructure"))
+    dropped = droppable.drop(source, set(BLOCKS))
+    row = f"| `ppo_continuous.py` | {len(source.splitlines())} | {fence} | {len(dropped.splitlines())} |"
+    assert row in (ROOT / "README.md").read_text(), row
