@@ -423,7 +423,7 @@ def ppo_update(
             stats["clipfrac"].append((((logratio.exp() - 1.0).abs() > args.clip_coef).float() * weights).sum(1))
         if args.target_kl is not None and mean_over_processes(stats["approx_kl"][-1].mean(), world_size) > args.target_kl:
             break
-    means = {k: torch.cat([x.reshape(-1) for x in v]).mean().item() for k, v in stats.items()}
+    means = {k: torch.cat([x.reshape(-1) for x in v]).mean().item() if v else float("nan") for k, v in stats.items()}  # skipped steps: none
     return {**means, "skipped_steps": guard.take_count(), "first_max_logratio": first_max_logratio.item()}
 
 
