@@ -323,8 +323,8 @@ class Normalizer:
     """Running observation normalisation and reward scaling (gymnasium's NormalizeObservation and NormalizeReward),
     here so the statistics are checkpointed and frozen for evaluation. Every observation returned counts once:
     obs -> clip((obs - mean) / sqrt(var + 1e-8), +-clip_obs). A per-env discounted return G = gamma * G + r, restarted
-    at every episode end, feeds the reward statistics: r -> clip(r / sqrt(Var[G] + 1e-8), +-clip_reward). Reset
-    steps touch neither. Under torchrun the batch moments are summed over processes: all hold the same statistics."""
+    at every episode end, feeds the reward statistics: r -> clip(r / sqrt(Var[G] + 1e-8), +-clip_reward). A reset
+    step adds its observation (an episode's first), not its reward. Under torchrun the batch moments are summed over processes: all hold the same statistics."""
 
     def __init__(self, obs_dim: int, num_envs: int, args: Args, distributed: bool = False):
         self.norm_obs, self.clip_obs = args.norm_obs, args.clip_obs
