@@ -93,7 +93,7 @@ class Args:
     gradient_accumulation_steps: int = 1
     """micro-batches whose gradients are summed before each optimizer step"""
     anneal_lr: bool = True
-    """anneal the learning rate linearly to 0 over the run"""
+    """anneal the learning rate linearly: iteration i of N at lr * (N - i + 1) / N, the last at lr / N"""
     gamma: float = 1.0
     """discount factor over tokens"""
     gae_lambda: float = 0.95
@@ -649,7 +649,7 @@ def train(args: Args) -> None:
 
         start_time, start_episode = time.time(), state.episode
         for iteration in range(state.iteration + 1, num_iterations + 1):
-            # 1. Learning rate annealed linearly to 0 at the last iteration.
+            # 1. Learning rate annealed linearly (iteration i of N at lr * (N - i + 1) / N).
             lr = args.learning_rate * (1.0 - (iteration - 1.0) / num_iterations if args.anneal_lr else 1.0)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -1504,7 +1504,7 @@ def kl_flag_notes(args: Args) -> list[str]:
     """One note per KL flag that does not do what its value suggests (--target-kl once named the controller's target)."""
     notes = []
     if args.adaptive_kl and args.target_kl is not None:
-        notes.append(f"note: --target-kl {args.target_kl:g} stops the update epochs early (as in CleanRL); the adaptive controller aims at --adaptive-kl-target {args.adaptive_kl_target:g}")
+        notes.append(f"note: --target-kl {args.target_kl:g} stops the update epochs once an epoch's mean approximate KL passes it; the adaptive controller aims at --adaptive-kl-target {args.adaptive_kl_target:g}")
     unused = [flag_name(f.name) for f in fields(Args) if f.name in ("adaptive_kl_target", "kl_horizon") and getattr(args, f.name) != f.default]
     if unused and not args.adaptive_kl:
         verb = "changes" if len(unused) == 1 else "change"

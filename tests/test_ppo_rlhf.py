@@ -578,7 +578,7 @@ def count_calls(monkeypatch, obj, name):
 def test_kl_flags_that_do_not_do_what_their_value_suggests_get_a_note():
     # --target-kl once named the adaptive controller's target: that old command line now also stops epochs early.
     notes = P.kl_flag_notes(P.Args(adaptive_kl=True, target_kl=6.0))
-    assert len(notes) == 1 and "--target-kl 6 stops the update epochs early" in notes[0]
+    assert len(notes) == 1 and "--target-kl 6 stops the update epochs once an epoch's mean approximate KL passes it" in notes[0]
     notes = P.kl_flag_notes(P.Args(kl_horizon=500, adaptive_kl_target=3.0))
     assert notes == ["note: --adaptive-kl-target and --kl-horizon change nothing without --adaptive-kl (the KL coefficient stays --kl-coef)"]
     assert P.kl_flag_notes(P.Args()) == [] and P.kl_flag_notes(P.Args(adaptive_kl=True, kl_horizon=500)) == []
