@@ -19,7 +19,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, assert_one_line_error, comparable, interrupt_with_ctrl_c, read_metrics, run_script, run_torchrun, wandb_offline_log
+from conftest import ROOT, assert_one_line_error, check_the_fence_recipe, check_the_readme_line_counts, comparable, interrupt_with_ctrl_c, read_metrics, run_script, run_torchrun, wandb_offline_log
 
 import ppo_continuous as ppo
 
@@ -1478,53 +1478,17 @@ def test_an_exception_in_the_env_leaves_the_last_iteration_s_checkpoint_and_resu
     assert comparable(read_metrics(tmp_path / "crashed")) == comparable(read_metrics(tmp_path / "whole"))
 
 
-# ---------------------------------------------------------------- the fence's recipe
 
-BLOCKS = ("resume", "torchrun", "wandb", "video", "evaluation", "fast-path")
-BLOCK_FLAGS = {"resume": ["--resume"], "wandb": ["--track", "--wandb-project-name"], "video": ["--capture-video"],
-               "evaluation": ["--eval-episodes", "--eval-checkpoint", "--capture-video"]}  # fmt: skip
+# ---------------------------------------------------------------- the fence's recipe
 
 
 def test_a_copy_without_any_optional_block_runs_the_same_ppo_and_an_all_deleted_copy_learns(tmp_path):
-    """The fence's recipe on a copy (tests/droppable.py): each optional block deleted alone leaves a script that trains
-    InvertedPendulum-v5 with the very numbers of the whole script (the numpy fast path: the same policy sampled with
-    other random numbers), whose --help lacks the block's flags; all of them deleted, the copy still learns."""
-    import droppable
-
-    source = (ROOT / "ppo_continuous.py").read_text()
-    assert set(droppable.sections(source)) | set().union(*droppable.marks(source).values()) == set(BLOCKS)
-    flags = ["--env-id", "InvertedPendulum-v5", "--num-threads", "1", "--total-timesteps", "512", "--num-steps", "256", "--num-minibatches", "4",
-             "--update-epochs", "2"]  # fmt: skip
-    run_script("ppo_continuous.py", *flags, "--eval-episodes", "0", "--runs-dir", str(tmp_path / "whole"))
-    whole = comparable(read_metrics(tmp_path / "whole"))
-    for names in [{name} for name in BLOCKS] + [set(BLOCKS)]:
-        copy_path = tmp_path / f"ppo_without_{'_'.join(sorted(names))}.py"
-        copy_path.write_text(copy := droppable.drop(source, names))
-        for flag in (f for name in names for f in BLOCK_FLAGS.get(name, [])):
-            assert f"\n    {flag[2:].replace('-', '_')}:" not in copy, (names, flag)  # its Args field went with the block
-        if len(names) == 1:
-            runs = tmp_path / "_".join(names)
-            run_flags = flags + ([] if "evaluation" in names else ["--eval-episodes", "0"])
-            proc = subprocess.run([sys.executable, str(copy_path), *run_flags, "--runs-dir", str(runs)], capture_output=True, text=True, timeout=300)
-            assert proc.returncode == 0, (names, proc.stderr[-2000:])
-            if names != {"fast-path"}:
-                assert comparable(read_metrics(runs)) == whole, names
-    runs = tmp_path / "all"
-    proc = subprocess.run([sys.executable, str(copy_path), "--env-id", "InvertedPendulum-v5", "--num-threads", "1", "--total-timesteps", "16384",
-                           "--runs-dir", str(runs)], capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    helped = subprocess.run([sys.executable, str(copy_path), "--help"], capture_output=True, text=True, timeout=120)
-    assert helped.returncode == 0 and not any(f in helped.stdout for fs in BLOCK_FLAGS.values() for f in fs), helped.stdout[-2000:]
-    returns = [r["charts/episodic_return"] for r in read_metrics(runs) if "charts/episodic_return" in r]
+    """The fence's recipe on copies (tests/droppable.py, conftest.check_the_fence_recipe) on InvertedPendulum-v5: each block deleted
+    alone trains to the same metrics, all deleted the copy learns."""
+    flags = ["--env-id", "InvertedPendulum-v5", "--num-threads", "1", "--num-steps", "256", "--num-minibatches", "4", "--update-epochs", "2"]
+    returns = check_the_fence_recipe("ppo_continuous.py", [*flags, "--total-timesteps", "512"], flags[:4] + ["--total-timesteps", "16384"], tmp_path)
     assert np.mean(returns[-20:]) > 5 * np.mean(returns[:20]), (np.mean(returns[:20]), np.mean(returns[-20:]))  # random: ~7
 
 
 def test_the_readme_gives_this_script_s_line_counts_as_they_are():
-    """README's reading table: lines of the file, of the part above the fence, of the copy without every optional block."""
-    import droppable
-
-    source = (ROOT / "ppo_continuous.py").read_text()
-    fence = next(i for i, line in enumerate(source.splitlines(), 1) if line.startswith("# Infrastructure"))
-    dropped = droppable.drop(source, set(BLOCKS))
-    row = f"| `ppo_continuous.py` | {len(source.splitlines())} | {fence} | {len(dropped.splitlines())} |"
-    assert row in (ROOT / "README.md").read_text(), row
+    check_the_readme_line_counts("ppo_continuous.py")

@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import tyro
-from conftest import ROOT, assert_one_line_error, comparable, interrupt_with_ctrl_c, read_metrics, run_script, run_torchrun, wandb_offline_log
+from conftest import ROOT, assert_one_line_error, check_the_fence_recipe, check_the_readme_line_counts, comparable, interrupt_with_ctrl_c, read_metrics, run_script, run_torchrun, wandb_offline_log
 
 import ppo_discrete as ppo
 
@@ -1658,51 +1658,16 @@ def test_action_spaces_it_cannot_play_are_one_line_errors(env_id, space, needle,
     assert failed.value.code == 2 and len(err) == 1 and needle in err[0], err
 
 
-# ---------------------------------------------------------------- the fence's recipe
 
-BLOCKS = ("resume", "torchrun", "wandb", "video", "evaluation", "fast-path")
-BLOCK_FLAGS = {"resume": ["--resume"], "wandb": ["--track", "--wandb-project-name"], "video": ["--capture-video"],
-               "evaluation": ["--eval-episodes", "--eval-checkpoint", "--capture-video"]}  # fmt: skip
+# ---------------------------------------------------------------- the fence's recipe
 
 
 def test_a_copy_without_any_optional_block_runs_the_same_ppo_and_an_all_deleted_copy_learns(tmp_path):
-    """The fence's recipe on a copy (tests/droppable.py): each optional block deleted alone leaves a script that
-    trains CartPole-v1 with the very numbers of the whole script (the numpy fast path: the same policy sampled with
-    other random numbers), whose --help lacks the block's flags; all of them deleted, the copy still learns."""
-    import droppable
-
-    source = (ROOT / "ppo_discrete.py").read_text()
-    assert set(droppable.sections(source)) | set().union(*droppable.marks(source).values()) == set(BLOCKS)
-    flags = ["--num-threads", "1", "--total-timesteps", "1024", "--num-envs", "2", "--num-steps", "128", "--eval-episodes", "0"]
-    run_script("ppo_discrete.py", *flags, "--runs-dir", str(tmp_path / "whole"))
-    whole = comparable(read_metrics(tmp_path / "whole"))
-    for names in [{name} for name in BLOCKS] + [set(BLOCKS)]:
-        copy_path = tmp_path / f"ppo_without_{'_'.join(sorted(names))}.py"
-        copy_path.write_text(copy := droppable.drop(source, names))
-        for flag in (f for name in names for f in BLOCK_FLAGS.get(name, [])):
-            assert f"\n    {flag[2:].replace('-', '_')}:" not in copy, (names, flag)  # its Args field went with the block
-        if len(names) == 1:
-            runs = tmp_path / "_".join(names)
-            run_flags = [f for f in flags if "evaluation" not in names or f not in ("--eval-episodes", "0")]
-            proc = subprocess.run([sys.executable, str(copy_path), *run_flags, "--runs-dir", str(runs)], capture_output=True, text=True, timeout=300)
-            assert proc.returncode == 0, (names, proc.stderr[-2000:])
-            if names != {"fast-path"}:
-                assert comparable(read_metrics(runs)) == whole, names
-    runs = tmp_path / "all"
-    proc = subprocess.run([sys.executable, str(copy_path), "--num-threads", "1", "--total-timesteps", "20000", "--runs-dir", str(runs)], capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    helped = subprocess.run([sys.executable, str(copy_path), "--help"], capture_output=True, text=True, timeout=120)
-    assert helped.returncode == 0 and not any(f in helped.stdout for fs in BLOCK_FLAGS.values() for f in fs), helped.stdout[-2000:]
-    returns = [r["charts/episodic_return"] for r in read_metrics(runs) if "charts/episodic_return" in r]
+    """The fence's recipe on copies (tests/droppable.py, conftest.check_the_fence_recipe) on CartPole-v1: each block deleted
+    alone trains to the same metrics, all deleted the copy learns."""
+    returns = check_the_fence_recipe("ppo_discrete.py", ["--num-threads", "1", "--total-timesteps", "1024", "--num-envs", "2", "--num-steps", "128"], ["--num-threads", "1", "--total-timesteps", "20000"], tmp_path)
     assert np.mean(returns[-20:]) > 3 * 22, np.mean(returns[-20:])  # a random policy: ~22
 
 
 def test_the_readme_gives_this_script_s_line_counts_as_they_are():
-    """README's reading table: lines of the file, of the part above the fence, of the copy without every optional block."""
-    import droppable
-
-    source = (ROOT / "ppo_discrete.py").read_text()
-    fence = next(i for i, line in enumerate(source.splitlines(), 1) if line.startswith("# Infrastructure"))
-    dropped = droppable.drop(source, set(BLOCKS))
-    row = f"| `ppo_discrete.py` | {len(source.splitlines())} | {fence} | {len(dropped.splitlines())} |"
-    assert row in (ROOT / "README.md").read_text(), row
+    check_the_readme_line_counts("ppo_discrete.py")
