@@ -161,8 +161,8 @@ def when(source: str, script: str) -> tuple:
 # ---------------------------------------------------------------------------------------------------------------
 # README.md
 # ---------------------------------------------------------------------------------------------------------------
-unsourced(README, "500k steps in 36 s on our 2-core machine, ending at the 500 cap; timed by hand at 842c535, no results file")
-unsourced(README, "7 min 35 s in a fresh clone, timed by hand at b6ded54, no results file")
+unsourced(README, "500k steps in\n86 s on our 2-core machine beside a test run, ending at the 500 cap; timed by hand at e920939, no results file")
+unsourced(README, "17 min 39 s in a fresh clone, timed by hand at e920939,\nno results file")
 unsourced(README, "Breakout on 2 cores ran 1.9-3.5x slower with 2, timed by hand, no results file")
 
 fig(README, "| on (default) | {} | {} |", "discrete_taxi_masks.json",
