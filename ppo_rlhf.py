@@ -166,29 +166,28 @@ class Args:
     """run forward passes in bfloat16 autocast (CUDA only)"""
     gradient_checkpointing: bool = False
     """trade compute for memory in the policy and value models"""
-    fsdp: bool = False
-    """under torchrun: shard every model over the processes with FSDP2 (each decoder layer, then the rest);
-    gradients and Adam state sharded too, for models whose copies do not fit one device"""
-    track: bool = False
+    fsdp: bool = False  # optional: fsdp
+    """under torchrun: shard every model, its gradients and Adam state over the processes with FSDP2"""
+    track: bool = False  # optional: wandb
     """if toggled, this experiment will be tracked with Weights and Biases"""
-    wandb_project_name: str = "ppo-rlhf"
+    wandb_project_name: str = "ppo-rlhf"  # optional: wandb
     """the wandb's project name"""
-    wandb_entity: Optional[str] = None
+    wandb_entity: Optional[str] = None  # optional: wandb
     """the entity (team) of wandb's project"""
     runs_dir: str = "runs"
     """directory under which each run writes runs_dir/{run_name}/"""
     save_every: int = 0
     """iterations between checkpoints (0 = only at the end, when stopped by SIGINT/SIGTERM and after an exception)"""
-    resume: Optional[str] = None
-    """a checkpoint.pt to continue in its folder, with its settings but --device, --num-threads, --save-every and
-    --track; it unpickles the checkpoint's resume_state (unpickling can run code: resume only your own runs)"""
-    eval_every: int = 10
+    resume: Optional[str] = None  # optional: resume
+    """a checkpoint.pt to continue in its folder with its settings but --device, --num-threads, --save-every, --track
+    (its resume_state is unpickled, which can run code: resume only your own runs)"""
+    eval_every: int = 10  # optional: evaluation
     """iterations between evaluations on the held-out prompts (with a progress line and sample table)"""
-    eval_episodes: int = 256
+    eval_episodes: int = 256  # optional: evaluation
     """held-out prompts evaluated each time (gold score on the built-in task)"""
-    eval_prompts: Optional[str] = None
+    eval_prompts: Optional[str] = None  # optional: evaluation
     """held-out evaluation prompts, same formats as --prompts; None holds out a fixed split of --prompts"""
-    eval_stochastic: bool = False
+    eval_stochastic: bool = False  # optional: evaluation
     """if toggled, evaluation samples at --temperature (the built-in task's always does); by default it is greedy"""
 
     # Built-in task: its reward, its definition (the task_* flags: the cache key) and where it is cached.
@@ -279,7 +278,7 @@ def lm_response_logprobs(model: nn.Module, query_responses: Tensor, pad_id: int,
     (fp32 logits that would be large are computed from the hidden states a chunk at a time, below the fence)."""
     inputs = model_inputs(query_responses, pad_id)
     tokens = inputs["input_ids"][:, context_length:]
-    if large_logits(query_responses.numel(), vocab_rows(model)) and getattr(model, "logits_from_hidden", False):
+    if large_logits(query_responses.numel(), vocab_rows(model)) and getattr(model, "logits_from_hidden", False):  # optional: fast-path
         return chunked_response_logprobs(model, inputs, tokens, context_length, temperature, pad_id)
     logits = sampler_logits(model(**inputs, use_cache=False).logits[:, context_length - 1 : -1], temperature, pad_id)
     return logprobs_from_logits(logits, tokens), entropy_from_logits(logits)
@@ -300,16 +299,14 @@ def sequence_scores(model: nn.Module, query_responses: Tensor, pad_id: int, cont
     return scores[torch.arange(len(scores), device=scores.device), last]
 
 
-def sampling_config(
-    response_length: int, temperature: float, eos_ids: int | list[int], pad_id: int, vocab_size: int, output_logits: bool = True
-) -> GenerationConfig:
-    """Pure sampling at `temperature` (nothing else: load_model empties the model's generation_config), stopping at
-    every EOS id, with logits returned unless output_logits=False (a large vocabulary: log-probs from a forward)."""
+def sampling_config(response_length: int, temperature: float, eos_ids: int | list[int], pad_id: int, vocab_size: int) -> GenerationConfig:
+    """Pure sampling at `temperature` (nothing else: as_ppo_model empties the model's generation_config), stopping at
+    every EOS id; its logits are kept when output_logits is set (the fast path: log-probs without a forward)."""
     return GenerationConfig(
         max_new_tokens=response_length, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
         eos_token_id=eos_ids, pad_token_id=eos_ids if isinstance(eos_ids, int) else eos_ids[0],  # finished rows: EOS, then padding
         suppress_tokens=[pad_id] if pad_id < vocab_size else None,  # a sampled pad would end the response
-        output_logits=output_logits, return_dict_in_generate=True,
+        output_logits=False, return_dict_in_generate=True,
     )  # fmt: skip
 
 
@@ -318,18 +315,14 @@ def generate(
     policy: nn.Module, queries: Tensor, pad_id: int, gen_config: GenerationConfig, response_length: int
 ) -> tuple[Tensor, Optional[Tensor]]:
     """Sample responses with the KV cache. Returns (responses right-padded to response_length, their log-probs from
-    the generation pass itself, which saves a forward; None without its logits)."""
+    the generation pass itself when it kept its logits, which saves a forward; else None)."""
     inputs = model_inputs(queries, pad_id)
-    out = policy.generate(
-        input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], generation_config=gen_config
-    )
-    responses = out.sequences[:, queries.size(1) :]
+    out = policy.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], generation_config=gen_config)
+    responses, logprobs = out.sequences[:, queries.size(1) :], None
     missing = response_length - responses.size(1)
-    if out.logits is None:
-        return F.pad(responses, (0, missing), value=pad_id), None
-    logits = sampler_logits(torch.stack(out.logits, 1), gen_config.temperature, pad_id)
-    logprobs = logprobs_from_logits(logits, responses)
-    return F.pad(responses, (0, missing), value=pad_id), F.pad(logprobs, (0, missing), value=0.0)
+    if out.logits is not None:  # optional: fast-path
+        logprobs = F.pad(logprobs_from_logits(sampler_logits(torch.stack(out.logits, 1), gen_config.temperature, pad_id), responses), (0, missing), value=0.0)
+    return F.pad(responses, (0, missing), value=pad_id), logprobs
 
 
 @dataclass
@@ -384,8 +377,7 @@ def rollout(
     with torch.autocast(queries.device.type, dtype=torch.bfloat16, enabled=args.bf16):
         for i in range(0, len(queries), n):
             query = queries[i : i + n]
-            with gathered(policy):  # --fsdp: the whole policy on each process for the chunk, not per token
-                response, logprob = generate(policy, query, pad_id, gen_config, args.response_length)
+            response, logprob = generate(policy, query, pad_id, gen_config, args.response_length)
             response = truncate_after_eos(response, task.eos_ids, pad_id)
             query_response = torch.cat([query, response], 1)
             if logprob is None:  # no logits kept while sampling (a large vocabulary)
@@ -409,11 +401,13 @@ def rollout(
 
 
 def load_models(task: Task, args: Args, device: torch.device) -> tuple[nn.Module, nn.Module, Reward, Optional[nn.Module]]:
-    """Returns (policy, ref_policy, reward, value_model), dropout off in every model, each placed once built. The value
-    model copies the reward model (TL;DR reproduction: it starts out predicting scores); --baseline group: none."""
-    causal_lm = partial(load_model, AutoModelForCausalLM, task.policy_path, task.policy_config, "--model-name-or-path", sharded=args.fsdp)
-    scorer = partial(load_model, AutoModelForSequenceClassification, sharded=args.fsdp)
-    place = partial(place_model, args, device)  # to the device, or under --fsdp sharded over the processes
+    """Returns (policy, ref_policy, reward, value_model), each an as_ppo_model placed once built. The value model
+    copies the reward model (TL;DR reproduction: it starts out predicting scores); --baseline group: none."""
+    load, place = load_model, partial(place_model, device)
+    if args.fsdp:  # rank 0 reads the weights; each process keeps its shards  # optional: fsdp
+        load, place = load_model_to_shard, partial(shard_model, args, device)
+    causal_lm = lambda: as_ppo_model(load(AutoModelForCausalLM, task.policy_path, task.policy_config, "--model-name-or-path"))  # noqa: E731
+    scorer = lambda *source: as_ppo_model(load(AutoModelForSequenceClassification, *source))  # noqa: E731
     policy = causal_lm()
     if args.gradient_checkpointing:  # not reentrant: under LoRA the checkpointed blocks' inputs need no gradient
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -436,7 +430,7 @@ def load_models(task: Task, args: Args, device: torch.device) -> tuple[nn.Module
         policy, value_model = add_lora(policy, value_model, task, args)
         policy = ref_policy = place(policy)
     value_model = place(value_model)
-    check_logits_from_hidden(policy, ref_policy)
+    check_logits_from_hidden(policy, ref_policy)  # optional: fast-path
     return policy, ref_policy, Reward(reward_model, task.reward_tokenizer, task.reward_functions), value_model
 
 
@@ -461,11 +455,16 @@ class PolicyValueHead(nn.Module):
         return self.backbone.get_input_embeddings()
 
 
-def disable_dropout(model: nn.Module) -> nn.Module:
-    """Dropout would make the PPO ratio differ from 1 on the first minibatch and values noisy."""
+def as_ppo_model(model: nn.Module) -> nn.Module:
+    """Dropout off (it would make the first minibatch's ratio differ from 1, and values noisy; load_config zeroes the
+    configs' rates too), and an empty generation_config (generate() fills what sampling_config leaves unset from it,
+    top-k, ..., and would sample another distribution than the one whose log-probs are stored; policy/ keeps the
+    checkpoint's)."""
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
+    if model.can_generate():
+        model.generation_config = GenerationConfig()
     return model
 
 
@@ -546,7 +545,7 @@ def adaptive_kl_coef(kl_coef: float, current_kl: float, target_kl: float, horizo
 
 
 def ppo_update(
-    args: Args, policy: nn.Module, value_model: Optional[nn.Module], optimizer: torch.optim.Optimizer, flat: FlatParameters | ShardedParameters,
+    args: Args, policy: nn.Module, value_model: Optional[nn.Module], optimizer: torch.optim.Optimizer, trained: list[Tensor],
     data: Rollout, advantages: Tensor, returns: Optional[Tensor], pad_id: int, guard: NonFiniteGuard,
 ) -> dict[str, Tensor]:
     """One PPO update: --update-epochs epochs (fewer past --target-kl) over shuffled minibatches of the batch, each
@@ -590,12 +589,12 @@ def ppo_update(
                         stats["val/clipfrac_avg"].append(masked_mean((v_losses > 0.5 * (new_values - returns[idx]) ** 2).float(), mask))
                     stats["policy/entropy_avg"].append(masked_mean(entropies, mask))
                     stats["val/ratio"].append(masked_mean(ratio, mask))
-            flat.check_grads()
-            grad_norm = flat.average_and_clip_grads(args.max_grad_norm)
+            average_gradients(trained)  # every process steps with the mean gradient  # optional: torchrun
+            grad_norm = nn.utils.clip_grad_norm_(trained, args.max_grad_norm)  # under --fsdp the norm over every shard
             if guard.skip_step(minibatch_loss, grad_norm, optimizer, epoch, mb):
                 continue
             optimizer.step()
-            guard.check_weights(flat, epoch, mb)
+            guard.check_weights(trained, epoch, mb)
         if args.target_kl is not None and last_epoch_mean(stats["policy/approxkl_avg"], args) > args.target_kl:
             break  # the remaining epochs are skipped, as CleanRL does
     ratios = torch.stack(stats["val/ratio"])
@@ -615,36 +614,32 @@ class LoopState:
 
 
 def train(args: Args) -> None:
-    ckpt, args = load_resume(with_defaults(args))
+    args, ckpt, distributed, rank, world_size = with_defaults(args), None, False, 0, 1  # a new run in one process
+    ckpt, args = load_resume(args)  # optional: resume
     device, device_reason = pick_device(args.device)
-    distributed, rank, world_size = init_distributed(device, args.fsdp)
+    distributed, rank, world_size = init_distributed(device)  # optional: torchrun
     local_batch_size, batch_size, num_iterations = check_args(args, world_size, ckpt, device)
     configure_torch(args)
     task = load_task(args, rank, distributed)  # the built-in task is built once, by rank 0, into its cache
     policy, ref_policy, reward, value_model = load_models(task, args, device)
-    vocab_size = policy.get_input_embeddings().num_embeddings
-    keep_logits = not large_logits(args.local_rollout_forward_batch_size * args.response_length, vocab_rows(policy))
-    gen_config = sampling_config(
-        args.response_length, args.temperature, task.eos_ids, task.pad_id, vocab_size, output_logits=keep_logits
-    )
+    gen_config = sampling_config(args.response_length, args.temperature, task.eos_ids, task.pad_id, policy.get_input_embeddings().num_embeddings)
+    gen_config.output_logits = not large_logits(args.local_rollout_forward_batch_size * args.response_length, vocab_rows(policy))  # optional: fast-path
     # One optimizer over policy and value model: one loss, one clip of the global gradient norm.
     trained = [p for m in (policy, value_model) if m is not None for p in m.parameters() if p.requires_grad]
-    flat = ShardedParameters(trained) if args.fsdp else FlatParameters(trained)
-    optimizer = torch.optim.Adam(flat.tensors, lr=args.learning_rate, eps=args.adam_eps, fused=device.type in ("cpu", "cuda"))
+    optimizer = torch.optim.Adam(trained, lr=args.learning_rate, eps=args.adam_eps, fused=device.type in ("cpu", "cuda"))
     state = LoopState(kl_coef=args.kl_coef)
     run = Run(args, ckpt, task, rank)
-    describe(run, args, task, f"{device} ({device_reason}), {torch.get_num_threads()} torch thread(s)", world_size, num_iterations, batch_size, gen_config, flat)
-    describe_memory(run, flat, policy, ref_policy, reward.model, value_model)
+    describe(run, args, task, f"{device} ({device_reason}), {torch.get_num_threads()} torch thread(s)", world_size, num_iterations, batch_size, gen_config, trained)
+    describe_memory(run, trained, policy, ref_policy, reward.model, value_model)
     # Seeded after the built-in task (which seeds itself), so a cached and a freshly built task give the same run.
     seed_everything(args.seed + rank)
-    if ckpt is not None:
+    if ckpt is not None:  # optional: resume
         state = restore(ckpt, rank, device, policy, value_model, optimizer)
     guard = NonFiniteGuard(run, state)  # non-finite scores, losses, gradients or weights: skip the step or stop
     stop_requested = install_stop_handlers()
-    evaluates = rank == 0 or args.fsdp  # a sharded model's forward needs every process
     crash = CrashCheckpoint(run, args, policy, value_model, optimizer, device)  # an exception: the last iteration kept
     try:
-        if ckpt is None and evaluates:  # the SFT policy's scores: the baseline the run must beat
+        if ckpt is None:  # the SFT policy's scores: the baseline the run must beat  # optional: evaluation
             run.log_evaluation(0, num_iterations, 0, {}, *evaluate(policy, reward, task, gen_config, args, episode=0))
 
         start_time, start_episode = time.time(), state.episode
@@ -676,7 +671,7 @@ def train(args: Args) -> None:
                 advantages, returns = torch.where(data.mask, group_advantages(rewards.sum(1), k, args.scale_group_std)[:, None], 0.0), None
 
             # 4. PPO update of the policy and the value model (if any).
-            update_stats = ppo_update(args, policy, value_model, optimizer, flat, data, advantages, returns, task.pad_id, guard)
+            update_stats = ppo_update(args, policy, value_model, optimizer, trained, data, advantages, returns, task.pad_id, guard)
 
             # 5. Log; adapt the KL coefficient; evaluate; checkpoint; stop after SIGINT/SIGTERM.
             eps = (state.episode - start_episode) / (time.time() - start_time)
@@ -687,7 +682,7 @@ def train(args: Args) -> None:
                 state.kl_coef = adaptive_kl_coef(state.kl_coef, metrics["objective/kl"], args.adaptive_kl_target, args.kl_horizon, batch_size)
             state.iteration = iteration
             crash.snapshot(state)
-            if evaluates and (iteration % args.eval_every == 0 or iteration == num_iterations):
+            if iteration % args.eval_every == 0 or iteration == num_iterations:  # optional: evaluation
                 run.log_evaluation(iteration, num_iterations, state.episode, metrics, *evaluate(policy, reward, task, gen_config, args, state.episode))
             stop = stop_requested()
             if stop or iteration == num_iterations or (args.save_every and iteration % args.save_every == 0):
@@ -697,18 +692,20 @@ def train(args: Args) -> None:
     except Exception as e:  # raised by user code (a reward function or model), out of memory, ...
         crash.stop(e)
 
-    final_policy = unsharded_policy(policy, task) if args.fsdp else policy  # --fsdp: gathered on rank 0 only
+    policy = unsharded_policy(policy, task) if args.fsdp else policy  # gathered on rank 0 only  # optional: fsdp
     if rank == 0:
-        save_policy(run, final_policy, task)
+        save_policy(run, policy, task)
     run.finish()
-    leave_process_group(distributed)
+    leave_process_group(distributed)  # optional: torchrun
 
 
-# Infrastructure: nothing below changes what PPO computes; a research copy can drop what it does not need.
-# Run folder, logging and wandb; checkpoints and resume; signals; torchrun helpers; evaluation and the sample
-# table; argument checks; model and prompt loading; flat parameters; the built-in task.
+# Infrastructure: nothing below changes what PPO computes but what the calls above name: load_task (the pad token, the EOS
+# ids, the prompts' text), load_config (dropout rates 0 in the configs), retokenized_scores and call_reward_function (the
+# reward). The fast path computes the same log-probs by another route. Delete a section headed `# --- optional: NAME ---`
+# and each line marked `# optional: NAME` (fsdp with torchrun): the copy runs.
 
 
+# --- Run folder and logging ---
 class Run:
     """The run's folder, written by rank 0 (args.json, metrics.jsonl, checkpoint.pt; wandb with --track), made at the
     first record; a resumed run continues in its checkpoint's folder, metrics.jsonl cut back to the checkpoint."""
@@ -716,13 +713,12 @@ class Run:
     def __init__(self, args: Args, ckpt: Optional[dict], task: Task, rank: int):
         self.rank0, self.metrics, self.wandb = rank == 0, None, None
         self.args, self.builtin = args, task.builtin
-        self.metrics_offset = None if ckpt is None else ckpt["metrics_offset"]
-        if ckpt is not None:
-            self.name, self.wandb_id = ckpt["run_name"], ckpt["wandb_id"]
+        # Every process must agree on the name: rank 0's clock decides.
+        self.name, self.wandb_id, self.metrics_offset = broadcast_object(f"{task.name}__{args.exp_name}__{args.seed}__{int(time.time())}"), None, None
+        self.dir = os.path.join(args.runs_dir, self.name)
+        if ckpt is not None:  # optional: resume
+            self.name, self.wandb_id, self.metrics_offset = ckpt["run_name"], ckpt["wandb_id"], ckpt["metrics_offset"]
             self.dir = os.path.dirname(os.path.abspath(args.resume))
-        else:  # every process must agree on the name: rank 0's clock decides
-            self.name = broadcast_object(f"{task.name}__{args.exp_name}__{args.seed}__{int(time.time())}")
-            self.dir, self.wandb_id = os.path.join(args.runs_dir, self.name), None
 
     def open(self) -> None:
         """Make the folder, write args.json, open metrics.jsonl and wandb (rank 0, once)."""
@@ -733,11 +729,11 @@ class Run:
         with open(os.path.join(self.dir, "args.json"), "w") as f:
             json.dump(asdict(args), f, indent=1)
         metrics_path = os.path.join(self.dir, "metrics.jsonl")
-        if self.metrics_offset is not None and os.path.exists(metrics_path):
+        if self.metrics_offset is not None and os.path.exists(metrics_path):  # optional: resume
             with open(metrics_path, "r+") as f:  # lines logged after the checkpoint will be logged again
                 f.truncate(self.metrics_offset)
         self.metrics = open(metrics_path, "a")
-        if args.track:
+        if args.track:  # optional: wandb
             import wandb
 
             config = asdict(args) | ({"builtin_task": self.builtin} if self.builtin is not None else {})
@@ -752,7 +748,7 @@ class Run:
         record = {"episode": episode, **metrics}
         self.metrics.write(json.dumps(record) + "\n")
         self.metrics.flush()
-        if self.wandb is not None:
+        if self.wandb is not None:  # optional: wandb
             self.wandb.log(record)
 
     def log_evaluation(self, iteration: int, num_iterations: int, episode: int, last: dict, metrics: dict, rows: list) -> None:
@@ -760,7 +756,7 @@ class Run:
         if not self.rank0:
             return
         self.log(episode, metrics)
-        if self.wandb is not None:
+        if self.wandb is not None:  # optional: wandb
             import wandb
 
             columns = ["episode", "query", "response", "score"] + (["gold_score"] if len(rows[0]) > 4 else [])
@@ -772,13 +768,13 @@ class Run:
         print(" | ".join(line + [f"{rows[0][1][-60:]!r} -> {rows[0][2][:60]!r}"]), flush=True)
 
     def finish(self) -> None:
-        if self.wandb is not None:
+        if self.wandb is not None:  # optional: wandb
             self.wandb.finish()
         if self.metrics is not None:
             self.metrics.close()
 
 
-def describe(run: Run, args: Args, task: Task, device: str, world_size: int, num_iterations: int, batch_size: int, gen_config: GenerationConfig, flat: FlatParameters | ShardedParameters) -> None:
+def describe(run: Run, args: Args, task: Task, device: str, world_size: int, num_iterations: int, batch_size: int, gen_config: GenerationConfig, trained: list[Tensor]) -> None:
     """The batch arithmetic, the reward and the value model, printed by rank 0 at the start."""
     if not run.rank0:
         return
@@ -803,8 +799,8 @@ def describe(run: Run, args: Args, task: Task, device: str, world_size: int, num
         print(line)
     if args.lora_r:
         targets = " ".join(args.lora_target_modules) if args.lora_target_modules else "peft's default modules"
-        print(f"LoRA r={args.lora_r} alpha={args.lora_alpha:g} on {targets}: {flat.numel():,} parameters train (adapters of policy{' and value model, value head' if args.baseline == 'gae' else ''})")
-    if not gen_config.output_logits:
+        print(f"LoRA r={args.lora_r} alpha={args.lora_alpha:g} on {targets}: {sum(p.numel() for p in trained):,} parameters train (adapters of policy{' and value model, value head' if args.baseline == 'gae' else ''})")
+    if not gen_config.output_logits:  # optional: fast-path
         print("note: a large vocabulary: sampling keeps no logits (the rollout's log-probs come from a forward pass), and log-probs and entropies are computed from the hidden states a chunk of positions at a time")
     if num_iterations * batch_size != args.total_episodes:
         print(f"note: --total-episodes {args.total_episodes} is not a whole number of iterations; training {num_iterations * batch_size} episodes")
@@ -817,16 +813,16 @@ def describe(run: Run, args: Args, task: Task, device: str, world_size: int, num
         print(f"built-in task: reward model held-out accuracy {b['rm_accuracy']:.3f}, SFT gold score {b['sft_gold_mean']:.3f} +- {b['sft_gold_std']:.3f}")
 
 
-def describe_memory(run: Run, flat: FlatParameters | ShardedParameters, *models: Optional[nn.Module]) -> None:
+def describe_memory(run: Run, trained: list[Tensor], *models: Optional[nn.Module]) -> None:
     """The bytes this process holds of the models' parameters, gradients and Adam state (two moments per trained value)"""
     if not run.rank0:
         return
     local = lambda p: p.to_local() if isinstance(p, DTensor) else p  # noqa: E731
     params = {id(p): p for m in models if m is not None for p in m.parameters()}.values()
     param_bytes = sum(local(p).numel() * p.element_size() for p in params)
-    grad_bytes = sum(local(p).numel() * p.element_size() for p in flat.tensors)
+    grad_bytes = sum(local(p).numel() * p.element_size() for p in trained)
     line = f"memory per process: parameters {size(param_bytes)}, gradients {size(grad_bytes)}, Adam state {size(2 * grad_bytes)}"
-    if isinstance(flat, ShardedParameters):
+    if run.args.fsdp:  # optional: fsdp
         policy_bytes = sum(p.numel() * (2 if run.args.bf16 else p.element_size()) for p in models[0].parameters())
         line += f" (rank 0's shards, FSDP over {dist.get_world_size()} processes; plus the whole policy, {size(policy_bytes)}, while sampling a chunk)"
     print(line)
@@ -877,26 +873,14 @@ def save_policy(run: Run, policy: nn.Module, task: Task) -> None:
     print(f"done: {run.dir} (metrics.jsonl, args.json, checkpoint.pt, {files})")
 
 
-# Checkpoints and resume. Everything but "resume_state" loads with weights_only=True; "resume_state" is the
-# pickled list of each process's RNG states, unpickled by --resume only.
-
-CHECKPOINT_KEYS = {"args", "run_name", "wandb_id", "metrics_offset", "policy", "value_model", "optimizer", "resume_state"}
-CHECKPOINT_KEYS |= {f.name for f in fields(LoopState)}  # iteration, episode, kl_coef
-
-
+# --- Checkpoints ---
+# Everything but "resume_state" loads with weights_only=True; "resume_state" is the pickled list of each process's RNG
+# states, unpickled by --resume only.
 def rng_state(device: torch.device) -> dict:
     state = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate())
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
-
-
-def set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def seed_everything(seed: int) -> None:
@@ -906,15 +890,12 @@ def seed_everything(seed: int) -> None:
 
 
 def save_checkpoint(run: Run, state: LoopState, args: Args, policy: nn.Module, value_model: Optional[nn.Module], optimizer, device: torch.device) -> None:
-    """Every process hands in its RNG states (under --fsdp also writes its shards); rank 0 writes checkpoint.pt."""
+    """Every process hands in its RNG states; rank 0 writes checkpoint.pt."""
     header = checkpoint_header(run, state, args, device)
-    if args.fsdp:
-        save_shards(run, state, policy, value_model, optimizer)
-    if not run.rank0:
-        return
-    write_checkpoint(run, header, policy, value_model, optimizer)
-    if args.fsdp:  # checkpoint.pt names the new shards: the older ones can go
-        remove_old_shards(run.dir, state.iteration)
+    if args.fsdp:  # the weights and Adam's state in every process's shards  # optional: fsdp
+        return save_sharded_checkpoint(run, state, header, policy, value_model, optimizer)
+    if run.rank0:
+        write_checkpoint(run, header, whole_weights(policy, value_model, optimizer))
 
 
 def checkpoint_header(run: Run, state: LoopState, args: Args, device: torch.device) -> dict:
@@ -927,13 +908,13 @@ def checkpoint_header(run: Run, state: LoopState, args: Args, device: torch.devi
     return dict(args=asdict(args), run_name=run.name, **asdict(state), wandb_id=ranks[0][2], metrics_offset=ranks[0][1], resume_state=resume_state)
 
 
-def write_checkpoint(run: Run, header: dict, policy: nn.Module, value_model: Optional[nn.Module], optimizer) -> str:
-    """checkpoint.pt (returns its path): the header with the weights and Adam's state (under --fsdp in the shards),
-    written atomically (a tmp file, fsync'd, then renamed); one holding a non-finite value is refused."""
-    if run.args.fsdp:
-        weights = dict(policy=None, value_model=None, optimizer=None)
-    else:
-        weights = dict(policy=trained_weights(policy), value_model=value_model if value_model is None else trained_weights(value_model), optimizer=optimizer.state_dict())
+def whole_weights(policy: nn.Module, value_model: Optional[nn.Module], optimizer) -> dict:
+    return dict(policy=trained_weights(policy), value_model=value_model and trained_weights(value_model), optimizer=optimizer.state_dict())
+
+
+def write_checkpoint(run: Run, header: dict, weights: dict) -> str:
+    """checkpoint.pt (returns its path): the header with the weights and Adam's state (under --fsdp None: in the
+    shards), written atomically (a tmp file, fsync'd, then renamed); one holding a non-finite value is refused."""
     nonfinite = nonfinite_tensor(weights)
     if nonfinite is not None:
         stop_nonfinite(run, f"{nonfinite} in the checkpoint", header["iteration"], "(checkpoint refused)")
@@ -950,7 +931,7 @@ def write_checkpoint(run: Run, header: dict, policy: nn.Module, value_model: Opt
 def nonfinite_tensor(tree, name: str = "") -> Optional[str]:
     """The name of the first floating tensor in `tree` (nested dicts and lists) holding a non-finite value; min and max
     propagate NaN and inf without the temporaries of torch.isfinite(tensor), 1.75x the tensor's bytes."""
-    if isinstance(tree, DTensor):  # --fsdp: this process's shard
+    if isinstance(tree, DTensor):  # this process's shard  # optional: fsdp
         tree = tree.to_local()
     if isinstance(tree, Tensor):
         return name if tree.is_floating_point() and tree.numel() and not torch.stack(torch.aminmax(tree)).isfinite().all() else None
@@ -960,6 +941,18 @@ def nonfinite_tensor(tree, name: str = "") -> Optional[str]:
         if found is not None:
             return found
     return None
+
+
+def trained_weights(model: nn.Module) -> dict[str, Tensor]:
+    """What a checkpoint keeps of a model: every weight, or under LoRA what trains (the rest reloads from its path)."""
+    if not has_adapters(model):
+        return model.state_dict()
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+# --- optional: resume ---
+CHECKPOINT_KEYS = {"args", "run_name", "wandb_id", "metrics_offset", "policy", "value_model", "optimizer", "resume_state"}
+CHECKPOINT_KEYS |= {f.name for f in fields(LoopState)}  # iteration, episode, kl_coef
 
 
 def load_resume(args: Args) -> tuple[Optional[dict], Args]:
@@ -980,11 +973,12 @@ def load_resume(args: Args) -> tuple[Optional[dict], Args]:
     return ckpt | {"resume_state": ranks, "folder": os.path.dirname(os.path.abspath(args.resume))}, resumed
 
 
-def trained_weights(model: nn.Module) -> dict[str, Tensor]:
-    """What a checkpoint keeps of a model: every weight, or under LoRA what trains (the rest reloads from its path)."""
-    if not has_adapters(model):
-        return model.state_dict()
-    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def load_trained_weights(model: nn.Module, weights: dict[str, Tensor]) -> None:
@@ -997,25 +991,30 @@ def load_trained_weights(model: nn.Module, weights: dict[str, Tensor]) -> None:
         raise KeyError("the checkpoint's LoRA weights do not fit")
 
 
+def load_weights(ckpt: dict, policy: nn.Module, value_model: Optional[nn.Module], optimizer) -> None:
+    if ckpt["args"]["fsdp"]:  # optional: fsdp
+        return load_shards(os.path.join(ckpt["folder"], shards_name(ckpt["iteration"])), policy, value_model, optimizer)
+    load_trained_weights(policy, ckpt["policy"])
+    if value_model is not None:  # --baseline group: none
+        load_trained_weights(value_model, ckpt["value_model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+
+
 def restore(ckpt: dict, rank: int, device: torch.device, policy: nn.Module, value_model: nn.Module, optimizer) -> LoopState:
     """Weights, optimizer and this process's RNG states from a checkpoint; returns the loop's state."""
     try:
-        if ckpt["args"]["fsdp"]:
-            load_shards(os.path.join(ckpt["folder"], shards_name(ckpt["iteration"])), policy, value_model, optimizer)
-        else:
-            load_trained_weights(policy, ckpt["policy"])
-            if value_model is not None:  # --baseline group: none
-                load_trained_weights(value_model, ckpt["value_model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
+        load_weights(ckpt, policy, value_model, optimizer)
     except (RuntimeError, ValueError, KeyError):
         fail("--resume: the model or optimizer state in the checkpoint does not fit these models; start a new run")
     set_rng_state(ckpt["resume_state"][rank], device)
+    if rank == 0:
+        print(f"resumed from {ckpt['folder']}/checkpoint.pt at iteration {ckpt['iteration']}, episode {ckpt['episode']:,}", flush=True)
     return LoopState(**{f.name: ckpt[f.name] for f in fields(LoopState)})
 
 
-# Non-finite values: a step skipped (loss/skipped_steps), MAX_SKIPPED_STEPS in a row, a non-finite weight or score stop
-# the run with one line; no checkpoint is written after it.
-
+# --- Non-finite values ---
+# A step skipped (loss/skipped_steps); MAX_SKIPPED_STEPS in a row, a non-finite weight or score stop the run with one
+# line; no checkpoint is written after it.
 MAX_SKIPPED_STEPS = 10
 ON_POLICY_ATOL = 1e-3  # max |log-ratio| of an update's first micro-batch before any step (float32: 1.6e-6 measured)
 ON_POLICY_ATOL_BF16 = 0.25  # --bf16 (0.03 measured under CPU autocast; dropout moves log-probs by O(1)); see the README
@@ -1068,6 +1067,8 @@ class NonFiniteGuard:
 
     def skip_step(self, loss: Tensor, grad_norm: Tensor, optimizer: torch.optim.Optimizer, epoch: int, mb: int) -> bool:
         """Whether this minibatch's step is skipped (its gradients zeroed); the MAX_SKIPPED_STEPS-th skip in a row stops the run."""
+        if isinstance(grad_norm, DTensor):  # --fsdp: the norm of every shard  # optional: fsdp
+            grad_norm = grad_norm.full_tensor()
         bad = torch.stack([~torch.isfinite(loss), ~torch.isfinite(grad_norm)]).float()
         bad = all_reduce_mean(bad).tolist()
         if not any(bad):
@@ -1080,8 +1081,9 @@ class NonFiniteGuard:
             self.stop(f"{what} in {MAX_SKIPPED_STEPS} steps in a row", f"(epoch {epoch + 1}, minibatch {mb + 1})")
         return True
 
-    def check_weights(self, flat: FlatParameters | ShardedParameters, epoch: int, mb: int) -> None:
-        if not flat.all_finite():
+    def check_weights(self, params: list[Tensor], epoch: int, mb: int) -> None:
+        """Every process's parameters (under --fsdp its shards): the same answer on every process."""
+        if all_reduce_mean(torch.tensor(float(nonfinite_tensor(params) is not None))).item():
             self.stop("weight after an optimizer step", f"(epoch {epoch + 1}, minibatch {mb + 1})")
 
     def check_scores(self, scores: Tensor) -> None:
@@ -1096,9 +1098,10 @@ def last_epoch_mean(values: list[Tensor], args: Args) -> float:
     return all_reduce_mean(torch.stack(values[-per_epoch:]).mean()).item()
 
 
-# Signals: SIGINT (Ctrl-C) and SIGTERM (what a scheduler sends) finish the iteration, write a checkpoint and exit 130.
-
-
+# --- Signals and crashes ---
+# SIGINT (Ctrl-C) and SIGTERM (what a scheduler sends) finish the iteration, write a checkpoint and exit 130. An
+# exception (a reward function's or model's, out of memory, any other) ends the run with the checkpoint of the last
+# completed iteration, named in its last line: exit status 2 for a reward function, 1 after a traceback.
 def install_stop_handlers() -> Callable[[], bool]:
     """Returns stop_requested(), true on every process once any was asked to stop (a collective); a second Ctrl-C stops at once."""
     requested = False
@@ -1126,12 +1129,8 @@ def exit_interrupted(run: Run, state: LoopState, distributed: bool) -> NoReturn:
     if run.rank0:
         print(f"interrupted: checkpoint at episode {state.episode:,} in {path}; continue with --resume {path}", flush=True)
     run.finish()
-    leave_process_group(distributed)
+    leave_process_group(distributed)  # optional: torchrun
     sys.exit(130)
-
-
-# A crash: an exception (a reward function's or model's, out of memory, any other) ends the run with the checkpoint of
-# the last completed iteration, named in its last line: exit status 2 for a reward function, 1 after a traceback.
 
 
 class RewardFunctionError(Exception):
@@ -1150,13 +1149,14 @@ class CrashCheckpoint:
         self.header, self.steps = checkpoint_header(self.run, state, self.args, self.device), adam_steps(self.optimizer)
 
     def stop(self, e: Exception) -> NoReturn:
-        path = os.path.join(self.run.dir, "checkpoint.pt")
-        if self.header is None or self.args.fsdp:  # under --fsdp the shards would need every process
-            why = "no iteration completed" if self.header is None else "--fsdp writes no checkpoint after an error"
+        path, why = os.path.join(self.run.dir, "checkpoint.pt"), "no iteration completed" if self.header is None else None
+        if self.args.fsdp:  # the shards would need every process  # optional: fsdp
+            why = why or "--fsdp writes no checkpoint after an error"
+        if why:
             kept = f"{why}; the last checkpoint: {path}" if os.path.exists(path) else f"{why}; no checkpoint"
         else:
             self.header["metrics_offset"] = self.run.metrics.tell() if self.run.rank0 else self.header["metrics_offset"]
-            write_checkpoint(self.run, self.header, *self.models, self.optimizer)
+            write_checkpoint(self.run, self.header, whole_weights(*self.models, self.optimizer))
             steps = adam_steps(self.optimizer) - self.steps
             how = "exactly" if not steps else f"(not exactly: its weights hold the {steps} optimizer steps taken since; the next iteration is redone)"
             kept = f"checkpoint of iteration {self.header['iteration']} written; --resume {path} continues {how}"
@@ -1171,20 +1171,18 @@ class CrashCheckpoint:
 
 
 def adam_steps(optimizer: torch.optim.Optimizer) -> int:
-    return sum(int(s["step"]) for s in optimizer.state.values() if "step" in s)
+    return max((int(s["step"]) for s in optimizer.state.values() if "step" in s), default=0)  # each tensor's count
 
 
-# torchrun: one process per device; rank 0 logs, saves and evaluates. On cuda the process group serves both devices
-# (nccl for cuda tensors, gloo for CPU tensors and objects).
-
-
+# --- Device, threads and collectives ---
+# The collectives do nothing in one process; under torchrun rank 0 logs, saves and evaluates.
 def pick_device(name: str) -> tuple[torch.device, str]:
     """The torch device and why: `auto` takes a GPU (cuda, then mps) if any; under torchrun `cuda` is the local rank's GPU."""
     reason = f"--device {name}"
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
         reason = "auto: no GPU" if name == "cpu" else "auto: language models gain from a GPU"
-    if name == "cuda" and "LOCAL_RANK" in os.environ:
+    if name == "cuda" and "LOCAL_RANK" in os.environ:  # optional: torchrun
         local_rank = int(os.environ["LOCAL_RANK"])
         if local_rank >= torch.cuda.device_count():
             fail(
@@ -1206,15 +1204,8 @@ def set_num_threads(num_threads: int, small_network: bool) -> None:
         torch.set_num_threads(num_threads or 1)
 
 
-def init_distributed(device: torch.device, sharded: bool = False) -> tuple[bool, int, int]:
-    """Returns (distributed, rank, world_size), joining torchrun's process group if any (with --fsdp even one process's)."""
-    world_size = os.environ.get("WORLD_SIZE")
-    if world_size is None or (int(world_size) <= 1 and not sharded):
-        return False, 0, 1
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
-    return True, dist.get_rank(), dist.get_world_size()
+def place_model(device: torch.device, model: Optional[nn.Module]) -> Optional[nn.Module]:
+    return model if model is None else model.to(device)
 
 
 def all_reduce_mean(x: Tensor) -> Tensor:
@@ -1243,6 +1234,29 @@ def gather_objects(obj) -> list:
     return objects
 
 
+# --- optional: torchrun ---
+# One process per device. On cuda the process group serves both devices (nccl for cuda tensors, gloo for CPU tensors
+# and objects).
+def init_distributed(device: torch.device) -> tuple[bool, int, int]:
+    """Returns (distributed, rank, world_size), joining torchrun's process group if any (even one process's: --fsdp)."""
+    if "WORLD_SIZE" not in os.environ:
+        return False, 0, 1
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
+    return True, dist.get_rank(), dist.get_world_size()
+
+
+def average_gradients(params: list[Tensor]) -> None:
+    """Each gradient replaced by its mean over the processes, in one all-reduce (a missing one counts as 0, as in DDP).
+    Under --fsdp FSDP has averaged them (reduce-scatter)."""
+    if not dist.is_initialized() or isinstance(params[0], DTensor):
+        return
+    grads = all_reduce_mean(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]))
+    for p, grad in zip(params, grads.split([p.numel() for p in params])):
+        p.grad = grad.view_as(p)
+
+
 def leave_process_group(distributed: bool) -> None:
     if distributed:
         dist.barrier()  # a process that leaves while rank 0 still evaluates can abort the others
@@ -1251,18 +1265,27 @@ def leave_process_group(distributed: bool) -> None:
         time.sleep(0.1)
 
 
-# Sharding (--fsdp): FSDP2's fully_shard, each decoder layer a unit and the parameters outside them one more, entered
-# through each of its modules (code that calls a backbone and a head apart gathers them as the model's forward does).
+# --- optional: fsdp ---
+# FSDP2's fully_shard, each decoder layer a unit and the parameters outside them one more, entered through each of its
+# modules (code that calls a backbone and a head apart gathers them as the model's forward does); checkpoints through
+# torch.distributed.checkpoint, each process its own shards, checkpoint.pt the rest.
+def load_model_to_shard(cls, path: str, config, flag: str, dtype="float32") -> nn.Module:
+    """load_model on rank 0 only; the other processes build the model on the meta device, in rank 0's dtype, and
+    shard_model fills their shards."""
+    if dist.get_rank() == 0:
+        model = load_model(cls, path, config, flag, dtype)
+        broadcast_object(model.dtype)
+        return model
+    with torch.device("meta"):
+        return cls.from_config(config, dtype=broadcast_object(None))
 
 
-def place_model(args: Args, device: torch.device, model: nn.Module) -> nn.Module:
-    """The model on the device; under --fsdp sharded over the processes (shard_model). None stays None."""
-    return model if model is None else shard_model(args, device, model) if args.fsdp else model.to(device)
-
-
-def shard_model(args: Args, device: torch.device, model: nn.Module) -> nn.Module:
+def shard_model(args: Args, device: torch.device, model: Optional[nn.Module]) -> Optional[nn.Module]:
     """fully_shard the model (--bf16: parameters gathered in bfloat16, master weights and reduction in float32), then
-    fill the other processes' empty shards (built on the meta device) and buffers from rank 0's whole copy."""
+    fill the other processes' empty shards (built on the meta device) and buffers from rank 0's whole copy. Its
+    generate() gathers every unit once for the whole call, not once per token (processes may sample different lengths)."""
+    if model is None:
+        return None
     bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     mixed_precision = bf16 if args.bf16 else MixedPrecisionPolicy()
     whole = model.state_dict() if dist.get_rank() == 0 else {}  # detached views: they keep the unsharded values
@@ -1287,6 +1310,8 @@ def shard_model(args: Args, device: torch.device, model: nn.Module) -> nn.Module
             with torch.no_grad():  # FSDP takes the first module to run forward as the root: the whole model
                 one_token = torch.zeros(1, 1, dtype=torch.long, device=device)
                 model(input_ids=one_token, attention_mask=torch.ones_like(one_token), use_cache=False)
+        if hasattr(model, "generate"):
+            model.generate = gathered(model)(model.generate)
     except (RuntimeError, ValueError, TypeError, AssertionError) as e:
         fail(f"--fsdp: FSDP cannot shard {type(model).__name__} ({exception_line(e)}); drop --fsdp")
     return model
@@ -1308,8 +1333,7 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 @contextlib.contextmanager
 def gathered(model: nn.Module):
-    """Under --fsdp, the whole model on every process for the block (sampling all-gathers each unit once, not once
-    per token, so processes may sample different lengths), then sharded again."""
+    """The whole model on every process for the block (or the function it decorates), then sharded again."""
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for unit in units:
         unit.set_reshard_after_forward(False, recurse=False)
@@ -1321,29 +1345,6 @@ def gathered(model: nn.Module):
             unit.reshard()
             unit.set_reshard_after_forward(True, recurse=False)
 
-
-class ShardedParameters:
-    """--fsdp: the trained parameters stay FSDP's shards (DTensors), stepped by a per-tensor Adam sharded with them."""
-
-    def __init__(self, params: list[nn.Parameter]):
-        self.tensors = params
-
-    def numel(self) -> int:
-        return sum(p.numel() for p in self.tensors)
-
-    def check_grads(self) -> None:
-        """Nothing to relink: each parameter's .grad is its own shard of the gradient."""
-
-    def average_and_clip_grads(self, max_norm: float) -> Tensor:
-        """Clip to a global norm of max_norm, the norm taken over every process's shards; returns the norm."""
-        norm = nn.utils.clip_grad_norm_(self.tensors, max_norm)
-        return norm.full_tensor() if isinstance(norm, DTensor) else norm
-
-    def all_finite(self) -> bool:  # every process's shards: the same answer on every process
-        return not all_reduce_mean(torch.tensor(float(any(nonfinite_tensor(p) is not None for p in self.tensors)))).item()
-
-
-# Checkpoints under --fsdp: torch.distributed.checkpoint, each process its own shards; checkpoint.pt holds the rest.
 
 SHARDED_STATE = StateDictOptions(ignore_frozen_params=True, strict=False)  # under LoRA the frozen base reloads from its path
 
@@ -1359,8 +1360,9 @@ def sharded_state(policy: nn.Module, value_model: nn.Module, optimizer) -> tuple
     return models, {"model": model_state, "optimizer": optimizer_state}
 
 
-def save_shards(run: Run, state: LoopState, policy: nn.Module, value_model: nn.Module, optimizer) -> None:
-    """Each process writes its shards into checkpoint-{iteration}.tmp/, renamed by rank 0 (whole or not); non-finite refused."""
+def save_sharded_checkpoint(run: Run, state: LoopState, header: dict, policy: nn.Module, value_model: nn.Module, optimizer) -> None:
+    """Each process writes its shards into checkpoint-{iteration}.tmp/, renamed by rank 0 (whole or not; non-finite
+    refused); then rank 0 writes checkpoint.pt, which names them, and removes the older shards."""
     _, shards = sharded_state(policy, value_model, optimizer)
     nonfinite = [name for name in gather_objects(nonfinite_tensor(shards)) if name is not None]
     if nonfinite:
@@ -1371,6 +1373,8 @@ def save_shards(run: Run, state: LoopState, policy: nn.Module, value_model: nn.M
     if run.rank0:
         shutil.rmtree(path, ignore_errors=True)  # left by a run that stopped before naming it in checkpoint.pt
         os.replace(f"{path}.tmp", path)
+        write_checkpoint(run, header, dict(policy=None, value_model=None, optimizer=None))
+        remove_old_shards(run.dir, state.iteration)
 
 
 def remove_old_shards(run_dir: str, iteration: int) -> None:
@@ -1404,18 +1408,43 @@ def unsharded_policy(policy: nn.Module, task: Task) -> Optional[nn.Module]:
     return copy
 
 
-# Evaluation on held-out prompts and the sample table.
+# --- optional: evaluation ---
+# Held-out prompts answered greedily (sampled with fixed noise on the built-in task), scored, and a sample table.
+def evaluation_prompts(records: list[dict], builtin_path: Optional[str], args: Args, lines: list[str]) -> tuple[list[dict], list[dict], str]:
+    """(training, evaluation prompt lines, the flag that gave them): the first --eval-episodes of the built-in task's or of
+    --eval-prompts, or without either a split held out of `records` (--prompts)."""
+    path, flag = (builtin_path, "--prompts") if builtin_path else (args.eval_prompts, "--eval-prompts")
+    if path is not None:
+        return records, read_prompts(path, flag)[: args.eval_episodes], flag
+    train, evaluation, line = held_out_split(records, args.eval_episodes)
+    lines.append(line)
+    return train, evaluation, "--prompts"
+
+
+def held_out_split(records: list[dict], eval_episodes: int) -> tuple[list[dict], list[dict], str]:
+    """(training, evaluation prompts, a line saying so): a fixed split, at most --eval-episodes and a fifth held out, in the
+    file's order; fewer than 5 prompts are not split (evaluation reuses training prompts)."""
+    n_eval = min(eval_episodes, len(records) // 5)
+    if n_eval == 0:
+        return records, records[:eval_episodes], f"note: --prompts holds {len(records)} prompts, too few to hold out a fifth; evaluation reuses training prompts (give --eval-prompts)"
+    held_out = set(np.random.default_rng(0).permutation(len(records))[:n_eval].tolist())
+    train = [r for i, r in enumerate(records) if i not in held_out]
+    evaluation = [r for i, r in enumerate(records) if i in held_out]
+    return train, evaluation, f"evaluation: {n_eval} of the {len(records)} prompts of --prompts held out (a fixed split; --eval-prompts to choose them), training on the other {len(train)}"
 
 
 @torch.no_grad()
 def evaluate(policy: nn.Module, reward: Reward, task: Task, gen_config: GenerationConfig, args: Args, episode: int) -> tuple[dict, list]:
     """Answer the held-out prompts, greedily or (--eval-stochastic, the built-in task) with fixed noise, and score them (with the gold
-    reward on the built-in task): metrics and sample rows. Under --fsdp each process answers its chunks; rank 0 gathers."""
-    device = next(policy.parameters()).device
+    reward on the built-in task): metrics and sample rows, on rank 0 (under --fsdp each process answers its chunks)."""
+    processes, rank, device = 1, 0, next(policy.parameters()).device
+    if args.fsdp:  # a sharded forward needs every process  # optional: fsdp
+        processes, rank = dist.get_world_size(), dist.get_rank()
+    if processes == 1 and dist.is_initialized() and dist.get_rank() != 0:
+        return {}, []
     if not args.eval_stochastic and task.builtin is None:
         gen_config = greedy_config(gen_config)
     pad_id, eos_ids, chunk = task.pad_id, task.eos_ids, args.local_rollout_forward_batch_size
-    processes, rank = (dist.get_world_size(), dist.get_rank()) if args.fsdp else (1, 0)
     n_eval = len(task.eval_queries)
     policy.eval()
     chunks = []  # (first prompt, queries, responses, scores)
@@ -1425,8 +1454,7 @@ def evaluate(policy: nn.Module, reward: Reward, task: Task, gen_config: Generati
         for i in (first + rank * chunk for first in range(0, n_eval, processes * chunk)):  # a chunk per process in turn
             part = slice(i, i + chunk) if i < n_eval else slice(0, 1)  # past the end: a prompt along, its answer dropped
             queries = left_pad(task.eval_queries[part], pad_id, device)
-            with gathered(policy):
-                responses = generate(policy, queries, pad_id, gen_config, args.response_length)[0]
+            responses = generate(policy, queries, pad_id, gen_config, args.response_length)[0]
             responses = truncate_after_eos(responses, eos_ids, pad_id)
             scores = score_responses(reward, queries, responses, task.eval_records[part], task)
             scores = apply_missing_eos_penalty(scores, responses, eos_ids, args.missing_eos_penalty)
@@ -1457,9 +1485,18 @@ def evaluate(policy: nn.Module, reward: Reward, task: Task, gen_config: Generati
     return metrics, rows
 
 
+def greedy_config(gen_config: GenerationConfig) -> GenerationConfig:
+    """The sampler's settings taking the most likely token (the pad id still suppressed) instead of sampling."""
+    greedy = GenerationConfig.from_dict(gen_config.to_dict())
+    greedy.do_sample, greedy.temperature, greedy.top_k, greedy.top_p = False, None, None, None
+    greedy.output_logits = False  # evaluation needs no log-probs
+    return greedy
+
+
+# --- Defaults and argument checks ---
 # The two default sets: the flags whose defaults differ between the built-in task and TRL 1.12 PPOConfig (which also
 # has 4 epochs, kl_coef 0.05 with k1, cliprange 0.2, vf_coef 0.1, cliprange_value 0.2, gamma 1 and lambda 0.95).
-
+# A bad flag is one line naming it, exit status 2, as tyro does for a malformed flag.
 BUILTIN_DEFAULTS = dict(learning_rate=3e-4, num_minibatches=4, missing_eos_penalty=1.0, response_length=16, temperature=1.0, adam_eps=1e-5)
 TRL_DEFAULTS = dict(learning_rate=3e-6, num_minibatches=1, missing_eos_penalty=0.0, response_length=53, temperature=0.7, adam_eps=1e-8)
 
@@ -1476,17 +1513,6 @@ def defaults_in_use(args: Args) -> str:
         return "defaults: the built-in task's"
     in_use = " ".join(f"{flag_name(k)} {v:g}" for k, v in TRL_DEFAULTS.items() if getattr(args, k) == v)
     return "defaults: TRL 1.12 PPOConfig's" + (f", {in_use}" if in_use else "")
-
-
-def greedy_config(gen_config: GenerationConfig) -> GenerationConfig:
-    """The sampler's settings taking the most likely token (the pad id still suppressed) instead of sampling."""
-    greedy = GenerationConfig.from_dict(gen_config.to_dict())
-    greedy.do_sample, greedy.temperature, greedy.top_k, greedy.top_p = False, None, None, None
-    greedy.output_logits = False  # evaluation needs no log-probs
-    return greedy
-
-
-# Argument checks: one line naming the flag, exit status 2, as tyro does for a malformed flag.
 
 
 def fail(message: str) -> NoReturn:
@@ -1514,15 +1540,16 @@ def kl_flag_notes(args: Args) -> list[str]:
 
 def check_args(args: Args, world_size: int, ckpt: Optional[dict], device: torch.device) -> tuple[int, int, int]:
     """Every flag's range, before anything is built. Returns episodes per iteration on this process and on all, and iterations."""
-    if ckpt is not None and len(ckpt["resume_state"]) != world_size:
+    if ckpt is not None and len(ckpt["resume_state"]) != world_size:  # optional: resume
         fail(f"--resume: {args.resume} was written by {len(ckpt['resume_state'])} processes; resume with as many")
     at_least = dict(
         total_episodes=1, per_device_train_batch_size=1, gradient_accumulation_steps=1, num_minibatches=1,
         update_epochs=1, kl_horizon=1, response_length=1, max_prompt_length=1, local_rollout_forward_batch_size=1,
-        eval_every=1, eval_episodes=1, seed=0, num_threads=0, save_every=0, lora_r=0, task_seed=0,
+        seed=0, num_threads=0, save_every=0, lora_r=0, task_seed=0,
         task_vocab_size=7,  # each word has 6 successors other than itself
         task_prompt_length=1, task_sft_sequences=128, task_preference_pairs=20,  # an SFT batch; a held-out tenth
     )  # fmt: skip
+    at_least |= dict(eval_every=1, eval_episodes=1)  # optional: evaluation
     for name, low in at_least.items():
         if getattr(args, name) < low:
             fail(f"{flag_name(name)} must be at least {low}, got {getattr(args, name)}")
@@ -1550,8 +1577,10 @@ def check_args(args: Args, world_size: int, ckpt: Optional[dict], device: torch.
     for name in ("gamma", "gae_lambda"):
         if not 0 <= getattr(args, name) <= 1:
             fail(f"{flag_name(name)} must lie in [0, 1], got {getattr(args, name)}")
+    needs_a_model = ["reward_model_path", "value_model_path", "prompts"]
+    needs_a_model.append("eval_prompts")  # optional: evaluation
     if args.model_name_or_path is None:
-        for name in ("reward_model_path", "value_model_path", "prompts", "eval_prompts"):
+        for name in needs_a_model:
             if getattr(args, name) is not None:
                 fail(f"{flag_name(name)} needs --model-name-or-path; leave both out for the built-in task")
     elif args.prompts is None or (args.reward_model_path is None and not args.reward_fn):
@@ -1564,7 +1593,7 @@ def check_args(args: Args, world_size: int, ckpt: Optional[dict], device: torch.
         fail(f"--reward-fn-weights must be finite numbers, got {' '.join(map(str, args.reward_fn_weights))}")
     if args.bf16 and device.type != "cuda":
         fail("--bf16 needs a CUDA device; drop it on CPU/MPS")
-    if args.fsdp and "WORLD_SIZE" not in os.environ:
+    if args.fsdp and "WORLD_SIZE" not in os.environ:  # optional: fsdp
         fail("--fsdp shards the models over torchrun's processes; start the run with torchrun --nproc_per_node N ppo_rlhf.py --fsdp ..., or drop --fsdp")
     local_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.num_minibatches
     batch_size = local_batch_size * world_size
@@ -1587,9 +1616,8 @@ def configure_torch(args: Args) -> None:
     set_num_threads(args.num_threads, small_network=args.model_name_or_path is None)
 
 
-# Loading the models and the prompts: a mistake in a path, a model or a prompts file is a one-line error.
-
-
+# --- Models and prompts ---
+# A mistake in a path, a model or a prompts file is a one-line error.
 @dataclass
 class Task:
     """What a run trains on: models' paths and configs, tokenizer, prompts as ids and as lines (`records`), reward functions."""
@@ -1619,8 +1647,7 @@ def load_task(args: Args, rank: int, distributed: bool) -> Task:
     """The built-in task (rank 0 builds it or finds it in its cache), or the models and prompts given by the flags.
     Reward functions are imported first, so that a mistake in one costs no model loading."""
     reward_functions = load_reward_functions(args.reward_fn, args.reward_fn_weights)
-    builtin = language = None
-    eval_flag = "--eval-prompts" if args.eval_prompts else "--prompts"
+    builtin = language = eval_prompts_path = None
     if args.model_name_or_path is None:
         cache_dir = builtin_cache_dir(args)
         if rank == 0:
@@ -1631,13 +1658,13 @@ def load_task(args: Args, rank: int, distributed: bool) -> Task:
             builtin = builtin_task(args, cache_dir)  # built by rank 0: a cache hit
         policy_path, reward_path = os.path.join(cache_dir, "sft"), os.path.join(cache_dir, "reward")
         prompts_path, eval_prompts_path = os.path.join(cache_dir, "prompts.jsonl"), os.path.join(cache_dir, "eval_prompts.jsonl")
-        language, name, eval_flag = dict(np.load(os.path.join(cache_dir, "language.npz"))), "builtin", "--prompts"
+        language, name = dict(np.load(os.path.join(cache_dir, "language.npz"))), "builtin"
         if args.builtin_reward == "gold":
             reward_path = None
             reward_functions.append(RewardFunction("--builtin-reward gold", builtin_gold_reward(language), 1.0))
     else:
         policy_path, reward_path = args.model_name_or_path, args.reward_model_path
-        prompts_path, eval_prompts_path = args.prompts, args.eval_prompts
+        prompts_path = args.prompts
         name = os.path.basename(os.path.normpath(args.model_name_or_path))
     policy_config = load_config(policy_path, "--model-name-or-path")
     reward_config = None if reward_path is None else load_config(reward_path, "--reward-model-path", num_labels=1)
@@ -1682,19 +1709,15 @@ def load_task(args: Args, rank: int, distributed: bool) -> Task:
             tokenizer(text, truncation=True, max_length=args.max_prompt_length, add_special_tokens=not is_chat(r))["input_ids"]
             for text, r in zip(texts, records)
         ]
-        if min(map(len, queries)) == 0:
+        if min(map(len, queries), default=1) == 0:
             fail(f"{flag}: a prompt tokenises to no tokens; remove empty prompts")
         return queries
 
-    train_records = read_prompts(prompts_path, "--prompts")
-    if eval_prompts_path is None:
-        train_records, eval_records, split_line = held_out_split(train_records, args.eval_episodes)
-        lines.append(split_line)
-    else:
-        eval_records = read_prompts(eval_prompts_path, eval_flag)[: args.eval_episodes]
+    train_records, eval_records, eval_flag = read_prompts(prompts_path, "--prompts"), [], "--prompts"
+    train_records, eval_records, eval_flag = evaluation_prompts(train_records, eval_prompts_path, args, lines)  # optional: evaluation
     note = generation_config_note(generation_config, eos_ids, args.temperature)
     lines += [note] if note else []
-    if builtin is not None and args.eval_stochastic:
+    if builtin is not None and args.eval_stochastic:  # optional: evaluation
         lines.append("note: --eval-stochastic changes nothing on the built-in task: its evaluation always samples")
     train_queries, eval_queries = tokenize(train_records, "--prompts"), tokenize(eval_records, eval_flag)
     longest = max(len(q) for q in train_queries + eval_queries)
@@ -1713,18 +1736,6 @@ def load_task(args: Args, rank: int, distributed: bool) -> Task:
 def dtypes_line(policy_config, reward_config, value_model: bool) -> str:
     line = f"weights: policy, reference{' and value model' if value_model else ''} in float32 (the policy saved in {saved_dtype(policy_config)})"
     return line + (f"; reward model in {saved_dtype(reward_config)}, as saved" if reward_config is not None else "")
-
-
-def held_out_split(records: list[dict], eval_episodes: int) -> tuple[list[dict], list[dict], str]:
-    """(training, evaluation prompts, a line saying so): a fixed split, at most --eval-episodes and a fifth held out, in the
-    file's order; fewer than 5 prompts are not split (evaluation reuses training prompts)."""
-    n_eval = min(eval_episodes, len(records) // 5)
-    if n_eval == 0:
-        return records, records[:eval_episodes], f"note: --prompts holds {len(records)} prompts, too few to hold out a fifth; evaluation reuses training prompts (give --eval-prompts)"
-    held_out = set(np.random.default_rng(0).permutation(len(records))[:n_eval].tolist())
-    train = [r for i, r in enumerate(records) if i not in held_out]
-    evaluation = [r for i, r in enumerate(records) if i in held_out]
-    return train, evaluation, f"evaluation: {n_eval} of the {len(records)} prompts of --prompts held out (a fixed split; --eval-prompts to choose them), training on the other {len(train)}"
 
 
 def check_scorer(task: Task, model: nn.Module, flag: str, policy: nn.Module) -> None:
@@ -1828,25 +1839,13 @@ def load_config(path: str, flag: str, num_labels: Optional[int] = None):
     return config
 
 
-def load_model(cls, path: str, config, flag: str, dtype="float32", sharded: bool = False) -> nn.Module:
+def load_model(cls, path: str, config, flag: str, dtype="float32") -> nn.Module:
     """A model in float32 whatever dtype it was saved in (small updates would round away in bfloat16), or with
-    dtype="auto" in its saved dtype (a frozen reward model). One that can generate gets an empty generation_config
-    (save_policy restores it): generate() would fill what sampling_config leaves unset from it (top-k, ...), and the
-    distribution sampled would not be the one whose log-probs are stored. `sharded` (--fsdp): only rank 0 reads the
-    weights; the others build the model on the meta device, in rank 0's dtype, and shard_model fills their shards."""
-    if sharded and dist.get_rank() != 0:
-        with torch.device("meta"):
-            model = cls.from_config(config, dtype=broadcast_object(None))
-    else:
-        try:
-            model = cls.from_pretrained(path, config=config, dtype=dtype)
-        except (OSError, ValueError) as e:
-            fail(f"{flag}: cannot load {path} as {cls.__name__} ({str(e).splitlines()[0]})")
-        if sharded:
-            broadcast_object(model.dtype)
-    if model.can_generate():
-        model.generation_config = GenerationConfig()
-    return disable_dropout(model)
+    dtype="auto" in its saved dtype (a frozen reward model)."""
+    try:
+        return cls.from_pretrained(path, config=config, dtype=dtype)
+    except (OSError, ValueError) as e:
+        fail(f"{flag}: cannot load {path} as {cls.__name__} ({str(e).splitlines()[0]})")
 
 
 def saved_dtype(config) -> str:
@@ -1870,9 +1869,16 @@ def context_size(config) -> Optional[int]:
     return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
 
 
-# Reward functions: plain Python functions with the signature of TRL's GRPO reward functions, from --reward-fn's files;
-# a mistake in one (a missing file or function, a wrong signature, an exception, a wrong value) is one line naming it.
+def lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The backbone and the output layer of a causal LM (under LoRA, of the model peft wraps)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base, base.base_model_prefix), base.get_output_embeddings()
 
+
+# --- Reward functions and the reward model's text ---
+# Reward functions: plain Python functions with the signature of TRL's GRPO reward functions, from --reward-fn's
+# files; a mistake in one is one line naming it. A reward model with a tokenizer of its own reads the decoded text,
+# re-tokenised (through its chat template when it has one); one that reads the policy's token ids keeps the token path.
 REWARD_FN_ARGUMENTS = {"prompts", "completions", "completion_ids"}
 
 
@@ -1972,10 +1978,6 @@ def decode(tokenizer, sequences: list[list[int]], skip_special_tokens: bool = Fa
     return tokenizer.batch_decode([[t for t in s if 0 <= t < known] for s in sequences], skip_special_tokens=skip_special_tokens)
 
 
-# A reward model with a tokenizer of its own reads the decoded text, re-tokenised (through its chat template when
-# it has one); one that reads the policy's token ids the same way keeps the token path.
-
-
 def reward_model_tokenizer(path: str, config, policy_tokenizer, policy_config) -> Optional[transformers.PreTrainedTokenizerBase]:
     """The reward model's tokenizer when it must read text (its vocabulary gives some policy tokens other ids, or its
     embedding is smaller than the policy's, which can sample its extra rows); None when it reads the policy's tokens."""
@@ -2043,9 +2045,8 @@ def reward_model_text(tokenizer, prompt, completion, ended: bool, encoder: bool)
     return (prompt, text) if encoder else prompt + text + (tokenizer.eos_token if ended and tokenizer.eos_token else "")
 
 
-# LoRA through peft: adapters on the policy (peft's PeftModel) and on the value model (injected; its head trains whole).
-
-
+# --- LoRA ---
+# Adapters through peft on the policy (peft's PeftModel) and on the value model (injected; its head trains whole).
 def add_lora(policy: nn.Module, value_model: nn.Module, task: Task, args: Args) -> tuple[nn.Module, nn.Module]:
     from peft import LoraConfig, get_peft_model
 
@@ -2093,9 +2094,10 @@ def adapters_disabled(model: nn.Module):
     return model.disable_adapter() if is_lora(model) else contextlib.nullcontext()
 
 
-# Large vocabularies: fp32 logits above LOGITS_CHUNK_BYTES are computed from the final hidden states a chunk of
-# positions at a time, recomputed in the backward pass rather than kept; sampling then keeps no logits.
-
+# --- optional: fast-path ---
+# The rollout's log-probs from the sampling pass's logits (generate), and for large vocabularies fp32 logits above
+# LOGITS_CHUNK_BYTES computed from the final hidden states a chunk of positions at a time, recomputed in the backward
+# pass rather than kept (sampling then keeps no logits).
 LOGITS_CHUNK_BYTES = 2**26
 
 
@@ -2105,12 +2107,6 @@ def vocab_rows(model: nn.Module) -> int:
 
 def large_logits(positions: int, vocab: int) -> bool:
     return positions * vocab * 4 > LOGITS_CHUNK_BYTES
-
-
-def lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """The backbone and the output layer of a causal LM (under LoRA, of the model peft wraps)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(base, base.base_model_prefix), base.get_output_embeddings()
 
 
 @torch.no_grad()
@@ -2152,70 +2148,9 @@ def head_logprobs(head: nn.Module, hidden: Tensor, tokens: Tensor, temperature: 
     return logprobs_from_logits(logits, tokens), entropy_from_logits(logits)
 
 
-# Flat parameters: on small models a call per tensor costs more than the arithmetic: one flat tensor, one Adam call.
-
-
-class FlatParameters:
-    """`param` holds every given parameter: each one's .data and .grad are views into `param` and `param.grad`.
-    After optimizer.zero_grad() or model.zero_grad() a hook restores the views, zeroed, before the next gradient;
-    check_grads(), before the clip, copies back a .grad replaced by another tensor and notes one left None."""
-
-    def __init__(self, params: list[nn.Parameter]):
-        if len({p.dtype for p in params}) > 1:  # torch.cat would silently promote them to one
-            raise TypeError(f"FlatParameters: parameters of dtypes {sorted({str(p.dtype) for p in params})} cannot share one tensor")
-        self.params = params
-        self.param = nn.Parameter(torch.cat([p.detach().reshape(-1) for p in params]))
-        self.grad = torch.zeros_like(self.param)
-        self.param.grad = self.grad
-        self.views, self.noted, offset = [], False, 0
-        for p in params:
-            p.data = self.param.data[offset : offset + p.numel()].view_as(p)
-            p.grad = self.grad[offset : offset + p.numel()].view_as(p)
-            self.views.append(p.grad)
-            p.register_hook(partial(self._relink, p, p.grad))
-            offset += p.numel()
-
-    @property
-    def tensors(self) -> list[Tensor]:
-        """What the optimizer steps: the one flat tensor."""
-        return [self.param]
-
-    def numel(self) -> int:
-        return self.param.numel()
-
-    def average_and_clip_grads(self, max_norm: float) -> Tensor:
-        """Average the gradient over processes, then clip it to a global norm of max_norm; returns the norm."""
-        all_reduce_mean(self.param.grad)
-        return nn.utils.clip_grad_norm_([self.param], max_norm)
-
-    def all_finite(self) -> bool:
-        return nonfinite_tensor(self.param) is None
-
-    def _relink(self, p: nn.Parameter, view: Tensor, grad: Tensor) -> None:
-        if self.param.grad is None:  # optimizer.zero_grad(): every gradient starts again from zero
-            self.param.grad = self.grad.zero_()
-        if p.grad is None:  # model.zero_grad(): this parameter's gradient starts again from zero
-            p.grad = view.zero_()
-
-    def check_grads(self) -> None:
-        if self.param.grad is None:  # zeroed and no backward since
-            self.param.grad = self.grad.zero_()
-        for p, view in zip(self.params, self.views):
-            if p.grad is view:
-                continue
-            if p.grad is None:
-                view.zero_()
-                if not self.noted:
-                    print("note: a parameter got no gradient since its .grad was set to None; the flat Adam step counts it as 0 (per-tensor Adam would skip it)")
-                    self.noted = True
-            else:
-                view.copy_(p.grad)
-            p.grad = view
-
-
-# The built-in offline task: a hidden Markov-chain language, an SFT model trained on its corpus, a hidden gold reward,
-# Bradley-Terry labels on SFT samples and a reward model trained on them, saved as ordinary Hugging Face checkpoints.
-
+# --- The built-in task ---
+# A hidden Markov-chain language, an SFT model trained on its corpus, a hidden gold reward, Bradley-Terry labels on SFT
+# samples and a reward model trained on them, saved as ordinary Hugging Face checkpoints.
 BUILTIN_SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 BUILTIN_RESPONSE_LENGTH = 16  # longest response in the corpus
 BUILTIN_EVAL_PROMPTS = 512
@@ -2372,7 +2307,7 @@ def builtin_task(args: Args, cache_dir: str) -> dict:
     n_test = n_pairs // 10
 
     # 4. Reward model: the SFT backbone with a fresh scalar head, trained on the pairs.
-    rm = disable_dropout(GPT2ForSequenceClassification.from_pretrained(os.path.join(tmp_dir, "sft"), num_labels=1))
+    rm = as_ppo_model(GPT2ForSequenceClassification.from_pretrained(os.path.join(tmp_dir, "sft"), num_labels=1))
     nn.init.normal_(rm.score.weight, std=1.0 / np.sqrt(config.n_embd + 1))
     optimizer = torch.optim.Adam(rm.parameters(), lr=1e-3)
     batch, epochs = 64, 3

@@ -86,7 +86,8 @@ def run_phase(args: Args) -> dict:
         reward = P.Reward(model=None, tokenizer=None, functions=[])  # scores 0: the reward is not measured
         gen_config = P.sampling_config(args.response_length, 1.0, eos_id, pad_id, args.vocab)
         if hasattr(P, "large_logits"):
-            gen_config = P.sampling_config(args.response_length, 1.0, eos_id, pad_id, args.vocab, output_logits=not P.large_logits(args.rollout_batch * args.response_length, args.vocab))
+            gen_config = P.sampling_config(args.response_length, 1.0, eos_id, pad_id, args.vocab)
+            gen_config.output_logits = not P.large_logits(args.rollout_batch * args.response_length, args.vocab)
         queries = torch.randint(0, 1000, (args.rollout_batch, args.prompt_length), generator=g)
         records = [{"prompt": ""}] * args.rollout_batch
         before, start = rss_mib(), time.perf_counter()
@@ -101,15 +102,18 @@ def run_phase(args: Args) -> dict:
             query_responses=query_responses, context_length=ctx, responses=query_responses[:, ctx:], mask=mask,
             logprobs=zeros - 12.0, ref_logprobs=zeros - 12.0, values=zeros, scores=torch.zeros(B),
         )  # fmt: skip
-        flat = P.FlatParameters([p for m in (policy, value_model) for p in m.parameters() if p.requires_grad])
-        optimizer = torch.optim.Adam([flat.param], lr=1e-5, eps=1e-5)
+        trained = [p for m in (policy, value_model) for p in m.parameters() if p.requires_grad]
+        flat = P.FlatParameters(trained) if hasattr(P, "FlatParameters") else None  # older scripts step one flat tensor
+        stepped = [flat.param] if flat else trained
+        optimizer = torch.optim.Adam(stepped, lr=1e-5, eps=1e-5)
         advantages, returns = torch.randn(B, T, generator=g), torch.randn(B, T, generator=g)
         # Adam's moments exist before the measurement, as in every update after the first
-        flat.param.grad.zero_()
+        for p in stepped:
+            p.grad = torch.zeros_like(p)
         optimizer.step()
         guard = [P.NonFiniteGuard()] if hasattr(P, "NonFiniteGuard") else []  # older scripts take no guard
         before, start = rss_mib(), time.perf_counter()
-        P.ppo_update(ppo, policy, value_model, optimizer, flat, data, advantages, returns, pad_id, *guard)
+        P.ppo_update(ppo, policy, value_model, optimizer, flat or trained, data, advantages, returns, pad_id, *guard)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return dict(rss_before_mib=round(before, 1), peak_rss_mib=round(peak, 1), peak_above_mib=round(peak - before, 1), seconds=round(seconds, 2))

@@ -88,46 +88,52 @@ def wandb_offline_log(runs_dir: Path) -> bytes:
     return wandb_file.read_bytes()
 
 
-# The fence's recipe (tests/droppable.py): the optional blocks of the RL scripts, and the flags each takes away.
+# The fence's recipe (tests/droppable.py): the optional blocks of each script, and the flags each takes away.
 BLOCKS = ("resume", "torchrun", "wandb", "video", "evaluation", "fast-path")
 BLOCK_FLAGS = {"resume": ["--resume"], "wandb": ["--track", "--wandb-project-name"], "video": ["--capture-video"],
                "evaluation": ["--eval-episodes", "--eval-checkpoint", "--capture-video"]}  # fmt: skip
+RLHF_BLOCKS = ("resume", "torchrun", "wandb", "evaluation", "fast-path", "fsdp")
+RLHF_BLOCK_FLAGS = {"resume": ["--resume"], "wandb": ["--track", "--wandb-project-name"], "fsdp": ["--fsdp"],
+                    "evaluation": ["--eval-every", "--eval-episodes", "--eval-prompts", "--eval-stochastic"]}  # fmt: skip
+TOGETHER = {"torchrun": {"fsdp"}}  # FSDP needs torchrun's process group: deleting torchrun deletes it too
 
 
-def check_the_fence_recipe(script: str, flags: list[str], learn_flags: list[str], tmp_path: Path) -> list[float]:
-    """Each optional block deleted alone: a copy that runs `flags` (plus --eval-episodes 0 where it has the flag) to the
-    very metrics of the whole script (the fast path's copy: the same policy with other random numbers), its Args
-    without the block's fields. All deleted: --help without any block's flag, and the training returns of learn_flags."""
+def check_the_fence_recipe(
+    script: str, flags: list[str], learn_flags: list[str], tmp_path: Path, blocks=BLOCKS, block_flags=BLOCK_FLAGS,
+    eval_flags=("--eval-episodes", "0"), same=comparable, learned="charts/episodic_return",
+) -> list[float]:
+    """Each optional block deleted alone (with what needs it, TOGETHER): a copy that runs `flags` (plus eval_flags where it
+    has the flags) to the very metrics of the whole script (`same`; the fast path's copy: the same policy by another route),
+    its Args without the block's fields. All deleted: --help without any block's flag, and the `learned` metric of learn_flags."""
     import droppable
 
     source = (ROOT / script).read_text()
-    assert set(droppable.sections(source)) | set().union(*droppable.marks(source).values()) == set(BLOCKS)
-    no_eval = ["--eval-episodes", "0"]
-    run_script(script, *flags, *no_eval, "--runs-dir", str(tmp_path / "whole"))
-    whole = comparable(read_metrics(tmp_path / "whole"))
-    for names in [{name} for name in BLOCKS] + [set(BLOCKS)]:
+    assert set(droppable.sections(source)) | set().union(*droppable.marks(source).values()) == set(blocks)
+    run_script(script, *flags, *eval_flags, "--runs-dir", str(tmp_path / "whole"))
+    whole = same(read_metrics(tmp_path / "whole"))
+    for names in [{name} | (TOGETHER.get(name, set()) & set(blocks)) for name in blocks] + [set(blocks)]:
         copy_path = tmp_path / f"ppo_without_{'_'.join(sorted(names))}.py"
         copy_path.write_text(copy := droppable.drop(source, names))
-        for flag in (f for name in names for f in BLOCK_FLAGS.get(name, [])):
+        for flag in (f for name in names for f in block_flags.get(name, [])):
             assert f"\n    {flag[2:].replace('-', '_')}:" not in copy, (names, flag)  # its Args field went with the block
-        if len(names) == 1:
-            runs = tmp_path / "_".join(names)
-            proc = run_script(str(copy_path), *flags, *([] if "evaluation" in names else no_eval), "--runs-dir", str(runs), check=False)
+        if names != set(blocks):
+            runs = tmp_path / "_".join(sorted(names))
+            proc = run_script(str(copy_path), *flags, *([] if "evaluation" in names else eval_flags), "--runs-dir", str(runs), check=False)
             assert proc.returncode == 0, (names, proc.stderr[-2000:])
             if names != {"fast-path"}:
-                assert comparable(read_metrics(runs)) == whole, names
+                assert same(read_metrics(runs)) == whole, names
     proc = run_script(str(copy_path), *learn_flags, "--runs-dir", str(tmp_path / "all"), check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     helped = run_script(str(copy_path), "--help", check=False)
-    assert helped.returncode == 0 and not any(f in helped.stdout for fs in BLOCK_FLAGS.values() for f in fs), helped.stdout[-2000:]
-    return [r["charts/episodic_return"] for r in read_metrics(tmp_path / "all") if "charts/episodic_return" in r]
+    assert helped.returncode == 0 and not any(f in helped.stdout for fs in block_flags.values() for f in fs), helped.stdout[-2000:]
+    return [r[learned] for r in read_metrics(tmp_path / "all") if learned in r]
 
 
-def check_the_readme_line_counts(script: str) -> None:
+def check_the_readme_line_counts(script: str, blocks=BLOCKS) -> None:
     """README's reading table: lines of the file, of the part above the fence, of the copy without every optional block."""
     import droppable
 
     source = (ROOT / script).read_text()
     fence = next(i for i, line in enumerate(source.splitlines(), 1) if line.startswith("# Infrastructure"))
-    row = f"| `{script}` | {len(source.splitlines())} | {fence} | {len(droppable.drop(source, set(BLOCKS)).splitlines())} |"
+    row = f"| `{script}` | {len(source.splitlines())} | {fence} | {len(droppable.drop(source, set(blocks)).splitlines())} |"
     assert row in (ROOT / "README.md").read_text(), row

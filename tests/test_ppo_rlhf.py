@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import ppo_rlhf as P  # noqa: E402
-from conftest import interrupt_with_ctrl_c  # noqa: E402
+from conftest import RLHF_BLOCK_FLAGS, RLHF_BLOCKS, check_the_fence_recipe, check_the_readme_line_counts, interrupt_with_ctrl_c  # noqa: E402
 
 SCRIPT = os.path.join(REPO, "ppo_rlhf.py")
 # Tiny models run fastest on one thread, and the machine is shared.
@@ -202,7 +203,7 @@ def tiny_gpt2(vocab=22, seed=0):
 
     torch.manual_seed(seed)
     config = GPT2Config(vocab_size=vocab, n_positions=32, n_embd=16, n_layer=2, n_head=2, bos_token_id=1, eos_token_id=1)
-    return P.disable_dropout(GPT2LMHeadModel(config)).eval()
+    return P.as_ppo_model(GPT2LMHeadModel(config)).eval()
 
 
 def tiny_llama_rm(vocab=22, seed=1, num_labels=1):
@@ -279,17 +280,18 @@ def test_rollout_and_update_with_a_large_vocabulary_match_the_full_logits(monkey
         P.check_logits_from_hidden(policy, ref_policy)
         keep_logits = not P.large_logits(args.local_rollout_forward_batch_size * args.response_length, 300)
         assert keep_logits == (budget == 10**12)
-        gen_config = P.sampling_config(args.response_length, args.temperature, EOS, PAD_ID, 300, keep_logits)
+        gen_config = P.sampling_config(args.response_length, args.temperature, EOS, PAD_ID, 300)
+        gen_config.output_logits = keep_logits
         torch.manual_seed(0)
         data = P.rollout(policy, ref_policy, P.Reward(tiny_llama_rm(vocab=300), None, []), value_model, queries, [{}] * 8, gen_config, task, args)
         results.append(data)
         # one update on the first batch, each way
-        flat = P.FlatParameters([p for m in (policy, value_model) for p in m.parameters()])
-        optimizer = torch.optim.Adam([flat.param], lr=args.learning_rate, eps=1e-5)
+        trained = [p for m in (policy, value_model) for p in m.parameters()]
+        optimizer = torch.optim.Adam(trained, lr=args.learning_rate, eps=1e-5)
         first = results[0]
         advantages = torch.where(first.mask, torch.randn(first.mask.shape, generator=torch.Generator().manual_seed(1)), 0.0)
         torch.manual_seed(123)
-        P.ppo_update(args, policy, value_model, optimizer, flat, first, advantages, advantages * 0.5, PAD_ID, P.NonFiniteGuard())
+        P.ppo_update(args, policy, value_model, optimizer, trained, first, advantages, advantages * 0.5, PAD_ID, P.NonFiniteGuard())
         results.append(policy)
     (plain, plain_policy), (chunked, chunked_policy) = results[0:2], results[2:4]
     assert torch.equal(plain.responses, chunked.responses) and plain.mask.any()
@@ -331,36 +333,6 @@ def test_a_model_that_post_processes_its_logits_keeps_the_full_logits(capsys):
     assert not gemma.logits_from_hidden and qwen.logits_from_hidden
     out = capsys.readouterr().out
     assert out.count("note:") == 1 and "Gemma2ForCausalLM" in out
-
-
-def test_flat_parameters_train_like_separate_tensors_and_save_pretrained(tmp_path):
-    """Policy (GPT-2, tied embeddings) and value model (Llama) in one flat tensor: the same losses,
-    gradients and Adam steps as the untouched models, and save_pretrained writes the trained weights."""
-    from transformers import AutoModelForCausalLM
-
-    models = [(tiny_gpt2(), tiny_llama_rm()), (tiny_gpt2(), tiny_llama_rm())]
-    flat = P.FlatParameters([p for m in models[1] for p in m.parameters()]).param
-    assert flat.numel() == sum(p.numel() for m in models[0] for p in m.parameters())  # the tied matrix once
-    plain = torch.optim.Adam([p for m in models[0] for p in m.parameters()], lr=1e-2, eps=1e-5)
-    flat_opt = torch.optim.Adam([flat], lr=1e-2, eps=1e-5, fused=True)
-    ids = torch.randint(2, 22, (4, 9), generator=torch.Generator().manual_seed(0))
-    for _ in range(3):
-        losses = []
-        for policy, value in models:
-            lp, _ = P.lm_response_logprobs(policy, ids, 99, 4, 1.0)
-            losses.append(-lp.mean() + P.token_scores(value, ids, 99).pow(2).mean())
-            losses[-1].backward()
-        assert losses[0].item() == pytest.approx(losses[1].item(), abs=1e-5)
-        grads = torch.cat([p.grad.reshape(-1) for m in models[0] for p in m.parameters()])
-        torch.testing.assert_close(flat.grad, grads, rtol=1e-4, atol=1e-6)
-        plain.step(), flat_opt.step()
-        plain.zero_grad(), flat_opt.zero_grad()
-    for a, b in zip([p for m in models[0] for p in m.parameters()], [p for m in models[1] for p in m.parameters()]):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-    models[1][0].save_pretrained(tmp_path / "policy")
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "policy")
-    for name, tensor in reloaded.state_dict().items():
-        torch.testing.assert_close(tensor, models[1][0].state_dict()[name], rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -462,10 +434,10 @@ def naive_update(args, policy, value_model, data, advantages, returns, zero_grad
 
 def scripted_update(update_fn, args, data, advantages, returns):
     policy, value_model = tiny_gpt2(), tiny_llama_rm()
-    flat = P.FlatParameters([p for m in (policy, value_model) for p in m.parameters()])
-    optimizer = torch.optim.Adam([flat.param], lr=args.learning_rate, eps=1e-5, fused=True)
+    trained = [p for m in (policy, value_model) for p in m.parameters()]
+    optimizer = torch.optim.Adam(trained, lr=args.learning_rate, eps=1e-5, fused=True)
     torch.manual_seed(123)
-    stats = update_fn(args, policy, value_model, optimizer, flat, data, advantages, returns, PAD, P.NonFiniteGuard())
+    stats = update_fn(args, policy, value_model, optimizer, trained, data, advantages, returns, PAD, P.NonFiniteGuard())
     return policy, value_model, stats
 
 
@@ -516,8 +488,8 @@ def test_one_ppo_update_matches_a_naive_reference():
     ],
     ids=["set_to_none_false", "model_zero_grad", "mixed", "per_micro_batch"],
 )
-def test_flat_parameters_keep_the_zero_grad_idioms(edit):
-    """A researcher's way of resetting gradients trains the flat parameters exactly as it trains per-tensor ones."""
+def test_the_zero_grad_idioms_train_as_the_naive_update(edit):
+    """A researcher's way of resetting gradients trains as the update written out with per-tensor Adam."""
     args = P.Args(**UPDATE_ARGS)
     data, advantages, returns = fixed_batch(tiny_gpt2())
     policy, value_model, _ = scripted_update(edited_ppo_update(*edit), args, data, advantages, returns)
@@ -528,39 +500,17 @@ def test_flat_parameters_keep_the_zero_grad_idioms(edit):
     assert_same_parameters(value_model, ref_value)
 
 
-def test_flat_parameters_note_a_gradient_left_none(capsys):
-    """value_model.zero_grad() after the backward leaves the value model without gradients: per-tensor Adam would
-    skip it, the flat step cannot, and says so once; the policy still trains exactly as per-tensor Adam trains it."""
+def test_a_parameter_without_gradient_is_not_stepped_as_per_tensor_adam_skips_it():
+    """value_model.zero_grad() before the clip in the second epoch: Adam skips the value model there (a flat Adam step
+    would move it on its momentum), so it ends as after a one-epoch update, exactly."""
     args = P.Args(**(UPDATE_ARGS | dict(gradient_accumulation_steps=1, per_device_train_batch_size=4)))
     data, advantages, returns = fixed_batch(tiny_gpt2())
-    update = edited_ppo_update("flat.check_grads()", "value_model.zero_grad(); flat.check_grads()")
-    policy, _, _ = scripted_update(update, args, data, advantages, returns)
-    out = capsys.readouterr().out
-    # fixed_batch was not sampled by this policy: the on-policy check notes it too
-    notes = [line for line in out.splitlines() if line.startswith("note:") and "on-policy check" not in line]
-    assert len(notes) == 1 and "got no gradient" in notes[0]
-    ref_policy, ref_value = tiny_gpt2(), tiny_llama_rm()
-    ref_value.requires_grad_(False)  # no gradient ever reaches it
-    torch.manual_seed(123)
-    naive_update(args, ref_policy, ref_value, data, advantages, returns)
-    assert_same_parameters(policy, ref_policy)
-
-
-def test_flat_parameters_copy_back_a_replaced_gradient():
-    """A .grad replaced by another tensor (not a view of the flat gradient) is copied back before the clip."""
-    policy = tiny_gpt2()
-    flat = P.FlatParameters(list(policy.parameters()))
-    first = next(policy.parameters())
-    first.grad = torch.full_like(first, 2.0)
-    flat.check_grads()
-    assert (flat.param.grad[: first.numel()] == 2.0).all() and first.grad.data_ptr() == flat.param.grad.data_ptr()
-
-
-def test_flat_parameters_refuse_mixed_dtypes():
-    """A bfloat16 parameter beside float32 ones would be promoted by torch.cat without a word (issue 14 item 1)."""
-    params = [torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2, dtype=torch.bfloat16))]
-    with pytest.raises(TypeError, match=r"dtypes \['torch.bfloat16', 'torch.float32'\] cannot share one tensor"):
-        P.FlatParameters(params)
+    update = edited_ppo_update("            average_gradients(trained)", "            value_model.zero_grad() if epoch == 1 else None\n            average_gradients(trained)")
+    policy, value_model, _ = scripted_update(update, args, data, advantages, returns)
+    one_epoch_policy, one_epoch_value, _ = scripted_update(P.ppo_update, replace(args, update_epochs=1), data, advantages, returns)
+    assert not torch.equal(policy.transformer.wte.weight, one_epoch_policy.transformer.wte.weight)  # the policy trained on
+    for a, b in zip(value_model.parameters(), one_epoch_value.parameters()):
+        assert torch.equal(a, b)
 
 
 def count_calls(monkeypatch, obj, name):
@@ -645,13 +595,13 @@ def test_a_nan_loss_skips_the_step_and_ten_in_a_row_stop(monkeypatch, capsys):
 
     monkeypatch.setattr(P, "policy_loss", lambda *a: original(*a) * math.nan)
     policy, value_model = tiny_gpt2(), tiny_llama_rm()
-    flat = P.FlatParameters([p for m in (policy, value_model) for p in m.parameters()])
-    optimizer = torch.optim.Adam([flat.param], lr=args.learning_rate, eps=1e-5)
+    trained = [p for m in (policy, value_model) for p in m.parameters()]
+    optimizer = torch.optim.Adam(trained, lr=args.learning_rate, eps=1e-5)
     guard = P.NonFiniteGuard()
     for _ in range(P.MAX_SKIPPED_STEPS // args.num_minibatches - 1):  # 2 skipped steps per update
-        P.ppo_update(args, policy, value_model, optimizer, flat, data, advantages, returns, PAD, guard)
+        P.ppo_update(args, policy, value_model, optimizer, trained, data, advantages, returns, PAD, guard)
     with pytest.raises(SystemExit) as exit_info:
-        P.ppo_update(args, policy, value_model, optimizer, flat, data, advantages, returns, PAD, guard)
+        P.ppo_update(args, policy, value_model, optimizer, trained, data, advantages, returns, PAD, guard)
     assert exit_info.value.code == 1
     assert capsys.readouterr().err.strip().splitlines() == [
         "error: non-finite loss in 10 steps in a row at iteration 1 (epoch 1, minibatch 2); stopped, last good checkpoint kept: none written"
@@ -859,11 +809,11 @@ def test_two_process_gloo_run(real_models, tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     (rank0, collectives0), (rank1, collectives1) = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
-    assert all(torch.equal(a, b) for a, b in zip(rank0, rank1))
+    # rank 0's save_policy added an embedding row for the added [PAD] after training
+    assert all(torch.equal(a.flatten()[: b.numel()], b.flatten()) for a, b in zip(rank0, rank1))
     # every tensor handed to a collective lives on the training device (here the CPU) or the CPU
     assert {name for name, _ in collectives0} == {"all_reduce"} and {d for _, d in collectives0 + collectives1} == {"cpu"}
-    wte = tiny_gpt2().transformer.wte.weight  # the policy's first tensor, at the head of the flat parameters
-    assert not torch.equal(rank0[0][: wte.numel()].view_as(wte), wte)  # it trained
+    assert not torch.equal(rank1[0], tiny_gpt2().transformer.wte.weight)  # the policy's first tensor trained
     _, metrics = read_metrics(tmp_path / "runs")
     # 16 episodes per update (8 per process), 2 updates
     train = [m for m in metrics if "objective/kl" in m]
@@ -1070,7 +1020,7 @@ def test_init_distributed_serves_cuda_tensors_and_cpu_objects(monkeypatch):
     assert calls == ["cuda:1", "cpu:gloo,cuda:nccl"]
     calls.clear()
     assert P.init_distributed(torch.device("cpu")) == (True, 1, 2) and calls == ["gloo"]
-    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.delenv("WORLD_SIZE")  # not started by torchrun
     assert P.init_distributed(torch.device("cpu")) == (False, 0, 1)
 
 
@@ -1407,13 +1357,14 @@ def test_the_sampler_is_the_distribution_of_the_stored_logprobs(tmp_path, monkey
     model = tiny_gpt2()
     model.generation_config = GenerationConfig(repetition_penalty=5.0, top_k=3, min_new_tokens=1, no_repeat_ngram_size=1, temperature=0.2, do_sample=True)
     model.save_pretrained(tmp_path / "policy")
-    policy = P.load_model(AutoModelForCausalLM, str(tmp_path / "policy"), AutoConfig.from_pretrained(tmp_path / "policy"), "--model-name-or-path")
+    policy = P.as_ppo_model(P.load_model(AutoModelForCausalLM, str(tmp_path / "policy"), AutoConfig.from_pretrained(tmp_path / "policy"), "--model-name-or-path"))
     note = P.generation_config_note(GenerationConfig.from_pretrained(tmp_path / "policy"), [eos_id], 1.0)
     assert note.startswith("note: the checkpoint's generation_config asks for do_sample=True, min_new_tokens=1, no_repeat_ngram_size=1, repetition_penalty=5.0, temperature=0.2, top_k=3; ignored")
     n, temperature = 6000, 0.8
     queries = torch.tensor([[5, 6, 7, 8]]).repeat(n, 1)
     torch.manual_seed(0)
     config = P.sampling_config(2, temperature, eos_id, pad_id, 22)
+    config.output_logits = True  # the fast path's log-probs, from the sampling pass
     responses, logprobs = P.generate(policy, queries, pad_id, config, 2)
     first = responses[:, 0]
     assert (responses != pad_id).all()
@@ -1783,8 +1734,8 @@ def test_group_baseline_builds_no_value_model(real_models, tmp_path, monkeypatch
     run_dir, metrics = read_metrics(tmp_path / "runs")
     ckpt = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
     assert ckpt["value_model"] is None
-    (state,) = ckpt["optimizer"]["state"].values()
-    assert state["exp_avg"].numel() == sum(p.numel() for p in tiny_gpt2().parameters())  # the policy's alone
+    adam_values = sum(state["exp_avg"].numel() for state in ckpt["optimizer"]["state"].values())
+    assert adam_values == sum(p.numel() for p in tiny_gpt2().parameters())  # the policy's alone
     train = [m for m in metrics if "objective/kl" in m]
     assert len(train) == 2 and all(set(m) == TRAIN_KEYS - {"loss/value_avg", "val/clipfrac_avg"} for m in train)
     with pytest.raises(SystemExit) as exit_info:
@@ -1831,10 +1782,9 @@ def test_one_ppo_update_with_lora_matches_a_naive_reference():
     policy, value_model = lora_models(args)
     trainable = [p for m in (policy, value_model) for p in m.parameters() if p.requires_grad]
     assert sum(p.numel() for p in trainable) < 0.2 * sum(p.numel() for m in (policy, value_model) for p in m.parameters())
-    flat = P.FlatParameters(trainable)
-    optimizer = torch.optim.Adam([flat.param], lr=args.learning_rate, eps=1e-5, fused=True)
+    optimizer = torch.optim.Adam(trainable, lr=args.learning_rate, eps=1e-5, fused=True)
     torch.manual_seed(123)
-    P.ppo_update(args, policy, value_model, optimizer, flat, data, advantages, returns, PAD, P.NonFiniteGuard())
+    P.ppo_update(args, policy, value_model, optimizer, trainable, data, advantages, returns, PAD, P.NonFiniteGuard())
     ref_policy, ref_value = lora_models(args)
     torch.manual_seed(123)
     naive_update(args, ref_policy, ref_value, data, advantages, returns)
@@ -2066,6 +2016,26 @@ def test_builtin_gold_reward_is_a_reward_function_the_policy_learns(builtin_cach
     (task_dir,) = os.listdir(builtin_cache)
     task = json.load(open(os.path.join(builtin_cache, task_dir, "task.json")))
     assert evals[-1]["objective/gold_score"] > evals[0]["objective/gold_score"] + 0.5 * task["sft_gold_std"]
+
+
+def trained_records(records: list[dict]) -> list[dict]:
+    """The training iterations' records, without the wall-clock episodes per second."""
+    return [{k: v for k, v in r.items() if k != "eps"} for r in records if "objective/kl" in r]
+
+
+def test_a_copy_without_any_optional_block_runs_the_same_ppo_and_an_all_deleted_copy_learns(builtin_cache, tmp_path):
+    """The fence's recipe (tests/droppable.py, conftest.check_the_fence_recipe) on the built-in task: each optional
+    block deleted alone (fsdp with torchrun) trains to the same metrics, all deleted the copy learns."""
+    task = ["--cache-dir", str(builtin_cache), "--num-threads", "1"]
+    scores = check_the_fence_recipe(
+        "ppo_rlhf.py", [*task, "--total-episodes", "128"], [*task, "--total-episodes", "640"], tmp_path, RLHF_BLOCKS,
+        RLHF_BLOCK_FLAGS, ("--eval-every", "100", "--eval-episodes", "16"), trained_records, "objective/scores",
+    )  # fmt: skip
+    assert len(scores) == 10 and np.mean(scores[-2:]) > scores[0] + 0.5, scores  # the SFT policy's: about 0
+
+
+def test_the_readme_gives_this_script_s_line_counts_as_they_are():
+    check_the_readme_line_counts("ppo_rlhf.py", RLHF_BLOCKS)
 
 
 def test_num_threads_default_follows_the_work_and_explicit_values_win():

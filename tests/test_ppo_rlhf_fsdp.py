@@ -3,7 +3,6 @@
 The two-process parts run this file itself under torchrun (`worker`, at the bottom), which saves what it measured
 for the tests to check; each launch serves several assertions, as a torchrun start costs seconds."""
 
-import contextlib
 import json
 import os
 import signal
@@ -45,7 +44,7 @@ def tiny_models(lora: bool = False) -> tuple[torch.nn.Module, torch.nn.Module]:
         vocab_size=PAD, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
         num_key_value_heads=2, num_labels=1,
     ))  # fmt: skip
-    policy, value_model = P.disable_dropout(policy), P.disable_dropout(value_model)
+    policy, value_model = P.as_ppo_model(policy), P.as_ppo_model(value_model)
     if lora:
         task = None  # add_lora reads only args
         args = P.Args(lora_r=4, lora_alpha=8.0, lora_target_modules=("c_attn", "q_proj", "v_proj"))
@@ -65,7 +64,7 @@ def rank_batch(policy: torch.nn.Module, rank: int, B: int = 8, ctx: int = 4, T: 
 
 
 def one_update(sharded: bool, lora: bool, rank: int, chunked: bool = False, head_on_policy: bool = False) -> tuple[dict, dict]:
-    """One PPO update through the script's own ppo_update, unsharded (flat parameters, all-reduce) or under
+    """One PPO update through the script's own ppo_update, unsharded (all-reduce) or under
     FSDP (shard_model, per-tensor Adam); returns the full weights (rank 0) and the statistics. `chunked`: the
     log-probs from the backbone's hidden states through the output layer a position at a time (the path of
     large vocabularies, which calls the backbone and the head apart). `head_on_policy`: the value model is a head
@@ -79,18 +78,17 @@ def one_update(sharded: bool, lora: bool, rank: int, chunked: bool = False, head
     if sharded:
         policy, value_model = (P.shard_model(args, torch.device("cpu"), m) for m in (policy, value_model))
     trained = [p for m in (policy, value_model) for p in m.parameters() if p.requires_grad]
-    flat = P.ShardedParameters(trained) if sharded else P.FlatParameters(trained)
-    optimizer = torch.optim.Adam(flat.tensors, lr=args.learning_rate, eps=1e-5, fused=True)
+    optimizer = torch.optim.Adam(trained, lr=args.learning_rate, eps=1e-5, fused=True)
     torch.manual_seed(123)
-    stats = P.ppo_update(args, policy, value_model, optimizer, flat, data, advantages, returns, PAD, P.NonFiniteGuard())
+    stats = P.ppo_update(args, policy, value_model, optimizer, trained, data, advantages, returns, PAD, P.NonFiniteGuard())
     options = P.StateDictOptions(full_state_dict=True, cpu_offload=True)
     weights = {name: P.get_model_state_dict(m, options=options) for name, m in (("policy", policy), ("value", value_model))}
     return weights, {k: v.item() for k, v in stats.items()}
 
 
 def all_gathers_while_sampling(gather: bool) -> int:
-    """FSDP's all-gathers while the sharded policy samples 6 tokens for a chunk of 3 prompts, with gathered(policy)
-    around the sampling as rollout() has it, or without."""
+    """FSDP's all-gathers while the sharded policy samples 6 tokens for a chunk of 3 prompts, through the generate()
+    shard_model gives it (gathered), or through its class's own."""
     policy, _ = tiny_models()
     P.shard_model(P.Args(), torch.device("cpu"), policy)
     queries = torch.randint(0, PAD, (3, 4), generator=torch.Generator().manual_seed(0))
@@ -102,22 +100,32 @@ def all_gathers_while_sampling(gather: bool) -> int:
         return all_gather_single(*args, **kwargs)
 
     P.dist.all_gather_single = counted
-    with P.gathered(policy) if gather else contextlib.nullcontext():
-        P.generate(policy, queries, PAD, config, 6)
+    if not gather:
+        del policy.generate  # the instance's gathered generate: the class's shows through
+    P.generate(policy, queries, PAD, config, 6)
     P.dist.all_gather_single = all_gather_single
     return len(calls)
 
 
 def finite_after_a_nan_on_rank_1(rank: int) -> tuple[bool, bool]:
-    """ShardedParameters.all_finite() on this process before and after rank 1 alone puts a NaN in its shard."""
+    """The weight check (NonFiniteGuard.check_weights: exit 1 if non-finite) on this process before and after rank 1
+    alone puts a NaN in its shard."""
     policy, _ = tiny_models()
     P.shard_model(P.Args(), torch.device("cpu"), policy)
-    flat = P.ShardedParameters(list(policy.parameters()))
-    before = flat.all_finite()
+    params = list(policy.parameters())
+
+    def finite() -> bool:
+        try:
+            P.NonFiniteGuard().check_weights(params, 0, 0)
+        except SystemExit:
+            return False
+        return True
+
+    before = finite()
     if rank == 1:
         with torch.no_grad():
-            flat.tensors[-1].to_local().view(-1)[0] = float("nan")
-    return before, flat.all_finite()
+            params[-1].to_local().view(-1)[0] = float("nan")
+    return before, finite()
 
 
 def tiny_deberta() -> torch.nn.Module:
@@ -129,7 +137,7 @@ def tiny_deberta() -> torch.nn.Module:
         vocab_size=PAD, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, num_labels=1,
         max_position_embeddings=32, relative_attention=True, position_biased_input=False, pos_att_type=["p2c", "c2p"], pooler_hidden_size=16,
     )  # fmt: skip
-    return P.disable_dropout(DebertaV2ForSequenceClassification(config)).eval()
+    return P.as_ppo_model(DebertaV2ForSequenceClassification(config)).eval()
 
 
 def sharded_encoder_scores() -> tuple[Tensor, Tensor]:
@@ -184,7 +192,7 @@ def whole_models(root: str) -> dict:
     deberta = os.path.join(root, "deberta")  # an encoder reward model, saved in bfloat16
     config = P.load_config(deberta, "--reward-model-path", num_labels=1)
     plain = P.load_model(P.AutoModelForSequenceClassification, deberta, config, "--reward-model-path", "auto")
-    model = P.load_model(P.AutoModelForSequenceClassification, deberta, config, "--reward-model-path", "auto", sharded=True)
+    model = P.load_model_to_shard(P.AutoModelForSequenceClassification, deberta, config, "--reward-model-path", "auto")
     model = P.shard_model(P.Args(fsdp=True), torch.device("cpu"), model)
     results["deberta", "reward_model"] = dict(
         whole=P.get_model_state_dict(model, options=options), plain=plain.state_dict(), buffers=dict(model.named_buffers()),
@@ -486,10 +494,10 @@ def updated_policy(vf_coef: float, head_on_policy: bool) -> dict:
         value_model = P.PolicyValueHead(policy)
     data, advantages, returns = rank_batch(policy, 0)
     args = P.Args(**(UPDATE_ARGS | dict(vf_coef=vf_coef, max_grad_norm=1e9)))  # no clip: it couples the models
-    flat = P.FlatParameters([p for m in (policy, value_model) for p in m.parameters()])
-    optimizer = torch.optim.Adam(flat.tensors, lr=args.learning_rate, eps=1e-5, fused=True)
+    trained = [p for m in (policy, value_model) for p in m.parameters()]
+    optimizer = torch.optim.Adam(trained, lr=args.learning_rate, eps=1e-5, fused=True)
     torch.manual_seed(123)
-    P.ppo_update(args, policy, value_model, optimizer, flat, data, advantages, returns, PAD, P.NonFiniteGuard())
+    P.ppo_update(args, policy, value_model, optimizer, trained, data, advantages, returns, PAD, P.NonFiniteGuard())
     return {k: v.clone() for k, v in policy.state_dict().items()}
 
 
