@@ -627,14 +627,14 @@ def train(args: Args) -> None:
     # One optimizer over policy and value model: one loss, one clip of the global gradient norm.
     trained = [p for m in (policy, value_model) if m is not None for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trained, lr=args.learning_rate, eps=args.adam_eps, fused=device.type in ("cpu", "cuda"))
+    # Seeded after the built-in task (which seeds itself), so a cached and a freshly built task give the same run.
     state = LoopState(kl_coef=args.kl_coef)
+    seed_everything(args.seed + rank)
+    if ckpt is not None:  # its first line names the checkpoint  # optional: resume
+        state = restore(ckpt, rank, device, policy, value_model, optimizer)
     run = Run(args, ckpt, task, rank)
     describe(run, args, task, f"{device} ({device_reason}), {torch.get_num_threads()} torch thread(s)", world_size, num_iterations, batch_size, gen_config, trained)
     describe_memory(run, trained, policy, ref_policy, reward.model, value_model)
-    # Seeded after the built-in task (which seeds itself), so a cached and a freshly built task give the same run.
-    seed_everything(args.seed + rank)
-    if ckpt is not None:  # optional: resume
-        state = restore(ckpt, rank, device, policy, value_model, optimizer)
     guard = NonFiniteGuard(run, state)  # non-finite scores, losses, gradients or weights: skip the step or stop
     stop_requested = install_stop_handlers()
     crash = CrashCheckpoint(run, args, policy, value_model, optimizer, device)  # an exception: the last iteration kept
@@ -909,7 +909,7 @@ def checkpoint_header(run: Run, state: LoopState, args: Args, device: torch.devi
 
 
 def whole_weights(policy: nn.Module, value_model: Optional[nn.Module], optimizer) -> dict:
-    return dict(policy=trained_weights(policy), value_model=value_model and trained_weights(value_model), optimizer=optimizer.state_dict())
+    return dict(policy=trained_weights(policy), value_model=None if value_model is None else trained_weights(value_model), optimizer=optimizer.state_dict())
 
 
 def write_checkpoint(run: Run, header: dict, weights: dict) -> str:

@@ -766,6 +766,7 @@ def test_same_seed_same_metrics_and_resume_after_ctrl_c(real_models, tmp_path):
     assert not os.path.exists(os.path.join(run_dir, "policy"))
     resumed = run_script(["--resume", os.path.join(run_dir, "checkpoint.pt")])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.stdout.startswith(f"resumed from {run_dir}/checkpoint.pt at iteration "), resumed.stdout[:300]
     _, resumed_metrics = read_metrics(runs_dir)
     assert without_timing(resumed_metrics) == without_timing(ref_metrics)
 
