@@ -200,7 +200,7 @@ fig(README, "Until 35f53b5 the unsharded run peaked at {:.2f}\nGiB ({:.1f} s per
     lambda d: (d["runs"][0]["peak_rss_gib_per_process"], d["runs"][0]["seconds_per_iteration"]))
 not_measured(README, "1.75x the 2.88 GiB they check", "torch.isfinite's temporaries (abs, two bool masks) against the memory line's gradients")
 fig(README, "({:.1f} / {:.1f} GiB there;", "rlhf/fsdp_memory.json", lambda d: fsdp(d, "fsdp")["loading_peak_rss_gib_by_process"])
-fig(README, "the script before sharded\nloading: {:.1f} GiB measured beside this run", "rlhf/fsdp_memory.json",
+fig(README, "the script before sharded\nloading: {:.1f} GiB measured on 2026-12-05", "rlhf/fsdp_memory.json",
     lambda d: next(r for r in d["runs"] if "before" in r.get("script", ""))["peak_rss_gib_per_process"])
 not_measured(README, """a trained model costs 16 bytes per parameter
 (float32 weight, gradient, Adam's two moments), a frozen one 4 (2 if saved in bfloat16), all divided by N

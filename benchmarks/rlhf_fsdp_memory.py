@@ -147,9 +147,10 @@ def main(args: Args) -> None:
     runs = dict(unsharded=(1, False), fsdp=(args.fsdp_processes, True))
     started = stamp(__file__)
     records = [run(args, name, *runs[name]) | {"stamp": started} for name in args.settings]  # kept runs keep their own
-    if os.path.exists(args.out):  # the runs of settings not made this time are kept
+    if os.path.exists(args.out):  # the runs of settings (or of other scripts) not made this time are kept
+        made = {(r["setting"], r["script"]) for r in records}
         with open(args.out) as f:
-            records = [r for r in json.load(f)["runs"] if r["setting"] not in args.settings] + records
+            records = [r for r in json.load(f)["runs"] if (r["setting"], r.get("script", "ppo_rlhf.py")) not in made] + records
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "model_dir", "settings", "script")}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
