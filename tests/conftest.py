@@ -100,11 +100,12 @@ TOGETHER = {"torchrun": {"fsdp"}}  # FSDP needs torchrun's process group: deleti
 
 def check_the_fence_recipe(
     script: str, flags: list[str], learn_flags: list[str], tmp_path: Path, blocks=BLOCKS, block_flags=BLOCK_FLAGS,
-    eval_flags=("--eval-episodes", "0"), same=comparable, learned="charts/episodic_return",
+    eval_flags=("--eval-episodes", "0"), same=comparable, learned="charts/episodic_return", fast_path_rel=None,
 ) -> list[float]:
     """Each optional block deleted alone (with what needs it, TOGETHER): a copy that runs `flags` (plus eval_flags where it
-    has the flags) to the very metrics of the whole script (`same`; the fast path's copy: the same policy by another route),
-    its Args without the block's fields. All deleted: --help without any block's flag, and the `learned` metric of learn_flags."""
+    has the flags) to the very metrics of the whole script (`same`; the fast path's copy: the same policy by another route,
+    its metrics within fast_path_rel if given), its Args without the block's fields. All deleted: --help without any
+    block's flag, and the `learned` metric of learn_flags."""
     import droppable
 
     source = (ROOT / script).read_text()
@@ -122,6 +123,9 @@ def check_the_fence_recipe(
             assert proc.returncode == 0, (names, proc.stderr[-2000:])
             if names != {"fast-path"}:
                 assert same(read_metrics(runs)) == whole, names
+            elif fast_path_rel is not None:
+                fast = same(read_metrics(runs))
+                assert len(fast) == len(whole) and all(f == pytest.approx(w, rel=fast_path_rel, abs=1e-6) for f, w in zip(fast, whole))
     proc = run_script(str(copy_path), *learn_flags, "--runs-dir", str(tmp_path / "all"), check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     helped = run_script(str(copy_path), "--help", check=False)
