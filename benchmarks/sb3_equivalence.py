@@ -1,11 +1,12 @@
-"""Is ppo_continuous.py's zoo-halfcheetah the same algorithm as SB3's PPO with the zoo's settings? Two checks
+"""Is ppo_continuous.py's zoo-* the same algorithm as SB3's PPO with the zoo's settings? Two checks
 that need no training, run in the benchmark environment (stable-baselines3 2.9.2):
 
     .venv-bench/bin/python benchmarks/sb3_equivalence.py
 
 1. The update: SB3's PPO.train() and our ppo_update from the same weights on the same 512-step batch
    (observations, actions from the policy, rewards and an episode end drawn at random), one minibatch so
-   that the shuffling plays no part, 1 and 20 epochs: GAE and returns, the losses and the weights after.
+   that the shuffling plays no part, 1 and 20 epochs: GAE and returns, the losses and the weights after. With
+   zoo-halfcheetah's settings (256-256 ReLU, log std -2) and zoo-walker2d's (64-64 tanh, orthogonal init).
 2. The normalisation: SB3's VecNormalize and our Normalizer fed the same HalfCheetah-v5 stream (random
    actions, 3 episodes): normalised observations and scaled rewards step by step; then the same on Walker2d-v5
    and Ant-v5 with their presets' gamma, whose random episodes end by terminations (many of them).
@@ -29,17 +30,17 @@ sys.path.insert(0, str(ROOT))
 import ppo_continuous as ours  # noqa: E402
 
 
-def sb3_model(epochs: int):
+def sb3_model(env_id: str, epochs: int):
+    from sb3_mujoco import ZOO
     from stable_baselines3 import PPO
     from stable_baselines3.common.logger import configure
     from stable_baselines3.common.vec_env import DummyVecEnv
 
-    kwargs = dict(log_std_init=-2, ortho_init=False, activation_fn=torch.nn.ReLU, net_arch=dict(pi=[256, 256], vf=[256, 256]))
-    model = PPO(
-        "MlpPolicy", DummyVecEnv([lambda: gym.make("HalfCheetah-v5")]), n_steps=512, batch_size=512, gamma=0.98,
-        learning_rate=2.0633e-05, ent_coef=0.000401762, clip_range=0.1, n_epochs=epochs, gae_lambda=0.92,
-        max_grad_norm=0.8, vf_coef=0.58096, policy_kwargs=kwargs, seed=0, device="cpu",
-    )  # fmt: skip
+    hyper = {**json.loads(json.dumps(ZOO[env_id])), "n_epochs": epochs, "batch_size": 512}
+    kwargs = hyper.pop("policy_kwargs", {})
+    if kwargs.get("activation_fn") == "relu":
+        kwargs["activation_fn"] = torch.nn.ReLU
+    model = PPO("MlpPolicy", DummyVecEnv([lambda: gym.make(env_id)]), policy_kwargs=kwargs, seed=0, device="cpu", **hyper)
     model.set_logger(configure(None, [""]))
     return model
 
@@ -56,14 +57,14 @@ def sb3_weights(policy) -> dict:
     }  # fmt: skip
 
 
-def compare_update(epochs: int) -> dict:
-    model = sb3_model(epochs)
-    args = dataclasses.replace(ours.PRESETS["zoo-halfcheetah"][1], update_epochs=epochs, num_minibatches=1)
-    agent = ours.Agent(17, gym.spaces.Box(-1, 1, (6,)), (256, 256), "relu", -2.0, ortho_init=False)
+def compare_update(preset: str, epochs: int) -> dict:
+    args = dataclasses.replace(ours.PRESETS[preset][1], update_epochs=epochs, num_minibatches=1)
+    model = sb3_model(args.env_id, epochs)
+    agent = ours.build_agent(args, torch.device("cpu"))[0]
     theirs = sb3_weights(model.policy)
     agent.load_state_dict({k: v.detach().clone() for k, v in theirs.items()})
     rng = np.random.default_rng(0)
-    obs = torch.tensor(rng.normal(size=(512, 17)), dtype=torch.float32)
+    obs = torch.tensor(rng.normal(size=(512, *model.observation_space.shape)), dtype=torch.float32)
     with torch.no_grad():
         action, logprob, _, value = agent.get_action_and_value(obs)
     rewards = rng.normal(size=512).astype(np.float32)
@@ -76,7 +77,7 @@ def compare_update(epochs: int) -> dict:
         buffer.add(obs[t : t + 1].numpy(), action[t : t + 1].numpy(), rewards[t : t + 1], start, value[t : t + 1, None], logprob[t : t + 1])
     buffer.compute_returns_and_advantage(last_values=torch.tensor([[0.3]]), dones=np.array([False]))
     advantages, returns = ours.compute_gae(
-        rewards[:, None], value.numpy()[:, None], np.array([0.3], np.float32), ends[:, None], np.zeros((512, 1), np.float32), 0.98, 0.92
+        rewards[:, None], value.numpy()[:, None], np.array([0.3], np.float32), ends[:, None], np.zeros((512, 1), np.float32), args.gamma, args.gae_lambda
     )  # fmt: skip
     batch = dict(obs=obs, actions=action, logprobs=logprob, values=value, valid=torch.ones(512),
                  advantages=torch.tensor(buffer.advantages[:, 0]), returns=torch.tensor(buffer.returns[:, 0]))  # fmt: skip
@@ -87,6 +88,7 @@ def compare_update(epochs: int) -> dict:
     mine = agent.state_dict()
     logged = model.logger.name_to_value
     return {
+        "preset": preset,
         "epochs": epochs,
         "gae_max_abs_diff": float(np.abs(advantages[:, 0] - buffer.advantages[:, 0]).max()),
         "returns_max_abs_diff": float(np.abs(returns[:, 0] - buffer.returns[:, 0]).max()),
@@ -133,7 +135,7 @@ def compare_normalisation(preset: str = "zoo-halfcheetah", steps: int = 3500) ->
 
 def main() -> None:
     torch.set_num_threads(1)
-    results = {"stamp": stamp(__file__), "update": [compare_update(1), compare_update(20)], "normalisation": compare_normalisation(),
+    results = {"stamp": stamp(__file__), "update": [compare_update(p, e) for p in ("zoo-halfcheetah", "zoo-walker2d") for e in (1, 20)], "normalisation": compare_normalisation(),
                # Walker2d and Ant terminate (HalfCheetah never does): the reward scaling across terminations
                "normalisation_terminating": [compare_normalisation(p) for p in ("zoo-walker2d", "zoo-ant")]}  # fmt: skip
     print(json.dumps(results, indent=1))
